@@ -1,0 +1,267 @@
+"""The side-by-side benchmark: several placements, one process, one model, the same VRAM budget.
+
+    report = run_bench(lm, placements=["gpu", "cpu-moe", "n-cpu-moe", "hot", "cache"], budgets=[16 GiB],
+                       tests=parse_tests("pp512,tg128"), repeats=3, source=routing_source(...))
+Each (budget, placement) builds its executor over the SAME expert store and dense model, runs every test
+`repeats` times (median, min, max) and records peak VRAM (torch's allocator peak, dense weights included)
+and the cache's hit rate. Placement names:
+    gpu         every expert in VRAM (the reference; ignores the budget, reported as such)
+    cpu-moe     every routed expert on the CPU (llama.cpp --cpu-moe)
+    n-cpu-moe   layer offload: the smallest N of CPU layers (the most GPU layers) that fits the budget
+    hot         the seed's design: K slots per layer (K = what the budget leaves / MoE layers), WindowLFU
+    cache       one slot budget shared by all layers, adaptive policy (--policy to change)
+    anything Placement.parse reads (layers:12, hot:16, cache:8GiB:lru, ...) is accepted as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hotexperts.bench.replay import RoutingReplay
+from hotexperts.bench.workload import BenchTest, RoutingSource
+from hotexperts.engine.engine import dense_bytes, kv_bytes
+from hotexperts.engine.generate import Generator
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.budget import GiB
+from hotexperts.experts.placement import Placement, build_executor
+
+WORKSPACE_BYTES = 512 * 2**20       # activations, logits, staging slack counted against the budget
+NAMED = ("gpu", "cpu-moe", "n-cpu-moe", "hot", "cache")
+
+
+@dataclass
+class PlacementResult:
+    label: str
+    placement: str
+    budget_gib: float | None
+    tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
+    peak_vram_gib: float | None = None
+    hit_rate: float | None = None
+    layer_hit: list | None = None
+    swaps: int = 0
+    bytes_moved: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve(name: str, budget: int | None, lm, reserved: int, quant: str, policy: str | None) -> Placement:
+    kw = {"vram_budget": budget, "expert_quant": quant}
+    if name == "gpu":
+        return Placement("gpu", expert_quant=quant)
+    if name == "cpu-moe":
+        return Placement("cpu", **kw)
+    if name == "n-cpu-moe":
+        return Placement("layers", n_cpu_layers=None, **kw)
+    if name == "hot":
+        return Placement("hot", hot_k=_hot_k(lm, budget, reserved, quant), **kw)
+    if name == "cache":
+        return Placement("cache", policy=policy, **kw)
+    return Placement.parse(name, **kw)
+
+
+def _hot_k(lm, budget: int | None, reserved: int, quant: str) -> int:
+    E, Lm = lm.cfg.num_experts, len(lm.store.layers)
+    if budget is None:
+        return E
+    slot = _slot_bytes(lm, quant)
+    return max(0, min(E, (budget - reserved) // slot // Lm))
+
+
+def _slot_bytes(lm, quant: str) -> int:
+    from hotexperts.experts.placement import quantized_store
+
+    return quantized_store(lm.store, quant).expert_nbytes
+
+
+class Bench:
+    """Runs the tests of one placement on a fresh executor; keeps the model and store shared."""
+
+    def __init__(self, lm, device: torch.device, max_context: int, source: RoutingSource, seed: int = 0):
+        self.lm, self.device, self.max_context, self.source = lm, device, max_context, source
+        g = torch.Generator().manual_seed(seed)
+        hi = min(lm.cfg.vocab_size, 32000)
+        self.tokens = torch.randint(100, hi, (max_context,), generator=g).tolist()
+
+    def executor(self, placement: Placement, reserved: int):
+        ex = build_executor(placement, self.lm.store, self.lm.cfg, self.device, reserved_bytes=reserved,
+                            dtype=next(self.lm.model.parameters()).dtype)
+        if self.source.trace is not None:
+            ex = RoutingReplay(ex, self.source.trace, self.lm.cfg.moe_layers, self.device)
+        return ex
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _seek(self, ex, position: int) -> None:
+        if isinstance(ex, RoutingReplay):
+            ex.seek(position)
+
+    def run_test(self, gen: Generator, ex, test: BenchTest) -> float:
+        """One run of `test`; returns tokens/s."""
+        with torch.no_grad():
+            if test.kind == "pp":
+                self._seek(ex, 0)
+                self._sync()
+                t0 = time.perf_counter()
+                gen.prefill(self.tokens[:test.n])
+                self._sync()
+                return test.n / (time.perf_counter() - t0)
+            depth = max(test.depth, 1)
+            self._seek(ex, max(0, self.source.first_decode - depth))
+            logits = gen.prefill(self.tokens[:depth])
+            token = int(logits.argmax())
+            self._sync()
+            t0 = time.perf_counter()
+            for i in range(test.n):
+                token = int(gen.decode_one(token, depth + i).argmax())
+            self._sync()
+            return test.n / (time.perf_counter() - t0)
+
+
+def summarize(runs: list[float]) -> dict:
+    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
+
+
+def measure(bench: Bench, label: str, placement: Placement, budget: int | None, reserved: int,
+            tests: list[BenchTest], repeats: int, progress=None) -> PlacementResult:
+    res = PlacementResult(label, placement.describe(), None if budget is None else budget / GiB)
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    ex = gen = None
+    try:
+        ex = bench.executor(placement, reserved)
+        gen = Generator(bench.lm.model, ex, bench.lm.cfg, bench.device, bench.max_context)
+        bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))          # builds graphs, JIT kernels
+        for test in tests:
+            runs = []
+            for _ in range(repeats):
+                runs.append(bench.run_test(gen, ex, test))
+                if progress:
+                    progress(f"{label} {test.name}: {runs[-1]:.1f} tok/s")
+            res.tests[test.name] = summarize(runs)
+        _cache_stats(res, ex)
+    except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+    finally:
+        if bench.device.type == "cuda":
+            res.peak_vram_gib = torch.cuda.max_memory_allocated(bench.device) / GiB
+        ex = gen = None
+    return res
+
+
+def _cache_stats(res: PlacementResult, ex) -> None:
+    stats = ex.stats() if hasattr(ex, "stats") and callable(ex.stats) else None
+    if not stats:
+        return
+    total = stats.get("total", {})
+    n = total.get("hits", 0) + total.get("misses", 0)
+    res.hit_rate = total.get("hits", 0) / n if n else None
+    res.swaps, res.bytes_moved = int(total.get("swaps", 0)), int(total.get("bytes_moved", 0))
+    res.layer_hit = [
+        (v.get("hits", 0) / max(1, v.get("hits", 0) + v.get("misses", 0))) for v in stats["layers"].values()]
+
+
+def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
+              source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
+              progress=None) -> dict:
+    max_context = max(t.context_needed for t in tests) + 8
+    dtype = next(lm.model.parameters()).dtype
+    reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
+    bench = Bench(lm, device, max_context, source)
+    results = []
+    for b in budgets:
+        budget = None if b is None else int(b * GiB)
+        for name in placements:
+            if name == "gpu" and b is not budgets[0]:
+                continue                                   # the reference ignores the budget: run it once
+            p = resolve(name, budget, lm, reserved, quant, policy)
+            results.append(measure(bench, name, p, None if name == "gpu" else budget, reserved, tests,
+                                   repeats, progress).to_dict())
+    return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
+            "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
+            "reserved_gib": reserved / GiB, "expert_quant": quant, "results": results,
+            "distinct_experts": _distinct(source, lm.cfg)}
+
+
+def _distinct(source: RoutingSource, cfg) -> dict | None:
+    """Distinct experts used per MoE layer by the replayed routing (the report must show it)."""
+    if source.trace is None:
+        return None
+    import numpy as np
+
+    ids = np.asarray(source.trace.ids)
+    per_layer = [int(len(np.unique(ids[:, i][ids[:, i] >= 0]))) for i in range(ids.shape[1])]
+    return {"min": min(per_layer), "median": float(np.median(per_layer)), "max": max(per_layer),
+            "of": cfg.num_experts}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="placements side by side at one VRAM budget (llama-bench style)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="preset:qwen3-30b-a3b-mini", help="HF dir or preset:NAME")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (default on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--placements", default=",".join(NAMED), help=f"comma list (default {','.join(NAMED)})")
+    p.add_argument("--vram-budget", default=None, metavar="GiB[,GiB...]",
+                   help="budgets to compare at (e.g. 16,24); default: unlimited")
+    p.add_argument("--tests", default="pp512,tg128",
+                   help="ppN, tgN, tgN@dD (e.g. pp512,pp4096,tg128,tg128@d4096)")
+    p.add_argument("--repeats", type=int, default=3)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--route-trace", metavar="FILE",
+                     help="replay routing from a trace (.npz or a shared raw file)")
+    src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
+    p.add_argument("--route-tokens", type=int, default=8192, help="length of synthetic routing (tokens)")
+    p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
+    p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--plots", default=None, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    from hotexperts.bench import report as rep
+    from hotexperts.bench.workload import parse_tests, routing_source
+    from hotexperts.engine.engine import load_source, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    tests = parse_tests(args.tests)
+    budgets = [None] if not args.vram_budget else [float(b) for b in str(args.vram_budget).split(",")]
+    lm = load_source(args.model, dtype, device, args.seed)
+    kind, arg = ("trace", args.route_trace) if args.route_trace else (
+        ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
+    source = routing_source(kind, arg, lm.cfg, num_tokens=args.route_tokens, seed=args.seed)
+    if kind == "router":
+        print("note: routing comes from the model's own router; random weights make it unrealistic "
+              "(use --route-trace or --route-synthetic for speed claims)")
+    report = run_bench(lm, [s.strip() for s in args.placements.split(",") if s.strip()], budgets, tests,
+                       args.repeats, source, device, quant=args.expert_quant, policy=args.policy,
+                       progress=lambda msg: print("  " + msg, flush=True))
+    report["command"] = "hotexperts bench " + " ".join(getattr(args, "_argv", []) or [])
+    print()
+    print(rep.table(report))
+    if args.json:
+        print(f"JSON: {rep.save_json(report, args.json)}")
+    if args.plots:
+        for path in rep.plots(report, args.plots):
+            print(f"plot: {path}")
+    return 0

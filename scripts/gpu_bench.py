@@ -1,0 +1,62 @@
+"""The GPU benchmark run for docs/benchmarks.md: one model built in memory, several routing sources and
+budgets, every placement side by side (hotexperts.bench.harness), JSON + table to $OUT.
+
+    python scripts/gpu_bench.py --preset qwen3-30b-a3b --quant int4 --budgets 16,24 \
+        --sources synthetic:qwen3-30b-a3b,trace:.carry/traces/qwen.route.csv --tests pp512,tg128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from hotexperts.bench import report as rep
+from hotexperts.bench.harness import NAMED, run_bench
+from hotexperts.bench.workload import parse_tests, routing_source
+from hotexperts.engine.presets import build_in_memory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--quant", default="int4", choices=("none", "int8", "int4"))
+    ap.add_argument("--budgets", default="16,24")
+    ap.add_argument("--sources", default="synthetic:qwen3-30b-a3b")
+    ap.add_argument("--tests", default="pp512,pp4096,tg128,tg128@d4096")
+    ap.add_argument("--placements", default=",".join(NAMED))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--policy", default=None)
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    t0 = time.time()
+    expert_dtype = {"none": None, "int8": "int8", "int4": "int4g32"}[a.quant]
+    lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)
+    print(f"built {a.preset} in {time.time() - t0:.0f} s", flush=True)
+    budgets = [float(b) for b in a.budgets.split(",")]
+    for src in a.sources.split(","):
+        kind, _, arg = src.partition(":")
+        source = routing_source(kind, arg or None, lm.cfg, num_tokens=8192)
+        t1 = time.time()
+        report = run_bench(lm, a.placements.split(","), budgets, parse_tests(a.tests), a.repeats, source,
+                           device, quant="none" if expert_dtype else a.quant, policy=a.policy,
+                           progress=lambda m: print("  " + m, flush=True))
+        report["command"] = "python scripts/gpu_bench.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(a).items())
+        report["preset"] = a.preset
+        report["seconds"] = time.time() - t1
+        name = f"bench_{a.preset}_{kind}{a.tag}"
+        rep.save_json(report, out / f"{name}.json")
+        print(rep.table(report), flush=True)
+        print(json.dumps({"done": name, "seconds": round(report["seconds"])}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
