@@ -1,0 +1,141 @@
+"""Shared building blocks: RMSNorm, RoPE, attention over a static KV cache, SwiGLU MLP.
+
+Batch 1; T tokens per forward (T=1 in decode). Shapes:
+    x          [T, D]          hidden states
+    input_pos  [T] int64       absolute positions of the T tokens (on the model's device)
+    cache k/v  [L, Hkv, S, hd] S = max_seq, preallocated; written with index_copy_ at input_pos
+    mask       [T, S] bool     True = attend
+The T=1 step has no host syncs and no data-dependent shapes, so it can be captured in a CUDA graph.
+Numerics follow transformers: RMSNorm in float32 then cast back; RoPE cos/sin in float32 cast to x dtype,
+rotate_half convention; SDPA with scale hd**-0.5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default RoPE (no scaling). inv_freq is a non-persistent buffer, built on the CPU."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta ** exps), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]     # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                         # [T, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, hd]; cos/sin [T, hd]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache(nn.Module):
+    """Static per-layer K/V buffers for one sequence (gpt-fast style)."""
+
+    def __init__(self, num_layers: int, max_seq: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (num_layers, num_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("positions", torch.arange(max_seq, device=device), persistent=False)
+        self.max_seq = max_seq
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [Hkv, T, hd] -> full cache k, v of this layer [Hkv, S, hd]."""
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_copy_(1, input_pos, k)
+        vc.index_copy_(1, input_pos, v)
+        return kc, vc
+
+    def mask(self, input_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+        """[T, S] bool: causal over absolute positions (and within the sliding window, if any)."""
+        kv_pos, q_pos = self.positions[None, :], input_pos[:, None]
+        mask = kv_pos <= q_pos
+        if sliding_window:
+            mask = mask & (kv_pos > q_pos - sliding_window)
+        return mask
+
+
+class Attention(nn.Module):
+    """GQA attention. qk_norm: "none" | "head" (RMSNorm over hd per head) | "full" (over the whole q/k)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
+                 o_bias: bool = False, qk_norm: str = "none", eps: float = 1e-6,
+                 clip_qkv: float | None = None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.clip_qkv = heads, kv_heads, head_dim, clip_qkv
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
+        elif qk_norm != "none":
+            raise ValueError(f"unknown qk_norm {qk_norm!r}")
+
+    def _qkv(self, x: torch.Tensor):
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)            # [T, H*hd], [T, Hkv*hd] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.heads, self.head_dim)                            # [T, H, hd]
+        k = k.view(T, self.kv_heads, self.head_dim)                         # [T, Hkv, hd]
+        v = v.view(T, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layer: int,
+                input_pos: torch.Tensor, kv: KVCache, mask: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self._qkv(x)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kc, vc = kv.update(layer, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], kc[None], vc[None], attn_mask=mask,
+            enable_gqa=self.heads != self.kv_heads)                         # [1, H, T, hd]
+        return self.o_proj(o[0].transpose(0, 1).reshape(T, self.heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """Dense MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,116 @@
+"""MoETransformer: one decoder for every supported architecture, blind to where experts live.
+
+    forward(tokens [T] int64, input_pos [T] int64, kv: KVCache, executor, last_only=False)
+        -> logits [T, V] float32   (last_only: [1, V] of the last token; prefill without a [T, V] buffer)
+
+Parameter names are Hugging Face's dense names (`model.layers.{i}.self_attn.q_proj.weight`, ...); the MoE
+block is `mlp` (Mixtral: `block_sparse_moe`) holding the router `gate` and, for qwen2_moe, `shared_expert`
+and `shared_expert_gate`. Routed experts are not parameters here: the MoE block hands
+`executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (see models/executor_protocol.py).
+Layers whose index is not in cfg.moe_layers get a dense SwiGLU `mlp` of cfg.intermediate_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hotexperts.config import ModelConfig
+from hotexperts.models.executor_protocol import ExpertExecutor
+from hotexperts.models.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+
+MOE_BLOCK_NAME = {"mixtral": "block_sparse_moe"}    # default "mlp"
+
+
+def moe_block_name(cfg: ModelConfig) -> str:
+    return MOE_BLOCK_NAME.get(cfg.model_type, "mlp")
+
+
+class MoEBlock(nn.Module):
+    """Router (softmax in float32 -> top-k -> optional renorm) + executor + optional gated shared expert."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.top_k, self.norm_topk_prob = layer, cfg.top_k, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> ids [T, K] int64, weights [T, K] x.dtype."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)       # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)               # [T, K]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, executor: ExpertExecutor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        y = executor(self.layer, x, ids, weights)                          # [T, D]
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
+            o_bias=bool(cfg.extra.get("o_proj_bias", False)), qk_norm=cfg.qk_norm, eps=eps,
+            clip_qkv=cfg.clip_qkv)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.is_moe = layer in cfg.moe_layers
+        self.ffn_name = moe_block_name(cfg) if self.is_moe else "mlp"
+        ffn = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.add_module(self.ffn_name, ffn)
+
+    def forward(self, x, rope, input_pos, kv, mask, executor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, self.layer, input_pos, kv, mask)
+        h = self.post_attention_layernorm(x)
+        ffn = getattr(self, self.ffn_name)
+        return x + (ffn(h, executor) if self.is_moe else ffn(h))
+
+
+class DecoderStack(nn.Module):
+    """HF's `model.` prefix: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderStack(cfg)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_kv_cache(self, max_seq: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """A KVCache shaped for this model (dtype/device default to the embedding's)."""
+        w = self.model.embed_tokens.weight
+        return KVCache(self.cfg.num_layers, max_seq, self.cfg.num_kv_heads, self.cfg.head_dim,
+                       dtype or w.dtype, device or w.device)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache,
+                executor: ExpertExecutor, last_only: bool = False) -> torch.Tensor:
+        """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only)."""
+        x = self.model.embed_tokens(tokens)                                 # [T, D]
+        rope = self.rotary(input_pos, x.dtype)                              # cos, sin [T, hd]
+        mask = kv.mask(input_pos, self.cfg.sliding_window)                  # [T, S]
+        for layer in self.model.layers:
+            x = layer(x, rope, input_pos, kv, mask, executor)
+        x = self.model.norm(x[-1:] if last_only else x)
+        head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return F.linear(x, head).float()                                    # [T, V]
