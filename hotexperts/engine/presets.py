@@ -1,0 +1,386 @@
+"""Named model presets: real Hugging Face config dicts, seeded random weights, and `make-model`.
+
+    PRESETS                       name -> Preset(config, tokenizer spec); tiny-* (a few MB, tests and demo)
+                                  and the real shapes of public models (exact config.json values)
+    build_in_memory(preset, dtype="bfloat16", device=None, seed=0, expert_dtype=None) -> LoadedModel
+    write_hf_dir(preset, out_dir, seed=0, dtype="bfloat16", device=None)   config.json,
+        generation_config.json, model.safetensors (shards + index past ~2 GB; per-expert HF names),
+        tokenizer.json, tokenizer_config.json — loadable by load_model and by transformers
+    routing_diversity(lm, num_tokens=256) -> {layer: (experts used, largest share of one expert)}
+    add_parser(subparsers) / run(args)      the `hotexperts make-model` subcommand
+
+Random init keeps routing diverse (see shared/MACHINE.md): embeddings N(0, 1) dominate the residual
+stream, output projections (o_proj, down_proj) are small, and every layer draws its own router.
+Same seed and same generation device type (CPU or CUDA) => same weights.
+Tokenizers: the real Qwen vocabulary for the Qwen shapes; a byte-level BPE trained on the embedded
+corpus (special tokens at ids 0..) for the tiny presets and the other shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import processors
+
+from hotexperts import tokenizer as tk
+from hotexperts.config import ModelConfig
+from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.store import ExpertStore
+from hotexperts.experts.weights import LayerExperts
+from hotexperts.models import get_arch
+
+SHARD_BYTES = 2 * 1024 ** 3
+OUT_SCALE = 0.1          # o_proj / down_proj std relative to 1/sqrt(fan_in): keeps the embedding dominant
+ROUTER_SCALE = 2.0       # router logits std ~2 on RMS-normalised inputs: diverse, not uniform
+
+
+@dataclass(frozen=True)
+class TokSpec:
+    kind: str                          # "bpe" | "qwen3" | "qwen2"
+    specials: tuple[str, ...] = ()     # bpe: special tokens, ids 0..
+    template: str = "chatml"           # assets/<template>.jinja
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+    gen_eos: tuple[str, ...] = ()      # extra stop tokens for generation_config.json
+    add_bos: bool = False              # post-processor prepends bos (Mistral style)
+    default_system: str | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: dict
+    tok: TokSpec
+    description: str
+
+
+QWEN_TINY_TOK = TokSpec("bpe", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "chatml",
+                        eos="<|im_end|>", pad="<|endoftext|>", gen_eos=("<|endoftext|>",))
+MISTRAL_TOK = TokSpec("bpe", ("<unk>", "<s>", "</s>"), "mistral", bos="<s>", eos="</s>", add_bos=True)
+OLMOE_TOK = TokSpec("bpe", ("<|endoftext|>", "<|padding|>"), "tulu", eos="<|endoftext|>", pad="<|padding|>")
+TINY_VOCAB = 1024
+
+
+def _tiny(model_type: str, arch: str, **kw) -> dict:
+    base = {"architectures": [arch], "model_type": model_type, "hidden_act": "silu", "hidden_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "intermediate_size": 256, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": False, "vocab_size": TINY_VOCAB,
+            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16"}
+    return {**base, **kw}
+
+
+TINY_QWEN3 = _tiny("qwen3_moe", "Qwen3MoeForCausalLM", num_experts=16, num_experts_per_tok=4,
+                   moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                   attention_bias=False, sliding_window=None, use_sliding_window=False, max_window_layers=4,
+                   bos_token_id=0, eos_token_id=2, router_aux_loss_coef=0.001, output_router_logits=False)
+TINY_QWEN2 = _tiny("qwen2_moe", "Qwen2MoeForCausalLM", num_experts=16, num_experts_per_tok=4,
+                   moe_intermediate_size=64, shared_expert_intermediate_size=256, norm_topk_prob=False,
+                   decoder_sparse_step=1, mlp_only_layers=[], sliding_window=None, use_sliding_window=False,
+                   max_window_layers=4, bos_token_id=0, eos_token_id=2, router_aux_loss_coef=0.001,
+                   output_router_logits=False)
+TINY_MIXTRAL = _tiny("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2,
+                     rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2,
+                     router_aux_loss_coef=0.02, output_router_logits=False)
+TINY_OLMOE = _tiny("olmoe", "OlmoeForCausalLM", num_experts=16, num_experts_per_tok=4, intermediate_size=64,
+                   num_key_value_heads=4, norm_topk_prob=False, clip_qkv=None, attention_bias=False,
+                   rms_norm_eps=1e-5, eos_token_id=0, pad_token_id=1, router_aux_loss_coef=0.01,
+                   output_router_logits=False)
+TINY_OLMOE.pop("head_dim")
+
+QWEN3_30B_A3B = {   # Qwen/Qwen3-30B-A3B config.json
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+    "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+MIXTRAL_8X7B = {    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+    "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+    "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 32000}
+OLMOE_1B_7B = {     # allenai/OLMoE-1B-7B-0924 config.json
+    "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "clip_qkv": None,
+    "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe",
+    "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+    "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 50304}
+QWEN15_MOE_A27B = {  # Qwen/Qwen1.5-MoE-A2.7B config.json
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 8192,
+    "max_window_layers": 21, "model_type": "qwen2_moe", "moe_intermediate_size": 1408,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+    "num_key_value_heads": 16, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 5632, "sliding_window": 32768,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
+
+PRESETS: dict[str, Preset] = {
+    "tiny-qwen3-moe": Preset(TINY_QWEN3, QWEN_TINY_TOK, "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
+    "tiny-qwen2-moe": Preset(TINY_QWEN2, QWEN_TINY_TOK, "Qwen2-MoE layout with a shared expert"),
+    "tiny-mixtral": Preset(TINY_MIXTRAL, MISTRAL_TOK, "Mixtral layout, 8 experts, top-2"),
+    "tiny-olmoe": Preset(TINY_OLMOE, OLMOE_TOK, "OLMoE layout (full q/k norm), 16 experts, top-4"),
+    "qwen3-30b-a3b": Preset(QWEN3_30B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
+                                                   pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
+                            "Qwen3-30B-A3B shape: 48 layers x 128 experts, top-8 (~61 GB bf16)"),
+    "mixtral-8x7b": Preset(MIXTRAL_8X7B, MISTRAL_TOK,
+                           "Mixtral-8x7B shape: 32 layers x 8 experts, top-2 (~93 GB)"),
+    "olmoe-1b-7b": Preset(OLMOE_1B_7B, OLMOE_TOK,
+                          "OLMoE-1B-7B shape: 16 layers x 64 experts, top-8 (~14 GB)"),
+    "qwen1.5-moe-a2.7b": Preset(QWEN15_MOE_A27B, TokSpec("qwen2", template="chatml", eos="<|endoftext|>",
+                                                         pad="<|endoftext|>", gen_eos=("<|im_end|>",),
+                                                         default_system="You are a helpful assistant."),
+                                "Qwen1.5-MoE-A2.7B shape: 24 layers x 60 experts + shared expert (~29 GB)"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise HotExpertsError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_config(name: str) -> dict:
+    return json.loads(json.dumps(get_preset(name).config))    # a deep copy
+
+
+# ---- tokenizer ----
+
+def build_tokenizer(spec: TokSpec) -> tk.Tokenizer:
+    if spec.kind == "bpe":
+        hf = tk.train_byte_bpe(TINY_VOCAB, list(spec.specials))
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_str(tk.qwen_tokenizer(spec.kind).to_str())   # a copy: keep the cache clean
+    if spec.add_bos:
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B",
+            special_tokens=[(spec.bos, hf.token_to_id(spec.bos))])
+    template = tk.chat_template(spec.template)
+    if spec.default_system:
+        template = "{%- set default_system = " + json.dumps(spec.default_system) + " %}\n" + template
+    cfg = {"bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad, "unk_token": None,
+           "add_bos_token": spec.add_bos, "model_max_length": 131072, "chat_template": template}
+    gen_eos = [hf.token_to_id(t) for t in (spec.eos, *spec.gen_eos) if t is not None]
+    return tk.Tokenizer(hf, cfg, {"eos_token_id": gen_eos})
+
+
+def generation_config(hf_config: dict, tok: tk.Tokenizer) -> dict:
+    gen = {"bos_token_id": hf_config.get("bos_token_id"), "eos_token_id": list(tok.eos_ids),
+           "do_sample": False}
+    return {k: v for k, v in gen.items() if v is not None}
+
+
+# ---- seeded random weights ----
+
+def _std(name: str, shape: tuple[int, ...]) -> float | None:
+    """Init std for a dense parameter; None = ones (norms), 0.0 = zeros (biases)."""
+    if "norm" in name:
+        return None
+    if name.endswith(".bias"):
+        return 0.0
+    if "embed_tokens" in name:
+        return 1.0
+    fan_in = shape[-1]
+    scale = OUT_SCALE if ("o_proj" in name or "down_proj" in name) else 1.0
+    if name.endswith("gate.weight") and "shared_expert" not in name:   # the router
+        scale = ROUTER_SCALE
+    return scale / fan_in ** 0.5
+
+
+def _randn(shape, std: float, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=gen.device).mul_(std).to(dtype)
+
+
+def random_dense(model, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> dict:
+    out = {}
+    for name, p in model.state_dict().items():
+        std = _std(name, tuple(p.shape))
+        if std is None:
+            t = torch.ones(p.shape, dtype=dtype, device=device)
+        elif std == 0.0:
+            t = torch.zeros(p.shape, dtype=dtype, device=device)
+        else:
+            t = _randn(p.shape, std, gen, dtype).to(device)
+        out[name] = t
+    return out
+
+
+def random_layer(cfg: ModelConfig, gen: torch.Generator, dtype: torch.dtype, chunk: int = 16) -> LayerExperts:
+    """One layer's experts on the CPU, drawn `chunk` experts at a time on gen's device."""
+    E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    w13, w2 = torch.empty(E, 2 * I, D, dtype=dtype), torch.empty(E, D, I, dtype=dtype)
+    for e in range(0, E, chunk):
+        n = min(chunk, E - e)
+        w13[e:e + n].copy_(_randn((n, 2 * I, D), 1.0 / D ** 0.5, gen, dtype))
+        w2[e:e + n].copy_(_randn((n, D, I), OUT_SCALE / I ** 0.5, gen, dtype))
+    return LayerExperts(w13, w2)
+
+
+def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:
+    if expert_dtype in (None, "none", "int8", "int4", "int4g32"):
+        le = random_layer(cfg, gen, dtype)
+        if expert_dtype in (None, "none"):
+            return le
+        from hotexperts.experts.quant import quantize_layer
+
+        return quantize_layer(le, expert_dtype)        # layer by layer: one bf16 layer alive at a time
+    return random_layer(cfg, gen, parse_dtype(expert_dtype))
+
+
+def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
+                    expert_dtype: str | None = None) -> LoadedModel:
+    """A preset with seeded random weights: dense model on `device`, experts in a host ExpertStore.
+
+    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or "int8"/"int4"/"int4g32" (quantized).
+    Random numbers are drawn on `device` (fast on a GPU), experts copied to host memory layer by layer.
+    """
+    p = get_preset(preset)
+    hf_config = preset_config(preset)
+    cfg = get_arch(hf_config["model_type"]).config_from_hf(hf_config)
+    dt, dev = parse_dtype(dtype), default_device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    model = empty_model(cfg)
+    dense = random_dense(model, gen, dt, dev)
+    experts = {l: _expert_layer(cfg, gen, dt, expert_dtype) for l in cfg.moe_layers}
+    tok = build_tokenizer(p.tok)
+    return LoadedModel(cfg, materialize(model, dense, dev), ExpertStore(experts), tok,
+                       generation_config(hf_config, tok), None, hf_config)
+
+
+# ---- writing an HF directory ----
+
+def _expert_names(cfg: ModelConfig, layer: int) -> tuple[str, tuple[str, str, str]]:
+    if cfg.model_type == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts", ("w1", "w3", "w2")
+    return f"model.layers.{layer}.mlp.experts", ("gate_proj", "up_proj", "down_proj")
+
+
+def hf_tensors(lm: LoadedModel):
+    """(HF name, CPU tensor) in checkpoint order: dense first, then per-expert tensors layer by layer."""
+    for name, t in lm.model.state_dict().items():
+        yield name, t.detach().to("cpu")
+    I = lm.cfg.moe_intermediate_size
+    for l in lm.store.layers:
+        le, (prefix, (g, u, d)) = lm.store.layer(l), _expert_names(lm.cfg, l)
+        for e in range(lm.store.num_experts):
+            yield f"{prefix}.{e}.{g}.weight", le.w13[e, :I]
+            yield f"{prefix}.{e}.{u}.weight", le.w13[e, I:]
+            yield f"{prefix}.{e}.{d}.weight", le.w2[e]
+
+
+def _shards(items, limit: int):
+    shard, size = {}, 0
+    for name, t in items:
+        nb = t.numel() * t.element_size()
+        if shard and size + nb > limit:
+            yield shard
+            shard, size = {}, 0
+        shard[name], size = t.clone(), size + nb     # clone: safetensors refuses shared storage
+    if shard:
+        yield shard
+
+
+def write_weights(lm: LoadedModel, out: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger than shard_bytes."""
+    meta = {"format": "pt"}
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(_shards(hf_tensors(lm), shard_bytes)):
+        fname = f"model-{i + 1:05d}.safetensors.tmp"
+        save_file(shard, str(out / fname), metadata=meta)
+        names.append(fname)
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    if len(names) == 1:
+        (out / names[0]).rename(out / "model.safetensors")
+        return ["model.safetensors"]
+    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
+    for n, f in final.items():
+        (out / n).rename(out / f)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return list(final.values())
+
+
+def write_hf_dir(preset: str, out_dir: str | Path, seed: int = 0, dtype="bfloat16", device=None,
+                 shard_bytes: int = SHARD_BYTES) -> Path:
+    lm = build_in_memory(preset, dtype, device, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("model*.safetensors*"):      # shards or an index from an earlier write
+        stale.unlink()
+    cfg = {**lm.hf_config, "torch_dtype": str(parse_dtype(dtype)).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(lm.generation_config, indent=2) + "\n")
+    lm.tokenizer.save(out)
+    write_weights(lm, out, shard_bytes)
+    return out
+
+
+# ---- routing check ----
+
+def routing_diversity(lm: LoadedModel, num_tokens: int = 256, seed: int = 0) -> dict[int, tuple[int, float]]:
+    """Run `num_tokens` random tokens as one prompt; per MoE layer: (distinct experts used, top share)."""
+    from hotexperts.experts.reference import DenseExecutor
+
+    dev = lm.model.model.embed_tokens.weight.device
+    dtype = lm.model.model.embed_tokens.weight.dtype
+    ex = DenseExecutor({l: lm.store.layer(l) for l in lm.store.layers}, dev, dtype)
+    counts: dict[int, torch.Tensor] = {}
+    ex.on_route = lambda l, ids, w: counts.__setitem__(
+        l, torch.bincount(ids.flatten().cpu(), minlength=lm.cfg.num_experts))
+    gen = torch.Generator().manual_seed(seed)
+    n = min(num_tokens, lm.cfg.max_position_embeddings)
+    tokens = torch.randint(0, lm.tokenizer.vocab_size if lm.tokenizer else lm.cfg.vocab_size, (n,),
+                           generator=gen).to(dev)
+    with torch.inference_mode():
+        lm.model(tokens, torch.arange(n, device=dev), lm.model.new_kv_cache(n), ex)
+    return {l: (int((c > 0).sum()), float(c.max()) / float(c.sum())) for l, c in sorted(counts.items())}
+
+
+# ---- CLI: hotexperts make-model ----
+
+def add_parser(subparsers) -> None:
+    lines = "\n".join(f"  {n:<20} {p.description}" for n, p in PRESETS.items())
+    p = subparsers.add_parser(
+        "make-model", help="write a preset model with random weights as an HF directory",
+        description=f"Write a Hugging Face model directory with seeded random weights.\n\npresets:\n{lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, help="preset name (see the list above)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="where random numbers are drawn (default: cuda if present)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    get_preset(args.preset)
+    out = write_hf_dir(args.preset, args.out, seed=args.seed, dtype=args.dtype, device=args.device)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1024 ** 2
+    print(f"wrote {args.preset} to {out} ({size:.1f} MiB)")
+    return 0
