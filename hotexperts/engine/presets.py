@@ -137,11 +137,30 @@ QWEN15_MOE_A27B = {  # Qwen/Qwen1.5-MoE-A2.7B config.json
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 151936}
 
+# The real routing topology (layers x experts x top-k) at tiny widths: the cache, its policies and routing
+# replay behave as on the full model, while compute stays small enough for a 2-core CPU (the README's demo).
+MINI_QWEN3 = _tiny("qwen3_moe", "Qwen3MoeForCausalLM", hidden_size=64, num_hidden_layers=48, head_dim=16,
+                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_experts=128,
+                   num_experts_per_tok=8, moe_intermediate_size=32, norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, sliding_window=None,
+                   use_sliding_window=False, max_window_layers=48,
+                   max_position_embeddings=8192, bos_token_id=0, eos_token_id=2,
+                   router_aux_loss_coef=0.001, output_router_logits=False)
+MINI_MIXTRAL = _tiny("mixtral", "MixtralForCausalLM", hidden_size=64, num_hidden_layers=32, head_dim=16,
+                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_local_experts=8,
+                     num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1,
+                     eos_token_id=2, max_position_embeddings=8192, router_aux_loss_coef=0.02,
+                     output_router_logits=False)
+
 PRESETS: dict[str, Preset] = {
     "tiny-qwen3-moe": Preset(TINY_QWEN3, QWEN_TINY_TOK, "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
     "tiny-qwen2-moe": Preset(TINY_QWEN2, QWEN_TINY_TOK, "Qwen2-MoE layout with a shared expert"),
     "tiny-mixtral": Preset(TINY_MIXTRAL, MISTRAL_TOK, "Mixtral layout, 8 experts, top-2"),
     "tiny-olmoe": Preset(TINY_OLMOE, OLMOE_TOK, "OLMoE layout (full q/k norm), 16 experts, top-4"),
+    "qwen3-30b-a3b-mini": Preset(MINI_QWEN3, QWEN_TINY_TOK,
+                                 "Qwen3-30B-A3B routing topology (48 x 128 experts, top-8), tiny widths"),
+    "mixtral-8x7b-mini": Preset(MINI_MIXTRAL, MISTRAL_TOK,
+                                "Mixtral-8x7B routing topology (32 layers x 8 experts, top-2), tiny widths"),
     "qwen3-30b-a3b": Preset(QWEN3_30B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
                                                    pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
                             "Qwen3-30B-A3B shape: 48 layers x 128 experts, top-8 (~61 GB bf16)"),
