@@ -1,0 +1,104 @@
+"""`hotexperts generate`: stream a completion of one prompt to stdout.
+
+    hotexperts generate --model DIR|preset:NAME --prompt "..." [--chat] [--system S] [--max-tokens N]
+        [--temperature T --top-k K --top-p P --min-p M --seed S] [--stop S ...] [--dtype D]
+        [--device DEV] [--max-context N] [placement flags] [--stats]
+
+Text goes to stdout as it is generated; the summary line
+"prompt: N tokens, X tok/s | generation: M tokens, Y tok/s" (and, with --stats, the engine's stats as
+JSON) goes to stderr, so stdout holds only the completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from hotexperts.engine.engine import DTYPES, Engine
+from hotexperts.engine.sampling import SamplingParams
+from hotexperts.engine.textstream import TextStream
+from hotexperts.errors import HotExpertsError
+
+
+def _placement_module():
+    """experts/placement.py, or None while it does not exist yet."""
+    name = "hotexperts.experts.placement"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt",
+                              description="Stream a completion of one prompt.")
+    p.add_argument("--model", required=True, help="model directory (Hugging Face layout) or preset:NAME")
+    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (implies --chat)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S", help="stop strings")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
+    p.add_argument("--stats", action="store_true", help="print the engine's stats as JSON to stderr")
+    placement = _placement_module()
+    if placement is not None:
+        placement.add_placement_arguments(p)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop))
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """Plain prompts are encoded with the tokenizer's special tokens; chat prompts via the chat template."""
+    if not (chat or system):
+        return tokenizer.encode(prompt)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.encode_chat(messages)
+
+
+def summary_line(stats: dict) -> str:
+    last = stats["last"]
+    return (f"prompt: {last['prompt_tokens']} tokens, {last['prompt_tok_per_s']:.1f} tok/s | "
+            f"generation: {last['gen_tokens']} tokens, {last['gen_tok_per_s']:.1f} tok/s")
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    placement = _placement_module()
+    return Engine.load(args.model, dtype=args.dtype, device=args.device,
+                       placement=placement.placement_from_args(args) if placement is not None else None,
+                       max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sampling_params(args)                     # validate flags before loading anything
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    engine = load_engine(args)
+    if engine.tokenizer is None:
+        raise HotExpertsError(f"{args.model} has no tokenizer (tokenizer.json); generate needs one")
+    ids = encode_prompt(engine.tokenizer, prompt, args.chat, args.system)
+    stream = TextStream(engine.tokenizer, params.stop)
+    for delta in stream.run(engine.generate(ids, params)):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    stats = engine.stats()
+    print(summary_line(stats), file=sys.stderr)
+    if args.stats:
+        print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+    return 0

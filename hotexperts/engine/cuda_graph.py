@@ -1,0 +1,106 @@
+"""The T=1 decode step as a function of (token, position) -> logits [V], eager or replayed from a CUDA graph.
+
+`make_decode_step(model, kv, executor, device)` returns a `DecodeStep`:
+  - on CUDA, when the executor declares itself capturable (`executor.graph_safe is True`: no host syncs,
+    no data-dependent shapes, no host-side effects inside `__call__`), a `GraphDecodeStep` that captures the
+    model's T=1 forward once (gpt-fast style: static token / position buffers on the device, a static
+    logits output) and replays it for every later token;
+  - otherwise an `EagerDecodeStep` that simply calls the model.
+While `executor.on_route` is set (routing trace recording), steps run eagerly: a replay runs no Python.
+Both return logits [V] in the model's dtype on the model's device; neither calls `executor.end_step()`
+(the Generator does, after every step). Capture is lazy (first call) and happens with the real token and
+position, so warm-up passes only rewrite the same K/V entries the real step writes. The first warm-up runs
+with torch's sync debug mode "error": an executor that claims graph_safe but synchronises with the host is
+caught there (warning, eager from then on) instead of invalidating a capture.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class EagerDecodeStep:
+    graphed = False
+
+    def __init__(self, model, kv, executor, device: torch.device):
+        self.model, self.kv, self.executor, self.device = model, kv, executor, device
+
+    def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
+        tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(1)   # [1]
+        ipos = torch.tensor([pos], dtype=torch.long, device=self.device)                 # [1]
+        with torch.no_grad():
+            return self.model(tok, ipos, self.kv, self.executor)[-1]                     # [V]
+
+
+class GraphDecodeStep(EagerDecodeStep):
+    """Captures the T=1 forward in a CUDA graph on first use; falls back to eager if capture fails."""
+
+    warmup_iters = 2
+
+    def __init__(self, model, kv, executor, device: torch.device):
+        super().__init__(model, kv, executor, device)
+        self.static_tok = torch.zeros(1, dtype=torch.long, device=device)    # [1]
+        self.static_pos = torch.zeros(1, dtype=torch.long, device=device)    # [1]
+        self.static_logits: torch.Tensor | None = None                         # [1, V]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+
+    @property
+    def graphed(self) -> bool:                     # type: ignore[override]
+        return self.graph is not None
+
+    def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
+        if self.failed or getattr(self.executor, "on_route", None) is not None:   # a replay skips Python
+            return super().__call__(token, pos)
+        if isinstance(token, torch.Tensor):
+            self.static_tok.copy_(token.reshape(1))
+        else:
+            self.static_tok.fill_(int(token))          # a scalar kernel argument: no host-to-device copy
+        self.static_pos.fill_(pos)
+        if self.graph is None and not self._capture():
+            return super().__call__(token, pos)
+        self.graph.replay()
+        return self.static_logits[-1]
+
+    def _forward_static(self) -> torch.Tensor:
+        return self.model(self.static_tok, self.static_pos, self.kv, self.executor)
+
+    def _warmup(self) -> None:
+        """Warm-up forwards on a side stream; the first with torch's sync debug mode set to "error", so a
+        host synchronisation inside the step (which would break capture) raises here, harmlessly."""
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for i in range(self.warmup_iters):
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error" if i == 0 else previous)
+                try:
+                    self._forward_static()
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture(self) -> bool:
+        try:
+            with torch.no_grad():
+                self._warmup()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.static_logits = self._forward_static()
+            self.graph = graph
+            return True
+        except Exception as exc:  # a capture failure must not kill generation: fall back, loudly
+            warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r}); decoding eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self.failed, self.graph, self.static_logits = True, None, None
+            return False
+
+
+def make_decode_step(model, kv, executor, device: torch.device | str, *, use_graph: bool = True):
+    """GraphDecodeStep on CUDA with a graph-safe executor (and use_graph), else EagerDecodeStep."""
+    device = torch.device(device)
+    capturable = use_graph and device.type == "cuda" and getattr(executor, "graph_safe", False) is True
+    cls = GraphDecodeStep if capturable else EagerDecodeStep
+    return cls(model, kv, executor, device)

@@ -1,0 +1,151 @@
+"""Engine: the one facade the CLI, the bench harness and the server use. It speaks token ids.
+
+    engine = Engine.load("path/to/hf_dir" | "preset:tiny-qwen3-moe", dtype="bfloat16", device=None,
+                         placement=Placement(...), max_context=None)
+    engine.tokenizer, engine.config, engine.max_context
+    for tok in engine.generate(prompt_ids, SamplingParams(...)):   # raises ContextLengthError at call time
+        ...
+    engine.finish_reason      # "stop" | "length" after a request (textstream may end it earlier: "stop")
+    engine.stats()            # {"last": {...}, "total": {...}, "cache": executor stats or None, ...}
+
+device None = "cuda" when available, else "cpu". placement None = the placement module's default
+(`Placement()`); the executor comes from `experts.placement.build_executor` with the VRAM already
+taken by dense weights and the KV cache as `reserved_bytes`. max_context None = min(the model's
+max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS ids + tokenizer EOS ids +
+generation_config EOS ids + params.stop_token_ids.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from hotexperts.engine.generate import Generator
+from hotexperts.engine.sampling import SamplingParams
+from hotexperts.errors import HotExpertsError
+
+PRESET_PREFIX = "preset:"
+DEFAULT_MAX_CONTEXT = 4096
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise HotExpertsError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HotExpertsError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A LoadedModel (cfg, model, store, tokenizer, generation_config) from a directory or 'preset:NAME'."""
+    if source.startswith(PRESET_PREFIX):
+        from hotexperts.engine.presets import build_in_memory
+
+        return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed)
+    from hotexperts.engine.load import load_model
+
+    return load_model(source, dtype=dtype, device=device)
+
+
+def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved_bytes: int):
+    """build_executor(placement or Placement(), ...); a DenseExecutor while experts/placement.py is absent."""
+    name = "hotexperts.experts.placement"
+    try:
+        placement_mod = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name or placement is not None:
+            raise
+        return dense_executor(store, device, dtype)
+    placement = placement if placement is not None else placement_mod.Placement()
+    return placement_mod.build_executor(placement, store, cfg, device, reserved_bytes=reserved_bytes,
+                                        dtype=dtype)
+
+
+def dense_executor(store, device: torch.device, dtype: torch.dtype):
+    from hotexperts.experts.reference import DenseExecutor
+
+    return DenseExecutor({l: store.layer(l) for l in store.layers}, device, dtype)
+
+
+def _ids(value) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+class Engine:
+    def __init__(self, loaded, executor, device: torch.device, max_context: int, *,
+                 use_cuda_graph: bool = True):
+        self.loaded, self.executor, self.device = loaded, executor, device
+        self.config, self.tokenizer, self.model = loaded.cfg, loaded.tokenizer, loaded.model
+        self.max_context = max_context
+        self.generator = Generator(self.model, executor, self.config, device, max_context,
+                                   use_cuda_graph=use_cuda_graph)
+        self.eos_ids = self._eos_ids()
+
+    @classmethod
+    def load(cls, source: str, dtype: str | torch.dtype = "bfloat16",
+             device: str | torch.device | None = None, placement=None, *, max_context: int | None = None,
+             seed: int = 0, use_cuda_graph: bool = True, executor=None) -> Engine:
+        """Load a model dir or 'preset:NAME' and build its executor (`executor` overrides placement)."""
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        loaded = load_source(str(source), dt, dev, seed)
+        cfg = loaded.cfg
+        ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        if ctx < 1 or ctx > cfg.max_position_embeddings:
+            raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
+        if executor is None:
+            reserved = dense_bytes(loaded.model) + kv_bytes(cfg, ctx, dt)
+            executor = default_executor(placement, loaded.store, cfg, dev, dt, reserved)
+        return cls(loaded, executor, dev, ctx, use_cuda_graph=use_cuda_graph)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = _ids(self.config.eos_token_ids) | _ids(getattr(self.tokenizer, "eos_ids", None))
+        gen_cfg = getattr(self.loaded, "generation_config", None) or {}
+        if isinstance(gen_cfg, dict):
+            ids |= _ids(gen_cfg.get("eos_token_id"))
+        return frozenset(ids)
+
+    def generate(self, prompt_ids: Iterable[int], params: SamplingParams) -> Iterator[int]:
+        """Token ids after the prompt; stops on EOS / stop ids (not yielded) or after params.max_tokens."""
+        return self.generator.generate(list(prompt_ids), params, stop_ids=self.eos_ids)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.generator.finish_reason
+
+    def stats(self) -> dict:
+        ex_stats = getattr(self.executor, "stats", None)
+        return {
+            "last": self.generator.last.as_dict(),
+            "total": self.generator.total.as_dict(),
+            "device": str(self.device),
+            "max_context": self.max_context,
+            "cuda_graph": bool(self.generator.decode_step.graphed),
+            "cache": ex_stats() if callable(ex_stats) else None,
+        }
+
+
+def dense_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's own parameters and buffers on its device (dense weights, not routed experts)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def kv_bytes(cfg, max_context: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * max_context * cfg.head_dim * dtype.itemsize
