@@ -1,0 +1,163 @@
+"""Fused MoE over experts held in stacked slots, read in place (GPU: Triton; anywhere: torch fallback).
+
+Contract (docs/architecture.md, "Kernel contracts"):
+    gpu_moe(x [T,D], ids [T,K] int64, weights [T,K], w13 [S,2I,D], w2 [S,D,I], slot_of [E] int32 | None,
+            out [T,D] | None) -> out [T,D]
+    out[t] = sum over k with s = slot_of[ids[t,k]] >= 0 of weights[t,k] * w2[s] @ (silu(g) * u),
+             g, u = split(w13[s] @ x[t]) (first I rows gate, last I rows up).
+    slot_of None = identity (S == E). ids == -1 or slot -1 contribute 0 (even if the slot holds NaNs).
+    out is written, not accumulated. Result dtype = x.dtype; accumulation in fp32 (fp64 for fp64 inputs).
+    w13 / w2 may be dense tensors or QuantizedWeight (int8, int4g32; the fallback dequantizes the slots used).
+
+Backends ("auto" picks the first that applies):
+    triton: CUDA tensors, contiguous weights, triton importable; dense bf16/fp16/fp32 weights on both
+            paths, QuantizedWeight only on the decode (GEMV) path. No host synchronisation: CUDA-graph
+            capturable for fixed (T, K).
+    torch:  everything else. "gather" mode (index_select + bmm over the T*K pairs; no host sync) when the
+            gathered weights stay small, else "loop" mode over the distinct slots (one host sync).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from hotexperts.experts.weights import QuantizedWeight, Weight
+
+GATHER_LIMIT_BYTES = 256 << 20       # torch fallback: gather the pairs' experts up to this many bytes
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TRITON: object | None = None        # cached module, or False when unavailable
+
+
+def _triton_module():
+    """hotexperts.kernels.triton_moe, or None when triton cannot be imported."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from hotexperts.kernels import triton_moe
+            _TRITON = triton_moe
+        except Exception:  # noqa: BLE001 - any import failure means "no triton"
+            _TRITON = False
+    return _TRITON or None
+
+
+def triton_available() -> bool:
+    return _triton_module() is not None
+
+
+def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight,
+            slot_of: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            *, backend: str = "auto") -> torch.Tensor:
+    """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto)."""
+    if backend == "auto":
+        backend = os.environ.get("HOTEXPERTS_GPU_MOE", "auto")
+    if backend == "auto":
+        backend = "triton" if _triton_ok(x, ids, w13, w2) else "torch"
+    if backend == "triton":
+        mod = _triton_module()
+        if mod is None:
+            raise RuntimeError("gpu_moe: backend 'triton' requested but triton cannot be imported")
+        return mod.moe_triton(x, ids, weights, w13, w2, slot_of, out)
+    return torch_moe(x, ids, weights, w13, w2, slot_of, out)
+
+
+def _triton_ok(x: torch.Tensor, ids: torch.Tensor, w13: Weight, w2: Weight) -> bool:
+    if not (x.is_cuda and triton_available()):
+        return False
+    for w in (w13, w2):
+        t = w.q if isinstance(w, QuantizedWeight) else w
+        if not (t.is_cuda and t.is_contiguous()):
+            return False
+        if not isinstance(w, QuantizedWeight) and w.dtype not in _TRITON_DTYPES:
+            return False
+    return _triton_module().supports(ids, w13, w2)
+
+
+# ------------------------------------------------------------------------------------------ torch fallback
+def _dequant(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense copy of a (sliced) QuantizedWeight; format in hotexperts/experts/weights.py."""
+    if w.fmt == "int8":
+        return w.q.to(dtype) * w.scale.to(dtype).unsqueeze(-1)
+    if w.fmt == "int4g32":
+        lo = (w.q & 0xF).to(dtype)
+        hi = (w.q >> 4).to(dtype)
+        q = torch.stack((lo, hi), dim=-1).flatten(-2)                  # [..., N, Kin]
+        g = q.unflatten(-1, (-1, 32))                                  # [..., N, Kin/32, 32]
+        w_ = (g - 8) * w.scale.to(dtype).unsqueeze(-1) + w.zero.to(dtype).unsqueeze(-1)
+        return w_.flatten(-2)
+    raise ValueError(f"unknown quantized format {w.fmt!r}")
+
+
+def _take(w: Weight, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w[idx] as a dense tensor of dtype. idx [N] int64 -> [N, rows, cols]."""
+    if isinstance(w, QuantizedWeight):
+        return _dequant(w[idx], dtype)
+    return w.index_select(0, idx).to(dtype)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _pair_slots(ids: torch.Tensor, slot_of: torch.Tensor | None) -> torch.Tensor:
+    """ids [T,K] -> slots [T,K] int64, -1 where the id is -1 or the expert is not resident."""
+    if slot_of is None:
+        return ids.clamp(min=-1)
+    s = slot_of.long()[ids.clamp(min=0)]
+    return torch.where(ids >= 0, s, -1)
+
+
+def torch_moe(x, ids, weights, w13: Weight, w2: Weight, slot_of=None, out=None, mode: str = "auto"):
+    """Reference-exact torch implementation of the contract. mode: "auto" | "gather" | "loop"."""
+    T, K = ids.shape
+    slots = _pair_slots(ids, slot_of)                                  # [T, K]
+    if mode == "auto":
+        per_expert = _nbytes(w13) // w13.shape[0] + _nbytes(w2) // w2.shape[0]
+        mode = "gather" if T * K * per_expert * 2 <= GATHER_LIMIT_BYTES else "loop"
+    fn = _moe_gather if mode == "gather" else _moe_loop
+    res = fn(x, slots, weights, w13, w2)                               # [T, D] accumulation dtype
+    if out is None:
+        return res.to(x.dtype)
+    return out.copy_(res)
+
+
+def _nbytes(w: Weight) -> int:
+    return w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+
+
+def _expert(w13d: torch.Tensor, w2d: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Batched SwiGLU expert: w13d [N,2I,D], w2d [N,D,I], xs [N,M,D] -> [N,M,D]."""
+    gu = torch.bmm(xs, w13d.transpose(1, 2))                           # [N, M, 2I]
+    g, u = gu.chunk(2, dim=-1)
+    return torch.bmm(F.silu(g) * u, w2d.transpose(1, 2))
+
+
+def _moe_gather(x, slots, weights, w13, w2):
+    """index_select + bmm over all pairs (no host sync)."""
+    T, K = slots.shape
+    acc = _acc_dtype(x)
+    flat = slots.reshape(-1)                                           # [P]
+    idx = flat.clamp(min=0)
+    xs = x.to(acc).repeat_interleave(K, dim=0).unsqueeze(1)            # [P, 1, D]
+    y = _expert(_take(w13, idx, acc), _take(w2, idx, acc), xs).squeeze(1)   # [P, D]
+    y = y * weights.reshape(-1, 1).to(acc)
+    y = torch.where((flat >= 0).unsqueeze(1), y, 0.0)
+    return y.view(T, K, -1).sum(1)
+
+
+def _moe_loop(x, slots, weights, w13, w2):
+    """One batched matmul per distinct slot (host sync for the slot list); weights read once each."""
+    T, K = slots.shape
+    acc = _acc_dtype(x)
+    flat = slots.reshape(-1)
+    wflat = weights.reshape(-1).to(acc)
+    res = torch.zeros(T, x.shape[1], dtype=acc, device=x.device)       # [T, D]
+    for s in torch.unique(flat[flat >= 0]).tolist():
+        pairs = (flat == s).nonzero().squeeze(1)                       # [M]
+        tok = pairs // K
+        sid = torch.tensor([s], device=x.device)
+        y = _expert(_take(w13, sid, acc), _take(w2, sid, acc), x[tok].to(acc).unsqueeze(0))[0]   # [M, D]
+        res.index_add_(0, tok, y * wflat[pairs].unsqueeze(1))
+    return res

@@ -1,0 +1,402 @@
+"""Triton MoE kernels that read routed experts in place from stacked slot tensors.
+
+Contract (same as kernels/gpu_moe.py; quantized weights on the decode path only):
+    moe_triton(x [T,D], ids [T,K] int64, weights [T,K], w13 [S,2I,D], w2 [S,D,I], slot_of [E] int32 | None,
+               out [T,D] | None) -> out [T,D]
+    out[t] = sum_k weights[t,k] * w2[s] @ (silu(w13[s,:I] @ x[t]) * (w13[s,I:] @ x[t])), s = slot_of[ids[t,k]]
+    pairs with ids == -1 or s == -1 contribute 0. out is written (not accumulated). fp32 accumulation.
+No host synchronisation: every shape depends only on (T, K, S, D, I), so a call is CUDA-graph capturable.
+
+Two paths, chosen from static shapes (pairs P = T*K, slots S):
+  decode  (T == 1 or P <= min(DECODE_MAX_PAIRS, S // 4)): GEMV kernels; each pair reads its expert.
+      Weights dense (bf16/fp16/fp32) or QuantizedWeight int8 (per-row scale) / int4g32, dequantized in-kernel.
+      A: grid (P, cdiv(I, BN)): h[p, n] = silu(x.G[s,n]) * (x.U[s,n]) for a block of rows n, fp32.
+      B: grid (T, cdiv(D, BD)): out[t, d] = sum_k w[t,k] * W2[s, d, :] . h[t*K+k]  (one flat loop over
+         (k, I-chunk) so loads of different experts overlap; no atomics, deterministic).
+      Loops use tl.range(num_stages=STAGES) so GEMV loads are software-pipelined (latency hiding).
+  prefill (larger P, dense weights): pairs sorted by slot on the device (torch.sort + searchsorted, fixed
+      shapes), each slot's run padded to BLOCK_M rows, then two grouped-GEMM kernels (tl.dot):
+      C: grid (blocks, cdiv(I, BN)): h[pair] = silu(X G^T) * (X U^T)       (h in the weight dtype)
+      D: grid (blocks, cdiv(D, BN)): y[pair] = w_pair * (h W2^T)           (y [P, D] fp32)
+      out = y.view(T, K, D).sum(1)  (deterministic; no atomics).
+Weights must have a unit last stride (slot buffers are contiguous).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DECODE_MAX_PAIRS = 32
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP: tl.constexpr):
+    """Slot of pair p (int64), -1 when the id or its slot is -1."""
+    e = tl.load(ids_ptr + p)
+    if HAS_MAP:
+        s = tl.load(slot_of_ptr + tl.maximum(e, 0)).to(tl.int64)
+        s = tl.where(e >= 0, s, -1)
+    else:
+        s = e.to(tl.int64)
+    return s
+
+
+@triton.jit
+def _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, n,
+                 STAGES: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """Same for int4g32 rows: q bytes (low nibble = even column), w = (q - 8) * scale + zero per 32 columns.
+    n and BK are multiples of 32; roff in bytes, soff in groups."""
+    acc = tl.zeros([BR, BK // 32], dtype=tl.float32)
+    for k0 in tl.range(0, n, BK, num_stages=STAGES):
+        j = tl.arange(0, BK // 2)                         # [BK/2] byte index in the block
+        cm = k0 + 2 * j < n
+        ve = tl.load(v_ptr + k0 + 2 * j, mask=cm, other=0.0).to(tl.float32)
+        vo = tl.load(v_ptr + k0 + 2 * j + 1, mask=cm, other=0.0).to(tl.float32)
+        qm = rmask[:, None] & cm[None, :]
+        q = tl.load(q_ptr + roff[:, None] + (k0 // 2 + j)[None, :], mask=qm, other=0)     # [BR, BK/2] uint8
+        lo = (q & 15).to(tl.float32) - 8.0
+        hi = (q >> 4).to(tl.float32) - 8.0
+        ps = tl.sum(tl.reshape(lo * ve[None, :] + hi * vo[None, :], [BR, BK // 32, 16]), axis=2)   # [BR, G]
+        vs = tl.sum(tl.reshape(ve + vo, [BK // 32, 16]), axis=1)                                   # [G]
+        gi = k0 // 32 + tl.arange(0, BK // 32)
+        gm = rmask[:, None] & (gi < n // 32)[None, :]
+        sc = tl.load(s_ptr + soff[:, None] + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+        zr = tl.load(z_ptr + soff[:, None] + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+        acc += ps * sc + zr * vs[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, n,
+                   SCALED: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+                   BR: tl.constexpr, BK: tl.constexpr):
+    """Gate and up rows in one pipelined loop: ([BR], [BR]) fp32 dots with v[0:n] (int8: times row scale)."""
+    acc_g = tl.zeros([BR, BK], dtype=tl.float32)
+    acc_u = tl.zeros([BR, BK], dtype=tl.float32)
+    for k0 in tl.range(0, n, BK, num_stages=STAGES):
+        cols = k0 + tl.arange(0, BK)                      # [BK]
+        if EVEN:
+            v = tl.load(v_ptr + cols).to(tl.float32)
+            m = rmask[:, None]
+        else:
+            v = tl.load(v_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
+            m = rmask[:, None] & (cols < n)[None, :]
+        g = tl.load(q_ptr + roff[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        u = tl.load(q_ptr + uoff[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        acc_g += g * v[None, :]
+        acc_u += u * v[None, :]
+    g1 = tl.sum(acc_g, axis=1)
+    u1 = tl.sum(acc_u, axis=1)
+    if SCALED:
+        g1 = g1 * tl.load(s_ptr + soff, mask=rmask, other=0.0).to(tl.float32)
+        u1 = u1 * tl.load(s_ptr + usoff, mask=rmask, other=0.0).to(tl.float32)
+    return g1, u1
+
+
+@triton.jit
+def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
+                    K, D, I, stride_xt, stride_ws, stride_wn, stride_ss, stride_sn,
+                    HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
+    p = tl.program_id(0)
+    nb = tl.program_id(1)
+    t = p // K
+    s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
+    s0 = tl.maximum(s, 0)
+    rows = nb * BN + tl.arange(0, BN)                     # [BN] gate rows; up rows are rows + I
+    rmask = (rows < I) & (tl.zeros([BN], dtype=tl.int64) + s >= 0)   # vector form (interpreter-safe)
+    roff = s0 * stride_ws + rows.to(tl.int64) * stride_wn              # [BN]
+    soff = s0 * stride_ss + rows.to(tl.int64) * stride_sn
+    uoff = roff + I * stride_wn
+    usoff = soff + I * stride_sn
+    v_ptr = x_ptr + t * stride_xt
+    if QF == 2:
+        g = _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, D, STAGES, BN, BK)
+        u = _rowdot_int4(q_ptr, s_ptr, z_ptr, uoff, usoff, rmask, v_ptr, D, STAGES, BN, BK)
+    else:
+        g, u = _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, D,
+                              QF == 1, EVEN_D, STAGES, BN, BK)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + p * I + rows, h, mask=rows < I)
+
+
+@triton.jit
+def _down_dense(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, t, rows, dmask, K, I,
+                stride_ws, stride_wd, stride_ss, stride_sd, HAS_MAP: tl.constexpr, SCALED: tl.constexpr,
+                EVEN: tl.constexpr, STAGES: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr):
+    """[BD] fp32: sum_k w[t,k] * W2[s_k, rows, :] . h[t*K+k], as ONE flat pipelined loop over (k, I-chunk)
+    so loads of different experts overlap."""
+    nc = tl.cdiv(I, BI)
+    acc = tl.zeros([BD, BI], dtype=tl.float32)
+    for j in tl.range(0, K * nc, num_stages=STAGES):
+        k = j // nc
+        i0 = (j - k * nc) * BI
+        p = t * K + k
+        s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
+        s0 = tl.maximum(s, 0)
+        wt = tl.where(s >= 0, tl.load(wts_ptr + p).to(tl.float32), 0.0)
+        vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)     # [BD]
+        cols = i0 + tl.arange(0, BI)
+        if EVEN:
+            hv = tl.load(h_ptr + p * I + cols)
+            m = vmask[:, None]
+        else:
+            hv = tl.load(h_ptr + p * I + cols, mask=cols < I, other=0.0)
+            m = vmask[:, None] & (cols < I)[None, :]
+        roff = s0 * stride_ws + rows.to(tl.int64) * stride_wd
+        w = tl.load(q_ptr + roff[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if SCALED:
+            soff = s0 * stride_ss + rows.to(tl.int64) * stride_sd
+            wt = wt * tl.load(s_ptr + soff, mask=vmask, other=0.0).to(tl.float32)   # [BD] row scales
+            acc += wt[:, None] * (w * hv[None, :])
+        else:
+            acc += wt * (w * hv[None, :])
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
+                 K, D, I, stride_ws, stride_wd, stride_ss, stride_sd, stride_ot,
+                 HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_I: tl.constexpr, STAGES: tl.constexpr,
+                 BD: tl.constexpr, BI: tl.constexpr):
+    t = tl.program_id(0)
+    db = tl.program_id(1)
+    rows = db * BD + tl.arange(0, BD)                     # [BD] output features d
+    dmask = rows < D
+    if QF == 2:
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for k in range(0, K):
+            p = t * K + k
+            s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
+            s0 = tl.maximum(s, 0)
+            vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)    # [BD]
+            roff = s0 * stride_ws + rows.to(tl.int64) * stride_wd
+            soff = s0 * stride_ss + rows.to(tl.int64) * stride_sd
+            r = _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, vmask, h_ptr + p * I, I, STAGES, BD, BI)
+            wt = tl.load(wts_ptr + p).to(tl.float32)
+            acc += tl.where(s >= 0, wt * r, 0.0)
+    else:
+        acc = _down_dense(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, t, rows, dmask, K, I,
+                          stride_ws, stride_wd, stride_ss, stride_sd,
+                          HAS_MAP, QF == 1, EVEN_I, STAGES, BD, BI)
+    tl.store(out_ptr + t * stride_ot + rows, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
+                     P, K, D, I, stride_xt, stride_ws, stride_wn,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    b = tl.program_id(0)
+    nb = tl.program_id(1)
+    s = tl.load(block_slot_ptr + b).to(tl.int64)
+    if s < 0:
+        return
+    pair = tl.load(pair_ptr + b * BM + tl.arange(0, BM))  # [BM] pair ids, P = padding
+    mmask = pair < P
+    tok = tl.where(mmask, pair // K, 0)
+    n = nb * BN + tl.arange(0, BN)                        # [BN]
+    nmask = n < I
+    x_ptrs = x_ptr + tok[:, None] * stride_xt             # [BM, 1]
+    g_ptrs = w13_ptr + s * stride_ws + n[None, :].to(tl.int64) * stride_wn   # [1, BN]
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < D
+        a = tl.load(x_ptrs + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wm = kmask[:, None] & nmask[None, :]
+        wg = tl.load(g_ptrs + kk[:, None], mask=wm, other=0.0)    # [BK, BN]
+        wu = tl.load(u_ptrs + kk[:, None], mask=wm, other=0.0)
+        a = a.to(wg.dtype)
+        acc_g = tl.dot(a, wg, acc_g)
+        acc_u = tl.dot(a, wu, acc_u)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + pair[:, None].to(tl.int64) * I + n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _grouped_down(h_ptr, pair_ptr, block_slot_ptr, w2_ptr, wts_ptr, y_ptr,
+                  P, D, I, stride_ws, stride_wd,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    b = tl.program_id(0)
+    nb = tl.program_id(1)
+    s = tl.load(block_slot_ptr + b).to(tl.int64)
+    if s < 0:
+        return
+    pair = tl.load(pair_ptr + b * BM + tl.arange(0, BM))
+    mmask = pair < P
+    prow = tl.where(mmask, pair, 0).to(tl.int64)
+    n = nb * BN + tl.arange(0, BN)                        # [BN] output features d
+    nmask = n < D
+    h_ptrs = h_ptr + prow[:, None] * I                    # [BM, 1]
+    w_ptrs = w2_ptr + s * stride_ws + n[None, :].to(tl.int64) * stride_wd   # [1, BN]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < I
+        a = tl.load(h_ptrs + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc)
+    wt = tl.load(wts_ptr + prow, mask=mmask, other=0.0).to(tl.float32)
+    acc = acc * wt[:, None]
+    tl.store(y_ptr + prow[:, None] * D + n[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _block(rows: int, groups: int, lo: int, hi: int, target: int = 256) -> int:
+    """Largest power-of-two block in [lo, hi] that still gives >= target programs (~2 per H200 SM)."""
+    b = hi
+    while b > lo and groups * triton.cdiv(rows, b) < target:
+        b //= 2
+    return b
+
+
+def decode_config(T: int, K: int, D: int, I: int) -> dict:
+    """Block sizes for the GEMV kernels: enough programs to fill the GPU, wide row loads, and fp32
+    accumulator tiles of <= 64 values per thread (4 warps) so nothing spills."""
+    bn, bd = _block(I, T * K, 8, 32), _block(D, T, 4, 64)
+    return {"BN": bn, "BK": min(256, 4096 // bn), "BD": bd, "BI": min(256, 8192 // bd), "num_warps": 4,
+            "stages": 3}
+
+
+def prefill_config(P: int, S: int, D: int, I: int) -> dict:
+    """Block sizes for the grouped GEMMs: the M tile follows the average rows per slot (less padding)."""
+    avg = P / max(S, 1)
+    bm = 16 if avg <= 16 else 32 if avg <= 48 else 64
+    return {"BM": bm, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}
+
+
+# ----------------------------------------------------------------------------------------------- drivers
+def _slots(ids: torch.Tensor, slot_of: torch.Tensor | None) -> torch.Tensor:
+    """Slot per pair, -1 when absent. ids [T,K] -> [P] int64 (device ops only)."""
+    flat = ids.reshape(-1)
+    if slot_of is None:
+        return flat.clamp(min=-1)
+    s = slot_of.long()[flat.clamp(min=0)]
+    return torch.where(flat >= 0, s, -1)
+
+
+def align_by_slot(slot: torch.Tensor, S: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort pairs by slot and pad each slot's run to BM rows, without host synchronisation.
+
+    slot [P] int64 (-1 = skip) -> pair_ids [NB*BM] (P = padding), block_slot [NB] (-1 = unused block),
+    NB = cdiv(P, BM) + min(S, P) (a static upper bound).
+    """
+    P = slot.numel()
+    dev = slot.device
+    nb = (P + BM - 1) // BM + min(S, P)
+    key = torch.where(slot >= 0, slot, S)                              # invalid pairs sort last
+    skey, order = torch.sort(key, stable=True)
+    bounds = torch.searchsorted(skey, torch.arange(S + 1, device=dev, dtype=skey.dtype))   # [S+1]
+    counts = bounds[1:] - bounds[:-1]                                  # [S]
+    padded = (counts + BM - 1) // BM * BM
+    pend = torch.cumsum(padded, 0)                                     # [S]
+    pstart = pend - padded
+    kv = skey.clamp(max=S - 1)
+    dest = pstart[kv] + torch.arange(P, device=dev) - bounds[kv]
+    cap = nb * BM
+    dest = torch.where(skey < S, dest, cap)                            # invalid pairs -> dump cell
+    pair_ids = torch.full((cap + 1,), P, dtype=torch.int64, device=dev)
+    pair_ids.scatter_(0, dest, order)
+    bstart = torch.arange(nb, device=dev, dtype=pend.dtype) * BM
+    block_slot = torch.searchsorted(pend, bstart, right=True)
+    block_slot = torch.where(block_slot < S, block_slot, -1)
+    return pair_ids[:cap], block_slot
+
+
+def _unpack(w) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight -> (QF, q, scale, zero); placeholders repeat q. Duck-typed on QuantizedWeight's fields."""
+    fmt = getattr(w, "fmt", None)
+    if fmt is None:
+        return 0, w, w, w
+    if fmt == "int8":
+        return 1, w.q, w.scale, w.scale
+    if fmt == "int4g32":
+        return 2, w.q, w.scale, w.zero
+    raise ValueError(f"unsupported quantized format {fmt!r}")
+
+
+def _sstrides(qf: int, sc: torch.Tensor) -> tuple[int, int]:
+    return (sc.stride(0), sc.stride(1)) if qf else (0, 0)
+
+
+def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
+    """GEMV path (small T*K); dense, int8 or int4g32 weights. See module docstring."""
+    T, K = ids.shape
+    S, I2, D = w13.shape
+    I = I2 // 2
+    cfg = {**decode_config(T, K, D, I), **(cfg or {})}
+    ids = ids.contiguous()
+    weights = weights.contiguous()
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
+    h = torch.empty(T * K, I, dtype=torch.float32, device=x.device)       # [P, I]
+    smap = slot_of if slot_of is not None else ids
+    qa, q13, s13, z13 = _unpack(w13)
+    qb, q2, s2, z2 = _unpack(w2)
+    bk = max(64, cfg["BK"] * 2) if qa == 2 else cfg["BK"]                # int4: same bytes per load
+    bi = max(64, cfg["BI"] * 2) if qb == 2 else cfg["BI"]
+    grid_a = (T * K, triton.cdiv(I, cfg["BN"]))
+    _decode_gate_up[grid_a](x, ids, smap, q13, s13, z13, h, K, D, I, x.stride(0), q13.stride(0),
+                            q13.stride(1), *_sstrides(qa, s13),
+                            HAS_MAP=slot_of is not None, QF=qa, EVEN_D=D % bk == 0, STAGES=cfg["stages"],
+                            BN=cfg["BN"], BK=bk, num_warps=cfg["num_warps"])
+    grid_b = (T, triton.cdiv(D, cfg["BD"]))
+    _decode_down[grid_b](h, ids, smap, weights, q2, s2, z2, out, K, D, I, q2.stride(0), q2.stride(1),
+                         *_sstrides(qb, s2), out.stride(0),
+                         HAS_MAP=slot_of is not None, QF=qb, EVEN_I=I % bi == 0, STAGES=cfg["stages"],
+                         BD=cfg["BD"], BI=bi, num_warps=cfg["num_warps"])
+    return out
+
+
+def moe_prefill(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
+    """Sorted grouped-GEMM path (large T*K). See module docstring."""
+    T, K = ids.shape
+    S, I2, D = w13.shape
+    I = I2 // 2
+    P = T * K
+    cfg = cfg or prefill_config(P, S, D, I)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    pair_ids, block_slot = align_by_slot(_slots(ids, slot_of), S, BM)
+    nb = block_slot.numel()
+    h = torch.empty(P, I, dtype=w13.dtype, device=x.device)              # [P, I]
+    _grouped_gate_up[(nb, triton.cdiv(I, BN))](x, pair_ids, block_slot, w13, h, P, K, D, I,
+                                               x.stride(0), w13.stride(0), w13.stride(1),
+                                               BM=BM, BN=BN, BK=BK, **kw)
+    y = torch.zeros(P, D, dtype=torch.float32, device=x.device)          # [P, D]
+    _grouped_down[(nb, triton.cdiv(D, BN))](h, pair_ids, block_slot, w2, weights.contiguous(), y,
+                                            P, D, I, w2.stride(0), w2.stride(1), BM=BM, BN=BN, BK=BK, **kw)
+    res = y.view(T, K, D).sum(1)
+    if out is None:
+        return res.to(x.dtype)
+    return out.copy_(res)
+
+
+def uses_decode(T: int, K: int, S: int) -> bool:
+    """GEMV path when every pair likely has its own expert (one token, or few pairs among many slots);
+    else the grouped path, which reads each slot once however many pairs use it."""
+    return T == 1 or T * K <= min(DECODE_MAX_PAIRS, S // 4)
+
+
+def supports(ids: torch.Tensor, w13, w2) -> bool:
+    """Quantized slots (int8, int4g32) run on the decode path only; dense weights on both paths."""
+    dense = getattr(w13, "fmt", None) is None and getattr(w2, "fmt", None) is None
+    return dense or uses_decode(ids.shape[0], ids.shape[1], w13.shape[0])
+
+
+def moe_triton(x, ids, weights, w13, w2, slot_of=None, out=None):
+    """Pick the path from static shapes (see uses_decode)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is not None and out.stride(-1) != 1:
+        return out.copy_(moe_triton(x, ids, weights, w13, w2, slot_of))
+    if uses_decode(ids.shape[0], ids.shape[1], w13.shape[0]):
+        return moe_decode(x, ids, weights, w13, w2, slot_of, out)
+    if not supports(ids, w13, w2):
+        raise NotImplementedError("grouped Triton MoE path needs dense weights")
+    return moe_prefill(x, ids, weights, w13, w2, slot_of, out)

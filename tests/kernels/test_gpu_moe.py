@@ -1,0 +1,193 @@
+"""gpu_moe: torch fallback vs a float64 reference; Triton kernels under the CPU interpreter (or on CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first triton import
+
+from hotexperts.experts.weights import QuantizedWeight  # noqa: E402
+from hotexperts.kernels.gpu_moe import gpu_moe, torch_moe  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x, ids, weights, w13, w2, slot_of):
+    """Float64 loop over (t, k): the contract, written plainly."""
+    T, K = ids.shape
+    I = w13.shape[1] // 2
+    out = torch.zeros(T, x.shape[1], dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            s = -1 if e < 0 else (e if slot_of is None else int(slot_of[e]))
+            if s < 0:
+                continue
+            gu = w13[s].double() @ x[t].double()
+            h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+            out[t] += float(weights[t, k]) * (w2[s].double() @ h)
+    return out
+
+
+def make_case(T, K, E, S, D, I, dtype, seed, holes=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w13 = (torch.randn(S, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    w2 = (torch.randn(S, D, I, generator=g) / I**0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])      # [T, K] distinct
+    weights = torch.rand(T, K, generator=g).to(dtype)
+    slot_of = None
+    if S != E or holes:
+        slot_of = torch.full((E,), -1, dtype=torch.int32)
+        res = torch.randperm(E, generator=g)[:S]
+        slot_of[res] = torch.randperm(S, generator=g).to(torch.int32)
+    if holes:
+        ids[torch.rand(T, K, generator=g) < 0.2] = -1
+    dev = [t.to(device) if t is not None else None for t in (x, ids, weights, w13, w2, slot_of)]
+    return dev, (x, ids, weights, w13, w2, slot_of)
+
+
+def rel_err(out, ref):
+    return float((out.double().cpu() - ref).norm() / ref.norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("mode", ["gather", "loop"])
+@pytest.mark.parametrize("T,K", [(1, 1), (1, 8), (3, 2), (17, 4), (64, 8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fallback_matches_reference(mode, T, K, dtype, tol):
+    E, S, D, I = 12, 9, 24, 16
+    args, cpu = make_case(T, K, E, S, D, I, dtype, seed=T * 10 + K)
+    out = torch_moe(*args, mode=mode)
+    assert out.dtype == dtype and out.shape == (T, D)
+    assert rel_err(out, reference(*cpu)) < tol
+
+
+def test_identity_map_and_out_buffer_written_not_accumulated():
+    (x, ids, w, w13, w2, _), _ = make_case(5, 3, 6, 6, 16, 8, torch.float32, seed=1, holes=False)
+    out = torch.full((5, 16), 7.0)
+    res = gpu_moe(x, ids, w, w13, w2, None, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert rel_err(out, reference(x, ids, w, w13, w2, None)) < 1e-5
+
+
+def test_holes_ignore_nan_slots_and_nan_weights():
+    (x, ids, w, w13, w2, _), _ = make_case(4, 4, 8, 5, 16, 8, torch.float32, seed=2, holes=False)
+    slot_of = torch.tensor([3, -1, 0, 1, -1, 2, -1, -1], dtype=torch.int32)   # slot 4 unmapped
+    ids = torch.tensor([[0, 1, 2, 3], [5, 4, -1, 0], [-1, -1, -1, 2], [6, 7, 1, 4]])
+    w[1, 2] = float("nan")                    # weight of a skipped pair must not leak
+    w13[4] = float("nan")                     # an unmapped (e.g. being filled) slot must not be read
+    w2[4] = float("nan")
+    ref = reference(x, ids, w, w13, w2, slot_of)
+    for mode in ("gather", "loop"):
+        out = torch_moe(x, ids, w, w13, w2, slot_of, mode=mode)
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5
+    assert torch.count_nonzero(out[3]) == 0   # only non-resident experts
+
+
+def test_all_pairs_skipped_gives_zero():
+    (x, ids, w, w13, w2, slot_of), _ = make_case(3, 2, 6, 6, 16, 8, torch.float32, seed=3)
+    ids.fill_(-1)
+    assert torch.count_nonzero(gpu_moe(x, ids, w, w13, w2, slot_of)) == 0
+
+
+def _quant_int8(w):
+    scale = w.abs().amax(-1).clamp(min=1e-8) / 127
+    return QuantizedWeight("int8", torch.round(w / scale.unsqueeze(-1)).to(torch.int8), scale)
+
+
+def test_fallback_quantized_int8_and_int4():
+    (x, ids, w, w13, w2, slot_of), _ = make_case(3, 2, 6, 4, 64, 32, torch.float32, seed=4)
+    q13, q2 = _quant_int8(w13), _quant_int8(w2)
+    dq = lambda q: q.q.float() * q.scale.unsqueeze(-1)  # noqa: E731
+    ref = reference(x, ids, w, dq(q13), dq(q2), slot_of)
+    assert rel_err(gpu_moe(x, ids, w, q13, q2, slot_of), ref) < 1e-5
+    # int4g32: all nibbles 8+1 -> w = scale + zero per group; check against the stated formula
+    q = torch.full((4, 64, 32), 0x99, dtype=torch.uint8)              # w13 [S, 2I, D/2]
+    q13 = QuantizedWeight("int4g32", q, torch.full((4, 64, 2), 0.5), torch.full((4, 64, 2), 0.25))
+    q2 = QuantizedWeight("int4g32", torch.full((4, 64, 16), 0x79, dtype=torch.uint8),
+                         torch.ones(4, 64, 1), torch.zeros(4, 64, 1))   # low nibble 9 -> 1, high 7 -> -1
+    d13 = torch.full((4, 64, 64), 0.75)
+    d2 = torch.tensor([1.0, -1.0]).repeat(16).expand(4, 64, 32)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    assert rel_err(gpu_moe(x, ids, w, q13, q2, slot_of), ref) < 1e-5
+
+
+# ------------------------------------------------------------------------- Triton (interpreter on CPU)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
+
+
+@pytest.fixture
+def triton_moe():
+    """The kernel module; skipped on CPU when it was imported before TRITON_INTERPRET was set."""
+    from hotexperts.kernels import triton_moe as tm
+    if DEV == "cpu" and type(tm._decode_down).__name__ != "InterpretedFunction":
+        pytest.skip("triton_moe imported without TRITON_INTERPRET=1 in this process")
+    return tm
+
+
+@needs_triton
+@pytest.mark.parametrize("T,K", [(1, 2), (3, 2)])
+def test_triton_decode(T, K, triton_moe):
+    args, cpu = make_case(T, K, 6, 4, 48, 24, torch.float32, seed=5 + T, device=DEV)
+    cfg = {"BN": 16, "BK": 32, "BD": 16, "BI": 16, "num_warps": 4}    # uneven D, I: masked tails
+    out = triton_moe.moe_decode(*args, cfg=cfg)
+    assert rel_err(out, reference(*cpu)) < 1e-5
+
+
+@needs_triton
+def test_triton_prefill_grouped(triton_moe):
+    args, cpu = make_case(9, 3, 6, 4, 48, 24, torch.float32, seed=7, device=DEV)
+    cfg = {"BM": 16, "BN": 16, "BK": 16, "num_warps": 4, "num_stages": 1}
+    out = triton_moe.moe_prefill(*args, cfg=cfg)
+    assert rel_err(out, reference(*cpu)) < 5e-3          # tl.dot may use tf32 on GPU
+
+
+def _quant_int4(w):
+    """Random-free int4g32 of w [..., N, Kin]: per-group min/max; returns (QuantizedWeight, dequantized)."""
+    grp = w.unflatten(-1, (-1, 32))                                    # [..., N, G, 32]
+    lo, hi = grp.amin(-1), grp.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    zero = lo + 8 * scale                                              # w = (q - 8) * scale + zero
+    q = torch.round((grp - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8).flatten(-2)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)                        # low nibble = even column
+    deq = ((q.float() - 8).unflatten(-1, (-1, 32)) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)
+    return QuantizedWeight("int4g32", packed, scale, zero), deq
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["int8", "int4g32"])
+def test_triton_decode_quantized(fmt, triton_moe):
+    (x, ids, w, w13, w2, slot_of), _ = make_case(1, 3, 6, 4, 96, 32, torch.float32, seed=9)
+    if fmt == "int8":
+        q13, q2 = _quant_int8(w13), _quant_int8(w2)
+        d13, d2 = (q.q.float() * q.scale.unsqueeze(-1) for q in (q13, q2))
+    else:
+        (q13, d13), (q2, d2) = _quant_int4(w13), _quant_int4(w2)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    cfg = {"BN": 16, "BK": 32, "BD": 16, "BI": 32, "num_warps": 4}    # int4: BK doubled -> 64, tail masked
+    out = triton_moe.moe_decode(*(t.to(DEV) for t in (x, ids, w, q13, q2, slot_of)), cfg=cfg)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(gpu_moe(x, ids, w, q13, q2, slot_of), ref) < 1e-5  # fallback agrees
+
+
+@needs_triton
+def test_align_by_slot_layout(triton_moe):
+    align_by_slot = triton_moe.align_by_slot
+    slot = torch.tensor([2, -1, 0, 2, 2, 0, -1, 3])
+    pair_ids, block_slot = align_by_slot(slot, S=4, BM=2)
+    assert block_slot.tolist() == [0, 2, 2, 3, -1, -1, -1, -1, -1, -1][: block_slot.numel()]
+    assert pair_ids[:8].tolist() == [2, 5, 0, 3, 4, 8, 7, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T,K", [(1, 8), (4, 8), (64, 8)])
+def test_gpu_moe_cuda_bf16(T, K):
+    args, cpu = make_case(T, K, 32, 16, 256, 128, torch.bfloat16, seed=11, device="cuda")
+    assert rel_err(gpu_moe(*args), reference(*cpu)) < 2e-2
