@@ -1,0 +1,637 @@
+"""Cache policies and the CacheController: torch-free (numpy only), shared by the live SlotCache and the
+simulator, so identical calls give identical hits, misses and swaps.
+
+Contract (docs/architecture.md "Cache policy contract"):
+
+    Swap = (layer, load_expert | None, evict_expert | None)
+        (l, c, v)     copy expert c into the slot that held v (same layer)
+        (l, c, None)  copy c into a free slot
+        (l, None, v)  free v's slot (only under a global budget: a slot moves between layers; the eviction
+                      comes first in the list, the load that takes the slot right after it)
+
+    policy.bind(layers, num_experts)            # the controller calls it once
+    policy.access(step, layer, experts, prompt) # experts: the ids routed (flattened [T*K], -1 skipped)
+    policy.plan(step, occupied, capacity) -> list[Swap]   # priority order; `capacity` is a Capacity
+
+    ctl = CacheController(policy, layers, num_experts, capacity=K | {layer: K}, max_swaps_per_step=4,
+                          budget=None | slots, prompt_bypass=64)
+    ctl.lookup(layer, experts) -> list[bool]                  # no side effects
+    ctl.observe(step, layer, experts, prompt, tokens=T, hits=flags)   # stats + policy.access
+    ctl.end_step(step, prompt) -> list[Swap]                  # swaps to issue now (bounded)
+    ctl.commit(swaps)                                          # fills completed -> resident
+
+Order per forward pass: lookup -> compute -> observe (every layer); then end_step -> issue -> commit.
+Evictions leave `resident` at end_step (the slot is being overwritten); loads join it at commit.
+
+Capacity: per layer (`hot:K`, same K or a dict) or one global `budget` of slots shared by all layers
+(`cache:BUDGET`): policies then rank (layer, expert) pairs together, so hot layers get more slots.
+Policies: lru, window-lfu, decay, static, belady (offline; simulation only), auto (adaptive + pay-back).
+Profiles (JSON): per layer expert counts and hot set; `save_profile` / `load_profile`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hotexperts.errors import HotExpertsError
+
+Swap = tuple[int, int | None, int | None]
+NEG = -np.inf
+PROFILE_FORMAT = "hotexperts-profile"
+
+
+class ProfileError(HotExpertsError):
+    """A routing profile file is missing, corrupt, or does not fit the model."""
+
+
+class Capacity(dict):
+    """layer -> max slots of that layer; `budget` = one global slot budget shared by all layers (or None)."""
+
+    def __init__(self, caps: Mapping[int, int], budget: int | None = None):
+        super().__init__(caps)
+        self.budget = budget
+
+
+def _ids(experts) -> list[int]:
+    """Flattened expert ids, -1 (missing / masked) removed."""
+    return [int(e) for e in np.asarray(experts).reshape(-1).tolist() if e >= 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Policies
+# ---------------------------------------------------------------------------------------------------
+
+class CachePolicy:
+    """Score-based policy: higher score = more worth a slot; -inf = never load. Subclasses set scores."""
+
+    name = "base"
+    interval = 1          # plan() every `interval` decode steps
+    margin = 0.0          # hysteresis: a candidate must beat its victim's score by more than this
+    offline = False       # True: needs the future (simulation only)
+
+    def bind(self, layers: Sequence[int], num_experts: int) -> None:
+        self.layers = list(layers)
+        self.E = int(num_experts)
+        self.row = {l: i for i, l in enumerate(self.layers)}
+
+    def params(self) -> dict:
+        return {}
+
+    def access(self, step: int, layer: int, experts: Sequence[int], prompt: bool) -> None:
+        pass
+
+    def scores(self, step: int, layer: int) -> np.ndarray:      # [E] float
+        raise NotImplementedError
+
+    def accept(self, step: int, cand: tuple, victim: tuple | None) -> bool:
+        """cand/victim = (score, layer, expert); victim None = a free slot."""
+        if victim is None:
+            return True
+        return cand[0] > victim[0] + self.margin
+
+    def seed(self, profile: Profile) -> None:
+        """Warm start the policy's statistics from a profile (default: nothing to seed)."""
+
+    def plan(self, step: int, resident: Mapping[int, set[int]], capacity: Mapping[int, int]) -> list[Swap]:
+        return plan_by_scores(self, step, resident, capacity)
+
+
+def plan_by_scores(policy: CachePolicy, step: int, resident: Mapping[int, set[int]],
+                   capacity: Mapping[int, int], scores: Mapping[int, np.ndarray] | None = None) -> list[Swap]:
+    """Best non-resident experts replace the worst resident ones while `policy.accept` agrees."""
+    scores = scores if scores is not None else {l: policy.scores(step, l) for l in resident}
+    budget = getattr(capacity, "budget", None)
+    if budget is not None:
+        groups = [(list(resident), budget)]
+    else:
+        groups = [([l], capacity[l]) for l in resident]
+    ranked: list[tuple[float, list[Swap]]] = []
+    for layers, slots in groups:
+        ranked += _plan_group(policy, step, layers, scores, resident, slots, capacity)
+    ranked.sort(key=lambda g: -g[0])                    # stable: most valuable first
+    return [s for _, swaps in ranked for s in swaps]
+
+
+def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tuple[float, list[Swap]]]:
+    res = {l: np.fromiter(resident[l], np.int64, len(resident[l])) for l in layers}
+    occ = {l: int(r.size) for l, r in res.items()}
+    free = slots - sum(occ.values())
+    floor = NEG
+    if free <= 0:
+        mins = [scores[l][r].min() for l, r in res.items() if r.size]
+        floor = min(mins) if mins else np.inf
+    cands = _candidates(layers, scores, res, floor)                # descending
+    victims = _victims(layers, scores, res, len(cands)) if cands else []   # ascending
+    out, vi = [], 0
+    for cand in cands:
+        sc, lc, c = cand
+        if free > 0 and occ[lc] < caps[lc]:
+            if not policy.accept(step, cand, None):
+                break
+            out.append((np.inf, [(lc, c, None)]))
+            free, occ[lc] = free - 1, occ[lc] + 1
+            continue
+        if vi >= len(victims):
+            break
+        victim = victims[vi]
+        sv, lv, v = victim
+        if not policy.accept(step, cand, victim):
+            break
+        if lv == lc:
+            out.append((sc - sv, [(lc, c, v)]))
+        elif occ[lc] < caps[lc]:
+            out.append((sc - sv, [(lv, None, v), (lc, c, None)]))
+            occ[lv], occ[lc] = occ[lv] - 1, occ[lc] + 1
+        else:
+            continue
+        vi += 1
+    return out
+
+
+def _victims(layers, scores, res, n) -> list[tuple[float, int, int]]:
+    """The `n` lowest-scored resident (score, layer, expert), ascending."""
+    out = []
+    for l in layers:
+        r = res[l]
+        if r.size > n:
+            r = r[np.argpartition(scores[l][r], n - 1)[:n]]
+        out += [(float(x), l, int(e)) for x, e in zip(scores[l][r], r, strict=True)]
+    out.sort()
+    return out[:n]
+
+
+def _candidates(layers, scores, res, floor) -> list[tuple[float, int, int]]:
+    """Non-resident (score, layer, expert) with a finite score above `floor`, descending."""
+    out = []
+    for l in layers:
+        s = scores[l]
+        ok = np.isfinite(s) & (s > floor)
+        ok[res[l]] = False
+        idx = np.flatnonzero(ok)
+        out += [(-float(x), l, int(e)) for x, e in zip(s[idx], idx, strict=True)]
+    out.sort()
+    return [(-x, l, e) for x, l, e in out]
+
+
+class LRU(CachePolicy):
+    """Least recently used; demand-fetch after each access. Global recency under a global budget."""
+
+    name = "lru"
+
+    def bind(self, layers, num_experts):
+        super().bind(layers, num_experts)
+        self.last = np.full((len(self.layers), self.E), NEG)     # [Lm, E] last access step
+
+    def access(self, step, layer, experts, prompt):
+        self.last[self.row[layer], _ids(experts)] = step
+
+    def scores(self, step, layer):
+        return self.last[self.row[layer]]
+
+
+class WindowLFU(CachePolicy):
+    """The seed's design: counts over the last `window` tokens, rebalance every `interval` tokens,
+    swap in only if a count beats the weakest resident's by more than `margin`."""
+
+    name = "window-lfu"
+
+    def __init__(self, window: int = 256, interval: int = 60, margin: float = 1.0):
+        self.window, self.interval, self.margin = int(window), int(interval), float(margin)
+
+    def params(self):
+        return {"window": self.window, "interval": self.interval, "margin": self.margin}
+
+    def bind(self, layers, num_experts):
+        super().bind(layers, num_experts)
+        self.counts = np.zeros((len(self.layers), self.E), np.int64)    # [Lm, E]
+        self.hist = [deque() for _ in self.layers]                     # per layer: ids of each token
+
+    def access(self, step, layer, experts, prompt):
+        i, ids = self.row[layer], _ids(experts)
+        np.add.at(self.counts[i], ids, 1)
+        self.hist[i].append(ids)
+        while len(self.hist[i]) > self.window:
+            np.subtract.at(self.counts[i], self.hist[i].popleft(), 1)
+
+    def scores(self, step, layer):
+        c = self.counts[self.row[layer]].astype(np.float64)
+        return np.where(c > 0, c, NEG)
+
+    def seed(self, profile):
+        for l, c in profile.counts.items():
+            if l in self.row:
+                ids = np.argsort(-np.asarray(c), kind="stable")[: max(1, self.E // 4)]
+                self.access(-1, l, [int(e) for e in ids if c[e] > 0], prompt=False)
+
+
+class Decay(CachePolicy):
+    """Exponentially decayed frequency: score = sum over accesses of 0.5 ** (age / half_life)."""
+
+    name = "decay"
+
+    def __init__(self, half_life: float = 64.0, interval: int = 1, margin: float = 0.0):
+        self.half_life, self.interval, self.margin = float(half_life), int(interval), float(margin)
+        self.d = 0.5 ** (1.0 / self.half_life)
+
+    def params(self):
+        return {"half_life": self.half_life, "interval": self.interval, "margin": self.margin}
+
+    def bind(self, layers, num_experts):
+        super().bind(layers, num_experts)
+        self.f = np.zeros((len(self.layers), self.E))       # [Lm, E] decayed counts at self.t[i]
+        self.t = np.zeros(len(self.layers))                 # [Lm] step of the last decay
+
+    def _advance(self, i, step):
+        if step > self.t[i]:
+            self.f[i] *= self.d ** (step - self.t[i])
+            self.t[i] = step
+
+    def access(self, step, layer, experts, prompt):
+        i = self.row[layer]
+        self._advance(i, step)
+        np.add.at(self.f[i], _ids(experts), 1.0)
+
+    def scores(self, step, layer):
+        i = self.row[layer]
+        self._advance(i, step)
+        return np.where(self.f[i] > 0, self.f[i], NEG)
+
+    def seed(self, profile):
+        for l, c in profile.counts.items():
+            if l in self.row:
+                c = np.asarray(c, np.float64)                # share of routed selections -> per-step rate
+                rate = c / max(c.sum(), 1e-9) * float(profile.meta.get("top_k", 1))
+                self.f[self.row[l]] = rate / (1 - self.d)          # the decayed count's steady state
+
+
+class Static(CachePolicy):
+    """A fixed hot set from a profile: the top experts by profile count (per layer or global budget)."""
+
+    name = "static"
+
+    def __init__(self, profile: Profile | None = None):
+        self.profile = profile
+
+    def bind(self, layers, num_experts):
+        super().bind(layers, num_experts)
+        self.s = np.full((len(self.layers), self.E), NEG)
+        if self.profile is not None:
+            self.seed(self.profile)
+
+    def seed(self, profile):
+        for l, c in profile.counts.items():
+            if l in self.row:
+                c = np.asarray(c, np.float64)
+                self.s[self.row[l]] = np.where(c > 0, c, NEG)
+
+    def scores(self, step, layer):
+        return self.s[self.row[layer]]
+
+
+class Belady(CachePolicy):
+    """Offline optimum (MIN with bypass): keep the experts used soonest; load only an expert just accessed
+    (demand fetch, no prefetch). `future` = every access the controller will observe, as
+    (step, layer, experts). Simulation only."""
+
+    name = "belady"
+    offline = True
+
+    def __init__(self, future: Iterable[tuple[int, int, Sequence[int]]]):
+        self.future = future
+
+    def bind(self, layers, num_experts):
+        super().bind(layers, num_experts)
+        uses: dict[tuple[int, int], list[int]] = {}
+        for step, layer, experts in self.future:
+            for e in _ids(experts):
+                uses.setdefault((self.row[layer], e), []).append(int(step))
+        self.pos = {k: np.array(sorted(set(v)), np.int64) for k, v in uses.items()}
+        self.nxt = np.full((len(self.layers), self.E), np.inf)     # [Lm, E] next use step
+        for (i, e), p in self.pos.items():
+            self.nxt[i, e] = p[0]
+        self.seen = np.full((len(self.layers), self.E), -1 << 62)  # [Lm, E] last access step
+        self.last_plan = -1 << 62
+
+    def access(self, step, layer, experts, prompt):
+        self.seen[self.row[layer], _ids(experts)] = step
+
+    def plan(self, step, resident, capacity):
+        scores = {}
+        for l, res in resident.items():
+            s = self.scores(step, l).copy()
+            ok = self.seen[self.row[l]] > self.last_plan           # accessed since the last plan
+            ok[list(res)] = True
+            scores[l] = np.where(ok, s, NEG)
+        self.last_plan = step
+        return plan_by_scores(self, step, resident, capacity, scores)
+
+    def scores(self, step, layer):
+        i = self.row[layer]
+        for e in np.flatnonzero(self.nxt[i] <= step):              # used already: find the next use
+            p = self.pos[(i, int(e))]
+            j = np.searchsorted(p, step, side="right")
+            self.nxt[i, e] = p[j] if j < p.size else np.inf
+        return -self.nxt[i]
+
+
+class Adaptive(CachePolicy):
+    """`auto`: decayed frequency mixed with recency, hysteresis, and pay-back: a swap is made only if the
+    CPU time it saves over `horizon` steps beats the copy time. Default horizon: max(interval, half_life),
+    the time the frequency estimate stays valid (an expert swapped in stays about that long); pass
+    horizon=interval for the strict "saved before the next rebalance" reading."""
+
+    name = "auto"
+
+    def __init__(self, half_life: float = 128.0, recency_half_life: float = 4.0, recency_weight: float = 1.0,
+                 interval: int = 4, margin: float = 0.02, horizon: float | None = None,
+                 cpu_seconds_per_expert: float | None = None, copy_seconds_per_expert: float | None = None):
+        self.slow, self.fast = Decay(half_life), Decay(recency_half_life)
+        self.recency_weight, self.interval, self.margin = float(recency_weight), int(interval), float(margin)
+        self.horizon = float(horizon if horizon is not None else max(interval, half_life))
+        self.cpu_s, self.copy_s = cpu_seconds_per_expert, copy_seconds_per_expert
+
+    def params(self):
+        return {"half_life": self.slow.half_life, "recency_half_life": self.fast.half_life,
+                "recency_weight": self.recency_weight, "interval": self.interval, "margin": self.margin,
+                "horizon": self.horizon, "cpu_seconds_per_expert": self.cpu_s,
+                "copy_seconds_per_expert": self.copy_s}
+
+    def bind(self, layers, num_experts):
+        super().bind(layers, num_experts)
+        self.slow.bind(layers, num_experts)
+        self.fast.bind(layers, num_experts)
+
+    def access(self, step, layer, experts, prompt):
+        self.slow.access(step, layer, experts, prompt)
+        self.fast.access(step, layer, experts, prompt)
+
+    def scores(self, step, layer):
+        """Expected accesses per step: slow (frequency) and fast (recency) decayed rates, mixed."""
+        s, f = self.slow.scores(step, layer), self.fast.scores(step, layer)
+        slow, fast = np.maximum(s, 0) * (1 - self.slow.d), np.maximum(f, 0) * (1 - self.fast.d)
+        rate = slow + self.recency_weight * fast
+        return np.where(np.isfinite(s), rate / (1 + self.recency_weight), NEG)
+
+    def accept(self, step, cand, victim):
+        if victim is not None and not cand[0] > victim[0] + self.margin:
+            return False
+        if self.cpu_s is None or self.copy_s is None:
+            return True
+        gain = cand[0] - (0.0 if victim is None else victim[0])       # accesses per step
+        return gain * self.horizon * self.cpu_s > self.copy_s
+
+    def seed(self, profile):
+        self.slow.seed(profile)
+
+
+POLICIES = {"lru": LRU, "window-lfu": WindowLFU, "decay": Decay, "static": Static, "belady": Belady,
+            "auto": Adaptive}
+ALIASES = {"adaptive": "auto", "lfu": "window-lfu", "windowlfu": "window-lfu"}
+LIVE_POLICIES = ("lru", "window-lfu", "decay", "static", "auto")
+
+
+def _key(name: str) -> str:
+    return ALIASES.get(name.lower(), name.lower())
+
+
+def make_policy(name: str, **params) -> CachePolicy:
+    """Policy by name; `params` go to its constructor (static: profile=..., belady: future=...)."""
+    key = _key(name)
+    if key not in POLICIES:
+        raise HotExpertsError(f"unknown cache policy {name!r}; choose from {', '.join(POLICIES)}")
+    params = {k: v for k, v in params.items() if v is not None}
+    try:
+        return POLICIES[key](**params)
+    except TypeError as e:
+        raise HotExpertsError(f"bad parameters for policy {key!r}: {e}") from None
+
+
+def policy_from_profile(profile: Profile, name: str | None = None, **overrides) -> CachePolicy:
+    """The policy a profile names (written by `auto`), with its parameters; `overrides` win."""
+    key = _key(name or profile.policy or "static")
+    if key == "static":
+        return make_policy("static", profile=profile)
+    params = dict(profile.params) if _key(profile.policy or "") == key else {}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return make_policy(key, **params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Controller
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    prompt_hits: int = 0
+    prompt_misses: int = 0
+    loads: int = 0          # swaps (copies) issued
+    evictions: int = 0
+
+
+class CacheController:
+    """The one driver of a policy, for the live SlotCache and the simulator alike (see module doc)."""
+
+    def __init__(self, policy: CachePolicy, layers: Sequence[int], num_experts: int,
+                 capacity: int | Mapping[int, int] | None = None, max_swaps_per_step: int | None = 4, *,
+                 budget: int | None = None, prompt_bypass: int = 64):
+        self.layers, self.E = [int(l) for l in layers], int(num_experts)
+        caps = capacity if isinstance(capacity, Mapping) else {l: capacity for l in self.layers}
+        if capacity is None:
+            caps = {l: self.E for l in self.layers}
+            if budget is None:
+                raise HotExpertsError("CacheController needs a per-layer capacity or a global budget")
+        self.capacity = Capacity({l: min(int(caps[l]), self.E) for l in self.layers}, budget)
+        self.max_swaps, self.prompt_bypass = max_swaps_per_step, int(prompt_bypass)
+        self.policy = policy
+        policy.bind(self.layers, self.E)
+        self.resident: dict[int, set[int]] = {l: set() for l in self.layers}
+        self.pending: dict[int, set[int]] = {l: set() for l in self.layers}   # loads issued, not committed
+        self.stats = {l: LayerStats() for l in self.layers}
+        self.backlog: list[Swap] = []
+        self.decode_steps = 0
+
+    # ---- per layer -----------------------------------------------------------------------------
+    def lookup(self, layer: int, experts) -> list[bool]:
+        res = self.resident[layer]
+        return [e in res for e in _ids(experts)]
+
+    def observe(self, step: int, layer: int, experts, prompt: bool = False, *, tokens: int = 1,
+                hits: Sequence[bool] | None = None) -> None:
+        """Record hit flags (from lookup) in the stats; feed the policy unless a large prompt batch."""
+        if hits is not None:
+            st, h = self.stats[layer], int(sum(hits))
+            if prompt:
+                st.prompt_hits, st.prompt_misses = st.prompt_hits + h, st.prompt_misses + len(hits) - h
+            else:
+                st.hits, st.misses = st.hits + h, st.misses + len(hits) - h
+        if not (prompt and tokens > self.prompt_bypass):
+            self.policy.access(step, layer, experts, prompt)
+
+    # ---- per forward pass ----------------------------------------------------------------------
+    def occupied(self) -> dict[int, set[int]]:
+        return {l: self.resident[l] | self.pending[l] for l in self.layers}
+
+    def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
+        if prompt:
+            return []
+        if self.decode_steps % self.policy.interval == 0:
+            self.backlog = self.policy.plan(step, self.occupied(), self.capacity)
+        self.decode_steps += 1
+        issued, self.backlog = self._issue(self.backlog)
+        return issued
+
+    def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
+        occ, issued, held, loads = self.occupied(), [], [], 0
+        total = sum(len(s) for s in occ.values())
+        for i, (l, c, v) in enumerate(swaps):
+            if self.max_swaps is not None and loads >= self.max_swaps:
+                return issued, held + swaps[i:]
+            if c is None:
+                if v in self.resident[l]:
+                    held.append((l, None, v))
+                continue
+            if c in occ[l] or (v is not None and v not in self.resident[l]):
+                continue
+            if v is None and not self._free(l, occ, total):
+                while held and not self._free(l, occ, total):
+                    hl, _, hv = held.pop()
+                    self._evict(hl, hv, occ, issued)
+                    total -= 1
+                if not self._free(l, occ, total):
+                    continue
+            if v is not None:
+                self._evict(l, v, occ, issued, paired=True)
+                total -= 1
+            occ[l].add(c)
+            self.pending[l].add(c)
+            self.stats[l].loads += 1
+            issued.append((l, c, v))
+            total, loads = total + 1, loads + 1
+        return issued, []
+
+    def _free(self, layer, occ, total) -> bool:
+        if len(occ[layer]) >= self.capacity[layer]:
+            return False
+        return self.capacity.budget is None or total < self.capacity.budget
+
+    def _evict(self, layer, expert, occ, issued, paired=False):
+        self.resident[layer].discard(expert)
+        occ[layer].discard(expert)
+        self.stats[layer].evictions += 1
+        if not paired:
+            issued.append((layer, None, expert))
+
+    def commit(self, swaps: Iterable[Swap]) -> None:
+        for l, c, _ in swaps:
+            if c is not None and c in self.pending[l]:
+                self.pending[l].discard(c)
+                self.resident[l].add(c)
+
+    # ---- profiles and stats --------------------------------------------------------------------
+    def warm_start(self, profile: Profile) -> list[Swap]:
+        """Seed the policy from a profile and return the loads of its hot set (issue, then commit)."""
+        self.policy.seed(profile)
+        ranked = sorted(((c[e], l, e) for l, hot in profile.hot.items() if l in self.resident
+                         for e, c in ((e, profile.counts.get(l, [1.0] * self.E)) for e in hot)),
+                        key=lambda t: -t[0])
+        occ, total, out = self.occupied(), sum(len(s) for s in self.occupied().values()), []
+        for _, l, e in ranked:
+            if 0 <= e < self.E and e not in occ[l] and self._free(l, occ, total):
+                occ[l].add(e)
+                self.pending[l].add(e)
+                out.append((l, e, None))
+                total += 1
+        return out
+
+    def export_profile(self, **meta) -> Profile:
+        counts = {}
+        for l in self.layers:
+            try:
+                s = np.asarray(self.policy.scores(self.decode_steps, l), np.float64)
+                counts[l] = np.where(np.isfinite(s) & (s > 0), s, 0.0).tolist()
+            except NotImplementedError:
+                counts[l] = [1.0 if e in self.resident[l] else 0.0 for e in range(self.E)]
+        hot = {l: sorted(self.resident[l], key=lambda e, l=l: -counts[l][e]) for l in self.layers}
+        return Profile(self.E, counts, hot, self.policy.name, self.policy.params(), dict(meta))
+
+    def hit_rate(self, prompt: bool = False) -> float:
+        h = sum(s.prompt_hits if prompt else s.hits for s in self.stats.values())
+        m = sum(s.prompt_misses if prompt else s.misses for s in self.stats.values())
+        return h / (h + m) if h + m else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profiles
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Profile:
+    num_experts: int
+    counts: dict[int, list[float]]           # layer -> [E] routing counts (or scores)
+    hot: dict[int, list[int]]                # layer -> hot set, most valuable first
+    policy: str | None = None                # policy `auto` chose (None: static placement)
+    params: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def profile_from_counts(counts: Mapping[int, Sequence[float]],
+                        capacity: int | Mapping[int, int] | None = None, budget: int | None = None,
+                        **meta) -> Profile:
+    """Hot set = top-`capacity` experts per layer, or the top `budget` (layer, expert) pairs overall."""
+    counts = {int(l): np.asarray(c, np.float64) for l, c in counts.items()}
+    E = len(next(iter(counts.values())))
+    pol = Static(None)
+    pol.bind(list(counts), E)
+    pol.seed(Profile(E, {l: c.tolist() for l, c in counts.items()}, {}))
+    caps = capacity if isinstance(capacity, Mapping) else {l: capacity or E for l in counts}
+    plan = plan_by_scores(pol, 0, {l: set() for l in counts}, Capacity(caps, budget))
+    hot = {l: [] for l in counts}
+    for l, c, _ in plan:
+        if c is not None:
+            hot[l].append(c)
+    return Profile(E, {l: c.tolist() for l, c in counts.items()}, hot, meta=dict(meta))
+
+
+def save_profile(path: str | Path, profile: Profile) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": PROFILE_FORMAT, "version": 1, "num_experts": profile.num_experts,
+           "policy": profile.policy, "params": profile.params, "meta": profile.meta,
+           "layers": {str(l): {"counts": [round(float(x), 6) for x in profile.counts.get(l, [])],
+                               "hot": [int(e) for e in profile.hot.get(l, [])]}
+                      for l in sorted(set(profile.counts) | set(profile.hot))}}
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load_profile(path: str | Path, num_experts: int | None = None) -> Profile:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"routing profile not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProfileError(f"{path} is not a readable routing profile (JSON): {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or "layers" not in doc:
+        raise ProfileError(f"{path} is not a hotexperts routing profile (format {PROFILE_FORMAT!r})")
+    E = int(doc["num_experts"])
+    if num_experts is not None and E != num_experts:
+        raise ProfileError(f"{path} is for a model with {E} experts per layer, this one has {num_experts}")
+    counts, hot = {}, {}
+    for key, entry in doc["layers"].items():
+        l = int(key)
+        counts[l] = [float(x) for x in entry.get("counts", [])] or [0.0] * E
+        hot[l] = [int(e) for e in entry.get("hot", [])]
+        if len(counts[l]) != E or any(not 0 <= e < E for e in hot[l]):
+            raise ProfileError(f"{path}: layer {l} has counts for {len(counts[l])} experts or hot ids "
+                               f"outside [0, {E - 1}]")
+    params, meta = dict(doc.get("params") or {}), dict(doc.get("meta") or {})
+    return Profile(E, counts, hot, doc.get("policy"), params, meta)

@@ -1,0 +1,261 @@
+"""Replay a RoutingTrace through the live cache's own CacheController and policy classes (numpy only).
+
+    simulate(trace, "lru", slots=16) -> SimResult          # per-layer capacity (`hot:K`)
+    simulate(trace, "auto", budget=600)                    # one global slot budget (`cache:BUDGET`)
+    sweep(trace, policies, slots=[8, 16] | budgets=[...]) -> list[SimResult]   (each ÷ Belady filled in)
+
+Replay order, as in the live engine: one forward pass per iteration (`trace.iterations()`: a prompt batch
+or one decoded token); per MoE layer lookup -> observe (hit flags counted); then end_step -> commit at
+once. Prompt tokens are counted apart from decode tokens; prompt batches over `prompt_bypass` tokens are
+not shown to the policy. Hit rates count routed selections (token, k); cells with id -1 are skipped.
+
+CLI: `hotexperts simulate TRACE [--policies ...] [--slots 8,16,32 | --budget 600,8GiB] [--profile HW]
+[--json OUT] [--plot DIR]`: a table of hit rates, ÷ Belady, swaps and bytes moved, and with a hardware
+profile the cost model's predicted decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.policy import (
+    Belady,
+    CacheController,
+    CachePolicy,
+    Profile,
+    load_profile,
+    make_policy,
+)
+from hotexperts.trace.format import RoutingTrace
+
+ALL_POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
+
+
+@dataclass
+class SimResult:
+    policy: str
+    slots: int | None                   # per-layer capacity, or None under a global budget
+    budget: int | None                  # global slots, or None
+    hit_rate: float                     # decode selections served from resident experts
+    prompt_hit_rate: float
+    layer_hit_rate: list[float]         # [Lm] decode
+    decode_selections: int
+    prompt_selections: int
+    decode_tokens: int
+    swaps: int                          # expert copies issued
+    bytes_moved: int
+    params: dict = field(default_factory=dict)
+    layer_counts: list[list[int]] = field(default_factory=list)   # [Lm] [hits, misses, prompt h., m.]
+    vs_belady: float | None = None      # hit_rate ÷ Belady's at the same capacity
+    predicted: dict | None = None       # cost model: decode/prompt tokens/s (when a profile is given)
+
+    @property
+    def swaps_per_token(self) -> float:
+        return self.swaps / max(self.decode_tokens, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"swaps_per_token": self.swaps_per_token}
+
+
+def passes(trace: RoutingTrace) -> list[tuple[int, bool, np.ndarray]]:
+    """(step, prompt, rows) per forward pass, in time order."""
+    it = trace.iterations()
+    cuts = np.flatnonzero(np.diff(it)) + 1
+    groups = np.split(np.arange(trace.num_tokens), cuts)
+    return [(int(it[r[0]]), bool(trace.is_prompt[r[0]]), r) for r in groups if r.size]
+
+
+def belady_future(trace: RoutingTrace, prompt_bypass: int = 64) -> list[tuple[int, int, np.ndarray]]:
+    """Every access the controller will hand the policy, as (step, layer, ids)."""
+    out = []
+    for step, prompt, rows in passes(trace):
+        if prompt and rows.size > prompt_bypass:
+            continue
+        for j, layer in enumerate(trace.moe_layers):
+            out.append((step, layer, trace.ids[rows, j]))
+    return out
+
+
+def build_policy(name: str, trace: RoutingTrace, *, profile: Profile | None = None,
+                 prompt_bypass: int = 64, **params) -> CachePolicy:
+    if name == "belady":
+        return Belady(belady_future(trace, prompt_bypass))
+    if name == "static":
+        return make_policy("static", profile=profile or trace_profile(trace))
+    return make_policy(name, **params)
+
+
+def trace_profile(trace: RoutingTrace, decode_only: bool = True) -> Profile:
+    """Routing counts per layer (decode tokens by default): the in-sample static hot set."""
+    rows = ~trace.is_prompt if decode_only and (~trace.is_prompt).any() else slice(None)
+    counts = {}
+    for j, layer in enumerate(trace.moe_layers):
+        ids = trace.ids[rows, j].reshape(-1)
+        counts[layer] = np.bincount(ids[ids >= 0], minlength=trace.num_experts).astype(float).tolist()
+    meta = {"model": trace.meta["model"], "source": "trace counts", "top_k": trace.top_k}
+    return Profile(trace.num_experts, counts, {l: [] for l in counts}, None, {}, meta)
+
+
+def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | None = None,
+             budget: int | None = None, max_swaps_per_step: int | None = None, prompt_bypass: int = 64,
+             expert_nbytes: int = 0, profile: Profile | None = None, warm_start: Profile | None = None,
+             **params) -> SimResult:
+    if (slots is None) == (budget is None):
+        raise HotExpertsError("simulate needs exactly one of slots (per layer) or budget (global slots)")
+    pol = policy if isinstance(policy, CachePolicy) else build_policy(
+        policy, trace, profile=profile, prompt_bypass=prompt_bypass, **params)
+    layers = trace.moe_layers
+    ctl = CacheController(pol, layers, trace.num_experts, slots, max_swaps_per_step, budget=budget,
+                          prompt_bypass=prompt_bypass)
+    if warm_start is not None:
+        ctl.commit(ctl.warm_start(warm_start))
+    decode_tokens = 0
+    for step, prompt, rows in passes(trace):
+        ids = trace.ids[rows]                                      # [T, Lm, K]
+        for j, layer in enumerate(layers):
+            flat = ids[:, j].reshape(-1)
+            ctl.observe(step, layer, flat, prompt, tokens=rows.size, hits=ctl.lookup(layer, flat))
+        ctl.commit(ctl.end_step(step, prompt))
+        decode_tokens += 0 if prompt else rows.size
+    return _result(ctl, pol, slots, budget, decode_tokens, expert_nbytes)
+
+
+def _result(ctl: CacheController, pol: CachePolicy, slots, budget, decode_tokens, expert_nbytes) -> SimResult:
+    st = [ctl.stats[l] for l in ctl.layers]
+    layer_hit = [s.hits / (s.hits + s.misses) if s.hits + s.misses else 0.0 for s in st]
+    swaps = sum(s.loads for s in st)
+    return SimResult(pol.name, slots, budget, ctl.hit_rate(), ctl.hit_rate(prompt=True), layer_hit,
+                     sum(s.hits + s.misses for s in st), sum(s.prompt_hits + s.prompt_misses for s in st),
+                     decode_tokens, swaps, swaps * int(expert_nbytes), pol.params(),
+                     [[s.hits, s.misses, s.prompt_hits, s.prompt_misses] for s in st])
+
+
+def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), **kw) -> list[SimResult]:
+    """Every policy at every capacity; `vs_belady` filled in when belady is among the policies."""
+    out = []
+    for cap in [("slots", s) for s in slots] + [("budget", b) for b in budgets]:
+        row = [simulate(trace, p, **{cap[0]: cap[1]}, **kw) for p in policies]
+        _fill_belady(row)
+        out += row
+    return out
+
+
+def auto_cost_params(shape, hw) -> dict:
+    """Pay-back inputs of the `auto` policy (seconds per expert) from a model shape and hardware profile."""
+    from hotexperts.trace.costmodel import copy_seconds, cpu_expert_seconds
+    if shape is None or hw is None:
+        return {}
+    return {"cpu_seconds_per_expert": cpu_expert_seconds(shape, hw),
+            "copy_seconds_per_expert": copy_seconds(shape, hw)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="replay a routing trace through the cache policies",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("trace", help="routing trace .npz (hotexperts trace / synthetic / imported)")
+    p.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma list (default: all)")
+    p.add_argument("--slots", default=None, help="per-layer slot counts to sweep, e.g. 8,16,32")
+    p.add_argument("--budget", default=None, help="global budgets to sweep: slots (600) or bytes (8GiB)")
+    p.add_argument("--profile", "--hardware", dest="profile", default=None,
+                   help="hardware profile name or calibrated JSON: predict tok/s")
+    p.add_argument("--static-profile", default=None, help="routing profile JSON for the static policy")
+    p.add_argument("--model-shape", default=None, help="model shape preset for the cost model "
+                   "(default: from the trace's meta)")
+    p.add_argument("--expert-mb", type=float, default=None, help="bytes of one expert in MB (GPU format)")
+    p.add_argument("--max-swaps", type=int, default=None, help="copies per decode step (default unbounded)")
+    p.add_argument("--pp-bypass", type=int, default=64, help="prompt batches over this bypass the policy")
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--plot", default=None, help="write PNG plots into this folder")
+    p.set_defaults(func=run)
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise HotExpertsError(f"cannot read a size from {text!r} (examples: 600, 8GiB, 512MB)")
+    unit = (m.group(2) or "").upper()
+    mult = {"": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _capacities(args, trace, expert_nbytes) -> tuple[list[int], list[int]]:
+    if args.slots and args.budget:
+        raise HotExpertsError("give --slots (per layer) or --budget (global), not both")
+    if args.budget:
+        budgets = []
+        for b in args.budget.split(","):
+            if re.search(r"[a-zA-Z]", b):
+                if not expert_nbytes:
+                    raise HotExpertsError("a byte budget needs the expert size: pass --expert-mb or "
+                                          "--model-shape")
+                budgets.append(parse_bytes(b) // expert_nbytes)
+            else:
+                budgets.append(int(b))
+        return [], budgets
+    if args.slots:
+        return [int(s) for s in args.slots.split(",")], []
+    E = trace.num_experts
+    return sorted({max(1, E * f // 16) for f in (1, 2, 4, 8)}), []
+
+
+def run(args) -> int:
+    from hotexperts.trace import costmodel, profiles
+    trace = RoutingTrace.load(args.trace)
+    shape = costmodel.shape_for_trace(trace, args.model_shape, args.expert_mb)
+    hw = profiles.get_profile(args.profile) if args.profile else None
+    nbytes = shape.expert_bytes_gpu if shape else 0
+    slots, budgets = _capacities(args, trace, nbytes)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    static = load_profile(args.static_profile, trace.num_experts) if args.static_profile else None
+    auto = auto_cost_params(shape, hw or profiles.get_profile("h200"))
+    rows = []
+    for cap in [("slots", s) for s in slots] + [("budget", b) for b in budgets]:
+        row = [simulate(trace, p, **{cap[0]: cap[1]}, max_swaps_per_step=args.max_swaps,
+                        prompt_bypass=args.pp_bypass, expert_nbytes=nbytes, profile=static,
+                        **(auto if p in ("auto", "adaptive") else {})) for p in policies]
+        _fill_belady(row)
+        rows += row
+    if hw is not None and shape is not None:
+        for r in rows:
+            r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()
+    print(format_table(rows, trace))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "meta": trace.meta,
+                                               "results": [r.to_dict() for r in rows]}, indent=1))
+    if args.plot:
+        from hotexperts.trace import plots
+        for path in plots.write_all(rows, trace.moe_layers, args.plot):
+            print(f"wrote {path}")
+    return 0
+
+
+def _fill_belady(row: list[SimResult]) -> None:
+    best = next((r.hit_rate for r in row if r.policy == "belady"), None)
+    for r in row:
+        r.vs_belady = r.hit_rate / best if best else None
+
+
+def format_table(rows: list[SimResult], trace: RoutingTrace) -> str:
+    head = (f"{trace.meta.get('model')}: {trace.num_tokens} tokens ({int(trace.is_prompt.sum())} prompt), "
+            f"{trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}")
+    lines = [head, f"{'policy':<11} {'capacity':>12} {'hit%':>6} {'/belady':>7} {'prompt%':>7} "
+             f"{'swaps/tok':>9} {'GB moved':>9} {'pred tok/s':>10}"]
+    for r in rows:
+        cap = f"{r.slots}/layer" if r.slots is not None else f"{r.budget} total"
+        vb = f"{r.vs_belady:.3f}" if r.vs_belady else "-"
+        pred = f"{r.predicted['decode_tps']:.1f}" if r.predicted else "-"
+        lines.append(f"{r.policy:<11} {cap:>12} {100 * r.hit_rate:6.1f} {vb:>7} "
+                     f"{100 * r.prompt_hit_rate:7.1f} {r.swaps_per_token:9.2f} "
+                     f"{r.bytes_moved / 1e9:9.2f} {pred:>10}")
+    return "\n".join(lines)

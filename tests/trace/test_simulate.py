@@ -1,0 +1,146 @@
+"""The simulator on small hand-made traces: known hit counts, prompt accounting, sweeps, CLI, no torch."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hotexperts.errors import HotExpertsError
+from hotexperts.trace.format import RoutingTrace
+from hotexperts.trace.simulate import add_parser, passes, run, simulate, sweep
+
+CLASSIC = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
+
+
+def make_trace(ids, is_prompt=None, request=None, num_experts=8):
+    """ids [N, Lm, K] (or [N] for one layer, top-1)."""
+    ids = np.asarray(ids, np.int16)
+    if ids.ndim == 1:
+        ids = ids[:, None, None]
+    n, lm, k = ids.shape
+    is_prompt = np.zeros(n, bool) if is_prompt is None else np.asarray(is_prompt, bool)
+    request = np.zeros(n, np.int32) if request is None else np.asarray(request, np.int32)
+    meta = dict(model="toy", num_experts=num_experts, top_k=k, moe_layers=list(range(lm)), source="test")
+    return RoutingTrace(ids, np.ones(ids.shape, np.float16), is_prompt, request, meta)
+
+
+def random_trace(n=300, lm=3, k=2, e=16, seed=0):
+    rng = np.random.default_rng(seed)
+    hot = rng.zipf(1.5, size=(n, lm, k)) % e
+    ids = np.stack([np.stack([rng.permutation(e)[:k] if t % 5 == 0 else np.unique(hot[t, l])[:1].repeat(k)
+                              for l in range(lm)]) for t in range(n)])
+    for t in range(n):                                   # keep K ids of a token distinct
+        for l in range(lm):
+            if ids[t, l, 0] == ids[t, l, 1]:
+                ids[t, l, 1] = (ids[t, l, 0] + 1) % e
+    return make_trace(ids, num_experts=e)
+
+
+def test_lru_known_hit_count():
+    r = simulate(make_trace(CLASSIC), "lru", slots=3, expert_nbytes=100)
+    assert r.decode_selections == 12 and round(r.hit_rate * 12) == 2
+    assert r.swaps == 10 and r.bytes_moved == 1000 and r.layer_hit_rate == [pytest.approx(2 / 12)]
+
+
+def test_belady_bounds_demand_policies():
+    t = random_trace()
+    rows = sweep(t, ("lru", "window-lfu", "decay", "auto", "belady"), slots=[2, 4])
+    for cap in (2, 4):
+        best = next(r for r in rows if r.policy == "belady" and r.slots == cap)
+        assert best.vs_belady == 1.0
+        for r in rows:
+            if r.slots == cap:
+                assert r.hit_rate <= best.hit_rate + 1e-12, r.policy
+                assert r.vs_belady == pytest.approx(r.hit_rate / best.hit_rate)
+
+
+def test_prompt_counted_apart_and_bypassed():
+    ids = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    prompt = [False] * 2 + [True] * 6 + [False] * 2
+    t = make_trace(ids, prompt, [0, 0] + [1] * 8)
+    sizes = [(p, r.size) for _, p, r in passes(t)]
+    assert sizes == [(False, 1), (False, 1), (True, 6), (False, 1), (False, 1)]
+    seen = simulate(t, "lru", slots=2, prompt_bypass=64)      # the prompt flushes expert 1
+    assert seen.prompt_selections == 6 and seen.decode_selections == 4 and seen.decode_tokens == 4
+    assert seen.prompt_hit_rate == 0.0 and seen.hit_rate == pytest.approx(1 / 4)
+    hidden = simulate(t, "lru", slots=2, prompt_bypass=4)     # the prompt bypasses the policy
+    assert hidden.hit_rate == pytest.approx(2 / 4)
+
+
+def test_global_budget_beats_even_split_on_skewed_layers():
+    ids = np.stack([np.array([[t % 4], [7]]) for t in range(200)])    # layer 0: 4 experts cycle; layer 1: one
+    t = make_trace(ids)
+    per = simulate(t, "lru", slots=2)
+    glob = simulate(t, "lru", budget=4 + 1)
+    assert glob.hit_rate > per.hit_rate and glob.budget == 5 and glob.slots is None
+    with pytest.raises(HotExpertsError, match="exactly one"):
+        simulate(t, "lru", slots=2, budget=4)
+
+
+def test_deterministic():
+    t = random_trace(seed=3)
+    a = [r.to_dict() for r in sweep(t, ("lru", "auto", "window-lfu"), budgets=[6])]
+    b = [r.to_dict() for r in sweep(t, ("lru", "auto", "window-lfu"), budgets=[6])]
+    assert a == b
+
+
+def test_cli_json_and_plots(tmp_path, capsys):
+    path = random_trace(n=120).save(tmp_path / "t.npz")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["simulate", str(path), "--policies", "lru,static,belady", "--slots", "2,4",
+                              "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "plots")])
+    assert run(args) == 0
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert len(doc["results"]) == 6 and {r["policy"] for r in doc["results"]} == {"lru", "static", "belady"}
+    assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "layer_heatmap.png").stat().st_size > 1000
+    assert "belady" in capsys.readouterr().out
+
+
+def test_cli_byte_budget_needs_expert_size(tmp_path):
+    path = random_trace(n=30).save(tmp_path / "t.npz")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    with pytest.raises(HotExpertsError, match="expert size"):
+        run(parser.parse_args(["simulate", str(path), "--budget", "1GiB"]))
+    args = parser.parse_args(["simulate", str(path), "--budget", "1MB", "--expert-mb", "0.25",
+                              "--policies", "lru", "--profile", "rtx3060-ddr4"])
+    assert run(args) == 0
+
+
+def test_simulator_imports_no_torch():
+    code = ("import sys, hotexperts.trace.simulate, hotexperts.trace.auto, hotexperts.trace.costmodel, "
+            "hotexperts.experts.policy; bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("spec,policy", [("hot:4", "lru"), ("hot:3", "window-lfu"), ("cache:10", "auto")])
+def test_replay_reproduces_live_cpu_cache(spec, policy):
+    """Record a live CPU run with a hot cache; the simulator gives the same per-layer hits and misses."""
+    pytest.importorskip("torch")
+    try:
+        from hotexperts.engine.engine import Engine
+        from hotexperts.engine.sampling import SamplingParams
+        from hotexperts.experts.placement import Placement
+        from hotexperts.trace.record import record
+    except ImportError as e:
+        pytest.skip(f"live engine not available: {e}")
+    extra = {"window": 16, "rebalance_interval": 3} if policy == "window-lfu" else {}
+    p = Placement.parse(spec, policy=policy, **extra)
+    eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu", placement=p,
+                      use_cuda_graph=False)
+    trace = record(eng, [[1, 2, 3, 4, 5, 6], [7, 8, 9]], SamplingParams(max_tokens=10))
+    ctl = eng.executor.controller
+    live = eng.stats()["cache"]["layers"]
+    budget = ctl.capacity.budget
+    cap = {"slots": ctl.capacity[ctl.layers[0]]} if budget is None else {"budget": budget}
+    r = simulate(trace, policy, max_swaps_per_step=ctl.max_swaps, prompt_bypass=ctl.prompt_bypass,
+                 **cap, **ctl.policy.params())
+    sim = [(h + ph, m + pm) for h, m, ph, pm in r.layer_counts]
+    assert sim == [(live[k]["hits"], live[k]["misses"]) for k in sorted(live, key=int)]
+    assert sum(h for h, _ in sim) > 0 and r.swaps == sum(s.loads for s in ctl.stats.values())
