@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "hotexperts.trace.record",            # trace
     "hotexperts.trace.simulate",          # simulate
     "hotexperts.trace.calibrate",         # calibrate
+    "hotexperts.trace.auto",              # auto
     "hotexperts.bench.harness",           # bench
     "hotexperts.server.app",              # serve
 )
