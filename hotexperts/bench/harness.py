@@ -172,7 +172,7 @@ def _cache_stats(res: PlacementResult, ex) -> None:
 
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
-              progress=None) -> dict:
+              progress=None, labels: list[str] | None = None) -> dict:
     max_context = max(t.context_needed for t in tests) + 8
     dtype = next(lm.model.parameters()).dtype
     reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
@@ -180,11 +180,11 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
     results = []
     for b in budgets:
         budget = None if b is None else int(b * GiB)
-        for name in placements:
+        for name, label in zip(placements, labels or placements, strict=True):
             if name == "gpu" and b is not budgets[0]:
                 continue                                   # the reference ignores the budget: run it once
             p = resolve(name, budget, lm, reserved, quant, policy)
-            results.append(measure(bench, name, p, None if name == "gpu" else budget, reserved, tests,
+            results.append(measure(bench, label, p, None if name == "gpu" else budget, reserved, tests,
                                    repeats, progress).to_dict())
     return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
             "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
@@ -235,6 +235,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plots", default=None, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predict", default=None, metavar="PROFILE",
+                   help="CPU-only machines: run the cache with the slot counts the real shape gets at each "
+                        "budget on this hardware profile and print the cost model's PREDICTED speeds "
+                        "(default on a machine without CUDA: rtx4090-7950x)")
 
 
 def run(args) -> int:
@@ -253,10 +257,13 @@ def run(args) -> int:
     if kind == "router":
         print("note: routing comes from the model's own router; random weights make it unrealistic "
               "(use --route-trace or --route-synthetic for speed claims)")
-    report = run_bench(lm, [s.strip() for s in args.placements.split(",") if s.strip()], budgets, tests,
-                       args.repeats, source, device, quant=args.expert_quant, policy=args.policy,
-                       progress=lambda msg: print("  " + msg, flush=True))
-    report["command"] = "hotexperts bench " + " ".join(getattr(args, "_argv", []) or [])
+    names = [s.strip() for s in args.placements.split(",") if s.strip()]
+    progress = lambda msg: print("  " + msg, flush=True)  # noqa: E731
+    profile = args.predict or (None if device.type == "cuda" else "rtx4090-7950x")
+    if profile is not None:
+        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress)
+    report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
+                       policy=args.policy, progress=progress)
     print()
     print(rep.table(report))
     if args.json:
@@ -264,4 +271,37 @@ def run(args) -> int:
     if args.plots:
         for path in rep.plots(report, args.plots):
             print(f"plot: {path}")
+    return 0
+
+
+def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress) -> int:
+    """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
+    from hotexperts.bench import predict as pr
+    from hotexperts.bench import report as rep
+    from hotexperts.errors import HotExpertsError
+    from hotexperts.trace.profiles import get_profile
+
+    shape = pr.shape_for(args.model, args.expert_quant)
+    if shape is None:
+        raise HotExpertsError("--predict needs a model with a known real shape (e.g. "
+                              f"preset:qwen3-30b-a3b-mini); "
+                              f"{args.model!r} has none")
+    hw = get_profile(profile)
+    budgets = [b if b is not None else hw.vram_gb for b in budgets]
+    decode_tokens = sum(t.n for t in tests if t.kind == "tg") * args.repeats + 4
+    out = {"predicted": [], "measured_on_this_machine": []}
+    for b in budgets:
+        plan = pr.real_plan(shape, b)
+        report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
+                           policy=args.policy, progress=progress, labels=names)
+        rows = pr.predictions(report, shape, hw, plan, decode_tokens)
+        print()
+        print(pr.table(rows, shape, hw, plan))
+        print(f"\n(measured here, tiny widths, {report['device']}: cache behaviour is real, speeds are not "
+              f"those of the real model)\n")
+        print(rep.table(report))
+        out["predicted"].append({"plan": plan, "rows": rows})
+        out["measured_on_this_machine"].append(report)
+    if args.json:
+        print(f"JSON: {rep.save_json(out | {'profile': hw.to_dict(), 'shape': shape.name}, args.json)}")
     return 0

@@ -1,0 +1,86 @@
+"""VRAM accounting: what the dense part, KV cache and workspace take, and how many expert slots are left.
+
+One budget covers everything the engine puts on the GPU:
+    total = reserved (dense weights + KV cache + workspace) + staging (prompt streaming) + slots * slot_bytes
+`parse_bytes("8GiB" | "8" | "512MiB")` -> bytes (a bare number means GiB);
+`parse_cache("2000slots")` -> slots.
+`auto_budget(device, reserved)` = free VRAM now + `reserved` (assumed already allocated) - margin.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from hotexperts.errors import PlacementError
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+AUTO_MARGIN = 1 * GiB              # kept free for the allocator, cuBLAS workspaces and fragmentation
+_UNITS = {"": GiB, "g": GiB, "gb": 10 ** 9, "gib": GiB, "m": MiB, "mb": 10 ** 6, "mib": MiB, "b": 1}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | float | int) -> int:
+    """'8GiB', '8', '7.5', '512MiB', '8GB' -> bytes (bare numbers are GiB)."""
+    if isinstance(text, int | float):
+        return int(float(text) * GiB)
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise PlacementError(f"cannot read the size {text!r}: use GiB like '8GiB' or '8', "
+                             "or MiB like '512MiB'")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_cache(text: str) -> tuple[int | None, int | None]:
+    """--moe-cache value -> (bytes, None) or (None, slots) for '2000slots'."""
+    t = str(text).strip().lower()
+    if t.endswith("slots") or t.endswith("slot"):
+        num = t.removesuffix("s").removesuffix("slot").strip()
+        if not num.isdigit():
+            raise PlacementError(f"cannot read the cache size {text!r}: use e.g. '2000slots' or '8GiB'")
+        return None, int(num)
+    return parse_bytes(t), None
+
+
+def auto_budget(device: torch.device | str, reserved_bytes: int = 0, margin: int = AUTO_MARGIN) -> int:
+    """Free VRAM on `device` plus what the engine already holds (`reserved_bytes`), minus a margin."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise PlacementError("--vram-budget auto needs a CUDA device; give a size like '16GiB' instead")
+    free, _total = torch.cuda.mem_get_info(dev)
+    return max(0, free + reserved_bytes - margin)
+
+
+@dataclass(frozen=True)
+class Budget:
+    total: int | None          # bytes the engine may use; None = unlimited
+    reserved: int              # dense weights + KV cache + workspace
+    slot_bytes: int            # one expert in the slot format (matches the store's format)
+
+    @property
+    def free_for_experts(self) -> int | None:
+        return None if self.total is None else self.total - self.reserved
+
+    def check_dense_fits(self) -> None:
+        free = self.free_for_experts
+        if free is not None and free < 0:
+            raise PlacementError(
+                f"the VRAM budget ({self.total / GiB:.2f} GiB) is smaller than the dense weights, KV cache "
+                f"and workspace ({self.reserved / GiB:.2f} GiB); raise --vram-budget or shorten the context")
+
+    def slots_available(self, staging_bytes: int = 0) -> int | None:
+        """Slots that fit after the dense part and `staging_bytes`; None when unlimited."""
+        self.check_dense_fits()
+        free = self.free_for_experts
+        if free is None:
+            return None
+        return max(0, (free - staging_bytes) // max(1, self.slot_bytes))
+
+    def describe(self, slots: int) -> str:
+        tot = "unlimited" if self.total is None else f"{self.total / GiB:.2f} GiB"
+        return (f"VRAM budget {tot}: dense+KV+workspace {self.reserved / GiB:.2f} GiB, "
+                f"{slots} slots x {self.slot_bytes / MiB:.1f} MiB = {slots * self.slot_bytes / GiB:.2f} GiB")

@@ -1,0 +1,375 @@
+"""HybridExecutor: per MoE layer, hits on the GPU (one fused kernel over the slots), misses on the CPU (one
+call for the whole layer), at the same time; the two partial sums are added.
+
+Decode step of one layer (T tokens, K top-k, E experts, shapes in comments):
+    1. D2H of ids [T,K], weights [T,K] and x [T,D] into pinned buffers (skipped when the layer cannot miss
+       and is not managed by a controller), queued BEFORE the GPU part so it does not wait for it
+    2. GPU part: gpu_moe(x, ids, weights, pool.w13, pool.w2, slot_of) -> misses contribute 0 (async)
+    3. wait for the D2H only; hits per the host mirror; ids of hits masked to -1; ONE cpu_moe call for all
+       misses into a pinned output (GIL released while the GPU works)
+    4. H2D of the CPU partial (non_blocking) and add        -> the exact sum of the same experts
+    5. controller.observe(step, layer, ids, prompt, tokens=T, hits) (lookup = the mirror,
+       which equals controller.resident)
+Layers with every expert resident skip 1/3/4 when unmanaged; layers with none skip 2.
+end_step(): poll completed fills (commit), controller.end_step -> swaps (bounded) issued on the copy stream.
+
+Prompt chunks (T > 1) are observed with prompt=True (the controller keeps batches over its prompt_bypass
+from the policy: no flush of the decode working set; no swaps after a prompt chunk). Over pp_bypass, when
+the measured cost says so (`PromptCost`), they run "stream": every expert of the layer is copied into one of
+two device staging pools, the next MoE layer's copy prefetched while this one computes.
+`on_route(layer, ids, weights)` is called first when set. `graph_safe = False`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from hotexperts.experts.slots import alloc_like, parts
+from hotexperts.experts.weights import QuantizedWeight
+
+
+@dataclass
+class PromptCost:
+    """Seconds to copy one layer's experts vs. to compute a prompt batch's misses on the CPU."""
+
+    h2d_bytes_per_s: float = 40e9          # pinned H2D (MACHINE.md: ~55 GB/s on the H200 host)
+    cpu_flops: float = 1.0e12              # CPU expert throughput on batches (measure() refines it)
+
+    def stream_s(self, layer_bytes: int) -> float:
+        return layer_bytes / self.h2d_bytes_per_s
+
+    def cpu_s(self, T: int, K: int, expert_params: int, miss_frac: float) -> float:
+        return 2.0 * T * K * expert_params * miss_frac / self.cpu_flops
+
+    @classmethod
+    def measure(cls, store, stage, cpu_kernel, K: int, T: int = 64) -> PromptCost:
+        """Time one whole-layer H2D into staging pool 0 and one cpu_moe call of T tokens (CUDA only)."""
+        le = store.layer(store.layers[0])
+        w13, w2 = stage.pools[0]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for d, s in zip(parts(w13) + parts(w2), parts(le.w13) + parts(le.w2), strict=True):
+            d.copy_(s, non_blocking=True)
+        torch.cuda.synchronize()
+        h2d = stage.layer_bytes / max(time.perf_counter() - t0, 1e-9)
+        D, E = le.w2.shape[1], store.num_experts
+        x = torch.randn(T, D).to(torch.bfloat16 if isinstance(le.w13, QuantizedWeight) else le.w13.dtype)
+        ids = torch.randint(0, E, (T, K))
+        w = torch.full((T, K), 1.0 / K, dtype=x.dtype)
+        cpu_kernel(x, ids, w, le, None)                      # warm-up (first call may build / page in)
+        t0 = time.perf_counter()
+        cpu_kernel(x, ids, w, le, None)
+        flops = 2.0 * T * K * stage.expert_params / max(time.perf_counter() - t0, 1e-9)
+        return cls(h2d_bytes_per_s=h2d, cpu_flops=flops)
+
+
+class HostBuffers:
+    """Pinned (on CUDA) host buffers for one layer's round trip, grown on demand and reused."""
+
+    def __init__(self, pin: bool):
+        self.pin, self.bufs = pin, {}
+
+    def get(self, name: str, shape, dtype) -> torch.Tensor:
+        b = self.bufs.get(name)
+        n = 1
+        for s in shape:
+            n *= s
+        if b is None or b.numel() < n or b.dtype != dtype:
+            try:
+                b = torch.empty(max(n, 1), dtype=dtype, pin_memory=self.pin)
+            except RuntimeError:
+                warnings.warn("cannot pin the round-trip buffers; using pageable memory (slower)",
+                              RuntimeWarning, stacklevel=3)
+                self.pin = False
+                b = torch.empty(max(n, 1), dtype=dtype)
+            self.bufs[name] = b
+        return b[:n].view(shape)
+
+
+class HybridExecutor:
+    graph_safe = False
+
+    def __init__(self, store, device, *, slots=None, controller=None, stats=None, pp_bypass: int = 64,
+                 prompt_mode: str = "auto", prompt_cost: PromptCost | None = None, staging: bool = False,
+                 cpu_kernel=None, gpu_kernel=None):
+        self.store, self.device = store, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.slots, self.controller, self.cache_stats = slots, controller, stats
+        self.managed = set(controller.layers) if controller is not None else set()
+        self.pp_bypass, self.prompt_mode = pp_bypass, prompt_mode
+        self.prompt_cost = prompt_cost or PromptCost()
+        self.cpu_moe = cpu_kernel or _default_cpu_kernel()
+        self.gpu_moe = gpu_kernel or _default_gpu_kernel()
+        self.host = HostBuffers(pin=self.cuda)
+        self.E = store.num_experts
+        self.moe_layers = list(store.layers)
+        self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))
+        self.stage = _staging_or_none(store, self.device) if staging else None
+        self.on_route = None
+        self.time_gpu = False                                # per-layer GPU timing with CUDA events (--stats)
+        self.step, self._prompt = 0, False
+        self._measured = prompt_cost is not None
+
+    # ---- the executor protocol --------------------------------------------------------------------------
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.on_route is not None:
+            self.on_route(layer, ids, weights)
+        T = x.shape[0]
+        prompt = T > 1                                       # a prompt chunk (decode steps have T == 1)
+        self._prompt = self._prompt or prompt
+        if T > self.pp_bypass and self._use_stream(layer, ids):
+            return self._stream(layer, x, ids, weights)
+        return self._hybrid(layer, x, ids, weights, prompt)
+
+    def end_step(self) -> None:
+        if self.cache_stats is not None:
+            self.cache_stats.end_step()
+        if self.stage is not None:
+            self.stage.end_step()
+        if self.slots is None:
+            return
+        self.slots.poll()
+        if self.controller is not None:
+            swaps = self.controller.end_step(self.step, self._prompt)
+            if swaps:
+                self.slots.issue(swaps)
+                self.slots.poll()
+        self.step += 1
+        self._prompt = False
+
+    def stats(self) -> dict | None:
+        """Per-layer cache statistics (engine.stats()["cache"]); None when not collected."""
+        if self.cache_stats is None:
+            return None
+        d = self.cache_stats.to_dict()
+        d["slots"] = 0 if self.slots is None else self.slots.num_slots
+        d["policy"] = None if self.controller is None else self.controller.policy.name
+        return d
+
+    def export_profile(self, path: str) -> str:
+        """Write the current hot set (and the policy's counts) as a --moe-profile file."""
+        from hotexperts.experts.policy import Profile, save_profile
+
+        if self.controller is not None:
+            prof = self.controller.export_profile()
+        else:
+            hot = self.slots.hot_set() if self.slots is not None else {}
+            prof = Profile(self.E, {l: [1.0 if e in hot.get(l, ()) else 0.0 for e in range(self.E)]
+                                    for l in self.moe_layers}, hot)
+        return str(save_profile(path, prof))
+
+    # ---- decode / small batches ------------------------------------------------------------------------
+    def _hybrid(self, layer, x, ids, weights, prompt: bool) -> torch.Tensor:
+        T, K = ids.shape
+        n_res = self.slots.resident_count(layer) if self.slots is not None and layer in self.slots.row else 0
+        managed = layer in self.managed
+        can_miss = n_res < self.E
+        host = self._to_host(x, ids, weights, with_x=can_miss) if (can_miss or managed) else None
+        y = None
+        if n_res > 0:
+            y = self._gpu_part(layer, x, ids, weights)
+        if host is None:
+            self._count(layer, T * K, 0)
+            return y
+        h_ids, h_w, h_x, ready = host
+        if ready is not None:
+            ready.synchronize()                              # the D2H only: queued before the GPU part
+        if n_res > 0:
+            hit = self.slots.mirror(layer)[h_ids] >= 0       # [T, K]
+            n_hit = int(hit.sum())
+        else:
+            hit, n_hit = None, 0
+        self._count(layer, n_hit, T * K - n_hit)
+        if n_hit < T * K:
+            part = self._cpu_part(layer, h_x, h_ids if hit is None else h_ids.masked_fill(hit, -1), h_w)
+            y = part if y is None else y + part
+        if managed:
+            flags = [True] * (T * K) if hit is None and n_res == self.E else \
+                ([False] * (T * K) if hit is None else hit.flatten().tolist())
+            self.controller.observe(self.step, layer, h_ids.flatten().tolist(), prompt, tokens=T, hits=flags)
+        return y
+
+    def _to_host(self, x, ids, weights, with_x: bool):
+        """Queue the D2H copies into pinned buffers; returns (ids, weights, x, event) on the host."""
+        if not self.cuda:
+            return ids, weights, x, None
+        h_ids = self.host.get("ids", tuple(ids.shape), ids.dtype)
+        h_w = self.host.get("w", tuple(weights.shape), weights.dtype)
+        h_ids.copy_(ids, non_blocking=True)
+        h_w.copy_(weights, non_blocking=True)
+        h_x = None
+        if with_x:
+            h_x = self.host.get("x", tuple(x.shape), x.dtype)
+            h_x.copy_(x, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return h_ids, h_w, h_x, ev
+
+    def _gpu_part(self, layer, x, ids, weights) -> torch.Tensor:
+        s = self.slots
+        timed = self.time_gpu and self.cuda and self.cache_stats is not None
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        y = self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))        # [T, D]
+        s.mark_read(layer)
+        if timed:
+            end.record()
+            self.cache_stats.gpu_events(layer, start, end)
+        return y
+
+    def _cpu_part(self, layer, h_x, h_ids, h_w) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if self.cuda:
+            out = self.host.get("out", tuple(h_x.shape), h_x.dtype)
+            self.cpu_moe(h_x, h_ids, h_w, self.store.layer(layer), out)
+            part = out.to(self.device, non_blocking=True)    # safe: later D2H waits behind this copy
+        else:
+            part = self.cpu_moe(h_x, h_ids, h_w, self.store.layer(layer), None)
+        if self.cache_stats is not None:
+            self.cache_stats.cpu_time(layer, time.perf_counter() - t0)
+        return part
+
+    def _count(self, layer, hits: int, misses: int) -> None:
+        if self.cache_stats is not None:
+            self.cache_stats.routed(layer, hits, misses)
+
+    # ---- prompt batches: stream the layer's experts ------------------------------------------------------
+    def _use_stream(self, layer, ids) -> bool:
+        if self.stage is None or self.prompt_mode == "hybrid":
+            return False
+        if self.prompt_mode == "stream":
+            return True
+        T, K = ids.shape
+        if self.cuda and not self._measured:
+            self.prompt_cost = PromptCost.measure(self.store, self.stage, self.cpu_moe, K)
+            self._measured = True
+        n_res = self.slots.resident_count(layer) if self.slots is not None and layer in self.slots.row else 0
+        miss_frac = 1.0 - n_res / self.E
+        c = self.prompt_cost
+        return c.stream_s(self.stage.layer_bytes) < c.cpu_s(T, K, self.stage.expert_params, miss_frac)
+
+    def _stream(self, layer, x, ids, weights) -> torch.Tensor:
+        T, K = ids.shape
+        w13, w2 = self.stage.acquire(layer)
+        nxt = self.next_layer.get(layer)
+        if nxt is not None:
+            self.stage.prefetch(nxt)                         # copies while this layer computes
+        y = self.gpu_moe(x, ids, weights, w13, w2, None)
+        self.stage.release(layer)
+        self._count(layer, T * K, 0)
+        if layer in self.managed:
+            res = self.slots.mirror(layer)[ids.cpu()] >= 0            # hits as the cache would have had them
+            self.controller.observe(self.step, layer, ids.flatten().tolist(), True, tokens=T,
+                                    hits=res.flatten().tolist())
+        return y
+
+
+class StagingPools:
+    """Two device pools, each holding every expert of one layer, filled on a copy stream (double buffer)."""
+
+    def __init__(self, store, device):
+        self.store, self.device = store, device
+        self.cuda = device.type == "cuda"
+        proto = store.layer(store.layers[0])
+        self.pools = [(alloc_like(proto.w13, store.num_experts, device),
+                       alloc_like(proto.w2, store.num_experts, device)) for _ in range(2)]
+        self.layer_bytes = store.expert_nbytes * store.num_experts
+        self.expert_params = _expert_params(proto)
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready = [None, None]                            # fill-complete events
+        self.read = [None, None]                             # last-read events
+        self.holds: dict[int, int] = {}                      # layer -> pool index (this forward)
+        self.turn = 0
+
+    @staticmethod
+    def nbytes(store) -> int:
+        return 2 * store.expert_nbytes * store.num_experts
+
+    def prefetch(self, layer: int) -> int:
+        if layer in self.holds:
+            return self.holds[layer]
+        i, self.turn = self.turn, 1 - self.turn
+        self.holds = {l: p for l, p in self.holds.items() if p != i}
+        self.holds[layer] = i
+        src = self.store.layer(layer)
+        dst_parts = parts(self.pools[i][0]) + parts(self.pools[i][1])
+        src_parts = parts(src.w13) + parts(src.w2)
+        if not self.cuda:
+            for d, s in zip(dst_parts, src_parts, strict=True):
+                d.copy_(s)
+            return i
+        with torch.cuda.stream(self.stream):
+            if self.read[i] is not None:
+                self.stream.wait_event(self.read[i])         # never overwrite a pool a step still reads
+            for d, s in zip(dst_parts, src_parts, strict=True):
+                d.copy_(s, non_blocking=True)
+            self.ready[i] = torch.cuda.Event()
+            self.ready[i].record(self.stream)
+        return i
+
+    def acquire(self, layer: int):
+        i = self.prefetch(layer)
+        if self.cuda and self.ready[i] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[i])
+        return self.pools[i]
+
+    def release(self, layer: int) -> None:
+        if self.cuda:
+            i = self.holds[layer]
+            self.read[i] = torch.cuda.Event()
+            self.read[i].record(torch.cuda.current_stream(self.device))
+
+    def end_step(self) -> None:
+        self.holds.clear()
+
+
+def _staging_or_none(store, device):
+    try:
+        return StagingPools(store, device)
+    except torch.cuda.OutOfMemoryError:
+        warnings.warn("out of VRAM for the prompt staging pools; prompt batches use the hybrid path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _expert_params(le) -> int:
+    s13, s2 = le.w13.shape, le.w2.shape
+    return s13[1] * s13[2] + s2[1] * s2[2]
+
+
+def _default_cpu_kernel():
+    from hotexperts.kernels.cpu_moe import cpu_moe
+
+    return cpu_moe
+
+
+def _default_gpu_kernel():
+    from hotexperts.kernels.gpu_moe import gpu_moe
+
+    return gpu_moe
+
+
+class GpuExecutor:
+    """Every routed expert on the device, one fused gpu_moe call per layer: no host synchronisation, so
+    CUDA-graph capturable (`graph_safe` on CUDA). The `gpu` placement's executor on CUDA."""
+
+    def __init__(self, store, device, gpu_kernel=None):
+        self.device = torch.device(device)
+        self.w13 = {l: store.layer(l).w13.to(self.device) for l in store.layers}     # [E, 2I, D]
+        self.w2 = {l: store.layer(l).w2.to(self.device) for l in store.layers}       # [E, D, I]
+        self.gpu_moe = gpu_kernel or _default_gpu_kernel()
+        self.graph_safe = self.device.type == "cuda"
+        self.on_route = None
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.on_route is not None:
+            self.on_route(layer, ids, weights)
+        return self.gpu_moe(x, ids, weights, self.w13[layer], self.w2[layer])
+
+    def end_step(self) -> None:
+        pass

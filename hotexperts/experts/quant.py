@@ -1,0 +1,90 @@
+"""Weight-only quantization of expert matrices into the QuantizedWeight formats (experts/weights.py).
+
+quantize_int8(w[..., N, K])     -> "int8":    q int8, scale fp32 [..., N] (symmetric, per output row)
+quantize_int4g32(w[..., N, K])  -> "int4g32": q uint8 [..., N, K/2] (low nibble = even column),
+                                   scale, zero [..., N, K/32] (fp16 by default), w = (q - 8) * scale + zero
+dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default)
+quantize_layer(LayerExperts, fmt) with fmt in {"none", "int8", "int4", "int4g32"}
+
+GGUF blocks of 32 map onto int4g32 exactly (w = a * q + b per block, q in 0..15):
+    Q4_0: a = d, b = -8 d;   Q4_1: a = d, b = m;   Q4_K sub-block: a = d * sc, b = -dmin * m
+int4g32_from_affine(q, a, b) builds the weight from such (unpacked q, a, b); pack_int4/unpack_int4 convert
+between one value per byte and our nibble layout (GGUF's own layout differs: low nibbles = first 16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
+
+FORMATS = ("none", "int8", "int4", "int4g32")
+
+
+def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
+    wf = w.float()                                                  # [..., N, K]
+    scale = wf.abs().amax(dim=-1) / 127.0                           # [..., N]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", q, scale)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [..., K] values 0..15 (any int dtype) -> [..., K/2] uint8, low nibble = even column."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] uint8 -> [..., K] uint8 values 0..15."""
+    return torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)
+
+
+def quantize_int4g32(w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Asymmetric 4-bit per group of 32 columns; exact for values already on a group's grid."""
+    if w.shape[-1] % 32:
+        raise ValueError(f"int4g32 needs the last dimension to be a multiple of 32, got {w.shape[-1]}")
+    g = w.float().unflatten(-1, (-1, 32))                            # [..., N, G, 32]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)                          # [..., N, G]
+    scale = ((hi - lo) / 15.0).to(scale_dtype)
+    zero = (lo + 8.0 * scale.float()).to(scale_dtype)
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    q = torch.round((g - z) / torch.where(s > 0, s, torch.ones_like(s)) + 8.0).clamp_(0, 15)
+    return QuantizedWeight("int4g32", pack_int4(q.flatten(-2)), scale, zero)
+
+
+def int4g32_from_affine(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """q [..., N, K] in 0..15, a, b [..., N, K/32] with w = a * q + b (GGUF Q4_0/Q4_1/Q4_K form)."""
+    a32 = a.float()
+    zero = (b.float() + 8.0 * a32).to(scale_dtype)
+    return QuantizedWeight("int4g32", pack_int4(q), a32.to(scale_dtype), zero)
+
+
+def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(qw, torch.Tensor):
+        return qw.to(dtype)
+    if qw.fmt == "int8":
+        return (qw.q.float() * qw.scale.float().unsqueeze(-1)).to(dtype)
+    if qw.fmt == "int4g32":
+        q = unpack_int4(qw.q).float().unflatten(-1, (-1, 32))       # [..., N, G, 32]
+        w = (q - 8.0) * qw.scale.float().unsqueeze(-1) + qw.zero.float().unsqueeze(-1)
+        return w.flatten(-2).to(dtype)
+    raise ValueError(f"unknown quantized format {qw.fmt!r}")
+
+
+def _quantize(w: Weight, fmt: str, chunk: int = 8) -> Weight:
+    if fmt == "none" or isinstance(w, QuantizedWeight):
+        return w
+    fn = quantize_int8 if fmt == "int8" else quantize_int4g32
+    parts = [fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]  # bounded fp32 temporaries
+    z = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
+    q, scale = torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])
+    return QuantizedWeight(parts[0].fmt, q, scale, z)
+
+
+def quantize_layer(layer: LayerExperts, fmt: str) -> LayerExperts:
+    """Quantize both stacked matrices of a layer ("none" returns it unchanged)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown expert quantization {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return LayerExperts(_quantize(layer.w13, fmt), _quantize(layer.w2, fmt))

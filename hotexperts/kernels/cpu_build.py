@@ -1,0 +1,101 @@
+"""Build (once) and load the C++ CPU MoE extension (kernels/csrc/cpu_moe.cpp).
+
+load_extension() -> module | None compiles with torch.utils.cpp_extension.load (ninja), flags
+-O3 -march=native -fopenmp, into ~/.cache/hotexperts/cpu_moe/<key>, where key hashes the sources, the torch
+and Python versions and the CPU's flags (the code is built for the machine it runs on). Without ninja it
+runs the same compiler command itself. The result is memoised; on failure it returns None and
+`load_error()` says why (the caller picks the torch fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("cpu_moe.cpp", "simd.h")
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def build_key() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((CSRC / name).read_bytes())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir(key: str) -> Path:
+    return Path(os.path.expanduser("~/.cache/hotexperts/cpu_moe")) / key
+
+
+def load_extension():
+    """The compiled module, or None (then `load_error()` is the reason)."""
+    if "mod" in _state:
+        return _state["mod"]
+    mod = None
+    try:
+        from torch.utils import cpp_extension as ce
+
+        key = build_key()
+        d = build_dir(key)
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"hotexperts_cpu_moe_{key}"
+        if ce.is_ninja_available():
+            mod = ce.load(name=name, sources=[str(CSRC / "cpu_moe.cpp")], extra_cflags=CFLAGS,
+                          extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
+        else:
+            mod = _build_direct(name, d)
+    except Exception as e:  # compiler missing, headers missing, link error, ...
+        msg = str(e).strip().splitlines()
+        _state["error"] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
+    _state["mod"] = mod
+    return mod
+
+
+def _build_direct(name: str, d: Path):
+    """The command torch's ninja build runs, run by hand (one translation unit)."""
+    from torch.utils import cpp_extension as ce
+
+    so = d / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if not so.exists():
+        inc = [f"-I{p}" for p in [*ce.include_paths(), sysconfig.get_paths()["include"]]]
+        libs = [f"-L{p}" for p in ce.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
+        tmp = d / f"{name}.{os.getpid()}.tmp.so"
+        defs = [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+        for std in ("-std=c++20", "-std=c++17"):         # torch >= 2.10 headers want C++20
+            cmd = [os.environ.get("CXX", "c++"), str(CSRC / "cpu_moe.cpp"), "-shared", "-fPIC", std, *CFLAGS,
+                   *defs, *inc, *libs, "-o", str(tmp)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        if r.returncode:
+            raise RuntimeError(f"compiler failed: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, so)
+    spec = importlib.util.spec_from_file_location(name, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_error() -> str | None:
+    return _state.get("error")

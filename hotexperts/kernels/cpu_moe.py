@@ -1,0 +1,137 @@
+"""Fused CPU MoE: one call computes all of a layer's CPU-side (token, expert) pairs.
+
+cpu_moe(x [T, D], ids [T, K] int64, weights [T, K], experts: LayerExperts, out [T, D] | None) -> out
+    y[t] = sum_k weights[t, k] * W2_e (silu(G_e x_t) * (U_e x_t)), e = ids[t, k]; ids == -1 is skipped.
+    experts.w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]: fp32/bf16/fp16 tensors or
+    QuantizedWeight ("int8", "int4g32"), on the CPU. x is bf16/fp16/fp32; accumulation is fp32.
+    `out` (x's shape; any float dtype, may be pinned) is written, not accumulated.
+
+Backends (`cpu_moe_backend()`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on first
+use; threaded with OpenMP, GIL released during the call) — or "torch", a grouped pass of torch ops
+(`_weight_int8pack_mm` for int8, dequantize for int4) used when the extension cannot be built or a shape
+is unsupported (D or I not a multiple of 32); the reason is warned once.
+Threads: `set_num_threads(n)`; default = physical cores.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hotexperts.experts.quant import dequantize
+from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
+from hotexperts.kernels.cpu_build import load_error, load_extension
+
+_FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "int4g32": 4}
+_warned: set[str] = set()
+
+
+def _physical_cores() -> int:
+    try:
+        cores, phys = set(), "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                cores.add((phys, line.split(":")[1].strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+_threads = [_physical_cores()]
+
+
+def set_num_threads(n: int) -> None:
+    _threads[0] = max(1, int(n))
+
+
+def get_num_threads() -> int:
+    return _threads[0]
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def cpu_moe_backend() -> str:
+    """"ext-avx512" / "ext-avx2" / "ext-scalar" when the C++ extension loads, else "torch"."""
+    mod = load_extension()
+    return f"ext-{mod.simd()}" if mod is not None else "torch"
+
+
+def _parts(w: Weight):
+    """(format code, q, scale, zero) for the extension, or None if it cannot read this weight."""
+    if isinstance(w, QuantizedWeight):
+        if w.fmt not in _FMT or w.q.device.type != "cpu":
+            return None
+        zero = None if w.zero is None else w.zero.contiguous()
+        return _FMT[w.fmt], w.q.contiguous(), w.scale.contiguous(), zero
+    if w.dtype not in _FMT or w.device.type != "cpu":
+        return None
+    return _FMT[w.dtype], w.contiguous(), None, None
+
+
+def _ext_reason(x: torch.Tensor, experts: LayerExperts) -> str | None:
+    """Why the extension cannot run this call (None = it can)."""
+    if load_extension() is None:
+        return f"C++ extension unavailable ({load_error()})"
+    if x.dtype not in _FMT or x.device.type != "cpu":
+        return f"input dtype/device {x.dtype}/{x.device} unsupported"
+    if x.shape[1] % 32 or experts.w2.shape[-1] % 32:
+        return "hidden or intermediate size is not a multiple of 32"
+    if _parts(experts.w13) is None or _parts(experts.w2) is None:
+        return "expert weight format unsupported"
+    return None
+
+
+def cpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: LayerExperts,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        out = torch.empty_like(x)
+    reason = _ext_reason(x, experts)
+    if reason is not None:
+        _warn_once(f"cpu_moe: running the plain torch fallback (slow): {reason}")
+        return cpu_moe_torch(x, ids, weights, experts, out)
+    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    load_extension().forward(x.contiguous(), ids.to(torch.int64).contiguous(), weights.contiguous(),
+                             *_parts(experts.w13), *_parts(experts.w2), dst, _threads[0])
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+def _expert_matmul(a: torch.Tensor, w: Weight, e: int) -> torch.Tensor:
+    """a [n, Kin] (fp32 or fp64) @ w[e].T -> [n, N] in a's dtype."""
+    if isinstance(w, QuantizedWeight) and w.fmt == "int8" and a.dtype == torch.float32:
+        return torch.ops.aten._weight_int8pack_mm(a, w.q[e], w.scale[e].float())
+    return a @ dequantize(w[e], a.dtype).T
+
+
+def cpu_moe_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: LayerExperts,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fallback: one grouped pass over the active experts with torch ops (same contract as cpu_moe)."""
+    T, K = ids.shape
+    flat = ids.reshape(-1)
+    keep = flat >= 0
+    tok = torch.arange(T, device=ids.device).repeat_interleave(K)[keep]        # [P]
+    exp, wt = flat[keep], weights.reshape(-1)[keep].float()                      # [P]
+    order = torch.argsort(exp, stable=True)
+    tok, exp, wt = tok[order], exp[order], wt[order]
+    uniq, counts = torch.unique_consecutive(exp, return_counts=True)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, y = x.to(acc), torch.zeros(x.shape, dtype=acc)
+    for e, tk, wk in zip(uniq.tolist(), tok.split(counts.tolist()), wt.split(counts.tolist()), strict=True):
+        gate, up = _expert_matmul(xf[tk], experts.w13, e).chunk(2, dim=-1)       # [n, I] each
+        y.index_add_(0, tk, _expert_matmul(F.silu(gate) * up, experts.w2, e) * wk[:, None])
+    if out is None:
+        return y.to(x.dtype)
+    return out.copy_(y)

@@ -1,0 +1,211 @@
+"""HybridExecutor == DenseExecutor (greedy tokens identical, logits close, fp32) for every placement;
+cache statistics consistent with the routing; prompt streaming path; profile round trip."""
+
+import pytest
+import torch
+
+from hotexperts.config import ModelConfig
+from hotexperts.experts.hybrid import GpuExecutor
+from hotexperts.experts.placement import Placement, build_executor
+from hotexperts.experts.policy import profile_from_counts, save_profile
+from hotexperts.experts.reference import DenseExecutor
+from hotexperts.experts.store import ExpertStore
+from hotexperts.experts.weights import LayerExperts
+from hotexperts.models.transformer import MoETransformer
+
+E, K = 8, 2
+CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=8, num_experts=E, top_k=K, moe_intermediate_size=32,
+                  moe_layers=(0, 2), intermediate_size=24, qk_norm="head", eos_token_ids=())
+PROMPT = [1, 5, 9, 2, 7, 3, 11, 4, 8, 6]
+N_GEN = 8
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    model = MoETransformer(CFG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    g = torch.Generator().manual_seed(seed)
+    D, I = CFG.hidden_size, CFG.moe_intermediate_size
+    store = ExpertStore({i: LayerExperts(torch.randn(E, 2 * I, D, generator=g) * 0.3,
+                                         torch.randn(E, D, I, generator=g) * 0.3) for i in CFG.moe_layers})
+    return model, store
+
+
+MODEL, STORE = tiny()
+
+
+def run(executor, prompt=PROMPT, n=N_GEN, chunk=None, after_prefill=None):
+    """Prefill (in chunks) + greedy decode; end_step after every forward. -> (tokens, [logits rows])."""
+    kv = MODEL.new_kv_cache(len(prompt) + n + 1)
+    chunk = chunk or len(prompt)
+    with torch.no_grad():
+        for s in range(0, len(prompt), chunk):
+            part = prompt[s:s + chunk]
+            logits = MODEL(torch.tensor(part), torch.arange(s, s + len(part)), kv, executor)
+            executor.end_step()
+        if after_prefill is not None:
+            after_prefill()
+        rows, toks = [logits[-1]], []
+        for i in range(n):
+            toks.append(int(rows[-1].argmax()))
+            pos = len(prompt) + i
+            logits = MODEL(torch.tensor([toks[-1]]), torch.tensor([pos]), kv, executor)
+            executor.end_step()
+            rows.append(logits[-1])
+    return toks, rows
+
+
+REF_TOKS, REF_ROWS = run(DenseExecutor({l: STORE.layer(l) for l in STORE.layers}))
+
+
+def routed_counter(ex):
+    seen = {"n": 0}
+
+    def on_route(layer, ids, weights):
+        seen["n"] += ids.numel()
+
+    ex.on_route = on_route
+    return seen
+
+
+def check_same(ex, ref_toks=REF_TOKS, ref_rows=REF_ROWS, **kw):
+    seen = routed_counter(ex)
+    toks, rows = run(ex, **kw)
+    assert toks == ref_toks
+    for a, b in zip(rows, ref_rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    st = ex.stats() if callable(getattr(ex, "stats", None)) else None
+    if st is not None:
+        tot = st["total"]
+        assert tot["hits"] + tot["misses"] == seen["n"]              # every routed selection counted once
+    return ex
+
+
+@pytest.mark.parametrize("text", ["cpu", "layers:1", "hot:0", "hot:3", f"hot:{E}",
+                                  "cache:0slots", "cache:5slots:lru", "cache:5slots:window-lfu",
+                                  "cache:5slots:decay", "cache:6slots:auto", f"cache:{2 * E}slots"])
+def test_placement_matches_reference(text):
+    p = Placement.parse(text, rebalance_interval=1 if "lfu" in text or "hot:3" in text else None, window=8)
+    ex = check_same(build_executor(p, STORE, CFG, "cpu"))
+    if ex.slots is not None and ex.controller is not None:                   # mirror == controller view
+        for l in ex.slots.layers:
+            assert set(ex.slots.resident(l)) == ex.controller.resident[l]
+
+
+def test_gpu_placement_executors():
+    ex = build_executor(Placement.parse("gpu"), STORE, CFG, "cpu")
+    assert isinstance(ex, DenseExecutor) and not ex.graph_safe          # on CUDA: GpuExecutor, graph-safe
+    check_same(ex)
+    check_same(GpuExecutor(STORE, "cpu"))                                # the CUDA executor, run on the CPU
+
+
+def test_hit_rates_for_extremes_and_swaps_happen():
+    full = check_same(build_executor(Placement.parse("layers:0"), STORE, CFG, "cpu"))
+    none = check_same(build_executor(Placement.parse("cpu"), STORE, CFG, "cpu"))
+    layers = check_same(build_executor(Placement.parse("layers:1"), STORE, CFG, "cpu"))
+    assert none.stats()["total"]["hits"] == 0
+    lay = layers.stats()["layers"]
+    assert lay[0]["hits"] == 0 and lay[2]["misses"] == 0            # layer 0 on the CPU, layer 2 on the GPU
+    lru = check_same(build_executor(Placement.parse("cache:4slots:lru"), STORE, CFG, "cpu"))
+    t = lru.stats()["total"]
+    assert t["swaps"] > 0 and t["hits"] > 0 and t["misses"] > 0
+    assert t["bytes_moved"] == t["swaps"] * STORE.expert_nbytes
+    assert full.stats()["total"]["misses"] == 0 and full.controller is None
+
+
+def test_prompt_stream_path_and_bypass_keeps_decode_set():
+    p = Placement.parse("cache:6slots:lru", pp_bypass=4, prompt_mode="stream")
+    for chunk in (None, 5):                                          # one prompt chunk, or two of 5 > 4
+        ex = build_executor(p, STORE, CFG, "cpu")
+        acquired = []
+        real = ex.stage.acquire
+        ex.stage.acquire = lambda layer, a=acquired, r=real: a.append(layer) or r(layer)
+        check_same(ex, chunk=chunk)
+        assert acquired == [0, 2] * (1 if chunk is None else 2)      # every prompt layer streamed
+        # prompt routing never reached the policy (LRU's last-access steps are all decode steps)
+        n_prompt_steps = 1 if chunk is None else 2
+        last = ex.controller.policy.last                               # [Lm, E] step, -inf = never
+        assert ((last >= 0) & (last < n_prompt_steps)).sum() == 0
+        assert ex.controller.policy.last.max() == n_prompt_steps + N_GEN - 1
+
+
+def test_static_profile_and_warm_start(tmp_path):
+    counts = {0: [9, 0, 5, 0, 0, 7, 0, 0], 2: [0, 8, 0, 0, 6, 0, 0, 1]}
+    path = save_profile(tmp_path / "p.json", profile_from_counts(counts, capacity=2))
+    ex = build_executor(Placement.parse(f"static:{path}"), STORE, CFG, "cpu")
+    assert ex.slots.num_slots == 4
+    assert sorted(ex.slots.resident(0)) == [0, 5] and sorted(ex.slots.resident(2)) == [1, 4]
+    check_same(ex)
+    warm = build_executor(Placement.parse("hot:2", profile=str(path)), STORE, CFG, "cpu")
+    assert sorted(warm.slots.resident(0)) == [0, 5]
+    check_same(warm)
+    out = warm.export_profile(str(tmp_path / "out.json"))
+    again = build_executor(Placement.parse(f"static:{out}"), STORE, CFG, "cpu")
+    assert again.slots.hot_set() == warm.slots.hot_set()                   # the exported hot set, loaded
+    check_same(again)
+
+
+@pytest.mark.parametrize("quant, fmt", [("int8", "int8"), ("int4", "int4g32")])
+def test_quantized_experts_match_the_quantized_reference(quant, fmt):
+    q = STORE.quantize(fmt)
+    ref_toks, ref_rows = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
+    ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant=quant), STORE, CFG, "cpu")
+    toks, rows = run(ex)
+    assert toks == ref_toks
+    for a, b in zip(rows, ref_rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_stats_table_and_heatmap(tmp_path):
+    ex = check_same(build_executor(Placement.parse("cache:5slots:lru"), STORE, CFG, "cpu"))
+    table = ex.cache_stats.table()
+    assert "hit%" in table and table.splitlines()[-1].split()[0] == "all"
+    png = ex.cache_stats.heatmap(str(tmp_path / "h.png"))
+    assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.parametrize("text", ["cache:5slots:lru", "cache:6slots:auto", "hot:3"])
+def test_replaying_the_recorded_trace_reproduces_live_hits(text):
+    from hotexperts.trace.record import RouteRecorder
+    from hotexperts.trace.simulate import simulate
+
+    p = Placement.parse(text, rebalance_interval=2)
+    ex = build_executor(p, STORE, CFG, "cpu")
+    rec = RouteRecorder(CFG.moe_layers, K)
+    rec.begin_request()
+    ex.on_route = rec
+    run(ex, after_prefill=lambda: rec.mark_prompt(False))
+    trace = rec.to_trace({"model": "tiny", "num_experts": E, "top_k": K, "moe_layers": list(CFG.moe_layers)})
+    ctl = ex.controller
+    kw = {"slots": p.hot_k} if p.mode == "hot" else {"budget": ex.slots.num_slots}
+    sim = simulate(trace, ctl.policy.__class__(**ctl.policy.params()), prompt_bypass=p.pp_bypass,
+                   max_swaps_per_step=p.max_swaps_per_step, **kw)
+    live = [[ctl.stats[l].hits, ctl.stats[l].misses, ctl.stats[l].prompt_hits, ctl.stats[l].prompt_misses]
+            for l in CFG.moe_layers]
+    assert [list(map(int, c)) for c in sim.layer_counts] == live
+    assert sim.swaps == sum(ctl.stats[l].loads for l in CFG.moe_layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("text, prompt_mode", [("gpu", "auto"), ("cpu", "auto"), ("cpu", "stream"),
+                                               ("layers:1", "auto"), ("hot:3", "stream"),
+                                               ("cache:5slots:lru", "auto"), ("cache:6slots:auto", "hybrid")])
+def test_cuda_placement_matches_reference(text, prompt_mode):
+    global MODEL
+    model_cpu = MODEL
+    MODEL = MODEL.cuda()
+    try:
+        store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
+        ref = run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
+        ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode=prompt_mode), store, CFG, "cuda")
+        assert ex.graph_safe == (text == "gpu")
+        check_same(ex, ref[0], ref[1])
+    finally:
+        MODEL = model_cpu.cpu()

@@ -1,0 +1,139 @@
+"""Placement flags (llama.cpp meanings), Placement.parse, contradictions, VRAM budget accounting."""
+
+import argparse
+
+import pytest
+import torch
+
+from hotexperts.config import ModelConfig
+from hotexperts.errors import PlacementError
+from hotexperts.experts.budget import Budget, GiB, MiB, parse_bytes, parse_cache
+from hotexperts.experts.placement import (
+    Placement,
+    add_placement_arguments,
+    build_executor,
+    placement_from_args,
+)
+from hotexperts.experts.store import ExpertStore
+from hotexperts.experts.weights import LayerExperts
+
+E, D, I = 4, 32, 32
+CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=D, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=8, num_experts=E, top_k=2, moe_intermediate_size=I,
+                  moe_layers=(0, 1, 2))
+STORE = ExpertStore({l: LayerExperts(torch.randn(E, 2 * I, D), torch.randn(E, D, I)) for l in CFG.moe_layers})
+SB = STORE.expert_nbytes                       # 3 * 32 * 32 * 4 bytes = 12 KiB
+
+
+def flags(*argv) -> Placement:
+    p = argparse.ArgumentParser()
+    add_placement_arguments(p)
+    return placement_from_args(p.parse_args(list(argv)))
+
+
+def test_flags_map_to_placements():
+    assert flags() == Placement()
+    assert flags("--experts", "gpu").mode == "gpu"
+    assert flags("--cpu-moe").mode == "cpu" and flags("--experts", "cpu").mode == "cpu"
+    assert flags("--n-cpu-moe", "3") == Placement(mode="layers", n_cpu_layers=3)
+    assert flags("--n-cpu-moe", "auto").n_cpu_layers is None
+    p = flags("--moe-hot-k", "44", "--moe-window", "128", "--moe-rebalance-interval", "60",
+              "--moe-pp-bypass", "64")
+    assert (p.mode, p.hot_k, p.window, p.rebalance_interval, p.pp_bypass) == ("hot", 44, 128, 60, 64)
+    p = flags("--moe-cache", "8GiB", "--moe-policy", "lru")
+    assert (p.mode, p.cache_bytes, p.policy) == ("cache", 8 * GiB, "lru")
+    assert flags("--moe-cache", "2000slots").cache_slots == 2000
+    assert flags("--moe-profile", "p.json").mode == "static"
+    assert flags("--moe-cache", "8", "--moe-profile", "p.json").profile == "p.json"     # warm start
+    p = flags("--vram-budget", "16")
+    assert p.mode == "layers" and p.n_cpu_layers is None and p.vram_budget == 16 * GiB
+    assert flags("--vram-budget", "auto", "--cpu-moe").vram_budget == "auto"
+    assert flags("--expert-quant", "int4", "--cpu-moe").expert_quant == "int4"
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--experts", "gpu", "--cpu-moe"], "contradict"),
+    (["--cpu-moe", "--n-cpu-moe", "2"], "contradict"),
+    (["--moe-hot-k", "4", "--moe-cache", "8GiB"], "contradict"),
+    (["--n-cpu-moe", "2", "--moe-cache", "8GiB"], "contradict"),
+    (["--moe-window", "64"], "needs --moe-hot-k"),
+    (["--moe-policy", "lru"], "needs --moe-cache"),
+    (["--moe-cache", "8", "--moe-policy", "static"], "needs --moe-profile"),
+    (["--cpu-moe", "--moe-profile", "p.json"], "needs a cache"),
+    (["--moe-cache", "lots"], "cannot read"),
+    (["--vram-budget", "12XB"], "cannot read"),
+    (["--n-cpu-moe", "x"], "integer"),
+])
+def test_contradictions_are_placement_errors(argv, msg):
+    with pytest.raises(PlacementError, match=msg):
+        flags(*argv)
+
+
+def test_parse_strings():
+    assert Placement.parse("gpu") == Placement()
+    assert Placement.parse("layers:2") == Placement(mode="layers", n_cpu_layers=2)
+    assert Placement.parse("hot:3").hot_k == 3
+    p = Placement.parse("cache:1.5GiB:decay")
+    assert (p.cache_bytes, p.policy) == (int(1.5 * GiB), "decay")
+    assert Placement.parse("static:x.json").profile == "x.json"
+    assert Placement.parse("cache:12slots").describe() == "cache:12slots"
+    for bad in ("fast", "hot:x", "gpu:3", "static:"):
+        with pytest.raises(PlacementError):
+            Placement.parse(bad)
+
+
+def test_sizes():
+    assert parse_bytes("8GiB") == parse_bytes("8") == 8 * GiB
+    assert parse_bytes("512MiB") == 512 * MiB and parse_bytes("2GB") == 2 * 10 ** 9
+    assert parse_cache("2000slots") == (None, 2000) and parse_cache("1") == (GiB, None)
+    b = Budget(total=10 * MiB, reserved=4 * MiB, slot_bytes=MiB)
+    assert b.slots_available() == 6 and b.slots_available(staging_bytes=2 * MiB) == 4
+    assert Budget(None, 5, 1).slots_available() is None
+    with pytest.raises(PlacementError, match="smaller than the dense"):
+        Budget(total=GiB, reserved=2 * GiB, slot_bytes=MiB).slots_available()
+
+
+def test_budget_drives_slots_and_layers():
+    reserved = 1000
+    total = reserved + 5 * E * SB + SB // 2         # room for 5 layers of a 3-layer model: all fit
+    ex = build_executor(Placement(mode="layers", vram_budget=total), STORE, CFG, "cpu",
+                        reserved_bytes=reserved)
+    assert ex.slots.num_slots == 3 * E and ex.slots.hot_set() == {l: list(range(E)) for l in (0, 1, 2)}
+    total = reserved + 2 * E * SB + 1                # two GPU layers fit -> n-cpu-moe auto = 1
+    ex = build_executor(Placement(mode="layers", vram_budget=total), STORE, CFG, "cpu",
+                        reserved_bytes=reserved)
+    assert ex.slots.layers == [1, 2] and ex.slots.resident_count(1) == E
+    with pytest.warns(RuntimeWarning, match="limited to 7 slots"):
+        p = Placement.parse("cache:100slots", vram_budget=reserved + 7 * SB)
+        ex = build_executor(p, STORE, CFG, "cpu", reserved_bytes=reserved)
+    assert ex.slots.num_slots == 7 and ex.controller.capacity.budget == 7
+    ex = build_executor(Placement.parse("cache:auto", vram_budget=reserved + 5 * SB), STORE, CFG, "cpu",
+                        reserved_bytes=reserved)
+    assert ex.slots.num_slots == 5
+    ex = build_executor(Placement.parse("hot:2"), STORE, CFG, "cpu")
+    assert ex.slots.num_slots == 6 and ex.controller.capacity == {0: 2, 1: 2, 2: 2}
+
+
+def test_budget_errors():
+    with pytest.raises(PlacementError, match="smaller than the dense"):
+        build_executor(Placement(mode="cpu", vram_budget=100), STORE, CFG, "cpu", reserved_bytes=1000)
+    with pytest.raises(PlacementError, match="--moe-hot-k 3 needs 9 expert slots"):
+        build_executor(Placement.parse("hot:3", vram_budget=8 * SB), STORE, CFG, "cpu")
+    with pytest.raises(PlacementError, match="--n-cpu-moe 0 needs"):
+        build_executor(Placement.parse("layers:0", vram_budget=8 * SB), STORE, CFG, "cpu")
+    with pytest.raises(PlacementError, match="all experts on the GPU need"):
+        build_executor(Placement.parse("gpu", vram_budget=8 * SB), STORE, CFG, "cpu")
+    with pytest.raises(PlacementError, match="in \\[0, 3\\]"):
+        build_executor(Placement.parse("layers:4"), STORE, CFG, "cpu")
+    with pytest.raises(PlacementError, match="needs a CUDA device"):
+        build_executor(Placement.parse("cpu", vram_budget="auto"), STORE, CFG, "cpu")
+
+
+def test_static_profile_without_hot_set_needs_a_size(tmp_path):
+    from hotexperts.experts.policy import Profile, save_profile
+
+    path = save_profile(tmp_path / "p.json", Profile(E, {l: [1.0] * E for l in CFG.moe_layers}, {}))
+    with pytest.raises(PlacementError, match="lists no hot experts"):
+        build_executor(Placement.parse(f"static:{path}"), STORE, CFG, "cpu")
+    ex = build_executor(Placement.parse(f"static:{path}", cache_slots=5), STORE, CFG, "cpu")
+    assert ex.slots.num_slots == 5

@@ -1,0 +1,101 @@
+"""Quantization formats: round trips, error bounds, nibble layout, GGUF-style affine mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotexperts.experts import quant
+from hotexperts.experts.weights import LayerExperts, QuantizedWeight
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_int8_exact_on_grid_and_bounded_error():
+    g = gen()
+    scale = torch.rand(3, 5, generator=g) + 0.1                               # [E, N]
+    q = torch.randint(-127, 128, (3, 5, 64), generator=g)
+    q[..., 0] = 127                                                           # row max hits the grid end
+    w = q.float() * scale.unsqueeze(-1)
+    qw = quant.quantize_int8(w)
+    assert qw.fmt == "int8" and qw.q.dtype == torch.int8 and qw.scale.shape == (3, 5)
+    torch.testing.assert_close(quant.dequantize(qw), w, rtol=1e-6, atol=0)
+    x = torch.randn(4, 64, generator=g)
+    err = (quant.dequantize(quant.quantize_int8(x)) - x).abs()
+    assert (err <= x.abs().amax(-1, keepdim=True) / 254 + 1e-7).all()
+
+
+def test_int8_zero_rows():
+    qw = quant.quantize_int8(torch.zeros(2, 32))
+    assert torch.equal(quant.dequantize(qw), torch.zeros(2, 32))
+
+
+def test_pack_layout_low_nibble_is_even_column():
+    q = torch.tensor([[1, 2, 3, 4]])
+    p = quant.pack_int4(q)
+    assert p.tolist() == [[1 | 2 << 4, 3 | 4 << 4]]
+    q = torch.randint(0, 16, (3, 64), generator=gen())
+    assert torch.equal(quant.unpack_int4(quant.pack_int4(q)), q.to(torch.uint8))
+
+
+def test_int4g32_exact_on_grid():
+    g = gen(1)
+    scale = (torch.rand(2, 4, 3, generator=g) * 0.1 + 0.01).half()          # [E, N, G]
+    zero = (torch.randn(2, 4, 3, generator=g) * 0.1).half()
+    q = torch.randint(0, 16, (2, 4, 3, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15                                              # every group spans the grid
+    w = ((q - 8).float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2)
+    qw = quant.quantize_int4g32(w)
+    assert qw.q.shape == (2, 4, 48) and qw.scale.shape == (2, 4, 3) and qw.shape == (2, 4, 96)
+    assert torch.equal(qw.scale, scale) and torch.equal(qw.zero, zero)
+    assert torch.equal(quant.dequantize(qw), w)
+
+
+def test_int4g32_error_bound_and_constant_groups():
+    w = torch.randn(5, 128, generator=gen(2))
+    w[0, :32] = 0.25                                                          # a flat group
+    qw = quant.quantize_int4g32(w, scale_dtype=torch.float32)
+    dq = quant.dequantize(qw)
+    step = qw.scale.repeat_interleave(32, dim=-1)
+    assert ((dq - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(dq[0, :32], w[0, :32])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.quantize_int4g32(torch.randn(2, 48))
+
+
+def test_gguf_affine_mapping_q4k_and_q4_0():
+    g = gen(3)
+    q = torch.randint(0, 16, (4, 64), generator=g)                           # unpacked, [N, K]
+    d, dmin = 0.02, 0.01
+    sc = torch.randint(1, 64, (4, 2), generator=g).float()                   # Q4_K 6-bit sub-block scales
+    m = torch.randint(0, 64, (4, 2), generator=g).float()                    # and mins
+    a, b = d * sc, -dmin * m                                                  # w = a q + b
+    qw = quant.int4g32_from_affine(q, a, b, scale_dtype=torch.float32)
+    want = a.repeat_interleave(32, -1) * q + b.repeat_interleave(32, -1)
+    torch.testing.assert_close(quant.dequantize(qw), want, rtol=1e-6, atol=1e-6)
+    q40 = quant.int4g32_from_affine(q, a, -8 * a)                            # Q4_0: w = d (q - 8)
+    assert torch.equal(q40.zero, torch.zeros_like(q40.zero))
+
+
+def test_dequantize_plain_tensor_and_dtype():
+    w = torch.randn(2, 3, 32).bfloat16()
+    assert quant.dequantize(w).dtype == torch.float32
+    assert quant.dequantize(quant.quantize_int8(w), torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4g32"])
+def test_quantize_layer(fmt):
+    layer = LayerExperts(torch.randn(10, 64, 32, generator=gen(4)), torch.randn(10, 32, 32, generator=gen(5)))
+    ql = quant.quantize_layer(layer, fmt)
+    assert isinstance(ql.w13, QuantizedWeight)
+    assert ql.w13.shape == (10, 64, 32) and ql.w2.shape == (10, 32, 32)
+    assert ql.w13.fmt == ("int8" if fmt == "int8" else "int4g32")
+    for a, b in ((ql.w13, layer.w13), (ql.w2, layer.w2)):
+        rel = (quant.dequantize(a) - b).norm() / b.norm()
+        assert rel < (0.01 if fmt == "int8" else 0.1)
+    assert ql.expert_nbytes < layer.expert_nbytes / 3
+    assert quant.quantize_layer(layer, "none").w13 is layer.w13
+    with pytest.raises(ValueError, match="unknown expert quantization"):
+        quant.quantize_layer(layer, "int3")

@@ -1,0 +1,160 @@
+"""cpu_moe (C++ extension and torch fallback) against a float64 per-token reference of the same weights."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+from hotexperts.experts.quant import dequantize, quantize_layer
+from hotexperts.experts.weights import LayerExperts
+from hotexperts.kernels import cpu_moe as cm
+
+TOP_K = 4
+
+
+def reference(x, ids, weights, experts: LayerExperts) -> torch.Tensor:
+    """float64, one token and one expert at a time."""
+    w13, w2 = dequantize(experts.w13, torch.float64), dequantize(experts.w2, torch.float64)
+    I = w2.shape[-1]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            gu = w13[e] @ x[t].double()
+            h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+            y[t] += float(weights[t, k]) * (w2[e] @ h)
+    return y
+
+
+def make_layer(fmt: str, gen: torch.Generator) -> LayerExperts:
+    E = int(torch.randint(TOP_K, 17, (1,), generator=gen))
+    D, I = (32 * int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(2))
+    w13, w2 = torch.randn(E, 2 * I, D, generator=gen), torch.randn(E, D, I, generator=gen)
+    layer = LayerExperts(w13 * 0.2, w2 * 0.2)
+    if fmt in ("bf16", "fp16"):
+        dt = torch.bfloat16 if fmt == "bf16" else torch.float16
+        return LayerExperts(layer.w13.to(dt), layer.w2.to(dt))
+    return quantize_layer(layer, "none" if fmt == "fp32" else fmt)
+
+
+def routing(T: int, E: int, active: int, gen: torch.Generator):
+    """ids [T, TOP_K] with exactly `active` distinct experts per row, the rest -1 at random positions."""
+    ids = torch.stack([torch.randperm(E, generator=gen)[:TOP_K] for _ in range(T)])
+    for t in range(T):
+        ids[t, torch.randperm(TOP_K, generator=gen)[active:]] = -1
+    return ids, torch.rand(T, TOP_K, generator=gen)
+
+
+def check(fn, T: int, fmt: str, seed: int, x_dtype=torch.float32, out_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(fmt, gen)
+    D = layer.w2.shape[1]
+    x = torch.randn(T, D, generator=gen).to(x_dtype)
+    for active in range(1, TOP_K + 1):
+        ids, w = routing(T, layer.num_experts, active, gen)
+        ref = reference(x, ids, w, layer)
+        out = torch.full((T, D), float("nan"), dtype=out_dtype)        # written, not accumulated
+        got = fn(x, ids, w, layer, out)
+        assert got is out
+        tol = 2e-5 if out_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+requires_ext = pytest.mark.skipif(cm.cpu_moe_backend() == "torch", reason="C++ extension unavailable")
+
+
+@requires_ext
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8", "int4g32"])
+@pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
+def test_extension_matches_reference(T, fmt):
+    check(cm.cpu_moe, T, fmt, seed=T * 31 + len(fmt))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4g32"])
+@pytest.mark.parametrize("T", [1, 16])
+def test_torch_fallback_matches_reference(T, fmt):
+    check(cm.cpu_moe_torch, T, fmt, seed=T * 7 + len(fmt))
+
+
+@requires_ext
+@pytest.mark.parametrize("fmt", ["int8", "int4g32"])
+def test_bf16_activations_and_output(fmt):
+    check(cm.cpu_moe, 5, fmt, seed=3, x_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
+
+
+@requires_ext
+def test_no_active_expert_writes_zeros_and_bad_id_raises():
+    layer = make_layer("int8", torch.Generator().manual_seed(0))
+    D = layer.w2.shape[1]
+    ids = torch.full((3, TOP_K), -1)
+    out = cm.cpu_moe(torch.randn(3, D), ids, torch.rand(3, TOP_K), layer, torch.full((3, D), 7.0))
+    assert torch.equal(out, torch.zeros(3, D))
+    ids[1, 2] = layer.num_experts
+    with pytest.raises(RuntimeError, match="out of range"):
+        cm.cpu_moe(torch.randn(3, D), ids, torch.rand(3, TOP_K), layer)
+
+
+def test_fallback_warns_once_and_is_correct(monkeypatch):
+    monkeypatch.setattr(cm, "load_extension", lambda: None)
+    monkeypatch.setattr(cm, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="torch fallback"):
+        check(cm.cpu_moe, 3, "int8", seed=5)
+    assert cm.cpu_moe_backend() == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(cm.cpu_moe, 2, "int4g32", seed=6)
+
+
+def test_unsupported_shape_falls_back(monkeypatch):
+    monkeypatch.setattr(cm, "_warned", set())
+    gen = torch.Generator().manual_seed(1)
+    layer = LayerExperts(torch.randn(4, 2 * 24, 32, generator=gen), torch.randn(4, 32, 24, generator=gen))
+    x, (ids, w) = torch.randn(2, 32, generator=gen), routing(2, 4, 2, gen)
+    with pytest.warns(RuntimeWarning):
+        out = cm.cpu_moe(x, ids, w, layer)
+    torch.testing.assert_close(out.double(), reference(x, ids, w, layer), rtol=1e-5, atol=1e-5)
+
+
+@requires_ext
+def test_releases_gil():
+    """While one thread is inside cpu_moe, another thread keeps running Python code."""
+    gen = torch.Generator().manual_seed(2)
+    E, D, I, T = 8, 512, 512, 64
+    layer = LayerExperts(torch.randn(E, 2 * I, D, generator=gen), torch.randn(E, D, I, generator=gen))
+    x = torch.randn(T, D, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen) for _ in range(T)])
+    windows, ticks, done = [], [], threading.Event()
+
+    def work():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            cm.cpu_moe(x, ids, torch.rand(T, E), layer)
+            windows.append((t0, time.perf_counter()))
+        done.set()
+
+    threads = cm.get_num_threads()
+    cm.set_num_threads(1)
+    try:
+        th = threading.Thread(target=work)
+        th.start()
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+        th.join()
+    finally:
+        cm.set_num_threads(threads)
+    inside = sum(a < t < b for t in ticks for a, b in windows)
+    assert inside > 10, f"main thread ran {inside} times during {len(windows)} calls"
+
+
+def test_thread_setting():
+    n = cm.get_num_threads()
+    assert n >= 1
+    cm.set_num_threads(0)
+    assert cm.get_num_threads() == 1
+    cm.set_num_threads(n)
