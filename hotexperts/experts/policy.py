@@ -14,13 +14,16 @@ Contract (docs/architecture.md "Cache policy contract"):
     policy.plan(step, occupied, capacity) -> list[Swap]   # priority order; `capacity` is a Capacity
 
     ctl = CacheController(policy, layers, num_experts, capacity=K | {layer: K}, max_swaps_per_step=4,
-                          budget=None | slots, prompt_bypass=64)
+                          budget=None | slots, prompt_bypass=64, max_fills_per_step=64)
     ctl.lookup(layer, experts) -> list[bool]                  # no side effects
     ctl.observe(step, layer, experts, prompt, tokens=T, hits=flags)   # stats + policy.access
     ctl.end_step(step, prompt) -> list[Swap]                  # swaps to issue now (bounded)
     ctl.commit(swaps)                                          # fills completed -> resident
 
 Order per forward pass: lookup -> compute -> observe (every layer); then end_step -> issue -> commit.
+Bounds: per decode step at most max_swaps loads that evict a resident and max_fills loads into free slots
+(fills evict nothing). After a prompt, its most-routed experts fill the FREE slots (cold start) without
+evicting anything: prompt routing seeds an empty cache but never flushes the decode working set.
 Evictions leave `resident` at end_step (the slot is being overwritten); loads join it at commit.
 
 Capacity: per layer (`hot:K`, same K or a dict) or one global `budget` of slots shared by all layers
@@ -441,7 +444,7 @@ class CacheController:
 
     def __init__(self, policy: CachePolicy, layers: Sequence[int], num_experts: int,
                  capacity: int | Mapping[int, int] | None = None, max_swaps_per_step: int | None = 4, *,
-                 budget: int | None = None, prompt_bypass: int = 64):
+                 budget: int | None = None, prompt_bypass: int = 64, max_fills_per_step: int | None = 64):
         self.layers, self.E = [int(l) for l in layers], int(num_experts)
         caps = capacity if isinstance(capacity, Mapping) else {l: capacity for l in self.layers}
         if capacity is None:
@@ -450,6 +453,8 @@ class CacheController:
                 raise HotExpertsError("CacheController needs a per-layer capacity or a global budget")
         self.capacity = Capacity({l: min(int(caps[l]), self.E) for l in self.layers}, budget)
         self.max_swaps, self.prompt_bypass = max_swaps_per_step, int(prompt_bypass)
+        self.max_fills = max_fills_per_step
+        self._prompt_counts = {l: np.zeros(self.E) for l in self.layers}   # routing of the current prompt
         self.policy = policy
         policy.bind(self.layers, self.E)
         self.resident: dict[int, set[int]] = {l: set() for l in self.layers}
@@ -472,6 +477,9 @@ class CacheController:
                 st.prompt_hits, st.prompt_misses = st.prompt_hits + h, st.prompt_misses + len(hits) - h
             else:
                 st.hits, st.misses = st.hits + h, st.misses + len(hits) - h
+        if prompt:
+            ids = _ids(experts)
+            np.add.at(self._prompt_counts[layer], np.asarray(ids, dtype=np.int64), 1.0)
         if not (prompt and tokens > self.prompt_bypass):
             self.policy.access(step, layer, experts, prompt)
 
@@ -481,18 +489,40 @@ class CacheController:
 
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         if prompt:
-            return []
+            return self._fill_from_prompt()
         if self.decode_steps % self.policy.interval == 0:
             self.backlog = self.policy.plan(step, self.occupied(), self.capacity)
         self.decode_steps += 1
         issued, self.backlog = self._issue(self.backlog)
         return issued
 
+    def _fill_from_prompt(self) -> list[Swap]:
+        """After a prompt chunk: copy its most-routed experts into FREE slots (cold start; nothing is evicted,
+        so prompt routing never flushes the decode working set). Not bounded: it runs once per prompt."""
+        occ = self.occupied()
+        total = sum(len(s) for s in occ.values())
+        ranked = sorted(((c, l, int(e)) for l in self.layers for e, c in enumerate(self._prompt_counts[l])
+                         if c > 0 and e not in occ[l]), key=lambda t: (-t[0], t[1], t[2]))
+        out = []
+        for _, l, e in ranked:
+            if self._free(l, occ, total):
+                occ[l].add(e)
+                self.pending[l].add(e)
+                self.stats[l].loads += 1
+                out.append((l, e, None))
+                total += 1
+        for counts in self._prompt_counts.values():
+            counts[:] = 0.0
+        return out
+
     def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
-        occ, issued, held, loads = self.occupied(), [], [], 0
+        """Issue planned swaps in order: at most max_swaps loads that evict, max_fills into free slots."""
+        occ, issued, held, loads, fills = self.occupied(), [], [], 0, 0
         total = sum(len(s) for s in occ.values())
         for i, (l, c, v) in enumerate(swaps):
-            if self.max_swaps is not None and loads >= self.max_swaps:
+            into_free = c is not None and v is None and self._free(l, occ, total)
+            limit, used = (self.max_fills, fills) if into_free else (self.max_swaps, loads)
+            if limit is not None and used >= limit:
                 return issued, held + swaps[i:]
             if c is None:
                 if v in self.resident[l]:
@@ -514,7 +544,8 @@ class CacheController:
             self.pending[l].add(c)
             self.stats[l].loads += 1
             issued.append((l, c, v))
-            total, loads = total + 1, loads + 1
+            total = total + 1
+            fills, loads = (fills + 1, loads) if into_free else (fills, loads + 1)
         return issued, []
 
     def _free(self, layer, occ, total) -> bool:

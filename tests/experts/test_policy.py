@@ -127,7 +127,8 @@ def test_payback_refuses_swap_costing_more_than_it_saves():
 
 
 def test_bounded_swaps_per_step_and_backlog():
-    ctl = CacheController(WindowLFU(window=10, interval=10, margin=0), [0], 8, 4, max_swaps_per_step=2)
+    ctl = CacheController(WindowLFU(window=10, interval=10, margin=0), [0], 8, 4, max_swaps_per_step=2,
+                          max_fills_per_step=2)
     for e in range(4):
         ctl.observe(0, 0, [e])
     first = ctl.end_step(0)
@@ -135,6 +136,27 @@ def test_bounded_swaps_per_step_and_backlog():
     ctl.commit(first)
     second = ctl.end_step(1)                            # no re-plan: the backlog continues
     assert len(second) == 2 and {c for _, c, _ in first + second} == {0, 1, 2, 3}
+
+
+def test_fills_into_free_slots_are_not_counted_as_swaps():
+    ctl = CacheController(make_policy("lru"), [0], 8, 4, max_swaps_per_step=1, max_fills_per_step=None)
+    ctl.observe(0, 0, [0, 1, 2, 3])
+    fills = ctl.end_step(0)
+    assert sorted(c for _, c, _ in fills) == [0, 1, 2, 3] and all(v is None for _, _, v in fills)
+    ctl.commit(fills)
+    ctl.observe(1, 0, [4, 5])                           # now full: loads evict, one per step
+    assert len(ctl.end_step(1)) == 1
+
+
+def test_prompt_fills_free_slots_without_evicting():
+    ctl = CacheController(make_policy("lru"), [0, 1], 8, 2, prompt_bypass=4)
+    ctl.observe(0, 0, [5, 5, 5, 6, 7, 1], prompt=True, tokens=6)     # large prompt: policy not fed
+    ctl.observe(0, 1, [2, 2, 3], prompt=True, tokens=6)
+    fills = ctl.end_step(0, prompt=True)
+    assert {(l, c) for l, c, _ in fills} == {(0, 5), (0, 1), (1, 2), (1, 3)}     # ties: lowest id
+    ctl.commit(fills)
+    ctl.observe(1, 0, [4, 4, 4], prompt=True, tokens=6)
+    assert ctl.end_step(1, prompt=True) == []            # full: a prompt never evicts
 
 
 def test_uncommitted_loads_are_not_hits():
