@@ -43,11 +43,13 @@ MODEL, STORE = tiny()
 def run(executor, prompt=PROMPT, n=N_GEN, chunk=None, after_prefill=None):
     """Prefill (in chunks) + greedy decode; end_step after every forward. -> (tokens, [logits rows])."""
     kv = MODEL.new_kv_cache(len(prompt) + n + 1)
+    dev = next(MODEL.parameters()).device
     chunk = chunk or len(prompt)
     with torch.no_grad():
         for s in range(0, len(prompt), chunk):
             part = prompt[s:s + chunk]
-            logits = MODEL(torch.tensor(part), torch.arange(s, s + len(part)), kv, executor)
+            pos = torch.arange(s, s + len(part), device=dev)
+            logits = MODEL(torch.tensor(part, device=dev), pos, kv, executor)
             executor.end_step()
         if after_prefill is not None:
             after_prefill()
@@ -55,7 +57,8 @@ def run(executor, prompt=PROMPT, n=N_GEN, chunk=None, after_prefill=None):
         for i in range(n):
             toks.append(int(rows[-1].argmax()))
             pos = len(prompt) + i
-            logits = MODEL(torch.tensor([toks[-1]]), torch.tensor([pos]), kv, executor)
+            tok = torch.tensor([toks[-1]], device=dev)
+            logits = MODEL(tok, torch.tensor([pos], device=dev), kv, executor)
             executor.end_step()
             rows.append(logits[-1])
     return toks, rows
