@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from hotexperts.experts.weights import QuantizedWeight, Weight
 
+DEQUANT_CHUNK = 16                   # experts dequantized at a time for quantized prompt batches
 GATHER_LIMIT_BYTES = 256 << 20       # torch fallback: gather the pairs' experts up to this many bytes
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON: object | None = None        # cached module, or False when unavailable
@@ -53,6 +54,8 @@ def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weig
     """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto)."""
     if backend == "auto":
         backend = os.environ.get("HOTEXPERTS_GPU_MOE", "auto")
+    if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2):
+        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out)
     if backend == "auto":
         backend = "triton" if _triton_ok(x, ids, w13, w2) else "torch"
     if backend == "triton":
@@ -61,6 +64,35 @@ def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weig
             raise RuntimeError("gpu_moe: backend 'triton' requested but triton cannot be imported")
         return mod.moe_triton(x, ids, weights, w13, w2, slot_of, out)
     return torch_moe(x, ids, weights, w13, w2, slot_of, out)
+
+
+def _quantized_prefill(x, ids, w13, w2) -> bool:
+    """Quantized slots, a prompt-sized batch, CUDA + Triton: the grouped kernel over dequantized chunks."""
+    return (x.is_cuda and triton_available() and isinstance(w13, QuantizedWeight)
+            and isinstance(w2, QuantizedWeight) and w13.q.is_cuda)
+
+
+def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeight, slot_of=None, out=None,
+                       chunk: int = DEQUANT_CHUNK):
+    """Prompt batches over quantized slots: dequantize the slots this call routes to, `chunk` at a time,
+    into a small bf16 buffer and run the grouped Triton kernel on each chunk (pairs outside it masked);
+    the chunk outputs are summed in fp32. Bounded VRAM (chunk experts), one host sync (the slot list)."""
+    mod = _triton_module()
+    slots = _pair_slots(ids, slot_of)                                  # [T, K]
+    used = torch.unique(slots[slots >= 0])                             # [U] slots, host sync
+    table = torch.full((w13.shape[0],), -1, dtype=torch.int32, device=x.device)
+    res = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    wdt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    for c0 in range(0, used.numel(), chunk):
+        idx = used[c0:c0 + chunk]                                      # [C]
+        table.fill_(-1)
+        table[idx] = torch.arange(idx.numel(), dtype=torch.int32, device=x.device)
+        local = torch.where(slots >= 0, table[slots.clamp(min=0)].long(), -1)   # [T, K] chunk-local slot
+        w13c, w2c = _dequant(w13[idx], wdt).contiguous(), _dequant(w2[idx], wdt).contiguous()
+        res += mod.moe_triton(x, local, weights, w13c, w2c, None).float()
+    if out is None:
+        return res.to(x.dtype)
+    return out.copy_(res)
 
 
 def _triton_ok(x: torch.Tensor, ids: torch.Tensor, w13: Weight, w2: Weight) -> bool:

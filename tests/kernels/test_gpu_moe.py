@@ -191,3 +191,15 @@ def test_align_by_slot_layout(triton_moe):
 def test_gpu_moe_cuda_bf16(T, K):
     args, cpu = make_case(T, K, 32, 16, 256, 128, torch.bfloat16, seed=11, device="cuda")
     assert rel_err(gpu_moe(*args), reference(*cpu)) < 2e-2
+
+
+@needs_triton
+def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe):
+    from hotexperts.kernels.gpu_moe import dequant_chunks_moe
+
+    (x, ids, w, w13, w2, slot_of), _ = make_case(9, 3, 6, 5, 64, 32, torch.float32, seed=11)
+    (q13, d13), (q2, d2) = _quant_int4(w13), _quant_int4(w2)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    out = torch.full_like(x, float("nan"))
+    dequant_chunks_moe(x, ids, w, q13, q2, slot_of, out, chunk=2)     # 3 chunks over the used slots
+    assert rel_err(out, ref) < 5e-3                                   # tl.dot may use tf32 on GPU
