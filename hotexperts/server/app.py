@@ -1,0 +1,324 @@
+"""`hotexperts serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one Engine.
+
+    hotexperts serve --model DIR|preset:NAME [placement flags] [--host 127.0.0.1] [--port 8080]
+        [--api-key KEY] [--max-queue N] [--request-timeout S] [--served-model-name NAME]
+        [--allowed-origin ORIGIN ...]
+
+    app = create_app(engine, ServerSettings(model_name="m", api_key=None, max_queue=32, request_timeout=600))
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not: a non-streaming
+response is the folded stream), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics, GET / (a
+small chat page). With an API key, /v1/* and /metrics need `Authorization: Bearer KEY` (else 401).
+Every error is OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}.
+The engine runs batch-1 in one worker thread (queue.EngineWorker); the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from hotexperts.server import protocol
+from hotexperts.server.errors import APIError, bad_request
+from hotexperts.server.events import JobStreamingResponse, job_events
+from hotexperts.server.metrics import Metrics
+from hotexperts.server.queue import EngineWorker, Job, QueueFull
+from hotexperts.server.stream import Meta, fold, make_chunks, sse_lines
+
+log = logging.getLogger("hotexperts.server")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = 32                  # requests waiting behind the running one
+    request_timeout: float | None = 600.0  # seconds from arrival; None/0 = no limit
+    max_body_bytes: int = 16 * 2**20
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser pages on these origins may call the API
+
+
+class Server:
+    """State shared by the routes: engine, worker, metrics, settings."""
+
+    def __init__(self, engine, settings: ServerSettings):
+        self.engine, self.settings = engine, settings
+        self.stats: dict | None = None
+        self.worker = EngineWorker(engine, settings.max_queue, on_finish=self._on_finish)
+        self.metrics = Metrics(lambda: (self.worker.depth, self.worker.busy), lambda: self.stats,
+                               getattr(engine, "device", "cpu"))
+        gen_cfg = getattr(getattr(engine, "loaded", None), "generation_config", None)
+        self.defaults = {k: gen_cfg.get(k) for k in ("temperature", "top_p", "top_k", "min_p")} \
+            if isinstance(gen_cfg, dict) else {}
+
+    def _on_finish(self, job, ev) -> None:            # worker thread
+        if ev.kind == "end" and job.first_token_s is not None:
+            self.stats = self.engine.stats()
+        self.metrics.finished(job, ev, self.stats, time.monotonic())
+
+
+def create_app(engine, settings: ServerSettings) -> FastAPI:
+    server = Server(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.worker.stop)
+
+    app = FastAPI(title="hotexperts", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _add_handlers(app, server)
+    _add_routes(app, server)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(_StatusMetrics, metrics=server.metrics)
+    return app
+
+
+# ---- errors, auth, metrics middleware ------------------------------------------------------------
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _add_handlers(app: FastAPI, server: Server) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}"))
+
+
+class _StatusMetrics:
+    """Pure ASGI middleware: counts every HTTP response by route and status code."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.http(route, status["code"])
+
+
+def _authorize(server: Server, request: Request) -> None:
+    key = server.settings.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+
+
+# ---- routes --------------------------------------------------------------------------------------
+def _add_routes(app: FastAPI, server: Server) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _complete(server, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(server, request, "completion")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(server, request)
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _authorize(server, request)
+        _check_model(server, model_id, "model_id")
+        return _model_card(server)
+
+    @app.get("/health")
+    async def health():
+        w = server.worker
+        body = {"status": "ok" if w.alive else "error", "model": server.settings.model_name,
+                "queue_depth": w.depth, "running": w.busy}
+        return JSONResponse(body, status_code=200 if w.alive else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        _authorize(server, request)
+        data, ctype = server.metrics.render()
+        return Response(data, media_type=ctype)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        page = resources.files("hotexperts.server") / "static" / "index.html"
+        return HTMLResponse(page.read_text("utf-8"))
+
+
+def _model_card(server: Server) -> dict:
+    return {"id": server.settings.model_name, "object": "model", "created": 0, "owned_by": "hotexperts",
+            "max_model_len": server.engine.max_context}
+
+
+def _check_model(server: Server, name: str, param: str = "model") -> None:
+    if name != server.settings.model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                            f"{server.settings.model_name!r}", param=param, code="model_not_found")
+
+
+async def _read_body(server: Server, request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > server.settings.max_body_bytes
+    raw = b"" if too_big else await request.body()
+    if too_big or len(raw) > server.settings.max_body_bytes:
+        raise APIError(413, f"request body over {server.settings.max_body_bytes} bytes",
+                       code="body_too_large")
+    return raw
+
+
+def _prompt_ids(server: Server, kind: str, req) -> list[int]:
+    """Tokenize (runs in a thread pool: chat templates and long prompts must not block the loop)."""
+    tok = server.engine.tokenizer
+    try:
+        if kind == "chat":
+            return tok.encode_chat(protocol.chat_messages(req), **(req.chat_template_kwargs or {}))
+        prompt = protocol.completion_prompt(req)
+        if isinstance(prompt, str):
+            return tok.encode(prompt)
+        vocab = server.engine.config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt",
+                              code="invalid_value")
+        return list(prompt)
+    except APIError:
+        raise
+    except Exception as e:   # chat template errors (HotExpertsError), bad kwargs
+        raise bad_request(str(e), param="messages" if kind == "chat" else "prompt") from None
+
+
+async def _complete(server: Server, request: Request, kind: str):
+    arrived = time.monotonic()
+    _authorize(server, request)
+    req = protocol.parse_request(kind, await _read_body(server, request))
+    _check_model(server, req.model)
+    ids = await run_in_threadpool(_prompt_ids, server, kind, req)
+    if not ids:
+        raise bad_request("the prompt is empty (0 tokens)", param="prompt", code="empty_prompt")
+    params = protocol.sampling_params(req, len(ids), server.engine.max_context, server.defaults)
+    job = _submit(server, ids, params, arrived)
+    events = job_events(server.worker, job)
+    first = await events.until_started(request)       # errors before any output -> JSON error status
+    if first is None:                                 # the client left while waiting
+        return Response(status_code=499)
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    chunks = make_chunks(kind, events, Meta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()),
+                                            server.settings.model_name))
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return JobStreamingResponse(sse_lines(chunks, include_usage), events.close,
+                                    media_type="text/event-stream", headers=SSE_HEADERS)
+    events.watch(request)                             # non-streaming: stop when the client leaves
+    try:
+        return JSONResponse(await fold(kind, chunks))
+    finally:
+        events.close()
+
+
+def _submit(server: Server, ids, params, arrived: float) -> Job:
+    timeout = server.settings.request_timeout
+    job = Job(ids, params, asyncio.get_running_loop(), deadline=arrived + timeout if timeout else None,
+              arrived=arrived)
+    try:
+        server.worker.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy ({e}); retry later", code="queue_full",
+                       headers={"Retry-After": str(server.worker.retry_after())}) from None
+    return job
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def add_parser(subparsers) -> None:
+    from hotexperts.engine.engine import DTYPES
+    from hotexperts.experts.placement import add_placement_arguments
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
+                              description="Serve a model over an OpenAI-compatible HTTP API.")
+    p.add_argument("--model", required=True, help="model directory (Hugging Face layout) or preset:NAME")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait (32); more: 429")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds per request from arrival (default 600, 0 = none); then finish_reason length")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="CORS: let browser pages on ORIGIN call the API ('*' = any)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_placement_arguments(p)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    from hotexperts.errors import HotExpertsError
+
+    if args.max_queue < 0:
+        raise HotExpertsError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.request_timeout < 0:
+        raise HotExpertsError(f"--request-timeout must be >= 0, got {args.request_timeout}")
+    if not 0 <= args.port <= 65535:
+        raise HotExpertsError(f"--port must be in [0, 65535], got {args.port}")
+    return ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+                          max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+                          allowed_origins=tuple(args.allowed_origin))
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hotexperts.engine.engine import Engine
+    from hotexperts.experts.placement import placement_from_args
+
+    settings = settings_from_args(args)
+    placement = placement_from_args(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("binding %s without --api-key: anyone who can reach it can use the model", args.host)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=placement,
+                         max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph)
+    app = create_app(engine, settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
