@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="16,24")
     ap.add_argument("--sources", default="synthetic:qwen3-30b-a3b")
     ap.add_argument("--tests", default="pp512,pp4096,tg128,tg128@d4096")
+    ap.add_argument("--fast-tests", default=None, help="tests for every source after the first")
     ap.add_argument("--placements", default=",".join(NAMED))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--policy", default=None)
@@ -41,11 +42,12 @@ def main() -> None:
     lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)
     print(f"built {a.preset} in {time.time() - t0:.0f} s", flush=True)
     budgets = [float(b) for b in a.budgets.split(",")]
-    for src in a.sources.split(","):
+    for i, src in enumerate(a.sources.split(",")):
+        tests = parse_tests(a.tests if i == 0 or not a.fast_tests else a.fast_tests)
         kind, _, arg = src.partition(":")
         source = routing_source(kind, arg or None, lm.cfg, num_tokens=8192)
         t1 = time.time()
-        report = run_bench(lm, a.placements.split(","), budgets, parse_tests(a.tests), a.repeats, source,
+        report = run_bench(lm, a.placements.split(","), budgets, tests, a.repeats, source,
                            device, quant="none" if expert_dtype else a.quant, policy=a.policy,
                            progress=lambda m: print("  " + m, flush=True))
         report["command"] = "python scripts/gpu_bench.py " + " ".join(
