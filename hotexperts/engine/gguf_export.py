@@ -1,0 +1,204 @@
+"""Write a LoadedModel as a GGUF file the way llama.cpp's convert script lays it out (test models).
+
+    write_gguf(lm, out_path, quant="q4_k", dense="f32", split_max_tensors=0, overrides=None) -> [paths]
+    write_tokenizer(gguf_writer, tokenizer, vocab_size=0, bos_id=None)   tokenizer metadata only
+        quant: experts' type, one of QUANTS (q4_k q4_0 q4_1 q8_0 q6_k q5_k bf16 f16 f32)
+        dense: non-expert tensors' type: f32 | f16 | bf16 | q8_0 (1-D tensors and norms stay f32)
+        split_max_tensors > 0 writes name-0000i-of-0000N.gguf shards (gguf's own splitting)
+        overrides: {GGUF tensor name: quant} per-tensor types, e.g. Q4_K_M-like Q6_K down in some layers
+        out_path not ending in .gguf is a directory: <out_path>/model.gguf is written
+
+Metadata: general.*, `{arch}.*` hyper-parameters (llama.cpp key names), tokenizer.ggml.* from lm.tokenizer
+(byte-level BPE: model "gpt2", pre "qwen2" for the Qwen split regex else "gpt-2"), tokenizer.chat_template.
+Tensors: GGUF names, experts stacked [E, N, K] (ffn_{gate,up,down}_exps); `llama` (Mixtral) Q/K rows are
+permuted like llama.cpp's convert does. Quantization: gguf.quants for Q4_0/Q4_1/Q8_0/BF16/F16,
+loading/gguf_quants.py's min/max packers for Q4_K/Q5_K/Q6_K. Rows that do not fill 256-weight blocks
+fall back per tensor, as llama.cpp does (FALLBACK: Q4_K -> Q4_1, keeping the int4 path; Q5_K -> Q5_1;
+Q6_K -> Q8_0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+
+from hotexperts.engine.load import LoadedModel
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.quant import dequantize as dequantize_weight
+from hotexperts.loading import gguf_quants as gq
+from hotexperts.tokenizer import QWEN_PAT
+
+Q = GGMLQuantizationType
+QUANTS = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k": Q.Q5_K,
+          "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+DENSE = ("f32", "f16", "bf16", "q8_0")
+FALLBACK = {Q.Q4_K: Q.Q4_1, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}   # rows not a multiple of 256 (llama.cpp: Q5_0..)
+ARCH_OUT = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+_LAYER_OUT = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+              "block_sparse_moe.gate": "ffn_gate_inp",
+              "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+              "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GLOBAL_OUT = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+
+
+def gguf_name(name: str) -> str:
+    """Our dense name -> GGUF's."""
+    if name in _GLOBAL_OUT:
+        return _GLOBAL_OUT[name]
+    _, _, layer, rest = name.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    if part not in _LAYER_OUT:
+        raise HotExpertsError(f"no GGUF name for tensor {name!r}")
+    return f"blk.{layer}.{_LAYER_OUT[part]}.{kind}"
+
+
+def write_gguf(lm: LoadedModel, out_path: str | Path, quant: str = "q4_k", dense: str = "f32",
+               split_max_tensors: int = 0, overrides: dict[str, str] | None = None) -> list[Path]:
+    overrides = dict(overrides or {})
+    for q in (quant, *overrides.values()):
+        if q not in QUANTS:
+            raise HotExpertsError(f"unknown GGUF quant {q!r}; choose one of {', '.join(QUANTS)}")
+    if dense not in DENSE:
+        raise HotExpertsError(f"unknown dense GGUF type {dense!r}; choose one of {', '.join(DENSE)}")
+    cfg, out = lm.cfg, Path(out_path)
+    if out.suffix != ".gguf":                                  # a directory: write <dir>/model.gguf
+        out = out / "model.gguf"
+    arch = ARCH_OUT[cfg.model_type]
+    w = GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
+    _write_config(w, lm, arch, QUANTS[quant])
+    if lm.tokenizer is not None:
+        write_tokenizer(w, lm.tokenizer, lm.cfg.vocab_size, lm.cfg.bos_token_id)
+    _write_dense(w, lm, QUANTS[dense])
+    _write_experts(w, lm, QUANTS[quant], {k: QUANTS[v] for k, v in overrides.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    paths = w.format_shard_names(out)
+    w.close()
+    return paths
+
+
+def _write_config(w: GGUFWriter, lm: LoadedModel, arch: str, qtype: Q) -> None:
+    c = lm.cfg
+    w.add_name(f"hotexperts {c.model_type} ({qtype.name} experts)")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_layers)
+    w.add_feed_forward_length(c.intermediate_size or c.moe_intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.top_k)
+    w.add_vocab_size(c.vocab_size)
+    if arch in ("qwen3moe", "qwen2moe"):
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if c.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if c.clip_qkv is not None:
+        w.add_clamp_kqv(c.clip_qkv)
+    w.add_file_type(int(qtype))
+
+
+def _pre_name(pre: dict) -> str:
+    """GGUF pre-tokenizer name of a byte-level BPE: "qwen2" for the Qwen split regex, else "gpt-2"."""
+    splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", []) if p["type"] == "Split"]
+    if splits == [QWEN_PAT]:
+        return "qwen2"
+    if splits:
+        raise HotExpertsError("write_gguf: unknown split regex in the tokenizer's pre-tokenizer")
+    return "gpt-2"
+
+
+def _token_types(tok) -> list[int]:
+    added = {i: t.special for i, t in tok.tok.get_added_tokens_decoder().items()}
+    n = tok.tok.get_vocab_size(with_added_tokens=True)
+    return [(TokenType.CONTROL if added[i] else TokenType.USER_DEFINED) if i in added else TokenType.NORMAL
+            for i in range(n)]
+
+
+def write_tokenizer(w: GGUFWriter, tok, vocab_size: int = 0, bos_id: int | None = None) -> None:
+    """tokenizer.ggml.* of a byte-level BPE Tokenizer, padded with [PADi] (UNUSED) to vocab_size entries."""
+    spec = json.loads(tok.tok.to_str())
+    if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise HotExpertsError("write_gguf exports byte-level BPE tokenizers only")
+    inv = {i: t for t, i in tok.tok.get_vocab(with_added_tokens=True).items()}
+    tokens = [inv.get(i, f"[PAD{i}]") for i in range(max(vocab_size, len(inv)))]
+    types = _token_types(tok)
+    types += [TokenType.UNUSED] * (len(tokens) - len(types))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_name(spec["pre_tokenizer"]))
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    w.add_token_merges(merges)
+    eos = list(tok.eos_ids)
+    pad = tok.config.get("pad_token")
+    ids = {"bos": tok.bos_id if tok.bos_id is not None else bos_id, "eos": eos[0] if eos else None,
+           "eot": eos[1] if len(eos) > 1 else None, "pad": tok.token_to_id(pad) if pad else None}
+    for key, tid in ids.items():
+        if tid is not None:
+            getattr(w, f"add_{key}_token_id")(int(tid))
+    w.add_add_bos_token(bool(tok.config.get("add_bos_token")))
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def _permute(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's convert permute of Q/K rows (HF rope halves -> interleaved pairs)."""
+    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def row_type(qtype: Q, K: int) -> Q:
+    """qtype, or its fallback when rows of K weights do not fill whole blocks (256-blocks -> 32-blocks)."""
+    while K % gq.block_bytes(qtype)[0]:
+        if qtype not in FALLBACK:
+            raise HotExpertsError(f"rows of {K} weights cannot be stored as {qtype.name}")
+        qtype = FALLBACK[qtype]
+    return qtype
+
+
+def _add(w: GGUFWriter, name: str, t: torch.Tensor, qtype: Q, chunk: int = 8) -> None:
+    """Add float tensor t [..., K] in qtype (1-D tensors: F32), `chunk` leading entries at a time."""
+    if qtype == Q.F32 or t.dim() < 2:
+        w.add_tensor(name, np.ascontiguousarray(t.detach().float().cpu().numpy()))
+        return
+    qtype = row_type(qtype, t.shape[-1])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"      # Q4_K/Q5_K/Q6_K packers run on the GPU if any
+    parts = [gq.quantize(t[i:i + chunk].detach().to(dev, torch.float32), qtype)
+             for i in range(0, len(t), chunk)]
+    w.add_tensor(name, np.concatenate(parts), raw_dtype=None if qtype == Q.F16 else qtype)
+
+
+def _write_dense(w: GGUFWriter, lm: LoadedModel, qtype: Q) -> None:
+    c = lm.cfg
+    for name, t in lm.model.state_dict().items():
+        if c.model_type == "mixtral" and (".q_proj." in name or ".k_proj." in name):
+            t = _permute(t, c.num_heads if ".q_proj." in name else c.num_kv_heads)
+        if name.endswith("shared_expert_gate.weight"):
+            t = t.reshape(-1)                      # llama.cpp stores it as [D] (transformers expects that)
+        _add(w, gguf_name(name), t, qtype if "norm" not in name else Q.F32)
+
+
+def _write_experts(w: GGUFWriter, lm: LoadedModel, qtype: Q, overrides: dict[str, Q]) -> None:
+    I = lm.cfg.moe_intermediate_size
+    for l in lm.store.layers:
+        le = lm.store.layer(l)
+        w13 = dequantize_weight(le.w13)                                        # [E, 2I, D] fp32
+        for which, t in (("gate", w13[:, :I]), ("up", w13[:, I:]), ("down", dequantize_weight(le.w2))):
+            name = f"blk.{l}.ffn_{which}_exps.weight"
+            _add(w, name, t, overrides.get(name, qtype))

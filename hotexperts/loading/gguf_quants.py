@@ -1,0 +1,203 @@
+"""GGML block formats <-> our weights: exact int4g32 for Q4_0/Q4_1/Q4_K, dequantization for the rest.
+
+A GGUF matrix [..., N, K] is stored row by row, each row K/bs blocks of `bs` weights (32 or 256), as bytes
+`raw` uint8 [..., N, K/bs * block_bytes] (gguf's ReaderTensor.data for block types).
+
+    FAST_TYPES                      ggml types that map exactly onto int4g32 (experts stay 4-bit)
+    to_int4g32(raw, qtype, scale_dtype=float16) -> QuantizedWeight "int4g32" (w = (q - 8) * scale + zero)
+    dequantize(raw, qtype, shape, name) -> float32 tensor [..., N, K]   (SUPPORTED: what gguf.quants reads)
+    check_supported(qtype, name)    one ModelLoadError naming the tensor for other types (I32, Q8_K, ...)
+    quantize(w[..., N, K] float32, qtype) -> raw uint8 [..., N, bytes]  (writers; Q4_K/Q5_K/Q6_K packed here)
+
+Exact mapping: every GGML 4-bit block of 32 is w = a * q + b with q in 0..15:
+    Q4_0  (18 B / 32):  d fp16, 16 B nibbles                      a = d,       b = -8 d
+    Q4_1  (20 B / 32):  d, m fp16, 16 B nibbles                   a = d,       b = m
+    Q4_K  (144 B / 256): d, dmin fp16, 12 B 6-bit (sc, m) x 8, 128 B nibbles    a = d sc, b = -dmin m
+In a GGML block, byte j holds element j (low nibble) and element j + 16 (high nibble); Q4_K's 128 bytes are
+4 chunks of 32 bytes, each low nibbles = sub-block 2c, high nibbles = sub-block 2c + 1.
+a and b are computed in float32 (exact: fp16 x 6-bit ints) and stored as scale = a, zero = b + 8 a in
+`scale_dtype`: float16 by default (Q4_0 stays bit-exact; Q4_1/Q4_K round scale/zero to 11 bits, a relative
+error of 2^-11 of the group's range, below bf16 activation rounding), float32 for bit-tight equality.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from hotexperts.errors import ModelLoadError
+from hotexperts.experts.weights import QuantizedWeight
+
+Q = GGMLQuantizationType
+FAST_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+SUPPORTED = (*FLOAT_TYPES, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+             Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
+             Q.TQ1_0, Q.TQ2_0, Q.MXFP4)         # all but FLOAT_TYPES go through gguf.quants.dequantize
+
+
+def block_bytes(qtype: Q) -> tuple[int, int]:
+    """(weights per block, bytes per block)."""
+    return GGML_QUANT_SIZES[qtype]
+
+
+def _tensor(raw: np.ndarray) -> torch.Tensor:
+    """A torch view of (read-only, memory-mapped) numpy data; callers only read it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)      # "non-writable array": we never write to it
+        return torch.from_numpy(raw)
+
+
+def _half(b: torch.Tensor, at: int) -> torch.Tensor:
+    """fp16 at byte offset `at` of each block b [..., nb, bytes] -> float32 [..., nb, 1]."""
+    return b[..., at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _repack(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """GGML nibbles -> ours. qs [..., n*group/2] bytes; in each group of `group` weights (group/2 bytes)
+    byte j holds weights j (low) and j + group/2 (high); ours: byte m holds weights 2m (low), 2m+1 (high)."""
+    v = qs.view(torch.int16).unflatten(-1, (-1, group // 4))       # [..., n, group/4]: even | odd << 8
+    first = (v & 0x0F) | ((v >> 4) & 0xF0)                         # weights 0 .. group/2 - 1
+    second = ((v >> 4) & 0x0F) | ((v >> 8) & 0xF0)                 # weights group/2 .. group - 1
+    return torch.cat((first, second), -1).to(torch.uint8).flatten(-2)
+
+
+def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K packed bytes [..., 12] uint8 -> (sc, m) [..., 8] 6-bit ints (llama.cpp get_scale_min_k4)."""
+    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat((lo_sc & 63, (hi & 15) | ((lo_sc >> 6) << 4)), -1)
+    m = torch.cat((lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)), -1)
+    return sc, m
+
+
+def _affine_q4_0(b):                     # b [..., nb, 18] -> packed [..., nb, 16], a, b [..., nb, 1]
+    d = _half(b, 0)
+    return _repack(b[..., 2:18], 32), d, -8.0 * d
+
+
+def _affine_q4_1(b):                               # b [..., nb, 20]
+    return _repack(b[..., 4:20], 32), _half(b, 0), _half(b, 2)
+
+
+def _affine_q4_k(b):                     # b [..., nb, 144] -> packed [..., nb, 128], a, b [..., nb, 8]
+    sc, m = k_scales(b[..., 4:16])
+    return _repack(b[..., 16:144], 64), _half(b, 0) * sc.float(), -(_half(b, 2) * m.float())
+
+
+_AFFINE = {Q.Q4_0: _affine_q4_0, Q.Q4_1: _affine_q4_1, Q.Q4_K: _affine_q4_k}
+
+
+def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Exact int4g32 of a Q4_0/Q4_1/Q4_K matrix raw [..., N, bytes]: byte-level repacking with torch ops
+    (vectorised, multi-threaded; no loop over blocks and no unpacked one-value-per-byte temporary)."""
+    if qtype not in _AFFINE:
+        raise ModelLoadError(f"{qtype.name} does not map onto int4g32")
+    bs = block_bytes(qtype)[1]
+    blocks = _tensor(raw).unflatten(-1, (-1, bs))                  # [..., N, nb, bs]
+    q, a, b = _AFFINE[qtype](blocks)                    # q [..., N, nb, bytes]; a, b [..., N, nb, g]
+    scale = a.flatten(-2)                                          # [..., N, K/32] float32
+    zero = (b.flatten(-2) + 8.0 * scale).to(scale_dtype)
+    return QuantizedWeight("int4g32", q.flatten(-2), scale.to(scale_dtype), zero)
+
+
+def check_supported(qtype: Q, name: str = "tensor") -> None:
+    """One clear ModelLoadError for a type we cannot read (integer tensors, Q8_1/Q8_K, ...)."""
+    if qtype not in SUPPORTED:
+        raise ModelLoadError(f"{name} has GGUF type {qtype.name}, which is not supported; supported: "
+                             + ", ".join(t.name for t in SUPPORTED))
+
+
+def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
+    """float32 tensor of `shape` from a GGUF tensor's data (block bytes or a float array)."""
+    check_supported(qtype, name)
+    if qtype in (Q.F32, Q.F16):
+        return torch.from_numpy(np.array(raw, dtype=np.float32).reshape(shape))     # a copy: raw is read-only
+    if qtype == Q.BF16:      # gguf's reader hands BF16 as raw bytes
+        u16 = np.ascontiguousarray(raw).view(np.uint16).reshape(shape)
+        return torch.from_numpy(u16.astype(np.int32) << 16).view(torch.float32)
+    try:
+        w = quants.dequantize(np.ascontiguousarray(raw), qtype)
+    except NotImplementedError as e:
+        raise ModelLoadError(f"{name}: GGUF type {qtype.name} cannot be dequantized (gguf package)") from e
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape))
+
+
+# ---- packers (writers and tests), torch ops ----
+
+def quantize(w: np.ndarray | torch.Tensor, qtype: Q) -> np.ndarray:
+    """float [..., N, K] -> block bytes [..., N, K/bs * block_bytes] (or a float array for F32/F16).
+    Our packers run where w lives (a CUDA tensor packs on the GPU); gguf's run in numpy."""
+    if qtype in _PACKERS:
+        x = torch.as_tensor(w).float()
+        blocks = _PACKERS[qtype](x.unflatten(-1, (-1, 256)))      # [..., N, nb, block_bytes]
+        return blocks.flatten(-2).cpu().numpy()
+    return quants.quantize(np.ascontiguousarray(torch.as_tensor(w).float().cpu().numpy()), qtype)
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [...] -> uint8 [..., 2] (fp16 bits)."""
+    return x.half().unsqueeze(-1).view(torch.uint8)
+
+
+def _scale_of(amax: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Super-block scale d (rounded to fp16) and its safe reciprocal for `levels` integer steps."""
+    d = (amax / levels).half().float()
+    return d, torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+
+
+def _pack_k_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(sc, m) [..., 8] 6-bit -> [..., 12] bytes (inverse of k_scales)."""
+    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+    return torch.cat((sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+                      (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)), -1)
+
+
+def _min_max_k(x: torch.Tensor, qmax: int):
+    """Q4_K/Q5_K grid of x [..., nb, 256]: (q [..., nb, 256] d, dmin [..., nb], sc, m [..., nb, 8])."""
+    g = x.unflatten(-1, (8, 32))                                   # [..., nb, 8, 32]
+    lo = g.amin(-1).clamp(max=0.0)                                 # w = d sc q - dmin m, m >= 0
+    step, off = (g.amax(-1) - lo) / qmax, -lo                      # [..., nb, 8]
+    d, inv_d = _scale_of(step.amax(-1), 63)
+    dmin, inv_dmin = _scale_of(off.amax(-1), 63)
+    sc = torch.round(step * inv_d[..., None]).clamp(0, 63)
+    m = torch.round(off * inv_dmin[..., None]).clamp(0, 63)
+    a, b = d[..., None] * sc, dmin[..., None] * m                  # [..., nb, 8]
+    q = torch.round((g + b[..., None]) / torch.where(a > 0, a, 1.0)[..., None]).clamp(0, qmax)
+    return q.to(torch.uint8).flatten(-2), d, dmin, sc, m
+
+
+def _pack_q4_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 144]
+    q, d, dmin, sc, m = _min_max_k(x, 15)
+    c = q.unflatten(-1, (4, 2, 32))                                # chunk, (low, high) sub-block, 32
+    qs = (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
+    return torch.cat((_fp16_bytes(d), _fp16_bytes(dmin), _pack_k_scales(sc, m), qs), -1)
+
+
+def _pack_q5_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 176]
+    q, d, dmin, sc, m = _min_max_k(x, 31)
+    c = q.unflatten(-1, (4, 2, 32))                                # chunk c, sub-block 2c + h, l
+    qs = ((c[..., 0, :] & 15) | ((c[..., 1, :] & 15) << 4)).flatten(-2)
+    bits = (c >> 4).flatten(-3, -2)                                # [..., nb, 8, 32]: high bit of sub-block j
+    qh = sum(bits[..., j, :] << j for j in range(8)).to(torch.uint8)   # [..., nb, 32], bit j = sub-block j
+    return torch.cat((_fp16_bytes(d), _fp16_bytes(dmin), _pack_k_scales(sc, m), qh, qs), -1)
+
+
+def _pack_q6_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 210]
+    g = x.unflatten(-1, (16, 16))                                  # 16 groups of 16 (symmetric)
+    step = g.abs().amax(-1) / 31.0                                 # [..., nb, 16]
+    d, inv_d = _scale_of(step.amax(-1), 127)
+    sc = torch.round(step * inv_d[..., None]).clamp(0, 127)       # int8 scales >= 0
+    a = d[..., None] * sc
+    q = torch.round(g / torch.where(a > 0, a, 1.0)[..., None]).clamp(-32, 31) + 32
+    q = q.to(torch.uint8).reshape(*x.shape[:-1], 2, 4, 32)         # half h, quarter k, l
+    ql = torch.cat(((q[..., 0, :] & 15) | ((q[..., 2, :] & 15) << 4),
+                    (q[..., 1, :] & 15) | ((q[..., 3, :] & 15) << 4)), -1)          # [..., 2, 64]
+    qh = sum((q[..., k, :] >> 4) << (2 * k) for k in range(4)).to(torch.uint8)     # [..., 2, 32]
+    scales = sc.to(torch.int8).view(torch.uint8)
+    return torch.cat((ql.flatten(-2), qh.flatten(-2), scales, _fp16_bytes(d)), -1)
+
+
+_PACKERS = {Q.Q4_K: _pack_q4_k, Q.Q5_K: _pack_q5_k, Q.Q6_K: _pack_q6_k}

@@ -1,0 +1,89 @@
+"""GGML blocks <-> int4g32 / float: exact Q4_0/Q4_1/Q4_K mapping on arbitrary valid bytes, packers checked
+against the gguf package's own dequantizer, clear errors for unsupported types."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from hotexperts.errors import ModelLoadError
+from hotexperts.experts.quant import dequantize as dequantize_int4
+from hotexperts.loading import gguf_quants as gq
+
+
+def random_blocks(qtype, rows=6, blocks=3, seed=0):
+    """Arbitrary bytes in qtype's layout with finite, realistic fp16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    bs = gq.block_bytes(qtype)[1]
+    raw = rng.integers(0, 256, size=(rows, blocks, bs), dtype=np.uint8)
+    halves = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2)}[qtype]
+    for at in halves:
+        raw[..., at:at + 2] = (rng.standard_normal((rows, blocks)) * 0.02).astype(np.float16)[..., None].view(
+            np.uint8)
+    return raw.reshape(rows, blocks * bs)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4g32_is_exact_with_fp32_scales(qtype):
+    raw = random_blocks(qtype)
+    want = quants.dequantize(raw, qtype)                                   # llama.cpp's formula, float32
+    got = dequantize_int4(gq.to_int4g32(raw, qtype, torch.float32)).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4g32_fp16_scales_are_tight(qtype):
+    raw = random_blocks(qtype, seed=1)
+    want = quants.dequantize(raw, qtype)
+    w = gq.to_int4g32(raw, qtype)                                          # default: fp16 scale / zero
+    assert w.fmt == "int4g32" and w.scale.dtype == torch.float16 and w.q.shape == (6, want.shape[1] // 2)
+    got = dequantize_int4(w).numpy()
+    group_range = np.abs(want).reshape(6, -1, 32).max(-1, keepdims=True)
+    err = np.abs(got - want).reshape(6, -1, 32) / np.maximum(group_range, 1e-12)
+    assert err.max() < 2 ** -9
+    if qtype == Q.Q4_0:                                                    # d is fp16 already: bit-exact
+        np.testing.assert_array_equal(got, want)
+
+
+def test_int4g32_batched_leading_dims():
+    raw = random_blocks(Q.Q4_K, rows=12).reshape(3, 4, -1)                 # [E, N, bytes]
+    w = gq.to_int4g32(raw, Q.Q4_K, torch.float32)
+    assert w.q.shape == (3, 4, 384) and w.scale.shape == (3, 4, 24)
+    np.testing.assert_array_equal(dequantize_int4(w).numpy(),
+                                  quants.dequantize(raw, Q.Q4_K).reshape(3, 4, 768))
+
+
+def test_k_scales_roundtrip():
+    rng = np.random.default_rng(0)
+    sc, m = torch.from_numpy(rng.integers(0, 64, (5, 8))), torch.from_numpy(rng.integers(0, 64, (5, 8)))
+    sc2, m2 = gq.k_scales(gq._pack_k_scales(sc, m))
+    assert torch.equal(sc2.long(), sc) and torch.equal(m2.long(), m)
+
+
+@pytest.mark.parametrize("qtype,tol", [(Q.Q4_K, 0.2), (Q.Q5_K, 0.1), (Q.Q6_K, 0.08), (Q.Q4_0, 0.3),
+                                       (Q.Q4_1, 0.2), (Q.Q8_0, 0.02)])
+def test_packers_roundtrip_through_gguf(qtype, tol):
+    """Our packers write bytes gguf's dequantizer reads back close to the input (layout is right)."""
+    x = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    raw = gq.quantize(x, qtype)
+    per_block, nbytes = gq.block_bytes(qtype)
+    assert raw.dtype == np.uint8 and raw.shape == (4, 512 // per_block * nbytes)
+    err = np.abs(quants.dequantize(raw, qtype) - x)
+    assert err.max() < tol and err.mean() < tol / 3
+
+
+def test_dequantize_float_types():
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    bf = quants.quantize(x, Q.BF16)                                        # uint8 bytes, like the reader
+    want = torch.from_numpy(x).bfloat16().float()
+    assert torch.equal(gq.dequantize(bf, Q.BF16, (3, 64)), want)
+    half = torch.from_numpy(x).half().float()
+    assert torch.equal(gq.dequantize(x.astype(np.float16), Q.F16, (3, 64)), half)
+
+
+def test_unsupported_type_is_one_clear_error():
+    with pytest.raises(ModelLoadError, match="blk.0.x.*I32.*not supported"):
+        gq.dequantize(np.zeros((2, 32), np.int32), Q.I32, (2, 32), "blk.0.x")
+    with pytest.raises(ModelLoadError, match="does not map onto int4g32"):
+        gq.to_int4g32(np.zeros((2, 34), np.uint8), Q.Q8_0)
