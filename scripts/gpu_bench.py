@@ -33,10 +33,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--policy", default=None)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
+    device = torch.device(a.device)
     t0 = time.time()
     expert_dtype = {"none": None, "int8": "int8", "int4": "int4g32"}[a.quant]
     lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)

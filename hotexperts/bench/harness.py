@@ -45,6 +45,8 @@ class PlacementResult:
     layer_hit: list | None = None
     swaps: int = 0
     bytes_moved: int = 0
+    n_cpu_layers: int | None = None          # layer offload: MoE layers whose experts stayed on the CPU
+    decode_tokens: int = 0                   # decode steps run on this executor (warm-up included)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -149,6 +151,8 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
                     progress(f"{label} {test.name}: {runs[-1]:.1f} tok/s")
             res.tests[test.name] = summarize(runs)
         _cache_stats(res, ex)
+        res.n_cpu_layers = _cpu_layers(ex, bench.lm)
+        res.decode_tokens = 4 + repeats * sum(t.n for t in tests if t.kind == "tg")
     except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     finally:
@@ -156,6 +160,16 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
             res.peak_vram_gib = torch.cuda.max_memory_allocated(bench.device) / GiB
         ex = gen = None
     return res
+
+
+def _cpu_layers(ex, lm) -> int | None:
+    """MoE layers with no expert resident on the GPU (what --n-cpu-moe counts), for hybrid executors."""
+    slots = getattr(ex, "slots", None)
+    if getattr(ex, "controller", None) is not None or not hasattr(ex, "slots"):
+        return None
+    if slots is None:
+        return len(lm.store.layers)
+    return sum(1 for l in lm.store.layers if l not in slots.layers or slots.resident_count(l) == 0)
 
 
 def _cache_stats(res: PlacementResult, ex) -> None:
