@@ -29,7 +29,7 @@ class ModelConfig:
     intermediate_size: int = 0          # dense-MLP width for non-MoE layers
     norm_topk_prob: bool = True         # renormalise the K routing weights to sum to 1
     shared_expert_intermediate_size: int = 0   # qwen2_moe shared expert (sigmoid-gated); 0 = none
-    qk_norm: str = "none"               # "none" | "head" (qwen3: RMSNorm per head) | "full" (olmoe: over H*hd)
+    qk_norm: str = "none"               # "none" | "head" (qwen3: per head) | "full" (olmoe: over H*hd)
     attention_bias: bool = False        # qkv bias (qwen2_moe)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0

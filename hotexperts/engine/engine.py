@@ -55,6 +55,10 @@ def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int
         from hotexperts.engine.presets import build_in_memory
 
         return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed)
+    if source.endswith(".gguf"):
+        from hotexperts.engine.load_gguf import load_gguf
+
+        return load_gguf(source, dtype=dtype, device=device)
     from hotexperts.engine.load import load_model
 
     return load_model(source, dtype=dtype, device=device)

@@ -407,11 +407,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="where random numbers are drawn (default: cuda if present)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: safetensors directory (default); gguf: a GGUF file (--out FILE.gguf or DIR)")
+    p.add_argument("--quant", default="q4_k",
+                   help="GGUF expert type: q4_k q4_0 q4_1 q8_0 q6_k q5_k bf16 f16 f32 (default q4_k)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     get_preset(args.preset)
+    if args.format == "gguf":
+        from hotexperts.engine.gguf_export import write_gguf
+
+        lm = build_in_memory(args.preset, dtype=args.dtype, device=args.device, seed=args.seed)
+        paths = write_gguf(lm, args.out, args.quant)
+        size = sum(Path(f).stat().st_size for f in paths) / 1024 ** 2
+        print(f"wrote {args.preset} ({args.quant} experts) to {', '.join(map(str, paths))} ({size:.1f} MiB)")
+        return 0
     out = write_hf_dir(args.preset, args.out, seed=args.seed, dtype=args.dtype, device=args.device)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1024 ** 2
     print(f"wrote {args.preset} to {out} ({size:.1f} MiB)")
