@@ -174,7 +174,7 @@ def rows(report: dict, hw: HardwareProfile, shape: ModelShape, *, test: str | No
         if r.get("error") or meas is None:
             out.append(row | {"skipped": r.get("error") or "no tg measurement"})
             continue
-        placement, kw, note = cost_placement(r, shape, nmap or {}, n_steps)
+        placement, kw, note = cost_placement(r, shape, nmap or {}, steps or r.get("decode_tokens") or n_steps)
         pred = predict(shape, hw, placement, **kw)
         err = 100.0 * (pred.decode_tps - meas[1]) / meas[1]
         row |= {"test": meas[0], "measured": meas[1], "predicted": pred.decode_tps, "error_pct": err,

@@ -46,7 +46,7 @@ class PlacementResult:
     swaps: int = 0
     bytes_moved: int = 0
     n_cpu_layers: int | None = None          # layer offload: MoE layers whose experts stayed on the CPU
-    decode_tokens: int = 0                   # decode steps run on this executor (warm-up included)
+    decode_tokens: int = 0                   # timed decode steps that hit_rate / swaps / bytes_moved cover
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -106,8 +106,9 @@ class Bench:
         if isinstance(ex, RoutingReplay):
             ex.seek(position)
 
-    def run_test(self, gen: Generator, ex, test: BenchTest) -> float:
-        """One run of `test`; returns tokens/s."""
+    def run_test(self, gen: Generator, ex, test: BenchTest, decode: DecodeCounts | None = None) -> float:
+        """One run of `test`; returns tokens/s. For tg tests, `decode` accumulates the cache counters of
+        the timed decode steps only (prompt and warm-up excluded)."""
         with torch.no_grad():
             if test.kind == "pp":
                 self._seek(ex, 0)
@@ -121,11 +122,43 @@ class Bench:
             logits = gen.prefill(self.tokens[:depth])
             token = int(logits.argmax())
             self._sync()
+            before = _counters(ex)
             t0 = time.perf_counter()
             for i in range(test.n):
                 token = int(gen.decode_one(token, depth + i).argmax())
             self._sync()
-            return test.n / (time.perf_counter() - t0)
+            tps = test.n / (time.perf_counter() - t0)
+            if decode is not None and before is not None:
+                decode.add(before, _counters(ex), test.n)
+            return tps
+
+
+@dataclass
+class DecodeCounts:
+    """Cache counters summed over timed decode steps: per layer hits/misses, swaps, bytes moved."""
+
+    hits: list = field(default_factory=list)
+    misses: list = field(default_factory=list)
+    swaps: int = 0
+    bytes_moved: int = 0
+    tokens: int = 0
+
+    def add(self, before: dict, after: dict, tokens: int) -> None:
+        d = {k: [a - b for a, b in zip(after[k], before[k], strict=True)] for k in ("hits", "misses")}
+        self.hits = [a + b for a, b in zip(self.hits or [0] * len(d["hits"]), d["hits"], strict=True)]
+        self.misses = [a + b for a, b in zip(self.misses or [0] * len(d["misses"]), d["misses"], strict=True)]
+        self.swaps += after["swaps"] - before["swaps"]
+        self.bytes_moved += after["bytes_moved"] - before["bytes_moved"]
+        self.tokens += tokens
+
+
+def _counters(ex) -> dict | None:
+    stats = ex.stats() if callable(getattr(ex, "stats", None)) else None
+    if not stats:
+        return None
+    layers = list(stats["layers"].values())
+    return {"hits": [v["hits"] for v in layers], "misses": [v["misses"] for v in layers],
+            "swaps": stats["total"]["swaps"], "bytes_moved": stats["total"]["bytes_moved"]}
 
 
 def summarize(runs: list[float]) -> dict:
@@ -143,16 +176,16 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
         ex = bench.executor(placement, reserved)
         gen = Generator(bench.lm.model, ex, bench.lm.cfg, bench.device, bench.max_context)
         bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))          # builds graphs, JIT kernels
+        decode = DecodeCounts()
         for test in tests:
             runs = []
             for _ in range(repeats):
-                runs.append(bench.run_test(gen, ex, test))
+                runs.append(bench.run_test(gen, ex, test, decode))
                 if progress:
                     progress(f"{label} {test.name}: {runs[-1]:.1f} tok/s")
             res.tests[test.name] = summarize(runs)
-        _cache_stats(res, ex)
+        _decode_stats(res, decode)
         res.n_cpu_layers = _cpu_layers(ex, bench.lm)
-        res.decode_tokens = 4 + repeats * sum(t.n for t in tests if t.kind == "tg")
     except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     finally:
@@ -172,16 +205,14 @@ def _cpu_layers(ex, lm) -> int | None:
     return sum(1 for l in lm.store.layers if l not in slots.layers or slots.resident_count(l) == 0)
 
 
-def _cache_stats(res: PlacementResult, ex) -> None:
-    stats = ex.stats() if hasattr(ex, "stats") and callable(ex.stats) else None
-    if not stats:
+def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
+    """Hit rate, swaps and bytes moved over the timed decode steps (what tg tok/s was measured on)."""
+    if not d.tokens or not d.hits:
         return
-    total = stats.get("total", {})
-    n = total.get("hits", 0) + total.get("misses", 0)
-    res.hit_rate = total.get("hits", 0) / n if n else None
-    res.swaps, res.bytes_moved = int(total.get("swaps", 0)), int(total.get("bytes_moved", 0))
-    res.layer_hit = [
-        (v.get("hits", 0) / max(1, v.get("hits", 0) + v.get("misses", 0))) for v in stats["layers"].values()]
+    n = sum(d.hits) + sum(d.misses)
+    res.hit_rate = sum(d.hits) / n if n else None
+    res.layer_hit = [h / max(1, h + m) for h, m in zip(d.hits, d.misses, strict=True)]
+    res.swaps, res.bytes_moved, res.decode_tokens = d.swaps, d.bytes_moved, d.tokens
 
 
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
@@ -302,13 +333,12 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
                               f"{args.model!r} has none")
     hw = get_profile(profile)
     budgets = [b if b is not None else hw.vram_gb for b in budgets]
-    decode_tokens = sum(t.n for t in tests if t.kind == "tg") * args.repeats + 4
     out = {"predicted": [], "measured_on_this_machine": []}
     for b in budgets:
         plan = pr.real_plan(shape, b)
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
                            policy=args.policy, progress=progress, labels=names)
-        rows = pr.predictions(report, shape, hw, plan, decode_tokens)
+        rows = pr.predictions(report, shape, hw, plan)
         print()
         print(pr.table(rows, shape, hw, plan))
         print(f"\n(measured here, tiny widths, {report['device']}: cache behaviour is real, speeds are not "

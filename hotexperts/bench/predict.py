@@ -53,7 +53,7 @@ def _cost_placement(placement: str, plan: dict) -> str:
             "cache": f"cache:{plan['cache_slots']}"}[kind]
 
 
-def predictions(report: dict, shape: ModelShape, hw, plan: dict, decode_tokens: int) -> list[dict]:
+def predictions(report: dict, shape: ModelShape, hw, plan: dict) -> list[dict]:
     rows = []
     for r in report["results"]:
         if r["error"]:
@@ -61,7 +61,7 @@ def predictions(report: dict, shape: ModelShape, hw, plan: dict, decode_tokens: 
         cost = _cost_placement(r["placement"], plan)
         kw = {}
         if cost.startswith(("hot", "cache")):
-            kw = {"layer_hit": r["layer_hit"], "swaps_per_token": r["swaps"] / max(decode_tokens, 1)}
+            kw = {"layer_hit": r["layer_hit"], "swaps_per_token": r["swaps"] / max(r["decode_tokens"], 1)}
         p = predict(shape, hw, cost, **kw)
         rows.append({"label": r["label"], "placement": cost, "decode_tps": p.decode_tps,
                      "prompt_tps": p.prompt_tps, "vram_gb": p.vram_gb, "hit_rate": r["hit_rate"],
