@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hotexperts.bench import report as rep
-from hotexperts.bench.harness import NAMED, run_bench
+from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
 from hotexperts.bench.workload import parse_tests, routing_source
 from hotexperts.engine.presets import build_in_memory
 
@@ -46,7 +46,7 @@ def main() -> None:
     for i, src in enumerate(a.sources.split(",")):
         tests = parse_tests(a.tests if i == 0 or not a.fast_tests else a.fast_tests)
         kind, _, arg = src.partition(":")
-        source = routing_source(kind, arg or None, lm.cfg, num_tokens=8192)
+        source = routing_source(kind, arg or None, lm.cfg, num_tokens=tokens_needed(tests, a.repeats))
         t1 = time.time()
         report = run_bench(lm, a.placements.split(","), budgets, tests, a.repeats, source,
                            device, quant="none" if expert_dtype else a.quant, policy=a.policy,

@@ -47,6 +47,7 @@ class PlacementResult:
     bytes_moved: int = 0
     n_cpu_layers: int | None = None          # layer offload: MoE layers whose experts stayed on the CPU
     decode_tokens: int = 0                   # timed decode steps that hit_rate / swaps / bytes_moved cover
+    trace_wraps: int = 0                     # times the replayed routing ran past its end and restarted
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -108,17 +109,17 @@ class Bench:
 
     def run_test(self, gen: Generator, ex, test: BenchTest, decode: DecodeCounts | None = None) -> float:
         """One run of `test`; returns tokens/s. For tg tests, `decode` accumulates the cache counters of
-        the timed decode steps only (prompt and warm-up excluded)."""
+        the timed decode steps only (prompt and warm-up excluded). Replayed routing is consumed in order
+        across the tests (the cursor never rewinds within a placement), so no test decodes routing the
+        cache has just seen in an earlier prompt."""
         with torch.no_grad():
             if test.kind == "pp":
-                self._seek(ex, 0)
                 self._sync()
                 t0 = time.perf_counter()
                 gen.prefill(self.tokens[:test.n])
                 self._sync()
                 return test.n / (time.perf_counter() - t0)
             depth = max(test.depth, 1)
-            self._seek(ex, max(0, self.source.first_decode - depth))
             logits = gen.prefill(self.tokens[:depth])
             token = int(logits.argmax())
             self._sync()
@@ -161,6 +162,11 @@ def _counters(ex) -> dict | None:
             "swaps": stats["total"]["swaps"], "bytes_moved": stats["total"]["bytes_moved"]}
 
 
+def tokens_needed(tests: list[BenchTest], repeats: int) -> int:
+    """Trace rows one placement consumes (warm-up included): replay longer than this never wraps."""
+    return 5 + repeats * sum(t.n + (max(t.depth, 1) if t.kind == "tg" else 0) for t in tests)
+
+
 def summarize(runs: list[float]) -> dict:
     return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
 
@@ -174,6 +180,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
     ex = gen = None
     try:
         ex = bench.executor(placement, reserved)
+        bench._seek(ex, 0)          # every placement replays the same routing, which runs forward through
         gen = Generator(bench.lm.model, ex, bench.lm.cfg, bench.device, bench.max_context)
         bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))          # builds graphs, JIT kernels
         decode = DecodeCounts()
@@ -185,6 +192,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
                     progress(f"{label} {test.name}: {runs[-1]:.1f} tok/s")
             res.tests[test.name] = summarize(runs)
         _decode_stats(res, decode)
+        res.trace_wraps = ex.wraps if isinstance(ex, RoutingReplay) else 0
         res.n_cpu_layers = _cpu_layers(ex, bench.lm)
     except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
@@ -274,7 +282,8 @@ def add_parser(subparsers) -> None:
     src.add_argument("--route-trace", metavar="FILE",
                      help="replay routing from a trace (.npz or a shared raw file)")
     src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
-    p.add_argument("--route-tokens", type=int, default=8192, help="length of synthetic routing (tokens)")
+    p.add_argument("--route-tokens", type=int, default=None,
+                   help="synthetic routing length (default: what one placement consumes: it never wraps)")
     p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
     p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
     p.add_argument("--json", default=None, metavar="FILE")
@@ -298,7 +307,8 @@ def run(args) -> int:
     lm = load_source(args.model, dtype, device, args.seed)
     kind, arg = ("trace", args.route_trace) if args.route_trace else (
         ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
-    source = routing_source(kind, arg, lm.cfg, num_tokens=args.route_tokens, seed=args.seed)
+    needed = tokens_needed(tests, args.repeats)
+    source = routing_source(kind, arg, lm.cfg, num_tokens=args.route_tokens or needed, seed=args.seed)
     if kind == "router":
         print("note: routing comes from the model's own router; random weights make it unrealistic "
               "(use --route-trace or --route-synthetic for speed claims)")

@@ -53,6 +53,9 @@ def table(report: dict) -> str:
     lines = ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     d = report.get("distinct_experts")
     extra = f"; distinct experts per layer {d['min']}-{d['max']} of {d['of']}" if d else ""
+    wraps = max((r.get("trace_wraps", 0) for r in report["results"]), default=0)
+    if wraps:
+        extra += f"; the routing replay wrapped around {wraps}x (a trace shorter than the workload)"
     meta = (f"device: {report['device']} | routing: {report['routing']}{extra} | expert format: "
             f"{report['expert_quant']} | tok/s median [min-max] of {report['repeats']} runs")
     return meta + "\n\n" + "\n".join(lines)
