@@ -1,17 +1,22 @@
 """Benchmark the fused CPU MoE kernel at full model scale (default: Qwen3-30B-A3B, 48 layers x 128 experts).
 
 For each weight format (int4g32, int8, bf16), one at a time to bound RAM: build every layer's experts
-(one random layer, cloned, so the model is far larger than L3), then time
+(one random layer, cloned, so the model is far larger than L3), then time, for int4g32/int8 once with the
+int8-activation integer path (act "q8") and once with the exact fp32 path (act "fp32"):
   decode:  each token routes 8 random experts per layer (new ids every token) through all layers
            -> ms/token, tok/s (MoE part only), effective GB/s of expert weights, % of DRAM read bandwidth;
+           for q8 also without software prefetch (column "no-pf tok/s");
   prompt:  chunks of T=16 and T=64 tokens through all layers -> tok/s;
   fallback: the plain torch path (cpu_moe_torch) for a couple of tokens, for comparison;
-  kt-kernel (KTransformers) with the same shapes, if importable (bf16; AMX int8/int4 when available).
-Also: a DRAM read bandwidth (sum of a 4 GiB fp32 tensor), per-call overhead (tiny call; empty call),
-and a correctness check against a float64 reference. Prints a table; writes JSON to $OUT/cpu_moe.json.
+  kt-kernel (KTransformers) with the same shapes, if importable: each class in a subprocess with a timeout
+  (a crash there cannot end this run), on --kt-layers layers (tok/s scaled to --layers).
+Also: a DRAM read bandwidth (sum of a 4 GiB fp32 tensor), per-call overhead (tiny call: 1 token, 1 expert,
+D = I = 64, also in fresh processes with OMP_WAIT_POLICY unset/ACTIVE/PASSIVE; empty call: no expert
+routed), and the error against a float64 reference. Prints a table;
+writes JSON to $OUT/cpu_moe.json.
 
-    python scripts/bench_cpu_moe.py                       # the H200 machine (~3 min)
-    python scripts/bench_cpu_moe.py --layers 2 --experts 16 --tokens 4 --dram-gib 0.5   # smoke test
+    python scripts/bench_cpu_moe.py                       # the H200 machine (< 4 min)
+    python scripts/bench_cpu_moe.py --layers 2 --experts 16 --tokens 4 --dram-gib 0.5 --kt-classes ''  # smoke
     python scripts/bench_cpu_moe.py --kt-path DIR         # DIR holds an unpacked kt-kernel (kt_kernel/...)
 """
 
@@ -21,6 +26,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +51,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="0 = physical cores")
     p.add_argument("--dram-gib", type=float, default=4.0)
     p.add_argument("--kt-path", default="shared/kt_kernel_site", help="dir with kt_kernel/ (optional)")
-    p.add_argument("--kt-classes", default="BF16,Int4", help="kt-kernel MoE classes to try ('' = none)")
+    p.add_argument("--kt-classes", default="AMXBF16_MOE", help="kt-kernel classes ('' = none)")
+    p.add_argument("--kt-layers", type=int, default=8, help="layers kt-kernel is built with (RAM, time)")
+    p.add_argument("--kt-timeout", type=float, default=90.0, help="seconds per kt-kernel class")
+    p.add_argument("--kt-worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--overhead-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -108,6 +118,15 @@ def time_pass(fn, layers: list, x, ids, w, out) -> float:
     return time.perf_counter() - t
 
 
+def with_act(act_quant: bool, prefetch: int = 2):
+    """cpu_moe with a fixed activation path and prefetch distance."""
+    def fn(x, ids, w, layer, out):
+        cm.set_prefetch_rows(prefetch)
+        return cm.cpu_moe(x, ids, w, layer, out, act_quant=act_quant)
+
+    return fn
+
+
 def decode(fn, layers, a, n: int, expert_nbytes: int | None = None) -> dict:
     x, out = torch.randn(1, a.dim).bfloat16(), torch.empty(1, a.dim, dtype=torch.bfloat16)
     ids, w = routing(n + 1, len(layers), a.experts, a.top_k)
@@ -119,11 +138,11 @@ def decode(fn, layers, a, n: int, expert_nbytes: int | None = None) -> dict:
 
 
 
-def prompt(layers, a, T: int) -> dict:
+def prompt(fn, layers, a, T: int) -> dict:
     x, out = torch.randn(T, a.dim).bfloat16(), torch.empty(T, a.dim, dtype=torch.bfloat16)
     ids, w = routing(2, len(layers), a.experts, a.top_k, T)
-    time_pass(cm.cpu_moe, layers, x, ids[:1], w[:1], out)
-    dt = time_pass(cm.cpu_moe, layers, x, ids[1:], w[1:], out)
+    time_pass(fn, layers, x, ids[:1], w[:1], out)
+    dt = time_pass(fn, layers, x, ids[1:], w[1:], out)
     return {"T": T, "ms_per_chunk": dt * 1e3, "tok_s": T / dt}
 
 
@@ -144,7 +163,23 @@ def call_overhead_us(layer: LayerExperts | None, n: int = 2000) -> float:
     return sorted(ts)[n // 2] * 1e6
 
 
-def max_rel_error(fmt: str) -> float:
+def overhead_probe(threads: int) -> dict:
+    """Tiny-call µs in fresh processes under OpenMP wait policies (they only take effect at start-up)."""
+    res = {}
+    for policy in ("default", "ACTIVE", "PASSIVE"):
+        env = dict(os.environ)
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        cmd = [sys.executable, __file__, "--overhead-worker", "--threads", str(threads)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+            res[policy] = float((r.stdout.strip().splitlines() or ["nan"])[-1])
+        except (subprocess.TimeoutExpired, ValueError):
+            res[policy] = float("nan")
+    return res
+
+
+def max_rel_error(fmt: str, act_quant: bool) -> float:
     """Kernel vs float64 reference on a small layer, T=7, some -1 holes."""
     layer = random_layer(fmt, 8, 256, 128, torch.Generator().manual_seed(1))
     x = torch.randn(7, 256)
@@ -153,7 +188,7 @@ def max_rel_error(fmt: str) -> float:
     ids[0, 1] = ids[3, 0] = -1
     ref = cm.cpu_moe_torch(x.double(), ids, w.double(), LayerExperts(dequantize(layer.w13, torch.float64),
                                                                     dequantize(layer.w2, torch.float64)))
-    got = cm.cpu_moe(x, ids, w, layer).double()
+    got = cm.cpu_moe(x, ids, w, layer, act_quant=act_quant).double()
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
@@ -211,24 +246,47 @@ class KtLayers:
         return LayerExperts(torch.cat([g, u], dim=1), d)
 
 
-def kt_bench(k, a, threads: int) -> list[dict]:
-    names = [n for n in dir(k.moe) if n.endswith("_MOE")]
-    print(f"kt-kernel MoE classes: {names}")
+def kt_bench(a, threads: int, deadline: float) -> list[dict]:
+    """Each class in its own process (kt-kernel has crashed with SIGFPE), killed after --kt-timeout."""
     rows = []
-    for want in [c for c in a.kt_classes.split(",") if c]:
-        skip = ("SFT", "GPTQ", "Raw", "FP8", "MXFP")
-        cls = next((n for n in names if want in n and not any(x in n for x in skip)), None)
-        if cls is None:
+    for cls in [c for c in a.kt_classes.split(",") if c]:
+        left = min(a.kt_timeout, deadline - time.perf_counter())
+        if left < 10:
+            rows.append({"kt_class": cls, "error": "skipped: time budget spent"})
             continue
+        cmd = [sys.executable, __file__, "--kt-worker", cls, "--threads", str(threads),
+               "--kt-path", a.kt_path, "--layers", str(a.kt_layers), "--experts", str(a.experts),
+               "--dim", str(a.dim), "--inter", str(a.inter), "--top-k", str(a.top_k),
+               "--tokens", str(a.tokens)]
         try:
-            kt = KtLayers(k, cls, a, threads)
-            rows.append({"kt_class": cls, **kt_measure(kt, a)})
-        except Exception as e:
-            rows.append({"kt_class": cls, "error": f"{type(e).__name__}: {e}"})
-        kt = None
-        gc.collect()
-        print(rows[-1])
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            last = (r.stdout.strip().splitlines() or [""])[-1]
+            why = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+            row = json.loads(last) if last.startswith("{") else {
+                "error": f"{why}: {(r.stderr or r.stdout).strip()[-300:]}"}
+        except subprocess.TimeoutExpired:
+            row = {"error": f"timed out after {left:.0f}s"}
+        row = {"kt_class": cls, **row}
+        if "ms_per_token" in row:                                   # scale to the full model's layers
+            row["ms_per_token_all_layers"] = row["ms_per_token"] * a.layers / a.kt_layers
+            row["tok_s_all_layers"] = 1e3 / row["ms_per_token_all_layers"]
+        rows.append(row)
+        print("kt-kernel", row)
     return rows
+
+
+def kt_worker(a) -> None:
+    """Child process: one kt-kernel class; prints one JSON line."""
+    k = kt_import(a.kt_path)
+    if k is None:
+        print(json.dumps({"error": "kt-kernel not importable"}))
+        return
+    names = [n for n in dir(k.moe) if n.endswith("_MOE")]
+    if a.kt_worker not in names:
+        print(json.dumps({"error": f"no class {a.kt_worker}; available: {names}"}))
+        return
+    kt = KtLayers(k, a.kt_worker, a, a.threads)
+    print(json.dumps({"layers": a.layers, **kt_measure(kt, a)}))
 
 
 def kt_measure(kt: KtLayers, a) -> dict:
@@ -246,28 +304,44 @@ def kt_measure(kt: KtLayers, a) -> dict:
 
 # ---------------------------------------------------------------- main
 
-def bench_format(fmt: str, a, dram: float) -> dict:
+def bench_format(fmt: str, a, dram: float) -> list[dict]:
+    """One row per activation path: q8 (integer path; int formats with an integer dot only), fp32."""
     t = time.perf_counter()
     layers = build_model(fmt, a)
     built = time.perf_counter() - t
-    res = {"format": fmt, "build_s": built, "max_rel_err": max_rel_error(fmt)}
-    res["decode"] = decode(cm.cpu_moe, layers, a, a.tokens)
-    res["decode"]["pct_dram"] = 100 * res["decode"]["gb_s"] / dram
-    res["empty_call_us"] = call_overhead_us(layers[0], 500)
-    res["prompt"] = [prompt(layers, a, T) for T in (16, 64)]
-    res["torch_fallback_decode"] = decode(cm.cpu_moe_torch, layers, a, 2)
+    acts = [True, False] if fmt in ("int4g32", "int8") and cm.cpu_moe_int_dot() != "none" else [False]
+    rows = []
+    for aq in acts:
+        fn = with_act(aq)
+        r = {"format": fmt, "act": "q8" if aq else "fp32", "build_s": built,
+             "max_rel_err": max_rel_error(fmt, aq)}
+        r["decode"] = decode(fn, layers, a, a.tokens)
+        r["decode"]["pct_dram"] = 100 * r["decode"]["gb_s"] / dram
+        if aq:
+            r["decode_no_prefetch"] = decode(with_act(aq, prefetch=0), layers, a, max(4, a.tokens // 2))
+        cm.set_prefetch_rows(2)
+        cm.set_activation_quant(aq)
+        r["empty_call_us"] = call_overhead_us(layers[0], 500)
+        cm.set_activation_quant(None)
+        r["prompt"] = [prompt(fn, layers, a, T) for T in (16, 64)]
+        rows.append(r)
+        print(json.dumps(r))
+    rows[-1]["torch_fallback_decode"] = decode(cm.cpu_moe_torch, layers, a, 2)
     del layers
     gc.collect()
-    return res
+    return rows
 
 
 def table(results: list[dict], dram: float) -> str:
     lines = [f"DRAM read {dram:.1f} GB/s",
-             "format   | ms/tok | tok/s | GB/s  | %DRAM | fallback tok/s | T=16 tok/s | T=64 tok/s | rel.err"]
+             "format   | act  | ms/tok | tok/s | GB/s  | %DRAM | no-pf tok/s | empty us | fallback tok/s "
+             "| T=16 tok/s | T=64 tok/s | rel.err"]
     for r in results:
         d = r["decode"]
-        lines.append(f"{r['format']:8s} | {d['ms_per_token']:6.2f} | {d['tok_s']:5.1f} | {d['gb_s']:5.1f} | "
-                     f"{d['pct_dram']:5.1f} | {r['torch_fallback_decode']['tok_s']:14.2f} | "
+        nopf = f"{r['decode_no_prefetch']['tok_s']:11.1f}" if "decode_no_prefetch" in r else f"{'-':>11s}"
+        fb = f"{r['torch_fallback_decode']['tok_s']:14.2f}" if "torch_fallback_decode" in r else f"{'-':>14s}"
+        lines.append(f"{r['format']:8s} | {r['act']:4s} | {d['ms_per_token']:6.2f} | {d['tok_s']:5.1f} | "
+                     f"{d['gb_s']:5.1f} | {d['pct_dram']:5.1f} | {nopf} | {r['empty_call_us']:8.1f} | {fb} | "
                      f"{r['prompt'][0]['tok_s']:10.1f} | {r['prompt'][1]['tok_s']:10.1f} | "
                      f"{r['max_rel_err']:.1e}")
     return "\n".join(lines)
@@ -275,28 +349,37 @@ def table(results: list[dict], dram: float) -> str:
 
 def main() -> None:
     a = parse()
+    if a.kt_worker:
+        kt_worker(a)
+        return
+    if a.overhead_worker:
+        cm.set_num_threads(a.threads or cm.get_num_threads())
+        call_overhead_us(None)
+        print(call_overhead_us(None))
+        return
+    start = time.perf_counter()
     threads = a.threads or cm.get_num_threads()
     cm.set_num_threads(threads)
     torch.set_num_threads(threads)
-    t = time.perf_counter()
     backend = cm.cpu_moe_backend()
-    meta = {"backend": backend, "ext_load_s": time.perf_counter() - t, "threads": threads,
-            "torch": torch.__version__, "shape": vars(a)}
-    print(f"backend {backend} (load {meta['ext_load_s']:.1f}s), threads {threads}")
+    meta = {"backend": backend, "int_dot": cm.cpu_moe_int_dot(), "ext_load_s": time.perf_counter() - start,
+            "threads": threads, "torch": torch.__version__, "shape": vars(a)}
+    print(f"backend {backend}, integer dot {meta['int_dot']} (load {meta['ext_load_s']:.1f}s), "
+          f"threads {threads}")
     dram = dram_read_gbs(a.dram_gib)
     meta.update(dram_read_gbs=dram, tiny_call_us=call_overhead_us(None))
-    print(f"DRAM read {dram:.1f} GB/s; tiny call {meta['tiny_call_us']:.1f} µs")
+    meta["tiny_call_us_by_omp_wait_policy"] = overhead_probe(threads)
+    print(f"DRAM read {dram:.1f} GB/s; tiny call {meta['tiny_call_us']:.1f} µs; by OMP_WAIT_POLICY "
+          f"{meta['tiny_call_us_by_omp_wait_policy']}")
     results = []
     for fmt in a.formats.split(","):
-        results.append(bench_format(fmt, a, dram))
-        print(json.dumps(results[-1]))
-    save({"meta": meta, "results": results})                     # before kt-kernel, in case it crashes
+        results += bench_format(fmt, a, dram)
+    save({"meta": meta, "results": results})
     print(table(results, dram))
-    k = kt_import(a.kt_path) if a.kt_classes else None
-    kt = kt_bench(k, a, threads) if k is not None else []
-    for r in kt:
-        print("kt-kernel", r)
+    kt = kt_bench(a, threads, start + 230) if a.kt_classes else []
+    meta["total_s"] = time.perf_counter() - start
     save({"meta": meta, "results": results, "kt_kernel": kt})
+    print(f"total {meta['total_s']:.0f}s")
 
 
 def save(out: dict) -> None:

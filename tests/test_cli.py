@@ -36,10 +36,23 @@ def test_stop_string_cuts_output(capsys):
     assert rc == 0 and out2[:-1] == text[:text.index(stop)]
 
 
-def test_chat_with_system_message(capsys):
-    rc, _, err = run_main(capsys, "--prompt", "Hi", "--system", "Be brief.", "--max-tokens", "4", "--stats")
+def test_chat_with_system_message(capsys, tmp_path):
+    stats = tmp_path / "stats.json"
+    rc, _, err = run_main(capsys, "--prompt", "Hi", "--system", "Be brief.", "--max-tokens", "4", "--stats",
+                          "--stats-json", str(stats))
     assert rc == 0, err
-    assert '"cuda_graph": false' in err and SUMMARY.search(err)
+    assert '"cuda_graph": false' in stats.read_text() and SUMMARY.search(err)
+    assert "no expert cache in this placement" in err
+
+
+def test_stats_heatmap_and_profile_of_the_cache(capsys, tmp_path):
+    png, prof = tmp_path / "hits.png", tmp_path / "hot.json"
+    rc, _, err = run_main(capsys, "--prompt", "Hello there", "--max-tokens", "6", "--moe-cache", "20slots",
+                          "--stats", "--heatmap", str(png), "--save-profile", str(prof))
+    assert rc == 0, err
+    assert "hits" in err and "misses" in err and png.stat().st_size > 0 and prof.stat().st_size > 0
+    rc, _, err = run_main(capsys, "--prompt", "x", "--max-tokens", "2", "--heatmap", str(png))
+    assert rc == 2 and "--heatmap needs an expert cache" in err
 
 
 @pytest.mark.parametrize("args, message", [

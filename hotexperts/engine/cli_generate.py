@@ -51,7 +51,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
     p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
-    p.add_argument("--stats", action="store_true", help="print the engine's stats as JSON to stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="print the cache per layer: hits, misses, swaps, bytes moved, CPU/GPU time")
+    p.add_argument("--stats-json", default=None, metavar="FILE", help="write the engine's stats as JSON")
+    p.add_argument("--heatmap", default=None, metavar="PNG", help="per-layer hit-rate heatmap of the cache")
+    p.add_argument("--save-profile", default=None, metavar="FILE",
+                   help="write the cache's current hot set as a routing profile (--moe-profile FILE)")
     placement = _placement_module()
     if placement is not None:
         placement.add_placement_arguments(p)
@@ -91,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if engine.tokenizer is None:
         raise HotExpertsError(f"{args.model} has no tokenizer (tokenizer.json); generate needs one")
     ids = encode_prompt(engine.tokenizer, prompt, args.chat, args.system)
+    if args.stats and hasattr(engine.executor, "time_gpu"):
+        engine.executor.time_gpu = True                 # per-layer GPU time with CUDA events
     stream = TextStream(engine.tokenizer, params.stop)
     for delta in stream.run(engine.generate(ids, params)):
         sys.stdout.write(delta)
@@ -99,6 +106,22 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     stats = engine.stats()
     print(summary_line(stats), file=sys.stderr)
-    if args.stats:
-        print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+    report_cache(engine, args, stats)
     return 0
+
+
+def report_cache(engine: Engine, args: argparse.Namespace, stats: dict) -> None:
+    """--stats table, --stats-json, --heatmap and --save-profile (the last two need a hybrid cache)."""
+    cache = getattr(engine.executor, "cache_stats", None)
+    if args.stats:
+        print(cache.table() if cache is not None else "no expert cache in this placement", file=sys.stderr)
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(stats, f, indent=2, default=str)
+    for flag, value in (("--heatmap", args.heatmap), ("--save-profile", args.save_profile)):
+        if value and cache is None:
+            raise HotExpertsError(f"{flag} needs an expert cache (--n-cpu-moe, --moe-hot-k or --moe-cache)")
+    if args.heatmap:
+        print(f"heatmap: {cache.heatmap(args.heatmap)}", file=sys.stderr)
+    if args.save_profile:
+        print(f"profile: {engine.executor.export_profile(args.save_profile)}", file=sys.stderr)

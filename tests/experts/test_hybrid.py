@@ -154,8 +154,19 @@ def test_static_profile_and_warm_start(tmp_path):
     check_same(again)
 
 
+@pytest.fixture
+def exact_cpu_kernel():
+    """The CPU kernel's exact fp32-activation path: the dequantized oracle computes with exact activations
+    (the default int8-activation path is checked against its own reference in tests/kernels)."""
+    from hotexperts.kernels import cpu_moe as cm
+
+    cm.set_activation_quant(False)
+    yield
+    cm.set_activation_quant(None)
+
+
 @pytest.mark.parametrize("quant, fmt", [("int8", "int8"), ("int4", "int4g32")])
-def test_quantized_experts_match_the_quantized_reference(quant, fmt):
+def test_quantized_experts_match_the_quantized_reference(quant, fmt, exact_cpu_kernel):
     q = STORE.quantize(fmt)
     ref_toks, ref_rows = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
     ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant=quant), STORE, CFG, "cpu")

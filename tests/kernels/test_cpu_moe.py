@@ -1,4 +1,14 @@
-"""cpu_moe (C++ extension and torch fallback) against a float64 per-token reference of the same weights."""
+"""cpu_moe (C++ extension and torch fallback) against a float64 per-token reference of the same weights.
+
+Two extension paths: exact (act_quant=False: fp32 activations, matches to ~1e-7) and the int8-activation
+path (act_quant=True). The latter is checked twice:
+- tightly against a reference that quantizes x and h the same way (quantize_act: per 32-group, scale
+  amax / 127, round half to even, in fp32): typically equal to ~4e-7, but h computed in fp32 vs float64 can
+  land on the other side of a rounding boundary (one step = ~1e-3 of the max), hence 3e-3;
+- against the exact reference at 2e-2 of the output's max: per-group int8 rounding errs <= scale / 2 per
+  element (~0.4% of a group's max), which two quantized matmuls compound to ~0.5-1.3%.
+A wrong scale, group, sign or permutation errs by O(1) and fails both.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +26,17 @@ from hotexperts.kernels import cpu_moe as cm
 TOP_K = 4
 
 
-def reference(x, ids, weights, experts: LayerExperts) -> torch.Tensor:
-    """float64, one token and one expert at a time."""
+def quantize_act(v: torch.Tensor) -> torch.Tensor:
+    """v [..., K] fp32 -> what the kernel's int8 activations stand for (per 32-group, as quant32 does)."""
+    g = v.float().unflatten(-1, (-1, 32))                            # [..., G, 32]
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127.0)).flatten(-2)
+
+
+def reference(x, ids, weights, experts: LayerExperts, act_quant: bool = False) -> torch.Tensor:
+    """float64, one token and one expert at a time (act_quant: x and h quantized like the kernel does)."""
+    aq = quantize_act if act_quant else (lambda v: v)
     w13, w2 = dequantize(experts.w13, torch.float64), dequantize(experts.w2, torch.float64)
     I = w2.shape[-1]
     y = torch.zeros(x.shape, dtype=torch.float64)
@@ -26,9 +45,9 @@ def reference(x, ids, weights, experts: LayerExperts) -> torch.Tensor:
             e = int(ids[t, k])
             if e < 0:
                 continue
-            gu = w13[e] @ x[t].double()
+            gu = w13[e] @ aq(x[t].float()).double()
             h = torch.nn.functional.silu(gu[:I]) * gu[I:]
-            y[t] += float(weights[t, k]) * (w2[e] @ h)
+            y[t] += float(weights[t, k]) * (w2[e] @ aq(h.float()).double())
     return y
 
 
@@ -51,18 +70,25 @@ def routing(T: int, E: int, active: int, gen: torch.Generator):
     return ids, torch.rand(T, TOP_K, generator=gen)
 
 
-def check(fn, T: int, fmt: str, seed: int, x_dtype=torch.float32, out_dtype=torch.float32):
+def check(fn, T: int, fmt: str, seed: int, x_dtype=torch.float32, out_dtype=torch.float32, act_quant=None):
+    """fn(x, ids, w, layer, out[, act_quant=]) for every number of active experts; act_quant True checks the
+    int8-activation path (see the module docstring), False/None (torch fallback) the exact one."""
     gen = torch.Generator().manual_seed(seed)
     layer = make_layer(fmt, gen)
     D = layer.w2.shape[1]
     x = torch.randn(T, D, generator=gen).to(x_dtype)
+    kw = {} if act_quant is None else {"act_quant": act_quant}
     for active in range(1, TOP_K + 1):
         ids, w = routing(T, layer.num_experts, active, gen)
         ref = reference(x, ids, w, layer)
         out = torch.full((T, D), float("nan"), dtype=out_dtype)        # written, not accumulated
-        got = fn(x, ids, w, layer, out)
+        got = fn(x, ids, w, layer, out, **kw)
         assert got is out
         tol = 2e-5 if out_dtype == torch.float32 else 1e-2
+        if act_quant:
+            refq = reference(x, ids, w, layer, act_quant=True)       # h: an fp32-vs-fp64 rounding flip of one
+            torch.testing.assert_close(out.double(), refq, rtol=tol, atol=3e-3 * refq.abs().max().item())
+            tol = 2e-2
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
@@ -73,7 +99,37 @@ requires_ext = pytest.mark.skipif(cm.cpu_moe_backend() == "torch", reason="C++ e
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8", "int4g32"])
 @pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
 def test_extension_matches_reference(T, fmt):
-    check(cm.cpu_moe, T, fmt, seed=T * 31 + len(fmt))
+    check(cm.cpu_moe, T, fmt, seed=T * 31 + len(fmt), act_quant=False)
+
+
+requires_int = pytest.mark.skipif(cm.cpu_moe_int_dot() == "none", reason="no integer dot (needs AVX2)")
+
+
+@requires_int
+@pytest.mark.parametrize("fmt", ["int8", "int4g32"])
+@pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
+def test_int8_activation_path(T, fmt):
+    check(cm.cpu_moe, T, fmt, seed=T * 17 + len(fmt), act_quant=True)
+
+
+@requires_int
+def test_act_quant_default_and_switch():
+    """Auto: int path for quantized weights (differs from exact), exact for bf16; the global switch."""
+    gen = torch.Generator().manual_seed(9)
+    layer = make_layer("int4g32", gen)
+    x = torch.randn(3, layer.w2.shape[1], generator=gen)
+    ids, w = routing(3, layer.num_experts, 2, gen)
+    exact = cm.cpu_moe(x, ids, w, layer, act_quant=False)
+    assert not torch.equal(cm.cpu_moe(x, ids, w, layer), exact)
+    try:
+        cm.set_activation_quant(False)
+        assert torch.equal(cm.cpu_moe(x, ids, w, layer), exact)
+    finally:
+        cm.set_activation_quant(None)
+    bf = make_layer("bf16", torch.Generator().manual_seed(9))
+    x = torch.randn(3, bf.w2.shape[1])
+    ids, w = routing(3, bf.num_experts, 2, gen)
+    assert torch.equal(cm.cpu_moe(x, ids, w, bf, act_quant=True), cm.cpu_moe(x, ids, w, bf, act_quant=False))
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4g32"])
@@ -84,8 +140,11 @@ def test_torch_fallback_matches_reference(T, fmt):
 
 @requires_ext
 @pytest.mark.parametrize("fmt", ["int8", "int4g32"])
-def test_bf16_activations_and_output(fmt):
-    check(cm.cpu_moe, 5, fmt, seed=3, x_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_bf16_activations_and_output(fmt, act_quant):
+    if act_quant and cm.cpu_moe_int_dot() == "none":
+        pytest.skip("no integer dot")
+    check(cm.cpu_moe, 5, fmt, seed=3, x_dtype=torch.bfloat16, out_dtype=torch.bfloat16, act_quant=act_quant)
 
 
 @requires_ext

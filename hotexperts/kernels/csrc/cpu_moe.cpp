@@ -12,6 +12,13 @@
 // Each weight row is read once per call and used for up to 4 tokens at a time (token tiles).
 // int4 rows hold even columns in low nibbles, so their input vector is permuted per 32-group
 // (16 even columns, then 16 odd) once per call. The GIL is released by the binding.
+//
+// Integer path (act_quant, int8/int4g32 weights, AVX2 and up): x (and h) are quantized once per call to int8
+// with one fp32 scale sx per 32-group (x ~ sx * xq, |xq| <= 127, xsum = sx * sum(xq)); a weight row times
+// an activation row is then, per 32-group, one integer dot (vpdpbusd / vpmaddubsw+vpmaddwd, simd.h):
+//   int4g32: sum_j w_j x_j = (s sx) * sum_j q_j xq_j + (z - 8 s) * xsum     (q in 0..15 is the u8 operand)
+//   int8:    sum_j w_j x_j = sw * sum_g sx_g * sum_j |w_j| sign(xq_j, w_j)
+// h is quantized by the stage-1 unit that computes it (units are one 32-group of I rows).
 #include <torch/extension.h>
 #include <omp.h>
 
@@ -62,6 +69,7 @@ struct WDesc {           // one stacked weight [E, N, K]
   const void* z = nullptr;
   int scode = F32, zcode = F32;
   int64_t E, N, K;
+  int64_t pf = 0;        // integer path: prefetch distance in bytes (a few rows ahead; 0 = off)
 };
 
 // res[t] = dot(row, xs[t]) for NT tokens; two accumulator chains per token.
@@ -143,6 +151,162 @@ inline void row_dot_n(const WDesc& w, int64_t e, int64_t r, const float* const* 
 // Column position of logical column c inside a vector that an int4 row reads (permuted per 32-group).
 inline int64_t perm_col(int64_t c) { return (c & ~int64_t(31)) + ((c & 1) << 4) + ((c & 31) >> 1); }
 
+// ---------------------------------------------------------------- int8 activations
+// 32 values -> q (round(v * 127 / amax)), scale amax / 127, and scale * sum(q). The Python reference
+// (tests/kernels/test_cpu_moe.py: quantize_act) does the same fp32 operations.
+inline void quant32(const float* v, int8_t* q, float* s, float* sum) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(v[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int isum = 0;
+  for (int i = 0; i < 32; i++) {
+    const int qi = int(std::nearbyint(v[i] * inv));
+    q[i] = int8_t(qi);
+    isum += qi;
+  }
+  *s = amax / 127.f;
+  *sum = *s * float(isum);
+}
+
+struct Acts {            // activation rows of length K: fp32 (f), or int8 (q) with per-32-group s, sum
+  float* f = nullptr;
+  int8_t* q = nullptr;
+  float* s = nullptr;
+  float* sum = nullptr;
+  int64_t K = 0;
+};
+
+struct Tile {            // up to 4 activation rows that one weight row is applied to
+  int n = 0;
+  const float* f[4];
+  const int8_t* q[4];
+  const float* s[4];
+  const float* sum[4];
+};
+
+inline Tile make_tile(const Acts& a, const int64_t* rows, int n) {
+  Tile t;
+  t.n = n;
+  const int64_t G = a.K / 32;
+  for (int j = 0; j < n; j++) {
+    t.f[j] = a.f ? a.f + rows[j] * a.K : nullptr;
+    t.q[j] = a.q ? a.q + rows[j] * a.K : nullptr;
+    t.s[j] = a.s ? a.s + rows[j] * G : nullptr;
+    t.sum[j] = a.sum ? a.sum + rows[j] * G : nullptr;
+  }
+  return t;
+}
+
+// Per-thread scratch of at least n floats; slot 0: int4 rows' combined scales s * sx of a token tile
+// (long rows only), slot 1: a stage-2 unit's output tile.
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buf[2];
+  if (int64_t(buf[slot].size()) < n) buf[slot].resize(n);
+  return buf[slot].data();
+}
+
+#if HX_QDOT
+// res[t] = sum_g sc[t][g] * (group g of the row . xq_t group g); two fp32 accumulator chains per token.
+// pf > 0: prefetch the bytes pf ahead (the same place a few rows on), so short rows keep DRAM busy.
+template <int NT, bool I4>
+inline void qdot_groups(const uint8_t* p, int64_t G, const int8_t* const* xq, const float* const* sc,
+                        float* res, int64_t pf) {
+  __m256 a0[NT], a1[NT];
+  for (int t = 0; t < NT; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+  auto step = [&](int64_t g, __m256* acc) {
+    if constexpr (I4) {
+      const __m256i u = load_q4(p + g * 16);
+      for (int t = 0; t < NT; t++)
+        acc[t] = _mm256_fmadd_ps(gdot_u4(u, xq[t] + g * 32), _mm256_broadcast_ss(sc[t] + g), acc[t]);
+    } else {
+      const __m256i w = load_b32(p + g * 32), aw = _mm256_abs_epi8(w);
+      for (int t = 0; t < NT; t++)
+        acc[t] = _mm256_fmadd_ps(gdot_s8(w, aw, xq[t] + g * 32), _mm256_broadcast_ss(sc[t] + g), acc[t]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 1 < G; g += 2) {
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(p + (I4 ? 16 : 32) * g + pf), _MM_HINT_T0);
+    step(g, a0);
+    step(g + 1, a1);
+  }
+  if (g < G) step(g, a0);
+  for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(a0[t], a1[t]));
+}
+
+// 8 consecutive scale/zero values (fp32, bf16 or fp16) as fp32.
+inline __m256 load8_code(const void* p, int code, int64_t i) {
+  switch (code) {
+    case BF16: {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+    }
+    case F16: return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    default: return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + i);
+  }
+}
+
+// int4 row: comb[t * G + g] = s_g * sx_t[g] and corr[t] = sum_g (z_g - 8 s_g) * xsum_t[g].
+template <int NT>
+inline void i4_prepass(const WDesc& w, int64_t row, const Tile& x, float* comb, float* corr) {
+  const int64_t G = w.K / 32, base = row * G;
+  __m256 c[NT];
+  for (int t = 0; t < NT; t++) c[t] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 s = load8_code(w.s, w.scode, base + g), z = load8_code(w.z, w.zcode, base + g);
+    const __m256 zc = _mm256_fmadd_ps(s, _mm256_set1_ps(-8.f), z);
+    for (int t = 0; t < NT; t++) {
+      _mm256_storeu_ps(comb + t * G + g, _mm256_mul_ps(s, _mm256_loadu_ps(x.s[t] + g)));
+      c[t] = _mm256_fmadd_ps(zc, _mm256_loadu_ps(x.sum[t] + g), c[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) corr[t] = hsum8(c[t]);
+  for (; g < G; g++) {
+    const float s = ld(w.s, w.scode, base + g), zc = ld(w.z, w.zcode, base + g) - 8.f * s;
+    for (int t = 0; t < NT; t++) {
+      comb[t * G + g] = s * x.s[t][g];
+      corr[t] += zc * x.sum[t][g];
+    }
+  }
+}
+
+template <int NT>
+inline void qrow_dot(const WDesc& w, int64_t e, int64_t r, const Tile& x, float* res) {
+  const int64_t row = e * w.N + r, G = w.K / 32;
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(w.q);
+  if (w.fmt == I4) {
+    float stack[4 * 256];                               // rows up to 8192 columns use the stack
+    float* comb = NT * G <= 4 * 256 ? stack : scratch(0, NT * G);
+    float corr[NT];
+    i4_prepass<NT>(w, row, x, comb, corr);
+    const float* sc[NT];
+    for (int t = 0; t < NT; t++) sc[t] = comb + t * G;
+    qdot_groups<NT, true>(q + row * (w.K / 2), G, x.q, sc, res, w.pf);
+    for (int t = 0; t < NT; t++) res[t] += corr[t];
+  } else {
+    qdot_groups<NT, false>(q + row * w.K, G, x.q, x.s, res, w.pf);
+    const float s = ld(w.s, w.scode, row);
+    for (int t = 0; t < NT; t++) res[t] *= s;
+  }
+}
+#endif
+
+// Dot of weight row r of expert e with the tile's activation rows (integer path when the tile is int8).
+inline void tile_dot(const WDesc& w, int64_t e, int64_t r, const Tile& x, float* res) {
+#if HX_QDOT
+  if (x.q[0] != nullptr) {
+    switch (x.n) {
+      case 1: qrow_dot<1>(w, e, r, x, res); return;
+      case 2: qrow_dot<2>(w, e, r, x, res); return;
+      case 3: qrow_dot<3>(w, e, r, x, res); return;
+      default: qrow_dot<4>(w, e, r, x, res); return;
+    }
+  }
+#endif
+  row_dot_n(w, e, r, x.f, x.n, res);
+}
+
 WDesc describe(int64_t fmt, const at::Tensor& q, const c10::optional<at::Tensor>& s,
                const c10::optional<at::Tensor>& z, int64_t N, int64_t K) {
   TORCH_CHECK(q.is_contiguous() && q.device().is_cpu(), "cpu_moe: weights must be contiguous CPU tensors");
@@ -195,83 +359,129 @@ Pairs group_pairs(const int64_t* ids, const at::Tensor& wts, int64_t T, int64_t 
   return p;
 }
 
-// Stage 1 unit: h rows [r0, r1) of active expert a for all its tokens.
-void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64_t r1, const float* xin,
-                  int64_t D, float* h, int64_t I, bool perm_h) {
-  const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b;
+// Stage 1 unit: h rows [r0, r0 + RB1) (one 32-group) of active expert a for all its tokens.
+// h is written fp32 (h.f) or, when h.q is set, quantized per 32-group right here.
+void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64_t r1, const Acts& x,
+                  const Acts& h, bool perm_h) {
+  const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b, I = h.K;
   for (int64_t t0 = 0; t0 < n; t0 += 4) {
     const int nt = int(std::min<int64_t>(4, n - t0));
-    const float* xs[4];
-    for (int j = 0; j < nt; j++) xs[j] = xin + p.tok[b + t0 + j] * D;
+    const Tile xt = make_tile(x, &p.tok[b + t0], nt);
+    float hl[4][32];
     for (int64_t r = r0; r < r1; r++) {
       float g[4], u[4];
-      row_dot_n(w13, e, r, xs, nt, g);
-      row_dot_n(w13, e, I + r, xs, nt, u);
+      tile_dot(w13, e, r, xt, g);
+      tile_dot(w13, e, I + r, xt, u);
       const int64_t c = perm_h ? perm_col(r) : r;
-      for (int j = 0; j < nt; j++) h[(b + t0 + j) * I + c] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+      for (int j = 0; j < nt; j++) {
+        const float v = g[j] / (1.f + std::exp(-g[j])) * u[j];
+        if (h.q) hl[j][c - r0] = v;
+        else h.f[(b + t0 + j) * I + c] = v;
+      }
+    }
+    if (!h.q) continue;
+    for (int j = 0; j < nt; j++) {
+      const int64_t row = b + t0 + j, G = I / 32;
+      quant32(hl[j], h.q + row * I + r0, h.s + row * G + r0 / 32, h.sum + row * G + r0 / 32);
     }
   }
 }
 
 // Stage 2 unit: output rows [d0, d1) of every token, summed over all active experts.
-void down_unit(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const float* h, int64_t I,
-               float* acc, int64_t T) {
+void down_unit(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const Acts& h, float* acc, int64_t T) {
   const int64_t R = d1 - d0;
   std::fill(acc, acc + T * R, 0.f);
   for (size_t a = 0; a < p.expert.size(); a++) {
     const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b;
     for (int64_t t0 = 0; t0 < n; t0 += 4) {
       const int nt = int(std::min<int64_t>(4, n - t0));
-      const float* hs[4];
-      for (int j = 0; j < nt; j++) hs[j] = h + (b + t0 + j) * I;
+      int64_t pr[4];
+      for (int j = 0; j < nt; j++) pr[j] = b + t0 + j;
+      const Tile ht = make_tile(h, pr, nt);
       for (int64_t d = d0; d < d1; d++) {
         float y[4];
-        row_dot_n(w2, e, d, hs, nt, y);
+        tile_dot(w2, e, d, ht, y);
         for (int j = 0; j < nt; j++) acc[p.tok[b + t0 + j] * R + (d - d0)] += p.wt[b + t0 + j] * y[j];
       }
     }
   }
 }
 
-constexpr int64_t RB1 = 16, RB2 = 16;   // rows per parallel unit (stage 1: of I; stage 2: of D)
+constexpr int64_t RB1 = 32, RB2 = 16;   // rows per parallel unit (stage 1: of I, one 32-group; stage 2: of D)
+
+// Reused per calling thread (no allocation per call once warm).
+template <class Tv>
+Tv* buffer(std::vector<Tv>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+struct CallBufs {
+  std::vector<float> xf, xs, xsum, hf, hs, hsum;
+  std::vector<int8_t> xq, hq;
+};
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wts, int64_t f13,
                    const at::Tensor& q13, const c10::optional<at::Tensor>& s13,
                    const c10::optional<at::Tensor>& z13, int64_t f2, const at::Tensor& q2,
                    const c10::optional<at::Tensor>& s2, const c10::optional<at::Tensor>& z2, at::Tensor out,
-                   int64_t nthreads) {
+                   int64_t nthreads, bool act_quant, int64_t prefetch_rows) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous(), "cpu_moe: x, out must be contiguous [T, D]");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && wts.is_contiguous(),
               "cpu_moe: ids must be contiguous int64, weights contiguous");
   const int64_t T = x.size(0), D = x.size(1), K = ids.size(1);
   const int64_t I = (f2 == I4 ? q2.size(2) * 2 : q2.size(2));
   TORCH_CHECK(D % 32 == 0 && I % 32 == 0, "cpu_moe: D and I must be multiples of 32");
-  const WDesc w13 = describe(f13, q13, s13, z13, 2 * I, D), w2 = describe(f2, q2, s2, z2, D, I);
+  WDesc w13 = describe(f13, q13, s13, z13, 2 * I, D), w2 = describe(f2, q2, s2, z2, D, I);
+  w13.pf = prefetch_rows * (f13 == I4 ? D / 2 : D);
+  w2.pf = prefetch_rows * (f2 == I4 ? I / 2 : I);
   TORCH_CHECK(ids.size(0) == T && wts.size(0) == T && wts.size(1) == K && out.size(0) == T && out.size(1) == D,
               "cpu_moe: shape mismatch between x, ids, weights, out");
   const Pairs p = group_pairs(ids.data_ptr<int64_t>(), wts, T, K, w13.E);
   const int64_t nA = p.expert.size(), P = p.tok.size();
-
-  // x -> fp32 (permuted per 32-group when w13 is int4)
-  std::vector<float> xin(T * D);
   const int xcode = float_code(x.scalar_type()), ocode = float_code(out.scalar_type());
-  for (int64_t i = 0; i < T * D; i++) xin[f13 == I4 ? (i / D) * D + perm_col(i % D) : i] = ld(x.data_ptr(), xcode, i);
-  std::vector<float> h(P * I);
-  const int64_t nb1 = (I + RB1 - 1) / RB1, nb2 = (D + RB2 - 1) / RB2;
   void* op = out.data_ptr();
+  if (P == 0) {                                       // nothing routed here: zeros, no parallel region
+    for (int64_t i = 0; i < T * D; i++) st(op, ocode, i, 0.f);
+    return out;
+  }
+  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4);
+  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4);
+  thread_local CallBufs cb;
+
+  // x -> fp32 (permuted per 32-group when w13 is int4), then int8 per 32-group for the integer path
+  Acts xa, ha;
+  xa.K = D;
+  ha.K = I;
+  xa.f = buffer(cb.xf, T * D);
+  for (int64_t i = 0; i < T * D; i++) xa.f[f13 == I4 ? (i / D) * D + perm_col(i % D) : i] = ld(x.data_ptr(), xcode, i);
+  if (q13a) {
+    xa.q = buffer(cb.xq, T * D);
+    xa.s = buffer(cb.xs, T * D / 32);
+    xa.sum = buffer(cb.xsum, T * D / 32);
+    for (int64_t i = 0; i < T * D / 32; i++) quant32(xa.f + i * 32, xa.q + i * 32, xa.s + i, xa.sum + i);
+  }
+  if (q2a) {
+    ha.q = buffer(cb.hq, P * I);
+    ha.s = buffer(cb.hs, P * I / 32);
+    ha.sum = buffer(cb.hsum, P * I / 32);
+  } else {
+    ha.f = buffer(cb.hf, P * I);
+  }
+  const int64_t nb1 = I / RB1, nb2 = (D + RB2 - 1) / RB2;
 
 #pragma omp parallel num_threads(int(nthreads))
   {
-    std::vector<float> acc(T * RB2);
+    float* acc = scratch(1, T * RB2);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < nA * nb1; u++) {
       const int64_t a = u / nb1, r0 = (u % nb1) * RB1;
-      gate_up_unit(w13, p, a, r0, std::min(I, r0 + RB1), xin.data(), D, h.data(), I, f2 == I4);
+      gate_up_unit(w13, p, a, r0, r0 + RB1, xa, ha, f2 == I4);
     }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait      // the region's end is the only barrier after stage 2
     for (int64_t u = 0; u < nb2; u++) {
       const int64_t d0 = u * RB2, d1 = std::min(D, d0 + RB2);
-      down_unit(w2, p, d0, d1, h.data(), I, acc.data(), T);
+      down_unit(w2, p, d0, d1, ha, acc, T);
       for (int64_t t = 0; t < T; t++)
         for (int64_t d = d0; d < d1; d++) st(op, ocode, t * D + d, acc[t * (d1 - d0) + d - d0]);
     }
@@ -283,7 +493,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, py::call_guard<py::gil_scoped_release>(),
-        "fused MoE layer: forward(x, ids, weights, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads)");
+        "fused MoE layer: forward(x, ids, weights, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, prefetch_rows)");
+  m.def("int_dot", []() { return std::string(HX_QDOT_KIND); });
   m.def("simd", []() { return std::string(HX_SIMD); });
   m.def("max_threads", []() { return omp_get_max_threads(); });
 }

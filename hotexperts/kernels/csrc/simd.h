@@ -3,6 +3,7 @@
 //   AVX-512F: one __m512;  AVX2+FMA+F16C: two __m256;  otherwise: float[16] loops (auto-vectorized).
 // Loaders widen 16 stored weights to fp32: int8, bf16, fp16, and 16 bytes of packed int4 ->
 // (lo nibbles = even columns, hi nibbles = odd columns) as two vectors.
+// With AVX2 (and AVX-512), also integer dot products of 32-groups (HX_QDOT = 1, see the end of this file).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -94,4 +95,53 @@ static inline V vload_f16(const uint16_t* p) {
 static inline void vload_u4(const uint8_t* p, V& lo, V& hi) {
   for (int i = 0; i < 16; i++) { lo.f[i] = float(p[i] & 15); hi.f[i] = float(p[i] >> 4); }
 }
+#endif
+
+// ---------------------------------------------------------------- integer 32-group dot products
+// u: 32 unsigned bytes (int4 values 0..15, or |w| of int8 weights); s: 32 signed bytes (int8 activations,
+// |x| <= 127, for int8 weights sign-adjusted: sign(x, w)) -> 8 int32 partial sums, returned as fp32.
+// Products pair-summed by maddubs stay <= 2 * 128 * 127 < 2^15 (no saturation): exact on every path.
+// AVX-512 VNNI (+VL) or AVX-VNNI: one vpdpbusd; plain AVX2: vpmaddubsw + vpmaddwd.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HX_QDOT 1
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HX_QDOT_KIND "avx512vnni"
+#elif defined(__AVXVNNI__)
+#define HX_QDOT_KIND "avxvnni"
+#else
+#define HX_QDOT_KIND "avx2"
+#endif
+// 16 bytes of packed int4 -> 32 bytes: the 16 low nibbles (even columns), then the 16 high ones (odd).
+static inline __m256i load_q4(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+  return _mm256_and_si256(v, _mm256_set1_epi8(15));
+}
+static inline __m256i load_b32(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+// int4 group (u = q) times activations x: sum q_j x_j (8 partial sums, fp32).
+static inline __m256 gdot_u4(__m256i u, const int8_t* x) {
+  return _mm256_cvtepi32_ps(dot_u8s8(u, load_b32(x)));
+}
+// int8 group (w, aw = |w|) times activations x: sum w_j x_j = sum |w_j| sign(x_j, w_j).
+static inline __m256 gdot_s8(__m256i w, __m256i aw, const int8_t* x) {
+  return _mm256_cvtepi32_ps(dot_u8s8(aw, _mm256_sign_epi8(load_b32(x), w)));
+}
+static inline float hsum8(__m256 s) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#else
+#define HX_QDOT 0
+#define HX_QDOT_KIND "none"
 #endif
