@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--sources", default="synthetic:qwen3-30b-a3b")
     ap.add_argument("--tests", default="pp512,pp4096,tg128,tg128@d4096")
     ap.add_argument("--fast-tests", default=None, help="tests for every source after the first")
+    ap.add_argument("--extra", default="", help="more runs on the same model: 'SOURCE|TESTS|BUDGETS;...'")
     ap.add_argument("--placements", default=",".join(NAMED))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--policy", default=None)
@@ -42,9 +43,11 @@ def main() -> None:
     expert_dtype = {"none": None, "int8": "int8", "int4": "int4g32"}[a.quant]
     lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)
     print(f"built {a.preset} in {time.time() - t0:.0f} s", flush=True)
-    budgets = [float(b) for b in a.budgets.split(",")]
-    for i, src in enumerate(a.sources.split(",")):
-        tests = parse_tests(a.tests if i == 0 or not a.fast_tests else a.fast_tests)
+    runs = [(src, a.tests if i == 0 or not a.fast_tests else a.fast_tests, a.budgets, "")
+            for i, src in enumerate(a.sources.split(","))]
+    runs += [(*item.split("|"), f"_extra{j}") for j, item in enumerate(filter(None, a.extra.split(";")))]
+    for src, test_text, budget_text, suffix in runs:
+        tests, budgets = parse_tests(test_text), [float(b) for b in budget_text.split(",")]
         kind, _, arg = src.partition(":")
         source = routing_source(kind, arg or None, lm.cfg, num_tokens=tokens_needed(tests, a.repeats))
         t1 = time.time()
@@ -54,8 +57,9 @@ def main() -> None:
         report["command"] = "python scripts/gpu_bench.py " + " ".join(
             f"--{k} {v}" for k, v in vars(a).items())
         report["preset"] = a.preset
+        report["expert_quant"] = a.quant
         report["seconds"] = time.time() - t1
-        name = f"bench_{a.preset}_{kind}{a.tag}"
+        name = f"bench_{a.preset}_{kind}{a.tag}{suffix}"
         rep.save_json(report, out / f"{name}.json")
         print(rep.table(report), flush=True)
         print(json.dumps({"done": name, "seconds": round(report["seconds"])}), flush=True)
