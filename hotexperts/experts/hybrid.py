@@ -102,7 +102,7 @@ class HybridExecutor:
         self.managed = set(controller.layers) if controller is not None else set()
         self.pp_bypass, self.prompt_mode = pp_bypass, prompt_mode
         self.prompt_cost = prompt_cost or PromptCost()
-        self.cpu_moe = cpu_kernel or _default_cpu_kernel()
+        self.cpu_moe = cpu_kernel or _default_cpu_kernel(leave_one_core=self.cuda)
         self.gpu_moe = gpu_kernel or _default_gpu_kernel()
         self.host = HostBuffers(pin=self.cuda)
         self.E = store.num_experts
@@ -342,10 +342,14 @@ def _expert_params(le) -> int:
     return s13[1] * s13[2] + s2[1] * s2[2]
 
 
-def _default_cpu_kernel():
-    from hotexperts.kernels.cpu_moe import cpu_moe
+def _default_cpu_kernel(leave_one_core: bool = False):
+    """The fused CPU kernel. Beside a GPU, its OpenMP threads leave one core to the Python thread that
+    drives the GPU (spinning workers on every core starve it: launches slow down for the whole step)."""
+    from hotexperts.kernels import cpu_moe as cm
 
-    return cpu_moe
+    if leave_one_core and cm.get_num_threads() == cm._physical_cores() > 1:
+        cm.set_num_threads(cm._physical_cores() - 1)
+    return cm.cpu_moe
 
 
 def _default_gpu_kernel():

@@ -121,10 +121,34 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kc, vc = kv.update(layer, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], kc[None], vc[None], attn_mask=mask,
-            enable_gqa=self.heads != self.kv_heads)                         # [1, H, T, hd]
-        return self.o_proj(o[0].transpose(0, 1).reshape(T, self.heads * self.head_dim))
+        if T <= SMALL_T:
+            o = grouped_attention(q, kc, vc, mask)                          # [T, H*hd]
+        else:
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], kc[None], vc[None], attn_mask=mask,
+                enable_gqa=self.heads != self.kv_heads)[0].transpose(0, 1)  # [T, H, hd]
+        return self.o_proj(o.reshape(T, self.heads * self.head_dim))
+
+
+SMALL_T = 16     # decode-sized batches: grouped_attention; larger (prompt chunks): SDPA
+
+
+def grouped_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """GQA for a few query tokens as three batched matmuls over the KV heads, reading K/V once.
+
+    q [T, H, hd]; kc, vc [Hkv, S, hd]; mask [T, S] bool -> [T, H, hd]. SDPA with a mask and enable_gqa
+    falls back to its math path (K/V repeated per query head, ~10 launches): far slower in decode.
+    """
+    T, H, hd = q.shape
+    Hkv = kc.shape[0]
+    G = H // Hkv
+    qg = q.view(T, Hkv, G, hd).permute(1, 0, 2, 3).reshape(Hkv, T * G, hd)          # [Hkv, T*G, hd]
+    scores = torch.matmul(qg, kc.transpose(1, 2)).float() * hd ** -0.5               # [Hkv, T*G, S]
+    keep = mask[None, :, None, :].expand(Hkv, T, G, mask.shape[-1]).reshape(Hkv, T * G, -1)
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(q.dtype)
+    out = torch.matmul(probs, vc)                                                    # [Hkv, T*G, hd]
+    return out.view(Hkv, T, G, hd).permute(1, 0, 2, 3).reshape(T, H, hd)
 
 
 class SwiGLU(nn.Module):
