@@ -133,8 +133,10 @@ def cpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: 
     dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     if ids.dtype != torch.int64:
         ids = ids.long()
-    load_extension().forward(x.contiguous(), ids.contiguous(), weights.contiguous(), *parts[0], *parts[1],
-                             dst, _threads[0], bool(act_quant), _prefetch[0])
+    err = load_extension().forward(x.contiguous(), ids.contiguous(), weights.contiguous(), *parts[0],
+                                   *parts[1], dst, _threads[0], bool(act_quant), _prefetch[0])
+    if err:                                  # the C++ side reports instead of throwing (GIL released)
+        raise RuntimeError(err)
     if dst is not out:
         out.copy_(dst)
     return out

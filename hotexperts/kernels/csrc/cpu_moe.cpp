@@ -491,8 +491,25 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
 
 }  // namespace
 
+// The binding runs with the GIL released; an exception must not unwind through that boundary (seen on the
+// H200 build: a bad expert id crashed the process). Errors come back as a message; the caller raises.
+std::string forward_checked(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wts, int64_t f13,
+                            const at::Tensor& q13, const c10::optional<at::Tensor>& s13,
+                            const c10::optional<at::Tensor>& z13, int64_t f2, const at::Tensor& q2,
+                            const c10::optional<at::Tensor>& s2, const c10::optional<at::Tensor>& z2,
+                            at::Tensor out, int64_t nthreads, bool act_quant, int64_t prefetch_rows) {
+  try {
+    forward(x, ids, wts, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, prefetch_rows);
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return std::string();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>(),
+  m.def("forward", &forward_checked, py::call_guard<py::gil_scoped_release>(),
         "fused MoE layer: forward(x, ids, weights, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, prefetch_rows)");
   m.def("int_dot", []() { return std::string(HX_QDOT_KIND); });
   m.def("simd", []() { return std::string(HX_SIMD); });
