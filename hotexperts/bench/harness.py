@@ -16,6 +16,7 @@ and the cache's hit rate. Placement names:
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class PlacementResult:
     n_cpu_layers: int | None = None          # layer offload: MoE layers whose experts stayed on the CPU
     decode_tokens: int = 0                   # timed decode steps that hit_rate / swaps / bytes_moved cover
     trace_wraps: int = 0                     # times the replayed routing ran past its end and restarted
+    baseline_vram_gib: float | None = None   # allocated before this placement (dense weights; more = a leak)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -174,9 +176,11 @@ def summarize(runs: list[float]) -> dict:
 def measure(bench: Bench, label: str, placement: Placement, budget: int | None, reserved: int,
             tests: list[BenchTest], repeats: int, progress=None) -> PlacementResult:
     res = PlacementResult(label, placement.describe(), None if budget is None else budget / GiB)
+    gc.collect()                    # the previous placement's slot pools sit in reference cycles
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(bench.device)
+        res.baseline_vram_gib = torch.cuda.memory_allocated(bench.device) / GiB
     ex = gen = None
     try:
         ex = bench.executor(placement, reserved)
