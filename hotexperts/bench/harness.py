@@ -166,7 +166,7 @@ def _counters(ex) -> dict | None:
 
 def tokens_needed(tests: list[BenchTest], repeats: int) -> int:
     """Trace rows one placement consumes (warm-up included): replay longer than this never wraps."""
-    return 5 + repeats * sum(t.n + (max(t.depth, 1) if t.kind == "tg" else 0) for t in tests)
+    return 8 + repeats * sum(t.n + (max(t.depth, 1) if t.kind == "tg" else 0) for t in tests)
 
 
 def summarize(runs: list[float]) -> dict:
