@@ -76,7 +76,9 @@ def _hot_k(lm, budget: int | None, reserved: int, quant: str) -> int:
     if budget is None:
         return E
     slot = _slot_bytes(lm, quant)
-    return max(0, min(E, (budget - reserved) // slot // Lm))
+    staging = 2 * E * slot           # the two prompt staging pools (a layer's experts each), kept first
+    free = budget - reserved - (staging if budget - reserved > staging else 0)
+    return max(0, min(E, free // slot // Lm))
 
 
 def _slot_bytes(lm, quant: str) -> int:

@@ -283,6 +283,8 @@ def _budget_slots(p, store, budget, staging, fits):
             raise PlacementError(f"the profile {p.profile} lists no hot experts: give a cache size "
                                  "(--moe-cache BUDGET) or a --vram-budget")
     room = None if free is None else max(0, free // sb)
+    if want is None and room is not None and staging <= free:
+        want = (free - staging) // sb       # "as many slots as fit": keep the prompt staging pools first
     if want is None:
         want = E * len(layers) if room is None else room
     st = staging if fits(min(want, room if room is not None else want), staging) else 0

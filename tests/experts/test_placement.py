@@ -114,6 +114,13 @@ def test_budget_drives_slots_and_layers():
     assert ex.slots.num_slots == 6 and ex.controller.capacity == {0: 2, 1: 2, 2: 2}
 
 
+def test_auto_cache_keeps_the_prompt_staging_pools_first():
+    reserved, staging = 1000, 2 * E * SB                # two layers' experts (the double buffer)
+    p = Placement.parse("cache:auto", vram_budget=reserved + staging + 5 * SB, prompt_mode="stream")
+    ex = build_executor(p, STORE, CFG, "cpu", reserved_bytes=reserved)
+    assert ex.slots.num_slots == 5 and ex.stage is not None
+
+
 def test_budget_errors():
     with pytest.raises(PlacementError, match="smaller than the dense"):
         build_executor(Placement(mode="cpu", vram_budget=100), STORE, CFG, "cpu", reserved_bytes=1000)
