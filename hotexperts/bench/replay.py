@@ -36,13 +36,16 @@ class RoutingReplay:
         self.weights = torch.as_tensor(w, device=device)                         # [N, Lm, K] fp32
         self.num_tokens = ids.shape[0]
         self.top_k = ids.shape[2]
-        self.cursor = 0
+        self.cursor = 0                                                          # host copy (wraps, seek)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)               # device copy (graphs)
         self.wraps = 0
         self._step_tokens = 0
+        self._arange: dict[int, torch.Tensor] = {}
 
     @property
     def graph_safe(self) -> bool:
-        return False  # the cursor moves on the host
+        """Rows are gathered at a device-side cursor, so a graph-safe inner executor stays graph-safe."""
+        return bool(getattr(self.inner, "graph_safe", False))
 
     @property
     def on_route(self):
@@ -53,32 +56,33 @@ class RoutingReplay:
         self.inner.on_route = fn
 
     def _rows(self, t: int) -> torch.Tensor:
-        idx = (torch.arange(t) + self.cursor) % self.num_tokens
-        return idx
+        """[t] trace rows at the device cursor (no host read: capturable in a CUDA graph)."""
+        if t not in self._arange:
+            self._arange[t] = torch.arange(t, device=self.pos.device)
+        return (self._arange[t] + self.pos) % self.num_tokens
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         li = self.layer_index[layer]
-        if self.cursor + t <= self.num_tokens:
-            rid = self.ids[self.cursor:self.cursor + t, li]
-            rw = self.weights[self.cursor:self.cursor + t, li]
-        else:
-            rows = self._rows(t).to(self.ids.device)
-            rid, rw = self.ids[rows, li], self.weights[rows, li]
+        rows = self._rows(t)
+        rid, rw = self.ids[rows, li], self.weights[rows, li]                      # [T, K']
         self._step_tokens = t
         return self.inner(layer, x, rid, rw.to(x.dtype))
 
     def end_step(self) -> None:
-        self.cursor += self._step_tokens
+        # no call since the last step = a CUDA-graph replay of a decode step (one token)
+        self.cursor += self._step_tokens or 1
         if self.cursor >= self.num_tokens:
             self.wraps += self.cursor // self.num_tokens
             self.cursor %= self.num_tokens
+        self.pos.fill_(self.cursor)
         self._step_tokens = 0
         self.inner.end_step()
 
     def seek(self, position: int) -> None:
         """Place the cursor (e.g. at the first decode token of the trace before a tg run)."""
         self.cursor = position % self.num_tokens
+        self.pos.fill_(self.cursor)
 
     def __getattr__(self, name):
         # stats(), slots, ... of the inner executor stay reachable through the wrapper

@@ -63,6 +63,8 @@ def test_replay_substitutes_routing_advances_and_wraps():
     assert inner.calls[-1][1].tolist() == tr.ids[[4, 0], 0].astype(int).tolist()
     rp.end_step()
     assert rp.wraps == 1 and rp.cursor == 1
+    rp.end_step()                                       # a graph replay calls no layer: one decode token
+    assert rp.cursor == 2 and int(rp.pos) == 2 and rp.graph_safe is False
 
 
 def test_replay_rejects_a_trace_of_another_shape():
