@@ -23,21 +23,13 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from hotexperts.engine.generate import Generator
+from hotexperts.engine.load import DTYPES, parse_dtype  # noqa: F401  (DTYPES: the CLIs' --dtype choices)
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import HotExpertsError
 
 PRESET_PREFIX = "preset:"
 DEFAULT_MAX_CONTEXT = 4096
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise HotExpertsError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+resolve_dtype = parse_dtype      # "bfloat16" | "bf16" | "float16" | "fp16" | "float32" | "fp32" | torch.dtype
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

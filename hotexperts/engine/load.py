@@ -29,7 +29,8 @@ from hotexperts.models.naming import ExpertRef
 from hotexperts.models.transformer import MoETransformer
 from hotexperts.tokenizer import Tokenizer
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 @dataclass
