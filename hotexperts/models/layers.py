@@ -38,9 +38,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (theta ** exps), persistent=False)
 
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cos [T, hd], signed sin [T, hd] = (-sin, +sin) over the two halves (see apply_rope)."""
         freqs = input_pos.float()[:, None] * self.inv_freq[None, :]     # [T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                         # [T, hd]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,9 +49,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, hd]; cos/sin [T, hd]."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, hd]; cos, signed_sin [T, hd]. HF's x*cos + rotate_half(x)*sin in three launches:
+    rotate_half(x) * sin == roll(x, hd/2) * (-sin, +sin)."""
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos[:, None], rolled, signed_sin[:, None])
 
 
 class KVCache(nn.Module):
@@ -119,10 +122,11 @@ class Attention(nn.Module):
                 input_pos: torch.Tensor, kv: KVCache, mask: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self._qkv(x)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qk = apply_rope(torch.cat((q, k), dim=1), *rope)                    # [T, H + Hkv, hd], one pass
+        q, k = qk[:, :self.heads], qk[:, self.heads:]
         kc, vc = kv.update(layer, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
-        if T <= SMALL_T:
-            o = grouped_attention(q, kc, vc, mask)                          # [T, H*hd]
+        if mask.dtype != torch.bool:                                        # decode: additive bias
+            o = grouped_attention(q, kc, vc, mask)                          # [T, H, hd]
         else:
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], kc[None], vc[None], attn_mask=mask,
@@ -130,25 +134,31 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(T, self.heads * self.head_dim))
 
 
-SMALL_T = 16     # decode-sized batches: grouped_attention; larger (prompt chunks): SDPA
+SMALL_T = 16     # decode-sized batches: grouped_attention over an additive bias; larger: SDPA
+
+
+def decode_bias(mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, S] bool mask -> [T*G, S] additive bias (0 / -inf), rows in grouped_attention's (token, group)
+    order. Built once per forward and shared by every layer."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias.repeat_interleave(group, dim=0)
 
 
 def grouped_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-    """GQA for a few query tokens as three batched matmuls over the KV heads, reading K/V once.
+                      bias: torch.Tensor) -> torch.Tensor:
+    """GQA for a few query tokens, reading K/V once per KV head, in ~6 launches.
 
-    q [T, H, hd]; kc, vc [Hkv, S, hd]; mask [T, S] bool -> [T, H, hd]. SDPA with a mask and enable_gqa
-    falls back to its math path (K/V repeated per query head, ~10 launches): far slower in decode.
+    q [T, H, hd]; kc, vc [Hkv, S, hd]; bias [T*G, S] (decode_bias) -> [T, H, hd]. SDPA with a mask and
+    enable_gqa falls back to its math path (K/V repeated per query head, ~10 launches): far slower in decode.
     """
     T, H, hd = q.shape
     Hkv = kc.shape[0]
     G = H // Hkv
-    qg = q.view(T, Hkv, G, hd).permute(1, 0, 2, 3).reshape(Hkv, T * G, hd)          # [Hkv, T*G, hd]
-    scores = torch.matmul(qg, kc.transpose(1, 2)).float() * hd ** -0.5               # [Hkv, T*G, S]
-    keep = mask[None, :, None, :].expand(Hkv, T, G, mask.shape[-1]).reshape(Hkv, T * G, -1)
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(q.dtype)
-    out = torch.matmul(probs, vc)                                                    # [Hkv, T*G, hd]
-    return out.view(Hkv, T, G, hd).permute(1, 0, 2, 3).reshape(T, H, hd)
+    qg = q.reshape(T, Hkv, G, hd).transpose(0, 1).reshape(Hkv, T * G, hd)           # [Hkv, T*G, hd]
+    scores = torch.baddbmm(bias.expand(Hkv, -1, -1), qg, kc.transpose(1, 2), alpha=hd ** -0.5)
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)                      # [Hkv, T*G, S]
+    out = torch.bmm(probs, vc)                                                       # [Hkv, T*G, hd]
+    return out.view(Hkv, T, G, hd).transpose(0, 1).reshape(T, H, hd)
 
 
 class SwiGLU(nn.Module):

@@ -18,7 +18,15 @@ from torch import nn
 
 from hotexperts.config import ModelConfig
 from hotexperts.models.executor_protocol import ExpertExecutor
-from hotexperts.models.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from hotexperts.models.layers import (
+    SMALL_T,
+    Attention,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    decode_bias,
+)
 
 MOE_BLOCK_NAME = {"mixtral": "block_sparse_moe"}    # default "mlp"
 
@@ -40,11 +48,16 @@ class MoEBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> ids [T, K] int64, weights [T, K] x.dtype."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)       # [T, E]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)               # [T, K]
+        """x [T, D] -> ids [T, K] int64, weights [T, K] x.dtype.
+
+        With norm_topk_prob, softmax over the K largest logits equals the renormalised top-K of the full
+        softmax (same ids, same weights) in three launches instead of six."""
+        logits = self.gate(x)                                              # [T, E]
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            top, ids = torch.topk(logits, self.top_k, dim=-1)              # [T, K]
+            return ids, F.softmax(top, dim=-1, dtype=torch.float32).to(x.dtype)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)             # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)               # [T, K]
         return ids, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor, executor: ExpertExecutor) -> torch.Tensor:
@@ -108,7 +121,9 @@ class MoETransformer(nn.Module):
         """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only)."""
         x = self.model.embed_tokens(tokens)                                 # [T, D]
         rope = self.rotary(input_pos, x.dtype)                              # cos, sin [T, hd]
-        mask = kv.mask(input_pos, self.cfg.sliding_window)                  # [T, S]
+        mask = kv.mask(input_pos, self.cfg.sliding_window)                  # [T, S] bool
+        if tokens.shape[0] <= SMALL_T:                                      # decode: one additive bias
+            mask = decode_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)   # [T*G, S]
         for layer in self.model.layers:
             x = layer(x, rope, input_pos, kv, mask, executor)
         x = self.model.norm(x[-1:] if last_only else x)

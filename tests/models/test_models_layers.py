@@ -8,7 +8,7 @@ import transformers as tf
 from conftest import COMMON, TINY, _spread_init, ours_from_hf
 
 from hotexperts.experts.reference import DenseExecutor
-from hotexperts.models.layers import KVCache, RotaryEmbedding
+from hotexperts.models.layers import KVCache, RotaryEmbedding, apply_rope, rotate_half
 from hotexperts.models.transformer import MoETransformer
 
 
@@ -61,7 +61,11 @@ def test_rope_frequencies_match_transformers():
     pos = torch.arange(0, 200, 7)
     cos, sin = hf_rope(torch.zeros(1, dtype=torch.float32), pos[None])
     got = ours(pos, torch.float32)
-    assert torch.equal(got[0], cos[0]) and torch.equal(got[1], sin[0])
+    signed = torch.cat((-sin[0][:, :8], sin[0][:, 8:]), dim=-1)            # (-sin, +sin) over the halves
+    assert torch.equal(got[0], cos[0]) and torch.equal(got[1], signed)
+    x = torch.randn(len(pos), 3, 16)
+    hf = x * cos[0][:, None] + rotate_half(x) * sin[0][:, None]             # HF's apply_rotary_pos_emb
+    torch.testing.assert_close(apply_rope(x, *got), hf, rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
