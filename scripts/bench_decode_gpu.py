@@ -130,9 +130,9 @@ class EventTimer:
 
 def hook_modules(model, timer: EventTimer):
     handles = []
-    for mod in model.modules():
-        cat = ("attention" if isinstance(mod, Attention)
-               else "moe_block" if isinstance(mod, MoEBlock) else None)
+    cats = {m: "attention" for m in model.modules() if isinstance(m, Attention)}
+    cats |= {m.gate: "router" for m in model.modules() if isinstance(m, MoEBlock)}   # the router linear
+    for mod, cat in cats.items():
         if cat:
             handles.append(mod.register_forward_pre_hook(lambda m, a, c=cat: timer.start(c)))
             handles.append(mod.register_forward_hook(lambda m, a, o, c=cat: timer.stop(c)))
@@ -180,8 +180,7 @@ def breakdown(model, executor, cfg, args, steps: int = 16) -> dict:
         for h in handles:
             h.remove()
     ms = {c: v / steps for c, v in timer.totals_ms().items()}
-    ms["router_and_shared"] = ms.get("moe_block", 0.0) - ms.get("experts", 0.0)
-    ms["other"] = ms["step"] - ms.get("attention", 0) - ms.get("moe_block", 0) - ms.get("sampling", 0)
+    ms["other"] = ms["step"] - sum(ms.get(k, 0.0) for k in ("attention", "router", "experts", "sampling"))
     ms["wall_per_step"] = wall
     return ms
 
@@ -223,7 +222,7 @@ def main() -> int:
     print(f"eager and graph first tokens identical: {same}")
     ms = breakdown(model, executor, cfg, args)
     print("\neager decode step breakdown (ms/token, CUDA events):")
-    for k in ("step", "attention", "moe_block", "experts", "router_and_shared", "sampling", "other",
+    for k in ("step", "attention", "router", "experts", "sampling", "other",
               "wall_per_step"):
         print(f"  {k:<20}{ms.get(k, 0.0):8.3f}")
     table = "" if args.skip_profile else profile_table(model, executor, cfg, args)

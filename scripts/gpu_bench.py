@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--policy", default=None)
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--piecewise-graph", action="store_true")
     a = ap.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def main() -> None:
         t1 = time.time()
         report = run_bench(lm, a.placements.split(","), budgets, tests, a.repeats, source,
                            device, quant="none" if expert_dtype else a.quant, policy=a.policy,
-                           progress=lambda m: print("  " + m, flush=True))
+                           progress=lambda m: print("  " + m, flush=True), piecewise=a.piecewise_graph)
         report["command"] = "python scripts/gpu_bench.py " + " ".join(
             f"--{k} {v}" for k, v in vars(a).items())
         report["preset"] = a.preset

@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
     p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
+    p.add_argument("--piecewise-graph", action="store_true",
+                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
     p.add_argument("--stats", action="store_true",
                    help="print the cache per layer: hits, misses, swaps, bytes moved, CPU/GPU time")
     p.add_argument("--stats-json", default=None, metavar="FILE", help="write the engine's stats as JSON")
@@ -86,7 +88,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
     placement = _placement_module()
     return Engine.load(args.model, dtype=args.dtype, device=args.device,
                        placement=placement.placement_from_args(args) if placement is not None else None,
-                       max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph)
+                       max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
+                       piecewise_graph=args.piecewise_graph)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -98,9 +98,16 @@ class GraphDecodeStep(EagerDecodeStep):
             return False
 
 
-def make_decode_step(model, kv, executor, device: torch.device | str, *, use_graph: bool = True):
-    """GraphDecodeStep on CUDA with a graph-safe executor (and use_graph), else EagerDecodeStep."""
+def make_decode_step(model, kv, executor, device: torch.device | str, *, use_graph: bool = True,
+                     piecewise: bool = False):
+    """GraphDecodeStep on CUDA with a graph-safe executor (and use_graph); else, with `piecewise`, a
+    PiecewiseDecodeStep (graphs around the executor's per-layer host work); else EagerDecodeStep."""
     device = torch.device(device)
     capturable = use_graph and device.type == "cuda" and getattr(executor, "graph_safe", False) is True
-    cls = GraphDecodeStep if capturable else EagerDecodeStep
-    return cls(model, kv, executor, device)
+    if capturable:
+        return GraphDecodeStep(model, kv, executor, device)
+    if use_graph and piecewise and device.type == "cuda":
+        from hotexperts.engine.piecewise import PiecewiseDecodeStep
+
+        return PiecewiseDecodeStep(model, kv, executor, device)
+    return EagerDecodeStep(model, kv, executor, device)

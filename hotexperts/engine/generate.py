@@ -62,13 +62,15 @@ class Generator:
     prefill_chunk = 512
 
     def __init__(self, model, executor, cfg: ModelConfig, device: torch.device | str, max_context: int,
-                 *, dtype: torch.dtype | None = None, use_cuda_graph: bool = True):
+                 *, dtype: torch.dtype | None = None, use_cuda_graph: bool = True,
+                 piecewise_graph: bool = False):
         self.model, self.executor, self.cfg = model, executor, cfg
         self.device, self.max_context = torch.device(device), int(max_context)
         dtype = dtype or next(model.parameters()).dtype
         self.kv = KVCache(cfg.num_layers, self.max_context, cfg.num_kv_heads, cfg.head_dim, dtype,
                           self.device)
-        self.decode_step = make_decode_step(model, self.kv, executor, self.device, use_graph=use_cuda_graph)
+        self.decode_step = make_decode_step(model, self.kv, executor, self.device, use_graph=use_cuda_graph,
+                                            piecewise=piecewise_graph)
         self.last, self.total = Timings(), Timings()
         self.finish_reason: str | None = None
 

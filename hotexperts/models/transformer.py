@@ -60,12 +60,11 @@ class MoEBlock(nn.Module):
         weights, ids = torch.topk(probs, self.top_k, dim=-1)               # [T, K]
         return ids, weights.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, executor: ExpertExecutor) -> torch.Tensor:
-        ids, weights = self.route(x)
-        y = executor(self.layer, x, ids, weights)                          # [T, D]
-        if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The gated shared expert's output [T, D] (qwen2_moe), or None."""
+        if self.shared_expert is None:
+            return None
+        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class DecoderLayer(nn.Module):
@@ -84,11 +83,23 @@ class DecoderLayer(nn.Module):
         ffn = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.add_module(self.ffn_name, ffn)
 
-    def forward(self, x, rope, input_pos, kv, mask, executor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, self.layer, input_pos, kv, mask)
-        h = self.post_attention_layernorm(x)
+    def pre_experts(self, x, rope, input_pos, kv, mask):
+        """Everything of the layer but the routed experts (a fixed-shape, host-free piece: a CUDA graph in
+        piecewise decode). -> (h, xn, ids, weights): the layer's output is h + executor(layer, xn, ids,
+        weights); h already holds the residual and any shared expert. Dense layers: (out, None, None, None).
+        """
+        h = x + self.self_attn(self.input_layernorm(x), rope, self.layer, input_pos, kv, mask)
+        xn = self.post_attention_layernorm(h)
         ffn = getattr(self, self.ffn_name)
-        return x + (ffn(h, executor) if self.is_moe else ffn(h))
+        if not self.is_moe:
+            return h + ffn(xn), None, None, None
+        ids, weights = ffn.route(xn)
+        shared = ffn.shared(xn)
+        return (h if shared is None else h + shared), xn, ids, weights
+
+    def forward(self, x, rope, input_pos, kv, mask, executor) -> torch.Tensor:
+        h, xn, ids, weights = self.pre_experts(x, rope, input_pos, kv, mask)
+        return h if ids is None else h + executor(self.layer, xn, ids, weights)
 
 
 class DecoderStack(nn.Module):
@@ -119,13 +130,21 @@ class MoETransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache,
                 executor: ExpertExecutor, last_only: bool = False) -> torch.Tensor:
         """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only)."""
+        x, rope, mask = self.prepare(tokens, input_pos, kv)
+        for layer in self.model.layers:
+            x = layer(x, rope, input_pos, kv, mask, executor)
+        return self.head(x[-1:] if last_only else x)
+
+    def prepare(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache):
+        """-> x [T, D], rope (cos, signed sin) [T, hd], mask [T, S] bool or decode bias [T*G, S]."""
         x = self.model.embed_tokens(tokens)                                 # [T, D]
-        rope = self.rotary(input_pos, x.dtype)                              # cos, sin [T, hd]
+        rope = self.rotary(input_pos, x.dtype)
         mask = kv.mask(input_pos, self.cfg.sliding_window)                  # [T, S] bool
         if tokens.shape[0] <= SMALL_T:                                      # decode: one additive bias
             mask = decode_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)   # [T*G, S]
-        for layer in self.model.layers:
-            x = layer(x, rope, input_pos, kv, mask, executor)
-        x = self.model.norm(x[-1:] if last_only else x)
-        head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head).float()                                    # [T, V]
+        return x, rope, mask
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: x [T, D] -> logits [T, V] float32."""
+        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return F.linear(self.model.norm(x), w).float()
