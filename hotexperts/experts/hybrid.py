@@ -178,20 +178,22 @@ class HybridExecutor:
         h_ids, h_w, h_x, ready = host
         if ready is not None:
             ready.synchronize()                              # the D2H only: queued before the GPU part
-        if n_res > 0:
-            hit = self.slots.mirror(layer)[h_ids] >= 0       # [T, K]
-            n_hit = int(hit.sum())
-        else:
-            hit, n_hit = None, 0
-        self._count(layer, n_hit, T * K - n_hit)
-        if n_hit < T * K:
+        valid = h_ids >= 0                                   # [T, K]; -1 = a missing cell of a replayed trace
+        hit = self._hits(layer, h_ids, valid) if n_res > 0 else None
+        n_valid = int(valid.sum())
+        n_hit = int(hit.sum()) if hit is not None else 0
+        self._count(layer, n_hit, n_valid - n_hit)
+        if n_hit < n_valid:
             part = self._cpu_part(layer, h_x, h_ids if hit is None else h_ids.masked_fill(hit, -1), h_w)
             y = part if y is None else y + part
         if managed:
-            flags = [True] * (T * K) if hit is None and n_res == self.E else \
-                ([False] * (T * K) if hit is None else hit.flatten().tolist())
+            flags = hit[valid].tolist() if hit is not None else [False] * n_valid
             self.controller.observe(self.step, layer, h_ids.flatten().tolist(), prompt, tokens=T, hits=flags)
         return y
+
+    def _hits(self, layer: int, h_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[T, K] bool: the cell's expert has a usable slot (host mirror); -1 cells are never hits."""
+        return (self.slots.mirror(layer)[h_ids.clamp(min=0)] >= 0) & valid
 
     def _to_host(self, x, ids, weights, with_x: bool):
         """Queue the D2H copies into pinned buffers; returns (ids, weights, x, event) on the host."""
@@ -263,9 +265,11 @@ class HybridExecutor:
         self.stage.release(layer)
         self._count(layer, T * K, 0)
         if layer in self.managed:
-            res = self.slots.mirror(layer)[ids.cpu()] >= 0            # hits as the cache would have had them
-            self.controller.observe(self.step, layer, ids.flatten().tolist(), True, tokens=T,
-                                    hits=res.flatten().tolist())
+            h_ids = ids.cpu()
+            valid = h_ids >= 0
+            res = self._hits(layer, h_ids, valid)                     # hits as the cache would have had them
+            self.controller.observe(self.step, layer, h_ids.flatten().tolist(), True, tokens=T,
+                                    hits=res[valid].tolist())
         return y
 
 
@@ -367,7 +371,10 @@ class GpuExecutor:
         self.w13 = {l: store.layer(l).w13.to(self.device) for l in store.layers}     # [E, 2I, D]
         self.w2 = {l: store.layer(l).w2.to(self.device) for l in store.layers}       # [E, D, I]
         self.gpu_moe = gpu_kernel or _default_gpu_kernel()
-        self.graph_safe = self.device.type == "cuda"
+        from hotexperts.kernels.gpu_moe import triton_available
+
+        # the Triton path never syncs with the host; the torch fallback's "loop" mode does
+        self.graph_safe = self.device.type == "cuda" and triton_available()
         self.on_route = None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -223,3 +223,20 @@ def test_cuda_placement_matches_reference(text, prompt_mode):
         check_same(ex, ref[0], ref[1])
     finally:
         MODEL = model_cpu.cpu()
+
+
+def test_missing_cells_are_neither_hits_nor_misses():
+    """-1 ids (missing cells of a replayed trace) must not read the last expert's slot as a hit."""
+    ex = build_executor(Placement.parse("cache:20slots:lru"), STORE, CFG, "cpu")
+    layer, K = STORE.layers[0], CFG.top_k
+    x = torch.randn(1, CFG.hidden_size)
+    last = torch.full((1, K), E - 1)
+    for _ in range(3):                                   # expert E-1 becomes resident
+        ex(layer, x, last, torch.full((1, K), 1.0 / K))
+        ex.end_step()
+    assert E - 1 in ex.controller.resident[layer]
+    before = ex.stats()["total"]
+    y = ex(layer, x, torch.full((1, K), -1), torch.full((1, K), 1.0 / K))
+    after = ex.stats()["total"]
+    assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
+    assert torch.count_nonzero(y) == 0
