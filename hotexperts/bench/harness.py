@@ -240,10 +240,10 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
     reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
     bench = Bench(lm, device, max_context, source, piecewise=piecewise)
     results = []
-    for b in budgets:
+    for bi, b in enumerate(budgets):
         budget = None if b is None else int(b * GiB)
         for name, label in zip(placements, labels or placements, strict=True):
-            if name == "gpu" and b is not budgets[0]:
+            if name == "gpu" and bi > 0:
                 continue                                   # the reference ignores the budget: run it once
             p = resolve(name, budget, lm, reserved, quant, policy)
             results.append(measure(bench, label, p, None if name == "gpu" else budget, reserved, tests,
@@ -359,7 +359,7 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
     for b in budgets:
         plan = pr.real_plan(shape, b)
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
-                           policy=args.policy, progress=progress, labels=names)
+                           quant=args.expert_quant, policy=args.policy, progress=progress, labels=names)
         rows = pr.predictions(report, shape, hw, plan)
         print()
         print(pr.table(rows, shape, hw, plan))
