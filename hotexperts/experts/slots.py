@@ -149,7 +149,11 @@ class SlotCache:
             self.free.append(int(self.host[r, evict]))
             self._unpublish(layer, evict)
             return True
-        if self.host[r, load] >= 0 or (layer, load) in self._filling:
+        if (layer, load) in self._filling:                      # already on its way: commits when done
+            return False
+        if self.host[r, load] >= 0:                             # already resident: tell the controller so
+            if self.controller is not None:                     # (else it stays `pending` for ever)
+                self.controller.commit([(layer, load, None)])
             return False
         if evict is not None and self.host[r, evict] >= 0:
             slot = int(self.host[r, evict])
