@@ -112,6 +112,7 @@ class HybridExecutor:
         self.on_route = None
         self.time_gpu = False                                # per-layer GPU timing with CUDA events (--stats)
         self.step, self._prompt = 0, False
+        self._d2h_done = None
         self._measured = prompt_cost is not None
 
     # ---- the executor protocol --------------------------------------------------------------------------
@@ -207,9 +208,10 @@ class HybridExecutor:
         if with_x:
             h_x = self.host.get("x", tuple(x.shape), x.dtype)
             h_x.copy_(x, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        return h_ids, h_w, h_x, ev
+        if self._d2h_done is None:
+            self._d2h_done = torch.cuda.Event()              # one event, re-recorded every layer
+        self._d2h_done.record()
+        return h_ids, h_w, h_x, self._d2h_done
 
     def _gpu_part(self, layer, x, ids, weights) -> torch.Tensor:
         s = self.slots
