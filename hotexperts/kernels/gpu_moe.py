@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hotexperts.experts.quant import dequantize
 from hotexperts.experts.weights import QuantizedWeight, Weight
 
 DEQUANT_CHUNK = 16                   # experts dequantized at a time for quantized prompt batches
@@ -109,17 +110,8 @@ def _triton_ok(x: torch.Tensor, ids: torch.Tensor, w13: Weight, w2: Weight) -> b
 
 # ------------------------------------------------------------------------------------------ torch fallback
 def _dequant(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """Dense copy of a (sliced) QuantizedWeight; format in hotexperts/experts/weights.py."""
-    if w.fmt == "int8":
-        return w.q.to(dtype) * w.scale.to(dtype).unsqueeze(-1)
-    if w.fmt == "int4g32":
-        lo = (w.q & 0xF).to(dtype)
-        hi = (w.q >> 4).to(dtype)
-        q = torch.stack((lo, hi), dim=-1).flatten(-2)                  # [..., N, Kin]
-        g = q.unflatten(-1, (-1, 32))                                  # [..., N, Kin/32, 32]
-        w_ = (g - 8) * w.scale.to(dtype).unsqueeze(-1) + w.zero.to(dtype).unsqueeze(-1)
-        return w_.flatten(-2)
-    raise ValueError(f"unknown quantized format {w.fmt!r}")
+    """Dense copy of a (sliced) QuantizedWeight: the same fp32 math as the CPU kernel, then cast."""
+    return dequantize(w, torch.float32).to(dtype)
 
 
 def _take(w: Weight, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
