@@ -41,6 +41,8 @@ class RoutingReplay:
         self.wraps = 0
         self._step_tokens = 0
         self._arange: dict[int, torch.Tensor] = {}
+        self._step_rows: torch.Tensor | None = None                               # rows of this step
+        self._cast: dict[torch.dtype, torch.Tensor] = {}                          # weights per dtype
 
     @property
     def graph_safe(self) -> bool:
@@ -64,10 +66,15 @@ class RoutingReplay:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         li = self.layer_index[layer]
-        rows = self._rows(t)
-        rid, rw = self.ids[rows, li], self.weights[rows, li]                      # [T, K']
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()   # a graph must record it
+        if capturing or self._step_rows is None or self._step_rows.shape[0] != t:
+            self._step_rows = self._rows(t)                                       # once per step
+        if x.dtype not in self._cast:
+            self._cast[x.dtype] = self.weights.to(x.dtype)
+        rows = self._step_rows
+        rid, rw = self.ids[rows, li], self._cast[x.dtype][rows, li]               # [T, K']
         self._step_tokens = t
-        return self.inner(layer, x, rid, rw.to(x.dtype))
+        return self.inner(layer, x, rid, rw)
 
     def end_step(self) -> None:
         # no call since the last step = a CUDA-graph replay of a decode step (one token)
@@ -76,13 +83,14 @@ class RoutingReplay:
             self.wraps += self.cursor // self.num_tokens
             self.cursor %= self.num_tokens
         self.pos.fill_(self.cursor)
-        self._step_tokens = 0
+        self._step_tokens, self._step_rows = 0, None
         self.inner.end_step()
 
     def seek(self, position: int) -> None:
         """Place the cursor (e.g. at the first decode token of the trace before a tg run)."""
         self.cursor = position % self.num_tokens
         self.pos.fill_(self.cursor)
+        self._step_rows = None
 
     def __getattr__(self, name):
         # stats(), slots, ... of the inner executor stay reachable through the wrapper
