@@ -83,7 +83,8 @@ class Generator:
             for start in range(0, len(prompt_ids), self.prefill_chunk):
                 tok = ids[start:start + self.prefill_chunk]                        # [T]
                 pos = torch.arange(start, start + tok.shape[0], device=self.device)
-                logits = self.model(tok, pos, self.kv, self.executor, last_only=True)[0]   # [V]
+                logits = self.model(tok, pos, self.kv, self.executor, last_only=True,
+                                    kv_len=start + tok.shape[0])[0]                 # [V]
                 self.executor.end_step()
         return logits
 

@@ -125,6 +125,8 @@ class Attention(nn.Module):
         qk = apply_rope(torch.cat((q, k), dim=1), *rope)                    # [T, H + Hkv, hd], one pass
         q, k = qk[:, :self.heads], qk[:, self.heads:]
         kc, vc = kv.update(layer, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
+        S = mask.shape[-1]                       # the mask's width bounds the keys read (prefill: start + T)
+        kc, vc = kc[:, :S], vc[:, :S]
         if mask.dtype != torch.bool:                                        # decode: additive bias
             o = grouped_attention(q, kc, vc, mask)                          # [T, H, hd]
         else:

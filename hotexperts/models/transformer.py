@@ -128,18 +128,23 @@ class MoETransformer(nn.Module):
                        dtype or w.dtype, device or w.device)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache,
-                executor: ExpertExecutor, last_only: bool = False) -> torch.Tensor:
+                executor: ExpertExecutor, last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
         """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only)."""
-        x, rope, mask = self.prepare(tokens, input_pos, kv)
+        x, rope, mask = self.prepare(tokens, input_pos, kv, kv_len)
         for layer in self.model.layers:
             x = layer(x, rope, input_pos, kv, mask, executor)
         return self.head(x[-1:] if last_only else x)
 
-    def prepare(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache):
-        """-> x [T, D], rope (cos, signed sin) [T, hd], mask [T, S] bool or decode bias [T*G, S]."""
+    def prepare(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache, kv_len: int | None = None):
+        """-> x [T, D], rope (cos, signed sin) [T, hd], mask [T, S] bool or decode bias [T*G, S].
+
+        kv_len (a host int, e.g. start + T in prefill): attend to the first kv_len cache entries only
+        (S = kv_len); None = the whole static cache (fixed shapes, as CUDA graphs need)."""
         x = self.model.embed_tokens(tokens)                                 # [T, D]
         rope = self.rotary(input_pos, x.dtype)
         mask = kv.mask(input_pos, self.cfg.sliding_window)                  # [T, S] bool
+        if kv_len is not None:
+            mask = mask[:, :kv_len]
         if tokens.shape[0] <= SMALL_T:                                      # decode: one additive bias
             mask = decode_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)   # [T*G, S]
         return x, rope, mask
