@@ -1,5 +1,10 @@
 """User-facing errors: one clear message, no traceback (the CLI prints `error: <message>`)."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 
 class HotExpertsError(Exception):
     """Base for every error a user can cause (bad files, bad flags, prompt too long, ...)."""
@@ -19,3 +24,14 @@ class ContextLengthError(HotExpertsError):
 
 class PlacementError(HotExpertsError):
     """Placement flags that contradict each other or do not fit the VRAM budget."""
+
+
+def read_json(path: str | Path, what: str, error: type[HotExpertsError] = HotExpertsError):
+    """The JSON document in `path`; a missing or unreadable file raises `error` naming `what` it should be."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not a readable {what} (JSON): {e}") from None

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hotexperts.errors import HotExpertsError
+from hotexperts.errors import HotExpertsError, read_json
 
 Swap = tuple[int, int | None, int | None]
 NEG = -np.inf
@@ -645,12 +645,7 @@ def save_profile(path: str | Path, profile: Profile) -> Path:
 
 def load_profile(path: str | Path, num_experts: int | None = None) -> Profile:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProfileError(f"routing profile not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProfileError(f"{path} is not a readable routing profile (JSON): {e}") from None
+    doc = read_json(path, "routing profile", ProfileError)
     if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or "layers" not in doc:
         raise ProfileError(f"{path} is not a hotexperts routing profile (format {PROFILE_FORMAT!r})")
     E = int(doc["num_experts"])

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from hotexperts.errors import HotExpertsError
+from hotexperts.errors import HotExpertsError, read_json
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,7 @@ def save_hardware(path: str | Path, hw: HardwareProfile) -> Path:
 
 def load_hardware(path: str | Path) -> HardwareProfile:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HotExpertsError(f"hardware profile not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise HotExpertsError(f"{path} is not a readable hardware profile (JSON): {e}") from None
+    doc = read_json(path, "hardware profile")
     if not isinstance(doc, dict) or doc.get("format") != "hotexperts-hardware":
         raise HotExpertsError(f"{path} is not a hotexperts hardware profile (run `hotexperts calibrate`)")
     base = BUILTIN.get(str(doc.get("base", "")), BUILTIN["h200"])
