@@ -1,4 +1,5 @@
-"""Build (once) and load the C++ CPU MoE extension (kernels/csrc/cpu_moe.cpp).
+"""Build (once) and load the C++ CPU MoE extension (kernels/csrc/cpu_moe.cpp, and cpu_worker.cpp: the
+native thread that serves graphed decode steps, see experts/handoff.py).
 
 load_extension() -> module | None compiles with torch.utils.cpp_extension.load (ninja), flags
 -O3 -march=native -fopenmp, into ~/.cache/hotexperts/cpu_moe/<key>, where key hashes the sources, the torch
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_moe.cpp", "simd.h")
+SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h")
+UNITS = ("cpu_moe.cpp", "cpu_worker.cpp")   # translation units (the rest are headers)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state: dict = {}
 
@@ -61,7 +63,7 @@ def load_extension():
         d.mkdir(parents=True, exist_ok=True)
         name = f"hotexperts_cpu_moe_{key}"
         if ce.is_ninja_available():
-            mod = ce.load(name=name, sources=[str(CSRC / "cpu_moe.cpp")], extra_cflags=CFLAGS,
+            mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=CFLAGS,
                           extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
         else:
             mod = _build_direct(name, d)
@@ -83,7 +85,8 @@ def _build_direct(name: str, d: Path):
         tmp = d / f"{name}.{os.getpid()}.tmp.so"
         defs = [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
         for std in ("-std=c++20", "-std=c++17"):         # torch >= 2.10 headers want C++20
-            cmd = [os.environ.get("CXX", "c++"), str(CSRC / "cpu_moe.cpp"), "-shared", "-fPIC", std, *CFLAGS,
+            srcs = [str(CSRC / u) for u in UNITS]
+            cmd = [os.environ.get("CXX", "c++"), *srcs, "-shared", "-fPIC", std, *CFLAGS,
                    *defs, *inc, *libs, "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode == 0:

@@ -22,6 +22,8 @@
 #include <torch/extension.h>
 #include <omp.h>
 
+#include "cpu_moe.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -514,4 +516,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_dot", []() { return std::string(HX_QDOT_KIND); });
   m.def("simd", []() { return std::string(HX_SIMD); });
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  register_worker(m);
 }

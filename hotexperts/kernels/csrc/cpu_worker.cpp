@@ -1,0 +1,187 @@
+// CPU expert worker: a native thread that computes the decode step's CPU-side experts from a mailbox in
+// (pinned) host memory, so the GPU side never waits for the host between layers and the whole decode step
+// can be one CUDA graph (kernels/handoff.py posts a layer's misses and waits for its result on the device).
+//
+// Mailbox: contiguous CPU tensors, one row per MoE layer r (Lm rows; K = top-k, D = hidden size):
+//   seq    [Lm]    int64    the layer's post counter, written by the poster AFTER the rest of its row
+//   done   [Lm]    int64    written here: the seq value whose result `out` holds (release store)
+//   miss   [Lm, K] int64    expert ids to compute here; -1 = skip (a GPU hit, or a missing cell)
+//   w      [Lm, K] float32  router weights of those ids
+//   x      [Lm, D] fp32 / bf16 / fp16   the layer's expert input
+//   out    [Lm, D] float32  sum_k w * expert(x) over the row's miss ids (zeros when there are none)
+//   cpu_ns [Lm]    int64    accumulated compute time per layer (statistics)
+//   err    [1]     int64    0 = fine; 1 = a kernel error here (message: error()); the poster may set others
+// Protocol: the thread scans the rows for seq != done, reads the row (acquire load of seq first), computes,
+// writes out, then release-stores done = seq. Rows are independent: no step number, no layer order. If seq
+// moved on while a row was read (a newer post overwrote it), done still gets the old value, so the row is
+// found pending again and recomputed from the complete newer post before its done is published.
+// The thread spins while work comes in, and naps (sleep_us) after idle_ms without any.
+#include <torch/extension.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void cpu_relax() { _mm_pause(); }
+#else
+static inline void cpu_relax() {}
+#endif
+
+#include "cpu_moe.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+int64_t load_acquire(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+void store_release(int64_t* p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+struct LayerWeights {
+  int64_t f13, f2;
+  at::Tensor q13, q2;
+  c10::optional<at::Tensor> s13, z13, s2, z2;
+};
+
+class CpuWorker {
+ public:
+  CpuWorker(at::Tensor seq, at::Tensor done, at::Tensor miss, at::Tensor w, at::Tensor x, at::Tensor out,
+            at::Tensor cpu_ns, at::Tensor err, std::vector<int64_t> f13, std::vector<at::Tensor> q13,
+            std::vector<c10::optional<at::Tensor>> s13, std::vector<c10::optional<at::Tensor>> z13,
+            std::vector<int64_t> f2, std::vector<at::Tensor> q2, std::vector<c10::optional<at::Tensor>> s2,
+            std::vector<c10::optional<at::Tensor>> z2, int64_t nthreads, bool act_quant, int64_t prefetch_rows,
+            double idle_ms, double sleep_us)
+      : seq_(seq), done_(done), miss_(miss), w_(w), x_(x), out_(out), cpu_ns_(cpu_ns), err_(err),
+        nthreads_(nthreads), act_quant_(act_quant), prefetch_(prefetch_rows),
+        idle_ns_(int64_t(idle_ms * 1e6)), sleep_us_(int64_t(sleep_us)) {
+    const int64_t Lm = seq.size(0);
+    for (const auto* t : {&seq, &done, &miss, &w, &x, &out, &cpu_ns, &err}) {
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "cpu worker: mailbox tensors must be contiguous CPU");
+    }
+    TORCH_CHECK(seq.scalar_type() == at::kLong && done.scalar_type() == at::kLong && miss.scalar_type() == at::kLong
+                    && cpu_ns.scalar_type() == at::kLong && err.scalar_type() == at::kLong,
+                "cpu worker: seq, done, miss, cpu_ns, err must be int64");
+    TORCH_CHECK(w.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "cpu worker: w, out must be float32");
+    TORCH_CHECK(done.size(0) == Lm && miss.size(0) == Lm && w.size(0) == Lm && x.size(0) == Lm && out.size(0) == Lm
+                    && cpu_ns.size(0) == Lm && int64_t(q13.size()) == Lm && int64_t(q2.size()) == Lm,
+                "cpu worker: every mailbox tensor and weight list needs one row per MoE layer");
+    K_ = miss.size(1);
+    D_ = x.size(1);
+    for (int64_t r = 0; r < Lm; r++) layers_.push_back({f13[r], f2[r], q13[r], q2[r], s13[r], z13[r], s2[r], z2[r]});
+    thread_ = std::thread([this] { run(); });
+  }
+
+  ~CpuWorker() { close(); }
+
+  void close() {
+    stop_.store(true);
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Spin (GIL released) until done[r] >= value; false on timeout. The CPU stand-in for the GPU's wait.
+  bool wait(int64_t r, int64_t value, double timeout_s) {
+    const int64_t* done = done_.data_ptr<int64_t>() + r;
+    const int64_t limit = now_ns() + int64_t(timeout_s * 1e9);
+    for (int64_t i = 0; load_acquire(done) < value; i++) {
+      if ((i & 1023) == 1023) {
+        if (now_ns() > limit) return false;
+        std::this_thread::yield();
+      }
+      cpu_relax();
+    }
+    return true;
+  }
+
+  std::string error() {
+    std::lock_guard<std::mutex> g(mu_);
+    return error_;
+  }
+
+  int64_t processed() const { return processed_.load(); }
+
+ private:
+  void run() {
+    const int64_t Lm = seq_.size(0);
+    int64_t* seq = seq_.data_ptr<int64_t>();
+    int64_t* done = done_.data_ptr<int64_t>();
+    int64_t next = 0, last_work = now_ns();
+    while (!stop_.load(std::memory_order_relaxed)) {
+      int64_t found = -1;
+      for (int64_t i = 0; i < Lm; i++) {
+        const int64_t r = (next + i) % Lm;
+        if (load_acquire(seq + r) != load_acquire(done + r)) { found = r; break; }
+      }
+      if (found >= 0) {
+        const int64_t s = load_acquire(seq + found);
+        process(found);
+        store_release(done + found, s);
+        processed_.fetch_add(1);
+        next = (found + 1) % Lm;
+        last_work = now_ns();
+        continue;
+      }
+      if (now_ns() - last_work > idle_ns_) std::this_thread::sleep_for(std::chrono::microseconds(sleep_us_));
+      else cpu_relax();
+    }
+  }
+
+  void process(int64_t r) {
+    const int64_t* ids = miss_.data_ptr<int64_t>() + r * K_;
+    float* out = out_.data_ptr<float>() + r * D_;
+    bool any = false;
+    for (int64_t k = 0; k < K_; k++) any = any || ids[k] >= 0;
+    if (!any) return;                                 // nothing here: the poster does not read `out`
+    const int64_t t0 = now_ns();
+    const auto& L = layers_[r];
+    char* xrow = static_cast<char*>(x_.data_ptr()) + r * D_ * x_.element_size();
+    at::Tensor x = at::from_blob(xrow, {1, D_}, x_.options());
+    at::Tensor id = at::from_blob(const_cast<int64_t*>(ids), {1, K_}, miss_.options());
+    at::Tensor wt = at::from_blob(w_.data_ptr<float>() + r * K_, {1, K_}, w_.options());
+    at::Tensor o = at::from_blob(out, {1, D_}, out_.options());
+    std::string msg = forward_checked(x, id, wt, L.f13, L.q13, L.s13, L.z13, L.f2, L.q2, L.s2, L.z2, o,
+                                      nthreads_, act_quant_, prefetch_);
+    if (!msg.empty()) {
+      std::fill(out, out + D_, 0.f);
+      std::lock_guard<std::mutex> g(mu_);
+      if (error_.empty()) error_ = "layer row " + std::to_string(r) + ": " + msg;
+      __atomic_store_n(err_.data_ptr<int64_t>(), int64_t(1), __ATOMIC_RELEASE);
+    }
+    cpu_ns_.data_ptr<int64_t>()[r] += now_ns() - t0;
+  }
+
+  at::Tensor seq_, done_, miss_, w_, x_, out_, cpu_ns_, err_;
+  std::vector<LayerWeights> layers_;
+  int64_t K_ = 0, D_ = 0, nthreads_;
+  bool act_quant_;
+  int64_t prefetch_, idle_ns_, sleep_us_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> processed_{0};
+  std::mutex mu_;
+  std::string error_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+void register_worker(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<CpuWorker>(m, "CpuWorker")
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    std::vector<int64_t>, std::vector<at::Tensor>, std::vector<c10::optional<at::Tensor>>,
+                    std::vector<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<at::Tensor>,
+                    std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>, int64_t, bool,
+                    int64_t, double, double>())
+      .def("wait", &CpuWorker::wait, py::call_guard<py::gil_scoped_release>(),
+           "wait(row, value, timeout_s) -> bool: spin until done[row] >= value")
+      .def("close", &CpuWorker::close, py::call_guard<py::gil_scoped_release>())
+      .def("error", &CpuWorker::error)
+      .def("processed", &CpuWorker::processed);
+}
