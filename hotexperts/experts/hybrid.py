@@ -24,47 +24,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from hotexperts.experts.slots import alloc_like, parts
-from hotexperts.experts.weights import QuantizedWeight
-
-
-@dataclass
-class PromptCost:
-    """Seconds to copy one layer's experts vs. to compute a prompt batch's misses on the CPU."""
-
-    h2d_bytes_per_s: float = 40e9          # pinned H2D (MACHINE.md: ~55 GB/s on the H200 host)
-    cpu_flops: float = 1.0e12              # CPU expert throughput on batches (measure() refines it)
-
-    def stream_s(self, layer_bytes: int) -> float:
-        return layer_bytes / self.h2d_bytes_per_s
-
-    def cpu_s(self, T: int, K: int, expert_params: int, miss_frac: float) -> float:
-        return 2.0 * T * K * expert_params * miss_frac / self.cpu_flops
-
-    @classmethod
-    def measure(cls, store, stage, cpu_kernel, K: int, T: int = 64) -> PromptCost:
-        """Time one whole-layer H2D into staging pool 0 and one cpu_moe call of T tokens (CUDA only)."""
-        le = store.layer(store.layers[0])
-        w13, w2 = stage.pools[0]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for d, s in zip(parts(w13) + parts(w2), parts(le.w13) + parts(le.w2), strict=True):
-            d.copy_(s, non_blocking=True)
-        torch.cuda.synchronize()
-        h2d = stage.layer_bytes / max(time.perf_counter() - t0, 1e-9)
-        D, E = le.w2.shape[1], store.num_experts
-        x = torch.randn(T, D).to(torch.bfloat16 if isinstance(le.w13, QuantizedWeight) else le.w13.dtype)
-        ids = torch.randint(0, E, (T, K))
-        w = torch.full((T, K), 1.0 / K, dtype=x.dtype)
-        cpu_kernel(x, ids, w, le, None)                      # warm-up (first call may build / page in)
-        t0 = time.perf_counter()
-        cpu_kernel(x, ids, w, le, None)
-        flops = 2.0 * T * K * stage.expert_params / max(time.perf_counter() - t0, 1e-9)
-        return cls(h2d_bytes_per_s=h2d, cpu_flops=flops)
+from hotexperts.experts.staging import PromptCost, staging_or_none
 
 
 class HostBuffers:
@@ -108,7 +71,7 @@ class HybridExecutor:
         self.E = store.num_experts
         self.moe_layers = list(store.layers)
         self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))
-        self.stage = _staging_or_none(store, self.device) if staging else None
+        self.stage = staging_or_none(store, self.device) if staging else None
         self.on_route = None
         self.time_gpu = False                                # per-layer GPU timing with CUDA events (--stats)
         self.step, self._prompt = 0, False
@@ -273,79 +236,6 @@ class HybridExecutor:
             self.controller.observe(self.step, layer, h_ids.flatten().tolist(), True, tokens=T,
                                     hits=res[valid].tolist())
         return y
-
-
-class StagingPools:
-    """Two device pools, each holding every expert of one layer, filled on a copy stream (double buffer)."""
-
-    def __init__(self, store, device):
-        self.store, self.device = store, device
-        self.cuda = device.type == "cuda"
-        proto = store.layer(store.layers[0])
-        self.pools = [(alloc_like(proto.w13, store.num_experts, device),
-                       alloc_like(proto.w2, store.num_experts, device)) for _ in range(2)]
-        self.layer_bytes = store.expert_nbytes * store.num_experts
-        self.expert_params = _expert_params(proto)
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.ready = [None, None]                            # fill-complete events
-        self.read = [None, None]                             # last-read events
-        self.holds: dict[int, int] = {}                      # layer -> pool index (this forward)
-        self.turn = 0
-
-    @staticmethod
-    def nbytes(store) -> int:
-        return 2 * store.expert_nbytes * store.num_experts
-
-    def prefetch(self, layer: int) -> int:
-        if layer in self.holds:
-            return self.holds[layer]
-        i, self.turn = self.turn, 1 - self.turn
-        self.holds = {l: p for l, p in self.holds.items() if p != i}
-        self.holds[layer] = i
-        src = self.store.layer(layer)
-        dst_parts = parts(self.pools[i][0]) + parts(self.pools[i][1])
-        src_parts = parts(src.w13) + parts(src.w2)
-        if not self.cuda:
-            for d, s in zip(dst_parts, src_parts, strict=True):
-                d.copy_(s)
-            return i
-        with torch.cuda.stream(self.stream):
-            if self.read[i] is not None:
-                self.stream.wait_event(self.read[i])         # never overwrite a pool a step still reads
-            for d, s in zip(dst_parts, src_parts, strict=True):
-                d.copy_(s, non_blocking=True)
-            self.ready[i] = torch.cuda.Event()
-            self.ready[i].record(self.stream)
-        return i
-
-    def acquire(self, layer: int):
-        i = self.prefetch(layer)
-        if self.cuda and self.ready[i] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[i])
-        return self.pools[i]
-
-    def release(self, layer: int) -> None:
-        if self.cuda:
-            i = self.holds[layer]
-            self.read[i] = torch.cuda.Event()
-            self.read[i].record(torch.cuda.current_stream(self.device))
-
-    def end_step(self) -> None:
-        self.holds.clear()
-
-
-def _staging_or_none(store, device):
-    try:
-        return StagingPools(store, device)
-    except torch.cuda.OutOfMemoryError:
-        warnings.warn("out of VRAM for the prompt staging pools; prompt batches use the hybrid path",
-                      RuntimeWarning, stacklevel=3)
-        return None
-
-
-def _expert_params(le) -> int:
-    s13, s2 = le.w13.shape, le.w2.shape
-    return s13[1] * s13[2] + s2[1] * s2[2]
 
 
 def _default_cpu_kernel(leave_one_core: bool = False):

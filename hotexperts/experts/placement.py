@@ -239,7 +239,7 @@ def _store_dtype(store, dev) -> torch.dtype:
 
 
 def _staging_bytes(p: Placement, store, dev) -> int:
-    from hotexperts.experts.hybrid import StagingPools
+    from hotexperts.experts.staging import StagingPools
 
     if p.prompt_mode == "hybrid":
         return 0

@@ -1,0 +1,178 @@
+"""Decode-step handoff between the device and a native CPU worker thread, through a host mailbox.
+
+    handoff = DecodeHandoff(store, layers, top_k, hidden, x_dtype, device)   # starts the worker
+    handoff.post(layer, x [1,D], ids [1,k], weights [1,k], slot_row)   # device op: misses -> mailbox row
+    y = handoff.collect(layer, ids, slot_row, y_gpu [1,D] fp32 | None, dtype)   # device op: + CPU result
+    step = handoff.take_step()        # host, after the step finished: the rows posted since the last call
+    handoff.close()
+
+The mailbox rows (Mailbox) are pinned host tensors read and written in place by the device kernels
+(kernels/handoff.py) and by the worker (kernels/csrc/cpu_worker.cpp, which runs the fused CPU MoE kernel
+with the store's experts): one row per MoE layer, so a step needs no host round trip and no Python between
+layers, and the decode step can be one CUDA graph. On CPU-only machines the same protocol runs with torch
+ops in place of the kernels (tests, CI). `DecodeHandoff.self_test()` checks one round trip against a direct
+kernel call; the executor falls back to its synchronous path, with a warning, when it fails.
+Errors the worker reports (a bad expert id) and device waits that time out raise HotExpertsError from
+take_step(): one clear message instead of a hang or silent wrong output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hotexperts.errors import HotExpertsError
+from hotexperts.kernels import handoff as hk
+
+TIMEOUT_S = 10.0
+
+
+class HandoffUnavailable(RuntimeError):
+    """The native worker cannot serve this store or device (the reason is the message)."""
+
+
+class Mailbox:
+    """One row per MoE layer: seq, done [Lm] int64; ids, miss [Lm, K] int64; w [Lm, K] fp32;
+    x [Lm, D] x_dtype; out [Lm, D] fp32; cpu_ns [Lm] int64; err [1] int64 (see cpu_worker.cpp)."""
+
+    def __init__(self, layers: int, top_k: int, hidden: int, x_dtype: torch.dtype, pin: bool):
+        self.K, self.D = int(top_k), int(hidden)
+
+        def buf(shape, dtype, fill=0):
+            try:
+                t = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            except RuntimeError as e:
+                raise HandoffUnavailable(f"cannot pin the decode mailbox ({e})") from e
+            return t.fill_(fill)
+
+        self.seq, self.done = buf(layers, torch.long), buf(layers, torch.long)
+        self.ids, self.miss = buf((layers, top_k), torch.long, -1), buf((layers, top_k), torch.long, -1)
+        self.w = buf((layers, top_k), torch.float32)
+        self.x = buf((layers, hidden), x_dtype)
+        self.out = buf((layers, hidden), torch.float32)
+        self.cpu_ns, self.err = buf(layers, torch.long), buf(1, torch.long)
+
+
+@dataclass
+class StepRows:
+    """Routing of one decode step, for the rows (MoE layers) that posted: ids / miss [n, K] (-1 = none)."""
+
+    rows: np.ndarray          # [n] mailbox rows
+    ids: np.ndarray           # [n, K]
+    miss: np.ndarray          # [n, K]
+    cpu_s: np.ndarray         # [n] worker compute seconds since the last take
+
+    @property
+    def hits(self) -> np.ndarray:
+        return (self.ids >= 0) & (self.miss < 0)
+
+
+class CpuExpertWorker:
+    """The native thread that serves a Mailbox with the store's experts of `layers` (row order)."""
+
+    def __init__(self, mb: Mailbox, store, layers: list[int], *, idle_ms: float = 5.0,
+                 sleep_us: float = 20.0):
+        from hotexperts.kernels import cpu_moe as cm
+        from hotexperts.kernels.cpu_build import load_error, load_extension
+
+        mod = load_extension()
+        if mod is None:
+            raise HandoffUnavailable(f"the CPU extension is unavailable ({load_error()})")
+        cols = {k: [] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2")}
+        for l in layers:
+            le = store.layer(l)
+            p13, p2 = cm._parts(le.w13), cm._parts(le.w2)
+            if p13 is None or p2 is None or le.w2.shape[1] % 32 or le.w2.shape[-1] % 32:
+                raise HandoffUnavailable("the CPU kernel cannot read these experts (format or shape)")
+            for key, v in zip(("f13", "q13", "s13", "z13"), p13, strict=True):
+                cols[key].append(v)
+            for key, v in zip(("f2", "q2", "s2", "z2"), p2, strict=True):
+                cols[key].append(v)
+        act_quant = cm._act_quant[0] is not False
+        self.impl = mod.CpuWorker(mb.seq, mb.done, mb.miss, mb.w, mb.x, mb.out, mb.cpu_ns, mb.err,
+                                  *(cols[k] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2")),
+                                  cm.get_num_threads(), act_quant, cm._prefetch[0], idle_ms, sleep_us)
+
+    def wait(self, row: int, value: int, timeout_s: float) -> bool:
+        return self.impl.wait(row, value, timeout_s)
+
+    def error(self) -> str:
+        return self.impl.error()
+
+    def close(self) -> None:
+        self.impl.close()
+
+
+class DecodeHandoff:
+    def __init__(self, store, layers: list[int], top_k: int, hidden: int, x_dtype: torch.dtype, device):
+        self.device = torch.device(device)
+        self.layers = list(layers)
+        self.row = {l: i for i, l in enumerate(self.layers)}
+        self.mb = Mailbox(len(self.layers), top_k, hidden, x_dtype, pin=self.device.type == "cuda")
+        self.worker = CpuExpertWorker(self.mb, store, self.layers)
+        self.counter = torch.zeros(len(self.layers), dtype=torch.long, device=self.device)     # [Lm]
+        self._seen = np.zeros(len(self.layers), dtype=np.int64)
+        self._cpu_ns = np.zeros(len(self.layers), dtype=np.int64)
+        self.store = store
+        self.closed = False
+
+    # ---- device side (inside the decode step) ----------------------------------------------------------
+    def post(self, layer, x, ids, weights, slot_row) -> None:
+        hk.post(self.row[layer], x, ids, weights, slot_row, self.counter, self.mb)
+
+    def collect(self, layer, ids, slot_row, y, dtype) -> torch.Tensor:
+        return hk.collect(self.row[layer], ids, slot_row, self.counter, self.mb, y, dtype, TIMEOUT_S,
+                          worker=self.worker)
+
+    # ---- host side (between steps) ---------------------------------------------------------------------
+    def take_step(self) -> StepRows:
+        """The rows posted since the last call (the step must have finished on the device)."""
+        self._check()
+        seq = self.mb.seq.numpy()
+        rows = np.flatnonzero(seq != self._seen)
+        self._seen[rows] = seq[rows]
+        ns = self.mb.cpu_ns.numpy()[rows].copy()
+        cpu_s = (ns - self._cpu_ns[rows]) * 1e-9
+        self._cpu_ns[rows] = ns
+        return StepRows(rows, self.mb.ids.numpy()[rows].copy(), self.mb.miss.numpy()[rows].copy(), cpu_s)
+
+    def _check(self) -> None:
+        code = int(self.mb.err[0])
+        if code == 0:
+            return
+        self.mb.err[0] = 0
+        if code == hk.ERR_TIMEOUT:
+            raise HotExpertsError(f"the CPU expert worker did not answer within {TIMEOUT_S:.0f} s "
+                                  "(decode step aborted); rerun with --moe-decode sync to bypass it")
+        raise HotExpertsError(f"CPU expert computation failed: {self.worker.error()}")
+
+    def self_test(self, x_dtype: torch.dtype) -> None:
+        """One round trip on row 0 (every expert a miss) against a direct kernel call; raises on mismatch."""
+        from hotexperts.kernels.cpu_moe import cpu_moe
+
+        layer, K, D = self.layers[0], self.mb.K, self.mb.D
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, D, generator=g).to(x_dtype)
+        ids = torch.arange(K, dtype=torch.long).reshape(1, K) % self.store.num_experts
+        w = torch.full((1, K), 1.0 / K)
+        self.post(layer, x.to(self.device), ids.to(self.device), w.to(self.device), None)
+        got = self.collect(layer, ids.to(self.device), None, None, torch.float32).cpu()
+        self._check()
+        self.take_step()
+        want = cpu_moe(x, ids, w.to(x_dtype), self.store.layer(layer), torch.empty(1, D, dtype=torch.float32))
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+            raise HandoffUnavailable("the decode mailbox round trip gave a wrong result "
+                                     f"(max error {float((got - want).abs().max()):.3g})")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.worker.close()
+            self.closed = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -1,0 +1,127 @@
+"""Triton kernels of kernels/handoff.py (CUDA): post a layer's misses to a pinned host mailbox, collect the
+CPU worker's result. One program each, no host synchronisation: CUDA-graph capturable.
+
+Host memory is reached through pinned tensors (UVA: their host address is valid on the device). Ordering:
+    post:    row stores -> fence.acq_rel.sys (every thread) -> barrier -> st.relaxed.sys of seq
+    collect: ld.acquire.sys of done in a loop (deadline from %globaltimer) -> volatile loads of out
+The worker side (kernels/csrc/cpu_worker.cpp) pairs them with an acquire load of seq and a release store of
+done. No atomics touch host memory (PCIe atomics are not needed).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hotexperts.kernels.handoff import ERR_TIMEOUT
+
+_ERR_TIMEOUT = tl.constexpr(ERR_TIMEOUT)
+
+
+@triton.jit
+def _fence_sys():
+    tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _store_sys(ptr, val):
+    tl.inline_asm_elementwise("st.relaxed.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,l", [ptr, val],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _load_acquire_sys(ptr):
+    return tl.inline_asm_elementwise("ld.acquire.sys.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _now_ns():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr):
+    """([KB] ids with -1 padding, [KB] miss ids: -1 where a hit or no id)."""
+    kk = tl.arange(0, KB)
+    e = tl.load(ids_ptr + kk, mask=kk < k, other=-1)
+    if HAS_SLOTS:
+        s = tl.load(slot_ptr + tl.maximum(e, 0), mask=kk < k, other=0)
+        miss = tl.where((e >= 0) & (s < 0), e, -1)
+    else:
+        miss = e
+    return e, miss
+
+
+@triton.jit(do_not_specialize=["r"])
+def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, mb_ids, mb_miss, mb_w, mb_x, mb_seq, r, k, K, D,
+                 HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr):
+    e, miss = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB)
+    kk = tl.arange(0, KB)
+    w = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
+    row = r.to(tl.int64)
+    tl.store(mb_ids + row * K + kk, e, mask=kk < K)
+    tl.store(mb_miss + row * K + kk, miss, mask=kk < K)
+    tl.store(mb_w + row * K + kk, w, mask=kk < K)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        tl.store(mb_x + row * D + d, tl.load(x_ptr + d, mask=d < D), mask=d < D)
+    v = tl.load(cnt_ptr + row) + 1
+    tl.debug_barrier()                                   # every thread has read the old count
+    tl.store(cnt_ptr + row, v)
+    _fence_sys()                                         # this thread's row stores reach the host first
+    tl.debug_barrier()                                   # ... for every thread, before the flag
+    _store_sys(mb_seq + row, v)
+
+
+@triton.jit(do_not_specialize=["r", "timeout_ns"])
+def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, out_ptr, r, k, D, timeout_ns,
+                    HAS_SLOTS: tl.constexpr, HAS_Y: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr):
+    e, miss = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB)
+    n_miss = tl.sum((miss >= 0).to(tl.int32), axis=0)
+    row = r.to(tl.int64)
+    v = tl.load(cnt_ptr + row)
+    done = tl.where(n_miss > 0, v - 1, v)                # no miss: nothing to wait for
+    t0 = _now_ns()
+    while (done < v) & (_now_ns() - t0 < timeout_ns):
+        done = _load_acquire_sys(mb_done + row)
+    if done < v:
+        tl.store(mb_err, _ERR_TIMEOUT)
+    use = (n_miss > 0) & (done >= v)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        acc = tl.zeros([BD], dtype=tl.float32)
+        if HAS_Y:
+            acc += tl.load(y_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        acc += tl.load(mb_out + row * D + d, mask=(d < D) & use, other=0.0, volatile=True)
+        tl.store(out_ptr + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _shapes(ids: torch.Tensor, K: int, D: int) -> tuple[int, int, int]:
+    k = ids.shape[1]
+    return k, triton.next_power_of_2(max(k, K)), min(1024, triton.next_power_of_2(D))
+
+
+def post(r, x, ids, weights, slot_row, counter, mb) -> None:
+    D = x.shape[1]
+    k, KB, BD = _shapes(ids, mb.K, D)
+    ids, x, weights = ids.contiguous(), x.contiguous(), weights.contiguous()
+    slots = slot_row if slot_row is not None else ids
+    _post_kernel[(1,)](x, ids, weights, slots, counter, mb.ids, mb.miss, mb.w, mb.x, mb.seq, r, k, mb.K, D,
+                       HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, num_warps=4)
+
+
+def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s) -> torch.Tensor:
+    D = mb.out.shape[1]
+    k, KB, BD = _shapes(ids, mb.K, D)
+    ids = ids.contiguous()
+    out = torch.empty(1, D, dtype=dtype, device=ids.device)              # [1, D]
+    slots = slot_row if slot_row is not None else ids
+    y_in = y if y is not None else out
+    timeout_ns = int(timeout_s * 1e9)
+    _collect_kernel[(1,)](ids, slots, counter, mb.done, mb.out, mb.err, y_in, out, r, k, D, timeout_ns,
+                          HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, KB=KB, BD=BD, num_warps=4)
+    return out
