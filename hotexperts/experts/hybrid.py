@@ -17,7 +17,17 @@ Prompt chunks (T > 1) are observed with prompt=True (the controller keeps batche
 from the policy: no flush of the decode working set; no swaps after a prompt chunk). Over pp_bypass, when
 the measured cost says so (`PromptCost`), they run "stream": every expert of the layer is copied into one of
 two device staging pools, the next MoE layer's copy prefetched while this one computes.
-`on_route(layer, ids, weights)` is called first when set. `graph_safe = False`.
+`on_route(layer, ids, weights)` is called first when set.
+
+Worker decode (`enable_worker()`, the default on CUDA; experts/mailbox.py): a T=1 call needs no host at all.
+    post(layer): a device kernel writes ids, miss ids (no slot in the device table) and x to the layer's
+                 row of a pinned host mailbox; a native CPU thread computes the misses once the row appears
+    gpu_moe over the slots (hits), concurrently
+    collect(layer): device kernel waits for the worker's result (only when the row has a miss) and adds it
+Layers whose experts are all resident and unmanaged run only gpu_moe; layers without slots skip it. Then
+`graph_safe` is True and the whole decode step is one CUDA graph. end_step() reads the step's routing from
+the mailbox (hits and misses per layer, CPU time, controller.observe in layer order, as in the
+synchronous path) before polling fills and planning swaps. Without the worker: `graph_safe` is False.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import warnings
 
 import torch
 
+from hotexperts.errors import HotExpertsError
 from hotexperts.experts.staging import PromptCost, staging_or_none
 
 
@@ -54,8 +65,6 @@ class HostBuffers:
 
 
 class HybridExecutor:
-    graph_safe = False
-
     def __init__(self, store, device, *, slots=None, controller=None, stats=None, pp_bypass: int = 64,
                  prompt_mode: str = "auto", prompt_cost: PromptCost | None = None, staging: bool = False,
                  cpu_kernel=None, gpu_kernel=None):
@@ -77,6 +86,40 @@ class HybridExecutor:
         self.step, self._prompt = 0, False
         self._d2h_done = None
         self._measured = prompt_cost is not None
+        self.worker = None                                   # DecodeHandoff, once enable_worker() succeeded
+        self._kinds: dict[int, str] = {}                     # worker decode: layer -> "gpu" | "cpu" | "split"
+        self._step_done = None
+
+    @property
+    def graph_safe(self) -> bool:
+        """With the worker, a T=1 call has no host synchronisation: the decode step can be a CUDA graph."""
+        return self.worker is not None and self.cuda
+
+    def enable_worker(self, top_k: int, hidden: int, dtype: torch.dtype, self_test: bool = True) -> bool:
+        """Hand decode steps' CPU experts to the native worker (experts/mailbox.py). False (and a warning)
+        when it cannot run here; decode then keeps the synchronous per-layer round trip."""
+        from hotexperts.experts.mailbox import DecodeHandoff, HandoffUnavailable
+        from hotexperts.kernels.handoff import device_handoff_available
+
+        try:
+            if self.cuda and not device_handoff_available():
+                raise HandoffUnavailable("Triton is unavailable")
+            self.worker = DecodeHandoff(self.store, self.moe_layers, top_k, hidden, dtype, self.device)
+            if self_test:
+                self.worker.self_test(dtype)
+            return True
+        except (HandoffUnavailable, HotExpertsError, RuntimeError) as e:
+            warnings.warn(f"decode falls back to synchronous CPU experts (no CUDA graph): {e}",
+                          RuntimeWarning, stacklevel=2)
+            if self.worker is not None:
+                self.worker.close()
+            self.worker = None
+            return False
+
+    def close(self) -> None:
+        """Stop the native worker thread (also done when the executor is collected)."""
+        if self.worker is not None:
+            self.worker.close()
 
     # ---- the executor protocol --------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -85,25 +128,32 @@ class HybridExecutor:
         T = x.shape[0]
         prompt = T > 1                                       # a prompt chunk (decode steps have T == 1)
         self._prompt = self._prompt or prompt
+        if T == 1 and self.worker is not None:
+            return self._decode(layer, x, ids, weights)
         if T > self.pp_bypass and self._use_stream(layer, ids):
             return self._stream(layer, x, ids, weights)
         return self._hybrid(layer, x, ids, weights, prompt)
 
     def end_step(self) -> None:
+        if self.worker is not None and not self._prompt:
+            self._account_decode()
         if self.cache_stats is not None:
             self.cache_stats.end_step()
         if self.stage is not None:
             self.stage.end_step()
-        if self.slots is None:
-            return
+        if self.slots is not None:
+            self._rebalance()
+        self.step += 1
+        self._prompt = False
+
+    def _rebalance(self) -> None:
+        """Publish completed fills, then issue the controller's swaps for this step (bounded)."""
         self.slots.poll()
         if self.controller is not None:
             swaps = self.controller.end_step(self.step, self._prompt)
             if swaps:
                 self.slots.issue(swaps)
                 self.slots.poll()
-        self.step += 1
-        self._prompt = False
 
     def stats(self) -> dict | None:
         """Per-layer cache statistics (engine.stats()["cache"]); None when not collected."""
@@ -112,6 +162,7 @@ class HybridExecutor:
         d = self.cache_stats.to_dict()
         d["slots"] = 0 if self.slots is None else self.slots.num_slots
         d["policy"] = None if self.controller is None else self.controller.policy.name
+        d["decode"] = "worker" if self.worker is not None else "sync"
         return d
 
     def export_profile(self, path: str) -> str:
@@ -125,6 +176,56 @@ class HybridExecutor:
             prof = Profile(self.E, {l: [1.0 if e in hot.get(l, ()) else 0.0 for e in range(self.E)]
                                     for l in self.moe_layers}, hot)
         return str(save_profile(path, prof))
+
+    # ---- worker decode (T == 1): no host work between layers ------------------------------------------
+    def _decode(self, layer, x, ids, weights) -> torch.Tensor:
+        kind, s = self._decode_kind(layer), self.slots
+        if kind == "gpu":
+            return self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))
+        row = s.slot_of(layer) if kind == "split" else None
+        self.worker.post(layer, x, ids, weights, row)              # the CPU starts on the misses now
+        y = None
+        if kind == "split":                                        # hits, while the CPU works; fp32 sum
+            y = self.gpu_moe(x, ids, weights, s.w13, s.w2, row,
+                             out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+        return self.worker.collect(layer, ids, row, y, x.dtype)
+
+    def _decode_kind(self, layer: int) -> str:
+        """gpu: every expert resident, unmanaged; cpu: no slot can hold one; split: the hybrid step."""
+        kind = self._kinds.get(layer)
+        if kind is None:
+            s = self.slots
+            n_res = s.resident_count(layer) if s is not None and layer in s.row else 0
+            fixed = layer not in self.managed
+            kind = "gpu" if fixed and n_res == self.E else "cpu" if fixed and n_res == 0 else "split"
+            self._kinds[layer] = kind
+        return kind
+
+    def _account_decode(self) -> None:
+        """After a decode step: per-layer hits and misses, CPU time, controller.observe (layer order)."""
+        if self.cuda:
+            if self._step_done is None:
+                self._step_done = torch.cuda.Event()
+            self._step_done.record()
+            self._step_done.synchronize()                          # the step's mailbox writes are complete
+        got = self.worker.take_step()
+        posted = {self.moe_layers[r]: i for i, r in enumerate(got.rows.tolist())}
+        hits, valid = got.hits, got.ids >= 0
+        for layer in self.moe_layers:
+            i = posted.get(layer)
+            if i is None:
+                if self._kinds.get(layer) == "gpu":
+                    self._count(layer, self.worker.mb.K, 0)
+                continue
+            n_hit, n_valid = int(hits[i].sum()), int(valid[i].sum())
+            self._count(layer, n_hit, n_valid - n_hit)
+            if self.cache_stats is not None:
+                self.cache_stats.cpu_time(layer, float(got.cpu_s[i]))
+            if layer in self.managed:
+                self.controller.observe(self.step, layer, got.ids[i][valid[i]].tolist(), False, tokens=1,
+                                        hits=hits[i][valid[i]].tolist())
+        if self.slots is not None:
+            self.slots.mark_read_all()                             # fills wait for this step's reads
 
     # ---- decode / small batches ------------------------------------------------------------------------
     def _hybrid(self, layer, x, ids, weights, prompt: bool) -> torch.Tensor:

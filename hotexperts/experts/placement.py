@@ -28,6 +28,7 @@ from hotexperts.experts.budget import Budget, GiB, auto_budget, parse_bytes, par
 from hotexperts.experts.weights import QuantizedWeight
 
 MODES = ("gpu", "cpu", "layers", "hot", "cache", "static")
+DECODE = ("auto", "worker", "sync")
 QUANT = {"none": None, "int8": "int8", "int4": "int4g32", "int4g32": "int4g32"}
 H2D_BYTES_PER_S = 40e9            # pay-back estimates for the adaptive policy (MACHINE.md: 55 GB/s pinned)
 CPU_BYTES_PER_S = 40e9
@@ -49,12 +50,15 @@ class Placement:
     expert_quant: str = "none"
     max_swaps_per_step: int = 4
     prompt_mode: str = "auto"                # auto | stream | hybrid (prompt chunks over pp_bypass)
+    decode: str = "auto"                     # auto (worker on CUDA) | worker | sync: CPU experts in decode
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise PlacementError(f"unknown placement {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.expert_quant not in QUANT:
             raise PlacementError(f"--expert-quant must be none, int8 or int4, got {self.expert_quant!r}")
+        if self.decode not in DECODE:
+            raise PlacementError(f"--moe-decode must be one of {', '.join(DECODE)}, got {self.decode!r}")
         if self.mode == "static" and not self.profile:
             raise PlacementError("a static placement needs a routing profile (--moe-profile FILE)")
         if self.mode == "hot" and self.hot_k < 0:
@@ -123,6 +127,9 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
                    help="total VRAM the engine may use (dense + KV + workspace + slots)")
     g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
+    g.add_argument("--moe-decode", default="auto", choices=DECODE,
+                   help="decode's CPU experts: a native worker fed through pinned memory, so the step is one "
+                        "CUDA graph (worker; auto = on CUDA), or a host round trip per layer (sync)")
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:
@@ -148,7 +155,7 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
     common = dict(pp_bypass=a.moe_pp_bypass, profile=a.moe_profile, window=a.moe_window,
                   rebalance_interval=a.moe_rebalance_interval, policy=a.moe_policy,
                   vram_budget=_budget_arg(a.vram_budget), expert_quant=a.expert_quant,
-                  max_swaps_per_step=a.moe_max_swaps)
+                  max_swaps_per_step=a.moe_max_swaps, decode=getattr(a, "moe_decode", "auto"))
     return Placement(**_mode_kwargs(a, modes[0] if modes else None), **common)
 
 
@@ -188,7 +195,10 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
     budget = resolve_budget(p, dev, reserved_bytes, store.expert_nbytes)
     if p.mode == "gpu":
         return _dense(store, dev, dtype, budget)
-    return _hybrid(p, store, dev, budget, event_factory, stats)
+    ex = _hybrid(p, store, dev, budget, event_factory, stats)
+    if p.decode == "worker" or (p.decode == "auto" and dev.type == "cuda"):
+        ex.enable_worker(cfg.top_k, cfg.hidden_size, dtype or _store_dtype(store, dev))
+    return ex
 
 
 def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes: int) -> Budget:

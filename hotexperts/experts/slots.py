@@ -132,6 +132,16 @@ class SlotCache:
         else:
             ev.record()
 
+    def mark_read_all(self) -> None:
+        """Every layer's slots are read by the work queued so far (a whole graphed decode step): one event."""
+        ev = self.event_factory("read")
+        if self.cuda and isinstance(ev, torch.cuda.Event):
+            ev.record(torch.cuda.current_stream(self.device))
+        else:
+            ev.record()
+        for l in self.layers:
+            self.last_read[l] = ev
+
     # ---- swaps ---------------------------------------------------------------------------------------
     def issue(self, swaps) -> list[Swap]:
         """Start the fills for `swaps`; returns those accepted (others are skipped: no slot, or duplicate)."""

@@ -218,7 +218,8 @@ def test_cuda_placement_matches_reference(text, prompt_mode):
     try:
         store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
         ref = run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
-        ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode=prompt_mode), store, CFG, "cuda")
+        ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode=prompt_mode, decode="sync"), store,
+                            CFG, "cuda")
         assert ex.graph_safe == (text == "gpu")
         check_same(ex, ref[0], ref[1])
     finally:

@@ -1,0 +1,172 @@
+"""Worker decode (experts/mailbox.py + kernels/handoff.py, run with torch ops on the CPU): every placement
+gives the reference's greedy tokens and logits; hits, misses and swaps equal the synchronous path's; worker
+errors and timeouts raise one clear error; the mailbox protocol itself."""
+
+import pytest
+import torch
+
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts import mailbox
+from hotexperts.experts.mailbox import DecodeHandoff
+from hotexperts.experts.placement import Placement, build_executor
+from tests.experts.test_hybrid import CFG, STORE, E, check_same, run
+
+PLACEMENTS = ["cpu", "layers:1", "layers:0", "hot:0", "hot:3", f"hot:{E}", "cache:0slots", "cache:5slots:lru",
+              "cache:5slots:window-lfu", "cache:5slots:decay", "cache:6slots:auto", f"cache:{2 * E}slots"]
+
+
+def executor(text, decode="worker", **kw):
+    p = Placement.parse(text, rebalance_interval=1 if "lfu" in text or "hot:3" in text else None, window=8,
+                        decode=decode, **kw)
+    return build_executor(p, STORE, CFG, "cpu")
+
+
+@pytest.mark.parametrize("text", PLACEMENTS)
+def test_worker_decode_matches_reference(text):
+    ex = executor(text)
+    assert ex.worker is not None and ex.stats()["decode"] == "worker"
+    check_same(ex)
+    ex.close()
+
+
+def _counts(ex):
+    st = ex.stats()
+    return {l: (v["hits"], v["misses"], v["swaps"]) for l, v in st["layers"].items()}
+
+
+@pytest.mark.parametrize("text", ["layers:1", "hot:3", "cache:5slots:lru", "cache:6slots:auto"])
+def test_worker_and_sync_decode_count_the_same(text):
+    worker, sync = executor(text), executor(text, decode="sync")
+    assert sync.worker is None
+    run(worker)
+    run(sync)
+    assert _counts(worker) == _counts(sync)
+    if worker.controller is not None:
+        assert worker.controller.resident == sync.controller.resident
+    worker.close()
+
+
+def test_cpu_time_is_recorded_for_cpu_layers():
+    ex = executor("cpu")
+    run(ex)
+    assert all(v["cpu_s"] > 0 for v in ex.stats()["layers"].values())
+    ex.close()
+
+
+def _handoff():
+    return DecodeHandoff(STORE, list(STORE.layers), CFG.top_k, CFG.hidden_size, torch.float32, "cpu")
+
+
+def test_mailbox_round_trip_equals_the_kernel():
+    from hotexperts.kernels.cpu_moe import cpu_moe
+
+    h = _handoff()
+    h.self_test(torch.float32)                       # row 0, every expert a miss
+    layer = STORE.layers[1]
+    x = torch.randn(1, CFG.hidden_size)
+    ids = torch.tensor([[3, 5]])
+    w = torch.tensor([[0.25, 0.75]])
+    slot_row = torch.full((E,), -1, dtype=torch.int32)
+    slot_row[5] = 0                                  # expert 5 is a "GPU hit": the worker skips it
+    h.post(layer, x, ids, w, slot_row)
+    y_gpu = torch.ones(1, CFG.hidden_size)
+    got = h.collect(layer, ids, slot_row, y_gpu, torch.float32)
+    want = 1.0 + cpu_moe(x, torch.tensor([[3, -1]]), w, STORE.layer(layer))
+    torch.testing.assert_close(got, want)
+    step = h.take_step()
+    assert step.rows.tolist() == [1]
+    assert step.ids[0, :2].tolist() == [3, 5] and step.miss[0, :2].tolist() == [3, -1]
+    assert step.hits[0, :2].tolist() == [False, True]
+    assert h.take_step().rows.size == 0              # nothing new
+    h.close()
+
+
+def test_no_miss_returns_the_gpu_part_without_waiting():
+    h = _handoff()
+    h.worker.close()                                 # nobody would answer
+    layer = STORE.layers[0]
+    slot_row = torch.arange(E, dtype=torch.int32)    # everything resident
+    ids = torch.tensor([[1, 2]])
+    h.post(layer, torch.randn(1, CFG.hidden_size), ids, torch.ones(1, 2), slot_row)
+    y = torch.full((1, CFG.hidden_size), 2.0)
+    assert torch.equal(h.collect(layer, ids, slot_row, y, torch.float32), y)
+    h.take_step()
+
+
+def test_worker_error_is_raised_after_the_step():
+    ex = executor("cpu")
+    layer = STORE.layers[0]
+    x = torch.randn(1, CFG.hidden_size)
+    ex(layer, x, torch.tensor([[E + 3, 1]]), torch.ones(1, 2))   # an expert id out of range
+    with pytest.raises(HotExpertsError, match="out of range"):
+        ex.end_step()
+    ex.close()
+
+
+def test_a_silent_worker_times_out_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(mailbox, "TIMEOUT_S", 0.2)
+    ex = executor("cpu")
+    ex.worker.worker.close()
+    layer = STORE.layers[0]
+    ex(layer, torch.randn(1, CFG.hidden_size), torch.tensor([[1, 2]]), torch.ones(1, 2))
+    with pytest.raises(HotExpertsError, match="did not answer"):
+        ex.end_step()
+
+
+def test_bad_decode_mode_is_a_placement_error():
+    from hotexperts.errors import PlacementError
+
+    with pytest.raises(PlacementError, match="--moe-decode"):
+        Placement.parse("cpu", decode="fast")
+
+
+@pytest.mark.parametrize("decode", ["worker", "sync"])
+def test_missing_cells_are_neither_hits_nor_misses_in_either_mode(decode):
+    ex = executor("cache:20slots:lru", decode=decode)
+    layer, K = STORE.layers[0], CFG.top_k
+    x = torch.randn(1, CFG.hidden_size)
+    for _ in range(3):                                   # expert E-1 becomes resident
+        ex(layer, x, torch.full((1, K), E - 1), torch.full((1, K), 1.0 / K))
+        ex.end_step()
+    before = ex.stats()["total"]
+    y = ex(layer, x, torch.full((1, K), -1), torch.full((1, K), 1.0 / K))
+    ex.end_step()
+    after = ex.stats()["total"]
+    assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
+    assert torch.count_nonzero(y) == 0
+    ex.close()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("text", ["cpu", "layers:1", "hot:3", f"hot:{E}", "cache:5slots:lru",
+                                  "cache:6slots:auto"])
+def test_cuda_graphed_worker_decode_matches_reference(text):
+    """On CUDA the worker path is the default and the whole decode step is one CUDA graph."""
+    from hotexperts.engine.generate import Generator
+    from hotexperts.engine.sampling import SamplingParams
+    from hotexperts.experts.reference import DenseExecutor
+    from hotexperts.experts.store import ExpertStore
+    from tests.experts.test_hybrid import MODEL, PROMPT
+
+    model = MODEL.cuda()
+    try:
+        store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
+        params = SamplingParams(max_tokens=16)
+        oracle = DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda")
+        ref = Generator(model, oracle, CFG, "cuda", 64)
+        want = list(ref.generate(PROMPT, params))
+        p = Placement.parse(text, rebalance_interval=1 if text == "hot:3" else None)
+        ex = build_executor(p, store, CFG, "cuda")
+        assert ex.worker is not None and ex.graph_safe
+        gen = Generator(model, ex, CFG, "cuda", 64)
+        assert list(gen.generate(PROMPT, params)) == want
+        assert gen.decode_step.graphed
+        st = ex.stats()["total"]
+        assert st["hits"] + st["misses"] == (len(PROMPT) + len(want) - 1) * CFG.top_k * len(STORE.layers)
+        ex.close()
+    finally:
+        model.cpu()
