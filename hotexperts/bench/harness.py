@@ -50,6 +50,8 @@ class PlacementResult:
     decode_tokens: int = 0                   # timed decode steps that hit_rate / swaps / bytes_moved cover
     trace_wraps: int = 0                     # times the replayed routing ran past its end and restarted
     baseline_vram_gib: float | None = None   # allocated before this placement (dense weights; more = a leak)
+    cpu_ms_per_token: float | None = None    # CPU expert compute per timed decode token (worker / sync path)
+    decode_mode: str | None = None           # "graph" (one CUDA graph per step), "piecewise" or "eager"
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -148,6 +150,7 @@ class DecodeCounts:
     misses: list = field(default_factory=list)
     swaps: int = 0
     bytes_moved: int = 0
+    cpu_s: float = 0.0
     tokens: int = 0
 
     def add(self, before: dict, after: dict, tokens: int) -> None:
@@ -156,6 +159,7 @@ class DecodeCounts:
         self.misses = [a + b for a, b in zip(self.misses or [0] * len(d["misses"]), d["misses"], strict=True)]
         self.swaps += after["swaps"] - before["swaps"]
         self.bytes_moved += after["bytes_moved"] - before["bytes_moved"]
+        self.cpu_s += after["cpu_s"] - before["cpu_s"]
         self.tokens += tokens
 
 
@@ -165,7 +169,8 @@ def _counters(ex) -> dict | None:
         return None
     layers = list(stats["layers"].values())
     return {"hits": [v["hits"] for v in layers], "misses": [v["misses"] for v in layers],
-            "swaps": stats["total"]["swaps"], "bytes_moved": stats["total"]["bytes_moved"]}
+            "swaps": stats["total"]["swaps"], "bytes_moved": stats["total"]["bytes_moved"],
+            "cpu_s": stats["total"]["cpu_s"]}
 
 
 def tokens_needed(tests: list[BenchTest], repeats: int) -> int:
@@ -203,13 +208,24 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
         _decode_stats(res, decode)
         res.trace_wraps = ex.wraps if isinstance(ex, RoutingReplay) else 0
         res.n_cpu_layers = _cpu_layers(ex, bench.lm)
+        res.decode_mode = _decode_mode(gen)
     except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     finally:
         if bench.device.type == "cuda":
             res.peak_vram_gib = torch.cuda.max_memory_allocated(bench.device) / GiB
+        close = getattr(ex, "close", None)
+        if close is not None:
+            close()                 # stop the placement's CPU worker thread now, not at collection
         ex = gen = None
     return res
+
+
+def _decode_mode(gen: Generator) -> str:
+    step = gen.decode_step
+    if not getattr(step, "graphed", False):
+        return "eager"
+    return "piecewise" if type(step).__name__ == "PiecewiseDecodeStep" else "graph"
 
 
 def _cpu_layers(ex, lm) -> int | None:
@@ -230,6 +246,7 @@ def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
     res.hit_rate = sum(d.hits) / n if n else None
     res.layer_hit = [h / max(1, h + m) for h, m in zip(d.hits, d.misses, strict=True)]
     res.swaps, res.bytes_moved, res.decode_tokens = d.swaps, d.bytes_moved, d.tokens
+    res.cpu_ms_per_token = 1e3 * d.cpu_s / d.tokens
 
 
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
