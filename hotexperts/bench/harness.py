@@ -51,6 +51,7 @@ class PlacementResult:
     trace_wraps: int = 0                     # times the replayed routing ran past its end and restarted
     baseline_vram_gib: float | None = None   # allocated before this placement (dense weights; more = a leak)
     cpu_ms_per_token: float | None = None    # CPU expert compute per timed decode token (worker / sync path)
+    host_ms_per_token: float | None = None   # executor bookkeeping between steps (stats, policy, swaps)
     decode_mode: str | None = None           # "graph" (one CUDA graph per step), "piecewise" or "eager"
     error: str | None = None
 
@@ -151,6 +152,7 @@ class DecodeCounts:
     swaps: int = 0
     bytes_moved: int = 0
     cpu_s: float = 0.0
+    host_s: float = 0.0
     tokens: int = 0
 
     def add(self, before: dict, after: dict, tokens: int) -> None:
@@ -160,6 +162,7 @@ class DecodeCounts:
         self.swaps += after["swaps"] - before["swaps"]
         self.bytes_moved += after["bytes_moved"] - before["bytes_moved"]
         self.cpu_s += after["cpu_s"] - before["cpu_s"]
+        self.host_s += after["host_s"] - before["host_s"]
         self.tokens += tokens
 
 
@@ -170,7 +173,7 @@ def _counters(ex) -> dict | None:
     layers = list(stats["layers"].values())
     return {"hits": [v["hits"] for v in layers], "misses": [v["misses"] for v in layers],
             "swaps": stats["total"]["swaps"], "bytes_moved": stats["total"]["bytes_moved"],
-            "cpu_s": stats["total"]["cpu_s"]}
+            "cpu_s": stats["total"]["cpu_s"], "host_s": stats.get("host_s", 0.0)}
 
 
 def tokens_needed(tests: list[BenchTest], repeats: int) -> int:
@@ -247,6 +250,7 @@ def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
     res.layer_hit = [h / max(1, h + m) for h, m in zip(d.hits, d.misses, strict=True)]
     res.swaps, res.bytes_moved, res.decode_tokens = d.swaps, d.bytes_moved, d.tokens
     res.cpu_ms_per_token = 1e3 * d.cpu_s / d.tokens
+    res.host_ms_per_token = 1e3 * d.host_s / d.tokens
 
 
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,

@@ -32,7 +32,7 @@ def _baseline(results: list[dict], budget, label: str) -> dict | None:
 def table(report: dict) -> str:
     tests = report["tests"]
     gen = next((t for t in tests if t.startswith("tg")), None)
-    head = ["budget GiB", "placement", *tests, "peak VRAM GiB", "hit rate", "CPU ms/tok", "decode"]
+    head = ["budget GiB", "placement", *tests, "peak VRAM GiB", "hit rate", "CPU ms/tok", "host ms/tok", "decode"]
     if gen:
         head += [f"{gen} / n-cpu-moe", f"{gen} / cpu-moe"]
     rows = [head, ["---"] * len(head)]
@@ -47,6 +47,7 @@ def table(report: dict) -> str:
         row += ["-" if r["peak_vram_gib"] is None else f"{r['peak_vram_gib']:.2f}",
                 "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}",
                 "-" if r.get("cpu_ms_per_token") is None else f"{r['cpu_ms_per_token']:.2f}",
+                "-" if r.get("host_ms_per_token") is None else f"{r['host_ms_per_token']:.2f}",
                 r.get("decode_mode") or "-"]
         if gen:
             row += [_ratio(r, _baseline(report["results"], b, "n-cpu-moe"), gen),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import numpy as np
 import torch
 
 from hotexperts.errors import HotExpertsError
@@ -86,6 +87,7 @@ class HybridExecutor:
         self.step, self._prompt = 0, False
         self._d2h_done = None
         self._measured = prompt_cost is not None
+        self.host_s = 0.0                                    # seconds spent in end_step (bookkeeping, swaps)
         self.worker = None                                   # DecodeHandoff, once enable_worker() succeeded
         self._kinds: dict[int, str] = {}                     # worker decode: layer -> "gpu" | "cpu" | "split"
         self._step_done = None
@@ -135,6 +137,7 @@ class HybridExecutor:
         return self._hybrid(layer, x, ids, weights, prompt)
 
     def end_step(self) -> None:
+        t0 = time.perf_counter()
         if self.worker is not None and not self._prompt:
             self._account_decode()
         if self.cache_stats is not None:
@@ -145,6 +148,7 @@ class HybridExecutor:
             self._rebalance()
         self.step += 1
         self._prompt = False
+        self.host_s += time.perf_counter() - t0
 
     def _rebalance(self) -> None:
         """Publish completed fills, then issue the controller's swaps for this step (bounded)."""
@@ -163,6 +167,7 @@ class HybridExecutor:
         d["slots"] = 0 if self.slots is None else self.slots.num_slots
         d["policy"] = None if self.controller is None else self.controller.policy.name
         d["decode"] = "worker" if self.worker is not None else "sync"
+        d["host_s"] = self.host_s
         return d
 
     def export_profile(self, path: str) -> str:
@@ -209,23 +214,29 @@ class HybridExecutor:
             self._step_done.record()
             self._step_done.synchronize()                          # the step's mailbox writes are complete
         got = self.worker.take_step()
-        posted = {self.moe_layers[r]: i for i, r in enumerate(got.rows.tolist())}
-        hits, valid = got.hits, got.ids >= 0
-        for layer in self.moe_layers:
-            i = posted.get(layer)
-            if i is None:
-                if self._kinds.get(layer) == "gpu":
-                    self._count(layer, self.worker.mb.K, 0)
-                continue
-            n_hit, n_valid = int(hits[i].sum()), int(valid[i].sum())
-            self._count(layer, n_hit, n_valid - n_hit)
-            if self.cache_stats is not None:
-                self.cache_stats.cpu_time(layer, float(got.cpu_s[i]))
-            if layer in self.managed:
-                self.controller.observe(self.step, layer, got.ids[i][valid[i]].tolist(), False, tokens=1,
-                                        hits=hits[i][valid[i]].tolist())
+        hits, valid = got.hits, got.ids >= 0                       # [n, K]
+        n_hit = hits.sum(1)
+        if self.cache_stats is not None:
+            self.cache_stats.routed_rows(got.rows, n_hit, valid.sum(1) - n_hit, got.cpu_s)
+            gpu_rows = [r for r, l in enumerate(self.moe_layers) if self._kinds.get(l) == "gpu"]
+            if gpu_rows:                                           # never posted: every selection a hit
+                self.cache_stats.routed_rows(np.asarray(gpu_rows), self.worker.mb.K, 0)
+        if self.controller is not None:
+            self._observe(got, hits, valid)
         if self.slots is not None:
             self.slots.mark_read_all()                             # fills wait for this step's reads
+
+    def _observe(self, got, hits, valid) -> None:
+        layers = [self.moe_layers[r] for r in got.rows.tolist()]
+        keep = [i for i, l in enumerate(layers) if l in self.managed]
+        ids = np.where(valid, got.ids, -1)
+        observe_step = getattr(self.controller, "observe_step", None)
+        if observe_step is not None:
+            observe_step(self.step, [layers[i] for i in keep], ids[keep], hits[keep], False, tokens=1)
+            return
+        for i in keep:
+            self.controller.observe(self.step, layers[i], got.ids[i][valid[i]].tolist(), False, tokens=1,
+                                    hits=hits[i][valid[i]].tolist())
 
     # ---- decode / small batches ------------------------------------------------------------------------
     def _hybrid(self, layer, x, ids, weights, prompt: bool) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 Counts are per routed selection (token, k): hits + misses == tokens * top_k of every executor call.
     stats.routed(layer, hits, misses)      stats.swap(layer, nbytes)
+    stats.routed_rows(rows, hits, misses, cpu_s)   (vectorised, rows = positions in `layers`)
     stats.cpu_time(layer, s)               stats.gpu_events(layer, start, end)   (CUDA events, read lazily)
     stats.end_step()                       snapshots every `bucket` steps (for the heatmap)
     stats.to_dict() -> {"layers": {l: {...}}, "total": {...}}      (JSON / metrics)
@@ -31,6 +32,13 @@ class CacheStats:
         i = self._row[layer]
         self.c["hits"][i] += hits
         self.c["misses"][i] += misses
+
+    def routed_rows(self, rows: np.ndarray, hits: np.ndarray, misses: np.ndarray, cpu_s=None) -> None:
+        """Vectorised routed() (+ cpu_time()) for stats rows `rows` (positions in `layers`), one step."""
+        np.add.at(self.c["hits"], rows, hits)
+        np.add.at(self.c["misses"], rows, misses)
+        if cpu_s is not None:
+            np.add.at(self.c["cpu_s"], rows, cpu_s)
 
     def swap(self, layer: int, nbytes: int) -> None:
         i = self._row[layer]

@@ -133,6 +133,7 @@ def cpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: 
     dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     if ids.dtype != torch.int64:
         ids = ids.long()
+    _check_ids(ids, experts.w13.shape[0])
     err = load_extension().forward(x.contiguous(), ids.contiguous(), weights.contiguous(), *parts[0],
                                    *parts[1], dst, _threads[0], bool(act_quant), _prefetch[0])
     if err:                                  # the C++ side reports instead of throwing (GIL released)
@@ -140,6 +141,14 @@ def cpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: 
     if dst is not out:
         out.copy_(dst)
     return out
+
+
+def _check_ids(ids: torch.Tensor, num_experts: int) -> None:
+    """Validated here, not in C++: an exception thrown inside the GIL-released extension call crashed the
+    process on the H200 host (torch 2.11) even when caught there."""
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_experts):
+        bad = ids[(ids < -1) | (ids >= num_experts)][0]
+        raise RuntimeError(f"cpu_moe: expert id {int(bad)} out of range [-1, {num_experts})")
 
 
 def _expert_matmul(a: torch.Tensor, w: Weight, e: int) -> torch.Tensor:

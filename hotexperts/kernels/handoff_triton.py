@@ -58,7 +58,7 @@ def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr):
 
 @triton.jit(do_not_specialize=["r"])
 def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, mb_ids, mb_miss, mb_w, mb_x, mb_seq, r, k, K, D,
-                 HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr):
+                 HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr, EVEN: tl.constexpr):
     e, miss = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB)
     kk = tl.arange(0, KB)
     w = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
@@ -68,7 +68,10 @@ def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, mb_ids, mb_miss, mb_w
     tl.store(mb_w + row * K + kk, w, mask=kk < K)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
-        tl.store(mb_x + row * D + d, tl.load(x_ptr + d, mask=d < D), mask=d < D)
+        if EVEN:                                         # unmasked: 16-byte stores over PCIe, not 2-byte
+            tl.store(mb_x + row * D + d, tl.load(x_ptr + d))
+        else:
+            tl.store(mb_x + row * D + d, tl.load(x_ptr + d, mask=d < D), mask=d < D)
     v = tl.load(cnt_ptr + row) + 1
     tl.debug_barrier()                                   # every thread has read the old count
     tl.store(cnt_ptr + row, v)
@@ -111,7 +114,7 @@ def post(r, x, ids, weights, slot_row, counter, mb) -> None:
     ids, x, weights = ids.contiguous(), x.contiguous(), weights.contiguous()
     slots = slot_row if slot_row is not None else ids
     _post_kernel[(1,)](x, ids, weights, slots, counter, mb.ids, mb.miss, mb.w, mb.x, mb.seq, r, k, mb.K, D,
-                       HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, num_warps=4)
+                       HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, EVEN=D % BD == 0, num_warps=4)
 
 
 def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s) -> torch.Tensor:

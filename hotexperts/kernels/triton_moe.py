@@ -188,7 +188,7 @@ def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_
 @triton.jit
 def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
                      P, K, D, I, stride_xt, stride_ws, stride_wn,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     nb = tl.program_id(1)
     s = tl.load(block_slot_ptr + b).to(tl.int64)
@@ -212,8 +212,8 @@ def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
         wg = tl.load(g_ptrs + kk[:, None], mask=wm, other=0.0)    # [BK, BN]
         wu = tl.load(u_ptrs + kk[:, None], mask=wm, other=0.0)
         a = a.to(wg.dtype)
-        acc_g = tl.dot(a, wg, acc_g)
-        acc_u = tl.dot(a, wu, acc_u)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h_ptr + pair[:, None].to(tl.int64) * I + n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
@@ -222,7 +222,7 @@ def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
 @triton.jit
 def _grouped_down(h_ptr, pair_ptr, block_slot_ptr, w2_ptr, wts_ptr, y_ptr,
                   P, D, I, stride_ws, stride_wd,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     nb = tl.program_id(1)
     s = tl.load(block_slot_ptr + b).to(tl.int64)
@@ -241,7 +241,7 @@ def _grouped_down(h_ptr, pair_ptr, block_slot_ptr, w2_ptr, wts_ptr, y_ptr,
         kmask = kk < I
         a = tl.load(h_ptrs + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PREC)
     wt = tl.load(wts_ptr + prow, mask=mmask, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
     tl.store(y_ptr + prow[:, None] * D + n[None, :], acc, mask=mmask[:, None] & nmask[None, :])
@@ -361,7 +361,9 @@ def moe_prefill(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | No
     P = T * K
     cfg = cfg or prefill_config(P, S, D, I)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    # fp32 weights multiply in full fp32 ("ieee"), not TF32 (Triton's default): they are the exact path
+    kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+          "PREC": "ieee" if w13.dtype == torch.float32 else "tf32"}
     pair_ids, block_slot = align_by_slot(_slots(ids, slot_of), S, BM)
     nb = block_slot.numel()
     h = torch.empty(P, I, dtype=w13.dtype, device=x.device)              # [P, I]

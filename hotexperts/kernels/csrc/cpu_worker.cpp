@@ -136,11 +136,18 @@ class CpuWorker {
   void process(int64_t r) {
     const int64_t* ids = miss_.data_ptr<int64_t>() + r * K_;
     float* out = out_.data_ptr<float>() + r * D_;
+    const auto& L = layers_[r];
+    const int64_t E = L.q13.size(0);
     bool any = false;
-    for (int64_t k = 0; k < K_; k++) any = any || ids[k] >= 0;
+    for (int64_t k = 0; k < K_; k++) {
+      if (ids[k] < -1 || ids[k] >= E) {               // checked here: a throw inside the kernel is fatal
+        fail(r, "expert id " + std::to_string(ids[k]) + " out of range [-1, " + std::to_string(E) + ")", out);
+        return;
+      }
+      any = any || ids[k] >= 0;
+    }
     if (!any) return;                                 // nothing here: the poster does not read `out`
     const int64_t t0 = now_ns();
-    const auto& L = layers_[r];
     char* xrow = static_cast<char*>(x_.data_ptr()) + r * D_ * x_.element_size();
     at::Tensor x = at::from_blob(xrow, {1, D_}, x_.options());
     at::Tensor id = at::from_blob(const_cast<int64_t*>(ids), {1, K_}, miss_.options());
@@ -148,13 +155,15 @@ class CpuWorker {
     at::Tensor o = at::from_blob(out, {1, D_}, out_.options());
     std::string msg = forward_checked(x, id, wt, L.f13, L.q13, L.s13, L.z13, L.f2, L.q2, L.s2, L.z2, o,
                                       nthreads_, act_quant_, prefetch_);
-    if (!msg.empty()) {
-      std::fill(out, out + D_, 0.f);
-      std::lock_guard<std::mutex> g(mu_);
-      if (error_.empty()) error_ = "layer row " + std::to_string(r) + ": " + msg;
-      __atomic_store_n(err_.data_ptr<int64_t>(), int64_t(1), __ATOMIC_RELEASE);
-    }
+    if (!msg.empty()) fail(r, msg, out);
     cpu_ns_.data_ptr<int64_t>()[r] += now_ns() - t0;
+  }
+
+  void fail(int64_t r, const std::string& msg, float* out) {
+    std::fill(out, out + D_, 0.f);
+    std::lock_guard<std::mutex> g(mu_);
+    if (error_.empty()) error_ = "MoE layer row " + std::to_string(r) + ": " + msg;
+    __atomic_store_n(err_.data_ptr<int64_t>(), int64_t(1), __ATOMIC_RELEASE);
   }
 
   at::Tensor seq_, done_, miss_, w_, x_, out_, cpu_ns_, err_;
