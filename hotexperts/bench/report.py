@@ -32,7 +32,8 @@ def _baseline(results: list[dict], budget, label: str) -> dict | None:
 def table(report: dict) -> str:
     tests = report["tests"]
     gen = next((t for t in tests if t.startswith("tg")), None)
-    head = ["budget GiB", "placement", *tests, "peak VRAM GiB", "hit rate", "CPU ms/tok", "host ms/tok", "decode"]
+    head = ["budget GiB", "placement", *tests, "peak VRAM GiB", "hit rate", "CPU ms/tok", "host ms/tok",
+            "decode"]
     if gen:
         head += [f"{gen} / n-cpu-moe", f"{gen} / cpu-moe"]
     rows = [head, ["---"] * len(head)]
