@@ -78,6 +78,8 @@ def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeigh
     """Prompt batches over quantized slots: dequantize the slots this call routes to, `chunk` at a time,
     into a small bf16 buffer and run the grouped Triton kernel on each chunk (pairs outside it masked);
     the chunk outputs are summed in fp32. Bounded VRAM (chunk experts), one host sync (the slot list)."""
+    from hotexperts.kernels.triton_dequant import dequant_slots
+
     mod = _triton_module()
     slots = _pair_slots(ids, slot_of)                                  # [T, K]
     used = torch.unique(slots[slots >= 0])                             # [U] slots, host sync
@@ -89,7 +91,7 @@ def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeigh
         table.fill_(-1)
         table[idx] = torch.arange(idx.numel(), dtype=torch.int32, device=x.device)
         local = torch.where(slots >= 0, table[slots.clamp(min=0)].long(), -1)   # [T, K] chunk-local slot
-        w13c, w2c = _dequant(w13[idx], wdt).contiguous(), _dequant(w2[idx], wdt).contiguous()
+        w13c, w2c = dequant_slots(w13, idx, wdt), dequant_slots(w2, idx, wdt)   # one launch each
         res += mod.moe_triton(x, local, weights, w13c, w2c, None).float()
     if out is None:
         return res.to(x.dtype)

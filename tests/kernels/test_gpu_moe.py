@@ -203,3 +203,24 @@ def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe):
     out = torch.full_like(x, float("nan"))
     dequant_chunks_moe(x, ids, w, q13, q2, slot_of, out, chunk=2)     # 3 chunks over the used slots
     assert rel_err(out, ref) < 5e-3                                   # tl.dot may use tf32 on GPU
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["int4g32", "int8"])
+def test_triton_dequant_matches_the_reference_bit_for_bit(triton_moe, fmt):
+    from hotexperts.experts.quant import dequantize, quantize_int4g32, quantize_int8
+    from hotexperts.kernels.triton_dequant import dequant_slots
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 48, 96, generator=g)                  # 48 rows (not a multiple of the row block)
+    qw = (quantize_int4g32 if fmt == "int4g32" else quantize_int8)(w)
+    qw = QuantizedWeight(qw.fmt, *(t.to(DEV) if t is not None else None for t in (qw.q, qw.scale, qw.zero)))
+    idx = torch.tensor([4, 0, 2], device=DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequant_slots(qw, idx, dtype).cpu()
+        want = dequantize(qw[idx.cpu()].to("cpu"), torch.float32).to(dtype)
+        if dtype == torch.float32 or DEV == "cuda":
+            assert torch.equal(got, want)
+        else:                                     # the CPU interpreter's bf16 cast does not round to nearest
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    assert dequant_slots(qw, idx[:0], torch.float32).shape == (0, 48, 96)
