@@ -1,6 +1,7 @@
 """H200 benchmark of the fused GPU MoE kernels (hotexperts/kernels/triton_moe.py).
 
 Run from the repository root:  python scripts/bench_gpu_moe.py      (writes $OUT/gpu_moe.json if OUT is set)
+                               python scripts/bench_gpu_moe.py --quant-sweep   (int4g32/int8 block sizes only)
 1. correctness on CUDA: Triton decode/prefill vs the torch fallback (fp32 accumulation), ‖out−ref‖/‖ref‖,
    with slot_of holes and ids == -1; CUDA-graph capture of both paths.
 2. timings per MoE layer (CUDA-graph replay over L layers with distinct weight buffers, so no L2 reuse):
@@ -37,7 +38,7 @@ if DRY:
     SHAPES = {"qwen3-30b-a3b": dict(E=16, S=16, K=4, D=64, I=32, L=2),
               "mixtral-8x7b": dict(E=4, S=4, K=2, D=64, I=64, L=2)}
 RESULTS: dict = {"device": None, "correctness": [], "decode": [], "quant": [], "sweep": [], "tsweep": [],
-                 "prefill": [], "errors": []}
+                 "prefill": [], "quant_sweep": [], "errors": []}
 
 
 def section(name):
@@ -249,6 +250,41 @@ def quant_decode(name, sh, ls, bf16_bmm_us):
     torch.cuda.empty_cache()
 
 
+@section("quant sweep")
+def quant_sweep(fmts=("int4g32",)):
+    """Block sizes of the quantized decode GEMVs on the Qwen3-30B-A3B shape (T=1, K=8): the default
+    config first, then a grid; prints the best three per format."""
+    sh = SHAPES["qwen3-30b-a3b"]
+    ls = layers(**sh)
+    ids, w = routing(1, sh["E"], sh["K"])
+    x = torch.randn(1, sh["D"], device=DEV, dtype=DT)
+    grid = [None] + [dict(BN=bn, BK=bk, BD=bd, BI=bi, num_warps=4, stages=3)
+                     for bn in (8, 16, 32) for bk in (128, 256) for bd, bi in ((8, 256), (16, 256))]
+    grid += [dict(BN=16, BK=256, BD=8, BI=256, num_warps=8, stages=3), dict(BN=16, BK=256, BD=8, BI=256,
+                                                                          num_warps=4, stages=5)]
+    grid = grid[: 2 if DRY else None]
+    for fmt in fmts:
+        qls = [(quantize(w13, fmt), quantize(w2, fmt), so) for w13, w2, so in ls]
+        outs = [torch.empty(1, sh["D"], device=DEV, dtype=DT) for _ in qls]
+        for cfg in grid:
+            def run(cfg=cfg, qls=qls, outs=outs):
+                for lw, o in zip(qls, outs, strict=True):
+                    tm.moe_decode(x, ids, w, *lw, o, cfg=cfg)
+            try:
+                us = time_graph(run) * 1e3 / len(qls)
+                RESULTS["quant_sweep"].append({"fmt": fmt, "cfg": cfg or "default", "us": us})
+            except Exception as e:  # noqa: BLE001
+                RESULTS["quant_sweep"].append({"fmt": fmt, "cfg": cfg or "default", "error": str(e)[:300]})
+        ok = [r for r in RESULTS["quant_sweep"] if r["fmt"] == fmt and "us" in r]
+        ok.sort(key=lambda r: r["us"])
+        default = next((r["us"] for r in ok if r["cfg"] == "default"), float("nan"))
+        print(f"  {fmt}: default {default:.1f} us")
+        for r in ok[:3]:
+            print(f"    best: {r['us']:7.1f} us  {r['cfg']}")
+        qls = outs = None
+    torch.cuda.empty_cache()
+
+
 def sweep(name, sh, ls):
     cfgs = [dict(BN=bn, BK=bk, BD=bd, BI=bi, num_warps=4, stages=st)
             for bn, bk in ((8, 256), (16, 256), (32, 128))
@@ -314,9 +350,12 @@ def main():
     RESULTS["device"] = f"{name} torch {torch.__version__} triton {triton.__version__}"
     print(RESULTS["device"])
     t0 = time.time()
-    correctness()
-    decode()
-    prefill()
+    if "--quant-sweep" in sys.argv:          # only the quantized decode block-size sweep
+        quant_sweep()
+    else:
+        correctness()
+        decode()
+        prefill()
     print(f"total {time.time() - t0:.0f}s; errors: {len(RESULTS['errors'])}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_moe.json"), "w") as f:
