@@ -327,19 +327,37 @@ class HybridExecutor:
         if self.cuda and not self._measured:
             self.prompt_cost = PromptCost.measure(self.store, self.stage, self.cpu_moe, K)
             self._measured = True
-        n_res = self.slots.resident_count(layer) if self.slots is not None and layer in self.slots.row else 0
-        miss_frac = 1.0 - n_res / self.E
+        missing = self._not_resident(layer)
+        n_miss = self.E if missing is None else len(missing)
         c = self.prompt_cost
-        return c.stream_s(self.stage.layer_bytes) < c.cpu_s(T, K, self.stage.expert_params, miss_frac)
+        copy_bytes = self.stage.layer_bytes * n_miss // self.E
+        return c.stream_s(copy_bytes) < c.cpu_s(T, K, self.stage.expert_params, n_miss / self.E)
+
+    def _not_resident(self, layer: int) -> list[int] | None:
+        """Experts of `layer` without a usable slot (the ones a streamed prompt chunk copies); None = all."""
+        s = self.slots
+        if s is None or layer not in s.row or s.resident_count(layer) == 0:
+            return None
+        return torch.nonzero(s.mirror(layer) < 0).flatten().tolist()
 
     def _stream(self, layer, x, ids, weights) -> torch.Tensor:
+        """Resident experts from their slots, the others from a staging pool that received only them
+        (the next MoE layer's copy is queued first, so it overlaps this layer's compute)."""
         T, K = ids.shape
-        w13, w2 = self.stage.acquire(layer)
-        nxt = self.next_layer.get(layer)
-        if nxt is not None:
-            self.stage.prefetch(nxt)                         # copies while this layer computes
-        y = self.gpu_moe(x, ids, weights, w13, w2, None)
-        self.stage.release(layer)
+        missing = self._not_resident(layer)
+        y = None
+        if missing is None or missing:
+            w13, w2, table = self.stage.acquire(layer, missing)
+            nxt = self.next_layer.get(layer)
+            if nxt is not None:
+                self.stage.prefetch(nxt, self._not_resident(nxt))   # copies while this layer computes
+            y = self.gpu_moe(x, ids, weights, w13, w2, table)
+            self.stage.release(layer)
+        if missing is not None:                                   # the resident part, from the slots
+            s = self.slots
+            part = self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))
+            s.mark_read(layer)
+            y = part if y is None else (y.float() + part.float()).to(x.dtype)
         self._count(layer, T * K, 0)
         if layer in self.managed:
             h_ids = ids.cpu()

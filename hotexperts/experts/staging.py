@@ -51,7 +51,9 @@ class PromptCost:
 
 
 class StagingPools:
-    """Two device pools, each holding every expert of one layer, filled on a copy stream (double buffer)."""
+    """Two device pools, each able to hold every expert of one layer, filled on a copy stream (double
+    buffer). A prefetch may copy only some experts (those without a slot): each lands at its own index and
+    acquire() returns the table that marks which are there."""
 
     def __init__(self, store, device):
         self.store, self.device = store, device
@@ -65,39 +67,49 @@ class StagingPools:
         self.ready = [None, None]                            # fill-complete events
         self.read = [None, None]                             # last-read events
         self.holds: dict[int, int] = {}                      # layer -> pool index (this forward)
+        self.tables: list = [None, None]                     # per pool: expert -> index table, None = all
         self.turn = 0
 
     @staticmethod
     def nbytes(store) -> int:
         return 2 * store.expert_nbytes * store.num_experts
 
-    def prefetch(self, layer: int) -> int:
+    def prefetch(self, layer: int, experts: list[int] | None = None) -> int:
+        """Queue the copy of `layer`'s experts (all, or the sorted list `experts`) into the next pool, at
+        their own expert index; -> pool index. A layer already held this forward is not copied again."""
         if layer in self.holds:
             return self.holds[layer]
         i, self.turn = self.turn, 1 - self.turn
         self.holds = {l: p for l, p in self.holds.items() if p != i}
         self.holds[layer] = i
+        self.tables[i] = None if experts is None else self._table(experts)
         src = self.store.layer(layer)
-        dst_parts = parts(self.pools[i][0]) + parts(self.pools[i][1])
-        src_parts = parts(src.w13) + parts(src.w2)
+        pairs = list(zip(parts(self.pools[i][0]) + parts(self.pools[i][1]), parts(src.w13) + parts(src.w2),
+                         strict=True))
+        runs = [(0, self.store.num_experts)] if experts is None else _runs(experts)
         if not self.cuda:
-            for d, s in zip(dst_parts, src_parts, strict=True):
-                d.copy_(s)
+            _copy_runs(pairs, runs, non_blocking=False)
             return i
         with torch.cuda.stream(self.stream):
             if self.read[i] is not None:
                 self.stream.wait_event(self.read[i])         # never overwrite a pool a step still reads
-            for d, s in zip(dst_parts, src_parts, strict=True):
-                d.copy_(s, non_blocking=True)
+            _copy_runs(pairs, runs, non_blocking=True)
             self.ready[i] = torch.cuda.Event()
             self.ready[i].record(self.stream)
         return i
 
-    def acquire(self, layer: int):
-        i = self.prefetch(layer)
+    def _table(self, experts: list[int]) -> torch.Tensor:
+        """[E] int32: e for the copied experts, -1 for the others (gpu_moe's slot_of over this pool)."""
+        t = torch.full((self.store.num_experts,), -1, dtype=torch.int32)
+        t[torch.as_tensor(experts, dtype=torch.long)] = torch.as_tensor(experts, dtype=torch.int32)
+        return t.to(self.device, non_blocking=True)
+
+    def acquire(self, layer: int, experts: list[int] | None = None):
+        """-> (w13, w2, slot_of or None): the pool holding `layer`, once its copy landed (stream-ordered)."""
+        i = self.prefetch(layer, experts)
         if self.cuda and self.ready[i] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready[i])
-        return self.pools[i]
+        return (*self.pools[i], self.tables[i])
 
     def release(self, layer: int) -> None:
         if self.cuda:
@@ -116,6 +128,23 @@ def staging_or_none(store, device):
         warnings.warn("out of VRAM for the prompt staging pools; prompt batches use the hybrid path",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def _runs(experts: list[int]) -> list[tuple[int, int]]:
+    """Sorted expert ids -> [start, stop) runs of consecutive ids (one copy per part and run)."""
+    runs: list[tuple[int, int]] = []
+    for e in experts:
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs
+
+
+def _copy_runs(pairs, runs, non_blocking: bool) -> None:
+    for dst, src in pairs:
+        for a, b in runs:
+            dst[a:b].copy_(src[a:b], non_blocking=non_blocking)
 
 
 def _expert_params(le) -> int:

@@ -128,7 +128,7 @@ def test_prompt_stream_path_and_bypass_keeps_decode_set():
         ex = build_executor(p, STORE, CFG, "cpu")
         acquired = []
         real = ex.stage.acquire
-        ex.stage.acquire = lambda layer, a=acquired, r=real: a.append(layer) or r(layer)
+        ex.stage.acquire = lambda layer, *rest, a=acquired, r=real: a.append(layer) or r(layer, *rest)
         check_same(ex, chunk=chunk)
         assert acquired == [0, 2] * (1 if chunk is None else 2)      # every prompt layer streamed
         # prompt routing never reached the policy (LRU's last-access steps are all decode steps)
@@ -136,6 +136,25 @@ def test_prompt_stream_path_and_bypass_keeps_decode_set():
         last = ex.controller.policy.last                               # [Lm, E] step, -inf = never
         assert ((last >= 0) & (last < n_prompt_steps)).sum() == 0
         assert ex.controller.policy.last.max() == n_prompt_steps + N_GEN - 1
+
+
+def test_prompt_stream_copies_only_the_experts_without_a_slot():
+    """A streamed prompt chunk computes resident experts from their slots and stages only the others."""
+    p = Placement.parse(f"hot:{E // 2}", pp_bypass=4, prompt_mode="stream")
+    ex = build_executor(p, STORE, CFG, "cpu")
+    check_same(ex)                                                    # cold: everything staged
+    staged = []
+    real = ex.stage.acquire
+    ex.stage.acquire = lambda layer, missing=None, r=real: staged.append(missing) or r(layer, missing)
+    toks, rows = run(ex)                                              # now warm: the same tokens
+    assert toks == REF_TOKS
+    for a, b in zip(rows, REF_ROWS, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert staged
+    for missing in staged:
+        assert missing is not None and len(missing) < E               # some experts came from the slots
+    for layer, missing in zip(STORE.layers, staged, strict=False):
+        assert set(missing).isdisjoint(ex.slots.resident(layer))
 
 
 def test_static_profile_and_warm_start(tmp_path):
