@@ -3,7 +3,8 @@ CPU worker's result. One program each, no host synchronisation: CUDA-graph captu
 
 Host memory is reached through pinned tensors (UVA: their host address is valid on the device). Ordering:
     post:    row stores -> fence.acq_rel.sys (every thread) -> barrier -> st.relaxed.sys of seq
-    collect: ld.acquire.sys of done in a loop (deadline from %globaltimer) -> volatile loads of out
+    collect: one lane's ld.acquire.sys of done per poll (nanosleep between polls, deadline from
+             %globaltimer) -> barrier -> volatile loads of out
 The worker side (kernels/csrc/cpu_worker.cpp) pairs them with an acquire load of seq and a release store of
 done. No atomics touch host memory (PCIe atomics are not needed).
 """
@@ -32,9 +33,21 @@ def _store_sys(ptr, val):
 
 
 @triton.jit
-def _load_acquire_sys(ptr):
-    return tl.inline_asm_elementwise("ld.acquire.sys.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
-                                     is_pure=False, pack=1)
+def _poll_acquire_sys(ptr):
+    """One system-scope acquire load of *ptr per poll (not one per thread: the GPU's polling must not
+    flood PCIe and the CPU's memory while the worker computes), broadcast to every thread by a max."""
+    lane = tl.arange(0, 32)
+    v = tl.inline_asm_elementwise(
+        "{\n\t.reg .pred %p;\n\tsetp.ne.s32 %p, $2, 0;\n\tmov.b64 $0, -1;\n\t"
+        "@%p ld.acquire.sys.global.b64 $0, [$1];\n\t}",
+        "=l,l,r", [ptr + lane * 0, (lane == 0).to(tl.int32)], dtype=tl.int64, is_pure=False, pack=1)
+    return tl.max(v, axis=0)
+
+
+@triton.jit
+def _nanosleep():
+    tl.inline_asm_elementwise("nanosleep.u32 256;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -90,7 +103,9 @@ def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, 
     done = tl.where(n_miss > 0, v - 1, v)                # no miss: nothing to wait for
     t0 = _now_ns()
     while (done < v) & (_now_ns() - t0 < timeout_ns):
-        done = _load_acquire_sys(mb_done + row)
+        _nanosleep()
+        done = _poll_acquire_sys(mb_done + row)
+    tl.debug_barrier()                                   # the acquiring lane's view, for every thread
     if done < v:
         tl.store(mb_err, _ERR_TIMEOUT)
     use = (n_miss > 0) & (done >= v)
@@ -126,5 +141,5 @@ def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s) -> torch.Tensor:
     y_in = y if y is not None else out
     timeout_ns = int(timeout_s * 1e9)
     _collect_kernel[(1,)](ids, slots, counter, mb.done, mb.out, mb.err, y_in, out, r, k, D, timeout_ns,
-                          HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, KB=KB, BD=BD, num_warps=4)
+                          HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, KB=KB, BD=BD, num_warps=1)
     return out
