@@ -88,8 +88,10 @@ class HybridExecutor:
         self._d2h_done = None
         self._measured = prompt_cost is not None
         self.host_s = 0.0                                    # seconds spent in end_step (bookkeeping, swaps)
+        self.gpu_miss_count = 0                              # misses the GPU computed from host memory
         self.worker = None                                   # DecodeHandoff, once enable_worker() succeeded
         self._kinds: dict[int, str] = {}                     # worker decode: layer -> "gpu" | "cpu" | "split"
+        self.gpu_misses = 0                                  # worker decode: misses per layer the GPU reads
         self._step_done = None
 
     @property
@@ -97,9 +99,12 @@ class HybridExecutor:
         """With the worker, a T=1 call has no host synchronisation: the decode step can be a CUDA graph."""
         return self.worker is not None and self.cuda
 
-    def enable_worker(self, top_k: int, hidden: int, dtype: torch.dtype, self_test: bool = True) -> bool:
+    def enable_worker(self, top_k: int, hidden: int, dtype: torch.dtype, self_test: bool = True,
+                      gpu_misses: int = 0) -> bool:
         """Hand decode steps' CPU experts to the native worker (experts/mailbox.py). False (and a warning)
-        when it cannot run here; decode then keeps the synchronous per-layer round trip."""
+        when it cannot run here; decode then keeps the synchronous per-layer round trip. gpu_misses: per
+        layer and step, the first that many misses are computed by the GPU reading the expert from pinned
+        host memory (in parallel with the CPU's share) instead of by the CPU."""
         from hotexperts.experts.mailbox import DecodeHandoff, HandoffUnavailable
         from hotexperts.kernels.handoff import device_handoff_available
 
@@ -109,6 +114,7 @@ class HybridExecutor:
             self.worker = DecodeHandoff(self.store, self.moe_layers, top_k, hidden, dtype, self.device)
             if self_test:
                 self.worker.self_test(dtype)
+            self.gpu_misses = gpu_misses if self._host_readable() else 0
             return True
         except (HandoffUnavailable, HotExpertsError, RuntimeError) as e:
             warnings.warn(f"decode falls back to synchronous CPU experts (no CUDA graph): {e}",
@@ -117,6 +123,16 @@ class HybridExecutor:
                 self.worker.close()
             self.worker = None
             return False
+
+    def _host_readable(self) -> bool:
+        """The GPU can read every expert from host memory: pinned (CUDA), or anything on the CPU."""
+        if not self.cuda:
+            return True
+        if all(self.store.layer_pinned(l) for l in self.moe_layers):
+            return True
+        warnings.warn("the expert store is not pinned: misses stay on the CPU (--moe-gpu-misses ignored)",
+                      RuntimeWarning, stacklevel=3)
+        return False
 
     def close(self) -> None:
         """Stop the native worker thread (also done when the executor is collected)."""
@@ -167,6 +183,8 @@ class HybridExecutor:
         d["slots"] = 0 if self.slots is None else self.slots.num_slots
         d["policy"] = None if self.controller is None else self.controller.policy.name
         d["decode"] = "worker" if self.worker is not None else "sync"
+        d["gpu_misses"] = self.gpu_misses
+        d["gpu_miss_count"] = self.gpu_miss_count
         d["host_s"] = self.host_s
         return d
 
@@ -188,12 +206,27 @@ class HybridExecutor:
         if kind == "gpu":
             return self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))
         row = s.slot_of(layer) if kind == "split" else None
-        self.worker.post(layer, x, ids, weights, row)              # the CPU starts on the misses now
-        y = None
+        z = self.gpu_misses
+        zc = self.worker.post(layer, x, ids, weights, row, z)      # the CPU starts on its misses now
+        y = y2 = None
         if kind == "split":                                        # hits, while the CPU works; fp32 sum
-            y = self.gpu_moe(x, ids, weights, s.w13, s.w2, row,
-                             out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
-        return self.worker.collect(layer, ids, row, y, x.dtype)
+            y = self.gpu_moe(x, ids, weights, s.w13, s.w2, row, out=self._fp32(x))
+        if zc is not None:                                         # the GPU's own misses, over PCIe
+            y2 = self._host_moe(layer, x, zc, weights)
+        return self.worker.collect(layer, ids, row, y, x.dtype, y2, z)
+
+    def _host_moe(self, layer, x, ids, weights) -> torch.Tensor:
+        """The GPU computes experts straight from the pinned host store (UVA reads over PCIe): fp32 [1, D]."""
+        le = self.store.layer(layer)
+        if self.cuda:
+            from hotexperts.kernels.triton_moe import moe_decode
+
+            return moe_decode(x, ids, weights, le.w13, le.w2, None, self._fp32(x))
+        return self.gpu_moe(x, ids, weights, le.w13, le.w2, None, out=self._fp32(x))
+
+    @staticmethod
+    def _fp32(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
     def _decode_kind(self, layer: int) -> str:
         """gpu: every expert resident, unmanaged; cpu: no slot can hold one; split: the hybrid step."""
@@ -215,6 +248,7 @@ class HybridExecutor:
             self._step_done.synchronize()                          # the step's mailbox writes are complete
         got = self.worker.take_step()
         hits, valid = got.hits, got.ids >= 0                       # [n, K]
+        self.gpu_miss_count += int((got.zc >= 0).sum())
         n_hit = hits.sum(1)
         if self.cache_stats is not None:
             self.cache_stats.routed_rows(got.rows, n_hit, valid.sum(1) - n_hit, got.cpu_s)

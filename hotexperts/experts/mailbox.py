@@ -1,8 +1,9 @@
 """Decode-step handoff between the device and a native CPU worker thread, through a host mailbox.
 
     handoff = DecodeHandoff(store, layers, top_k, hidden, x_dtype, device)   # starts the worker
-    handoff.post(layer, x [1,D], ids [1,k], weights [1,k], slot_row)   # device op: misses -> mailbox row
-    y = handoff.collect(layer, ids, slot_row, y_gpu [1,D] fp32 | None, dtype)   # device op: + CPU result
+    zc = handoff.post(layer, x [1,D], ids [1,k], weights [1,k], slot_row, gpu_misses=Z)   # device op:
+                                      # misses -> mailbox row; the first Z misses stay the GPU's (zc)
+    y = handoff.collect(layer, ids, slot_row, y_hits, dtype, y_zc, gpu_misses=Z)   # device op: + CPU result
     step = handoff.take_step()        # host, after the step finished: the rows posted since the last call
     handoff.close()
 
@@ -34,7 +35,7 @@ class HandoffUnavailable(RuntimeError):
 
 
 class Mailbox:
-    """One row per MoE layer: seq, done [Lm] int64; ids, miss [Lm, K] int64; w [Lm, K] fp32;
+    """One row per MoE layer: seq, done [Lm] int64; ids, miss, zc [Lm, K] int64; w [Lm, K] fp32;
     x [Lm, D] x_dtype; out [Lm, D] fp32; cpu_ns [Lm] int64; err [1] int64 (see cpu_worker.cpp)."""
 
     def __init__(self, layers: int, top_k: int, hidden: int, x_dtype: torch.dtype, pin: bool):
@@ -49,6 +50,7 @@ class Mailbox:
 
         self.seq, self.done = buf(layers, torch.long), buf(layers, torch.long)
         self.ids, self.miss = buf((layers, top_k), torch.long, -1), buf((layers, top_k), torch.long, -1)
+        self.zc = buf((layers, top_k), torch.long, -1)
         self.w = buf((layers, top_k), torch.float32)
         self.x = buf((layers, hidden), x_dtype)
         self.out = buf((layers, hidden), torch.float32)
@@ -57,16 +59,18 @@ class Mailbox:
 
 @dataclass
 class StepRows:
-    """Routing of one decode step, for the rows (MoE layers) that posted: ids / miss [n, K] (-1 = none)."""
+    """Routing of one decode step, for the rows (MoE layers) that posted: [n, K] ids, CPU misses and GPU
+    misses (computed by the GPU from host memory); -1 = none."""
 
     rows: np.ndarray          # [n] mailbox rows
     ids: np.ndarray           # [n, K]
     miss: np.ndarray          # [n, K]
+    zc: np.ndarray            # [n, K]
     cpu_s: np.ndarray         # [n] worker compute seconds since the last take
 
     @property
     def hits(self) -> np.ndarray:
-        return (self.ids >= 0) & (self.miss < 0)
+        return (self.ids >= 0) & (self.miss < 0) & (self.zc < 0)
 
 
 class CpuExpertWorker:
@@ -119,12 +123,13 @@ class DecodeHandoff:
         self.closed = False
 
     # ---- device side (inside the decode step) ----------------------------------------------------------
-    def post(self, layer, x, ids, weights, slot_row) -> None:
-        hk.post(self.row[layer], x, ids, weights, slot_row, self.counter, self.mb)
+    def post(self, layer, x, ids, weights, slot_row, gpu_misses: int = 0) -> torch.Tensor | None:
+        """-> ids [1, k] of the misses the GPU computes from host memory (None when gpu_misses == 0)."""
+        return hk.post(self.row[layer], x, ids, weights, slot_row, self.counter, self.mb, gpu_misses)
 
-    def collect(self, layer, ids, slot_row, y, dtype) -> torch.Tensor:
+    def collect(self, layer, ids, slot_row, y, dtype, y2=None, gpu_misses: int = 0) -> torch.Tensor:
         return hk.collect(self.row[layer], ids, slot_row, self.counter, self.mb, y, dtype, TIMEOUT_S,
-                          worker=self.worker)
+                          worker=self.worker, y2=y2, gpu_misses=gpu_misses)
 
     # ---- host side (between steps) ---------------------------------------------------------------------
     def take_step(self) -> StepRows:
@@ -136,7 +141,8 @@ class DecodeHandoff:
         ns = self.mb.cpu_ns.numpy()[rows].copy()
         cpu_s = (ns - self._cpu_ns[rows]) * 1e-9
         self._cpu_ns[rows] = ns
-        return StepRows(rows, self.mb.ids.numpy()[rows].copy(), self.mb.miss.numpy()[rows].copy(), cpu_s)
+        ids, miss, zc = (t.numpy()[rows].copy() for t in (self.mb.ids, self.mb.miss, self.mb.zc))
+        return StepRows(rows, ids, miss, zc, cpu_s)
 
     def _check(self) -> None:
         code = int(self.mb.err[0])

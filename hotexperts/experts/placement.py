@@ -51,6 +51,8 @@ class Placement:
     max_swaps_per_step: int = 4
     prompt_mode: str = "auto"                # auto | stream | hybrid (prompt chunks over pp_bypass)
     decode: str = "auto"                     # auto (worker on CUDA) | worker | sync: CPU experts in decode
+    gpu_misses: int | None = None            # worker decode: misses per layer the GPU reads from host RAM
+                                             # (None = auto: 1 for hot/cache/static, 0 for cpu/layers)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,6 +61,8 @@ class Placement:
             raise PlacementError(f"--expert-quant must be none, int8 or int4, got {self.expert_quant!r}")
         if self.decode not in DECODE:
             raise PlacementError(f"--moe-decode must be one of {', '.join(DECODE)}, got {self.decode!r}")
+        if self.gpu_misses is not None and self.gpu_misses < 0:
+            raise PlacementError(f"--moe-gpu-misses must be >= 0, got {self.gpu_misses}")
         if self.mode == "static" and not self.profile:
             raise PlacementError("a static placement needs a routing profile (--moe-profile FILE)")
         if self.mode == "hot" and self.hot_k < 0:
@@ -127,6 +131,10 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
                    help="total VRAM the engine may use (dense + KV + workspace + slots)")
     g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
+    g.add_argument("--moe-gpu-misses", default=None, metavar="N|auto",
+                   help="decode: per layer, the GPU computes up to N missed experts itself by reading them "
+                        "from pinned RAM over PCIe, alongside the CPU (auto: 1 for caches, 0 for --cpu-moe "
+                        "and --n-cpu-moe, which keep llama.cpp's meaning)")
     g.add_argument("--moe-decode", default="auto", choices=DECODE,
                    help="decode's CPU experts: a native worker fed through pinned memory, so the step is one "
                         "CUDA graph (worker; auto = on CUDA), or a host round trip per layer (sync)")
@@ -155,7 +163,8 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
     common = dict(pp_bypass=a.moe_pp_bypass, profile=a.moe_profile, window=a.moe_window,
                   rebalance_interval=a.moe_rebalance_interval, policy=a.moe_policy,
                   vram_budget=_budget_arg(a.vram_budget), expert_quant=a.expert_quant,
-                  max_swaps_per_step=a.moe_max_swaps, decode=getattr(a, "moe_decode", "auto"))
+                  max_swaps_per_step=a.moe_max_swaps, decode=getattr(a, "moe_decode", "auto"),
+                  gpu_misses=_gpu_misses_arg(getattr(a, "moe_gpu_misses", None)))
     return Placement(**_mode_kwargs(a, modes[0] if modes else None), **common)
 
 
@@ -175,6 +184,10 @@ def _mode_kwargs(a, flag: str | None) -> dict:
     if flag is None and a.vram_budget is not None:
         return {"mode": "layers", "n_cpu_layers": None}
     return {"mode": "gpu"}
+
+
+def _gpu_misses_arg(v) -> int | None:
+    return None if v is None or str(v) == "auto" else _int(v, "--moe-gpu-misses")
 
 
 def _budget_arg(v) -> int | str | None:
@@ -197,8 +210,16 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
         return _dense(store, dev, dtype, budget)
     ex = _hybrid(p, store, dev, budget, event_factory, stats)
     if p.decode == "worker" or (p.decode == "auto" and dev.type == "cuda"):
-        ex.enable_worker(cfg.top_k, cfg.hidden_size, dtype or _store_dtype(store, dev))
+        ex.enable_worker(cfg.top_k, cfg.hidden_size, dtype or _store_dtype(store, dev),
+                         gpu_misses=gpu_misses(p))
     return ex
+
+
+def gpu_misses(p: Placement) -> int:
+    """Misses per layer the GPU reads from host memory in worker decode (auto: 1 for caches)."""
+    if p.gpu_misses is not None:
+        return p.gpu_misses
+    return 1 if p.mode in ("hot", "cache", "static") else 0
 
 
 def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes: int) -> Budget:

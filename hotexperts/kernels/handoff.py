@@ -4,14 +4,17 @@ CPU's result, without any host synchronisation (so a whole decode step can be on
 Per MoE layer row r of a mailbox `mb` (experts/mailbox.py; pinned host tensors the GPU reads and writes
 in place, K = mailbox top-k >= the call's k, D = hidden size):
 
-    post(r, x [1, D], ids [1, k], weights [1, k], slot_row [E] int32 | None, counter [Lm] int64, mb)
-        miss = ids where the expert has no slot (slot_row[id] < 0; every id when slot_row is None), else -1
-        mb.ids[r] = ids, mb.miss[r] = miss, mb.w[r] = weights (fp32), mb.x[r] = x   (cells >= k: -1 / 0)
-        counter[r] += 1; then, after those writes are visible to the host: mb.seq[r] = counter[r]
-    collect(r, ids, slot_row, counter, mb, y [1, D] fp32 | None, dtype, timeout_s) -> [1, D] dtype
-        if the row has a miss: wait until mb.done[r] >= counter[r] (the CPU worker computed the row), then
-        return (y + mb.out[r]) in dtype (y None: mb.out[r] alone); with no miss: y (the worker is not waited)
-        A wait over timeout_s sets mb.err[0] = ERR_TIMEOUT and returns the partial sum (the host raises).
+    post(r, x [1, D], ids [1, k], weights [1, k], slot_row [E] int32 | None, counter [Lm] int64, mb,
+         gpu_misses=Z) -> zc [1, k] | None
+        a miss = an id whose expert has no slot (slot_row[id] < 0; every id when slot_row is None); the first
+        Z misses in k order are the GPU's own (zc: it reads them from host memory), the rest the CPU's (miss)
+        mb.ids[r] = ids, mb.miss[r] = miss, mb.zc[r] = zc, mb.w[r] = weights (fp32), mb.x[r] = x
+        (cells >= k: -1 / 0); counter[r] += 1; then, once those writes are visible to the host:
+        mb.seq[r] = counter[r]
+    collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2, gpu_misses=Z) -> [1, D] dtype
+        y, y2 [1, D] fp32 | None: the GPU's partial sums. If the row has a CPU miss: wait until
+        mb.done[r] >= counter[r] (the worker computed the row); return y + y2 + mb.out[r] (absent parts 0).
+        A wait over timeout_s sets mb.err[0] = ERR_TIMEOUT and returns the GPU's part (the host raises).
 
 CUDA tensors use two one-program Triton kernels: stores to host memory, a system-scope fence and a barrier,
 then the flag (PTX `fence.acq_rel.sys`, `st.relaxed.sys`); the wait spins on `ld.acquire.sys` with a
@@ -43,35 +46,50 @@ def device_handoff_available() -> bool:
     return torch.cuda.is_available() and _kernels() is not None
 
 
-def post(r: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor | None,
-         counter: torch.Tensor, mb) -> None:
-    if x.is_cuda:
-        _kernels().post(r, x, ids, weights, slot_row, counter, mb)
-        return
-    k = ids.shape[1]
-    e = ids[0]                                                          # [k]
+def split_misses(ids: torch.Tensor, slot_row: torch.Tensor | None, gpu_misses: int):
+    """ids [1, k] -> (CPU miss ids [k], GPU miss ids [k]), -1 elsewhere: the torch form of the kernels'
+    rule (a miss has no slot; the first `gpu_misses` misses in k order go to the GPU)."""
+    e = ids[0]
     miss = e if slot_row is None else torch.where((e >= 0) & (slot_row[e.clamp(min=0)] < 0), e, -1)
-    mb.ids[r].fill_(-1)
-    mb.ids[r, :k] = e
-    mb.miss[r].fill_(-1)
-    mb.miss[r, :k] = miss
+    if not gpu_misses:
+        return miss, torch.full_like(miss, -1)
+    is_miss = miss >= 0
+    gpu = is_miss & (torch.cumsum(is_miss.long(), 0) <= gpu_misses)
+    return torch.where(gpu, -1, miss), torch.where(gpu, miss, -1)
+
+
+def post(r: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor | None,
+         counter: torch.Tensor, mb, gpu_misses: int = 0) -> torch.Tensor | None:
+    """-> [1, k] ids of the misses the GPU computes itself (-1 elsewhere), or None when gpu_misses == 0."""
+    if x.is_cuda:
+        return _kernels().post(r, x, ids, weights, slot_row, counter, mb, gpu_misses)
+    k = ids.shape[1]
+    miss, zc = split_misses(ids, slot_row, gpu_misses)
+    for buf, row in ((mb.ids, ids[0]), (mb.miss, miss), (mb.zc, zc)):
+        buf[r].fill_(-1)
+        buf[r, :k] = row
     mb.w[r].zero_()
     mb.w[r, :k] = weights[0].float()
     mb.x[r] = x[0]
     counter[r] += 1
     mb.seq[r] = counter[r]                                              # last: publishes the row
+    return zc.reshape(1, k) if gpu_misses else None
 
 
 def collect(r: int, ids: torch.Tensor, slot_row: torch.Tensor | None, counter: torch.Tensor, mb,
-            y: torch.Tensor | None, dtype: torch.dtype, timeout_s: float = 10.0, worker=None) -> torch.Tensor:
+            y: torch.Tensor | None, dtype: torch.dtype, timeout_s: float = 10.0, worker=None,
+            y2: torch.Tensor | None = None, gpu_misses: int = 0) -> torch.Tensor:
+    """y, y2: the GPU's fp32 partial sums (slot hits; misses it read from host memory), or None."""
     if ids.is_cuda:
-        return _kernels().collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s)
-    e = ids[0]
-    missing = (e >= 0) if slot_row is None else (e >= 0) & (slot_row[e.clamp(min=0)] < 0)
-    if not bool(missing.any()):
-        return (y if y is not None else torch.zeros(1, mb.out.shape[1])).to(dtype)
+        return _kernels().collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2, gpu_misses)
+    acc = torch.zeros(1, mb.out.shape[1])
+    for part in (y, y2):
+        if part is not None:
+            acc = acc + part.float()
+    miss, _ = split_misses(ids, slot_row, gpu_misses)
+    if not bool((miss >= 0).any()):
+        return acc.to(dtype)
     if not worker.wait(r, int(counter[r]), timeout_s):
         mb.err[0] = ERR_TIMEOUT
-        return (y if y is not None else torch.zeros(1, mb.out.shape[1])).to(dtype)
-    out = mb.out[r:r + 1]                                               # [1, D] fp32
-    return (out if y is None else y.float() + out).to(dtype)
+        return acc.to(dtype)
+    return (acc + mb.out[r:r + 1]).to(dtype)

@@ -57,8 +57,10 @@ def _now_ns():
 
 
 @triton.jit
-def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr):
-    """([KB] ids with -1 padding, [KB] miss ids: -1 where a hit or no id)."""
+def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: tl.constexpr):
+    """-> [KB] ids (-1 padded), [KB] CPU miss ids, [KB] GPU miss ids (-1 elsewhere): a miss has no slot
+    (every id when there is no slot table); the first Z misses in k order go to the GPU (read from host
+    memory), the others to the CPU worker."""
     kk = tl.arange(0, KB)
     e = tl.load(ids_ptr + kk, mask=kk < k, other=-1)
     if HAS_SLOTS:
@@ -66,19 +68,27 @@ def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr):
         miss = tl.where((e >= 0) & (s < 0), e, -1)
     else:
         miss = e
-    return e, miss
+    if Z > 0:
+        rank = tl.cumsum((miss >= 0).to(tl.int32), axis=0) - 1
+        gpu = (miss >= 0) & (rank < Z)
+        return e, tl.where(gpu, -1, miss), tl.where(gpu, miss, -1)
+    return e, miss, tl.full([KB], -1, tl.int64)
 
 
 @triton.jit(do_not_specialize=["r"])
-def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, mb_ids, mb_miss, mb_w, mb_x, mb_seq, r, k, K, D,
-                 HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr, EVEN: tl.constexpr):
-    e, miss = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB)
+def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, mb_seq,
+                 r, k, K, D, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr, EVEN: tl.constexpr,
+                 Z: tl.constexpr):
+    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z)
     kk = tl.arange(0, KB)
     w = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
     row = r.to(tl.int64)
     tl.store(mb_ids + row * K + kk, e, mask=kk < K)
     tl.store(mb_miss + row * K + kk, miss, mask=kk < K)
+    tl.store(mb_zc + row * K + kk, zc, mask=kk < K)
     tl.store(mb_w + row * K + kk, w, mask=kk < K)
+    if Z > 0:
+        tl.store(zc_ptr + kk, zc, mask=kk < k)           # device copy: the GPU's own misses
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         if EVEN:                                         # unmasked: 16-byte stores over PCIe, not 2-byte
@@ -94,13 +104,14 @@ def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, mb_ids, mb_miss, mb_w
 
 
 @triton.jit(do_not_specialize=["r", "timeout_ns"])
-def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, out_ptr, r, k, D, timeout_ns,
-                    HAS_SLOTS: tl.constexpr, HAS_Y: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr):
-    e, miss = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB)
+def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, y2_ptr, out_ptr, r, k, D,
+                    timeout_ns, HAS_SLOTS: tl.constexpr, HAS_Y: tl.constexpr, HAS_Y2: tl.constexpr,
+                    KB: tl.constexpr, BD: tl.constexpr, Z: tl.constexpr):
+    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z)
     n_miss = tl.sum((miss >= 0).to(tl.int32), axis=0)
     row = r.to(tl.int64)
     v = tl.load(cnt_ptr + row)
-    done = tl.where(n_miss > 0, v - 1, v)                # no miss: nothing to wait for
+    done = tl.where(n_miss > 0, v - 1, v)                # no CPU miss: nothing to wait for
     t0 = _now_ns()
     while (done < v) & (_now_ns() - t0 < timeout_ns):
         _nanosleep()
@@ -114,6 +125,8 @@ def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, 
         acc = tl.zeros([BD], dtype=tl.float32)
         if HAS_Y:
             acc += tl.load(y_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        if HAS_Y2:
+            acc += tl.load(y2_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         acc += tl.load(mb_out + row * D + d, mask=(d < D) & use, other=0.0, volatile=True)
         tl.store(out_ptr + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
 
@@ -123,23 +136,27 @@ def _shapes(ids: torch.Tensor, K: int, D: int) -> tuple[int, int, int]:
     return k, triton.next_power_of_2(max(k, K)), min(1024, triton.next_power_of_2(D))
 
 
-def post(r, x, ids, weights, slot_row, counter, mb) -> None:
+def post(r, x, ids, weights, slot_row, counter, mb, gpu_misses: int = 0):
     D = x.shape[1]
     k, KB, BD = _shapes(ids, mb.K, D)
     ids, x, weights = ids.contiguous(), x.contiguous(), weights.contiguous()
     slots = slot_row if slot_row is not None else ids
-    _post_kernel[(1,)](x, ids, weights, slots, counter, mb.ids, mb.miss, mb.w, mb.x, mb.seq, r, k, mb.K, D,
-                       HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, EVEN=D % BD == 0, num_warps=4)
+    zc = torch.full((1, k), -1, dtype=torch.long, device=x.device) if gpu_misses else ids
+    _post_kernel[(1,)](x, ids, weights, slots, counter, zc, mb.ids, mb.miss, mb.zc, mb.w, mb.x, mb.seq, r, k,
+                       mb.K, D, HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, EVEN=D % BD == 0, Z=gpu_misses,
+                       num_warps=4)
+    return zc if gpu_misses else None
 
 
-def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s) -> torch.Tensor:
+def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2=None, gpu_misses: int = 0) -> torch.Tensor:
     D = mb.out.shape[1]
     k, KB, BD = _shapes(ids, mb.K, D)
     ids = ids.contiguous()
     out = torch.empty(1, D, dtype=dtype, device=ids.device)              # [1, D]
     slots = slot_row if slot_row is not None else ids
-    y_in = y if y is not None else out
     timeout_ns = int(timeout_s * 1e9)
-    _collect_kernel[(1,)](ids, slots, counter, mb.done, mb.out, mb.err, y_in, out, r, k, D, timeout_ns,
-                          HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, KB=KB, BD=BD, num_warps=1)
+    _collect_kernel[(1,)](ids, slots, counter, mb.done, mb.out, mb.err, y if y is not None else out,
+                          y2 if y2 is not None else out, out, r, k, D, timeout_ns,
+                          HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, HAS_Y2=y2 is not None, KB=KB,
+                          BD=BD, Z=gpu_misses, num_warps=1)
     return out

@@ -29,6 +29,35 @@ def test_worker_decode_matches_reference(text):
     ex.close()
 
 
+@pytest.mark.parametrize("text, z", [("cpu", 1), ("cpu", CFG.top_k), ("layers:1", 2), ("cache:5slots:lru", 0),
+                                     ("cache:5slots:lru", 2), ("hot:3", 1)])
+def test_gpu_computed_misses_match_reference(text, z):
+    """Misses the GPU computes from host memory (--moe-gpu-misses) sum exactly like the CPU's."""
+    ex = executor(text, gpu_misses=z)
+    assert ex.gpu_misses == z
+    check_same(ex)
+    st = ex.stats()
+    assert (st["gpu_miss_count"] > 0) == (z > 0) and st["total"]["misses"] >= st["gpu_miss_count"]
+    ex.close()
+
+
+def test_gpu_misses_auto_keeps_llama_cpp_meaning():
+    assert executor("cpu").gpu_misses == 0 and executor("layers:1").gpu_misses == 0
+    assert executor("cache:5slots").gpu_misses == 1 and executor("hot:3").gpu_misses == 1
+
+
+def test_split_misses_gives_the_first_z_misses_to_the_gpu():
+    from hotexperts.kernels.handoff import split_misses
+
+    ids = torch.tensor([[4, 1, -1, 6, 2]])
+    slot_row = torch.full((8,), -1, dtype=torch.int32)
+    slot_row[1] = 0                                       # expert 1 is resident: a hit
+    cpu, gpu = split_misses(ids, slot_row, 2)
+    assert gpu.tolist() == [4, -1, -1, 6, -1] and cpu.tolist() == [-1, -1, -1, -1, 2]
+    cpu, gpu = split_misses(ids, None, 0)
+    assert cpu.tolist() == [4, 1, -1, 6, 2] and gpu.tolist() == [-1] * 5
+
+
 def _counts(ex):
     st = ex.stats()
     return {l: (v["hits"], v["misses"], v["swaps"]) for l, v in st["layers"].items()}
@@ -142,8 +171,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("text", ["cpu", "layers:1", "hot:3", f"hot:{E}", "cache:5slots:lru",
-                                  "cache:6slots:auto"])
+@pytest.mark.parametrize("text", ["cpu", "cpu+2", "layers:1", "hot:3", f"hot:{E}", "cache:5slots:lru",
+                                  "cache:6slots:auto", "cache:6slots:lru+0"])
 def test_cuda_graphed_worker_decode_matches_reference(text):
     """On CUDA the worker path is the default and the whole decode step is one CUDA graph."""
     from hotexperts.engine.generate import Generator
@@ -159,7 +188,9 @@ def test_cuda_graphed_worker_decode_matches_reference(text):
         oracle = DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda")
         ref = Generator(model, oracle, CFG, "cuda", 64)
         want = list(ref.generate(PROMPT, params))
-        p = Placement.parse(text, rebalance_interval=1 if text == "hot:3" else None)
+        text, _, z = text.partition("+")                 # "+Z": --moe-gpu-misses Z
+        p = Placement.parse(text, rebalance_interval=1 if text == "hot:3" else None,
+                            gpu_misses=int(z) if z else None)
         ex = build_executor(p, store, CFG, "cuda")
         assert ex.worker is not None and ex.graph_safe
         gen = Generator(model, ex, CFG, "cuda", 64)
