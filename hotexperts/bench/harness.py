@@ -10,7 +10,8 @@ and the cache's hit rate. Placement names:
     n-cpu-moe   layer offload: the smallest N of CPU layers (the most GPU layers) that fits the budget
     hot         the seed's design: K slots per layer (K = what the budget leaves / MoE layers), WindowLFU
     cache       one slot budget shared by all layers, adaptive policy (--policy to change)
-    anything Placement.parse reads (layers:12, hot:16, cache:8GiB:lru, ...) is accepted as well.
+    anything Placement.parse reads (layers:12, hot:16, cache:8GiB:lru, ...) is accepted as well, and any
+    name may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0 = the CPU only).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ class PlacementResult:
 
 
 def resolve(name: str, budget: int | None, lm, reserved: int, quant: str, policy: str | None) -> Placement:
-    kw = {"vram_budget": budget, "expert_quant": quant}
+    """A placement name (module doc), optionally suffixed "+zN": the GPU computes up to N misses per layer
+    from host memory (--moe-gpu-misses N), e.g. "cache+z0" or "n-cpu-moe+z2"."""
+    name, _, z = name.partition("+z")
+    kw = {"vram_budget": budget, "expert_quant": quant, "gpu_misses": int(z) if z else None}
     if name == "gpu":
         return Placement("gpu", expert_quant=quant)
     if name == "cpu-moe":
