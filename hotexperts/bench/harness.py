@@ -11,7 +11,7 @@ and the cache's hit rate. Placement names:
     hot         the seed's design: K slots per layer (K = what the budget leaves / MoE layers), WindowLFU
     cache       one slot budget shared by all layers, adaptive policy (--policy to change)
     anything Placement.parse reads (layers:12, hot:16, cache:8GiB:lru, ...) is accepted as well, and any
-    name may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0 = the CPU only).
+    name may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0: the CPU).
 """
 
 from __future__ import annotations
