@@ -87,12 +87,15 @@ class HybridExecutor:
         self.step, self._prompt = 0, False
         self._d2h_done = None
         self._measured = prompt_cost is not None
-        self.host_s = 0.0                                    # seconds spent in end_step (bookkeeping, swaps)
+        self.host_s = 0.0                                    # seconds of end_step work (bookkeeping, swaps)
+        self.sync_s = 0.0                                    # seconds end_step waited for the device
+        self._wait_s = 0.0
         self.gpu_miss_count = 0                              # misses the GPU computed from host memory
         self.worker = None                                   # DecodeHandoff, once enable_worker() succeeded
         self._kinds: dict[int, str] = {}                     # worker decode: layer -> "gpu" | "cpu" | "split"
         self.gpu_misses = 0                                  # worker decode: misses per layer the GPU reads
         self._step_done = None
+        self._prompt_routes: list = []                       # streamed prompt layers awaiting observe
 
     @property
     def graph_safe(self) -> bool:
@@ -156,6 +159,8 @@ class HybridExecutor:
         t0 = time.perf_counter()
         if self.worker is not None and not self._prompt:
             self._account_decode()
+        if self._prompt_routes:
+            self._observe_prompt()
         if self.cache_stats is not None:
             self.cache_stats.end_step()
         if self.stage is not None:
@@ -164,7 +169,9 @@ class HybridExecutor:
             self._rebalance()
         self.step += 1
         self._prompt = False
-        self.host_s += time.perf_counter() - t0
+        self.host_s += time.perf_counter() - t0 - self._wait_s
+        self.sync_s += self._wait_s
+        self._wait_s = 0.0
 
     def _rebalance(self) -> None:
         """Publish completed fills, then issue the controller's swaps for this step (bounded)."""
@@ -185,7 +192,7 @@ class HybridExecutor:
         d["decode"] = "worker" if self.worker is not None else "sync"
         d["gpu_misses"] = self.gpu_misses
         d["gpu_miss_count"] = self.gpu_miss_count
-        d["host_s"] = self.host_s
+        d["host_s"], d["sync_s"] = self.host_s, self.sync_s
         return d
 
     def export_profile(self, path: str) -> str:
@@ -245,7 +252,9 @@ class HybridExecutor:
             if self._step_done is None:
                 self._step_done = torch.cuda.Event()
             self._step_done.record()
+            t0 = time.perf_counter()
             self._step_done.synchronize()                          # the step's mailbox writes are complete
+            self._wait_s += time.perf_counter() - t0
         got = self.worker.take_step()
         hits, valid = got.hits, got.ids >= 0                       # [n, K]
         self.gpu_miss_count += int((got.zc >= 0).sum())
@@ -376,7 +385,8 @@ class HybridExecutor:
 
     def _stream(self, layer, x, ids, weights) -> torch.Tensor:
         """Resident experts from their slots, the others from a staging pool that received only them
-        (the next MoE layer's copy is queued first, so it overlaps this layer's compute)."""
+        (the next MoE layer's copy is queued first, so it overlaps this layer's compute). No host sync: the
+        experts each part may use are known on the host, and the policy sees the routing at end_step."""
         T, K = ids.shape
         missing = self._not_resident(layer)
         y = None
@@ -385,21 +395,27 @@ class HybridExecutor:
             nxt = self.next_layer.get(layer)
             if nxt is not None:
                 self.stage.prefetch(nxt, self._not_resident(nxt))   # copies while this layer computes
-            y = self.gpu_moe(x, ids, weights, w13, w2, table)
+            y = self.gpu_moe(x, ids, weights, w13, w2, table, used=missing)
             self.stage.release(layer)
         if missing is not None:                                   # the resident part, from the slots
             s = self.slots
-            part = self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))
+            part = self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer), used=s.used_slots(layer))
             s.mark_read(layer)
             y = part if y is None else (y.float() + part.float()).to(x.dtype)
         self._count(layer, T * K, 0)
         if layer in self.managed:
+            self._prompt_routes.append((layer, ids.clone(), T))   # observed at end_step (one sync)
+        return y
+
+    def _observe_prompt(self) -> None:
+        """The streamed prompt layers' routing, in layer order, as the policy would have seen it."""
+        for layer, ids, T in self._prompt_routes:
             h_ids = ids.cpu()
             valid = h_ids >= 0
             res = self._hits(layer, h_ids, valid)                     # hits as the cache would have had them
             self.controller.observe(self.step, layer, h_ids.flatten().tolist(), True, tokens=T,
                                     hits=res[valid].tolist())
-        return y
+        self._prompt_routes.clear()
 
 
 def _default_cpu_kernel(leave_one_core: bool = False):
@@ -432,11 +448,13 @@ class GpuExecutor:
         # the Triton path never syncs with the host; the torch fallback's "loop" mode does
         self.graph_safe = self.device.type == "cuda" and triton_available()
         self.on_route = None
+        self._all = list(range(store.num_experts))
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.on_route is not None:
             self.on_route(layer, ids, weights)
-        return self.gpu_moe(x, ids, weights, self.w13[layer], self.w2[layer])
+        used = self._all if x.shape[0] > 1 else None             # prompt: every slot may be read, no sync
+        return self.gpu_moe(x, ids, weights, self.w13[layer], self.w2[layer], used=used)
 
     def end_step(self) -> None:
         pass

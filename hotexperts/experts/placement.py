@@ -52,7 +52,7 @@ class Placement:
     prompt_mode: str = "auto"                # auto | stream | hybrid (prompt chunks over pp_bypass)
     decode: str = "auto"                     # auto (worker on CUDA) | worker | sync: CPU experts in decode
     gpu_misses: int | None = None            # worker decode: misses per layer the GPU reads from host RAM
-                                             # (None = auto: 1 for hot/cache/static, 0 for cpu/layers)
+                                             # (None = auto: 2 for hot/cache/static, 0 for cpu/layers)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -132,9 +132,9 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
                    help="total VRAM the engine may use (dense + KV + workspace + slots)")
     g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
     g.add_argument("--moe-gpu-misses", default=None, metavar="N|auto",
-                   help="decode: per layer, the GPU computes up to N missed experts itself by reading them "
-                        "from pinned RAM over PCIe, alongside the CPU (auto: 1 for caches, 0 for --cpu-moe "
-                        "and --n-cpu-moe, which keep llama.cpp's meaning)")
+                   help="decode: per layer, the GPU computes up to N missed experts itself (one per 4 "
+                        "misses) by reading them from pinned RAM over PCIe, alongside the CPU (auto: 2 for "
+                        "caches, 0 for --cpu-moe and --n-cpu-moe, which keep llama.cpp's meaning)")
     g.add_argument("--moe-decode", default="auto", choices=DECODE,
                    help="decode's CPU experts: a native worker fed through pinned memory, so the step is one "
                         "CUDA graph (worker; auto = on CUDA), or a host round trip per layer (sync)")
@@ -216,10 +216,11 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
 
 
 def gpu_misses(p: Placement) -> int:
-    """Misses per layer the GPU reads from host memory in worker decode (auto: 1 for caches)."""
+    """Most misses per layer the GPU reads from host memory in worker decode (it takes one per 4 misses of
+    the layer; auto: 2 for caches, 0 for cpu / layers, which keep llama.cpp's meaning)."""
     if p.gpu_misses is not None:
         return p.gpu_misses
-    return 1 if p.mode in ("hot", "cache", "static") else 0
+    return 2 if p.mode in ("hot", "cache", "static") else 0
 
 
 def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes: int) -> Budget:

@@ -124,6 +124,11 @@ class SlotCache:
     def resident(self, layer: int) -> list[int]:
         return torch.nonzero(self.mirror(layer) >= 0).flatten().tolist()
 
+    def used_slots(self, layer: int) -> list[int]:
+        """Slots holding this layer's usable experts (host mirror; no device read)."""
+        m = self.mirror(layer)
+        return m[m >= 0].tolist()
+
     def mark_read(self, layer: int) -> None:
         """Record that the layer's GPU part (queued on the current stream) reads its slots up to here."""
         ev = self.last_read[layer]

@@ -51,12 +51,14 @@ def triton_available() -> bool:
 
 def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight,
             slot_of: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            *, backend: str = "auto") -> torch.Tensor:
-    """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto)."""
+            *, backend: str = "auto", used: list[int] | None = None) -> torch.Tensor:
+    """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto).
+    used: host list of the slots this call may read (prompt batches over quantized slots then need no host
+    sync to find them); None = find them on the device."""
     if backend == "auto":
         backend = os.environ.get("HOTEXPERTS_GPU_MOE", "auto")
     if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2):
-        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out)
+        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used)
     if backend == "auto":
         backend = "triton" if _triton_ok(x, ids, w13, w2) else "torch"
     if backend == "triton":
@@ -74,15 +76,20 @@ def _quantized_prefill(x, ids, w13, w2) -> bool:
 
 
 def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeight, slot_of=None, out=None,
-                       chunk: int = DEQUANT_CHUNK):
+                       chunk: int = DEQUANT_CHUNK, used: list[int] | None = None):
     """Prompt batches over quantized slots: dequantize the slots this call routes to, `chunk` at a time,
     into a small bf16 buffer and run the grouped Triton kernel on each chunk (pairs outside it masked);
-    the chunk outputs are summed in fp32. Bounded VRAM (chunk experts), one host sync (the slot list)."""
+    the chunk outputs are summed in fp32. Bounded VRAM (chunk experts). The slot list is `used` (host)
+    when given, else found on the device (one host sync); unrouted slots in `used` just cost a chunk."""
     from hotexperts.kernels.triton_dequant import dequant_slots
 
     mod = _triton_module()
     slots = _pair_slots(ids, slot_of)                                  # [T, K]
-    used = torch.unique(slots[slots >= 0])                             # [U] slots, host sync
+    if used is None:
+        used = torch.unique(slots[slots >= 0])                         # [U] slots, host sync
+    elif not isinstance(used, torch.Tensor):
+        host = torch.tensor(sorted(used), dtype=torch.long)
+        used = (host.pin_memory() if x.is_cuda else host).to(x.device, non_blocking=True)
     table = torch.full((w13.shape[0],), -1, dtype=torch.int32, device=x.device)
     res = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
     wdt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32

@@ -7,7 +7,8 @@ in place, K = mailbox top-k >= the call's k, D = hidden size):
     post(r, x [1, D], ids [1, k], weights [1, k], slot_row [E] int32 | None, counter [Lm] int64, mb,
          gpu_misses=Z) -> zc [1, k] | None
         a miss = an id whose expert has no slot (slot_row[id] < 0; every id when slot_row is None); the first
-        Z misses in k order are the GPU's own (zc: it reads them from host memory), the rest the CPU's (miss)
+        min(Z, misses // GPU_SHARE) misses in k order are the GPU's own (zc: it reads them from host
+        memory), the rest the CPU's (miss)
         mb.ids[r] = ids, mb.miss[r] = miss, mb.zc[r] = zc, mb.w[r] = weights (fp32), mb.x[r] = x
         (cells >= k: -1 / 0); counter[r] += 1; then, once those writes are visible to the host:
         mb.seq[r] = counter[r]
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 
 ERR_TIMEOUT = 2
+GPU_SHARE = 4           # the GPU takes one miss per GPU_SHARE misses of a layer (at most gpu_misses)
 _TRITON = None          # the compiled kernels module, False when triton is unavailable
 
 
@@ -48,13 +50,16 @@ def device_handoff_available() -> bool:
 
 def split_misses(ids: torch.Tensor, slot_row: torch.Tensor | None, gpu_misses: int):
     """ids [1, k] -> (CPU miss ids [k], GPU miss ids [k]), -1 elsewhere: the torch form of the kernels'
-    rule (a miss has no slot; the first `gpu_misses` misses in k order go to the GPU)."""
+    rule (a miss has no slot; the first min(gpu_misses, misses // GPU_SHARE) misses in k order go to the
+    GPU: reading an expert over PCIe is slower than the CPU computing it, so the GPU only helps a CPU that
+    has several)."""
     e = ids[0]
     miss = e if slot_row is None else torch.where((e >= 0) & (slot_row[e.clamp(min=0)] < 0), e, -1)
     if not gpu_misses:
         return miss, torch.full_like(miss, -1)
     is_miss = miss >= 0
-    gpu = is_miss & (torch.cumsum(is_miss.long(), 0) <= gpu_misses)
+    share = min(gpu_misses, int(is_miss.sum()) // GPU_SHARE)
+    gpu = is_miss & (torch.cumsum(is_miss.long(), 0) <= share)
     return torch.where(gpu, -1, miss), torch.where(gpu, miss, -1)
 
 

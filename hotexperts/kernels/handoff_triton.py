@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hotexperts.kernels.handoff import ERR_TIMEOUT
+from hotexperts.kernels.handoff import ERR_TIMEOUT, GPU_SHARE
 
 _ERR_TIMEOUT = tl.constexpr(ERR_TIMEOUT)
+_GPU_SHARE = tl.constexpr(GPU_SHARE)
 
 
 @triton.jit
@@ -59,8 +60,8 @@ def _now_ns():
 @triton.jit
 def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: tl.constexpr):
     """-> [KB] ids (-1 padded), [KB] CPU miss ids, [KB] GPU miss ids (-1 elsewhere): a miss has no slot
-    (every id when there is no slot table); the first Z misses in k order go to the GPU (read from host
-    memory), the others to the CPU worker."""
+    (every id when there is no slot table); the first min(Z, misses // GPU_SHARE) misses in k order go to
+    the GPU (read from host memory), the others to the CPU worker."""
     kk = tl.arange(0, KB)
     e = tl.load(ids_ptr + kk, mask=kk < k, other=-1)
     if HAS_SLOTS:
@@ -69,8 +70,10 @@ def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: 
     else:
         miss = e
     if Z > 0:
-        rank = tl.cumsum((miss >= 0).to(tl.int32), axis=0) - 1
-        gpu = (miss >= 0) & (rank < Z)
+        is_miss = (miss >= 0).to(tl.int32)
+        share = tl.minimum(tl.sum(is_miss, axis=0) // _GPU_SHARE, Z)
+        rank = tl.cumsum(is_miss, axis=0) - 1
+        gpu = (miss >= 0) & (rank < share)
         return e, tl.where(gpu, -1, miss), tl.where(gpu, miss, -1)
     return e, miss, tl.full([KB], -1, tl.int64)
 

@@ -330,7 +330,9 @@ def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | Non
     T, K = ids.shape
     S, I2, D = w13.shape
     I = I2 // 2
-    cfg = {**decode_config(T, K, D, I), **(cfg or {})}
+    int4 = getattr(w13, "fmt", None) == "int4g32"
+    # int4: 8 warps per program measured best on the H200 (40.7 vs 46.4 us per Qwen3-30B-A3B layer, run 5)
+    cfg = {**decode_config(T, K, D, I), **({"num_warps": 8} if int4 else {}), **(cfg or {})}
     ids = ids.contiguous()
     weights = weights.contiguous()
     out = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out

@@ -29,13 +29,56 @@ def test_worker_decode_matches_reference(text):
     ex.close()
 
 
-@pytest.mark.parametrize("text, z", [("cpu", 1), ("cpu", CFG.top_k), ("layers:1", 2), ("cache:5slots:lru", 0),
-                                     ("cache:5slots:lru", 2), ("hot:3", 1)])
+def _top4():
+    """A tiny qwen3_moe with top-4 routing (layers then have >= GPU_SHARE misses) and its oracle's run."""
+    from dataclasses import replace
+
+    from hotexperts.experts.reference import DenseExecutor
+    from hotexperts.experts.store import ExpertStore
+    from hotexperts.experts.weights import LayerExperts
+    from hotexperts.models.transformer import MoETransformer
+
+    cfg = replace(CFG, top_k=4)
+    torch.manual_seed(1)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    store = ExpertStore({i: LayerExperts(torch.randn(E, 2 * I, D, generator=g) * 0.3,
+                                         torch.randn(E, D, I, generator=g) * 0.3) for i in cfg.moe_layers})
+    return cfg, model, store, DenseExecutor({l: store.layer(l) for l in store.layers})
+
+
+def _greedy(model, executor, n=8):
+    from tests.experts.test_hybrid import PROMPT
+
+    kv = model.new_kv_cache(len(PROMPT) + n + 1)
+    rows = []
+    with torch.no_grad():
+        logits = model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), kv, executor)
+        executor.end_step()
+        for i in range(n):
+            rows.append(logits[-1])
+            tok = torch.tensor([int(rows[-1].argmax())])
+            logits = model(tok, torch.tensor([len(PROMPT) + i]), kv, executor)
+            executor.end_step()
+    return rows
+
+
+@pytest.mark.parametrize("text, z", [("cpu", 1), ("cpu", 2), ("layers:1", 1), ("cache:1slots:lru", 0),
+                                     ("cache:1slots:lru", 2), ("hot:0", 1)])
 def test_gpu_computed_misses_match_reference(text, z):
     """Misses the GPU computes from host memory (--moe-gpu-misses) sum exactly like the CPU's."""
-    ex = executor(text, gpu_misses=z)
+    cfg, model, store, oracle = _top4()
+    want = _greedy(model, oracle)
+    p = Placement.parse(text, decode="worker", gpu_misses=z)
+    ex = build_executor(p, store, cfg, "cpu")
     assert ex.gpu_misses == z
-    check_same(ex)
+    got = _greedy(model, ex)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     st = ex.stats()
     assert (st["gpu_miss_count"] > 0) == (z > 0) and st["total"]["misses"] >= st["gpu_miss_count"]
     ex.close()
@@ -43,19 +86,23 @@ def test_gpu_computed_misses_match_reference(text, z):
 
 def test_gpu_misses_auto_keeps_llama_cpp_meaning():
     assert executor("cpu").gpu_misses == 0 and executor("layers:1").gpu_misses == 0
-    assert executor("cache:5slots").gpu_misses == 1 and executor("hot:3").gpu_misses == 1
+    assert executor("cache:5slots").gpu_misses == 2 and executor("hot:3").gpu_misses == 2
 
 
 def test_split_misses_gives_the_first_z_misses_to_the_gpu():
     from hotexperts.kernels.handoff import split_misses
 
-    ids = torch.tensor([[4, 1, -1, 6, 2]])
+    ids = torch.tensor([[4, 1, -1, 6, 2, 0, 3, 5, 7]])
     slot_row = torch.full((8,), -1, dtype=torch.int32)
     slot_row[1] = 0                                       # expert 1 is resident: a hit
-    cpu, gpu = split_misses(ids, slot_row, 2)
-    assert gpu.tolist() == [4, -1, -1, 6, -1] and cpu.tolist() == [-1, -1, -1, -1, 2]
+    cpu, gpu = split_misses(ids, slot_row, 3)            # 7 misses: the GPU takes 7 // 4 = 1
+    assert gpu.tolist() == [4] + [-1] * 8 and cpu.tolist() == [-1, -1, -1, 6, 2, 0, 3, 5, 7]
+    cpu, gpu = split_misses(ids, None, 3)                # 8 misses: 2
+    assert gpu.tolist() == [4, 1] + [-1] * 7
+    cpu, gpu = split_misses(ids[:, :3], None, 3)         # 2 misses: none
+    assert gpu.tolist() == [-1] * 3
     cpu, gpu = split_misses(ids, None, 0)
-    assert cpu.tolist() == [4, 1, -1, 6, 2] and gpu.tolist() == [-1] * 5
+    assert cpu.tolist() == ids[0].tolist() and gpu.tolist() == [-1] * 9
 
 
 def _counts(ex):

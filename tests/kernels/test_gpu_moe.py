@@ -203,6 +203,8 @@ def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe):
     out = torch.full_like(x, float("nan"))
     dequant_chunks_moe(x, ids, w, q13, q2, slot_of, out, chunk=2)     # 3 chunks over the used slots
     assert rel_err(out, ref) < 5e-3                                   # tl.dot may use tf32 on GPU
+    hinted = dequant_chunks_moe(x, ids, w, q13, q2, slot_of, chunk=2, used=list(range(5)))   # host list
+    torch.testing.assert_close(hinted, out)
 
 
 @needs_triton
