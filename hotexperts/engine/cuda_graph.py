@@ -8,7 +8,9 @@
   - otherwise an `EagerDecodeStep` that simply calls the model.
 While `executor.on_route` is set (routing trace recording), steps run eagerly: a replay runs no Python.
 Both return logits [V] in the model's dtype on the model's device; neither calls `executor.end_step()`
-(the Generator does, after every step). Capture is lazy (first call) and happens with the real token and
+(the Generator does, after every step); both call the executor's optional `before_step()` right before
+launching a step (the hybrid executor then does the previous step's bookkeeping while this one runs).
+Capture is lazy (first call) and happens with the real token and
 position, so warm-up passes only rewrite the same K/V entries the real step writes. The first warm-up runs
 with torch's sync debug mode "error": an executor that claims graph_safe but synchronises with the host is
 caught there (warning, eager from then on) instead of invalidating a capture.
@@ -30,6 +32,7 @@ class EagerDecodeStep:
     def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
         tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(1)   # [1]
         ipos = torch.tensor([pos], dtype=torch.long, device=self.device)                 # [1]
+        before_step(self.executor)
         with torch.no_grad():
             return self.model(tok, ipos, self.kv, self.executor)[-1]                     # [V]
 
@@ -59,6 +62,7 @@ class GraphDecodeStep(EagerDecodeStep):
         else:
             self.static_tok.fill_(int(token))          # a scalar kernel argument: no host-to-device copy
         self.static_pos.fill_(pos)
+        before_step(self.executor)                     # before warm-up forwards too: they post like a step
         if self.graph is None and not self._capture():
             return super().__call__(token, pos)
         self.graph.replay()
@@ -96,6 +100,13 @@ class GraphDecodeStep(EagerDecodeStep):
                           RuntimeWarning, stacklevel=3)
             self.failed, self.graph, self.static_logits = True, None, None
             return False
+
+
+def before_step(executor) -> None:
+    """The executor's optional `before_step()` hook, right before a decode forward is launched."""
+    hook = getattr(executor, "before_step", None)
+    if hook is not None:
+        hook()
 
 
 def make_decode_step(model, kv, executor, device: torch.device | str, *, use_graph: bool = True,

@@ -94,7 +94,10 @@ class HybridExecutor:
         self.worker = None                                   # DecodeHandoff, once enable_worker() succeeded
         self._kinds: dict[int, str] = {}                     # worker decode: layer -> "gpu" | "cpu" | "split"
         self.gpu_misses = 0                                  # worker decode: misses per layer the GPU reads
-        self._step_done = None
+        self._step_done = None                               # CUDA event after the last decode step
+        self._pending_step: int | None = None                # deferred: a step whose rows are not taken yet
+        self._stash = None                                   # deferred: (step, prompt, rows) to account
+        self._announced = False                              # before_step() ran for the current forward
         self._prompt_routes: list = []                       # streamed prompt layers awaiting observe
 
     @property
@@ -150,34 +153,97 @@ class HybridExecutor:
         prompt = T > 1                                       # a prompt chunk (decode steps have T == 1)
         self._prompt = self._prompt or prompt
         if T == 1 and self.worker is not None:
+            if self._pending_step is not None:                 # an eager T=1 forward without before_step
+                self._take_pending()
             return self._decode(layer, x, ids, weights)
+        if prompt and (self._pending_step is not None or self._stash is not None):
+            self.flush()                                       # the last decode step's bookkeeping first
         if T > self.pp_bypass and self._use_stream(layer, ids):
             return self._stream(layer, x, ids, weights)
         return self._hybrid(layer, x, ids, weights, prompt)
 
+    def before_step(self) -> None:
+        """Called by the decode step before it launches a T=1 forward (a graph replay): take the previous
+        step's routing from the mailbox before the new step overwrites it. With it, end_step() does that
+        step's bookkeeping while the new one runs on the device (CUDA worker decode)."""
+        t0 = time.perf_counter()
+        self._take_pending()
+        self._announced = True
+        self.host_s += time.perf_counter() - t0 - self._wait_s
+        self._flush_wait()
+
     def end_step(self) -> None:
         t0 = time.perf_counter()
-        if self.worker is not None and not self._prompt:
-            self._account_decode()
+        decode = self.worker is not None and not self._prompt
+        if decode and self.cuda and self._announced:           # deferred: record now, account next step
+            if self._step_done is None:
+                self._step_done = torch.cuda.Event()
+            self._step_done.record()
+            self._pending_step = self.step
+            stash, self._stash = self._stash, None
+            if stash is not None:                              # the previous step, while this one runs
+                self._close(*stash)
+        else:
+            self._flush()
+            got = self._take_now() if decode else None
+            self._close(self.step, self._prompt, got)
+        self.step += 1
+        self._prompt, self._announced = False, False
+        self.host_s += time.perf_counter() - t0 - self._wait_s
+        self._flush_wait()
+
+    def flush(self) -> None:
+        """Finish any deferred step bookkeeping now (stats, profiles and prompts need it up to date)."""
+        self._flush()
+        self._flush_wait()
+
+    def _flush(self) -> None:
+        self._take_pending()
+        stash, self._stash = self._stash, None
+        if stash is not None:
+            self._close(*stash)
+
+    def _flush_wait(self) -> None:
+        self.sync_s += self._wait_s
+        self._wait_s = 0.0
+
+    def _take_pending(self) -> None:
+        if self._pending_step is not None:
+            self._sync(self._step_done)
+            self._stash = (self._pending_step, False, self.worker.take_step())
+            self._pending_step = None
+
+    def _take_now(self):
+        if self.cuda:
+            if self._step_done is None:
+                self._step_done = torch.cuda.Event()
+            self._step_done.record()
+            self._sync(self._step_done)                        # the step's mailbox writes are complete
+        return self.worker.take_step()
+
+    def _sync(self, event) -> None:
+        t0 = time.perf_counter()
+        event.synchronize()
+        self._wait_s += time.perf_counter() - t0
+
+    def _close(self, step: int, prompt: bool, got) -> None:
+        """One forward's bookkeeping: decode routing (got), prompt routing, stats, fills and swaps."""
+        if got is not None:
+            self._account_decode(step, got)
         if self._prompt_routes:
-            self._observe_prompt()
+            self._observe_prompt(step)
         if self.cache_stats is not None:
             self.cache_stats.end_step()
         if self.stage is not None:
             self.stage.end_step()
         if self.slots is not None:
-            self._rebalance()
-        self.step += 1
-        self._prompt = False
-        self.host_s += time.perf_counter() - t0 - self._wait_s
-        self.sync_s += self._wait_s
-        self._wait_s = 0.0
+            self._rebalance(step, prompt)
 
-    def _rebalance(self) -> None:
+    def _rebalance(self, step: int, prompt: bool) -> None:
         """Publish completed fills, then issue the controller's swaps for this step (bounded)."""
         self.slots.poll()
         if self.controller is not None:
-            swaps = self.controller.end_step(self.step, self._prompt)
+            swaps = self.controller.end_step(step, prompt)
             if swaps:
                 self.slots.issue(swaps)
                 self.slots.poll()
@@ -186,6 +252,7 @@ class HybridExecutor:
         """Per-layer cache statistics (engine.stats()["cache"]); None when not collected."""
         if self.cache_stats is None:
             return None
+        self.flush()
         d = self.cache_stats.to_dict()
         d["slots"] = 0 if self.slots is None else self.slots.num_slots
         d["policy"] = None if self.controller is None else self.controller.policy.name
@@ -199,6 +266,7 @@ class HybridExecutor:
         """Write the current hot set (and the policy's counts) as a --moe-profile file."""
         from hotexperts.experts.policy import Profile, save_profile
 
+        self.flush()
         if self.controller is not None:
             prof = self.controller.export_profile()
         else:
@@ -246,16 +314,9 @@ class HybridExecutor:
             self._kinds[layer] = kind
         return kind
 
-    def _account_decode(self) -> None:
-        """After a decode step: per-layer hits and misses, CPU time, controller.observe (layer order)."""
-        if self.cuda:
-            if self._step_done is None:
-                self._step_done = torch.cuda.Event()
-            self._step_done.record()
-            t0 = time.perf_counter()
-            self._step_done.synchronize()                          # the step's mailbox writes are complete
-            self._wait_s += time.perf_counter() - t0
-        got = self.worker.take_step()
+    def _account_decode(self, step: int, got) -> None:
+        """A decode step's mailbox rows: per-layer hits and misses, CPU time, controller.observe (layer
+        order, as the synchronous path and the simulator call it)."""
         hits, valid = got.hits, got.ids >= 0                       # [n, K]
         self.gpu_miss_count += int((got.zc >= 0).sum())
         n_hit = hits.sum(1)
@@ -265,20 +326,20 @@ class HybridExecutor:
             if gpu_rows:                                           # never posted: every selection a hit
                 self.cache_stats.routed_rows(np.asarray(gpu_rows), self.worker.mb.K, 0)
         if self.controller is not None:
-            self._observe(got, hits, valid)
+            self._observe(step, got, hits, valid)
         if self.slots is not None:
-            self.slots.mark_read_all()                             # fills wait for this step's reads
+            self.slots.mark_read_all()                             # fills wait for the queued steps' reads
 
-    def _observe(self, got, hits, valid) -> None:
+    def _observe(self, step: int, got, hits, valid) -> None:
         layers = [self.moe_layers[r] for r in got.rows.tolist()]
         keep = [i for i, l in enumerate(layers) if l in self.managed]
         ids = np.where(valid, got.ids, -1)
         observe_step = getattr(self.controller, "observe_step", None)
         if observe_step is not None:
-            observe_step(self.step, [layers[i] for i in keep], ids[keep], hits[keep], False, tokens=1)
+            observe_step(step, [layers[i] for i in keep], ids[keep], hits[keep], False, tokens=1)
             return
         for i in keep:
-            self.controller.observe(self.step, layers[i], got.ids[i][valid[i]].tolist(), False, tokens=1,
+            self.controller.observe(step, layers[i], got.ids[i][valid[i]].tolist(), False, tokens=1,
                                     hits=hits[i][valid[i]].tolist())
 
     # ---- decode / small batches ------------------------------------------------------------------------
@@ -407,13 +468,13 @@ class HybridExecutor:
             self._prompt_routes.append((layer, ids.clone(), T))   # observed at end_step (one sync)
         return y
 
-    def _observe_prompt(self) -> None:
+    def _observe_prompt(self, step: int) -> None:
         """The streamed prompt layers' routing, in layer order, as the policy would have seen it."""
         for layer, ids, T in self._prompt_routes:
             h_ids = ids.cpu()
             valid = h_ids >= 0
             res = self._hits(layer, h_ids, valid)                     # hits as the cache would have had them
-            self.controller.observe(self.step, layer, h_ids.flatten().tolist(), True, tokens=T,
+            self.controller.observe(step, layer, h_ids.flatten().tolist(), True, tokens=T,
                                     hits=res[valid].tolist())
         self._prompt_routes.clear()
 
