@@ -7,7 +7,8 @@ them), then the timed parts:
     end_step  `ctl.end_step(step)` + `ctl.commit(swaps)`
 Cases: window-lfu with 95 slots per layer; auto with a global budget of 4500 slots and
 cpu_seconds_per_expert = copy_seconds_per_expert = 7e-5. Prints mean ms per step (the first 20 steps are
-warm-up, not counted) and checks that both modes end with the same stats and swaps.
+warm-up, not counted; CPU time of this thread, so other load on the machine matters less) and checks that
+both modes end with the same stats and swaps.
 
     python scripts/bench_policy.py                 # both modes (step mode only where observe_step exists)
     python scripts/bench_policy.py --tokens 1000 --repeat 3
@@ -38,16 +39,16 @@ def run(ids, layers, E, name, params, caps, mode, warmup=20):
     for t in range(ids.shape[0]):
         x = ids[t]                                                     # [Lm, K]
         hits = [ctl.lookup(l, x[j]) for j, l in enumerate(layers)]
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         if mode == "step":
             ctl.observe_step(t, layers, x, np.array(hits, bool))
         else:
             for j, l in enumerate(layers):
                 ctl.observe(t, l, x[j], False, tokens=1, hits=hits[j])
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         swaps = ctl.end_step(t)
         ctl.commit(swaps)
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
         swaps_all.append(swaps)
         if t >= warmup:
             t_obs, t_end = t_obs + t1 - t0, t_end + t2 - t1
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="best of N runs")
     args = ap.parse_args(argv)
     tr = syn.generate(syn.preset("qwen3-30b-a3b"), num_tokens=args.tokens, seed=0)
-    ids, layers = np.asarray(tr.ids).astype(np.int64), list(tr.moe_layers)
+    ids, layers = np.asarray(tr.ids), list(tr.moe_layers)                  # [N, Lm, K] int16
     modes = ["loop"] + (["step"] if hasattr(CacheController, "observe_step") else [])
     print(f"{'case':<20} {'mode':<5} {'observe ms':>10} {'end_step ms':>11}")
     for case, (params, caps) in CASES.items():
