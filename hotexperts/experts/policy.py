@@ -11,16 +11,23 @@ Contract (docs/architecture.md "Cache policy contract"):
 
     policy.bind(layers, num_experts)            # the controller calls it once
     policy.access(step, layer, experts, prompt) # experts: the ids routed (flattened [T*K], -1 skipped)
+    policy.access_step(step, rows, experts, prompt)   # batched: rows int64 [n] (distinct policy rows),
+                                                # experts int64 [n, M], -1 skipped; = access per row in order
     policy.plan(step, occupied, capacity) -> list[Swap]   # priority order; `capacity` is a Capacity
 
     ctl = CacheController(policy, layers, num_experts, capacity=K | {layer: K}, max_swaps_per_step=4,
                           budget=None | slots, prompt_bypass=64, max_fills_per_step=64)
     ctl.lookup(layer, experts) -> list[bool]                  # no side effects
     ctl.observe(step, layer, experts, prompt, tokens=T, hits=flags)   # stats + policy.access
+    ctl.lookup_step(layers, experts[n, M]) -> bool [n, M]     # all layers at once (False where -1)
+    ctl.observe_step(step, layers, experts[n, M], hits[n, M], prompt=False, tokens=1)
+        # one call per forward pass; bit for bit the same as observe(step, layers[i], experts[i], prompt,
+        # tokens=tokens, hits=hits[i][experts[i] >= 0].tolist()) for i in order
     ctl.end_step(step, prompt) -> list[Swap]                  # swaps to issue now (bounded)
     ctl.commit(swaps)                                          # fills completed -> resident
 
-Order per forward pass: lookup -> compute -> observe (every layer); then end_step -> issue -> commit.
+Order per forward pass: lookup -> compute -> observe (every layer, or one observe_step for all of them);
+then end_step -> issue -> commit.
 Bounds: per decode step at most max_swaps loads that evict a resident and max_fills loads into free slots
 (fills evict nothing). After a prompt, its most-routed experts fill the FREE slots (cold start) without
 evicting anything: prompt routing seeds an empty cache but never flushes the decode working set.
@@ -35,7 +42,6 @@ Profiles (JSON): per layer expert counts and hot set; `save_profile` / `load_pro
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +67,29 @@ class Capacity(dict):
         self.budget = budget
 
 
+def _idarr(experts) -> np.ndarray:
+    """Flattened expert ids as int64, -1 (missing / masked) removed."""
+    a = np.asarray(experts).reshape(-1)
+    if a.dtype != np.int64:
+        a = a.astype(np.int64)
+    return a[a >= 0]
+
+
 def _ids(experts) -> list[int]:
     """Flattened expert ids, -1 (missing / masked) removed."""
-    return [int(e) for e in np.asarray(experts).reshape(-1).tolist() if e >= 0]
+    return _idarr(experts).tolist()
+
+
+def _grid(a, n: int) -> np.ndarray:
+    """`a` as [n, M] (trailing dims flattened into M)."""
+    a = np.asarray(a)
+    return a.reshape(n, -1) if n else a.reshape(0, a.size)
+
+
+def _cells(rows: np.ndarray, experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """Flat indices row * E + expert of the cells of `experts` [n, M] that hold an expert (-1 skipped),
+    in row-major order (the order a loop over the rows would visit them)."""
+    return (rows[:, None] * num_experts + experts)[experts >= 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,6 +114,13 @@ class CachePolicy:
 
     def access(self, step: int, layer: int, experts: Sequence[int], prompt: bool) -> None:
         pass
+
+    def access_step(self, step: int, rows: np.ndarray, experts: np.ndarray, prompt: bool) -> None:
+        """Batched `access`: rows = distinct policy row indices (int64 [n]; the layer is self.layers[r]),
+        experts = int64 [n, M], -1 = no expert in that cell. The same as `access` for each row in order;
+        vectorized overrides must leave the same state, bit for bit."""
+        for r, x in zip(rows.tolist(), experts, strict=True):
+            self.access(step, self.layers[r], x, prompt)
 
     def scores(self, step: int, layer: int) -> np.ndarray:      # [E] float
         raise NotImplementedError
@@ -192,7 +225,10 @@ class LRU(CachePolicy):
         self.last = np.full((len(self.layers), self.E), NEG)     # [Lm, E] last access step
 
     def access(self, step, layer, experts, prompt):
-        self.last[self.row[layer], _ids(experts)] = step
+        self.last[self.row[layer], _idarr(experts)] = step
+
+    def access_step(self, step, rows, experts, prompt):
+        self.last.reshape(-1)[_cells(rows, experts, self.E)] = step
 
     def scores(self, step, layer):
         return self.last[self.row[layer]]
@@ -212,15 +248,67 @@ class WindowLFU(CachePolicy):
 
     def bind(self, layers, num_experts):
         super().bind(layers, num_experts)
-        self.counts = np.zeros((len(self.layers), self.E), np.int64)    # [Lm, E]
-        self.hist = [deque() for _ in self.layers]                     # per layer: ids of each token
+        L, W = len(self.layers), max(self.window, 1)
+        self.counts = np.zeros((L, self.E), np.int64)      # [Lm, E] accesses in each layer's window
+        # The window = each row's last `window` accesses. Per row a ring of the ids of the calls that made
+        # them (oldest at _pos once _held == window); per call [its cells still counted (flat
+        # row * E + expert), how many of its rows still hold it].
+        self._ring = np.zeros((L, W), np.int64)
+        self._held = np.zeros(L, np.int64)
+        self._pos = np.zeros(L, np.int64)
+        self._calls: dict[int, list] = {}
+        self._call = 0
 
     def access(self, step, layer, experts, prompt):
-        i, ids = self.row[layer], _ids(experts)
+        if self.window <= 0:                               # every access leaves the window at once
+            return
+        i, ids = self.row[layer], _idarr(experts)
         np.add.at(self.counts[i], ids, 1)
-        self.hist[i].append(ids)
-        while len(self.hist[i]) > self.window:
-            np.subtract.at(self.counts[i], self.hist[i].popleft(), 1)
+        p = int(self._pos[i])
+        if self._held[i] >= self.window:
+            self._forget(int(self._ring[i, p]), np.array([i]))
+        else:
+            self._held[i] += 1
+        self._ring[i, p] = self._call
+        self._calls[self._call] = [ids + i * self.E, 1]
+        self._call += 1
+        self._pos[i] = (p + 1) % self.window
+
+    def access_step(self, step, rows, experts, prompt):
+        if self.window <= 0 or not len(rows):
+            return
+        cells = _cells(rows, experts, self.E)
+        np.add.at(self.counts.reshape(-1), cells, 1)
+        pos = self._pos[rows]
+        full = self._held[rows] >= self.window
+        if full.all():                                     # each full row drops its oldest access
+            self._forget_rows(rows, self._ring[rows, pos])
+        else:
+            if full.any():
+                self._forget_rows(rows[full], self._ring[rows[full], pos[full]])
+            self._held[rows] += ~full
+        self._ring[rows, pos] = self._call
+        self._calls[self._call] = [cells, len(rows)]
+        self._call += 1
+        self._pos[rows] = (pos + 1) % self.window
+
+    def _forget_rows(self, rows, calls):
+        if (calls == calls[0]).all():
+            self._forget(int(calls[0]), rows)
+        else:
+            for c in np.unique(calls).tolist():
+                self._forget(c, rows[calls == c])
+
+    def _forget(self, call, rows):
+        """Rows `rows` stop counting their access of call `call`."""
+        entry = self._calls[call]
+        cells, entry[1] = entry[0], entry[1] - len(rows)
+        if entry[1]:                                       # other rows of that call still hold it
+            gone = np.isin(cells // self.E, rows)
+            cells, entry[0] = cells[gone], cells[~gone]
+        else:
+            del self._calls[call]
+        np.subtract.at(self.counts.reshape(-1), cells, 1)
 
     def scores(self, step, layer):
         c = self.counts[self.row[layer]].astype(np.float64)
@@ -255,10 +343,30 @@ class Decay(CachePolicy):
             self.f[i] *= self.d ** (step - self.t[i])
             self.t[i] = step
 
+    def _advance_rows(self, rows, step):
+        """`_advance` of each row: the same factor per row (one pow per distinct last-decay step)."""
+        t = self.t[rows]
+        late = step > t
+        if not late.any():
+            return
+        if not late.all():
+            rows, t = rows[late], t[late]
+        if (t == t[0]).all():
+            self.f[rows] *= self.d ** (step - t[0])
+        else:
+            u = np.unique(t)
+            fac = np.array([self.d ** (step - x) for x in u], np.float64)
+            self.f[rows] *= fac[np.searchsorted(u, t)][:, None]
+        self.t[rows] = step
+
     def access(self, step, layer, experts, prompt):
         i = self.row[layer]
         self._advance(i, step)
-        np.add.at(self.f[i], _ids(experts), 1.0)
+        np.add.at(self.f[i], _idarr(experts), 1.0)
+
+    def access_step(self, step, rows, experts, prompt):
+        self._advance_rows(rows, step)
+        np.add.at(self.f.reshape(-1), _cells(rows, experts, self.E), 1.0)
 
     def scores(self, step, layer):
         i = self.row[layer]
@@ -322,7 +430,7 @@ class Belady(CachePolicy):
         self.last_plan = -1 << 62
 
     def access(self, step, layer, experts, prompt):
-        self.seen[self.row[layer], _ids(experts)] = step
+        self.seen[self.row[layer], _idarr(experts)] = step
 
     def plan(self, step, resident, capacity):
         scores = {}
@@ -373,6 +481,10 @@ class Adaptive(CachePolicy):
     def access(self, step, layer, experts, prompt):
         self.slow.access(step, layer, experts, prompt)
         self.fast.access(step, layer, experts, prompt)
+
+    def access_step(self, step, rows, experts, prompt):
+        self.slow.access_step(step, rows, experts, prompt)
+        self.fast.access_step(step, rows, experts, prompt)
 
     def scores(self, step, layer):
         """Expected accesses per step: slow (frequency) and fast (recency) decayed rates, mixed."""
@@ -454,9 +566,12 @@ class CacheController:
         self.capacity = Capacity({l: min(int(caps[l]), self.E) for l in self.layers}, budget)
         self.max_swaps, self.prompt_bypass = max_swaps_per_step, int(prompt_bypass)
         self.max_fills = max_fills_per_step
-        self._prompt_counts = {l: np.zeros(self.E) for l in self.layers}   # routing of the current prompt
+        self._prompt = np.zeros((len(self.layers), self.E))                # routing of the current prompt
+        self._prompt_counts = {l: self._prompt[i] for i, l in enumerate(self.layers)}    # rows (views)
+        self._index = {l: i for i, l in enumerate(self.layers)}
         self.policy = policy
         policy.bind(self.layers, self.E)
+        self._rows_of: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {}   # observe_step's layers
         self.resident: dict[int, set[int]] = {l: set() for l in self.layers}
         self.pending: dict[int, set[int]] = {l: set() for l in self.layers}   # loads issued, not committed
         self.stats = {l: LayerStats() for l in self.layers}
@@ -478,10 +593,67 @@ class CacheController:
             else:
                 st.hits, st.misses = st.hits + h, st.misses + len(hits) - h
         if prompt:
-            ids = _ids(experts)
-            np.add.at(self._prompt_counts[layer], np.asarray(ids, dtype=np.int64), 1.0)
+            np.add.at(self._prompt_counts[layer], _idarr(experts), 1.0)
         if not (prompt and tokens > self.prompt_bypass):
             self.policy.access(step, layer, experts, prompt)
+
+    # ---- per forward pass, batched ---------------------------------------------------------------
+    def lookup_step(self, layers: Sequence[int], experts) -> np.ndarray:
+        """[n, M] bool hit flags of `experts` [n, M] (row i: layer layers[i]) against `resident`; False
+        where -1. Row i, cells >= 0, equals lookup(layers[i], experts[i]). No side effects."""
+        x = _grid(experts, len(layers))
+        held = np.zeros((len(layers), self.E + 1), bool)          # column E: the -1 cells (never hits)
+        for i, l in enumerate(layers):
+            r = self.resident[l]
+            if r:
+                held[i, np.fromiter(r, np.int64, len(r))] = True
+        return held[np.arange(len(layers))[:, None], np.where(x >= 0, x, self.E)]
+
+    def observe_step(self, step: int, layers: Sequence[int], experts, hits=None, prompt: bool = False,
+                     tokens: int = 1) -> None:
+        """`observe` of a whole forward pass at once (the live engine: once per decode step).
+
+        layers: MoE layer ids (a subset, in order); experts: int [n, M] (row i: layer layers[i]; M >= top-k,
+        more dims are flattened into M); -1 = no expert in that cell (skipped); hits: bool [n, M] from the
+        mirror (ignored where experts == -1), or None (no hit stats, as observe(hits=None)).
+        Exactly the same (stats, policy state, later plans and swaps) as, for i in order:
+            observe(step, layers[i], experts[i], prompt, tokens=tokens,
+                    hits=hits[i][experts[i] >= 0].tolist())
+        """
+        n = len(layers)
+        if not n:
+            return
+        x = _grid(experts, n)
+        if x.dtype != np.int64:
+            x = x.astype(np.int64)
+        key = tuple(layers)
+        idx = self._rows_of.get(key)
+        if idx is None:
+            if len(set(key)) < n:                      # a layer twice: its calls depend on each other
+                valid = x >= 0
+                h = None if hits is None else _grid(hits, n).astype(bool, copy=False)
+                for i, l in enumerate(key):
+                    self.observe(step, l, x[i], prompt, tokens=tokens,
+                                 hits=None if h is None else h[i][valid[i]].tolist())
+                return
+            if len(self._rows_of) > 64:
+                self._rows_of.clear()
+            idx = self._rows_of[key] = (np.array([self._index[l] for l in key], np.int64),
+                                        np.array([self.policy.row[l] for l in key], np.int64))
+        if hits is not None:
+            valid = x >= 0
+            nv = valid.sum(axis=1).tolist()
+            nh = (_grid(hits, n).astype(bool, copy=False) & valid).sum(axis=1).tolist()
+            for l, h, v in zip(key, nh, nv, strict=True):
+                st = self.stats[l]
+                if prompt:
+                    st.prompt_hits, st.prompt_misses = st.prompt_hits + h, st.prompt_misses + v - h
+                else:
+                    st.hits, st.misses = st.hits + h, st.misses + v - h
+        if prompt:
+            np.add.at(self._prompt.reshape(-1), _cells(idx[0], x, self.E), 1.0)
+        if not (prompt and tokens > self.prompt_bypass):
+            self.policy.access_step(step, idx[1], x, prompt)
 
     # ---- per forward pass ----------------------------------------------------------------------
     def occupied(self) -> dict[int, set[int]]:
@@ -511,8 +683,7 @@ class CacheController:
                 self.stats[l].loads += 1
                 out.append((l, e, None))
                 total += 1
-        for counts in self._prompt_counts.values():
-            counts[:] = 0.0
+        self._prompt[:] = 0.0
         return out
 
     def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
