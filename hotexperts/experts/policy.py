@@ -14,6 +14,7 @@ Contract (docs/architecture.md "Cache policy contract"):
     policy.access_step(step, rows, experts, prompt)   # batched: rows int64 [n] (distinct policy rows),
                                                 # experts int64 [n, M], -1 skipped; = access per row in order
     policy.plan(step, occupied, capacity) -> list[Swap]   # priority order; `capacity` is a Capacity
+    policy.scores_rows(step, rows) -> [n, E]    # scores of those rows (plan_by_scores ranks them at once)
 
     ctl = CacheController(policy, layers, num_experts, capacity=K | {layer: K}, max_swaps_per_step=4,
                           budget=None | slots, prompt_bypass=64, max_fills_per_step=64)
@@ -125,6 +126,11 @@ class CachePolicy:
     def scores(self, step: int, layer: int) -> np.ndarray:      # [E] float
         raise NotImplementedError
 
+    def scores_rows(self, step: int, rows: np.ndarray) -> np.ndarray:
+        """[n, E] float64: `scores` of the layers at policy rows `rows` (same values, same side effects)."""
+        return np.array([np.asarray(self.scores(step, self.layers[r]), np.float64) for r in rows.tolist()],
+                        np.float64).reshape(len(rows), self.E)
+
     def accept(self, step: int, cand: tuple, victim: tuple | None) -> bool:
         """cand/victim = (score, layer, expert); victim None = a free slot."""
         if victim is None:
@@ -140,32 +146,56 @@ class CachePolicy:
 
 def plan_by_scores(policy: CachePolicy, step: int, resident: Mapping[int, set[int]],
                    capacity: Mapping[int, int], scores: Mapping[int, np.ndarray] | None = None) -> list[Swap]:
-    """Best non-resident experts replace the worst resident ones while `policy.accept` agrees."""
-    scores = scores if scores is not None else {l: policy.scores(step, l) for l in resident}
+    """Best non-resident experts replace the worst resident ones while `policy.accept` agrees.
+
+    Ranking (as tuples, ties broken by layer then expert id): candidates = non-resident (score, layer,
+    expert) with a finite score above the floor (the lowest resident score when no slot is free),
+    descending; victims = the len(candidates) lowest resident ones, ascending, taken from each layer's
+    len(candidates) lowest as np.argpartition picks them (which of tied experts it keeps depends on the
+    set's order: kept so as not to change any plan). Vectorized over all layers; only the pairing loop
+    (policy.accept) runs in Python, and victims are ranked only once a candidate needs one."""
+    layers = list(resident)
+    if not layers:
+        return []
+    if scores is not None:
+        S = np.array([np.asarray(scores[l], np.float64) for l in layers], np.float64)
+    else:
+        S = policy.scores_rows(step, np.array([policy.row[l] for l in layers], np.int64))
+    n, E = S.shape
+    res = [np.fromiter(resident[l], np.int64, len(resident[l])) for l in layers]
+    sizes = np.array([r.size for r in res], np.int64)
+    held = np.zeros((n, E), bool)                                       # [n, E] resident
+    if sizes.any():
+        held[np.repeat(np.arange(n), sizes), np.concatenate(res)] = True
+    low = np.where(held, S, np.inf).min(axis=1)                         # [n] lowest resident score
     budget = getattr(capacity, "budget", None)
     if budget is not None:
-        groups = [(list(resident), budget)]
+        free = budget - int(sizes.sum())
+        floor = np.full(n, NEG if free > 0 else low.min())
+        groups = [(sorted(range(n), key=lambda i: layers[i]), budget)]
     else:
-        groups = [([l], capacity[l]) for l in resident]
+        caps = np.array([capacity[l] for l in layers], np.int64)
+        floor = np.where(caps - sizes > 0, NEG, low)
+        groups = [([i], capacity[layers[i]]) for i in range(n)]
+    ok = np.isfinite(S) & (S > floor[:, None]) & ~held                 # [n, E] candidates
+    any_ok = ok.any(axis=1).tolist()
     ranked: list[tuple[float, list[Swap]]] = []
-    for layers, slots in groups:
-        ranked += _plan_group(policy, step, layers, scores, resident, slots, capacity)
+    for rows, slots in groups:
+        if any(any_ok[i] for i in rows):
+            ranked += _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots, capacity)
     ranked.sort(key=lambda g: -g[0])                    # stable: most valuable first
     return [s for _, swaps in ranked for s in swaps]
 
 
-def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tuple[float, list[Swap]]]:
-    res = {l: np.fromiter(resident[l], np.int64, len(resident[l])) for l in layers}
-    occ = {l: int(r.size) for l, r in res.items()}
+def _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots,
+                caps) -> list[tuple[float, list[Swap]]]:
+    """rows: indices into `layers` (one, or all of them under a global budget), ascending by layer id."""
+    occ = {layers[i]: int(sizes[i]) for i in rows}
     free = slots - sum(occ.values())
-    floor = NEG
-    if free <= 0:
-        mins = [scores[l][r].min() for l, r in res.items() if r.size]
-        floor = min(mins) if mins else np.inf
-    cands = _candidates(layers, scores, res, floor)                # descending
-    victims = _victims(layers, scores, res, len(cands)) if cands else []   # ascending
-    out, vi = [], 0
-    for cand in cands:
+    cands = _candidates(rows, layers, S, ok)                            # descending
+    n = len(cands[0])
+    out, victims, victim = [], None, None
+    for cand in _tuples(*cands):
         sc, lc, c = cand
         if free > 0 and occ[lc] < caps[lc]:
             if not policy.accept(step, cand, None):
@@ -173,9 +203,11 @@ def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tup
             out.append((np.inf, [(lc, c, None)]))
             free, occ[lc] = free - 1, occ[lc] + 1
             continue
-        if vi >= len(victims):
+        if victims is None:
+            victims = _tuples(*_victims(rows, layers, S, held, res, sizes, n))      # ascending
+            victim = next(victims, None)
+        if victim is None:
             break
-        victim = victims[vi]
         sv, lv, v = victim
         if not policy.accept(step, cand, victim):
             break
@@ -186,33 +218,44 @@ def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tup
             occ[lv], occ[lc] = occ[lv] - 1, occ[lc] + 1
         else:
             continue
-        vi += 1
+        victim = next(victims, None)
     return out
 
 
-def _victims(layers, scores, res, n) -> list[tuple[float, int, int]]:
-    """The `n` lowest-scored resident (score, layer, expert), ascending."""
-    out = []
-    for l in layers:
-        r = res[l]
-        if r.size > n:
-            r = r[np.argpartition(scores[l][r], n - 1)[:n]]
-        out += [(float(x), l, int(e)) for x, e in zip(scores[l][r], r, strict=True)]
-    out.sort()
-    return out[:n]
+def _tuples(scores: np.ndarray, layers: list, experts: np.ndarray, chunk: int = 64):
+    """(float score, layer, int expert) tuples, converted `chunk` at a time (the loop often stops early)."""
+    for a in range(0, len(scores), chunk):
+        yield from zip(scores[a:a + chunk].tolist(), layers[a:a + chunk], experts[a:a + chunk].tolist(),
+                       strict=True)
 
 
-def _candidates(layers, scores, res, floor) -> list[tuple[float, int, int]]:
-    """Non-resident (score, layer, expert) with a finite score above `floor`, descending."""
-    out = []
-    for l in layers:
-        s = scores[l]
-        ok = np.isfinite(s) & (s > floor)
-        ok[res[l]] = False
-        idx = np.flatnonzero(ok)
-        out += [(-float(x), l, int(e)) for x, e in zip(s[idx], idx, strict=True)]
-    out.sort()
-    return [(-x, l, e) for x, l, e in out]
+def _candidates(rows, layers, S, ok) -> tuple[np.ndarray, list, np.ndarray]:
+    """Non-resident (score, layer, expert) marked in `ok`, by score descending, then layer, then expert."""
+    ri, e = np.nonzero(ok[rows])                         # row-major: ascending (layer, expert)
+    sub = np.asarray(rows, np.int64)[ri]
+    sc = S[sub, e]
+    order = np.argsort(-sc, kind="stable")
+    sub = sub[order].tolist()
+    return sc[order], [layers[i] for i in sub], e[order]
+
+
+def _victims(rows, layers, S, held, res, sizes, n) -> tuple[np.ndarray, list, np.ndarray]:
+    """The `n` lowest-scored resident (score, layer, expert), ascending (ties: layer, then expert), among
+    each layer's `n` lowest as np.argpartition on the resident set's own order picks them."""
+    rows = np.asarray(rows, np.int64)
+    sel = held[rows]
+    for k in np.flatnonzero(sizes[rows] > n).tolist():
+        r = res[rows[k]]
+        sel[k] = False
+        sel[k, r[np.argpartition(S[rows[k]][r], n - 1)[:n]]] = True
+    ri, ve = np.nonzero(sel)                             # ascending (layer, expert)
+    vr = rows[ri]
+    vs = S[vr, ve]
+    if vs.size > n:                                      # keep the n lowest and their ties, in order
+        keep = vs <= np.partition(vs, n - 1)[n - 1]
+        vs, vr, ve = vs[keep], vr[keep], ve[keep]
+    order = np.argsort(vs, kind="stable")[:n]
+    return vs[order], [layers[i] for i in vr[order].tolist()], ve[order]
 
 
 class LRU(CachePolicy):
@@ -232,6 +275,9 @@ class LRU(CachePolicy):
 
     def scores(self, step, layer):
         return self.last[self.row[layer]]
+
+    def scores_rows(self, step, rows):
+        return self.last[rows]
 
 
 class WindowLFU(CachePolicy):
@@ -314,6 +360,10 @@ class WindowLFU(CachePolicy):
         c = self.counts[self.row[layer]].astype(np.float64)
         return np.where(c > 0, c, NEG)
 
+    def scores_rows(self, step, rows):
+        c = self.counts[rows].astype(np.float64)
+        return np.where(c > 0, c, NEG)
+
     def seed(self, profile):
         for l, c in profile.counts.items():
             if l in self.row:
@@ -373,6 +423,11 @@ class Decay(CachePolicy):
         self._advance(i, step)
         return np.where(self.f[i] > 0, self.f[i], NEG)
 
+    def scores_rows(self, step, rows):
+        self._advance_rows(rows, step)
+        f = self.f[rows]
+        return np.where(f > 0, f, NEG)
+
     def seed(self, profile):
         for l, c in profile.counts.items():
             if l in self.row:
@@ -403,6 +458,9 @@ class Static(CachePolicy):
 
     def scores(self, step, layer):
         return self.s[self.row[layer]]
+
+    def scores_rows(self, step, rows):
+        return self.s[rows]
 
 
 class Belady(CachePolicy):
@@ -488,7 +546,12 @@ class Adaptive(CachePolicy):
 
     def scores(self, step, layer):
         """Expected accesses per step: slow (frequency) and fast (recency) decayed rates, mixed."""
-        s, f = self.slow.scores(step, layer), self.fast.scores(step, layer)
+        return self._mix(self.slow.scores(step, layer), self.fast.scores(step, layer))
+
+    def scores_rows(self, step, rows):
+        return self._mix(self.slow.scores_rows(step, rows), self.fast.scores_rows(step, rows))
+
+    def _mix(self, s, f):
         slow, fast = np.maximum(s, 0) * (1 - self.slow.d), np.maximum(f, 0) * (1 - self.fast.d)
         rate = slow + self.recency_weight * fast
         return np.where(np.isfinite(s), rate / (1 + self.recency_weight), NEG)
@@ -540,6 +603,18 @@ def policy_from_profile(profile: Profile, name: str | None = None, **overrides) 
 # ---------------------------------------------------------------------------------------------------
 # Controller
 # ---------------------------------------------------------------------------------------------------
+
+class _Occupied(dict):
+    """layer -> resident | pending, each made (a copy) on first access."""
+
+    def __init__(self, resident, pending):
+        super().__init__()
+        self.resident, self.pending = resident, pending
+
+    def __missing__(self, layer):
+        occ = self[layer] = self.resident[layer] | self.pending[layer]
+        return occ
+
 
 @dataclass
 class LayerStats:
@@ -659,6 +734,13 @@ class CacheController:
     def occupied(self) -> dict[int, set[int]]:
         return {l: self.resident[l] | self.pending[l] for l in self.layers}
 
+    def _occupied_now(self) -> tuple[dict[int, set[int]], int]:
+        """(occupied sets made on first use, their total size): for _issue, which touches few layers."""
+        total = 0
+        for r, p in zip(self.resident.values(), self.pending.values(), strict=True):
+            total += len(r) + len(p) - (len(p & r) if p else 0)
+        return _Occupied(self.resident, self.pending), total
+
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         if prompt:
             return self._fill_from_prompt()
@@ -673,11 +755,16 @@ class CacheController:
         so prompt routing never flushes the decode working set). Not bounded: it runs once per prompt."""
         occ = self.occupied()
         total = sum(len(s) for s in occ.values())
-        ranked = sorted(((c, l, int(e)) for l in self.layers for e, c in enumerate(self._prompt_counts[l])
-                         if c > 0 and e not in occ[l]), key=lambda t: (-t[0], t[1], t[2]))
-        out = []
-        for _, l, e in ranked:
-            if self._free(l, occ, total):
+        rows = sorted(range(len(self.layers)), key=lambda i: self.layers[i])
+        counts = self._prompt[rows]
+        ri, es = np.nonzero(counts > 0)                            # ascending (layer, expert)
+        order = np.argsort(-counts[ri, es], kind="stable")         # most routed first, ties: (layer, expert)
+        ranked = zip([self.layers[rows[i]] for i in ri[order].tolist()], es[order].tolist(), strict=True)
+        out, budget = [], self.capacity.budget
+        for l, e in ranked:
+            if budget is not None and total >= budget:
+                break                                              # no slot left anywhere
+            if e not in occ[l] and self._free(l, occ, total):
                 occ[l].add(e)
                 self.pending[l].add(e)
                 self.stats[l].loads += 1
@@ -688,8 +775,9 @@ class CacheController:
 
     def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
         """Issue planned swaps in order: at most max_swaps loads that evict, max_fills into free slots."""
-        occ, issued, held, loads, fills = self.occupied(), [], [], 0, 0
-        total = sum(len(s) for s in occ.values())
+        if not swaps:
+            return [], []
+        (occ, total), issued, held, loads, fills = self._occupied_now(), [], [], 0, 0
         for i, (l, c, v) in enumerate(swaps):
             into_free = c is not None and v is None and self._free(l, occ, total)
             limit, used = (self.max_fills, fills) if into_free else (self.max_swaps, loads)
