@@ -171,20 +171,55 @@ def plan_by_scores(policy: CachePolicy, step: int, resident: Mapping[int, set[in
     budget = getattr(capacity, "budget", None)
     if budget is not None:
         free = budget - int(sizes.sum())
-        floor = np.full(n, NEG if free > 0 else low.min())
-        groups = [(sorted(range(n), key=lambda i: layers[i]), budget)]
+        ok = np.isfinite(S) & (S > (NEG if free > 0 else low.min())) & ~held      # [n, E] candidates
+        rows = sorted(range(n), key=lambda i: layers[i])
+        ranked = _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, budget, capacity)
     else:
         caps = np.array([capacity[l] for l in layers], np.int64)
         floor = np.where(caps - sizes > 0, NEG, low)
-        groups = [([i], capacity[layers[i]]) for i in range(n)]
-    ok = np.isfinite(S) & (S > floor[:, None]) & ~held                 # [n, E] candidates
-    any_ok = ok.any(axis=1).tolist()
-    ranked: list[tuple[float, list[Swap]]] = []
-    for rows, slots in groups:
-        if any(any_ok[i] for i in rows):
-            ranked += _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots, capacity)
+        ok = np.isfinite(S) & (S > floor[:, None]) & ~held
+        ranked = _plan_layers(policy, step, layers, S, ok, res, sizes, capacity)
     ranked.sort(key=lambda g: -g[0])                    # stable: most valuable first
     return [s for _, swaps in ranked for s in swaps]
+
+
+def _plan_layers(policy, step, layers, S, ok, res, sizes, caps) -> list[tuple[float, list[Swap]]]:
+    """Per-layer capacity: each layer's candidates against its own victims (layers in their order)."""
+    ri, e = np.nonzero(ok)
+    if not ri.size:
+        return []
+    sc = S[ri, e]
+    order = np.argsort(-sc, kind="stable")                  # by score descending, then expert
+    order = order[np.argsort(ri[order], kind="stable")]     # grouped by layer
+    ri, sc, e = ri[order], sc[order].tolist(), e[order].tolist()
+    bounds = np.flatnonzero(np.diff(ri)) + 1
+    starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), len(sc)]
+    out = []
+    for i, a, b in zip(ri[starts].tolist(), starts, ends, strict=True):
+        lc, n = layers[i], b - a
+        occ, cap = int(sizes[i]), caps[layers[i]]
+        free, victims, vi = cap - occ, None, 0
+        for k in range(a, b):
+            cand = (sc[k], lc, e[k])
+            if free > 0 and occ < cap:
+                if not policy.accept(step, cand, None):
+                    break
+                out.append((np.inf, [(lc, e[k], None)]))
+                free, occ = free - 1, occ + 1
+                continue
+            if victims is None:                               # the n lowest residents, ascending
+                r = res[i]
+                if r.size > n:
+                    r = r[np.argpartition(S[i][r], n - 1)[:n]]
+                victims = sorted(zip(S[i][r].tolist(), r.tolist(), strict=True))[:n]
+            if vi >= len(victims):
+                break
+            sv, v = victims[vi]
+            if not policy.accept(step, cand, (sv, lc, v)):
+                break
+            out.append((sc[k] - sv, [(lc, e[k], v)]))
+            vi += 1
+    return out
 
 
 def _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots,
