@@ -437,6 +437,10 @@ class Decay(CachePolicy):
         if not late.all():
             rows, t = rows[late], t[late]
         if (t == t[0]).all():
+            if len(rows) == len(self.t):                   # every row (rows are distinct): in place
+                self.f *= self.d ** (step - t[0])
+                self.t.fill(step)
+                return
             self.f[rows] *= self.d ** (step - t[0])
         else:
             u = np.unique(t)
@@ -450,8 +454,11 @@ class Decay(CachePolicy):
         np.add.at(self.f[i], _idarr(experts), 1.0)
 
     def access_step(self, step, rows, experts, prompt):
+        self._access_cells(step, rows, _cells(rows, experts, self.E))
+
+    def _access_cells(self, step, rows, cells):
         self._advance_rows(rows, step)
-        np.add.at(self.f.reshape(-1), _cells(rows, experts, self.E), 1.0)
+        np.add.at(self.f.reshape(-1), cells, 1.0)
 
     def scores(self, step, layer):
         i = self.row[layer]
@@ -576,8 +583,9 @@ class Adaptive(CachePolicy):
         self.fast.access(step, layer, experts, prompt)
 
     def access_step(self, step, rows, experts, prompt):
-        self.slow.access_step(step, rows, experts, prompt)
-        self.fast.access_step(step, rows, experts, prompt)
+        cells = _cells(rows, experts, self.E)
+        self.slow._access_cells(step, rows, cells)
+        self.fast._access_cells(step, rows, cells)
 
     def scores(self, step, layer):
         """Expected accesses per step: slow (frequency) and fast (recency) decayed rates, mixed."""
@@ -751,15 +759,22 @@ class CacheController:
             idx = self._rows_of[key] = (np.array([self._index[l] for l in key], np.int64),
                                         np.array([self.policy.row[l] for l in key], np.int64))
         if hits is not None:
-            valid = x >= 0
-            nv = valid.sum(axis=1).tolist()
-            nh = (_grid(hits, n).astype(bool, copy=False) & valid).sum(axis=1).tolist()
-            for l, h, v in zip(key, nh, nv, strict=True):
-                st = self.stats[l]
-                if prompt:
-                    st.prompt_hits, st.prompt_misses = st.prompt_hits + h, st.prompt_misses + v - h
-                else:
-                    st.hits, st.misses = st.hits + h, st.misses + v - h
+            valid, h = x >= 0, _grid(hits, n).astype(bool, copy=False)
+            if valid.all():
+                nv, nh = [x.shape[1]] * n, h.sum(axis=1).tolist()
+            else:
+                nv, nh = valid.sum(axis=1).tolist(), (h & valid).sum(axis=1).tolist()
+            stats = self.stats
+            if prompt:
+                for l, a, v in zip(key, nh, nv, strict=True):
+                    st = stats[l]
+                    st.prompt_hits += a
+                    st.prompt_misses += v - a
+            else:
+                for l, a, v in zip(key, nh, nv, strict=True):
+                    st = stats[l]
+                    st.hits += a
+                    st.misses += v - a
         if prompt:
             np.add.at(self._prompt.reshape(-1), _cells(idx[0], x, self.E), 1.0)
         if not (prompt and tokens > self.prompt_bypass):
