@@ -69,9 +69,11 @@ class Capacity(dict):
 
 
 def _idarr(experts) -> np.ndarray:
-    """Flattened expert ids as int64, -1 (missing / masked) removed."""
-    a = np.asarray(experts).reshape(-1)
-    if a.dtype != np.int64:
+    """Flattened expert ids (an integer array: the input's integer dtype, else int64), -1 removed."""
+    a = np.asarray(experts)
+    if a.ndim != 1:
+        a = a.reshape(-1)
+    if a.dtype.kind not in "iu":
         a = a.astype(np.int64)
     return a[a >= 0]
 
@@ -332,8 +334,9 @@ class WindowLFU(CachePolicy):
         L, W = len(self.layers), max(self.window, 1)
         self.counts = np.zeros((L, self.E), np.int64)      # [Lm, E] accesses in each layer's window
         # The window = each row's last `window` accesses. Per row a ring of the ids of the calls that made
-        # them (oldest at _pos once _held == window); per call [its cells still counted (flat
-        # row * E + expert), how many of its rows still hold it].
+        # them (oldest at _pos once _held == window); per call [what it still counts, how many of its rows
+        # still hold it, its row]: an `access` (one row r): [expert ids, 1, r]; an `access_step`: [cells
+        # (flat row * E + expert), rows, -1].
         self._ring = np.zeros((L, W), np.int64)
         self._held = np.zeros(L, np.int64)
         self._pos = np.zeros(L, np.int64)
@@ -346,12 +349,12 @@ class WindowLFU(CachePolicy):
         i, ids = self.row[layer], _idarr(experts)
         np.add.at(self.counts[i], ids, 1)
         p = int(self._pos[i])
-        if self._held[i] >= self.window:
-            self._forget(int(self._ring[i, p]), np.array([i]))
-        else:
+        if self._held[i] < self.window:
             self._held[i] += 1
+        else:
+            self._forget(int(self._ring[i, p]), i)
         self._ring[i, p] = self._call
-        self._calls[self._call] = [ids + i * self.E, 1]
+        self._calls[self._call] = [ids, 1, i]
         self._call += 1
         self._pos[i] = (p + 1) % self.window
 
@@ -369,7 +372,7 @@ class WindowLFU(CachePolicy):
                 self._forget_rows(rows[full], self._ring[rows[full], pos[full]])
             self._held[rows] += ~full
         self._ring[rows, pos] = self._call
-        self._calls[self._call] = [cells, len(rows)]
+        self._calls[self._call] = [cells, len(rows), -1]
         self._call += 1
         self._pos[rows] = (pos + 1) % self.window
 
@@ -381,8 +384,13 @@ class WindowLFU(CachePolicy):
                 self._forget(c, rows[calls == c])
 
     def _forget(self, call, rows):
-        """Rows `rows` stop counting their access of call `call`."""
+        """Rows `rows` (an array, or one row) stop counting their access of call `call`."""
         entry = self._calls[call]
+        if entry[2] >= 0:                                  # one row's access
+            del self._calls[call]
+            np.subtract.at(self.counts[entry[2]], entry[0], 1)
+            return
+        rows = np.atleast_1d(rows)
         cells, entry[1] = entry[0], entry[1] - len(rows)
         if entry[1]:                                       # other rows of that call still hold it
             gone = np.isin(cells // self.E, rows)
