@@ -139,6 +139,13 @@ class CachePolicy:
             return True
         return cand[0] > victim[0] + self.margin
 
+    def accept_many(self, step: int, cand: np.ndarray, victim: np.ndarray | None) -> np.ndarray | None:
+        """`accept` of pairs at once: candidate scores [n] against victim scores [n] (None: free slots) ->
+        bool [n], the same decisions; None where `accept` is overridden (the plan then asks one by one)."""
+        if type(self).accept is not CachePolicy.accept:
+            return None
+        return np.ones(len(cand), bool) if victim is None else cand > victim + self.margin
+
     def seed(self, profile: Profile) -> None:
         """Warm start the policy's statistics from a profile (default: nothing to seed)."""
 
@@ -231,6 +238,10 @@ def _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots,
     free = slots - sum(occ.values())
     cands = _candidates(rows, layers, S, ok)                            # descending
     n = len(cands[0])
+    if all(caps[layers[i]] >= S.shape[1] for i in rows):               # no layer cap can bind
+        out = _pair_many(policy, step, rows, layers, S, held, res, sizes, cands, max(free, 0))
+        if out is not None:
+            return out
     out, victims, victim = [], None, None
     for cand in _tuples(*cands):
         sc, lc, c = cand
@@ -256,6 +267,32 @@ def _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots,
         else:
             continue
         victim = next(victims, None)
+    return out
+
+
+def _pair_many(policy, step, rows, layers, S, held, res, sizes, cands, free):
+    """The pairing loop of _plan_group with accept_many, when no layer's cap can bind (each is >= E:
+    a candidate's layer always has room, as its candidates are experts it does not hold): the first
+    `free` candidates fill free slots, the rest take the victims in order, up to the first refusal.
+    None where the policy has no accept_many."""
+    sc, lc, c = cands
+    n, fills = len(sc), min(free, len(sc))
+    ok = policy.accept_many(step, sc[:fills], None)
+    if ok is None:
+        return None
+    k = int(np.argmin(ok)) if not ok.all() else fills
+    out = [(np.inf, [(l, e, None)]) for l, e in zip(lc[:k], c[:k].tolist(), strict=True)]
+    if k < fills or fills == n:
+        return out
+    sv, lv, v = _victims(rows, layers, S, held, res, sizes, n)           # ascending
+    m = min(n - fills, len(sv))
+    cs = sc[fills:fills + m]
+    ok = policy.accept_many(step, cs, sv[:m])
+    k = int(np.argmin(ok)) if not ok.all() else m
+    gain = (cs[:k] - sv[:k]).tolist()
+    for g, l, e, vl, ve in zip(gain, lc[fills:fills + k], c[fills:fills + k].tolist(), lv[:k], v[:k].tolist(),
+                               strict=True):
+        out.append((g, [(l, e, ve)] if vl == l else [(vl, None, ve), (l, e, None)]))
     return out
 
 
@@ -614,6 +651,15 @@ class Adaptive(CachePolicy):
             return True
         gain = cand[0] - (0.0 if victim is None else victim[0])       # accesses per step
         return gain * self.horizon * self.cpu_s > self.copy_s
+
+    def accept_many(self, step, cand, victim):
+        if type(self).accept is not Adaptive.accept:
+            return None
+        ok = np.ones(len(cand), bool) if victim is None else cand > victim + self.margin
+        if self.cpu_s is None or self.copy_s is None:
+            return ok
+        gain = cand - (0.0 if victim is None else victim)
+        return ok & (gain * self.horizon * self.cpu_s > self.copy_s)
 
     def seed(self, profile):
         self.slow.seed(profile)

@@ -268,7 +268,8 @@ def test_plan_ranking_equals_tuple_reference(seed):
             scores[l][out[rng.random(out.size) < 0.8]] = NEG
     total = sum(len(s) for s in resident.values())
     caps = {l: int(rng.integers(len(resident[l]), E + 1)) for l in layers}
-    for capacity in (Capacity(caps), Capacity({l: E for l in layers}, total + int(rng.integers(-2, 3)))):
+    budget = total + int(rng.integers(-2, 3))
+    for capacity in (Capacity(caps), Capacity({l: E for l in layers}, budget), Capacity(caps, budget)):
         for pol in (CachePolicy(), make_policy("window-lfu", margin=float(rng.choice([0, 0.5]))),
                     make_policy("auto", cpu_seconds_per_expert=1.0, copy_seconds_per_expert=30.0)):
             pol.bind(layers, E)
