@@ -15,6 +15,7 @@ Contract (docs/architecture.md "Cache policy contract"):
                                                 # experts int64 [n, M], -1 skipped; = access per row in order
     policy.plan(step, occupied, capacity) -> list[Swap]   # priority order; `capacity` is a Capacity
     policy.scores_rows(step, rows) -> [n, E]    # scores of those rows (plan_by_scores ranks them at once)
+    policy.accept_many(step, cand[n], victim[n] | None) -> bool[n] | None   # accept, vectorized (or None)
 
     ctl = CacheController(policy, layers, num_experts, capacity=K | {layer: K}, max_swaps_per_step=4,
                           budget=None | slots, prompt_bypass=64, max_fills_per_step=64)
