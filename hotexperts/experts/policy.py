@@ -11,16 +11,25 @@ Contract (docs/architecture.md "Cache policy contract"):
 
     policy.bind(layers, num_experts)            # the controller calls it once
     policy.access(step, layer, experts, prompt) # experts: the ids routed (flattened [T*K], -1 skipped)
+    policy.access_step(step, rows, experts, prompt)   # batched: rows int64 [n] (distinct policy rows),
+                                                # experts int64 [n, M], -1 skipped; = access per row in order
     policy.plan(step, occupied, capacity) -> list[Swap]   # priority order; `capacity` is a Capacity
+    policy.scores_rows(step, rows) -> [n, E]    # scores of those rows (plan_by_scores ranks them at once)
+    policy.accept_many(step, cand[n], victim[n] | None) -> bool[n] | None   # accept, vectorized (or None)
 
     ctl = CacheController(policy, layers, num_experts, capacity=K | {layer: K}, max_swaps_per_step=4,
                           budget=None | slots, prompt_bypass=64, max_fills_per_step=64)
     ctl.lookup(layer, experts) -> list[bool]                  # no side effects
     ctl.observe(step, layer, experts, prompt, tokens=T, hits=flags)   # stats + policy.access
+    ctl.lookup_step(layers, experts[n, M]) -> bool [n, M]     # all layers at once (False where -1)
+    ctl.observe_step(step, layers, experts[n, M], hits[n, M], prompt=False, tokens=1)
+        # one call per forward pass; bit for bit the same as observe(step, layers[i], experts[i], prompt,
+        # tokens=tokens, hits=hits[i][experts[i] >= 0].tolist()) for i in order
     ctl.end_step(step, prompt) -> list[Swap]                  # swaps to issue now (bounded)
     ctl.commit(swaps)                                          # fills completed -> resident
 
-Order per forward pass: lookup -> compute -> observe (every layer); then end_step -> issue -> commit.
+Order per forward pass: lookup -> compute -> observe (every layer, or one observe_step for all of them);
+then end_step -> issue -> commit.
 Bounds: per decode step at most max_swaps loads that evict a resident and max_fills loads into free slots
 (fills evict nothing). After a prompt, its most-routed experts fill the FREE slots (cold start) without
 evicting anything: prompt routing seeds an empty cache but never flushes the decode working set.
@@ -35,7 +44,6 @@ Profiles (JSON): per layer expert counts and hot set; `save_profile` / `load_pro
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +69,31 @@ class Capacity(dict):
         self.budget = budget
 
 
+def _idarr(experts) -> np.ndarray:
+    """Flattened expert ids (an integer array: the input's integer dtype, else int64), -1 removed."""
+    a = np.asarray(experts)
+    if a.ndim != 1:
+        a = a.reshape(-1)
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.int64)
+    return a[a >= 0]
+
+
 def _ids(experts) -> list[int]:
     """Flattened expert ids, -1 (missing / masked) removed."""
-    return [int(e) for e in np.asarray(experts).reshape(-1).tolist() if e >= 0]
+    return _idarr(experts).tolist()
+
+
+def _grid(a, n: int) -> np.ndarray:
+    """`a` as [n, M] (trailing dims flattened into M)."""
+    a = np.asarray(a)
+    return a.reshape(n, -1) if n else a.reshape(0, a.size)
+
+
+def _cells(rows: np.ndarray, experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """Flat indices row * E + expert of the cells of `experts` [n, M] that hold an expert (-1 skipped),
+    in row-major order (the order a loop over the rows would visit them)."""
+    return (rows[:, None] * num_experts + experts)[experts >= 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,14 +119,33 @@ class CachePolicy:
     def access(self, step: int, layer: int, experts: Sequence[int], prompt: bool) -> None:
         pass
 
+    def access_step(self, step: int, rows: np.ndarray, experts: np.ndarray, prompt: bool) -> None:
+        """Batched `access`: rows = distinct policy row indices (int64 [n]; the layer is self.layers[r]),
+        experts = int64 [n, M], -1 = no expert in that cell. The same as `access` for each row in order;
+        vectorized overrides must leave the same state, bit for bit."""
+        for r, x in zip(rows.tolist(), experts, strict=True):
+            self.access(step, self.layers[r], x, prompt)
+
     def scores(self, step: int, layer: int) -> np.ndarray:      # [E] float
         raise NotImplementedError
+
+    def scores_rows(self, step: int, rows: np.ndarray) -> np.ndarray:
+        """[n, E] float64: `scores` of the layers at policy rows `rows` (same values, same side effects)."""
+        return np.array([np.asarray(self.scores(step, self.layers[r]), np.float64) for r in rows.tolist()],
+                        np.float64).reshape(len(rows), self.E)
 
     def accept(self, step: int, cand: tuple, victim: tuple | None) -> bool:
         """cand/victim = (score, layer, expert); victim None = a free slot."""
         if victim is None:
             return True
         return cand[0] > victim[0] + self.margin
+
+    def accept_many(self, step: int, cand: np.ndarray, victim: np.ndarray | None) -> np.ndarray | None:
+        """`accept` of pairs at once: candidate scores [n] against victim scores [n] (None: free slots) ->
+        bool [n], the same decisions; None where `accept` is overridden (the plan then asks one by one)."""
+        if type(self).accept is not CachePolicy.accept:
+            return None
+        return np.ones(len(cand), bool) if victim is None else cand > victim + self.margin
 
     def seed(self, profile: Profile) -> None:
         """Warm start the policy's statistics from a profile (default: nothing to seed)."""
@@ -107,32 +156,95 @@ class CachePolicy:
 
 def plan_by_scores(policy: CachePolicy, step: int, resident: Mapping[int, set[int]],
                    capacity: Mapping[int, int], scores: Mapping[int, np.ndarray] | None = None) -> list[Swap]:
-    """Best non-resident experts replace the worst resident ones while `policy.accept` agrees."""
-    scores = scores if scores is not None else {l: policy.scores(step, l) for l in resident}
+    """Best non-resident experts replace the worst resident ones while `policy.accept` agrees.
+
+    Ranking (as tuples, ties broken by layer then expert id): candidates = non-resident (score, layer,
+    expert) with a finite score above the floor (the lowest resident score when no slot is free),
+    descending; victims = the len(candidates) lowest resident ones, ascending, taken from each layer's
+    len(candidates) lowest as np.argpartition picks them (which of tied experts it keeps depends on the
+    set's order: kept so as not to change any plan). Vectorized over all layers; only the pairing loop
+    (policy.accept) runs in Python, and victims are ranked only once a candidate needs one."""
+    layers = list(resident)
+    if not layers:
+        return []
+    if scores is not None:
+        S = np.array([np.asarray(scores[l], np.float64) for l in layers], np.float64)
+    else:
+        S = policy.scores_rows(step, np.array([policy.row[l] for l in layers], np.int64))
+    n, E = S.shape
+    res = [np.fromiter(resident[l], np.int64, len(resident[l])) for l in layers]
+    sizes = np.array([r.size for r in res], np.int64)
+    held = np.zeros((n, E), bool)                                       # [n, E] resident
+    if sizes.any():
+        held[np.repeat(np.arange(n), sizes), np.concatenate(res)] = True
+    low = np.where(held, S, np.inf).min(axis=1)                         # [n] lowest resident score
     budget = getattr(capacity, "budget", None)
     if budget is not None:
-        groups = [(list(resident), budget)]
+        free = budget - int(sizes.sum())
+        ok = np.isfinite(S) & (S > (NEG if free > 0 else low.min())) & ~held      # [n, E] candidates
+        rows = sorted(range(n), key=lambda i: layers[i])
+        ranked = _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, budget, capacity)
     else:
-        groups = [([l], capacity[l]) for l in resident]
-    ranked: list[tuple[float, list[Swap]]] = []
-    for layers, slots in groups:
-        ranked += _plan_group(policy, step, layers, scores, resident, slots, capacity)
+        caps = np.array([capacity[l] for l in layers], np.int64)
+        floor = np.where(caps - sizes > 0, NEG, low)
+        ok = np.isfinite(S) & (S > floor[:, None]) & ~held
+        ranked = _plan_layers(policy, step, layers, S, ok, res, sizes, capacity)
     ranked.sort(key=lambda g: -g[0])                    # stable: most valuable first
     return [s for _, swaps in ranked for s in swaps]
 
 
-def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tuple[float, list[Swap]]]:
-    res = {l: np.fromiter(resident[l], np.int64, len(resident[l])) for l in layers}
-    occ = {l: int(r.size) for l, r in res.items()}
+def _plan_layers(policy, step, layers, S, ok, res, sizes, caps) -> list[tuple[float, list[Swap]]]:
+    """Per-layer capacity: each layer's candidates against its own victims (layers in their order)."""
+    ri, e = np.nonzero(ok)
+    if not ri.size:
+        return []
+    sc = S[ri, e]
+    order = np.argsort(-sc, kind="stable")                  # by score descending, then expert
+    order = order[np.argsort(ri[order], kind="stable")]     # grouped by layer
+    ri, sc, e = ri[order], sc[order].tolist(), e[order].tolist()
+    bounds = np.flatnonzero(np.diff(ri)) + 1
+    starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), len(sc)]
+    out = []
+    for i, a, b in zip(ri[starts].tolist(), starts, ends, strict=True):
+        lc, n = layers[i], b - a
+        occ, cap = int(sizes[i]), caps[layers[i]]
+        free, victims, vi = cap - occ, None, 0
+        for k in range(a, b):
+            cand = (sc[k], lc, e[k])
+            if free > 0 and occ < cap:
+                if not policy.accept(step, cand, None):
+                    break
+                out.append((np.inf, [(lc, e[k], None)]))
+                free, occ = free - 1, occ + 1
+                continue
+            if victims is None:                               # the n lowest residents, ascending
+                r = res[i]
+                if r.size > n:
+                    r = r[np.argpartition(S[i][r], n - 1)[:n]]
+                victims = sorted(zip(S[i][r].tolist(), r.tolist(), strict=True))[:n]
+            if vi >= len(victims):
+                break
+            sv, v = victims[vi]
+            if not policy.accept(step, cand, (sv, lc, v)):
+                break
+            out.append((sc[k] - sv, [(lc, e[k], v)]))
+            vi += 1
+    return out
+
+
+def _plan_group(policy, step, rows, layers, S, ok, held, res, sizes, slots,
+                caps) -> list[tuple[float, list[Swap]]]:
+    """rows: indices into `layers` (one, or all of them under a global budget), ascending by layer id."""
+    occ = {layers[i]: int(sizes[i]) for i in rows}
     free = slots - sum(occ.values())
-    floor = NEG
-    if free <= 0:
-        mins = [scores[l][r].min() for l, r in res.items() if r.size]
-        floor = min(mins) if mins else np.inf
-    cands = _candidates(layers, scores, res, floor)                # descending
-    victims = _victims(layers, scores, res, len(cands)) if cands else []   # ascending
-    out, vi = [], 0
-    for cand in cands:
+    cands = _candidates(rows, layers, S, ok)                            # descending
+    n = len(cands[0])
+    if all(caps[layers[i]] >= S.shape[1] for i in rows):               # no layer cap can bind
+        out = _pair_many(policy, step, rows, layers, S, held, res, sizes, cands, max(free, 0))
+        if out is not None:
+            return out
+    out, victims, victim = [], None, None
+    for cand in _tuples(*cands):
         sc, lc, c = cand
         if free > 0 and occ[lc] < caps[lc]:
             if not policy.accept(step, cand, None):
@@ -140,9 +252,11 @@ def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tup
             out.append((np.inf, [(lc, c, None)]))
             free, occ[lc] = free - 1, occ[lc] + 1
             continue
-        if vi >= len(victims):
+        if victims is None:
+            victims = _tuples(*_victims(rows, layers, S, held, res, sizes, n))      # ascending
+            victim = next(victims, None)
+        if victim is None:
             break
-        victim = victims[vi]
         sv, lv, v = victim
         if not policy.accept(step, cand, victim):
             break
@@ -153,33 +267,70 @@ def _plan_group(policy, step, layers, scores, resident, slots, caps) -> list[tup
             occ[lv], occ[lc] = occ[lv] - 1, occ[lc] + 1
         else:
             continue
-        vi += 1
+        victim = next(victims, None)
     return out
 
 
-def _victims(layers, scores, res, n) -> list[tuple[float, int, int]]:
-    """The `n` lowest-scored resident (score, layer, expert), ascending."""
-    out = []
-    for l in layers:
-        r = res[l]
-        if r.size > n:
-            r = r[np.argpartition(scores[l][r], n - 1)[:n]]
-        out += [(float(x), l, int(e)) for x, e in zip(scores[l][r], r, strict=True)]
-    out.sort()
-    return out[:n]
+def _pair_many(policy, step, rows, layers, S, held, res, sizes, cands, free):
+    """The pairing loop of _plan_group with accept_many, when no layer's cap can bind (each is >= E:
+    a candidate's layer always has room, as its candidates are experts it does not hold): the first
+    `free` candidates fill free slots, the rest take the victims in order, up to the first refusal.
+    None where the policy has no accept_many."""
+    sc, lc, c = cands
+    n, fills = len(sc), min(free, len(sc))
+    ok = policy.accept_many(step, sc[:fills], None)
+    if ok is None:
+        return None
+    k = int(np.argmin(ok)) if not ok.all() else fills
+    out = [(np.inf, [(l, e, None)]) for l, e in zip(lc[:k], c[:k].tolist(), strict=True)]
+    if k < fills or fills == n:
+        return out
+    sv, lv, v = _victims(rows, layers, S, held, res, sizes, n)           # ascending
+    m = min(n - fills, len(sv))
+    cs = sc[fills:fills + m]
+    ok = policy.accept_many(step, cs, sv[:m])
+    k = int(np.argmin(ok)) if not ok.all() else m
+    gain = (cs[:k] - sv[:k]).tolist()
+    for g, l, e, vl, ve in zip(gain, lc[fills:fills + k], c[fills:fills + k].tolist(), lv[:k], v[:k].tolist(),
+                               strict=True):
+        out.append((g, [(l, e, ve)] if vl == l else [(vl, None, ve), (l, e, None)]))
+    return out
 
 
-def _candidates(layers, scores, res, floor) -> list[tuple[float, int, int]]:
-    """Non-resident (score, layer, expert) with a finite score above `floor`, descending."""
-    out = []
-    for l in layers:
-        s = scores[l]
-        ok = np.isfinite(s) & (s > floor)
-        ok[res[l]] = False
-        idx = np.flatnonzero(ok)
-        out += [(-float(x), l, int(e)) for x, e in zip(s[idx], idx, strict=True)]
-    out.sort()
-    return [(-x, l, e) for x, l, e in out]
+def _tuples(scores: np.ndarray, layers: list, experts: np.ndarray, chunk: int = 64):
+    """(float score, layer, int expert) tuples, converted `chunk` at a time (the loop often stops early)."""
+    for a in range(0, len(scores), chunk):
+        yield from zip(scores[a:a + chunk].tolist(), layers[a:a + chunk], experts[a:a + chunk].tolist(),
+                       strict=True)
+
+
+def _candidates(rows, layers, S, ok) -> tuple[np.ndarray, list, np.ndarray]:
+    """Non-resident (score, layer, expert) marked in `ok`, by score descending, then layer, then expert."""
+    ri, e = np.nonzero(ok[rows])                         # row-major: ascending (layer, expert)
+    sub = np.asarray(rows, np.int64)[ri]
+    sc = S[sub, e]
+    order = np.argsort(-sc, kind="stable")
+    sub = sub[order].tolist()
+    return sc[order], [layers[i] for i in sub], e[order]
+
+
+def _victims(rows, layers, S, held, res, sizes, n) -> tuple[np.ndarray, list, np.ndarray]:
+    """The `n` lowest-scored resident (score, layer, expert), ascending (ties: layer, then expert), among
+    each layer's `n` lowest as np.argpartition on the resident set's own order picks them."""
+    rows = np.asarray(rows, np.int64)
+    sel = held[rows]
+    for k in np.flatnonzero(sizes[rows] > n).tolist():
+        r = res[rows[k]]
+        sel[k] = False
+        sel[k, r[np.argpartition(S[rows[k]][r], n - 1)[:n]]] = True
+    ri, ve = np.nonzero(sel)                             # ascending (layer, expert)
+    vr = rows[ri]
+    vs = S[vr, ve]
+    if vs.size > n:                                      # keep the n lowest and their ties, in order
+        keep = vs <= np.partition(vs, n - 1)[n - 1]
+        vs, vr, ve = vs[keep], vr[keep], ve[keep]
+    order = np.argsort(vs, kind="stable")[:n]
+    return vs[order], [layers[i] for i in vr[order].tolist()], ve[order]
 
 
 class LRU(CachePolicy):
@@ -192,10 +343,16 @@ class LRU(CachePolicy):
         self.last = np.full((len(self.layers), self.E), NEG)     # [Lm, E] last access step
 
     def access(self, step, layer, experts, prompt):
-        self.last[self.row[layer], _ids(experts)] = step
+        self.last[self.row[layer], _idarr(experts)] = step
+
+    def access_step(self, step, rows, experts, prompt):
+        self.last.reshape(-1)[_cells(rows, experts, self.E)] = step
 
     def scores(self, step, layer):
         return self.last[self.row[layer]]
+
+    def scores_rows(self, step, rows):
+        return self.last[rows]
 
 
 class WindowLFU(CachePolicy):
@@ -212,18 +369,80 @@ class WindowLFU(CachePolicy):
 
     def bind(self, layers, num_experts):
         super().bind(layers, num_experts)
-        self.counts = np.zeros((len(self.layers), self.E), np.int64)    # [Lm, E]
-        self.hist = [deque() for _ in self.layers]                     # per layer: ids of each token
+        L, W = len(self.layers), max(self.window, 1)
+        self.counts = np.zeros((L, self.E), np.int64)      # [Lm, E] accesses in each layer's window
+        # The window = each row's last `window` accesses. Per row a ring of the ids of the calls that made
+        # them (oldest at _pos once _held == window); per call [what it still counts, how many of its rows
+        # still hold it, its row]: an `access` (one row r): [expert ids, 1, r]; an `access_step`: [cells
+        # (flat row * E + expert), rows, -1].
+        self._ring = np.zeros((L, W), np.int64)
+        self._held = np.zeros(L, np.int64)
+        self._pos = np.zeros(L, np.int64)
+        self._calls: dict[int, list] = {}
+        self._call = 0
 
     def access(self, step, layer, experts, prompt):
-        i, ids = self.row[layer], _ids(experts)
+        if self.window <= 0:                               # every access leaves the window at once
+            return
+        i, ids = self.row[layer], _idarr(experts)
         np.add.at(self.counts[i], ids, 1)
-        self.hist[i].append(ids)
-        while len(self.hist[i]) > self.window:
-            np.subtract.at(self.counts[i], self.hist[i].popleft(), 1)
+        p = int(self._pos[i])
+        if self._held[i] < self.window:
+            self._held[i] += 1
+        else:
+            self._forget(int(self._ring[i, p]), i)
+        self._ring[i, p] = self._call
+        self._calls[self._call] = [ids, 1, i]
+        self._call += 1
+        self._pos[i] = (p + 1) % self.window
+
+    def access_step(self, step, rows, experts, prompt):
+        if self.window <= 0 or not len(rows):
+            return
+        cells = _cells(rows, experts, self.E)
+        np.add.at(self.counts.reshape(-1), cells, 1)
+        pos = self._pos[rows]
+        full = self._held[rows] >= self.window
+        if full.all():                                     # each full row drops its oldest access
+            self._forget_rows(rows, self._ring[rows, pos])
+        else:
+            if full.any():
+                self._forget_rows(rows[full], self._ring[rows[full], pos[full]])
+            self._held[rows] += ~full
+        self._ring[rows, pos] = self._call
+        self._calls[self._call] = [cells, len(rows), -1]
+        self._call += 1
+        self._pos[rows] = (pos + 1) % self.window
+
+    def _forget_rows(self, rows, calls):
+        if (calls == calls[0]).all():
+            self._forget(int(calls[0]), rows)
+        else:
+            for c in np.unique(calls).tolist():
+                self._forget(c, rows[calls == c])
+
+    def _forget(self, call, rows):
+        """Rows `rows` (an array, or one row) stop counting their access of call `call`."""
+        entry = self._calls[call]
+        if entry[2] >= 0:                                  # one row's access
+            del self._calls[call]
+            np.subtract.at(self.counts[entry[2]], entry[0], 1)
+            return
+        rows = np.atleast_1d(rows)
+        cells, entry[1] = entry[0], entry[1] - len(rows)
+        if entry[1]:                                       # other rows of that call still hold it
+            gone = np.isin(cells // self.E, rows)
+            cells, entry[0] = cells[gone], cells[~gone]
+        else:
+            del self._calls[call]
+        np.subtract.at(self.counts.reshape(-1), cells, 1)
 
     def scores(self, step, layer):
         c = self.counts[self.row[layer]].astype(np.float64)
+        return np.where(c > 0, c, NEG)
+
+    def scores_rows(self, step, rows):
+        c = self.counts[rows].astype(np.float64)
         return np.where(c > 0, c, NEG)
 
     def seed(self, profile):
@@ -255,15 +474,47 @@ class Decay(CachePolicy):
             self.f[i] *= self.d ** (step - self.t[i])
             self.t[i] = step
 
+    def _advance_rows(self, rows, step):
+        """`_advance` of each row: the same factor per row (one pow per distinct last-decay step)."""
+        t = self.t[rows]
+        late = step > t
+        if not late.any():
+            return
+        if not late.all():
+            rows, t = rows[late], t[late]
+        if (t == t[0]).all():
+            if len(rows) == len(self.t):                   # every row (rows are distinct): in place
+                self.f *= self.d ** (step - t[0])
+                self.t.fill(step)
+                return
+            self.f[rows] *= self.d ** (step - t[0])
+        else:
+            u = np.unique(t)
+            fac = np.array([self.d ** (step - x) for x in u], np.float64)
+            self.f[rows] *= fac[np.searchsorted(u, t)][:, None]
+        self.t[rows] = step
+
     def access(self, step, layer, experts, prompt):
         i = self.row[layer]
         self._advance(i, step)
-        np.add.at(self.f[i], _ids(experts), 1.0)
+        np.add.at(self.f[i], _idarr(experts), 1.0)
+
+    def access_step(self, step, rows, experts, prompt):
+        self._access_cells(step, rows, _cells(rows, experts, self.E))
+
+    def _access_cells(self, step, rows, cells):
+        self._advance_rows(rows, step)
+        np.add.at(self.f.reshape(-1), cells, 1.0)
 
     def scores(self, step, layer):
         i = self.row[layer]
         self._advance(i, step)
         return np.where(self.f[i] > 0, self.f[i], NEG)
+
+    def scores_rows(self, step, rows):
+        self._advance_rows(rows, step)
+        f = self.f[rows]
+        return np.where(f > 0, f, NEG)
 
     def seed(self, profile):
         for l, c in profile.counts.items():
@@ -296,6 +547,9 @@ class Static(CachePolicy):
     def scores(self, step, layer):
         return self.s[self.row[layer]]
 
+    def scores_rows(self, step, rows):
+        return self.s[rows]
+
 
 class Belady(CachePolicy):
     """Offline optimum (MIN with bypass): keep the experts used soonest; load only an expert just accessed
@@ -322,7 +576,7 @@ class Belady(CachePolicy):
         self.last_plan = -1 << 62
 
     def access(self, step, layer, experts, prompt):
-        self.seen[self.row[layer], _ids(experts)] = step
+        self.seen[self.row[layer], _idarr(experts)] = step
 
     def plan(self, step, resident, capacity):
         scores = {}
@@ -374,9 +628,19 @@ class Adaptive(CachePolicy):
         self.slow.access(step, layer, experts, prompt)
         self.fast.access(step, layer, experts, prompt)
 
+    def access_step(self, step, rows, experts, prompt):
+        cells = _cells(rows, experts, self.E)
+        self.slow._access_cells(step, rows, cells)
+        self.fast._access_cells(step, rows, cells)
+
     def scores(self, step, layer):
         """Expected accesses per step: slow (frequency) and fast (recency) decayed rates, mixed."""
-        s, f = self.slow.scores(step, layer), self.fast.scores(step, layer)
+        return self._mix(self.slow.scores(step, layer), self.fast.scores(step, layer))
+
+    def scores_rows(self, step, rows):
+        return self._mix(self.slow.scores_rows(step, rows), self.fast.scores_rows(step, rows))
+
+    def _mix(self, s, f):
         slow, fast = np.maximum(s, 0) * (1 - self.slow.d), np.maximum(f, 0) * (1 - self.fast.d)
         rate = slow + self.recency_weight * fast
         return np.where(np.isfinite(s), rate / (1 + self.recency_weight), NEG)
@@ -388,6 +652,15 @@ class Adaptive(CachePolicy):
             return True
         gain = cand[0] - (0.0 if victim is None else victim[0])       # accesses per step
         return gain * self.horizon * self.cpu_s > self.copy_s
+
+    def accept_many(self, step, cand, victim):
+        if type(self).accept is not Adaptive.accept:
+            return None
+        ok = np.ones(len(cand), bool) if victim is None else cand > victim + self.margin
+        if self.cpu_s is None or self.copy_s is None:
+            return ok
+        gain = cand - (0.0 if victim is None else victim)
+        return ok & (gain * self.horizon * self.cpu_s > self.copy_s)
 
     def seed(self, profile):
         self.slow.seed(profile)
@@ -429,6 +702,18 @@ def policy_from_profile(profile: Profile, name: str | None = None, **overrides) 
 # Controller
 # ---------------------------------------------------------------------------------------------------
 
+class _Occupied(dict):
+    """layer -> resident | pending, each made (a copy) on first access."""
+
+    def __init__(self, resident, pending):
+        super().__init__()
+        self.resident, self.pending = resident, pending
+
+    def __missing__(self, layer):
+        occ = self[layer] = self.resident[layer] | self.pending[layer]
+        return occ
+
+
 @dataclass
 class LayerStats:
     hits: int = 0
@@ -454,9 +739,12 @@ class CacheController:
         self.capacity = Capacity({l: min(int(caps[l]), self.E) for l in self.layers}, budget)
         self.max_swaps, self.prompt_bypass = max_swaps_per_step, int(prompt_bypass)
         self.max_fills = max_fills_per_step
-        self._prompt_counts = {l: np.zeros(self.E) for l in self.layers}   # routing of the current prompt
+        self._prompt = np.zeros((len(self.layers), self.E))                # routing of the current prompt
+        self._prompt_counts = {l: self._prompt[i] for i, l in enumerate(self.layers)}    # rows (views)
+        self._index = {l: i for i, l in enumerate(self.layers)}
         self.policy = policy
         policy.bind(self.layers, self.E)
+        self._rows_of: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {}   # observe_step's layers
         self.resident: dict[int, set[int]] = {l: set() for l in self.layers}
         self.pending: dict[int, set[int]] = {l: set() for l in self.layers}   # loads issued, not committed
         self.stats = {l: LayerStats() for l in self.layers}
@@ -478,14 +766,85 @@ class CacheController:
             else:
                 st.hits, st.misses = st.hits + h, st.misses + len(hits) - h
         if prompt:
-            ids = _ids(experts)
-            np.add.at(self._prompt_counts[layer], np.asarray(ids, dtype=np.int64), 1.0)
+            np.add.at(self._prompt_counts[layer], _idarr(experts), 1.0)
         if not (prompt and tokens > self.prompt_bypass):
             self.policy.access(step, layer, experts, prompt)
+
+    # ---- per forward pass, batched ---------------------------------------------------------------
+    def lookup_step(self, layers: Sequence[int], experts) -> np.ndarray:
+        """[n, M] bool hit flags of `experts` [n, M] (row i: layer layers[i]) against `resident`; False
+        where -1. Row i, cells >= 0, equals lookup(layers[i], experts[i]). No side effects."""
+        x = _grid(experts, len(layers))
+        held = np.zeros((len(layers), self.E + 1), bool)          # column E: the -1 cells (never hits)
+        for i, l in enumerate(layers):
+            r = self.resident[l]
+            if r:
+                held[i, np.fromiter(r, np.int64, len(r))] = True
+        return held[np.arange(len(layers))[:, None], np.where(x >= 0, x, self.E)]
+
+    def observe_step(self, step: int, layers: Sequence[int], experts, hits=None, prompt: bool = False,
+                     tokens: int = 1) -> None:
+        """`observe` of a whole forward pass at once (the live engine: once per decode step).
+
+        layers: MoE layer ids (a subset, in order); experts: int [n, M] (row i: layer layers[i]; M >= top-k,
+        more dims are flattened into M); -1 = no expert in that cell (skipped); hits: bool [n, M] from the
+        mirror (ignored where experts == -1), or None (no hit stats, as observe(hits=None)).
+        Exactly the same (stats, policy state, later plans and swaps) as, for i in order:
+            observe(step, layers[i], experts[i], prompt, tokens=tokens,
+                    hits=hits[i][experts[i] >= 0].tolist())
+        """
+        n = len(layers)
+        if not n:
+            return
+        x = _grid(experts, n)
+        if x.dtype != np.int64:
+            x = x.astype(np.int64)
+        key = tuple(layers)
+        idx = self._rows_of.get(key)
+        if idx is None:
+            if len(set(key)) < n:                      # a layer twice: its calls depend on each other
+                valid = x >= 0
+                h = None if hits is None else _grid(hits, n).astype(bool, copy=False)
+                for i, l in enumerate(key):
+                    self.observe(step, l, x[i], prompt, tokens=tokens,
+                                 hits=None if h is None else h[i][valid[i]].tolist())
+                return
+            if len(self._rows_of) > 64:
+                self._rows_of.clear()
+            idx = self._rows_of[key] = (np.array([self._index[l] for l in key], np.int64),
+                                        np.array([self.policy.row[l] for l in key], np.int64))
+        if hits is not None:
+            valid, h = x >= 0, _grid(hits, n).astype(bool, copy=False)
+            if valid.all():
+                nv, nh = [x.shape[1]] * n, h.sum(axis=1).tolist()
+            else:
+                nv, nh = valid.sum(axis=1).tolist(), (h & valid).sum(axis=1).tolist()
+            stats = self.stats
+            if prompt:
+                for l, a, v in zip(key, nh, nv, strict=True):
+                    st = stats[l]
+                    st.prompt_hits += a
+                    st.prompt_misses += v - a
+            else:
+                for l, a, v in zip(key, nh, nv, strict=True):
+                    st = stats[l]
+                    st.hits += a
+                    st.misses += v - a
+        if prompt:
+            np.add.at(self._prompt.reshape(-1), _cells(idx[0], x, self.E), 1.0)
+        if not (prompt and tokens > self.prompt_bypass):
+            self.policy.access_step(step, idx[1], x, prompt)
 
     # ---- per forward pass ----------------------------------------------------------------------
     def occupied(self) -> dict[int, set[int]]:
         return {l: self.resident[l] | self.pending[l] for l in self.layers}
+
+    def _occupied_now(self) -> tuple[dict[int, set[int]], int]:
+        """(occupied sets made on first use, their total size): for _issue, which touches few layers."""
+        total = 0
+        for r, p in zip(self.resident.values(), self.pending.values(), strict=True):
+            total += len(r) + len(p) - (len(p & r) if p else 0)
+        return _Occupied(self.resident, self.pending), total
 
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         if prompt:
@@ -501,24 +860,29 @@ class CacheController:
         so prompt routing never flushes the decode working set). Not bounded: it runs once per prompt."""
         occ = self.occupied()
         total = sum(len(s) for s in occ.values())
-        ranked = sorted(((c, l, int(e)) for l in self.layers for e, c in enumerate(self._prompt_counts[l])
-                         if c > 0 and e not in occ[l]), key=lambda t: (-t[0], t[1], t[2]))
-        out = []
-        for _, l, e in ranked:
-            if self._free(l, occ, total):
+        rows = sorted(range(len(self.layers)), key=lambda i: self.layers[i])
+        counts = self._prompt[rows]
+        ri, es = np.nonzero(counts > 0)                            # ascending (layer, expert)
+        order = np.argsort(-counts[ri, es], kind="stable")         # most routed first, ties: (layer, expert)
+        ranked = zip([self.layers[rows[i]] for i in ri[order].tolist()], es[order].tolist(), strict=True)
+        out, budget = [], self.capacity.budget
+        for l, e in ranked:
+            if budget is not None and total >= budget:
+                break                                              # no slot left anywhere
+            if e not in occ[l] and self._free(l, occ, total):
                 occ[l].add(e)
                 self.pending[l].add(e)
                 self.stats[l].loads += 1
                 out.append((l, e, None))
                 total += 1
-        for counts in self._prompt_counts.values():
-            counts[:] = 0.0
+        self._prompt[:] = 0.0
         return out
 
     def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
         """Issue planned swaps in order: at most max_swaps loads that evict, max_fills into free slots."""
-        occ, issued, held, loads, fills = self.occupied(), [], [], 0, 0
-        total = sum(len(s) for s in occ.values())
+        if not swaps:
+            return [], []
+        (occ, total), issued, held, loads, fills = self._occupied_now(), [], [], 0, 0
         for i, (l, c, v) in enumerate(swaps):
             into_free = c is not None and v is None and self._free(l, occ, total)
             limit, used = (self.max_fills, fills) if into_free else (self.max_swaps, loads)

@@ -5,9 +5,10 @@
     sweep(trace, policies, slots=[8, 16] | budgets=[...]) -> list[SimResult]   (each ÷ Belady filled in)
 
 Replay order, as in the live engine: one forward pass per iteration (`trace.iterations()`: a prompt batch
-or one decoded token); per MoE layer lookup -> observe (hit flags counted); then end_step -> commit at
-once. Prompt tokens are counted apart from decode tokens; prompt batches over `prompt_bypass` tokens are
-not shown to the policy. Hit rates count routed selections (token, k); cells with id -1 are skipped.
+or one decoded token); every MoE layer's lookup -> observe (hit flags counted; one lookup_step and one
+observe_step per pass, the same as per layer calls); then end_step -> commit at once. Prompt tokens are
+counted apart from decode tokens; prompt batches over `prompt_bypass` tokens are not shown to the policy.
+Hit rates count routed selections (token, k); cells with id -1 are skipped.
 
 CLI: `hotexperts simulate TRACE [--policies ...] [--slots 8,16,32 | --budget 600,8GiB] [--profile HW]
 [--json OUT] [--plot DIR]`: a table of hit rates, ÷ Belady, swaps and bytes moved, and with a hardware
@@ -117,10 +118,8 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
         ctl.commit(ctl.warm_start(warm_start))
     decode_tokens = 0
     for step, prompt, rows in passes(trace):
-        ids = trace.ids[rows]                                      # [T, Lm, K]
-        for j, layer in enumerate(layers):
-            flat = ids[:, j].reshape(-1)
-            ctl.observe(step, layer, flat, prompt, tokens=rows.size, hits=ctl.lookup(layer, flat))
+        ids = trace.ids[rows].transpose(1, 0, 2).reshape(len(layers), -1)     # [Lm, T*K]
+        ctl.observe_step(step, layers, ids, ctl.lookup_step(layers, ids), prompt, tokens=rows.size)
         ctl.commit(ctl.end_step(step, prompt))
         decode_tokens += 0 if prompt else rows.size
     return _result(ctl, pol, slots, budget, decode_tokens, expert_nbytes)
