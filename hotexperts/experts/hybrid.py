@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from hotexperts.errors import HotExpertsError
+from hotexperts.experts.slots import DoneEvent
 from hotexperts.experts.staging import PromptCost, staging_or_none
 
 
@@ -98,6 +99,7 @@ class HybridExecutor:
         self._pending_step: int | None = None                # deferred: a step whose rows are not taken yet
         self._stash = None                                   # deferred: (step, prompt, rows) to account
         self._announced = False                              # before_step() ran for the current forward
+        self.defer = self.cuda                               # worker decode: bookkeeping one step late
         self._prompt_routes: list = []                       # streamed prompt layers awaiting observe
 
     @property
@@ -175,10 +177,8 @@ class HybridExecutor:
     def end_step(self) -> None:
         t0 = time.perf_counter()
         decode = self.worker is not None and not self._prompt
-        if decode and self.cuda and self._announced:           # deferred: record now, account next step
-            if self._step_done is None:
-                self._step_done = torch.cuda.Event()
-            self._step_done.record()
+        if decode and self.defer and self._announced:          # deferred: record now, account next step
+            self._record_step()
             self._pending_step = self.step
             stash, self._stash = self._stash, None
             if stash is not None:                              # the previous step, while this one runs
@@ -214,12 +214,14 @@ class HybridExecutor:
             self._pending_step = None
 
     def _take_now(self):
-        if self.cuda:
-            if self._step_done is None:
-                self._step_done = torch.cuda.Event()
-            self._step_done.record()
-            self._sync(self._step_done)                        # the step's mailbox writes are complete
+        self._record_step()
+        self._sync(self._step_done)                            # the step's mailbox writes are complete
         return self.worker.take_step()
+
+    def _record_step(self) -> None:
+        if self._step_done is None:
+            self._step_done = torch.cuda.Event() if self.cuda else DoneEvent()
+        self._step_done.record()
 
     def _sync(self, event) -> None:
         t0 = time.perf_counter()

@@ -248,3 +248,23 @@ def test_cuda_graphed_worker_decode_matches_reference(text):
         ex.close()
     finally:
         model.cpu()
+
+
+@pytest.mark.parametrize("text", ["layers:1", "hot:3", "cache:5slots:lru", "cache:6slots:auto"])
+def test_deferred_bookkeeping_gives_the_same_tokens_and_counts(text):
+    """With defer (the CUDA default), a step's stats and policy run while the next step runs; through the
+    Generator (which calls before_step) the tokens and, after flush, the counts match the reference."""
+    from hotexperts.engine.generate import Generator
+    from hotexperts.engine.sampling import SamplingParams
+    from tests.experts.test_hybrid import MODEL, PROMPT, REF_TOKS
+
+    ex = executor(text)
+    ex.defer = True
+    gen = Generator(MODEL, ex, CFG, "cpu", 64)
+    toks = list(gen.generate(PROMPT, SamplingParams(max_tokens=len(REF_TOKS))))
+    assert toks == REF_TOKS
+    st = ex.stats()["total"]                                   # stats() flushes the last step
+    assert st["hits"] + st["misses"] == (len(PROMPT) + len(toks) - 1) * CFG.top_k * len(STORE.layers)
+    again = list(gen.generate(PROMPT, SamplingParams(max_tokens=len(REF_TOKS))))   # a second request
+    assert again == REF_TOKS
+    ex.close()
