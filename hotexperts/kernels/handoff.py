@@ -7,7 +7,7 @@ in place, K = mailbox top-k >= the call's k, D = hidden size):
     post(r, x [1, D], ids [1, k], weights [1, k], slot_row [E] int32 | None, counter [Lm] int64, mb,
          gpu_misses=Z) -> zc [1, k] | None
         a miss = an id whose expert has no slot (slot_row[id] < 0; every id when slot_row is None); the first
-        min(Z, misses // GPU_SHARE) misses in k order are the GPU's own (zc: it reads them from host
+        min(Z, misses // share) misses in k order are the GPU's own (zc: it reads them from host
         memory), the rest the CPU's (miss)
         mb.ids[r] = ids, mb.miss[r] = miss, mb.zc[r] = zc, mb.w[r] = weights (fp32), mb.x[r] = x
         (cells >= k: -1 / 0); counter[r] += 1; then, once those writes are visible to the host:
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 ERR_TIMEOUT = 2
-GPU_SHARE = 4           # the GPU takes one miss per GPU_SHARE misses of a layer (at most gpu_misses)
+GPU_SHARE = 4           # default: the GPU takes one miss per GPU_SHARE misses of a layer (at most gpu_misses)
 _TRITON = None          # the compiled kernels module, False when triton is unavailable
 
 
@@ -48,9 +48,9 @@ def device_handoff_available() -> bool:
     return torch.cuda.is_available() and _kernels() is not None
 
 
-def split_misses(ids: torch.Tensor, slot_row: torch.Tensor | None, gpu_misses: int):
+def split_misses(ids: torch.Tensor, slot_row: torch.Tensor | None, gpu_misses: int, share: int = GPU_SHARE):
     """ids [1, k] -> (CPU miss ids [k], GPU miss ids [k]), -1 elsewhere: the torch form of the kernels'
-    rule (a miss has no slot; the first min(gpu_misses, misses // GPU_SHARE) misses in k order go to the
+    rule (a miss has no slot; the first min(gpu_misses, misses // share) misses in k order go to the
     GPU: reading an expert over PCIe is slower than the CPU computing it, so the GPU only helps a CPU that
     has several)."""
     e = ids[0]
@@ -58,18 +58,18 @@ def split_misses(ids: torch.Tensor, slot_row: torch.Tensor | None, gpu_misses: i
     if not gpu_misses:
         return miss, torch.full_like(miss, -1)
     is_miss = miss >= 0
-    share = min(gpu_misses, int(is_miss.sum()) // GPU_SHARE)
-    gpu = is_miss & (torch.cumsum(is_miss.long(), 0) <= share)
+    n_gpu = min(gpu_misses, int(is_miss.sum()) // share)
+    gpu = is_miss & (torch.cumsum(is_miss.long(), 0) <= n_gpu)
     return torch.where(gpu, -1, miss), torch.where(gpu, miss, -1)
 
 
 def post(r: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slot_row: torch.Tensor | None,
-         counter: torch.Tensor, mb, gpu_misses: int = 0) -> torch.Tensor | None:
+         counter: torch.Tensor, mb, gpu_misses: int = 0, share: int = GPU_SHARE) -> torch.Tensor | None:
     """-> [1, k] ids of the misses the GPU computes itself (-1 elsewhere), or None when gpu_misses == 0."""
     if x.is_cuda:
-        return _kernels().post(r, x, ids, weights, slot_row, counter, mb, gpu_misses)
+        return _kernels().post(r, x, ids, weights, slot_row, counter, mb, gpu_misses, share)
     k = ids.shape[1]
-    miss, zc = split_misses(ids, slot_row, gpu_misses)
+    miss, zc = split_misses(ids, slot_row, gpu_misses, share)
     for buf, row in ((mb.ids, ids[0]), (mb.miss, miss), (mb.zc, zc)):
         buf[r].fill_(-1)
         buf[r, :k] = row
@@ -83,15 +83,15 @@ def post(r: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slot
 
 def collect(r: int, ids: torch.Tensor, slot_row: torch.Tensor | None, counter: torch.Tensor, mb,
             y: torch.Tensor | None, dtype: torch.dtype, timeout_s: float = 10.0, worker=None,
-            y2: torch.Tensor | None = None, gpu_misses: int = 0) -> torch.Tensor:
+            y2: torch.Tensor | None = None, gpu_misses: int = 0, share: int = GPU_SHARE) -> torch.Tensor:
     """y, y2: the GPU's fp32 partial sums (slot hits; misses it read from host memory), or None."""
     if ids.is_cuda:
-        return _kernels().collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2, gpu_misses)
+        return _kernels().collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2, gpu_misses, share)
     acc = torch.zeros(1, mb.out.shape[1])
     for part in (y, y2):
         if part is not None:
             acc = acc + part.float()
-    miss, _ = split_misses(ids, slot_row, gpu_misses)
+    miss, _ = split_misses(ids, slot_row, gpu_misses, share)
     if not bool((miss >= 0).any()):
         return acc.to(dtype)
     if not worker.wait(r, int(counter[r]), timeout_s):

@@ -18,7 +18,6 @@ import triton.language as tl
 from hotexperts.kernels.handoff import ERR_TIMEOUT, GPU_SHARE
 
 _ERR_TIMEOUT = tl.constexpr(ERR_TIMEOUT)
-_GPU_SHARE = tl.constexpr(GPU_SHARE)
 
 
 @triton.jit
@@ -58,9 +57,10 @@ def _now_ns():
 
 
 @triton.jit
-def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: tl.constexpr):
+def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: tl.constexpr,
+            SHARE: tl.constexpr):
     """-> [KB] ids (-1 padded), [KB] CPU miss ids, [KB] GPU miss ids (-1 elsewhere): a miss has no slot
-    (every id when there is no slot table); the first min(Z, misses // GPU_SHARE) misses in k order go to
+    (every id when there is no slot table); the first min(Z, misses // SHARE) misses in k order go to
     the GPU (read from host memory), the others to the CPU worker."""
     kk = tl.arange(0, KB)
     e = tl.load(ids_ptr + kk, mask=kk < k, other=-1)
@@ -71,7 +71,7 @@ def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: 
         miss = e
     if Z > 0:
         is_miss = (miss >= 0).to(tl.int32)
-        share = tl.minimum(tl.sum(is_miss, axis=0) // _GPU_SHARE, Z)
+        share = tl.minimum(tl.sum(is_miss, axis=0) // SHARE, Z)
         rank = tl.cumsum(is_miss, axis=0) - 1
         gpu = (miss >= 0) & (rank < share)
         return e, tl.where(gpu, -1, miss), tl.where(gpu, miss, -1)
@@ -81,8 +81,8 @@ def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: 
 @triton.jit(do_not_specialize=["r"])
 def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, mb_seq,
                  r, k, K, D, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr, EVEN: tl.constexpr,
-                 Z: tl.constexpr):
-    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z)
+                 Z: tl.constexpr, SHARE: tl.constexpr):
+    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
     kk = tl.arange(0, KB)
     w = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
     row = r.to(tl.int64)
@@ -109,8 +109,8 @@ def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, zc_ptr, mb_ids, mb_mi
 @triton.jit(do_not_specialize=["r", "timeout_ns"])
 def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, y2_ptr, out_ptr, r, k, D,
                     timeout_ns, HAS_SLOTS: tl.constexpr, HAS_Y: tl.constexpr, HAS_Y2: tl.constexpr,
-                    KB: tl.constexpr, BD: tl.constexpr, Z: tl.constexpr):
-    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z)
+                    KB: tl.constexpr, BD: tl.constexpr, Z: tl.constexpr, SHARE: tl.constexpr):
+    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
     n_miss = tl.sum((miss >= 0).to(tl.int32), axis=0)
     row = r.to(tl.int64)
     v = tl.load(cnt_ptr + row)
@@ -139,7 +139,7 @@ def _shapes(ids: torch.Tensor, K: int, D: int) -> tuple[int, int, int]:
     return k, triton.next_power_of_2(max(k, K)), min(1024, triton.next_power_of_2(D))
 
 
-def post(r, x, ids, weights, slot_row, counter, mb, gpu_misses: int = 0):
+def post(r, x, ids, weights, slot_row, counter, mb, gpu_misses: int = 0, share: int = GPU_SHARE):
     D = x.shape[1]
     k, KB, BD = _shapes(ids, mb.K, D)
     ids, x, weights = ids.contiguous(), x.contiguous(), weights.contiguous()
@@ -147,11 +147,12 @@ def post(r, x, ids, weights, slot_row, counter, mb, gpu_misses: int = 0):
     zc = torch.full((1, k), -1, dtype=torch.long, device=x.device) if gpu_misses else ids
     _post_kernel[(1,)](x, ids, weights, slots, counter, zc, mb.ids, mb.miss, mb.zc, mb.w, mb.x, mb.seq, r, k,
                        mb.K, D, HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, EVEN=D % BD == 0, Z=gpu_misses,
-                       num_warps=4)
+                       SHARE=share, num_warps=4)
     return zc if gpu_misses else None
 
 
-def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2=None, gpu_misses: int = 0) -> torch.Tensor:
+def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2=None, gpu_misses: int = 0,
+            share: int = GPU_SHARE) -> torch.Tensor:
     D = mb.out.shape[1]
     k, KB, BD = _shapes(ids, mb.K, D)
     ids = ids.contiguous()
@@ -161,5 +162,5 @@ def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2=None, gpu_mis
     _collect_kernel[(1,)](ids, slots, counter, mb.done, mb.out, mb.err, y if y is not None else out,
                           y2 if y2 is not None else out, out, r, k, D, timeout_ns,
                           HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, HAS_Y2=y2 is not None, KB=KB,
-                          BD=BD, Z=gpu_misses, num_warps=1)
+                          BD=BD, Z=gpu_misses, SHARE=share, num_warps=1)
     return out

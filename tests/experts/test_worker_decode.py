@@ -103,6 +103,8 @@ def test_split_misses_gives_the_first_z_misses_to_the_gpu():
     assert gpu.tolist() == [-1] * 3
     cpu, gpu = split_misses(ids, None, 0)
     assert cpu.tolist() == ids[0].tolist() and gpu.tolist() == [-1] * 9
+    cpu, gpu = split_misses(ids[:, :2], None, 2, share=2)   # large experts: one of two misses
+    assert gpu.tolist() == [4, -1] and cpu.tolist() == [-1, 1]
 
 
 def _counts(ex):
