@@ -13,7 +13,10 @@ launching a step (the hybrid executor then does the previous step's bookkeeping 
 Capture is lazy (first call) and happens with the real token and
 position, so warm-up passes only rewrite the same K/V entries the real step writes. The first warm-up runs
 with torch's sync debug mode "error": an executor that claims graph_safe but synchronises with the host is
-caught there (warning, eager from then on) instead of invalidating a capture.
+caught there (warning, eager from then on) instead of invalidating a capture. With the model's compiled
+decode on (`model.compile_decode()`, models/compiled.py), one more forward before that warm-up compiles it
+(Dynamo + Inductor + Triton autotuning, which synchronise), on the current stream: a capture only ever
+records compiled kernels that have already run.
 """
 
 from __future__ import annotations
@@ -86,9 +89,16 @@ class GraphDecodeStep(EagerDecodeStep):
                     torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.current_stream(self.device).wait_stream(side)
 
+    def _compile(self) -> None:
+        """The compiled decode's first forward (if any), outside the sync-debug warm-up and the capture."""
+        stages = getattr(self.model, "decode_stages", None)
+        if stages is not None:
+            stages.warm(self._forward_static)
+
     def _capture(self) -> bool:
         try:
             with torch.no_grad():
+                self._compile()
                 self._warmup()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):

@@ -1,13 +1,14 @@
 """Piecewise decode: the T=1 step as CUDA graphs around an executor that needs the host between layers.
 
 A hybrid executor reads routing on the host every MoE layer, so the whole step cannot be one graph and an
-eager step pays ~45 launches per layer. Here everything that is fixed-shape and host-free is captured:
+eager step pays ~45 launches per layer. Here everything that is fixed-shape and host-free is captured, as
+the model's decode stages (models/compiled.py; torch.compile'd ones when `model.compile_decode()` is on):
 
-    pre      token, position -> x[0] (embedding), rope, decode attention bias     (one graph)
-    layer l  x[l] -> h[l], xn[l], ids[l], weights[l]  (norms, attention, router, shared expert; one graph)
-             eager: y = executor(l, xn[l], ids[l], weights[l]);  x[l+1] = h[l] + y
-             (dense-MLP layers: the whole layer in the graph, x[l] -> x[l+1])
-    head     x[L] -> logits                                                         (one graph)
+    pre      token, position -> x[0] (embedding), y[0] = 0, rope, decode attention bias     (one graph)
+    layer l  x[l] + y[l] -> x[l+1] = h, xn[l], ids[l], weights[l]  (residual add, norms, attention, router,
+             shared expert; one graph); dense-MLP layers: x[l+1] = h, y[l+1] = mlp(xn)
+             eager: y[l+1] = executor(l, xn[l], ids[l], weights[l])
+    head     x[L] + y[L] -> logits                                                           (one graph)
 
 All tensors crossing a boundary live in static buffers; graphs share one memory pool. Capture is lazy, with
 the real token and position (warm-up passes rewrite the same K/V entries the real step writes), and a capture
@@ -74,8 +75,8 @@ class PiecewiseDecodeStep:
         dtype = self.model.model.embed_tokens.weight.dtype
         L, D, K = cfg.num_layers, cfg.hidden_size, cfg.top_k
         self.x = [torch.zeros(1, D, dtype=dtype, device=dev) for _ in range(L + 1)]     # residual in
+        self.y = [torch.zeros(1, D, dtype=dtype, device=dev) for _ in range(L + 1)]     # added to x[l]
         moe = [l.is_moe for l in self.model.model.layers]
-        self.h = [torch.zeros(1, D, dtype=dtype, device=dev) if m else None for m in moe]
         self.xn = [torch.zeros(1, D, dtype=dtype, device=dev) if m else None for m in moe]
         self.ids = [torch.zeros(1, K, dtype=torch.long, device=dev) if m else None for m in moe]
         self.w = [torch.zeros(1, K, dtype=dtype, device=dev) if m else None for m in moe]
@@ -83,8 +84,9 @@ class PiecewiseDecodeStep:
         self.rope = self.bias = None
 
     def _pre(self) -> None:
-        x, rope, bias = self.model.prepare(self.tok, self.pos, self.kv)
+        x, y, rope, bias = self.st.prepare(self.model, self.tok, self.pos, self.kv)
         self.x[0].copy_(x)
+        self.y[0].copy_(y)
         if self.rope is None:                                   # first run: allocate, then copy into
             self.rope = tuple(t.clone() for t in rope)
             self.bias = bias.clone()
@@ -94,36 +96,53 @@ class PiecewiseDecodeStep:
 
     def _layer(self, i: int):
         layer = self.model.model.layers[i]
+        kc, vc = self.kv.layer(i)
 
         def run() -> None:
-            h, xn, ids, w = layer.pre_experts(self.x[i], self.rope, self.pos, self.kv, self.bias)
-            if ids is None:
-                self.x[i + 1].copy_(h)
+            h, a, ids, w = self.st.layer(layer, self.x[i], self.y[i], self.rope, self.pos, kc, vc, self.bias)
+            self.x[i + 1].copy_(h)
+            if ids is None:                                     # dense layer: a = mlp(xn)
+                self.y[i + 1].copy_(a)
                 return
-            self.h[i].copy_(h)
-            self.xn[i].copy_(xn)
+            self.xn[i].copy_(a)
             self.ids[i].copy_(ids)
             self.w[i].copy_(w)
         return run
 
     def _head(self) -> None:
-        self.logits.copy_(self.model.head(self.x[-1]))
+        self.logits.copy_(self.st.head(self.model, self.x[-1], self.y[-1]))
+
+    def _compile(self) -> None:
+        """Compiled stages: run every piece once (compiling them) before any capture; if compiling fails,
+        (warned) the plain stages are captured instead."""
+        if not self.st.compiled:
+            return
+        try:
+            layers = [self._layer(i) for i in range(len(self.model.model.layers))]
+            for run in [self._pre, *layers, self._head]:
+                run()
+            self.st.ready = True
+        except Exception as exc:
+            warnings.warn(f"torch.compile of the piecewise decode stages failed ({type(exc).__name__}: "
+                          f"{exc}); capturing them uncompiled", RuntimeWarning, stacklevel=4)
+            self.st.failed = True
+            self.st = self.model.stages()
+            self.rope = self.bias = None
 
     def _build(self) -> None:
+        self.st = self.model.stages()
         self._buffers()
+        self._compile()
         stages = [self.capture(self._pre, self.pool)]
-        for i in range(len(self.model.model.layers)):
-            stages.append(self.capture(self._layer(i), self.pool))
-            if self.h[i] is not None:       # warm-up input of the next stage, without calling the executor
-                self.x[i + 1].copy_(self.h[i])  # (its K/V writes at `pos` are redone by the real step)
+        for i in range(len(self.model.model.layers)):   # warm-up inputs: y[l] of MoE layers stays 0 (no
+            stages.append(self.capture(self._layer(i), self.pool))   # executor; K/V at pos is redone)
         stages.append(self.capture(self._head, self.pool))
         self.stages = stages
 
     # ---- the step ---------------------------------------------------------------------------------------
     def _experts(self, i: int) -> None:
         if self.ids[i] is not None:
-            y = self.executor(i, self.xn[i], self.ids[i], self.w[i])                   # [1, D]
-            torch.add(self.h[i], y, out=self.x[i + 1])
+            self.y[i + 1].copy_(self.executor(i, self.xn[i], self.ids[i], self.w[i]))   # [1, D]
 
     def _eager(self, token, pos: int) -> torch.Tensor:
         tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(1)

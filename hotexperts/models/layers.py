@@ -56,6 +56,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos[:, None], rolled, signed_sin[:, None])
 
 
+def write_kv(kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Write k, v [Hkv, T, hd] at input_pos into one layer's cache kc, vc [Hkv, S, hd] (in place)."""
+    kc.index_copy_(1, input_pos, k)
+    vc.index_copy_(1, input_pos, v)
+    return kc, vc
+
+
 class KVCache(nn.Module):
     """Static per-layer K/V buffers for one sequence (gpt-fast style)."""
 
@@ -70,10 +77,11 @@ class KVCache(nn.Module):
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [Hkv, T, hd] -> full cache k, v of this layer [Hkv, S, hd]."""
-        kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(1, input_pos, k)
-        vc.index_copy_(1, input_pos, v)
-        return kc, vc
+        return write_kv(self.k[layer], self.v[layer], input_pos, k, v)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cache views k, v [Hkv, S, hd] (no copy)."""
+        return self.k[layer], self.v[layer]
 
     def mask(self, input_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
         """[T, S] bool: causal over absolute positions (and within the sliding window, if any)."""
@@ -120,11 +128,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layer: int,
                 input_pos: torch.Tensor, kv: KVCache, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, rope, input_pos, *kv.layer(layer), mask)
+
+    def attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor,
+               kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """forward with this layer's cache views kc, vc [Hkv, S, hd] (written in place at input_pos).
+        Takes no layer index, so one compiled graph serves every layer (models/compiled.py)."""
         T = x.shape[0]
         q, k, v = self._qkv(x)
         qk = apply_rope(torch.cat((q, k), dim=1), *rope)                    # [T, H + Hkv, hd], one pass
         q, k = qk[:, :self.heads], qk[:, self.heads:]
-        kc, vc = kv.update(layer, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
+        kc, vc = write_kv(kc, vc, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
         S = mask.shape[-1]                       # the mask's width bounds the keys read (prefill: start + T)
         kc, vc = kc[:, :S], vc[:, :S]
         if mask.dtype != torch.bool:                                        # decode: additive bias

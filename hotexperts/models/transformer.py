@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotexperts.config import ModelConfig
+from hotexperts.models.compiled import DecodeStages
 from hotexperts.models.executor_protocol import ExpertExecutor
 from hotexperts.models.layers import (
     SMALL_T,
@@ -88,11 +89,23 @@ class DecoderLayer(nn.Module):
         piecewise decode). -> (h, xn, ids, weights): the layer's output is h + executor(layer, xn, ids,
         weights); h already holds the residual and any shared expert. Dense layers: (out, None, None, None).
         """
-        h = x + self.self_attn(self.input_layernorm(x), rope, self.layer, input_pos, kv, mask)
+        return self.pre_experts_kv(x, rope, input_pos, *kv.layer(self.layer), mask)
+
+    def pre_experts_kv(self, x, rope, input_pos, kc, vc, mask):
+        """pre_experts with this layer's cache views kc, vc [Hkv, S, hd] instead of (kv, self.layer)."""
+        h, a, ids, weights = self.split_kv(x, rope, input_pos, kc, vc, mask)
+        return (h + a, None, None, None) if ids is None else (h, a, ids, weights)
+
+    def split_kv(self, x, rope, input_pos, kc, vc, mask):
+        """-> (h, a, ids, weights). MoE layers: as pre_experts (a = xn, the executor's input). Dense layers:
+        (h, mlp(xn), None, None), the layer's output being h + a, so decode adds it at the start of the next
+        layer's compiled graph. Reads no layer index: every layer of one kind shares one compiled graph
+        (models/compiled.py)."""
+        h = x + self.self_attn.attend(self.input_layernorm(x), rope, input_pos, kc, vc, mask)
         xn = self.post_attention_layernorm(h)
         ffn = getattr(self, self.ffn_name)
         if not self.is_moe:
-            return h + ffn(xn), None, None, None
+            return h, ffn(xn), None, None
         ids, weights = ffn.route(xn)
         shared = ffn.shared(xn)
         return (h if shared is None else h + shared), xn, ids, weights
@@ -120,6 +133,28 @@ class MoETransformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decode_stages: DecodeStages | None = None      # compile_decode(): the T=1 step compiled
+
+    def compile_decode(self, enable: bool = True, *, backend: str = "inductor", mode: str | None = None,
+                       options: dict | None = None) -> DecodeStages | None:
+        """Opt in to a torch.compile'd T=1 decode step (models/compiled.py; enable=False: off again).
+
+        Lazy: the first T=1 forward under no_grad compiles (~10 s to minutes; decode steps do it before
+        their CUDA-graph warm-up). Idempotent: the same settings keep the compiled stages (no recompile for a
+        new Generator over this model). mode: None or "max-autotune-no-cudagraphs"; options: Inductor
+        config (e.g. {"coordinate_descent_tuning": True}). Prefill and T > 1 stay eager."""
+        if not enable:
+            self.decode_stages = None
+            return None
+        stages = DecodeStages(True, backend=backend, mode=mode, options=options)
+        if self.decode_stages is None or self.decode_stages.settings != stages.settings:
+            self.decode_stages = stages
+        return self.decode_stages
+
+    def stages(self) -> DecodeStages:
+        """The decode stages the piecewise step runs: the compiled ones if compile_decode() is on."""
+        st = self.decode_stages
+        return st if st is not None and not st.failed else DecodeStages(False)
 
     def new_kv_cache(self, max_seq: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         """A KVCache shaped for this model (dtype/device default to the embedding's)."""
@@ -129,7 +164,15 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache,
                 executor: ExpertExecutor, last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
-        """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only)."""
+        """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only).
+
+        With compile_decode() on, a T=1 forward over the whole cache (kv_len None) without autograd runs
+        the compiled decode stages (same logits within float tolerance); everything else runs here."""
+        stages = self.decode_stages
+        if stages is not None and stages.applies(tokens, kv_len):
+            logits = stages.run(self, tokens, input_pos, kv, executor)
+            if logits is not None:                           # None: compiling failed (warned): eager
+                return logits
         x, rope, mask = self.prepare(tokens, input_pos, kv, kv_len)
         for layer in self.model.layers:
             x = layer(x, rope, input_pos, kv, mask, executor)
