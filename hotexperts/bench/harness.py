@@ -26,6 +26,7 @@ import torch
 
 from hotexperts.bench.replay import RoutingReplay
 from hotexperts.bench.workload import BenchTest, RoutingSource
+from hotexperts.engine.cli_generate import add_compile_argument
 from hotexperts.engine.engine import dense_bytes, kv_bytes
 from hotexperts.engine.generate import Generator
 from hotexperts.errors import HotExpertsError
@@ -98,9 +99,9 @@ class Bench:
     """Runs the tests of one placement on a fresh executor; keeps the model and store shared."""
 
     def __init__(self, lm, device: torch.device, max_context: int, source: RoutingSource, seed: int = 0,
-                 piecewise: bool = False):
+                 piecewise: bool = False, compile_decode: bool = False):
         self.lm, self.device, self.max_context, self.source = lm, device, max_context, source
-        self.piecewise = piecewise
+        self.piecewise, self.compile_decode = piecewise, compile_decode
         g = torch.Generator().manual_seed(seed)
         hi = min(lm.cfg.vocab_size, 32000)
         self.tokens = torch.randint(100, hi, (max_context,), generator=g).tolist()
@@ -202,7 +203,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
         ex = bench.executor(placement, reserved)
         bench._seek(ex, 0)          # every placement replays the same routing, which runs forward through
         gen = Generator(bench.lm.model, ex, bench.lm.cfg, bench.device, bench.max_context,
-                        piecewise_graph=bench.piecewise)
+                        piecewise_graph=bench.piecewise, compile_decode=bench.compile_decode)
         bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))          # builds graphs, JIT kernels
         decode = DecodeCounts()
         for test in tests:
@@ -259,11 +260,12 @@ def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
 
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
-              progress=None, labels: list[str] | None = None, piecewise: bool = False) -> dict:
+              progress=None, labels: list[str] | None = None, piecewise: bool = False,
+              compile_decode: bool = False) -> dict:
     max_context = max(t.context_needed for t in tests) + 8
     dtype = next(lm.model.parameters()).dtype
     reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
-    bench = Bench(lm, device, max_context, source, piecewise=piecewise)
+    bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode)
     results = []
     for bi, b in enumerate(budgets):
         budget = None if b is None else int(b * GiB)
@@ -274,7 +276,7 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
             results.append(measure(bench, label, p, None if name == "gpu" else budget, reserved, tests,
                                    repeats, progress).to_dict())
     return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
-            "piecewise_graph": piecewise,
+            "piecewise_graph": piecewise, "compile_decode": compile_decode,
             "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
             "reserved_gib": reserved / GiB, "expert_quant": quant, "results": results,
             "distinct_experts": _distinct(source, lm.cfg)}
@@ -326,6 +328,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--piecewise-graph", action="store_true",
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    add_compile_argument(p)
     p.add_argument("--predict", default=None, metavar="PROFILE",
                    help="CPU-only machines: run the cache with the slot counts the real shape gets at each "
                         "budget on this hardware profile and print the cost model's PREDICTED speeds "
@@ -355,7 +358,8 @@ def run(args) -> int:
     if profile is not None:
         return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress)
     report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
-                       policy=args.policy, progress=progress, piecewise=args.piecewise_graph)
+                       policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
+                       compile_decode=args.compile)
     print()
     print(rep.table(report))
     if args.json:
@@ -384,7 +388,8 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
     for b in budgets:
         plan = pr.real_plan(shape, b)
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
-                           quant=args.expert_quant, policy=args.policy, progress=progress, labels=names)
+                           quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
+                           compile_decode=args.compile)
         rows = pr.predictions(report, shape, hw, plan)
         print()
         print(pr.table(rows, shape, hw, plan))

@@ -53,6 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
     p.add_argument("--piecewise-graph", action="store_true",
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    add_compile_argument(p)
     p.add_argument("--stats", action="store_true",
                    help="print the cache per layer: hits, misses, swaps, bytes moved, CPU/GPU time")
     p.add_argument("--stats-json", default=None, metavar="FILE", help="write the engine's stats as JSON")
@@ -62,6 +63,13 @@ def add_parser(subparsers) -> None:
     placement = _placement_module()
     if placement is not None:
         placement.add_placement_arguments(p)
+
+
+def add_compile_argument(p) -> None:
+    """--compile (generate, bench, serve): torch.compile the T=1 decode step's dense part."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (Inductor) the decode step's norms, attention and router into fewer "
+                        "kernels; compiles on the first token (seconds to minutes, cached on disk)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -89,7 +97,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     return Engine.load(args.model, dtype=args.dtype, device=args.device,
                        placement=placement.placement_from_args(args) if placement is not None else None,
                        max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
-                       piecewise_graph=args.piecewise_graph)
+                       piecewise_graph=args.piecewise_graph, compile_decode=args.compile)
 
 
 def run(args: argparse.Namespace) -> int:

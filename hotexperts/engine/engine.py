@@ -86,20 +86,22 @@ def _ids(value) -> set[int]:
 
 class Engine:
     def __init__(self, loaded, executor, device: torch.device, max_context: int, *,
-                 use_cuda_graph: bool = True, piecewise_graph: bool = False):
+                 use_cuda_graph: bool = True, piecewise_graph: bool = False, compile_decode: bool = False):
         self.loaded, self.executor, self.device = loaded, executor, device
         self.config, self.tokenizer, self.model = loaded.cfg, loaded.tokenizer, loaded.model
         self.max_context = max_context
         self.generator = Generator(self.model, executor, self.config, device, max_context,
-                                   use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph)
+                                   use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph,
+                                   compile_decode=compile_decode)
         self.eos_ids = self._eos_ids()
 
     @classmethod
     def load(cls, source: str, dtype: str | torch.dtype = "bfloat16",
              device: str | torch.device | None = None, placement=None, *, max_context: int | None = None,
              seed: int = 0, use_cuda_graph: bool = True, executor=None,
-             piecewise_graph: bool = False) -> Engine:
-        """Load a model dir or 'preset:NAME' and build its executor (`executor` overrides placement)."""
+             piecewise_graph: bool = False, compile_decode: bool = False) -> Engine:
+        """Load a model dir or 'preset:NAME' and build its executor (`executor` overrides placement).
+        compile_decode: torch.compile the T=1 decode step's dense part (models/compiled.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         loaded = load_source(str(source), dt, dev, seed)
         cfg = loaded.cfg
@@ -110,7 +112,7 @@ class Engine:
             reserved = dense_bytes(loaded.model) + kv_bytes(cfg, ctx, dt)
             executor = default_executor(placement, loaded.store, cfg, dev, dt, reserved)
         return cls(loaded, executor, dev, ctx, use_cuda_graph=use_cuda_graph,
-                   piecewise_graph=piecewise_graph)
+                   piecewise_graph=piecewise_graph, compile_decode=compile_decode)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = _ids(self.config.eos_token_ids) | _ids(getattr(self.tokenizer, "eos_ids", None))
@@ -135,6 +137,7 @@ class Engine:
             "device": str(self.device),
             "max_context": self.max_context,
             "cuda_graph": bool(self.generator.decode_step.graphed),
+            "compiled_decode": stages.stats() if (stages := self.model.decode_stages) is not None else None,
             "cache": ex_stats() if callable(ex_stats) else None,
         }
 

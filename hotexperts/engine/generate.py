@@ -6,6 +6,8 @@
 
 - prefill runs the prompt in chunks of `prefill_chunk` tokens (positions 0..P-1);
 - each decode step is one T=1 forward (a CUDA graph replay when `cuda_graph.make_decode_step` allows);
+  compile_decode=True turns on the model's torch.compile'd decode step (models/compiled.py; compiled on the
+  first decode step, before any graph capture), False turns it off, None leaves the model as it is;
 - `executor.end_step()` is called after every forward (each prompt chunk and each decode token);
 - generation stops after `max_tokens` sampled tokens or on a stop id (the model's EOS ids plus
   `params.stop_token_ids`); stop ids are not yielded. `finish_reason` is then "stop" or "length";
@@ -63,8 +65,13 @@ class Generator:
 
     def __init__(self, model, executor, cfg: ModelConfig, device: torch.device | str, max_context: int,
                  *, dtype: torch.dtype | None = None, use_cuda_graph: bool = True,
-                 piecewise_graph: bool = False):
+                 piecewise_graph: bool = False, compile_decode: bool | None = None):
         self.model, self.executor, self.cfg = model, executor, cfg
+        if compile_decode is not None and hasattr(model, "compile_decode"):
+            if not compile_decode:
+                model.compile_decode(False)
+            elif model.decode_stages is None:           # keep custom settings (mode / options) if already on
+                model.compile_decode()
         self.device, self.max_context = torch.device(device), int(max_context)
         dtype = dtype or next(model.parameters()).dtype
         self.kv = KVCache(cfg.num_layers, self.max_context, cfg.num_kv_heads, cfg.head_dim, dtype,

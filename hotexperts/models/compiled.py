@@ -60,9 +60,12 @@ def capturing() -> bool:
 
 
 class DecodeStages:
-    """The three decode stages, compiled (`compile=True`) or plain, and the loop that runs them."""
+    """The three decode stages, compiled (`compile=True`) or plain, and the loop that runs them.
 
-    def __init__(self, compile: bool = False, *, backend: str = "inductor", mode: str | None = None,
+    backend: "inductor" (mode / options as torch.compile's), or any other Dynamo backend name or callable
+    (tests: "aot_eager")."""
+
+    def __init__(self, compile: bool = False, *, backend="inductor", mode: str | None = None,
                  options: dict | None = None):
         if mode in UNSAFE_MODES:
             raise ValueError(f"mode {mode!r} adds Inductor CUDA graphs; the engine captures the decode step "

@@ -135,7 +135,7 @@ class MoETransformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.decode_stages: DecodeStages | None = None      # compile_decode(): the T=1 step compiled
 
-    def compile_decode(self, enable: bool = True, *, backend: str = "inductor", mode: str | None = None,
+    def compile_decode(self, enable: bool = True, *, backend="inductor", mode: str | None = None,
                        options: dict | None = None) -> DecodeStages | None:
         """Opt in to a torch.compile'd T=1 decode step (models/compiled.py; enable=False: off again).
 

@@ -270,6 +270,7 @@ def _submit(server: Server, ids, params, arrived: float) -> Job:
 
 # ---- CLI -----------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
+    from hotexperts.engine.cli_generate import add_compile_argument
     from hotexperts.engine.engine import DTYPES
     from hotexperts.experts.placement import add_placement_arguments
 
@@ -287,6 +288,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
     p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
+    add_compile_argument(p)
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="CORS: let browser pages on ORIGIN call the API ('*' = any)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -318,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("binding %s without --api-key: anyone who can reach it can use the model", args.host)
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=placement,
-                         max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph)
+                         max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
+                         compile_decode=args.compile)
     app = create_app(engine, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0
