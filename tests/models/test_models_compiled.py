@@ -133,3 +133,36 @@ def test_failed_compile_warns_and_decodes_eagerly(hf_models):
     assert stages.failed and any("decoding without it" in str(w.message) for w in caught)
     assert torch.equal(got, ref) and toks2 == toks
     assert model.stages() is not stages and not model.stages().compiled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral_swa", "olmoe"])
+@torch.no_grad()
+def test_compiled_step_in_one_cuda_graph(hf_models, name):
+    """engine/cuda_graph.GraphDecodeStep over the compiled stages: compiles before the warm-up, captures,
+    replays; logits as the eager (ungraphed, uncompiled) step's, fed the same tokens."""
+    from test_models_cuda_graph import GatherExecutor
+
+    from hotexperts.engine.cuda_graph import EagerDecodeStep, GraphDecodeStep
+
+    dev = torch.device("cuda")
+    model, experts = ours_from_hf(hf_models(name))
+    model = model.to(dev)
+    ex = GatherExecutor(experts, dev, torch.float32)
+    ex.graph_safe = True
+    prompt = torch.arange(1, PROMPT + 1, device=dev)
+    kv_ref, kv = model.new_kv_cache(32), model.new_kv_cache(32)
+    for cache in (kv_ref, kv):
+        model(prompt, torch.arange(PROMPT, device=dev), cache, ex, kv_len=PROMPT)
+    eager = EagerDecodeStep(model, kv_ref, ex, dev)
+    toks, ref = [7], []
+    for p in range(PROMPT, PROMPT + DECODE):
+        ref.append(eager(toks[-1], p).clone())
+        toks.append(int(ref[-1].argmax()))
+    stages = model.compile_decode()
+    step = GraphDecodeStep(model, kv, ex, dev)
+    for i, p in enumerate(range(PROMPT, PROMPT + DECODE)):
+        torch.testing.assert_close(step(toks[i], p), ref[i], atol=1e-4, rtol=1e-4)
+    assert step.graphed and not step.failed and stages.ready
+    assert dict(stages.graphs) == {"prepare": 1, "layer": kinds(model), "head": 1}
