@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if engine.tokenizer is None:
         raise HotExpertsError(f"{args.model} has no tokenizer (tokenizer.json); generate needs one")
     ids = encode_prompt(engine.tokenizer, prompt, args.chat, args.system)
+    if args.compile:                                    # compile + capture outside the timed request
+        print(f"compiled the decode step in {engine.warm_up():.1f}s", file=sys.stderr)
     if args.stats and hasattr(engine.executor, "time_gpu"):
         engine.executor.time_gpu = True                 # per-layer GPU time with CUDA events
     stream = TextStream(engine.tokenizer, params.stop)

@@ -18,6 +18,7 @@ generation_config EOS ids + params.stop_token_ids.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -124,6 +125,20 @@ class Engine:
     def generate(self, prompt_ids: Iterable[int], params: SamplingParams) -> Iterator[int]:
         """Token ids after the prompt; stops on EOS / stop ids (not yielded) or after params.max_tokens."""
         return self.generator.generate(list(prompt_ids), params, stop_ids=self.eos_ids)
+
+    def warm_up(self, steps: int = 2) -> float:
+        """A 1-token prefill and `steps` decode steps outside any request (no timings counted): compiles the
+        decode step (compile_decode) and captures its CUDA graph before the first real request. The cache
+        of a hybrid executor sees these few tokens. Returns seconds."""
+        t0 = time.perf_counter()
+        gen = self.generator
+        with torch.no_grad():
+            gen.prefill([0])
+            for pos in range(1, 1 + min(steps, self.max_context - 1)):
+                gen.decode_one(0, pos)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     @property
     def finish_reason(self) -> str | None:

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import hmac
 import logging
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -322,6 +323,10 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=placement,
                          max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
                          compile_decode=args.compile)
+    if args.compile:
+        print("compiling the decode step (the first time: up to minutes; then cached on disk)",
+              file=sys.stderr, flush=True)
+        print(f"decode step compiled in {engine.warm_up():.1f}s", file=sys.stderr, flush=True)
     app = create_app(engine, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0

@@ -94,6 +94,9 @@ def test_engine_flag_and_stats():
     eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu", compile_decode=True)
     assert eng.model.decode_stages is not None
     assert eng.stats()["compiled_decode"]["graphs"] == {}                 # lazy: nothing compiled yet
+    stages = eng.model.compile_decode(backend="aot_eager")                # fast stand-in for Inductor
+    assert eng.warm_up() > 0 and stages.ready and stages.graphs["layer"] == 1
+    assert eng.stats()["total"]["gen_tokens"] == 0 and eng.stats()["total"]["requests"] == 0
     off = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu")
     assert off.model.decode_stages is None and off.stats()["compiled_decode"] is None
 
