@@ -10,6 +10,8 @@ experts.hybrid.GpuExecutor (graph-safe: the whole step is one CUDA graph), then 
     eager-nograph   no compile, no CUDA graph (every launch from Python; context only)
     eager           no compile, CUDA graph (today's default decode)
     compiled        model.compile_decode() (Inductor defaults), CUDA graph
+    compiled-nograph  compiled, no CUDA graph (host cost of Dynamo guards + Inductor wrappers per layer:
+                    what a hybrid executor's eager decode would see)
     compiled-cdt    + coordinate_descent_tuning (gpt-fast's setting: T=1 matmuls become Triton reductions
                     that Inductor may fuse with norms / casts; longer compile)
     compiled-ma     mode "max-autotune-no-cudagraphs" (autotuned matmul templates; longest compile)
@@ -45,6 +47,7 @@ VARIANTS = {    # name -> (use_cuda_graph, compile_decode kwargs or None)
     "eager-nograph": (False, None),
     "eager": (True, None),
     "compiled": (True, {}),
+    "compiled-nograph": (False, {}),
     "compiled-cdt": (True, {"options": {"coordinate_descent_tuning": True}}),
     "compiled-ma": (True, {"mode": "max-autotune-no-cudagraphs"}),
 }
