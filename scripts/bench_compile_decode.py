@@ -9,7 +9,9 @@ Builds the preset in memory (random weights; engine/presets.build_in_memory), al
 experts.hybrid.GpuExecutor (graph-safe: the whole step is one CUDA graph), then per variant:
     eager-nograph   no compile, no CUDA graph (every launch from Python; context only)
     eager           no compile, CUDA graph (today's default decode)
-    compiled        model.compile_decode() (Inductor defaults), CUDA graph
+    eager-fused     + one q/k/v matmul per layer (model.fuse_qkv()), no compile
+    compiled        model.compile_decode() (Inductor defaults, q/k/v fused: what --compile does), CUDA graph
+    compiled-unfused  compiled with three q/k/v matmuls (compile_decode(fuse_qkv=False))
     compiled-nograph  compiled, no CUDA graph (host cost of Dynamo guards + Inductor wrappers per layer:
                     what a hybrid executor's eager decode would see)
     compiled-cdt    + coordinate_descent_tuning (gpt-fast's setting: T=1 matmuls become Triton reductions
@@ -43,13 +45,15 @@ from hotexperts.engine.cuda_graph import EagerDecodeStep  # noqa: E402
 from hotexperts.engine.generate import Generator  # noqa: E402
 from hotexperts.engine.sampling import SamplingParams  # noqa: E402
 
-VARIANTS = {    # name -> (use_cuda_graph, compile_decode kwargs or None)
-    "eager-nograph": (False, None),
-    "eager": (True, None),
-    "compiled": (True, {}),
-    "compiled-nograph": (False, {}),
-    "compiled-cdt": (True, {"options": {"coordinate_descent_tuning": True}}),
-    "compiled-ma": (True, {"mode": "max-autotune-no-cudagraphs"}),
+VARIANTS = {    # name -> (use_cuda_graph, fuse_qkv, compile_decode kwargs or None)
+    "eager-nograph": (False, False, None),
+    "eager": (True, False, None),
+    "eager-fused": (True, True, None),
+    "compiled": (True, True, {}),
+    "compiled-unfused": (True, False, {}),
+    "compiled-nograph": (False, True, {}),
+    "compiled-cdt": (True, True, {"options": {"coordinate_descent_tuning": True}}),
+    "compiled-ma": (True, True, {"mode": "max-autotune-no-cudagraphs"}),
 }
 
 
@@ -135,8 +139,8 @@ def top_kernels(fn, steps: int, device: torch.device, rows: int = 25) -> str:
 
 
 def run_variant(name: str, model, executor, cfg, args, prompt: list[int]) -> dict:
-    use_graph, compile_kw = VARIANTS[name]
-    res: dict = {"variant": name, "graph": use_graph, "compile": compile_kw}
+    use_graph, fuse, compile_kw = VARIANTS[name]
+    res: dict = {"variant": name, "graph": use_graph, "fuse_qkv": fuse, "compile": compile_kw}
     print(f"\n== {name} ==", flush=True)
     torch._dynamo.reset()                              # each compiled variant from scratch (recompile limit)
     gc.collect()
@@ -144,9 +148,10 @@ def run_variant(name: str, model, executor, cfg, args, prompt: list[int]) -> dic
         torch.cuda.empty_cache()
     gen = None
     with section("setup", res):
-        model.compile_decode(False)
+        model.compile_decode(False)                    # off, q/k/v unfused
+        model.fuse_qkv(fuse)
         if compile_kw is not None:
-            kw = dict(compile_kw)
+            kw = dict(compile_kw, fuse_qkv=fuse)
             if args.device.type == "cpu":           # dry run: Inductor's C++ kernels show in the profiler
                 kw["options"] = {**kw.get("options", {}), "cpp.enable_kernel_profile": True}
             model.compile_decode(**kw)
@@ -224,7 +229,7 @@ def _f(value, fmt: str) -> str:
 
 
 def print_table(variants: list[dict]) -> None:
-    print(f"\n{'variant':<15}{'graphed':>8}{'tok/s':>9}{'ms/tok':>8}{'warmup s':>10}{'inductor s':>11}"
+    print(f"\n{'variant':<18}{'graphed':>8}{'tok/s':>9}{'ms/tok':>8}{'warmup s':>10}{'inductor s':>11}"
           f"{'graphs':>12}{'kern/step':>10}{'kern/replay':>12}  same tokens")
     for r in variants:
         st = r.get("stages") or {}
@@ -232,7 +237,7 @@ def print_table(variants: list[dict]) -> None:
         graphs = ",".join(f"{k[0]}{v}" for k, v in (st.get("graphs") or {}).items()) or "-"
         same = next((v for k, v in r.items() if k.startswith("greedy_tokens_identical")), "-")
         errors = f"  ERRORS: {list(r['errors'])}" if r.get("errors") else ""
-        print(f"{r['variant']:<15}{str(r.get('graphed', '-')):>8}{_f(r.get('decode_tok_per_s'), '.1f'):>9}"
+        print(f"{r['variant']:<18}{str(r.get('graphed', '-')):>8}{_f(r.get('decode_tok_per_s'), '.1f'):>9}"
               f"{_f(r.get('ms_per_token'), '.2f'):>8}{_f(r.get('warmup_seconds'), '.1f'):>10}"
               f"{_f(ind, '.1f'):>11}{graphs:>12}{_f(r.get('kernels_per_step'), '.0f'):>10}"
               f"{_f(r.get('kernels_per_replay'), '.0f'):>12}  {same}{errors}")
@@ -245,7 +250,8 @@ def main() -> int:
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (default on CPU)")
     ap.add_argument("--expert-dtype", default="int4g32", help="int4g32 | int8 | none (= dtype)")
-    ap.add_argument("--variants", default="eager-nograph,eager,compiled,compiled-cdt",
+    ap.add_argument("--variants", default="eager-nograph,eager,eager-fused,compiled,compiled-unfused,"
+                                          "compiled-nograph,compiled-cdt",
                     help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)

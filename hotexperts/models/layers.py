@@ -93,7 +93,12 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention. qk_norm: "none" | "head" (RMSNorm over hd per head) | "full" (over the whole q/k)."""
+    """GQA attention. qk_norm: "none" | "head" (RMSNorm over hd per head) | "full" (over the whole q/k).
+
+    fuse_qkv(): q/k/v in one matmul (decode: one GEMV launch instead of three)."""
+
+    qkv_weight: torch.Tensor | None = None      # fuse_qkv(): [(H + 2 Hkv) * hd, D]; q/k/v weights view it
+    qkv_bias: torch.Tensor | None = None
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm: str = "none", eps: float = 1e-6,
@@ -112,9 +117,38 @@ class Attention(nn.Module):
         elif qk_norm != "none":
             raise ValueError(f"unknown qk_norm {qk_norm!r}")
 
+    def fuse_qkv(self, enable: bool = True) -> None:
+        """Compute q, k, v with one matmul over a concatenated weight (and bias). The three Linear weights
+        become views of it: parameter names, state_dict and load_state_dict are unchanged, no memory is
+        duplicated, and the fused copy stays in sync with later loads. enable=False: three matmuls again
+        (the weights stay views). Fuse after moving the model: .to() would copy the views apart (then the
+        fused tensor is left behind on its old device / dtype, which fails loudly, not silently)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not enable:
+            self.qkv_weight = self.qkv_bias = None
+            return
+        if self.qkv_weight is not None and all(p.weight.data_ptr() == v.data_ptr() for p, v in zip(
+                projs, self.qkv_weight.split(self._qkv_sizes()), strict=True)):
+            return
+        with torch.no_grad():
+            w = torch.cat([p.weight for p in projs])
+            b = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        sizes = self._qkv_sizes()
+        for i, (p, wv) in enumerate(zip(projs, w.split(sizes), strict=True)):
+            p.weight = nn.Parameter(wv, requires_grad=p.weight.requires_grad)
+            if b is not None:
+                p.bias = nn.Parameter(b.split(sizes)[i], requires_grad=p.bias.requires_grad)
+        self.qkv_weight, self.qkv_bias = w, b
+
+    def _qkv_sizes(self) -> list[int]:
+        return [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+
     def _qkv(self, x: torch.Tensor):
         T = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)            # [T, H*hd], [T, Hkv*hd] x2
+        if self.qkv_weight is not None:                                     # one matmul, then split views
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self._qkv_sizes(), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)        # [T, H*hd], [T, Hkv*hd] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

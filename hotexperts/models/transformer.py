@@ -135,14 +135,22 @@ class MoETransformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.decode_stages: DecodeStages | None = None      # compile_decode(): the T=1 step compiled
 
+    def fuse_qkv(self, enable: bool = True) -> MoETransformer:
+        """Every layer's q/k/v projections as one matmul (Attention.fuse_qkv; enable=False: three again)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv(enable)
+        return self
+
     def compile_decode(self, enable: bool = True, *, backend="inductor", mode: str | None = None,
-                       options: dict | None = None) -> DecodeStages | None:
-        """Opt in to a torch.compile'd T=1 decode step (models/compiled.py; enable=False: off again).
+                       options: dict | None = None, fuse_qkv: bool = True) -> DecodeStages | None:
+        """Opt in to a torch.compile'd T=1 decode step (models/compiled.py; enable=False: off again, and
+        q/k/v unfused). fuse_qkv: also one q/k/v matmul per layer (fuse_qkv(); prefill uses it too).
 
         Lazy: the first T=1 forward under no_grad compiles (~10 s to minutes; decode steps do it before
         their CUDA-graph warm-up). Idempotent: the same settings keep the compiled stages (no recompile for a
         new Generator over this model). mode: None or "max-autotune-no-cudagraphs"; options: Inductor
         config (e.g. {"coordinate_descent_tuning": True}). Prefill and T > 1 stay eager."""
+        self.fuse_qkv(enable and fuse_qkv)
         if not enable:
             self.decode_stages = None
             return None

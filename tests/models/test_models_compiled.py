@@ -66,6 +66,32 @@ def test_plain_stages_match_forward_bitwise(hf_models, name):
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
+@torch.no_grad()
+def test_fused_qkv_matches_hf_and_keeps_the_weights(hf_models, name):
+    hf = hf_models(name)
+    model, ex = build(hf_models, name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_qkv()
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_weight is not None
+    assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[attn.heads * attn.head_dim:].data_ptr()
+    sd = model.state_dict()
+    assert sd.keys() == before.keys() and all(torch.equal(sd[k], v) for k, v in before.items())
+    seq = torch.randint(1, hf.config.vocab_size, (PROMPT + 3,), generator=torch.Generator().manual_seed(5))
+    ref = hf(seq[None]).logits[0].float()
+    kv = model.new_kv_cache(32)
+    got = [model(seq[:PROMPT], torch.arange(PROMPT), kv, ex)]                 # prefill uses it too
+    got += [model(seq[p:p + 1], torch.tensor([p]), kv, ex) for p in range(PROMPT, PROMPT + 3)]
+    torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=1e-4)
+    scaled = {k: 2 * v if "k_proj.weight" in k else v for k, v in before.items()}
+    model.load_state_dict(scaled)                                             # a later load lands in it
+    assert torch.equal(attn.qkv_weight[attn.heads * attn.head_dim:][:attn.k_proj.out_features],
+                       2 * before["model.layers.0.self_attn.k_proj.weight"])
+    model.fuse_qkv(False)
+    assert attn.qkv_weight is None
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
 def test_aot_eager_one_graph_per_layer_kind(hf_models, name):
     model, ex = build(hf_models, name)
     ref, toks, _ = decode(model, ex)
