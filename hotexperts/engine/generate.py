@@ -6,8 +6,9 @@
 
 - prefill runs the prompt in chunks of `prefill_chunk` tokens (positions 0..P-1);
 - each decode step is one T=1 forward (a CUDA graph replay when `cuda_graph.make_decode_step` allows);
-  compile_decode=True turns on the model's torch.compile'd decode step (models/compiled.py; compiled on the
-  first decode step, before any graph capture), False turns it off, None leaves the model as it is;
+  compile_decode=True turns on the model's torch.compile'd decode step with fused q/k/v (models/compiled.py;
+  compiled on the first decode step, before any graph capture), False turns both off, None leaves the model
+  as it is (e.g. compile_decode(mode=..., options=...) set up by the caller);
 - `executor.end_step()` is called after every forward (each prompt chunk and each decode token);
 - generation stops after `max_tokens` sampled tokens or on a stop id (the model's EOS ids plus
   `params.stop_token_ids`); stop ids are not yielded. `finish_reason` is then "stop" or "length";
