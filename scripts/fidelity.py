@@ -1,22 +1,34 @@
-"""Cost-model fidelity: predicted vs measured decode tok/s for every placement of a `hotexperts bench` JSON.
+"""Cost-model fidelity: predicted vs measured decode tok/s for every placement of `hotexperts bench` JSONs.
 
-    python scripts/fidelity.py BENCH.json [--profile h200|rtx4090-7950x|rtx3060-ddr4|HW.json]
-        [--shape qwen3-30b-a3b] [--expert-format bf16|int8|int4] [--test tg128]
-        [--n 16=24,24=20] [--decode-tokens N] [--threshold 15] [--json OUT.json]
+    python scripts/fidelity.py BENCH.json [BENCH2.json ...] [--engine run4|run5|current[,...]]
+        [--tag T[,...]] [--profile h200|rtx4090-7950x|rtx3060-ddr4|HW.json] [--shape qwen3-30b-a3b]
+        [--expert-format bf16|int8|int4] [--test tg128] [--n 16=24,24=20] [--decode-tokens N]
+        [--threshold 15] [--json OUT.json]
+        [--fit [--fit-cpu ID,...] [--fit-time ID,...] [--free TERM,...] [--save-profile HW.json] [--loo]]
 
-Input: the report of hotexperts/bench/harness.py run_bench(): results[] with label, placement
+Input: reports of hotexperts/bench/harness.py run_bench(): results[] with label, placement
 (Placement.describe(): gpu | cpu | layers:N | layers:auto | hot:K | cache:... | static:...), budget_gib,
-tests{name: {median, ...}}, hit_rate, layer_hit, swaps, bytes_moved, error; plus model, expert_quant,
-tests, repeats, command. The prediction is trace/costmodel.py predict() for the real shape:
+tests{name: {median, ...}}, hit_rate, layer_hit, swaps, cpu_ms_per_token, error; plus model, expert_quant,
+routing, tests, repeats, command. Each result becomes a case of hotexperts/trace/fit.py (cost placement,
+predict() arguments; ids "TAG:LABEL@BUDGET"):
   shape       --shape, else the JSON's `preset`, else `--model preset:NAME` in `command`, else `model`
-              (a "-mini" preset maps to its full shape, with a warning: its speed is not the full model's)
+              (a "-mini" preset maps to its full shape, with a warning); top-k from the routing when it
+              says "top-N" (a replayed trace)
   format      --expert-format, else the JSON's expert_quant (none -> bf16 slots and bf16 CPU copy)
-  N of layers:auto   --n BUDGET=N, else the result's `n_cpu_layers`, else the smallest N that fits the
-              budget (bench/predict.py real_plan; marked "N est.")
-  hot/cache   the measured per-layer hit rates (else the overall one) and swaps ÷ decode steps; decode steps
-              = --decode-tokens, else the JSON's decode_tokens, else 4 (warm-up) + Σ tgN × repeats.
-Output: a markdown table (placement, budget, measured, predicted, error %, dominant term, flag when
-|error| > threshold) on stdout; --json writes the rows. Importable: rows(report, hw, ...) / table(rows).
+  engine      what the JSON does not record (fit.py ENGINES): GPU-computed misses per layer (auto and
+              rule; "+zN" labels set N) and whether host bookkeeping overlaps the step; one per JSON
+  N of layers:auto   --n BUDGET=N, else the result's `n_cpu_layers`, else bench/predict.py real_plan
+  hot/cache   measured per-layer hit rates and swaps ÷ decode steps (--decode-tokens, the JSON's
+              decode_tokens, else 4 + Σ tgN × repeats)
+  tag         --tag, else from the path: ".../h200-run5/bench_..._synthetic.json" -> run5, "..._trace..."
+              -> run5-trace
+Output: a markdown table per placement: measured, predicted, error %, the prediction with the CPU kernel
+time set to the measured cpu_ms_per_token (isolates the non-CPU terms), CPU ms measured / predicted, the
+dominant term, whether the row was used to fit the profile ("time" / "cpu" / "held out"; from the profile's
+sources["fit"] or --fit), flag when |error| > threshold. --fit first fits the decode terms (fit.py) on the
+given rows (default: FIT_H200) and predicts with the fitted profile; --save-profile writes it; --loo
+prints each fitted row's error under a fit without it.
+Importable: rows(report, hw, shape, ...) / table(rows) / fit_rows(...).
 """
 
 from __future__ import annotations
@@ -25,17 +37,29 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hotexperts.bench.predict import real_plan, shape_for  # noqa: E402
+from hotexperts.bench.predict import shape_for  # noqa: E402
 from hotexperts.errors import HotExpertsError  # noqa: E402
-from hotexperts.trace.costmodel import SHAPES, ModelShape, predict  # noqa: E402
-from hotexperts.trace.profiles import HardwareProfile, get_profile  # noqa: E402
+from hotexperts.trace import fit as F  # noqa: E402
+from hotexperts.trace.costmodel import SHAPES, ModelShape  # noqa: E402
+from hotexperts.trace.profiles import HardwareProfile, get_profile, save_hardware  # noqa: E402
 
 FORMAT_TO_QUANT = {"bf16": "none", "none": "none", "int8": "int8", "int4": "int4"}
-TG_RE = re.compile(r"^tg(\d+)(?:@d\d+)?$")
+decode_steps, measured_tg, cost_placement = F.decode_steps, F.measured_tg, F.cost_placement
+# The rows the built-in "h200" profile was fitted on (docs/simulator.md): CPU terms from the CPU kernel time
+# of 8-expert calls (cpu-moe) and 1-2-expert calls (hot, cache z0); time terms from the gpu row (graphed
+# per-layer GPU time), cpu-moe (post + collect), the 24 GiB all-resident rows of run 4 (hybrid executor and
+# policy bookkeeping) and run 5's hot and cache z0. Everything else is held out.
+FIT_H200 = {
+    "cpu": ["run5:cpu-moe@16", "run5:hot@16", "run5:cache+z0@16"],
+    "time": ["run5:gpu@-", "run5:cpu-moe@16", "run4:n-cpu-moe@24", "run4:hot@24", "run4:cache@24",
+             "run5:hot@16", "run5:cache+z0@16"],
+}
+ENGINE_OF_TAG = {"run4": "run4", "run5": "run5"}
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
@@ -47,6 +71,13 @@ def load_report(path: str | Path) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         raise HotExpertsError(f"{path} is not a `hotexperts bench --json` report (no results[])")
     return doc
+
+
+def default_tag(path: str | Path) -> str:
+    p = Path(path)
+    m = re.fullmatch(r"(?:[a-z0-9]+-)?(run\d+)", p.parent.name)
+    tag = m.group(1) if m else p.stem
+    return f"{tag}-trace" if m and "_trace" in p.stem else tag
 
 
 def model_name(report: dict, shape: str | None = None) -> str:
@@ -85,78 +116,6 @@ def parse_n_map(text: str | None) -> dict[float, int]:
     return out
 
 
-def decode_steps(report: dict, override: int | None = None) -> int:
-    if override:
-        return override
-    if report.get("decode_tokens"):
-        return int(report["decode_tokens"])
-    tg = [int(m.group(1)) for t in report.get("tests", []) if (m := TG_RE.match(str(t)))]
-    return 4 + sum(tg) * int(report.get("repeats", 1))
-
-
-def measured_tg(result: dict, test: str | None) -> tuple[str, float] | None:
-    tests = result.get("tests") or {}
-    names = [test] if test else [t for t in tests if TG_RE.match(t) and "@" not in t] or \
-        [t for t in tests if TG_RE.match(t)]
-    for name in names:
-        if name in tests and tests[name].get("median"):
-            return name, float(tests[name]["median"])
-    return None
-
-
-# ---- placement -> cost-model arguments --------------------------------------------------------------
-def cost_placement(result: dict, shape: ModelShape, nmap: dict, steps: int) -> tuple[str, dict, str]:
-    """-> (cost-model placement, predict() keyword arguments, note)."""
-    kind, _, arg = str(result["placement"]).partition(":")
-    if kind in ("gpu", "cpu", "cpu-moe"):
-        return ("gpu" if kind == "gpu" else "cpu-moe"), {}, ""
-    if kind in ("layers", "n-cpu-moe"):
-        n, note = n_cpu_layers(result, arg, shape, nmap)
-        return f"n-cpu-moe:{n}", {}, note
-    if kind in ("hot", "cache", "static"):
-        hits = result.get("layer_hit") or None
-        if hits is None and result.get("hit_rate") is None:
-            raise HotExpertsError(f"{result['placement']}: no hit rate in the JSON")
-        kw = {"swaps_per_token": float(result.get("swaps", 0)) / max(steps, 1)}
-        if hits is not None:
-            kw["layer_hit"] = _fit(hits, shape.num_moe_layers)
-        else:
-            kw["hit_rate"] = float(result["hit_rate"])
-        k = arg if kind == "hot" and arg.isdigit() else ""
-        return (f"hot:{k}" if kind == "hot" else f"cache:{cache_slots(arg, shape)}"), kw, ""
-    raise HotExpertsError(f"cannot map placement {result['placement']!r} to the cost model")
-
-
-def n_cpu_layers(result: dict, arg: str, shape: ModelShape, nmap: dict) -> tuple[int, str]:
-    if arg.isdigit():
-        return int(arg), ""
-    budget = result.get("budget_gib")
-    for key in (budget, -1.0):
-        if key is not None and float(key) in nmap:
-            return nmap[float(key)], ""
-    if result.get("n_cpu_layers") is not None:
-        return int(result["n_cpu_layers"]), ""
-    if budget is None:
-        raise HotExpertsError(f"{result['placement']}: N unknown (no budget); pass --n N")
-    return real_plan(shape, float(budget))["n_cpu_moe"], "N est."
-
-
-def cache_slots(arg: str, shape: ModelShape) -> int:
-    """'123slots' -> 123; '8GiB' -> bytes ÷ expert size; else 0 (only VRAM depends on it)."""
-    m = re.fullmatch(r"(\d+)slots", arg)
-    if m:
-        return int(m.group(1))
-    m = re.fullmatch(r"([0-9.]+)GiB", arg)
-    return int(float(m.group(1)) * 2**30 // shape.expert_bytes_gpu) if m else 0
-
-
-def _fit(hits: list, n: int) -> list[float]:
-    """Per-layer hit rates to the shape's MoE depth (a report of another depth is resampled)."""
-    if len(hits) == n:
-        return [float(h) for h in hits]
-    return [float(hits[min(len(hits) - 1, i * len(hits) // n)]) for i in range(n)]
-
-
 # ---- comparison --------------------------------------------------------------------------------------
 def dominant(terms: dict) -> str:
     """The term that sets the token time: `copy` whenever the copy engine is the bottleneck (the copy
@@ -164,44 +123,70 @@ def dominant(terms: dict) -> str:
     return "copy" if terms.get("copy", 0) > 0 else max(terms, key=terms.get)
 
 
+def fit_roles(hw: HardwareProfile, fitted: dict | None = None) -> dict[str, str]:
+    """case id -> "time" | "cpu" | "time+cpu" for the rows a profile was fitted on."""
+    fit = fitted if fitted is not None else (hw.sources or {}).get("fit") or {}
+    roles: dict[str, list[str]] = {}
+    for role in ("time", "cpu"):
+        for i in fit.get(f"{role}_rows", fit.get(role, [])):
+            roles.setdefault(i, []).append(role)
+    return {i: "+".join(r) for i, r in roles.items()}
+
+
+def case_row(case: F.Case, hw: HardwareProfile, threshold: float, roles: dict) -> dict:
+    pred = F.predict_case(case, hw)
+    err = 100.0 * (pred.decode_tps - case.measured_tps) / case.measured_tps
+    scale = F.measured_cpu_scale(case, hw)
+    with_cpu = F.predict_case(case, hw, cpu_scale=scale).decode_tps if scale else pred.decode_tps
+    return {"id": case.id, "label": case.label, "placement": case.placement, "budget_gib": case.budget_gib,
+            "test": case.test, "measured": case.measured_tps, "predicted": pred.decode_tps, "error_pct": err,
+            "predicted_measured_cpu": with_cpu,
+            "error_measured_cpu_pct": 100.0 * (with_cpu - case.measured_tps) / case.measured_tps,
+            "cpu_ms_measured": case.cpu_ms, "cpu_ms_predicted": pred.cpu_ms,
+            "cost_placement": case.cost_placement, "note": case.note, "terms_ms": pred.decode_ms,
+            "dominant": dominant(pred.decode_ms), "fit": roles.get(case.id, "held out"),
+            "flag": abs(err) > threshold}
+
+
 def rows(report: dict, hw: HardwareProfile, shape: ModelShape, *, test: str | None = None,
-         nmap: dict | None = None, steps: int | None = None, threshold: float = 15.0) -> list[dict]:
-    out = []
-    n_steps = decode_steps(report, steps)
-    for r in report["results"]:
-        row = {"label": r.get("label"), "placement": r.get("placement"), "budget_gib": r.get("budget_gib")}
-        meas = measured_tg(r, test)
-        if r.get("error") or meas is None:
-            out.append(row | {"skipped": r.get("error") or "no tg measurement"})
-            continue
-        placement, kw, note = cost_placement(r, shape, nmap or {}, steps or r.get("decode_tokens") or n_steps)
-        pred = predict(shape, hw, placement, **kw)
-        err = 100.0 * (pred.decode_tps - meas[1]) / meas[1]
-        row |= {"test": meas[0], "measured": meas[1], "predicted": pred.decode_tps, "error_pct": err,
-                "cost_placement": placement, "note": note, "terms_ms": pred.decode_ms,
-                "dominant": dominant(pred.decode_ms), "flag": abs(err) > threshold}
-        out.append(row)
-    return out
+         nmap: dict | None = None, steps: int | None = None, threshold: float = 15.0,
+         engine: str = "current", tag: str = "", fitted: dict | None = None) -> list[dict]:
+    cases, skipped = F.cases_from_report(report, shape, engine=engine, tag=tag, test=test, nmap=nmap,
+                                         steps=steps)
+    roles = fit_roles(hw, fitted)
+    order = {F.case_id(tag, r.get("label"), r.get("budget_gib")): i for i, r in enumerate(report["results"])}
+    out = [case_row(c, hw, threshold, roles) for c in cases] + skipped
+    return sorted(out, key=lambda r: order.get(r["id"], 0))
 
 
 def table(rs: list[dict], threshold: float = 15.0) -> str:
-    lines = ["| placement | budget GiB | measured tg tok/s | predicted | error % | dominant term | flag |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| placement | budget GiB | measured tg tok/s | predicted | error % | with measured CPU "
+             "(error %) | CPU ms/tok measured / predicted | dominant term | fit | flag |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
         b = "-" if r["budget_gib"] is None else f"{r['budget_gib']:g}"
         name = f"{r['label']} ({r['placement']})"
         if "skipped" in r:
-            lines.append(f"| {name} | {b} | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {name} | {b} | - | - | - | - | - | - | - | skipped: {r['skipped']} |")
             continue
         note = f", {r['note']}" if r["note"] else ""
         ms = r["terms_ms"][r["dominant"]]
         flag = f"**>{threshold:g}%**" if r["flag"] else "ok"
+        cpu = "-" if not r["cpu_ms_measured"] and not r["cpu_ms_predicted"] else \
+            f"{r['cpu_ms_measured'] or 0:.2f} / {r['cpu_ms_predicted']:.2f}"
         lines.append(f"| {name} [{r['cost_placement']}{note}] | {b} | {r['measured']:.1f} | "
-                     f"{r['predicted']:.1f} | {r['error_pct']:+.1f} | {r['dominant']} ({ms:.2f} ms) "
-                     f"| {flag} |")
+                     f"{r['predicted']:.1f} | {r['error_pct']:+.1f} | {r['predicted_measured_cpu']:.1f} "
+                     f"({r['error_measured_cpu_pct']:+.1f}) | {cpu} | {r['dominant']} ({ms:.2f} ms) | "
+                     f"{r['fit']} | {flag} |")
     done = [r for r in rs if "skipped" not in r]
     ok = sum(not r["flag"] for r in done)
     lines.append(f"\n{ok} of {len(done)} placements within ±{threshold:g}%.")
+    held = [r for r in done if r.get("fit", "held out") == "held out"]
+    if held and len(held) < len(done):
+        ok_h = sum(not r["flag"] for r in held)
+        lines.append(f"Held out (not used by the fit): {ok_h} of {len(held)} within ±{threshold:g}%; "
+                     f"RMS error {F.rms_pct(r['error_pct'] for r in held):.1f}% (fitted rows "
+                     f"{F.rms_pct(r['error_pct'] for r in done if r not in held):.1f}%).")
     return "\n".join(lines)
 
 
@@ -216,10 +201,59 @@ def warnings(report: dict, shape: ModelShape, name: str) -> list[str]:
     return out
 
 
+def fit_rows(cases: list[F.Case], hw: HardwareProfile, cpu_ids, time_ids, free=F.FREE
+             ) -> tuple[HardwareProfile, dict]:
+    """Fit the profile's decode terms on the given case ids; the fit is recorded in sources["fit"]."""
+    hw2, info = F.fit_decode(cases, hw, cpu_rows=cpu_ids, time_rows=time_ids, free=free)
+    src = dict(hw2.sources or {})
+    src["fit"] = {"cpu_rows": list(cpu_ids), "time_rows": list(time_ids), "free": list(free)}
+    return replace(hw2, sources=src), info
+
+
+def leave_one_out(cases: list[F.Case], hw: HardwareProfile, cpu_ids, time_ids, free=F.FREE) -> list[dict]:
+    """Each fitted row predicted by a fit without it (its CPU row too): the error a new row would see.
+    A row whose removal leaves a term undetermined is reported with the reason instead."""
+    by = {c.id: c for c in cases}
+    out = []
+    for rid in dict.fromkeys(list(time_ids) + list(cpu_ids)):
+        cpu = [i for i in cpu_ids if i != rid]
+        time_rows = [i for i in time_ids if i != rid]
+        try:
+            h, _ = F.fit_decode(cases, hw, cpu_rows=cpu if len(cpu) >= 2 else [], time_rows=time_rows,
+                                free=free)
+        except HotExpertsError as e:
+            out.append({"id": rid, "error": str(e)})
+            continue
+        c = by[rid]
+        tps = F.predict_case(c, h).decode_tps
+        out.append({"id": rid, "measured": c.measured_tps, "predicted": tps,
+                    "error_pct": 100.0 * (tps - c.measured_tps) / c.measured_tps})
+    return out
+
+
+def loo_table(rs: list[dict]) -> str:
+    lines = ["| fitted row | measured tg tok/s | predicted by a fit without it | error % |",
+             "|---|---|---|---|"]
+    for r in rs:
+        if "error" in r:
+            lines.append(f"| {r['id']} | - | - | not identifiable: {r['error']} |")
+        else:
+            lines.append(f"| {r['id']} | {r['measured']:.1f} | {r['predicted']:.1f} | "
+                         f"{r['error_pct']:+.1f} |")
+    return "\n".join(lines)
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bench_json")
+    ap.add_argument("bench_json", nargs="+")
     ap.add_argument("--profile", default="h200", help="built-in profile name or `hotexperts calibrate` JSON")
+    ap.add_argument("--engine", default=None, help="run4 | run5 | current, one or one per JSON (default: "
+                    "from the tag: run4 / run5, else current)")
+    ap.add_argument("--tag", default=None, help="row id prefix per JSON (default: from the path)")
     ap.add_argument("--shape", default=None, help=f"model shape ({', '.join(SHAPES)}); default from the JSON")
     ap.add_argument("--expert-format", default=None, choices=("bf16", "int8", "int4"),
                     help="expert format (default: the JSON's expert_quant)")
@@ -228,24 +262,67 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=None, help="decode steps of the swap counts")
     ap.add_argument("--threshold", type=float, default=15.0, help="flag |error| above this percent")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--fit", action="store_true", help="fit the decode terms first (default rows: FIT_H200)")
+    ap.add_argument("--fit-cpu", default=None, help="case ids for the CPU terms (comma list)")
+    ap.add_argument("--fit-time", default=None, help="case ids for the time terms (comma list)")
+    ap.add_argument("--free", default=None, help=f"time terms to fit (default {','.join(F.FREE)})")
+    ap.add_argument("--save-profile", default=None, help="with --fit: write the fitted profile JSON")
+    ap.add_argument("--loo", action="store_true", help="with --fit: leave-one-out errors of the fitted rows")
     args = ap.parse_args(argv)
     try:
-        report = load_report(args.bench_json)
         hw = get_profile(args.profile)
-        shape, name = resolve_shape(report, args.shape, args.expert_format)
-        rs = rows(report, hw, shape, test=args.test, nmap=parse_n_map(args.n), steps=args.decode_tokens,
-                  threshold=args.threshold)
+        paths = args.bench_json
+        tags = _split(args.tag) or [default_tag(p) for p in paths]
+        engines = _split(args.engine) or [ENGINE_OF_TAG.get(t.split("-")[0], "current") for t in tags]
+        if len(engines) == 1:
+            engines = engines * len(paths)
+        if len(tags) != len(paths) or len(engines) != len(paths):
+            raise HotExpertsError("--tag and --engine take one value per bench JSON")
+        inputs = []
+        for path, tag, engine in zip(paths, tags, engines, strict=True):
+            report = load_report(path)
+            shape, name = resolve_shape(report, args.shape, args.expert_format)
+            inputs.append((path, tag, engine, report, shape, name))
+        fitted = None
+        if args.fit:
+            cases = [c for (_, tag, engine, report, shape, _) in inputs
+                     for c in F.cases_from_report(report, shape, engine=engine, tag=tag, test=args.test,
+                                                  nmap=parse_n_map(args.n), steps=args.decode_tokens)[0]]
+            cpu_ids = _split(args.fit_cpu) or FIT_H200["cpu"]
+            time_ids = _split(args.fit_time) or FIT_H200["time"]
+            free = _split(args.free) or list(F.FREE)
+            hw, info = fit_rows(cases, hw, cpu_ids, time_ids, free)
+            fitted = hw.sources["fit"]
+            print("Fitted terms (hotexperts/trace/fit.py; CPU rows: " + ", ".join(cpu_ids) + "; time rows: "
+                  + ", ".join(time_ids) + "):\n")
+            for k, v in info["values"].items():
+                print(f"    {k:28s} {v:.4g}" + ("" if "gbs" in k else f"   ({v * 1e6:.1f} us)"))
+            print()
+            if args.save_profile:
+                save_hardware(args.save_profile, replace(hw, label="fitted"))
+            if args.loo:
+                print("Leave-one-out (each fitted row predicted by a fit without it):\n\n"
+                      + loo_table(leave_one_out(cases, hw, cpu_ids, time_ids, free)) + "\n")
+        all_rows = []
+        for path, tag, engine, report, shape, name in inputs:
+            rs = rows(report, hw, shape, test=args.test, nmap=parse_n_map(args.n), steps=args.decode_tokens,
+                      threshold=args.threshold, engine=engine, tag=tag, fitted=fitted)
+            k = F.routed_top_k(report)
+            print(f"## {path} (tag {tag}, engine {engine})\n\nCost model vs measurement: {shape.name} (from "
+                  f"{name!r}; top-{k or shape.top_k}; GPU slots {shape.gpu_bytes_per_param:g} B/param, CPU "
+                  f"{shape.cpu_format}) on profile '{hw.name}' ({hw.label}); swaps per token over each "
+                  f"result's decode_tokens (else {decode_steps(report, args.decode_tokens)} steps)\n")
+            for w in warnings(report, shape, name):
+                print(f"WARNING: {w}\n")
+            print(table(rs, args.threshold) + "\n")
+            all_rows += rs
     except HotExpertsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Cost model vs measurement: {shape.name} (from {name!r}; GPU slots {shape.gpu_bytes_per_param:g} "
-          f"B/param, CPU {shape.cpu_format}) on profile '{hw.name}' ({hw.label}); decode steps for swaps: "
-          f"{decode_steps(report, args.decode_tokens)}\n")
-    for w in warnings(report, shape, name):
-        print(f"WARNING: {w}\n")
-    print(table(rs, args.threshold))
+    if len(inputs) > 1:
+        print("## All reports\n\n" + table(all_rows, args.threshold).split("\n\n", 1)[-1].strip())
     if args.json:
-        Path(args.json).write_text(json.dumps(rs, indent=1))
+        Path(args.json).write_text(json.dumps(all_rows, indent=1))
     return 0
 
 

@@ -1,26 +1,42 @@
 """Predicted decode and prompt tokens/s of an expert placement (torch-free). Formulas: docs/simulator.md.
 
     ModelShape                 the sizes the model needs (SHAPES: named presets; shape_from_config(cfg))
-    predict(shape, hw, placement, *, hit_rate=, layer_hit=, prompt_hit=, swaps_per_token=, slots=)
-        -> Prediction(decode_tps, prompt_tps, decode_ms: dict of terms, vram_gb)
+    predict(shape, hw, placement, *, hit_rate=, layer_hit=, prompt_hit=, swaps_per_token=,
+                    gpu_misses=None, gpu_share=None, policy=None, deferred_host=True, cpu_scale=1.0)
+        -> Prediction(decode_tps, prompt_tps, decode_ms: dict of terms, vram_gb, cpu_ms)
     placement: "gpu" | "cpu-moe" | "n-cpu-moe:N" | "hot:K" | "cache:SLOTS"  (hot/cache need a hit rate)
     predict_cache(shape, hw, sim_result)       a simulator row -> Prediction
     cpu_expert_seconds(shape, hw), copy_seconds(shape, hw)    per expert, one decode token
+    miss_pmf(K, h), gpu_share_of(n, Z, share), cpu_call_seconds(shape, hw, n), hit_kernel_seconds(...)
 
-Per MoE layer and decode token, with h = hit rate, K = top-k, p = 1 - h**K (chance the layer has CPU work):
-    gpu_l = dense_l + overhead + max(K h Bg / HBM + launch [h > 0],  K (1-h) Bc / CPUbw + p call) + p sync
-and the copies of swaps run on the copy engine alongside: t_token = max(sum_l gpu_l + head, swaps Bg / H2D).
+Decode is the engine's worker path (docs/cache.md): the whole step is one CUDA graph; per MoE layer the GPU
+posts the misses to a host mailbox, a CPU worker computes them while the GPU computes the hits from its
+slots, then the GPU waits for the CPU's sum. Per token, with K = top-k, n ~ Binomial(K, 1 - h_l) misses of
+MoE layer l, z(n) = min(Z, n // share) of them read by the GPU over PCIe (share: 4, 2 for experts of
+32 MiB or more; run 5: 1) and c(n) = n - z(n) by the CPU:
+    dense_l  = dense_bytes_l / HBM + gpu_layer                               (every decoder layer)
+    hits(m)  = gpu_moe_launch + m Bg / GPU_bw(slot format)                   (the slot kernel, m hits)
+    read(z)  = [z > 0] (gpu_host_read + z Bc / H2D)                          (GPU-computed misses)
+    cpu(c)   = cpu_call + c Bc / CPU_bw(format)                              (one worker call, c experts)
+    gpu layer   (all resident, no policy): hits(K)
+    cpu / split layer (posts): post [+ gpu_moe_launch if Z > 0] + E_n[ hits(K - n) [split]
+                   + read(z) + [c > 0] (max(0, cpu(c) - hits(K - n) - read(z)) + handoff) ]
+    device   = sum_l dense_l + sum_l moe_l + head_bytes / HBM
+    host     = host_step [hybrid executor] + (host_policy(policy) + swaps host_swap) [hot/cache]
+    compute  = device + host (bookkeeping between steps) | max(device, host) when deferred_host
+    t_token  = max(compute, swaps Bg / H2D)            (fills run on the copy engine alongside)
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 
 from hotexperts.errors import HotExpertsError
 from hotexperts.trace.profiles import HardwareProfile
 
-CPU_BYTES_PER_PARAM = {"bf16": 2.0, "fp32": 4.0, "int8": 1.0 + 2 / 1024, "int4": 0.5 + 2 / 32}
+CPU_BYTES_PER_PARAM = {"bf16": 2.0, "fp32": 4.0, "int8": 1.0 + 4 / 1024, "int4": 0.5 + 4 / 32}
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,12 @@ class ModelShape:
     @property
     def expert_params(self) -> int:
         return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def gpu_format(self) -> str:
+        """The slot format implied by its bytes per parameter: bf16 (>= 1.5), int8 (>= 0.9) or int4."""
+        b = self.gpu_bytes_per_param
+        return "bf16" if b >= 1.5 else "int8" if b >= 0.9 else "int4"
 
     @property
     def expert_bytes_gpu(self) -> int:
@@ -102,12 +124,19 @@ class Prediction:
     prompt_tps: float
     decode_ms: dict             # per-token time by term (the critical path; overlapped terms as charged)
     vram_gb: float
+    cpu_ms: float = 0.0         # CPU kernel time per decoded token (the bench's cpu_ms_per_token)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+GPU_SHARE = 4       # the engine's rule (kernels/handoff.py): the GPU takes one miss per 4 misses of a layer
+LARGE_EXPERT_BYTES = 32 << 20   # ... one per 2 for experts this large (experts/mailbox.py: they stream)
+TERMS = ("gpu_dense", "gpu_experts", "post", "handoff", "cpu_wait", "gpu_misses", "host", "copy")
+
+
 def cpu_expert_seconds(shape: ModelShape, hw: HardwareProfile) -> float:
+    """Marginal CPU time of one more expert in a call (what a hit saves the CPU)."""
     return shape.expert_bytes_cpu / (hw.cpu_gbs(shape.cpu_format) * 1e9)
 
 
@@ -115,17 +144,82 @@ def copy_seconds(shape: ModelShape, hw: HardwareProfile) -> float:
     return shape.expert_bytes_gpu / (hw.h2d_gbs * 1e9)
 
 
-def _decode_layer(shape: ModelShape, hw: HardwareProfile, h: float, terms: dict) -> float:
+def cpu_call_seconds(shape: ModelShape, hw: HardwareProfile, n: int) -> float:
+    """One CPU worker call with n experts (the fused kernel over the layer's CPU misses)."""
+    return hw.cpu_call_s + n * cpu_expert_seconds(shape, hw)
+
+
+def hit_kernel_seconds(shape: ModelShape, hw: HardwareProfile, m: float) -> float:
+    """The slot kernel of one decode layer over m resident experts (graphed)."""
+    return hw.gpu_moe_launch_s + m * shape.expert_bytes_gpu / (hw.gpu_expert_rate(shape.gpu_format) * 1e9)
+
+
+def gpu_read_seconds(shape: ModelShape, hw: HardwareProfile, z: int) -> float:
+    """The GPU computing z missed experts straight from pinned host memory (UVA reads over PCIe)."""
+    return hw.gpu_host_read_s + z * shape.expert_bytes_cpu / (hw.h2d_gbs * 1e9) if z > 0 else 0.0
+
+
+def miss_pmf(K: int, h: float) -> list[float]:
+    """P(n misses of K routed experts), n = 0..K, for independent selections with hit rate h."""
+    q = min(1.0, max(0.0, 1.0 - h))
+    return [math.comb(K, n) * q**n * (1.0 - q) ** (K - n) for n in range(K + 1)]
+
+
+def engine_share(shape: ModelShape) -> int:
+    """The engine's misses-per-GPU-miss for this expert size: 2 from 32 MiB (Mixtral: 88 MB), else 4."""
+    return 2 if shape.expert_bytes_cpu >= LARGE_EXPERT_BYTES else GPU_SHARE
+
+
+def gpu_share_of(n: int, Z: int, share: int = GPU_SHARE) -> int:
+    """Misses of a layer with n misses that the GPU reads itself: min(Z, n // share) (0 when Z = 0)."""
+    return min(Z, n // max(share, 1)) if Z > 0 else 0
+
+
+def _layer_kinds(placement: str, Lm: int) -> tuple[list[str], bool, bool]:
+    """-> (kind per MoE layer: gpu | cpu | split, hybrid executor, managed cache)."""
+    kind, _, arg = placement.replace(" ", ":").partition(":")
+    if kind == "gpu":
+        return ["gpu"] * Lm, False, False
+    if kind == "cpu-moe":
+        return ["cpu"] * Lm, True, False
+    if kind == "n-cpu-moe":
+        n = min(int(arg), Lm)
+        return ["cpu"] * n + ["gpu"] * (Lm - n), True, False
+    return ["split"] * Lm, True, True
+
+
+def _decode_device(shape: ModelShape, hw: HardwareProfile, kinds, hits, Z: int, share: int,
+                   cpu_scale: float, terms: dict) -> float:
+    """Device time of the MoE layers of one token (seconds); fills terms (seconds) and terms['_cpu']."""
     K = shape.top_k
-    p_cpu = 1.0 - h ** K
-    dense = shape.dense_params_per_layer * 2 / (hw.gpu_hbm_gbs * 1e9) + hw.gpu_layer_overhead_s
-    gpu = K * h * shape.expert_bytes_gpu / (hw.gpu_hbm_gbs * 1e9) + (hw.gpu_moe_launch_s if h > 0 else 0.0)
-    cpu = K * (1 - h) * cpu_expert_seconds(shape, hw) + p_cpu * hw.cpu_call_s
-    sync = p_cpu * hw.sync_s
-    terms["gpu_dense"] += dense
-    terms["gpu_experts" if gpu >= cpu else "cpu_experts"] += max(gpu, cpu)
-    terms["sync"] += sync
-    return dense + max(gpu, cpu) + sync
+    total = 0.0
+    for kind, h in zip(kinds, hits, strict=True):
+        if kind == "gpu":
+            t = hit_kernel_seconds(shape, hw, K)
+            terms["gpu_experts"] += t
+            total += t
+            continue
+        post = hw.post_s + (hw.gpu_moe_launch_s if Z > 0 else 0.0)
+        terms["post"] += post
+        total += post
+        for n, p in enumerate(miss_pmf(K, h)):
+            if p == 0.0:
+                continue
+            z = gpu_share_of(n, Z, share)
+            c = n - z
+            g_hit = hit_kernel_seconds(shape, hw, K - n) if kind == "split" else 0.0
+            g_read = gpu_read_seconds(shape, hw, z)
+            terms["gpu_experts"] += p * g_hit
+            terms["gpu_misses"] += p * g_read
+            total += p * (g_hit + g_read)
+            if c > 0:
+                cpu = cpu_scale * cpu_call_seconds(shape, hw, c)
+                terms["_cpu"] += p * cpu
+                wait = max(0.0, cpu - g_hit - g_read)
+                terms["cpu_wait"] += p * wait
+                terms["handoff"] += p * hw.handoff_s
+                total += p * (wait + hw.handoff_s)
+    return total
 
 
 def _prompt_layer(shape: ModelShape, hw: HardwareProfile, h: float, P: int) -> float:
@@ -161,30 +255,60 @@ def _layer_hits(shape: ModelShape, placement: str, hit_rate, layer_hit) -> tuple
         if layer_hit is None and hit_rate is None:
             raise HotExpertsError(f"placement {placement!r} needs a hit rate (from `hotexperts simulate`)")
         hits = list(layer_hit) if layer_hit is not None else [float(hit_rate)] * Lm
+        if len(hits) != Lm:
+            raise HotExpertsError(f"{len(hits)} per-layer hit rates for a shape of {Lm} MoE layers")
         slots = int(arg) * (Lm if kind == "hot" else 1) if arg else 0
         return hits, slots
     raise HotExpertsError(f"unknown placement {placement!r}: gpu, cpu-moe, n-cpu-moe:N, hot:K, cache:SLOTS")
 
 
+def auto_gpu_misses(placement: str) -> int:
+    """The engine's --moe-gpu-misses auto: 2 for caches (hot / cache), 0 for cpu-moe / n-cpu-moe / gpu."""
+    return 2 if placement.split(":")[0] in ("hot", "cache") else 0
+
+
+def default_policy(placement: str) -> str | None:
+    """The engine's default policy of a placement (experts/placement.py): hot window-lfu, cache auto."""
+    return {"hot": "window-lfu", "cache": "auto"}.get(placement.split(":")[0])
+
+
 def predict(shape: ModelShape, hw: HardwareProfile, placement: str, *, hit_rate: float | None = None,
             layer_hit=None, prompt_hit: float | None = None, swaps_per_token: float = 0.0,
-            prompt_tokens: int = 512) -> Prediction:
+            prompt_tokens: int = 512, gpu_misses: int | None = None, gpu_share: int | None = None,
+            policy: str | None = None, deferred_host: bool = True, cpu_scale: float = 1.0) -> Prediction:
+    """gpu_misses: most misses per layer the GPU reads from host memory (None: the engine's auto), taking
+    one per `gpu_share` misses (None: the engine's, engine_share(); run 5's engine: the first N, i.e.
+    gpu_share=1); policy: the cache policy
+    whose host bookkeeping is charged (None: the placement's default); deferred_host: the host's
+    bookkeeping overlaps the device step (the engine after run 5) instead of running between steps;
+    cpu_scale multiplies every CPU call time (fidelity: set it so the CPU time equals a measured one)."""
     hits, slots = _layer_hits(shape, placement, hit_rate, layer_hit)
-    terms = {"gpu_dense": 0.0, "gpu_experts": 0.0, "cpu_experts": 0.0, "sync": 0.0, "head": 0.0, "copy": 0.0}
-    compute = sum(_decode_layer(shape, hw, h, terms) for h in hits)
-    dense_only = shape.num_layers - shape.num_moe_layers
-    dense_layer = shape.dense_params_per_layer * 2 / (hw.gpu_hbm_gbs * 1e9) + hw.gpu_layer_overhead_s
-    compute += dense_only * dense_layer
-    terms["head"] = shape.head_params * 2 / (hw.gpu_hbm_gbs * 1e9)
-    compute += terms["head"]
+    kinds, hybrid, managed = _layer_kinds(placement, len(hits))
+    Z = auto_gpu_misses(placement) if gpu_misses is None else int(gpu_misses)
+    gpu_share = engine_share(shape) if gpu_share is None else int(gpu_share)
+    terms = dict.fromkeys(TERMS, 0.0) | {"_cpu": 0.0}
+    hbm = hw.gpu_hbm_gbs * 1e9
+    dense = shape.num_layers * (shape.dense_params_per_layer * 2 / hbm + hw.gpu_layer_s)
+    terms["gpu_dense"] = dense + shape.head_params * 2 / hbm
+    device = terms["gpu_dense"] + _decode_device(shape, hw, kinds, hits, Z, gpu_share, cpu_scale, terms)
+    host = ((hw.host_step_s if hybrid else 0.0)
+            + ((hw.policy_seconds(policy or default_policy(placement)) + swaps_per_token * hw.host_swap_s)
+               if managed else 0.0))
+    terms["host"] = max(0.0, host - device) if deferred_host else host
+    compute = device + terms["host"]
     copy = swaps_per_token * copy_seconds(shape, hw)
     terms["copy"] = max(0.0, copy - compute)                   # only what the copy engine adds beyond compute
     t_token = max(compute, copy)
+    if t_token <= 0:
+        raise HotExpertsError(f"non-positive decode time ({t_token:.3g} s): negative terms in profile "
+                              f"{hw.name!r}")
+    cpu_ms = terms.pop("_cpu") * 1e3
     ph = [prompt_hit] * len(hits) if prompt_hit is not None else hits
     t_prompt = sum(_prompt_layer(shape, hw, h, prompt_tokens) for h in ph)
     t_prompt += 2.0 * prompt_tokens * shape.head_params / (hw.gpu_tflops * 1e12)
     vram = (shape.dense_bytes + slots * shape.expert_bytes_gpu) / 2**30
-    return Prediction(1.0 / t_token, prompt_tokens / t_prompt, {k: v * 1e3 for k, v in terms.items()}, vram)
+    return Prediction(1.0 / t_token, prompt_tokens / t_prompt, {k: v * 1e3 for k, v in terms.items()}, vram,
+                      cpu_ms)
 
 
 def predict_cache(shape: ModelShape, hw: HardwareProfile, result) -> Prediction:

@@ -5,9 +5,10 @@
     get_profile(name_or_path) -> HardwareProfile        (built-in name, or a JSON file from `calibrate`)
     save_hardware(path, hw) / load_hardware(path)
 
-Built-in figures are labelled "estimate": vendor peaks derated to typical achieved rates, except the h200
-entries taken from ../shared/MACHINE.md (measured 2026-11-28). `hotexperts calibrate` replaces estimates
-with this machine's measurements.
+The consumer profiles are estimates (vendor peaks derated; decode terms scaled from the h200 fit). The
+h200 is measured and fitted: bandwidths from ../shared/MACHINE.md, decode terms fitted on H200 runs 4-5
+(`sources` says which figure comes from which run and command; scripts/fidelity.py --fit reproduces them).
+`hotexperts calibrate` measures this machine (and with --bench fits the decode terms on its bench JSONs).
 """
 
 from __future__ import annotations
@@ -22,46 +23,103 @@ from hotexperts.errors import HotExpertsError, read_json
 @dataclass(frozen=True)
 class HardwareProfile:
     name: str
-    label: str                      # "estimate" | "measured" | "calibrated"
+    label: str                      # "estimate" | "measured" | "fitted" | "calibrated" (per figure: sources)
     vram_gb: float
     gpu_hbm_gbs: float              # achieved GPU memory bandwidth
     gpu_tflops: float               # achieved bf16 matmul throughput (prompt batches)
-    gpu_layer_overhead_s: float     # fixed GPU time per decoder layer per decode token (launches)
-    gpu_moe_launch_s: float         # one fused expert kernel over the hit slots
+    gpu_layer_overhead_s: float     # eager GPU/dispatch time per decoder layer (prompt batches, not graphed)
+    gpu_moe_launch_s: float         # fixed time of one graphed slot kernel (hits) or host-read kernel
     h2d_gbs: float                  # pinned host -> device copy
-    sync_s: float                   # per layer with CPU work: D2H ids/x, wait, H2D partial, add
+    sync_s: float                   # per layer with CPU work, synchronous path: D2H ids/x, wait, H2D, add
     cpu_read_gbs: float             # plain streaming read of host memory
-    cpu_expert_gbs: dict = field(default_factory=dict)   # format -> GB/s of weights the CPU kernel reads
-    cpu_call_s: float = 20e-6       # fixed cost of one CPU MoE call (one per layer with misses)
+    cpu_expert_gbs: dict = field(default_factory=dict)   # format -> GB/s: marginal expert of a worker call
+    cpu_call_s: float = 20e-6       # fixed cost of one CPU worker call (one per layer with CPU misses)
     cpu_tflops: float = 1.0         # CPU expert matmul throughput for prompt batches
     notes: str = ""
+    # ---- graphed worker decode (docs/simulator.md "Decode") ----
+    gpu_layer_s: float = 40e-6      # graphed decode time per decoder layer beyond its dense bytes / HBM
+    gpu_expert_gbs: dict = field(default_factory=dict)   # slot format -> GB/s of the graphed slot kernel
+    post_s: float = 10e-6           # post + collect kernels of a layer that posts (no wait)
+    handoff_s: float = 10e-6        # per layer with CPU work: wait beyond the CPU's compute time
+    gpu_host_read_s: float = 100e-6  # GPU-computed miss: fixed latency of reading experts over PCIe
+    host_step_s: float = 0.0        # host bookkeeping per decode step of a hybrid executor (mailbox, stats)
+    host_policy_s: dict = field(default_factory=dict)    # policy -> more for a managed cache ("*": others)
+    host_swap_s: float = 0.0        # ... per swap issued
+    sources: dict = field(default_factory=dict)          # figure -> where it comes from (run, command)
 
     def cpu_gbs(self, fmt: str) -> float:
         if fmt in self.cpu_expert_gbs:
             return float(self.cpu_expert_gbs[fmt])
         return float(self.cpu_read_gbs) * 0.5          # unknown format: half the plain read rate
 
+    def gpu_expert_rate(self, fmt: str) -> float:
+        """GB/s of slot weights the graphed decode kernel reads per expert (unknown format: HBM)."""
+        return float(self.gpu_expert_gbs.get(fmt, self.gpu_hbm_gbs))
+
+    def policy_seconds(self, policy: str | None) -> float:
+        """Host bookkeeping per decode step of a managed cache with this policy (observe, plan)."""
+        hp = self.host_policy_s
+        if not isinstance(hp, dict):                   # a plain number applies to every policy
+            return float(hp)
+        if policy in hp:
+            return float(hp[policy])
+        return float(hp.get("*", max(hp.values(), default=0.0)))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+_EST = "estimate (scaled from the h200 fit; not measured on such a machine)"
+_CONSUMER_DECODE = dict(gpu_layer_s=110e-6, post_s=20e-6, handoff_s=0.0, gpu_host_read_s=120e-6,
+                        host_step_s=0.7e-3, host_policy_s={"window-lfu": 0.7e-3, "auto": 1.9e-3},
+                        host_swap_s=0.0)
 BUILTIN = {
     "rtx4090-7950x": HardwareProfile(
         "rtx4090-7950x", "estimate", vram_gb=24.0, gpu_hbm_gbs=900.0, gpu_tflops=150.0,
         gpu_layer_overhead_s=15e-6, gpu_moe_launch_s=6e-6, h2d_gbs=25.0, sync_s=30e-6, cpu_read_gbs=65.0,
-        cpu_expert_gbs={"bf16": 35.0, "int8": 55.0, "int4": 45.0}, cpu_call_s=10e-6, cpu_tflops=1.5,
-        notes="RTX 4090 (1008 GB/s GDDR6X) + Ryzen 9 7950X, DDR5-6000 dual channel, PCIe 4.0 x16"),
+        cpu_expert_gbs={"bf16": 35.0, "int8": 55.0, "int4": 45.0}, cpu_call_s=100e-6, cpu_tflops=1.5,
+        notes="RTX 4090 (1008 GB/s GDDR6X) + Ryzen 9 7950X, DDR5-6000 dual channel, PCIe 4.0 x16",
+        gpu_expert_gbs={"bf16": 600.0, "int8": 330.0, "int4": 120.0}, **_CONSUMER_DECODE,
+        sources={"*": _EST}),
     "rtx3060-ddr4": HardwareProfile(
         "rtx3060-ddr4", "estimate", vram_gb=12.0, gpu_hbm_gbs=320.0, gpu_tflops=25.0,
         gpu_layer_overhead_s=20e-6, gpu_moe_launch_s=8e-6, h2d_gbs=20.0, sync_s=35e-6, cpu_read_gbs=38.0,
-        cpu_expert_gbs={"bf16": 20.0, "int8": 32.0, "int4": 28.0}, cpu_call_s=12e-6, cpu_tflops=0.6,
-        notes="RTX 3060 12 GB (360 GB/s) + 8-core AVX2 desktop, DDR4-3200 dual channel, PCIe 4.0 x16"),
+        cpu_expert_gbs={"bf16": 20.0, "int8": 32.0, "int4": 28.0}, cpu_call_s=120e-6, cpu_tflops=0.6,
+        notes="RTX 3060 12 GB (360 GB/s) + 8-core AVX2 desktop, DDR4-3200 dual channel, PCIe 4.0 x16",
+        gpu_expert_gbs={"bf16": 210.0, "int8": 115.0, "int4": 45.0}, **_CONSUMER_DECODE,
+        sources={"*": _EST}),
     "h200": HardwareProfile(
-        "h200", "estimate", vram_gb=141.0, gpu_hbm_gbs=4300.0, gpu_tflops=700.0,
-        gpu_layer_overhead_s=40e-6, gpu_moe_launch_s=10e-6, h2d_gbs=55.0, sync_s=77e-6, cpu_read_gbs=77.0,
-        cpu_expert_gbs={"bf16": 48.0, "int8": 125.0, "int4": 59.0}, cpu_call_s=20e-6, cpu_tflops=4.0,
-        notes="H200 + 16-core Xeon (AMX): bandwidths, H2D and sync from shared/MACHINE.md (sync = "
-              "(8.4-4.7) ms / 48 layers, plain PyTorch); GPU overhead and TFLOPS estimated"),
+        "h200", "fitted", vram_gb=141.0, gpu_hbm_gbs=4300.0, gpu_tflops=700.0,
+        gpu_layer_overhead_s=40e-6, gpu_moe_launch_s=4e-6, h2d_gbs=55.0, sync_s=77e-6, cpu_read_gbs=77.0,
+        cpu_expert_gbs={"bf16": 48.0, "int8": 125.0, "int4": 81.3}, cpu_call_s=141.5e-6,
+        cpu_tflops=4.0,
+        notes="H200 + 16-core Xeon (AMX): decode terms fitted on runs 4-5 (graphed worker decode, int4 "
+              "Qwen3-30B-A3B), see sources; prompt terms (TFLOPS, eager per-layer overhead) estimated",
+        gpu_expert_gbs={"bf16": 3199.0, "int8": 1587.0, "int4": 556.6},
+        gpu_layer_s=112.9e-6, post_s=20.2e-6, handoff_s=0.0, gpu_host_read_s=96.4e-6,
+        host_step_s=708.7e-6, host_policy_s={"window-lfu": 684.0e-6, "auto": 1867.0e-6},
+        host_swap_s=0.0,
+        sources={
+            "gpu_hbm_gbs, h2d_gbs, sync_s, cpu_read_gbs": "measured, ../shared/MACHINE.md (2026-11-28)",
+            "gpu_expert_gbs": "measured: 8 experts of one decode layer through the graphed slot kernel, "
+                              "minus gpu_moe_launch_s: int4 46.4 us (run 5, `scripts/bench_gpu_moe.py "
+                              "--quant-sweep`, default config), bf16 27.6 / int8 27.8 us (run 1, "
+                              "`scripts/bench_gpu_moe.py`)",
+            "gpu_moe_launch_s": "estimate (a graphed kernel node)",
+            "gpu_host_read_s": "measured ~150 us for one int4 expert read by the GPU over PCIe (run 5, "
+                               "docs/benchmarks.md), minus its bytes / h2d_gbs",
+            "cpu_call_s, cpu_expert_gbs.int4": "fitted: cpu_ms_per_token of run 5 (`bash "
+                                               "scripts/gpu_run5.sh`) cpu-moe, hot, cache+z0",
+            "gpu_layer_s, post_s, host_step_s, host_policy_s": "fitted: decode tok/s of run 5 gpu, cpu-moe, "
+                "hot, cache+z0 and run 4 (`bash scripts/gpu_run4.sh`) 24 GiB n-cpu-moe, hot, cache",
+            "handoff_s, host_swap_s": "fitted at 0 (a free fit gave -7 us / no signal)",
+            "command": "python scripts/fidelity.py docs/results/h200-run5/bench_qwen3-30b-a3b_synthetic.json "
+                       "docs/results/h200-run4/bench_qwen3-30b-a3b_synthetic.json --fit --profile h200",
+            "fit": {"cpu_rows": ["run5:cpu-moe@16", "run5:hot@16", "run5:cache+z0@16"],
+                    "time_rows": ["run5:gpu@-", "run5:cpu-moe@16", "run4:n-cpu-moe@24", "run4:hot@24",
+                                  "run4:cache@24", "run5:hot@16", "run5:cache+z0@16"]},
+            "gpu_tflops, cpu_tflops, gpu_layer_overhead_s": "estimate (prompt model, not re-fitted)",
+        }),
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from hotexperts.bench.predict import real_plan, shape_for
 from hotexperts.errors import HotExpertsError
+from hotexperts.trace import fit as F
 from hotexperts.trace.costmodel import predict
 from hotexperts.trace.profiles import get_profile
 
@@ -105,3 +106,125 @@ def test_cli(fid, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert fid.main([str(bad)]) == 2
+
+
+# ---- engines, top-k, fitting ------------------------------------------------------------------------
+def test_engine_options_and_trace_top_k(fid):
+    hw, shape = _hw_shape()
+    rep = _report([_res("hot", "hot:19", 16.0, 50.0, layer_hit=[0.9] * 48, hit_rate=0.9),
+                   _res("cache+z2", "cache:8GiB", 16.0, 50.0, layer_hit=[0.9] * 48, hit_rate=0.9),
+                   _res("n-cpu-moe", "layers:24", 16.0, 50.0)],
+                  routing="replayed trace x.csv (Qwen3-30B-A3B, top-6, 156 tokens)")
+    cases = {c.label: c for c in F.cases_from_report(rep, shape, engine="run5", tag="t")[0]}
+    assert cases["hot"].kw["gpu_misses"] == 1 and cases["hot"].kw["gpu_share"] == 1   # run 5: auto 1, first
+    assert cases["cache+z2"].kw["gpu_misses"] == 2 and not cases["hot"].kw["deferred_host"]
+    assert cases["n-cpu-moe"].kw["gpu_misses"] == 0 and cases["hot"].shape.top_k == 6
+    assert cases["hot"].id == "t:hot@16"
+    cur = {c.label: c for c in F.cases_from_report(rep, shape, engine="current")[0]}
+    assert "gpu_misses" not in cur["hot"].kw and cur["hot"].kw["deferred_host"]          # the model's auto
+    run4 = {c.label: c for c in F.cases_from_report(rep, shape, engine="run4")[0]}
+    assert run4["hot"].kw["gpu_misses"] == 0
+    with pytest.raises(HotExpertsError, match="engine"):
+        F.cases_from_report(rep, shape, engine="run9")
+    assert fid.default_tag("docs/results/h200-run5/bench_qwen3-30b-a3b_synthetic.json") == "run5"
+    assert fid.default_tag("x/h200-run4/bench_qwen3-30b-a3b_trace_extra0.json") == "run4-trace"
+    assert fid.default_tag("x/mine.json") == "mine"
+
+
+def _synthetic_bench(tmp_path, hw, shape, engine="run5"):
+    """A bench JSON whose speeds and CPU times are the model's own under `hw` (what a perfect fit finds)."""
+    layer_hit = [0.9 + 0.002 * (i % 20) for i in range(48)]
+    spec = [("gpu", "gpu", None, {}), ("cpu-moe", "cpu", 16.0, {}), ("n-cpu-moe", "layers:15", 16.0, {}),
+            ("n-cpu-moe", "layers:0", 24.0, {}), ("hot", "hot:90", 16.0, dict(layer_hit=layer_hit)),
+            ("hot", "hot:128", 24.0, dict(layer_hit=[1.0] * 48)),
+            ("cache+z0", "cache:4000slots", 16.0, dict(layer_hit=layer_hit[::-1])),
+            ("cache", "cache:6000slots", 24.0, dict(layer_hit=[1.0] * 48)),
+            ("cache+z2", "cache:4000slots", 16.0, dict(layer_hit=layer_hit))]
+    results = []
+    for label, placement, budget, extra in spec:
+        r = _res(label, placement, budget, 1.0, decode_tokens=192, swaps=192 * 3 if extra else 0,
+                 hit_rate=0.9 if extra else None, **extra)
+        results.append(r)
+    rep = _report(results, expert_quant="int4")
+    for r, c in zip(rep["results"], F.cases_from_report(rep, shape, engine=engine)[0], strict=True):
+        p = F.predict_case(c, hw)
+        r["tests"]["tg128"] = {"median": p.decode_tps}
+        r["cpu_ms_per_token"] = p.cpu_ms
+    path = tmp_path / "h200-run5" / "bench_synthetic.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rep))
+    return path
+
+
+def test_fit_recovers_known_terms(fid, tmp_path, capsys):
+    from dataclasses import replace
+
+    shape = shape_for("qwen3-30b-a3b", "int4")
+    true = replace(get_profile("h200"), gpu_layer_s=90e-6, post_s=15e-6, host_step_s=500e-6,
+                   host_policy_s={"window-lfu": 300e-6, "auto": 900e-6}, cpu_call_s=100e-6,
+                   cpu_expert_gbs={"int4": 70.0})
+    path = _synthetic_bench(tmp_path, true, shape)
+    cpu = "run5:cpu-moe@16,run5:hot@16,run5:cache+z0@16"
+    time = "run5:gpu@-,run5:cpu-moe@16,run5:n-cpu-moe@24,run5:hot@24,run5:cache@24,run5:hot@16"
+    out = tmp_path / "fitted.json"
+    assert fid.main([str(path), "--fit", "--fit-cpu", cpu, "--fit-time", time, "--save-profile", str(out),
+                     "--json", str(tmp_path / "rows.json")]) == 0
+    text = capsys.readouterr().out
+    got = get_profile(str(out))
+    assert got.label == "fitted" and got.sources["fit"]["cpu_rows"] == cpu.split(",")
+    for key in ("gpu_layer_s", "post_s", "host_step_s", "cpu_call_s"):
+        assert getattr(got, key) == pytest.approx(getattr(true, key), rel=1e-3), key
+    assert got.host_policy_s["auto"] == pytest.approx(900e-6, rel=1e-3)
+    assert got.cpu_expert_gbs["int4"] == pytest.approx(70.0, rel=1e-3)
+    rows = {r["id"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert rows["run5:gpu@-"]["fit"] == "time" and rows["run5:cache+z0@16"]["fit"] == "cpu"
+    assert rows["run5:cpu-moe@16"]["fit"] == "time+cpu" and rows["run5:cache+z2@16"]["fit"] == "held out"
+    assert all(abs(r["error_pct"]) < 0.1 for r in rows.values())                 # a perfect model
+    assert "Held out (not used by the fit): 2 of 2 within ±15%" in text
+    with pytest.raises(HotExpertsError, match="not in the reports"):
+        F.fit_decode(F.cases_from_report(json.loads(path.read_text()), shape, engine="run5", tag="run5")[0],
+                     true, cpu_rows=["run5:nope@1"], time_rows=[])
+
+
+def test_fit_time_clamps_negative_terms():
+    from dataclasses import replace
+
+    shape = shape_for("qwen3-30b-a3b", "int4")
+    hw = get_profile("h200")
+    rep = _report([_res("gpu", "gpu", None, 1.0), _res("cpu-moe", "cpu", 16.0, 1.0)], expert_quant="int4")
+    cases = F.cases_from_report(rep, shape, engine="run5", tag="x")[0]
+    gpu_t = 1 / F.predict_case(cases[0], hw).decode_tps
+    cases[0].measured_tps = 1 / gpu_t
+    cases[1].measured_tps = F.predict_case(cases[1], replace(hw, post_s=0.0)).decode_tps * 1.05  # faster
+    got = F.fit_time(cases, hw, ["x:gpu@-", "x:cpu-moe@16"], ["gpu_layer_s", "post_s"])
+    # post_s fitted below 0 -> fixed at 0; gpu_layer_s refitted on both rows (between the two rows' needs)
+    assert got.post_s == 0.0 and 0.9 * hw.gpu_layer_s < got.gpu_layer_s < hw.gpu_layer_s
+
+
+RUNS = Path(__file__).resolve().parents[2] / "docs" / "results"
+
+
+def test_builtin_h200_is_the_fit_of_runs_4_and_5(fid):
+    """The built-in profile's fitted terms are what `fidelity.py --fit` gets from the committed JSONs, and
+    every run-5 placement is within 15% (docs/simulator.md)."""
+    hw = get_profile("h200")
+    cases = []
+    for name, tag in (("h200-run5", "run5"), ("h200-run4", "run4")):
+        rep = fid.load_report(RUNS / name / "bench_qwen3-30b-a3b_synthetic.json")
+        shape, _ = fid.resolve_shape(rep)
+        cases += F.cases_from_report(rep, shape, engine=tag, tag=tag)[0]
+    fitted, info = fid.fit_rows(cases, hw, fid.FIT_H200["cpu"], fid.FIT_H200["time"])
+    for key, value in info["values"].items():
+        assert value == pytest.approx(F.get_param(hw, key), rel=2e-3), key
+    assert hw.sources["fit"]["time_rows"] == fid.FIT_H200["time"]
+    rows = [fid.case_row(c, hw, 15.0, fid.fit_roles(hw)) for c in cases if c.id.startswith("run5:")]
+    assert len(rows) == 8 and all(not r["flag"] for r in rows)
+
+
+def test_fit_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, hotexperts.trace.fit, hotexperts.bench.predict; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
