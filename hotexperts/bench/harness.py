@@ -55,6 +55,9 @@ class PlacementResult:
     cpu_ms_per_token: float | None = None    # CPU expert compute per timed decode token (worker / sync path)
     host_ms_per_token: float | None = None   # executor bookkeeping between steps (stats, policy, swaps)
     decode_mode: str | None = None           # "graph" (one CUDA graph per step), "piecewise" or "eager"
+    gpu_misses: int | None = None            # worker decode: most misses per layer the GPU reads from RAM
+    gpu_share: int | None = None             # ... taking one per this many misses of a layer
+    gpu_miss_count: int | None = None        # misses the GPU computed from host memory (whole placement)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -217,6 +220,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
         res.trace_wraps = ex.wraps if isinstance(ex, RoutingReplay) else 0
         res.n_cpu_layers = _cpu_layers(ex, bench.lm)
         res.decode_mode = _decode_mode(gen)
+        _worker_stats(res, ex)
     except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     finally:
@@ -227,6 +231,14 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
             close()                 # stop the placement's CPU worker thread now, not at collection
         ex = gen = None
     return res
+
+
+def _worker_stats(res: PlacementResult, ex) -> None:
+    stats = ex.stats() if callable(getattr(ex, "stats", None)) else None
+    worker = getattr(ex, "worker", None)
+    if stats and worker is not None:
+        res.gpu_misses, res.gpu_miss_count = stats.get("gpu_misses"), stats.get("gpu_miss_count")
+        res.gpu_share = getattr(worker, "share", None)
 
 
 def _decode_mode(gen: Generator) -> str:
