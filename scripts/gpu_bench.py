@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--piecewise-graph", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the dense decode (see --compile)")
     a = ap.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,8 @@ def main() -> None:
         t1 = time.time()
         report = run_bench(lm, a.placements.split(","), budgets, tests, a.repeats, source,
                            device, quant="none" if expert_dtype else a.quant, policy=a.policy,
-                           progress=lambda m: print("  " + m, flush=True), piecewise=a.piecewise_graph)
+                           progress=lambda m: print("  " + m, flush=True), piecewise=a.piecewise_graph,
+                           compile_decode=a.compile)
         report["command"] = "python scripts/gpu_bench.py " + " ".join(
             f"--{k} {v}" for k, v in vars(a).items())
         report["preset"] = a.preset
