@@ -2,8 +2,9 @@
 native thread that serves graphed decode steps, see experts/handoff.py).
 
 load_extension() -> module | None compiles with torch.utils.cpp_extension.load (ninja), flags
--O3 -march=native -fopenmp, into ~/.cache/hotexperts/cpu_moe/<key>, where key hashes the sources, the torch
-and Python versions and the CPU's flags (the code is built for the machine it runs on). Without ninja it
+-O3 -march=native -fopenmp (plus $HOTEXPERTS_CPU_CFLAGS), into ~/.cache/hotexperts/cpu_moe/<key>, where key
+hashes the sources, the flags, the torch and Python versions and the CPU's flags (the code is built for the
+machine it runs on). Without ninja it
 runs the same compiler command itself. The result is memoised; on failure it returns None and
 `load_error()` says why (the caller picks the torch fallback).
 """
@@ -22,10 +23,16 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h")
+SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h", "qdot512.h")
 UNITS = ("cpu_moe.cpp", "cpu_worker.cpp")   # translation units (the rest are headers)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state: dict = {}
+
+
+def _cflags() -> list[str]:
+    """CFLAGS plus $HOTEXPERTS_CPU_CFLAGS (extra flags, e.g. "-mno-avx512f" to build and test the AVX2 path
+    on an AVX-512 machine; part of the build key)."""
+    return CFLAGS + os.environ.get("HOTEXPERTS_CPU_CFLAGS", "").split()
 
 
 def _cpu_flags() -> str:
@@ -42,7 +49,7 @@ def build_key() -> str:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -63,7 +70,7 @@ def load_extension():
         d.mkdir(parents=True, exist_ok=True)
         name = f"hotexperts_cpu_moe_{key}"
         if ce.is_ninja_available():
-            mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=CFLAGS,
+            mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=_cflags(),
                           extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
         else:
             mod = _build_direct(name, d)
@@ -86,7 +93,7 @@ def _build_direct(name: str, d: Path):
         defs = [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
         for std in ("-std=c++20", "-std=c++17"):         # torch >= 2.10 headers want C++20
             srcs = [str(CSRC / u) for u in UNITS]
-            cmd = [os.environ.get("CXX", "c++"), *srcs, "-shared", "-fPIC", std, *CFLAGS,
+            cmd = [os.environ.get("CXX", "c++"), *srcs, "-shared", "-fPIC", std, *_cflags(),
                    *defs, *inc, *libs, "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode == 0:

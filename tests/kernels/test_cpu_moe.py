@@ -19,8 +19,8 @@ import warnings
 import pytest
 import torch
 
-from hotexperts.experts.quant import dequantize, quantize_layer
-from hotexperts.experts.weights import LayerExperts
+from hotexperts.experts.quant import dequantize, quantize_int4g32, quantize_int8, quantize_layer
+from hotexperts.experts.weights import LayerExperts, QuantizedWeight
 from hotexperts.kernels import cpu_moe as cm
 
 TOP_K = 4
@@ -34,10 +34,11 @@ def quantize_act(v: torch.Tensor) -> torch.Tensor:
     return (torch.round(g * inv) * (amax / 127.0)).flatten(-2)
 
 
-def reference(x, ids, weights, experts: LayerExperts, act_quant: bool = False) -> torch.Tensor:
-    """float64, one token and one expert at a time (act_quant: x and h quantized like the kernel does)."""
+def reference(x, ids, weights, experts: LayerExperts, act_quant: bool = False, dq=None) -> torch.Tensor:
+    """float64, one token and one expert at a time (act_quant: x and h quantized like the kernel does);
+    dq: the layer's (w13, w2) already dequantized to float64."""
     aq = quantize_act if act_quant else (lambda v: v)
-    w13, w2 = dequantize(experts.w13, torch.float64), dequantize(experts.w2, torch.float64)
+    w13, w2 = dq or (dequantize(experts.w13, torch.float64), dequantize(experts.w2, torch.float64))
     I = w2.shape[-1]
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
@@ -70,23 +71,26 @@ def routing(T: int, E: int, active: int, gen: torch.Generator):
     return ids, torch.rand(T, TOP_K, generator=gen)
 
 
-def check(fn, T: int, fmt: str, seed: int, x_dtype=torch.float32, out_dtype=torch.float32, act_quant=None):
+def check(fn, T: int, fmt: str, seed: int, x_dtype=torch.float32, out_dtype=torch.float32, act_quant=None,
+          layer: LayerExperts | None = None):
     """fn(x, ids, w, layer, out[, act_quant=]) for every number of active experts; act_quant True checks the
-    int8-activation path (see the module docstring), False/None (torch fallback) the exact one."""
+    int8-activation path (see the module docstring), False/None (torch fallback) the exact one.
+    layer: a given one instead of make_layer(fmt)."""
     gen = torch.Generator().manual_seed(seed)
-    layer = make_layer(fmt, gen)
+    layer = make_layer(fmt, gen) if layer is None else layer
     D = layer.w2.shape[1]
     x = torch.randn(T, D, generator=gen).to(x_dtype)
     kw = {} if act_quant is None else {"act_quant": act_quant}
+    dq = dequantize(layer.w13, torch.float64), dequantize(layer.w2, torch.float64)
     for active in range(1, TOP_K + 1):
         ids, w = routing(T, layer.num_experts, active, gen)
-        ref = reference(x, ids, w, layer)
+        ref = reference(x, ids, w, layer, dq=dq)
         out = torch.full((T, D), float("nan"), dtype=out_dtype)        # written, not accumulated
         got = fn(x, ids, w, layer, out, **kw)
         assert got is out
         tol = 2e-5 if out_dtype == torch.float32 else 1e-2
         if act_quant:
-            refq = reference(x, ids, w, layer, act_quant=True)       # h: an fp32-vs-fp64 rounding flip of one
+            refq = reference(x, ids, w, layer, act_quant=True, dq=dq)   # h: an fp32-vs-fp64 rounding flip
             torch.testing.assert_close(out.double(), refq, rtol=tol, atol=3e-3 * refq.abs().max().item())
             tol = 2e-2
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -103,6 +107,77 @@ def test_extension_matches_reference(T, fmt):
 
 
 requires_int = pytest.mark.skipif(cm.cpu_moe_int_dot() == "none", reason="no integer dot (needs AVX2)")
+
+
+def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtype=torch.float16,
+                zero_dtype=None) -> LayerExperts:
+    """A layer of a given shape; w13 and w2 in formats f13, f2 ("int8", "int4g32", "fp32"); int4 scale and
+    zero dtypes may differ."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def q(w, fmt):
+        if fmt == "int8":
+            return quantize_int8(w)
+        if fmt == "int4g32":
+            qw = quantize_int4g32(w, scale_dtype)
+            return QuantizedWeight(qw.fmt, qw.q, qw.scale, qw.zero.to(zero_dtype or scale_dtype))
+        return w
+
+    w13, w2 = torch.randn(E, 2 * I, D, generator=gen) * 0.2, torch.randn(E, D, I, generator=gen) * 0.2
+    return LayerExperts(q(w13, f13), q(w2, f2))
+
+
+# Shapes past the tests' small ones: 17 and 13 groups (a full 16-group chunk plus a tail chunk whose last
+# block holds 1 group; int8 rows ending in a half 64-byte block), the model's own D = 2048, I = 768, an odd
+# number of experts, mixed formats and scale/zero dtypes, T = 1..64 (token tiles of 1-4, experts with many
+# tokens), -1 holes (check() routes 1..TOP_K active experts per token).
+SHAPES = [("int4g32", "int4g32", 5, 544, 416), ("int8", "int8", 5, 544, 416), ("int4g32", "int8", 7, 544, 96),
+          ("int8", "int4g32", 5, 96, 544), ("int4g32", "int4g32", 9, 2048, 768),
+          ("int8", "int8", 9, 2048, 768)]
+
+
+@requires_int
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_int8_activation_path_sizes(shape, T):
+    f13, f2, E, D, I = shape
+    layer = sized_layer(f13, f2, E, D, I, seed=T + D)
+    check(cm.cpu_moe, T, f13, seed=T, act_quant=True, layer=layer)
+
+
+@requires_ext
+@pytest.mark.slow
+@pytest.mark.parametrize("T", [1, 5])
+def test_exact_path_sizes(T):
+    layer = sized_layer("int4g32", "int8", 5, 544, 416, seed=1)
+    check(cm.cpu_moe, T, "int4g32", seed=T, act_quant=False, layer=layer)
+
+
+@requires_int
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, None), (torch.float32, None),
+                                    (torch.float32, torch.float16)], ids=["bf16", "fp32", "fp32-fp16"])
+def test_int4_scale_dtypes(dtypes):
+    sd, zd = dtypes
+    layer = sized_layer("int4g32", "int4g32", 4, 544, 416, seed=2, scale_dtype=sd, zero_dtype=zd)
+    check(cm.cpu_moe, 3, "int4g32", seed=4, act_quant=True, layer=layer)
+
+
+@requires_int
+def test_prefetch_distance_does_not_change_results():
+    layer = sized_layer("int4g32", "int8", 6, 544, 416, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 544, generator=gen)
+    ids, w = routing(9, 6, 3, gen)
+    outs = []
+    try:
+        for n in (0, 1, 2, 7, 100):
+            cm.set_prefetch_rows(n)
+            outs.append(cm.cpu_moe(x, ids, w, layer, act_quant=True))
+    finally:
+        cm.set_prefetch_rows(2)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
 
 
 @requires_int

@@ -25,10 +25,19 @@
 #include "cpu_moe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "simd.h"
+
+// The 512-bit integer path (qdot512.h) replaces the 256-bit one where AVX-512 BW/VL + VNNI exist.
+#if HX_QDOT && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define HX_Q512 1
+#include "qdot512.h"
+#else
+#define HX_Q512 0
+#endif
 
 namespace {
 
@@ -175,6 +184,7 @@ struct Acts {            // activation rows of length K: fp32 (f), or int8 (q) w
   int8_t* q = nullptr;
   float* s = nullptr;
   float* sum = nullptr;
+  float* sxl = nullptr;  // 512-bit path, int8 weights: s per int32 lane of a dot (8 per group, K / 4 per row)
   int64_t K = 0;
 };
 
@@ -207,7 +217,7 @@ inline float* scratch(int slot, int64_t n) {
   return buf[slot].data();
 }
 
-#if HX_QDOT
+#if HX_QDOT && !HX_Q512
 // res[t] = sum_g sc[t][g] * (group g of the row . xq_t group g); two fp32 accumulator chains per token.
 // pf > 0: prefetch the bytes pf ahead (the same place a few rows on), so short rows keep DRAM busy.
 template <int NT, bool I4>
@@ -296,7 +306,7 @@ inline void qrow_dot(const WDesc& w, int64_t e, int64_t r, const Tile& x, float*
 
 // Dot of weight row r of expert e with the tile's activation rows (integer path when the tile is int8).
 inline void tile_dot(const WDesc& w, int64_t e, int64_t r, const Tile& x, float* res) {
-#if HX_QDOT
+#if HX_QDOT && !HX_Q512
   if (x.q[0] != nullptr) {
     switch (x.n) {
       case 1: qrow_dot<1>(w, e, r, x, res); return;
@@ -329,22 +339,27 @@ WDesc describe(int64_t fmt, const at::Tensor& q, const c10::optional<at::Tensor>
   return w;
 }
 
-struct Pairs {                       // (token, expert) pairs sorted by expert
+constexpr int64_t RB1 = 32;          // stage-1 unit: 32 rows of I (one 32-group of h)
+
+struct Pairs {                       // (token, expert) pairs sorted by expert (reused per calling thread)
   std::vector<int64_t> expert;       // active experts
   std::vector<int64_t> start;        // [n_active + 1] offsets into tok/wt
   std::vector<int64_t> tok;
   std::vector<float> wt;
+  std::vector<int64_t> count;        // scratch of the counting sort
 };
 
-Pairs group_pairs(const int64_t* ids, const at::Tensor& wts, int64_t T, int64_t K, int64_t E) {
+void group_pairs(Pairs& p, const int64_t* ids, const at::Tensor& wts, int64_t T, int64_t K, int64_t E) {
   const int wcode = float_code(wts.scalar_type());
   const void* wp = wts.data_ptr();
-  std::vector<int64_t> count(E + 1, 0);
+  std::vector<int64_t>& count = p.count;
+  count.assign(E + 1, 0);
   for (int64_t i = 0; i < T * K; i++) {
     TORCH_CHECK(ids[i] >= -1 && ids[i] < E, "cpu_moe: expert id ", ids[i], " out of range [-1, ", E, ")");
     if (ids[i] >= 0) count[ids[i] + 1]++;
   }
-  Pairs p;
+  p.expert.clear();
+  p.start.clear();
   for (int64_t e = 0; e < E; e++) {
     if (count[e + 1] > 0) { p.expert.push_back(e); p.start.push_back(count[e]); }
     count[e + 1] += count[e];
@@ -358,58 +373,245 @@ Pairs group_pairs(const int64_t* ids, const at::Tensor& wts, int64_t T, int64_t 
     p.tok[j] = i / K;
     p.wt[j] = ld(wp, wcode, i);
   }
+}
+
+#if HX_Q512
+using q512::QTile;
+
+inline QTile make_qtile(const Acts& a, const int64_t* rows, int n) {
+  QTile t;
+  t.n = n;
+  const int64_t G = a.K / 32;
+  for (int j = 0; j < n; j++) {
+    t.q[j] = a.q + rows[j] * a.K;
+    t.s[j] = a.s + rows[j] * G;
+    t.sum[j] = a.sum + rows[j] * G;
+    t.sxl[j] = a.sxl ? a.sxl + rows[j] * (a.K / 4) : nullptr;
+    t.X[j] = 0.f;
+    if (a.sxl)
+      for (int64_t g = 0; g < G; g++) t.X[j] += t.sum[j][g];
+  }
+  return t;
+}
+
+// Row pointers of R weight rows (global row indices e * N + r); int8: s = the row's scale.
+template <int R>
+HX_INLINE q512::Rows<R> rows_of(const WDesc& w, const int64_t* rows) {
+  q512::Rows<R> p;
+  const int64_t G = w.K / 32, ssz = w.scode == F32 ? 4 : 2, zsz = w.zcode == F32 ? 4 : 2;
+  for (int r = 0; r < R; r++) {
+    if (w.fmt == I4) {
+      p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * (w.K / 2);
+      p.s[r] = static_cast<const char*>(w.s) + rows[r] * G * ssz;
+      p.z[r] = static_cast<const char*>(w.z) + rows[r] * G * zsz;
+    } else {
+      p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * w.K;
+      p.s[r] = static_cast<const char*>(w.s) + rows[r] * ssz;
+      p.z[r] = nullptr;
+    }
+  }
   return p;
 }
 
-// Stage 1 unit: h rows [r0, r0 + RB1) (one 32-group) of active expert a for all its tokens.
-// h is written fp32 (h.f) or, when h.q is set, quantized per 32-group right here.
-void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64_t r1, const Acts& x,
-                  const Acts& h, bool perm_h) {
-  const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b, I = h.K;
-  for (int64_t t0 = 0; t0 < n; t0 += 4) {
-    const int nt = int(std::min<int64_t>(4, n - t0));
-    const Tile xt = make_tile(x, &p.tok[b + t0], nt);
-    float hl[4][32];
-    for (int64_t r = r0; r < r1; r++) {
-      float g[4], u[4];
-      tile_dot(w13, e, r, xt, g);
-      tile_dot(w13, e, I + r, xt, u);
-      const int64_t c = perm_h ? perm_col(r) : r;
-      for (int j = 0; j < nt; j++) {
-        const float v = g[j] / (1.f + std::exp(-g[j])) * u[j];
-        if (h.q) hl[j][c - r0] = v;
-        else h.f[(b + t0 + j) * I + c] = v;
-      }
-    }
-    if (!h.q) continue;
-    for (int j = 0; j < nt; j++) {
-      const int64_t row = b + t0 + j, G = I / 32;
-      quant32(hl[j], h.q + row * I + r0, h.s + row * G + r0 / 32, h.sum + row * G + r0 / 32);
+// Integer dots of R weight rows (global row indices) with tile x: res[r * x.n + t]. prow (or nullptr): the R
+// rows to prefetch meanwhile.
+template <int R, int NT>
+HX_INLINE void qrows_t(const WDesc& w, const int64_t* rows, const int64_t* prow, const QTile& x, float* res) {
+  const q512::Rows<R> rw = rows_of<R>(w, rows);
+  q512::Rows<R> rp;
+  if (prow) rp = rows_of<R>(w, prow);
+  const q512::Rows<R>* pp = prow ? &rp : nullptr;
+  if (w.fmt == I4) {
+    q512::q4_rows<R, NT>(rw, pp, w.scode, w.zcode, w.K / 32, x, res);
+  } else {
+    q512::q8_rows<R, NT>(rw, pp, w.K, x, res);
+    for (int r = 0; r < R; r++) {
+      const float sw = ld(w.s, w.scode, rows[r]);
+      for (int t = 0; t < NT; t++) res[r * NT + t] *= sw;
     }
   }
 }
 
-// Stage 2 unit: output rows [d0, d1) of every token, summed over all active experts.
-void down_unit(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const Acts& h, float* acc, int64_t T) {
-  const int64_t R = d1 - d0;
+// R in {1, 2, 4} rows; tiles of 3-4 tokens take 4 rows as two pairs (R * NT accumulators fit in registers).
+template <int R>
+inline void qrows(const WDesc& w, const int64_t* rows, const int64_t* prow, const QTile& x, float* res) {
+  switch (x.n) {
+    case 1: qrows_t<R, 1>(w, rows, prow, x, res); return;
+    case 2: qrows_t<R, 2>(w, rows, prow, x, res); return;
+    default:
+      if constexpr (R == 4) {
+        qrows<2>(w, rows, prow, x, res);
+        qrows<2>(w, rows + 2, prow ? prow + 2 : nullptr, x, res + 2 * x.n);
+      } else if (x.n == 3) {
+        qrows_t<R, 3>(w, rows, prow, x, res);
+      } else {
+        qrows_t<R, 4>(w, rows, prow, x, res);
+      }
+  }
+}
+
+// 16 activations of dtype `code` from element i on, as fp32.
+inline __m512 load16x(const void* p, int code, int64_t i) {
+  switch (code) {
+    case BF16: return vload_bf16(static_cast<const uint16_t*>(p) + i).v;
+    case F16: return vload_f16(static_cast<const uint16_t*>(p) + i).v;
+    default: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+// Group g of activation row `row` (32 fp32 values: v0 = columns 0..15, v1 = 16..31) -> int8 in the layout
+// that weights of format f read (int4: q4_group_pos; int8: natural, plus sxl).
+inline void qstore(const Acts& a, int f, int64_t row, int64_t g, __m512 v0, __m512 v1) {
+  const int64_t G = a.K / 32;
+  int8_t* base = a.q + row * a.K;
+  float* s = a.s + row * G + g;
+  float* sum = a.sum + row * G + g;
+  if (f == I4) {
+    int64_t lo, hi;
+    q512::q4_group_pos(g, G, lo, hi);
+    q512::quant32v(v0, v1, true, base + lo, base + hi, s, sum);
+  } else {
+    q512::quant32v(v0, v1, false, base + g * 32, base + g * 32 + 16, s, sum);
+    if (a.sxl) _mm256_storeu_ps(a.sxl + row * (a.K / 4) + g * 8, _mm256_set1_ps(*s));
+  }
+}
+#endif
+
+// Stage 1 unit: h rows [r0, r0 + RB1) (one 32-group) of active expert a for all its tokens.
+// h is written fp32 (h.f; permuted per group when w2 is int4) or, when h.q is set, quantized per 32-group
+// right here into the layout w2's format reads. 512-bit path: 4 weight rows per step (gate r, r + 1, up r,
+// r + 1), prefetching the rows pfd steps later: in this unit, or in unit (na, nr0) (na < 0: none) next.
+void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64_t na, int64_t nr0,
+                  const Acts& x, const Acts& h, int f2, int64_t pfd) {
+  const int64_t r1 = r0 + RB1;
+  const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b, I = h.K;
+  const bool perm_h = f2 == I4;
+  const bool perm_hl = perm_h && !HX_Q512;     // the 256-bit path quantizes h from the permuted group
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    const int nt = int(std::min<int64_t>(4, n - t0));
+    float hl[4][32];
+    auto put = [&](int64_t r, int j, float g, float u) {
+      const float v = g / (1.f + std::exp(-g)) * u;
+      if (h.q) hl[j][(perm_hl ? perm_col(r) : r) - r0] = v;
+      else h.f[(b + t0 + j) * I + (perm_h ? perm_col(r) : r)] = v;
+    };
+#if HX_Q512
+    if (x.q) {
+      const QTile xt = make_qtile(x, &p.tok[b + t0], nt);
+      const int64_t base = e * w13.N;
+      float res[16];
+      for (int64_t r = r0; r < r1; r += 2) {
+        const int64_t rows[4] = {base + r, base + r + 1, base + I + r, base + I + r + 1};
+        int64_t prow[4], pb = -1, pr = r + 2 * pfd;
+        if (pfd > 0 && pr < r1) pb = base;
+        else if (pfd > 0 && na >= 0) pb = p.expert[na] * w13.N, pr = nr0 + (pr - r1);
+        if (pb >= 0 && pr + 1 < I) {
+          prow[0] = pb + pr, prow[1] = pb + pr + 1, prow[2] = pb + I + pr, prow[3] = pb + I + pr + 1;
+        } else {
+          pb = -1;
+        }
+        qrows<4>(w13, rows, pb >= 0 ? prow : nullptr, xt, res);
+        for (int j = 0; j < nt; j++) {
+          put(r, j, res[j], res[2 * nt + j]);
+          put(r + 1, j, res[nt + j], res[3 * nt + j]);
+        }
+      }
+    } else
+#endif
+    {
+      const Tile xt = make_tile(x, &p.tok[b + t0], nt);
+      for (int64_t r = r0; r < r1; r++) {
+        float g[4], u[4];
+        tile_dot(w13, e, r, xt, g);
+        tile_dot(w13, e, I + r, xt, u);
+        for (int j = 0; j < nt; j++) put(r, j, g[j], u[j]);
+      }
+    }
+    if (!h.q) continue;
+    for (int j = 0; j < nt; j++) {
+      const int64_t row = b + t0 + j;
+#if HX_Q512
+      qstore(h, f2, row, r0 / 32, _mm512_loadu_ps(hl[j]), _mm512_loadu_ps(hl[j] + 16));
+#else
+      const int64_t G = I / 32;
+      quant32(hl[j], h.q + row * I + r0, h.s + row * G + r0 / 32, h.sum + row * G + r0 / 32);
+#endif
+    }
+  }
+}
+
+// Stage 2: output rows [d0, d1) of every token, summed over all active experts, into acc [T, d1 - d0].
+// 512-bit path: 4 rows per step, prefetching the rows pfd steps later (this expert's, or the next one's).
+void down_rows(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const Acts& h, float* acc, int64_t T,
+               int64_t pfd) {
+  const int64_t R = d1 - d0, nA = p.expert.size();
   std::fill(acc, acc + T * R, 0.f);
-  for (size_t a = 0; a < p.expert.size(); a++) {
+  for (int64_t a = 0; a < nA; a++) {
     const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b;
     for (int64_t t0 = 0; t0 < n; t0 += 4) {
       const int nt = int(std::min<int64_t>(4, n - t0));
       int64_t pr[4];
       for (int j = 0; j < nt; j++) pr[j] = b + t0 + j;
+      auto add = [&](int64_t d, const float* y) {
+        for (int j = 0; j < nt; j++) acc[p.tok[b + t0 + j] * R + (d - d0)] += p.wt[b + t0 + j] * y[j];
+      };
+#if HX_Q512
+      if (h.q) {
+        const QTile ht = make_qtile(h, pr, nt);
+        const int64_t base = e * w2.N;
+        float y[16];
+        int64_t d = d0;
+        for (; d + 4 <= d1; d += 4) {
+          const int64_t rows[4] = {base + d, base + d + 1, base + d + 2, base + d + 3};
+          int64_t prow[4], pb = -1, pd = d + 4 * pfd;
+          if (pfd > 0 && pd + 4 <= d1) pb = base;
+          else if (pfd > 0 && a + 1 < nA) pb = p.expert[a + 1] * w2.N, pd = d0 + (pd - d1);
+          if (pb >= 0 && pd + 4 <= d1) {
+            for (int i = 0; i < 4; i++) prow[i] = pb + pd + i;
+          } else {
+            pb = -1;
+          }
+          qrows<4>(w2, rows, pb >= 0 ? prow : nullptr, ht, y);
+          for (int i = 0; i < 4; i++) add(d + i, y + i * nt);
+        }
+        for (; d < d1; d++) {
+          const int64_t rows[1] = {base + d};
+          qrows<1>(w2, rows, nullptr, ht, y);
+          add(d, y);
+        }
+        continue;
+      }
+#endif
       const Tile ht = make_tile(h, pr, nt);
       for (int64_t d = d0; d < d1; d++) {
         float y[4];
         tile_dot(w2, e, d, ht, y);
-        for (int j = 0; j < nt; j++) acc[p.tok[b + t0 + j] * R + (d - d0)] += p.wt[b + t0 + j] * y[j];
+        add(d, y);
       }
     }
   }
 }
 
-constexpr int64_t RB1 = 32, RB2 = 16;   // rows per parallel unit (stage 1: of I, one 32-group; stage 2: of D)
+// Guided self-scheduling: claims [u0, u1) of the n units, chunks shrinking from n / (2 threads) to 1 (at
+// most maxc): few, long, contiguous ranges per thread (long weight streams, known prefetch targets), small
+// ones at the end (balance).
+inline bool claim(std::atomic<int64_t>& next, int64_t n, int64_t threads, int64_t maxc, int64_t& u0, int64_t& u1) {
+  int64_t cur = next.load(std::memory_order_relaxed);
+  while (cur < n) {
+    const int64_t c = std::max<int64_t>(1, std::min<int64_t>(maxc, (n - cur) / (2 * threads)));
+    if (next.compare_exchange_weak(cur, cur + c, std::memory_order_relaxed)) {
+      u0 = cur;
+      u1 = cur + c;
+      return true;
+    }
+  }
+  return false;
+}
+
+#ifndef HX_RB2
+#define HX_RB2 16
+#endif
+constexpr int64_t RB2 = HX_RB2;       // stage-2 unit: rows of D   // rows per parallel unit (stage 1: of I, one 32-group; stage 2: of D)
 
 // Reused per calling thread (no allocation per call once warm).
 template <class Tv>
@@ -419,8 +621,9 @@ Tv* buffer(std::vector<Tv>& v, int64_t n) {
 }
 
 struct CallBufs {
-  std::vector<float> xf, xs, xsum, hf, hs, hsum;
+  std::vector<float> xf, xs, xsum, xsxl, hf, hs, hsum, hsxl;
   std::vector<int8_t> xq, hq;
+  Pairs pairs;
 };
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wts, int64_t f13,
@@ -435,11 +638,14 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
   const int64_t I = (f2 == I4 ? q2.size(2) * 2 : q2.size(2));
   TORCH_CHECK(D % 32 == 0 && I % 32 == 0, "cpu_moe: D and I must be multiples of 32");
   WDesc w13 = describe(f13, q13, s13, z13, 2 * I, D), w2 = describe(f2, q2, s2, z2, D, I);
-  w13.pf = prefetch_rows * (f13 == I4 ? D / 2 : D);
-  w2.pf = prefetch_rows * (f2 == I4 ? I / 2 : I);
+  // 256-bit path: prefetch the same place prefetch_rows rows on (the 512-bit path: see pfd below)
+  w13.pf = HX_Q512 ? 0 : prefetch_rows * (f13 == I4 ? D / 2 : D);
+  w2.pf = HX_Q512 ? 0 : prefetch_rows * (f2 == I4 ? I / 2 : I);
   TORCH_CHECK(ids.size(0) == T && wts.size(0) == T && wts.size(1) == K && out.size(0) == T && out.size(1) == D,
               "cpu_moe: shape mismatch between x, ids, weights, out");
-  const Pairs p = group_pairs(ids.data_ptr<int64_t>(), wts, T, K, w13.E);
+  thread_local CallBufs cb;
+  Pairs& p = cb.pairs;
+  group_pairs(p, ids.data_ptr<int64_t>(), wts, T, K, w13.E);
   const int64_t nA = p.expert.size(), P = p.tok.size();
   const int xcode = float_code(x.scalar_type()), ocode = float_code(out.scalar_type());
   void* op = out.data_ptr();
@@ -449,43 +655,65 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
   }
   const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4);
   const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4);
-  thread_local CallBufs cb;
 
-  // x -> fp32 (permuted per 32-group when w13 is int4), then int8 per 32-group for the integer path
+  // x -> int8 per 32-group for the integer path (in the layout w13's format reads), else fp32 (permuted per
+  // 32-group when w13 is int4)
   Acts xa, ha;
   xa.K = D;
   ha.K = I;
-  xa.f = buffer(cb.xf, T * D);
-  for (int64_t i = 0; i < T * D; i++) xa.f[f13 == I4 ? (i / D) * D + perm_col(i % D) : i] = ld(x.data_ptr(), xcode, i);
+#if HX_Q512
   if (q13a) {
     xa.q = buffer(cb.xq, T * D);
     xa.s = buffer(cb.xs, T * D / 32);
     xa.sum = buffer(cb.xsum, T * D / 32);
-    for (int64_t i = 0; i < T * D / 32; i++) quant32(xa.f + i * 32, xa.q + i * 32, xa.s + i, xa.sum + i);
+    if (f13 == I8) xa.sxl = buffer(cb.xsxl, T * D / 4);
+    const void* xp = x.data_ptr();
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t g = 0; g < D / 32; g++) {
+        const int64_t i = t * D + g * 32;
+        qstore(xa, int(f13), t, g, load16x(xp, xcode, i), load16x(xp, xcode, i + 16));
+      }
+  } else
+#endif
+  {
+    xa.f = buffer(cb.xf, T * D);
+    for (int64_t i = 0; i < T * D; i++) xa.f[f13 == I4 ? (i / D) * D + perm_col(i % D) : i] = ld(x.data_ptr(), xcode, i);
+    if (q13a) {
+      xa.q = buffer(cb.xq, T * D);
+      xa.s = buffer(cb.xs, T * D / 32);
+      xa.sum = buffer(cb.xsum, T * D / 32);
+      for (int64_t i = 0; i < T * D / 32; i++) quant32(xa.f + i * 32, xa.q + i * 32, xa.s + i, xa.sum + i);
+    }
   }
   if (q2a) {
     ha.q = buffer(cb.hq, P * I);
     ha.s = buffer(cb.hs, P * I / 32);
     ha.sum = buffer(cb.hsum, P * I / 32);
+    if (HX_Q512 && f2 == I8) ha.sxl = buffer(cb.hsxl, P * I / 4);
   } else {
     ha.f = buffer(cb.hf, P * I);
   }
-  const int64_t nb1 = I / RB1, nb2 = (D + RB2 - 1) / RB2;
+  const int64_t nb1 = I / RB1, nb2 = (D + RB2 - 1) / RB2, n1 = nA * nb1;
+  const int64_t max2 = std::max<int64_t>(1, 16384 / (T * RB2));   // stage-2 claims: acc tile <= 64 KB
+  const int64_t pfd = HX_Q512 ? prefetch_rows : 0;                // 512-bit path: prefetch distance (steps)
+  std::atomic<int64_t> next1{0}, next2{0};
 
 #pragma omp parallel num_threads(int(nthreads))
   {
-    float* acc = scratch(1, T * RB2);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < nA * nb1; u++) {
-      const int64_t a = u / nb1, r0 = (u % nb1) * RB1;
-      gate_up_unit(w13, p, a, r0, r0 + RB1, xa, ha, f2 == I4);
-    }
-#pragma omp for schedule(dynamic, 1) nowait      // the region's end is the only barrier after stage 2
-    for (int64_t u = 0; u < nb2; u++) {
-      const int64_t d0 = u * RB2, d1 = std::min(D, d0 + RB2);
-      down_unit(w2, p, d0, d1, ha, acc, T);
+    const int64_t nth = omp_get_num_threads();
+    float* acc = scratch(1, T * RB2 * max2);
+    int64_t u0, u1;
+    while (claim(next1, n1, nth, n1, u0, u1))
+      for (int64_t u = u0; u < u1; u++) {
+        const int64_t na = u + 1 < u1 ? (u + 1) / nb1 : -1, nr0 = ((u + 1) % nb1) * RB1;
+        gate_up_unit(w13, p, u / nb1, (u % nb1) * RB1, na, nr0, xa, ha, int(f2), pfd);
+      }
+#pragma omp barrier
+    while (claim(next2, nb2, nth, max2, u0, u1)) {
+      const int64_t d0 = u0 * RB2, d1 = std::min(D, u1 * RB2), R = d1 - d0;
+      down_rows(w2, p, d0, d1, ha, acc, T, pfd);
       for (int64_t t = 0; t < T; t++)
-        for (int64_t d = d0; d < d1; d++) st(op, ocode, t * D + d, acc[t * (d1 - d0) + d - d0]);
+        for (int64_t d = d0; d < d1; d++) st(op, ocode, t * D + d, acc[t * R + d - d0]);
     }
   }
   return out;
