@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU run 6 (final of the session): tests, the CPU kernel at full scale, the compiled dense decode, then
-# the side-by-side benchmarks: qwen3-30b-a3b (int4) at 16 and 24 GiB with calibrated synthetic routing and
-# the real Qwen3 trace, and mixtral-8x7b (int4) with the real Mixtral trace. Budget: ~9 minutes.
+# GPU run 6: CUDA and host tests, the CPU kernel at full scale (after the 512-bit VNNI rework), `hotexperts
+# calibrate` on the machine, and the compiled dense decode (eager vs torch.compile, graphed). ~5 minutes.
+# Run 7 (scripts/gpu_run7.sh) has the side-by-side benchmarks.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -12,13 +12,7 @@ echo "=== host tests"; timeout 100 python3 -m pytest -q -p no:cacheprovider -W i
 echo "rc=$?"; tail -2 "$OUT/cpu_tests.log"
 echo "=== cpu kernel"; timeout 150 python3 scripts/bench_cpu_moe.py ${CPU_BENCH_ARGS:---formats int4g32 --tokens 16 --kt-classes ''} > "$OUT/cpu_moe.log" 2>&1
 echo "rc=$?"; grep -v "^{" "$OUT/cpu_moe.log" | tail -14
+echo "=== calibrate"; timeout 100 python3 -m hotexperts calibrate --base h200 --out "$OUT/h200_calibrated.json" > "$OUT/calibrate.log" 2>&1
+echo "rc=$?"; tail -8 "$OUT/calibrate.log"
 echo "=== compiled decode"; timeout 200 python3 scripts/bench_compile_decode.py --preset qwen3-30b-a3b --variants eager,compiled --tokens 128 --skip-table > "$OUT/compile.log" 2>&1
-echo "rc=$?"; tail -12 "$OUT/compile.log"
-echo "=== bench qwen"; timeout 240 python3 scripts/gpu_bench.py --preset qwen3-30b-a3b --quant int4 --budgets 16,24 \
-  --sources synthetic:qwen3-30b-a3b --tests pp512,tg128 --repeats 3 ${BENCH_ARGS:-} \
-  --extra "trace:.carry/traces/qwen.route.csv|tg32|16" > "$OUT/bench.log" 2>&1
-echo "rc=$?"; grep -v "^  " "$OUT/bench.log" | grep -v "^$" | tail -26
-echo "=== bench mixtral"; timeout 200 python3 scripts/gpu_bench.py --preset mixtral-8x7b --quant int4 --budgets 16,24 \
-  --sources trace:.carry/traces/humaneval_2_routing.jsonl --tests tg32 --repeats 3 --tag _mixtral ${BENCH_ARGS:-} \
-  --placements gpu,cpu-moe,n-cpu-moe,n-cpu-moe+z2,hot,cache > "$OUT/bench_mixtral.log" 2>&1
-echo "rc=$?"; grep -v "^  " "$OUT/bench_mixtral.log" | grep -v "^$" | tail -16
+echo "rc=$?"; tail -8 "$OUT/compile.log"
