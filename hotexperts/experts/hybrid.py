@@ -484,9 +484,12 @@ class HybridExecutor:
 def _default_cpu_kernel(leave_one_core: bool = False):
     """The fused CPU kernel. Beside a GPU, its OpenMP threads leave one core to the Python thread that
     drives the GPU (spinning workers on every core starve it: launches slow down for the whole step)."""
+    import os
+
     from hotexperts.kernels import cpu_moe as cm
 
-    if leave_one_core and cm.get_num_threads() == cm._physical_cores() > 1:
+    explicit = bool(os.environ.get("HOTEXPERTS_CPU_THREADS"))
+    if leave_one_core and not explicit and cm.get_num_threads() == cm._physical_cores() > 1:
         cm.set_num_threads(cm._physical_cores() - 1)
     return cm.cpu_moe
 

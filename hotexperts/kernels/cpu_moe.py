@@ -11,7 +11,7 @@ Backends (`cpu_moe_backend()`): "ext-<simd>" — the project's C++ extension (cs
 use; threaded with OpenMP, GIL released during the call) — or "torch", a grouped pass of torch ops
 (`_weight_int8pack_mm` for int8, dequantize for int4) used when the extension cannot be built or a shape
 is unsupported (D or I not a multiple of 32); the reason is warned once.
-Threads: `set_num_threads(n)`; default = physical cores.
+Threads: `set_num_threads(n)`; default = $HOTEXPERTS_CPU_THREADS, else physical cores.
 
 Activation quantization (`act_quant`, default `set_activation_quant(None)` = auto): for int8 / int4g32
 weights the extension quantizes x and h = silu(g) * u to int8 with one fp32 scale per 32-group and uses
@@ -53,7 +53,7 @@ def _physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-_threads = [_physical_cores()]
+_threads = [int(os.environ.get("HOTEXPERTS_CPU_THREADS", "0") or 0) or _physical_cores()]
 _act_quant: list[bool | None] = [None]
 _prefetch = [2]
 

@@ -148,8 +148,9 @@ class DecodeStages:
     def warm(self, run_step) -> None:
         """Call `run_step()` (one real decode forward) if the stages still have to compile: decode steps do
         this before their CUDA-graph warm-up, so compiling (and Triton autotuning, which synchronises) never
-        runs under the sync-debug warm-up or inside a capture."""
-        if self.compiled and not self.ready and not self.failed:
+        runs under the sync-debug warm-up or inside a capture. Run before every capture, not only the first:
+        a new KV-cache length recompiles (seen on the H200: a second bench source with a shorter context)."""
+        if self.compiled and not self.failed:
             run_step()
 
     def stats(self) -> dict:
