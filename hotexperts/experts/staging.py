@@ -102,6 +102,8 @@ class StagingPools:
         """[E] int32: e for the copied experts, -1 for the others (gpu_moe's slot_of over this pool)."""
         t = torch.full((self.store.num_experts,), -1, dtype=torch.int32)
         t[torch.as_tensor(experts, dtype=torch.long)] = torch.as_tensor(experts, dtype=torch.int32)
+        if self.cuda:                                        # pageable H2D would wait for the stream
+            t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
     def acquire(self, layer: int, experts: list[int] | None = None):

@@ -155,3 +155,24 @@ def test_pool_shrinks_on_out_of_memory(monkeypatch):
     with pytest.warns(RuntimeWarning, match="shrinking"):
         slots = SlotCache(store, [0], 6, "cpu")
     assert slots.num_slots == 3 and len(slots.free) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_swaps_never_synchronise_the_host():
+    """Swaps are issued between graphed decode steps while one runs: a host sync there (e.g. a
+    `cuda_tensor[i, j] = v` write) would stall the host until that step ends."""
+    g = torch.Generator().manual_seed(0)
+    store = ExpertStore({0: random_layer(g), 1: random_layer(g)}).pin()
+    slots = SlotCache(store, [0, 1], 3, "cuda")
+    slots.fill_now({0: [0, 1], 1: [2]})
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        slots.mark_read_all()
+        slots.issue([(0, 3, 0), (1, 1, 2)])                 # evict and refill, both layers
+        slots.poll()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    slots.wait_all()
+    assert set(slots.resident(0)) == {1, 3} and set(slots.resident(1)) == {1}
