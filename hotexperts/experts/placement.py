@@ -52,7 +52,7 @@ class Placement:
     prompt_mode: str = "auto"                # auto | stream | hybrid (prompt chunks over pp_bypass)
     decode: str = "auto"                     # auto (worker on CUDA) | worker | sync: CPU experts in decode
     gpu_misses: int | None = None            # worker decode: misses per layer the GPU reads from host RAM
-                                             # (None = auto: 2 for hot/cache/static, 0 for cpu/layers)
+                                             # (None = auto = 0: measured slower than the CPU, runs 5-7)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -133,8 +133,8 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
     g.add_argument("--moe-gpu-misses", default=None, metavar="N|auto",
                    help="decode: per layer, the GPU computes up to N missed experts itself (one per 4 "
-                        "misses) by reading them from pinned RAM over PCIe, alongside the CPU (auto: 2 for "
-                        "caches, 0 for --cpu-moe and --n-cpu-moe, which keep llama.cpp's meaning)")
+                        "misses) by reading them from pinned RAM over PCIe, alongside the CPU (auto: 0, "
+                        "measured slower than the CPU on the H200 machine)")
     g.add_argument("--moe-decode", default="auto", choices=DECODE,
                    help="decode's CPU experts: a native worker fed through pinned memory, so the step is one "
                         "CUDA graph (worker; auto = on CUDA), or a host round trip per layer (sync)")
@@ -216,11 +216,10 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
 
 
 def gpu_misses(p: Placement) -> int:
-    """Most misses per layer the GPU reads from host memory in worker decode (it takes one per 4 misses of
-    the layer; auto: 2 for caches, 0 for cpu / layers, which keep llama.cpp's meaning)."""
-    if p.gpu_misses is not None:
-        return p.gpu_misses
-    return 2 if p.mode in ("hot", "cache", "static") else 0
+    """Most misses per layer the GPU reads from host memory in worker decode (one per 4 misses of a layer,
+    one per 2 for large experts). Auto = 0: on the H200 the GPU's PCIe read of an expert was slower than the
+    CPU computing it (Qwen3: +7% for layer offload's CPU layers, slower for caches; Mixtral: -32%)."""
+    return p.gpu_misses if p.gpu_misses is not None else 0
 
 
 def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes: int) -> Budget:

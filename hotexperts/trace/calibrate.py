@@ -386,7 +386,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gap-us", type=float, default=300.0, help="pause before each timed CPU call")
     p.add_argument("--bench", action="append", default=[], help="a `hotexperts bench --json` report of this "
                    "machine: fit the decode terms on it (repeatable)")
-    p.add_argument("--engine", default="current", choices=("run4", "run5", "current"),
+    p.add_argument("--engine", default="current", choices=("run4", "run5", "run7", "current"),
                    help="the engine that measured --bench (see hotexperts/trace/fit.py)")
     p.set_defaults(func=run)
 

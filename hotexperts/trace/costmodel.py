@@ -263,8 +263,9 @@ def _layer_hits(shape: ModelShape, placement: str, hit_rate, layer_hit) -> tuple
 
 
 def auto_gpu_misses(placement: str) -> int:
-    """The engine's --moe-gpu-misses auto: 2 for caches (hot / cache), 0 for cpu-moe / n-cpu-moe / gpu."""
-    return 2 if placement.split(":")[0] in ("hot", "cache") else 0
+    """The engine's --moe-gpu-misses auto: 0 for every placement (since run 7: the GPU's PCIe read of an
+    expert measured slower than the CPU computing it). Runs 5-6 used 2 for hot / cache (fit.py engines)."""
+    return 0
 
 
 def default_policy(placement: str) -> str | None:

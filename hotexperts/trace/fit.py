@@ -11,8 +11,10 @@ measured decode tok/s and CPU kernel ms per token. Ids are "TAG:LABEL@BUDGET" (b
     run4     no GPU-computed misses; host bookkeeping between decode steps (not deferred)
     run5     --moe-gpu-misses auto = 1 for hot/cache, the GPU takes the FIRST N misses (gpu_share 1);
              bookkeeping between steps
-    current  auto = 2 for hot/cache, one miss per 4 (per 2 for experts >= 32 MiB: the cost model's
-             engine_share); bookkeeping deferred (overlapped)
+    run7     auto = 2 for hot/cache, one per 4 (2 for large experts); deferred bookkeeping, which a host
+             sync per swap defeated (docs/benchmarks.md)
+    current  auto = 0 (no GPU-read misses unless "+zN"; then one per 4 misses, per 2 for experts >= 32
+             MiB: the cost model's engine_share); bookkeeping deferred (overlapped)
 
 Labels ending in "+zN" set N (the bench's --moe-gpu-misses N). The fit (docs/simulator.md, "Fitting"):
 1. CPU: cpu_call_s and cpu_expert_gbs[format] by least squares of the measured cpu_ms_per_token of
@@ -34,6 +36,7 @@ from hotexperts.trace.profiles import HardwareProfile
 ENGINES = {
     "run4": {"gpu_share": None, "auto_z": 0, "deferred_host": False},
     "run5": {"gpu_share": 1, "auto_z": 1, "deferred_host": False},
+    "run7": {"gpu_share": None, "auto_z": 2, "deferred_host": True},
     "current": {"gpu_share": None, "auto_z": None, "deferred_host": True},
 }
 FREE = ("gpu_layer_s", "post_s", "host_step_s", "host_policy_s:window-lfu", "host_policy_s:auto")

@@ -84,9 +84,9 @@ def test_gpu_computed_misses_match_reference(text, z):
     ex.close()
 
 
-def test_gpu_misses_auto_keeps_llama_cpp_meaning():
-    assert executor("cpu").gpu_misses == 0 and executor("layers:1").gpu_misses == 0
-    assert executor("cache:5slots").gpu_misses == 2 and executor("hot:3").gpu_misses == 2
+def test_gpu_misses_are_off_unless_asked_for():
+    assert executor("cpu").gpu_misses == 0 and executor("cache:5slots").gpu_misses == 0
+    assert executor("hot:3", gpu_misses=2).gpu_misses == 2
 
 
 def test_split_misses_gives_the_first_z_misses_to_the_gpu():
