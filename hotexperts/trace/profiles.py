@@ -91,6 +91,41 @@ BUILTIN = {
     "h200": HardwareProfile(
         "h200", "fitted", vram_gb=141.0, gpu_hbm_gbs=4300.0, gpu_tflops=700.0,
         gpu_layer_overhead_s=40e-6, gpu_moe_launch_s=4e-6, h2d_gbs=55.0, sync_s=77e-6, cpu_read_gbs=77.0,
+        cpu_expert_gbs={"bf16": 48.0, "int8": 125.0, "int4": 157.0}, cpu_call_s=123.3e-6,
+        cpu_tflops=4.0,
+        notes="H200 + 16-core Xeon (AMX): decode terms refitted on run 7 (graphed worker decode, compiled "
+              "dense part, 512-bit VNNI CPU kernel; int4 Qwen3-30B-A3B), see sources; prompt terms "
+              "(TFLOPS, eager per-layer overhead) estimated. 'h200-run5' keeps the run-5 fit",
+        gpu_expert_gbs={"bf16": 3199.0, "int8": 1587.0, "int4": 556.6},
+        gpu_layer_s=71.5e-6, post_s=34.2e-6, handoff_s=0.0, gpu_host_read_s=96.4e-6,
+        host_step_s=708.7e-6, host_policy_s={"window-lfu": 684.0e-6, "auto": 1867.0e-6},
+        host_swap_s=0.0,
+        sources={
+            "gpu_hbm_gbs, h2d_gbs, sync_s, cpu_read_gbs": "measured, ../shared/MACHINE.md (2026-11-28)",
+            "gpu_expert_gbs": "measured: 8 experts of one decode layer through the graphed slot kernel, "
+                              "minus gpu_moe_launch_s: int4 46.4 us (run 5, `scripts/bench_gpu_moe.py "
+                              "--quant-sweep`, default config), bf16 27.6 / int8 27.8 us (run 1, "
+                              "`scripts/bench_gpu_moe.py`)",
+            "gpu_moe_launch_s": "estimate (a graphed kernel node)",
+            "gpu_host_read_s": "measured ~150 us for one int4 expert read by the GPU over PCIe (run 5, "
+                               "docs/benchmarks.md), minus its bytes / h2d_gbs",
+            "cpu_call_s, cpu_expert_gbs.int4": "fitted: cpu_ms_per_token of run 7 (`BENCH_ARGS=--compile "
+                                               "bash scripts/gpu_run7.sh`) cpu-moe, n-cpu-moe, cache, 16 GiB",
+            "gpu_layer_s, post_s": "fitted: decode tok/s of run 7 gpu and 24 GiB n-cpu-moe, hot",
+            "host_step_s, host_policy_s": "fitted on runs 4-5 (run 7's host time was a stall, see "
+                                          "docs/benchmarks.md)",
+            "handoff_s, host_swap_s": "fitted at 0 (a free fit gave -7 us / no signal)",
+            "command": "python scripts/fidelity.py docs/results/h200-run7/bench_qwen3-30b-a3b_synthetic.json "
+                       "--profile h200-run5 --engine run7 --fit --fit-cpu run7:cpu-moe@16,run7:n-cpu-moe@16,"
+                       "run7:cache@16 --fit-time run7:gpu@-,run7:n-cpu-moe@24,run7:hot@24 "
+                       "--free gpu_layer_s,post_s",
+            "fit": {"cpu_rows": ["run7:cpu-moe@16", "run7:n-cpu-moe@16", "run7:cache@16"],
+                    "time_rows": ["run7:gpu@-", "run7:n-cpu-moe@24", "run7:hot@24"]},
+            "gpu_tflops, cpu_tflops, gpu_layer_overhead_s": "estimate (prompt model, not re-fitted)",
+        }),
+    "h200-run5": HardwareProfile(
+        "h200-run5", "fitted", vram_gb=141.0, gpu_hbm_gbs=4300.0, gpu_tflops=700.0,
+        gpu_layer_overhead_s=40e-6, gpu_moe_launch_s=4e-6, h2d_gbs=55.0, sync_s=77e-6, cpu_read_gbs=77.0,
         cpu_expert_gbs={"bf16": 48.0, "int8": 125.0, "int4": 81.3}, cpu_call_s=141.5e-6,
         cpu_tflops=4.0,
         notes="H200 + 16-core Xeon (AMX): decode terms fitted on runs 4-5 (graphed worker decode, int4 "

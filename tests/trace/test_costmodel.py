@@ -188,11 +188,24 @@ def test_copies_cost_only_beyond_compute():
     assert few.decode_tps == base.decode_tps > many.decode_tps and many.decode_ms["copy"] > 0
 
 
-def test_h200_matches_run5():
-    """The fitted h200 profile against run 5 (docs/simulator.md has the full fidelity table)."""
+def test_h200_matches_run7():
+    """The h200 profile (refitted on run 7) against run 7's measurements (docs/simulator.md)."""
     from hotexperts.bench.predict import shape_for
 
     hw, q4 = BUILTIN["h200"], shape_for("qwen3-30b-a3b", "int4")
+    run7 = dict(deferred_host=True, gpu_misses=0)
+    assert predict(q4, hw, "gpu").decode_tps == pytest.approx(161.1, rel=0.02)
+    assert predict(q4, hw, "cpu-moe", **run7).decode_tps == pytest.approx(54.3, rel=0.05)
+    assert predict(q4, hw, "n-cpu-moe:15", **run7).decode_tps == pytest.approx(100.6, rel=0.05)
+    assert predict(q4, hw, "cpu-moe", **run7).cpu_ms == pytest.approx(13.4, rel=0.05)
+    assert hw.label == "fitted" and "fit" in hw.sources and hw.sources["command"].startswith("python scripts")
+
+
+def test_h200_run5_matches_run5():
+    """The run-5 fit, kept as 'h200-run5', against run 5."""
+    from hotexperts.bench.predict import shape_for
+
+    hw, q4 = BUILTIN["h200-run5"], shape_for("qwen3-30b-a3b", "int4")
     run5 = dict(deferred_host=False, gpu_share=1)
     assert predict(q4, hw, "gpu").decode_tps == pytest.approx(121.7, rel=0.02)
     assert predict(q4, hw, "cpu-moe", **run5).decode_tps == pytest.approx(35.2, rel=0.05)

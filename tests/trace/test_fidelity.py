@@ -204,10 +204,26 @@ def test_fit_time_clamps_negative_terms():
 RUNS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
-def test_builtin_h200_is_the_fit_of_runs_4_and_5(fid):
-    """The built-in profile's fitted terms are what `fidelity.py --fit` gets from the committed JSONs, and
-    every run-5 placement is within 15% (docs/simulator.md)."""
+def test_builtin_h200_is_the_fit_of_run_7(fid):
+    """The built-in h200 profile's refitted terms are what `fidelity.py --fit` gets from run 7's JSON
+    (starting from the run-5 fit), and every run-7 Qwen3 placement is within 15% (docs/simulator.md)."""
     hw = get_profile("h200")
+    rep = fid.load_report(RUNS / "h200-run7" / "bench_qwen3-30b-a3b_synthetic.json")
+    shape, _ = fid.resolve_shape(rep)
+    cases = F.cases_from_report(rep, shape, engine="run7", tag="run7")[0]
+    fit = hw.sources["fit"]
+    _, info = fid.fit_rows(cases, get_profile("h200-run5"), fit["cpu_rows"], fit["time_rows"],
+                           free=("gpu_layer_s", "post_s"))
+    for key, value in info["values"].items():
+        assert value == pytest.approx(F.get_param(hw, key), rel=2e-3), key
+    rows = [fid.case_row(c, hw, 15.0, fid.fit_roles(hw)) for c in cases]
+    assert len(rows) == 9 and all(not r["flag"] for r in rows)
+
+
+def test_run5_profile_is_the_fit_of_runs_4_and_5(fid):
+    """The run-5 profile's fitted terms are what `fidelity.py --fit` gets from the committed JSONs, and
+    every run-5 placement is within 15% (docs/simulator.md)."""
+    hw = get_profile("h200-run5")
     cases = []
     for name, tag in (("h200-run5", "run5"), ("h200-run4", "run4")):
         rep = fid.load_report(RUNS / name / "bench_qwen3-30b-a3b_synthetic.json")
