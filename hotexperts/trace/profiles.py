@@ -1,13 +1,14 @@
 """Hardware profiles for the cost model (numpy-free, torch-free): built-in estimates and calibrated JSON.
 
     HardwareProfile      frozen dataclass; every rate in GB/s (1e9 bytes/s), every time in seconds
-    BUILTIN              name -> HardwareProfile ("rtx4090-7950x", "rtx3060-ddr4", "h200")
+    BUILTIN              name -> HardwareProfile ("rtx4090-7950x", "rtx3060-ddr4", "h200", "h200-run5")
     get_profile(name_or_path) -> HardwareProfile        (built-in name, or a JSON file from `calibrate`)
     save_hardware(path, hw) / load_hardware(path)
 
 The consumer profiles are estimates (vendor peaks derated; decode terms scaled from the h200 fit). The
-h200 is measured and fitted: bandwidths from ../shared/MACHINE.md, decode terms fitted on H200 runs 4-5
-(`sources` says which figure comes from which run and command; scripts/fidelity.py --fit reproduces them).
+h200 is measured and fitted: bandwidths from ../shared/MACHINE.md, decode terms fitted on H200 run 7
+(h200-run5: on runs 4-5; `sources` says which figure comes from which run and command; scripts/fidelity.py
+--fit reproduces them).
 `hotexperts calibrate` measures this machine (and with --bench fits the decode terms on its bench JSONs).
 """
 
