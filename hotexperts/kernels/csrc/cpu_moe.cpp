@@ -566,11 +566,10 @@ void down_rows(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const Ac
           for (int64_t i = 0; i < Q; i++) {
             const int64_t rows[4] = {base + d0 + i, base + d0 + Q + i, base + d0 + 2 * Q + i,
                                      base + d0 + 3 * Q + i};
-            int64_t prow[4], pb = -1, pi = i + pfd;
-            if (pfd > 0 && pi < Q) pb = base;
-            else if (pfd > 0 && a + 1 < nA && pi - Q < Q) pb = p.expert[a + 1] * w2.N, pi -= Q;
+            const int64_t pi = i + pfd, pa = a + pi / Q;  // the step pfd later: expert pa, step pi % Q
+            int64_t prow[4], pb = pfd > 0 && pa < nA ? p.expert[pa] * w2.N : -1;
             if (pb >= 0)
-              for (int k = 0; k < 4; k++) prow[k] = pb + d0 + k * Q + pi;
+              for (int k = 0; k < 4; k++) prow[k] = pb + d0 + k * Q + pi % Q;
             qrows<4>(w2, rows, pb >= 0 ? prow : nullptr, ht, y);
             for (int k = 0; k < 4; k++) add(d0 + k * Q + i, y + k * nt);
           }
