@@ -9,6 +9,8 @@
 // Plan: (0) group pairs by expert (counting sort); (1) h = silu(G x) * (U x) in parallel over
 // (active expert x block of I rows); (2) y in parallel over blocks of D output rows, each unit looping over
 // all active experts, so every output element has one writer and `out` is written, not accumulated.
+// Units are claimed in contiguous, shrinking ranges (guided self-scheduling, `claim`): long sequential
+// weight streams per thread, and a known next step to prefetch.
 // Each weight row is read once per call and used for up to 4 tokens at a time (token tiles).
 // int4 rows hold even columns in low nibbles, so their input vector is permuted per 32-group
 // (16 even columns, then 16 odd) once per call. The GIL is released by the binding.
@@ -19,6 +21,9 @@
 //   int4g32: sum_j w_j x_j = (s sx) * sum_j q_j xq_j + (z - 8 s) * xsum     (q in 0..15 is the u8 operand)
 //   int8:    sum_j w_j x_j = sw * sum_g sx_g * sum_j |w_j| sign(xq_j, w_j)
 // h is quantized by the stage-1 unit that computes it (units are one 32-group of I rows).
+// With AVX-512 BW/VL + VNNI the integer path runs the 512-bit kernels of qdot512.h instead (several rows x
+// tokens per step, int4 activations laid out per 4-group block, int8 via w ^ 0x80, L2 prefetch of the rows
+// `prefetch_rows` steps later); the 256-bit kernels below serve AVX2 / AVX-VNNI builds.
 #include <torch/extension.h>
 #include <omp.h>
 
