@@ -4,9 +4,8 @@ native thread that serves graphed decode steps, see experts/handoff.py).
 load_extension() -> module | None compiles with torch.utils.cpp_extension.load (ninja), flags
 -O3 -march=native -fopenmp (plus $HOTEXPERTS_CPU_CFLAGS), into ~/.cache/hotexperts/cpu_moe/<key>, where key
 hashes the sources, the flags, the torch and Python versions and the CPU's flags (the code is built for the
-machine it runs on). Without ninja it
-runs the same compiler command itself. The result is memoised; on failure it returns None and
-`load_error()` says why (the caller picks the torch fallback).
+machine it runs on). Without ninja it runs the same compiler command itself. The result is memoised; on
+failure it returns None and `load_error()` says why (the caller picks the torch fallback).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ weights the extension quantizes x and h = silu(g) * u to int8 with one fp32 scal
 integer dot products (AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization
 tolerance"). Auto = on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32
 weights always take the exact fp32 path, and so does everything with act_quant=False.
-`set_prefetch_rows(n)`: the integer path prefetches weight bytes n rows ahead (default 2, 0 = off).
+`set_prefetch_rows(n)`: the integer path prefetches weights n steps ahead (default 2, 0 = off; 512-bit path:
+a step is 4 rows of 4 streams, prefetched into L2 across unit and expert boundaries; 256-bit path: n rows).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def set_activation_quant(flag: bool | None) -> None:
 
 
 def set_prefetch_rows(n: int) -> None:
-    """Integer path: software-prefetch each weight row's bytes n rows ahead (0 = off; default 2)."""
+    """Integer path: software-prefetch the weights n steps ahead (0 = off; default 2; see the module doc)."""
     _prefetch[0] = max(0, int(n))
 
 

@@ -9,6 +9,8 @@
 // Plan: (0) group pairs by expert (counting sort); (1) h = silu(G x) * (U x) in parallel over
 // (active expert x block of I rows); (2) y in parallel over blocks of D output rows, each unit looping over
 // all active experts, so every output element has one writer and `out` is written, not accumulated.
+// Units are claimed in contiguous, shrinking ranges (guided self-scheduling, `claim`): long sequential
+// weight streams per thread, and a known next step to prefetch.
 // Each weight row is read once per call and used for up to 4 tokens at a time (token tiles).
 // int4 rows hold even columns in low nibbles, so their input vector is permuted per 32-group
 // (16 even columns, then 16 odd) once per call. The GIL is released by the binding.
@@ -19,6 +21,9 @@
 //   int4g32: sum_j w_j x_j = (s sx) * sum_j q_j xq_j + (z - 8 s) * xsum     (q in 0..15 is the u8 operand)
 //   int8:    sum_j w_j x_j = sw * sum_g sx_g * sum_j |w_j| sign(xq_j, w_j)
 // h is quantized by the stage-1 unit that computes it (units are one 32-group of I rows).
+// With AVX-512 BW/VL + VNNI the integer path runs the 512-bit kernels of qdot512.h instead (several rows x
+// tokens per step, int4 activations laid out per 4-group block, int8 via w ^ 0x80, L2 prefetch of the rows
+// `prefetch_rows` steps later); the 256-bit kernels below serve AVX2 / AVX-VNNI builds.
 #include <torch/extension.h>
 #include <omp.h>
 
@@ -479,8 +484,9 @@ inline void qstore(const Acts& a, int f, int64_t row, int64_t g, __m512 v0, __m5
 
 // Stage 1 unit: h rows [r0, r0 + RB1) (one 32-group) of active expert a for all its tokens.
 // h is written fp32 (h.f; permuted per group when w2 is int4) or, when h.q is set, quantized per 32-group
-// right here into the layout w2's format reads. 512-bit path: 4 weight rows per step (gate r, r + 1, up r,
-// r + 1), prefetching the rows pfd steps later: in this unit, or in unit (na, nr0) (na < 0: none) next.
+// right here into the layout w2's format reads. 512-bit path: 4 weight rows per step, gate and up rows r and
+// r + 16 (four sequential streams, which the hardware prefetchers follow better than 4 adjacent rows of one
+// page), prefetching the rows pfd steps later: in this unit, or in unit (na, nr0) (na < 0: none) next.
 void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64_t na, int64_t nr0,
                   const Acts& x, const Acts& h, int f2, int64_t pfd) {
   const int64_t r1 = r0 + RB1;
@@ -500,20 +506,18 @@ void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64
       const QTile xt = make_qtile(x, &p.tok[b + t0], nt);
       const int64_t base = e * w13.N;
       float res[16];
-      for (int64_t r = r0; r < r1; r += 2) {
-        const int64_t rows[4] = {base + r, base + r + 1, base + I + r, base + I + r + 1};
-        int64_t prow[4], pb = -1, pr = r + 2 * pfd;
-        if (pfd > 0 && pr < r1) pb = base;
-        else if (pfd > 0 && na >= 0) pb = p.expert[na] * w13.N, pr = nr0 + (pr - r1);
-        if (pb >= 0 && pr + 1 < I) {
-          prow[0] = pb + pr, prow[1] = pb + pr + 1, prow[2] = pb + I + pr, prow[3] = pb + I + pr + 1;
-        } else {
-          pb = -1;
-        }
+      constexpr int64_t H = RB1 / 2;                 // step i: gate and up rows r0 + i and r0 + H + i
+      for (int64_t i = 0; i < H; i++) {
+        const int64_t r = r0 + i;
+        const int64_t rows[4] = {base + r, base + r + H, base + I + r, base + I + r + H};
+        int64_t prow[4], pb = -1, pr = i + pfd;
+        if (pfd > 0 && pr < H) pb = base, pr += r0;
+        else if (pfd > 0 && na >= 0 && pr - H < H) pb = p.expert[na] * w13.N, pr = nr0 + pr - H;
+        if (pb >= 0) prow[0] = pb + pr, prow[1] = pb + pr + H, prow[2] = pb + I + pr, prow[3] = pb + I + pr + H;
         qrows<4>(w13, rows, pb >= 0 ? prow : nullptr, xt, res);
         for (int j = 0; j < nt; j++) {
           put(r, j, res[j], res[2 * nt + j]);
-          put(r + 1, j, res[nt + j], res[3 * nt + j]);
+          put(r + H, j, res[nt + j], res[3 * nt + j]);
         }
       }
     } else
@@ -541,7 +545,8 @@ void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64
 }
 
 // Stage 2: output rows [d0, d1) of every token, summed over all active experts, into acc [T, d1 - d0].
-// 512-bit path: 4 rows per step, prefetching the rows pfd steps later (this expert's, or the next one's).
+// 512-bit path: 4 rows per step, one from each quarter of [d0, d1) (four sequential streams), prefetching
+// the rows pfd steps later (this expert's, or the next one's).
 void down_rows(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const Acts& h, float* acc, int64_t T,
                int64_t pfd) {
   const int64_t R = d1 - d0, nA = p.expert.size();
@@ -560,19 +565,20 @@ void down_rows(const WDesc& w2, const Pairs& p, int64_t d0, int64_t d1, const Ac
         const QTile ht = make_qtile(h, pr, nt);
         const int64_t base = e * w2.N;
         float y[16];
-        int64_t d = d0;
-        for (; d + 4 <= d1; d += 4) {
-          const int64_t rows[4] = {base + d, base + d + 1, base + d + 2, base + d + 3};
-          int64_t prow[4], pb = -1, pd = d + 4 * pfd;
-          if (pfd > 0 && pd + 4 <= d1) pb = base;
-          else if (pfd > 0 && a + 1 < nA) pb = p.expert[a + 1] * w2.N, pd = d0 + (pd - d1);
-          if (pb >= 0 && pd + 4 <= d1) {
-            for (int i = 0; i < 4; i++) prow[i] = pb + pd + i;
-          } else {
-            pb = -1;
+        int64_t d = d0;                              // (R is a multiple of 16: D is one of 32)
+        if (R % 4 == 0) {                            // step i: rows d0 + i + {0, 1, 2, 3} * R / 4
+          const int64_t Q = R / 4;
+          for (int64_t i = 0; i < Q; i++) {
+            const int64_t rows[4] = {base + d0 + i, base + d0 + Q + i, base + d0 + 2 * Q + i,
+                                     base + d0 + 3 * Q + i};
+            const int64_t pi = i + pfd, pa = a + pi / Q;  // the step pfd later: expert pa, step pi % Q
+            int64_t prow[4], pb = pfd > 0 && pa < nA ? p.expert[pa] * w2.N : -1;
+            if (pb >= 0)
+              for (int k = 0; k < 4; k++) prow[k] = pb + d0 + k * Q + pi % Q;
+            qrows<4>(w2, rows, pb >= 0 ? prow : nullptr, ht, y);
+            for (int k = 0; k < 4; k++) add(d0 + k * Q + i, y + k * nt);
           }
-          qrows<4>(w2, rows, pb >= 0 ? prow : nullptr, ht, y);
-          for (int i = 0; i < 4; i++) add(d + i, y + i * nt);
+          d = d1;
         }
         for (; d < d1; d++) {
           const int64_t rows[1] = {base + d};
@@ -608,10 +614,7 @@ inline bool claim(std::atomic<int64_t>& next, int64_t n, int64_t threads, int64_
   return false;
 }
 
-#ifndef HX_RB2
-#define HX_RB2 16
-#endif
-constexpr int64_t RB2 = HX_RB2;       // stage-2 unit: rows of D   // rows per parallel unit (stage 1: of I, one 32-group; stage 2: of D)
+constexpr int64_t RB2 = 16;          // stage-2 unit: 16 rows of D (claims take several at once)
 
 // Reused per calling thread (no allocation per call once warm).
 template <class Tv>

@@ -18,7 +18,11 @@
 // the last term, summed over groups with the group scales, is 128 * X (X = sum_g xsum_g, one float per
 // activation row), so it costs nothing per weight. One zmm = 64 bytes = 2 groups; int32 lanes 0..7 belong
 // to the first group, 8..15 to the second, and are scaled by sxl (sx per int32 lane, K/4 floats per row).
-// Per-lane sums stay <= 4 * 255 * 127 < 2^31 (vpdpbusd does not saturate): the integer part is exact.
+// Per-lane sums stay <= 4 * 255 * 127 < 2^31 (vpdpbusd does not saturate): the integer part is exact; the
+// 128 X term is subtracted in fp32 at the end (rounding ~1e-7 of 128 |X|, far below the int8 activation error).
+//
+// Prefetch: the caller names the rows it reads a few steps later; they go to L2 (prefetcht1): into L1
+// (prefetcht0) they were evicted before use and measured no better than no prefetch (docs/cpu-kernel.md).
 #pragma once
 #include <immintrin.h>
 
