@@ -350,13 +350,13 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from hotexperts.bench import report as rep
     from hotexperts.bench.workload import parse_tests, routing_source
-    from hotexperts.engine.engine import load_source, resolve_device, resolve_dtype
+    from hotexperts.engine.engine import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tests = parse_tests(args.tests)
     budgets = [None] if not args.vram_budget else [float(b) for b in str(args.vram_budget).split(",")]
-    lm = load_source(args.model, dtype, device, args.seed)
+    lm = _load_quantized(args.model, dtype, device, args.seed, args.expert_quant)
     kind, arg = ("trace", args.route_trace) if args.route_trace else (
         ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
     needed = tokens_needed(tests, args.repeats)
@@ -380,6 +380,22 @@ def run(args) -> int:
         for path in rep.plots(report, args.plots):
             print(f"plot: {path}")
     return 0
+
+
+def _load_quantized(source: str, dtype, device, seed: int, quant: str):
+    """The model with its experts in the bench's format, quantized once (a preset is built that way
+    directly: no bf16 copy of a 30B model's experts in RAM), not once per placement."""
+    from hotexperts.engine.engine import PRESET_PREFIX, load_source
+    from hotexperts.experts.placement import QUANT, quantized_store
+
+    if QUANT.get(quant) and source.startswith(PRESET_PREFIX):
+        from hotexperts.engine.presets import build_in_memory
+
+        return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
+                               expert_dtype=QUANT[quant])
+    lm = load_source(source, dtype, device, seed)
+    lm.store = quantized_store(lm.store, quant)
+    return lm
 
 
 def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress) -> int:
