@@ -111,8 +111,8 @@ class HybridExecutor:
                       gpu_misses: int = 0) -> bool:
         """Hand decode steps' CPU experts to the native worker (experts/mailbox.py). False (and a warning)
         when it cannot run here; decode then keeps the synchronous per-layer round trip. gpu_misses: per
-        layer and step, the first that many misses are computed by the GPU reading the expert from pinned
-        host memory (in parallel with the CPU's share) instead of by the CPU."""
+        layer and step, at most that many misses (one per `share` misses, kernels/handoff.py) are computed
+        by the GPU reading the expert from pinned host memory, in parallel with the CPU's share."""
         from hotexperts.experts.mailbox import DecodeHandoff, HandoffUnavailable
         from hotexperts.kernels.handoff import device_handoff_available
 
