@@ -26,6 +26,11 @@ class PlacementError(HotExpertsError):
     """Placement flags that contradict each other or do not fit the VRAM budget."""
 
 
+class ExpertComputeError(HotExpertsError):
+    """The CPU expert worker failed or did not answer during a step: the engine's fault, not the request's
+    (the server answers 500, the CLI prints the message)."""
+
+
 def read_json(path: str | Path, what: str, error: type[HotExpertsError] = HotExpertsError):
     """The JSON document in `path`; a missing or unreadable file raises `error` naming `what` it should be."""
     path = Path(path)

@@ -101,6 +101,7 @@ class HybridExecutor:
         self._announced = False                              # before_step() ran for the current forward
         self.defer = self.cuda                               # worker decode: bookkeeping one step late
         self._prompt_routes: list = []                       # streamed prompt layers awaiting observe
+        self._closed = False
 
     @property
     def graph_safe(self) -> bool:
@@ -124,7 +125,7 @@ class HybridExecutor:
                 self.worker.self_test(dtype)
             self.gpu_misses = gpu_misses if self._host_readable() else 0
             return True
-        except (HandoffUnavailable, HotExpertsError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - a Triton compile error too: any failure means "sync path"
             warnings.warn(f"decode falls back to synchronous CPU experts (no CUDA graph): {e}",
                           RuntimeWarning, stacklevel=2)
             if self.worker is not None:
@@ -143,14 +144,25 @@ class HybridExecutor:
         return False
 
     def close(self) -> None:
-        """Stop the native worker thread (also done when the executor is collected)."""
+        """Stop the native worker thread (also done when the executor is collected or at exit). The executor
+        cannot run afterwards."""
         if self.worker is not None:
             self.worker.close()
+            self._closed = True
+
+    def check_errors(self) -> None:
+        """Raise now (HotExpertsError) if the CPU worker failed or a device wait timed out in the steps run so
+        far: cheap, for callers that just synchronised with the device (the Generator, after sampling), so
+        a failed step is reported before its token is used, not one step later under deferral."""
+        if self.worker is not None:
+            self.worker.check()
 
     # ---- the executor protocol --------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.on_route is not None:
             self.on_route(layer, ids, weights)
+        if self._closed:
+            raise HotExpertsError("this executor was closed (its CPU worker is stopped)")
         T = x.shape[0]
         prompt = T > 1                                       # a prompt chunk (decode steps have T == 1)
         self._prompt = self._prompt or prompt
@@ -221,7 +233,10 @@ class HybridExecutor:
     def _record_step(self) -> None:
         if self._step_done is None:
             self._step_done = torch.cuda.Event() if self.cuda else DoneEvent()
-        self._step_done.record()
+        if self.cuda:
+            self._step_done.record(torch.cuda.current_stream(self.device))
+        else:
+            self._step_done.record()
 
     def _sync(self, event) -> None:
         t0 = time.perf_counter()
@@ -252,9 +267,9 @@ class HybridExecutor:
 
     def stats(self) -> dict | None:
         """Per-layer cache statistics (engine.stats()["cache"]); None when not collected."""
+        self.flush()
         if self.cache_stats is None:
             return None
-        self.flush()
         d = self.cache_stats.to_dict()
         d["slots"] = 0 if self.slots is None else self.slots.num_slots
         d["policy"] = None if self.controller is None else self.controller.policy.name

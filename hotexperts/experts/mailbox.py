@@ -13,18 +13,20 @@ with the store's experts): one row per MoE layer, so a step needs no host round 
 layers, and the decode step can be one CUDA graph. On CPU-only machines the same protocol runs with torch
 ops in place of the kernels (tests, CI). `DecodeHandoff.self_test()` checks one round trip against a direct
 kernel call; the executor falls back to its synchronous path, with a warning, when it fails.
-Errors the worker reports (a bad expert id) and device waits that time out raise HotExpertsError from
+Errors the worker reports (a bad expert id) and device waits that time out raise ExpertComputeError from
 take_step(): one clear message instead of a hang or silent wrong output.
 """
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hotexperts.errors import HotExpertsError
+from hotexperts.errors import ExpertComputeError, HotExpertsError
 from hotexperts.kernels import handoff as hk
 
 TIMEOUT_S = 10.0
@@ -110,6 +112,16 @@ class CpuExpertWorker:
         self.impl.close()
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()     # handoffs whose worker thread may still run
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every worker thread before interpreter and CUDA teardown (executors can sit in cycles)."""
+    for handoff in list(_OPEN):
+        handoff.close()
+
+
 class DecodeHandoff:
     def __init__(self, store, layers: list[int], top_k: int, hidden: int, x_dtype: torch.dtype, device):
         self.device = torch.device(device)
@@ -125,10 +137,14 @@ class DecodeHandoff:
         # bound (2.95 MB: ~150 us on the H200, slower than the CPU), a large one streams (Mixtral: 88 MB)
         self.share = 2 if store.expert_nbytes >= LARGE_EXPERT_BYTES else hk.GPU_SHARE
         self.closed = False
+        _OPEN.add(self)
 
     # ---- device side (inside the decode step) ----------------------------------------------------------
     def post(self, layer, x, ids, weights, slot_row, gpu_misses: int = 0) -> torch.Tensor | None:
         """-> ids [1, k] of the misses the GPU computes from host memory (None when gpu_misses == 0)."""
+        if ids.shape[1] > self.mb.K:
+            raise HotExpertsError(f"routing top-k {ids.shape[1]} exceeds the model's top-k {self.mb.K} "
+                                  "(a replayed trace of another model?): the decode mailbox has no room")
         return hk.post(self.row[layer], x, ids, weights, slot_row, self.counter, self.mb, gpu_misses,
                        self.share)
 
@@ -149,15 +165,19 @@ class DecodeHandoff:
         ids, miss, zc = (t.numpy()[rows].copy() for t in (self.mb.ids, self.mb.miss, self.mb.zc))
         return StepRows(rows, ids, miss, zc, cpu_s)
 
+    def check(self) -> None:
+        """Raise now if the worker reported an error or a device wait timed out (a cheap host read)."""
+        self._check()
+
     def _check(self) -> None:
         code = int(self.mb.err[0])
         if code == 0:
             return
         self.mb.err[0] = 0
         if code == hk.ERR_TIMEOUT:
-            raise HotExpertsError(f"the CPU expert worker did not answer within {TIMEOUT_S:.0f} s "
+            raise ExpertComputeError(f"the CPU expert worker did not answer within {TIMEOUT_S:g} s "
                                   "(decode step aborted); rerun with --moe-decode sync to bypass it")
-        raise HotExpertsError(f"CPU expert computation failed: {self.worker.error()}")
+        raise ExpertComputeError(f"CPU expert computation failed: {self.worker.error()}")
 
     def self_test(self, x_dtype: torch.dtype) -> None:
         """One round trip on row 0 (every expert a miss) against a direct kernel call; raises on mismatch."""

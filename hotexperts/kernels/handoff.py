@@ -44,8 +44,11 @@ def _kernels():
 
 
 def device_handoff_available() -> bool:
-    """True when CUDA tensors can use the Triton handoff kernels."""
-    return torch.cuda.is_available() and _kernels() is not None
+    """True when CUDA tensors can use the Triton handoff kernels: an NVIDIA GPU of compute capability 7.0 or
+    later (the PTX they use: nanosleep, acquire / release at system scope), not ROCm, and Triton."""
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability() >= (7, 0) and _kernels() is not None
 
 
 def split_misses(ids: torch.Tensor, slot_row: torch.Tensor | None, gpu_misses: int, share: int = GPU_SHARE):
@@ -92,7 +95,7 @@ def collect(r: int, ids: torch.Tensor, slot_row: torch.Tensor | None, counter: t
         if part is not None:
             acc = acc + part.float()
     miss, _ = split_misses(ids, slot_row, gpu_misses, share)
-    if not bool((miss >= 0).any()):
+    if not bool((miss >= 0).any()) or int(mb.err[0]) != 0:   # no CPU miss, or a failed worker: no wait
         return acc.to(dtype)
     if not worker.wait(r, int(counter[r]), timeout_s):
         mb.err[0] = ERR_TIMEOUT

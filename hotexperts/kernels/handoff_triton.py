@@ -114,7 +114,8 @@ def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, 
     n_miss = tl.sum((miss >= 0).to(tl.int32), axis=0)
     row = r.to(tl.int64)
     v = tl.load(cnt_ptr + row)
-    done = tl.where(n_miss > 0, v - 1, v)                # no CPU miss: nothing to wait for
+    failed = tl.load(mb_err, volatile=True) != 0         # an earlier failure: do not wait for a dead worker
+    done = tl.where((n_miss > 0) & (~failed), v - 1, v)  # no CPU miss: nothing to wait for
     t0 = _now_ns()
     while (done < v) & (_now_ns() - t0 < timeout_ns):
         _nanosleep()
@@ -122,7 +123,7 @@ def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, 
     tl.debug_barrier()                                   # the acquiring lane's view, for every thread
     if done < v:
         tl.store(mb_err, _ERR_TIMEOUT)
-    use = (n_miss > 0) & (done >= v)
+    use = (n_miss > 0) & (~failed) & (done >= v)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         acc = tl.zeros([BD], dtype=tl.float32)

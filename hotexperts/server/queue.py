@@ -29,7 +29,7 @@ import torch
 
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.engine.textstream import TextStream
-from hotexperts.errors import HotExpertsError
+from hotexperts.errors import ExpertComputeError, HotExpertsError
 from hotexperts.server.errors import APIError
 
 log = logging.getLogger("hotexperts.server")
@@ -171,6 +171,9 @@ class EngineWorker:
         t0 = time.monotonic()
         try:
             return self._generate(job)
+        except ExpertComputeError as e:
+            log.error("expert computation failed: %s", e)
+            return Event("error", error=APIError(500, str(e), code="expert_compute_error"))
         except HotExpertsError as e:
             return Event("error", error=APIError(400, str(e), code="invalid_request"))
         except Exception as e:

@@ -270,3 +270,36 @@ def test_deferred_bookkeeping_gives_the_same_tokens_and_counts(text):
     again = list(gen.generate(PROMPT, SamplingParams(max_tokens=len(REF_TOKS))))   # a second request
     assert again == REF_TOKS
     ex.close()
+
+
+def test_a_failed_step_raises_before_its_token_is_used_even_when_deferred(monkeypatch):
+    """Under deferral the worker's failure still stops generation at the step that failed (the Generator
+    checks after sampling), with the engine's error class (the server answers 500)."""
+    from hotexperts.engine.generate import Generator
+    from hotexperts.engine.sampling import SamplingParams
+    from hotexperts.errors import ExpertComputeError
+    from tests.experts.test_hybrid import MODEL, PROMPT
+
+    monkeypatch.setattr(mailbox, "TIMEOUT_S", 0.2)
+    ex = executor("cpu")
+    ex.defer = True
+    gen = Generator(MODEL, ex, CFG, "cpu", 64)
+    it = gen.generate(PROMPT, SamplingParams(max_tokens=6))
+    next(it)                                                   # the prefill's token
+    ex.worker.worker.close()                                   # the worker dies
+    with pytest.raises(ExpertComputeError, match="did not answer"):
+        next(it)                                               # the very next decode step reports it
+
+
+def test_routing_wider_than_the_mailbox_is_a_clear_error():
+    ex = executor("cpu")
+    with pytest.raises(HotExpertsError, match="exceeds the model's top-k"):
+        ex(STORE.layers[0], torch.randn(1, CFG.hidden_size), torch.tensor([[1, 2, 3]]), torch.ones(1, 3))
+    ex.close()
+
+
+def test_a_closed_executor_refuses_to_run():
+    ex = executor("cpu")
+    ex.close()
+    with pytest.raises(HotExpertsError, match="closed"):
+        ex(STORE.layers[0], torch.randn(1, CFG.hidden_size), torch.tensor([[1, 2]]), torch.ones(1, 2))

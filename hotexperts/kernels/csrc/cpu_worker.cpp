@@ -18,8 +18,10 @@
 // The thread spins while work comes in, and naps (sleep_us) after idle_ms without any.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -75,6 +77,9 @@ class CpuWorker {
                 "cpu worker: every mailbox tensor and weight list needs one row per MoE layer");
     K_ = miss.size(1);
     D_ = x.size(1);
+    ids_.resize(K_);
+    w_copy_.resize(K_);
+    x_copy_.resize(size_t(D_) * x.element_size());
     for (int64_t r = 0; r < Lm; r++) layers_.push_back({f13[r], f2[r], q13[r], q2[r], s13[r], z13[r], s2[r], z2[r]});
     thread_ = std::thread([this] { run(); });
   }
@@ -133,25 +138,32 @@ class CpuWorker {
     }
   }
 
+  // Computes from a private copy of the row: if the poster rewrites the row meanwhile (it does not wait for a
+  // row without CPU misses, so a lagging worker can meet the next post), the copy may be torn but every read
+  // stays in bounds; such a result is never used, since the newer post's done comes from a recompute.
   void process(int64_t r) {
-    const int64_t* ids = miss_.data_ptr<int64_t>() + r * K_;
+    const int64_t* live = miss_.data_ptr<int64_t>() + r * K_;
     float* out = out_.data_ptr<float>() + r * D_;
+    std::copy(live, live + K_, ids_.begin());
+    const float* wl = w_.data_ptr<float>() + r * K_;
+    std::copy(wl, wl + K_, w_copy_.begin());
+    const size_t xbytes = size_t(D_) * x_.element_size();
+    std::memcpy(x_copy_.data(), static_cast<char*>(x_.data_ptr()) + r * xbytes, xbytes);
     const auto& L = layers_[r];
     const int64_t E = L.q13.size(0);
     bool any = false;
     for (int64_t k = 0; k < K_; k++) {
-      if (ids[k] < -1 || ids[k] >= E) {               // checked here: a throw inside the kernel is fatal
-        fail(r, "expert id " + std::to_string(ids[k]) + " out of range [-1, " + std::to_string(E) + ")", out);
+      if (ids_[k] < -1 || ids_[k] >= E) {             // checked here: a throw inside the kernel is fatal
+        fail(r, "expert id " + std::to_string(ids_[k]) + " out of range [-1, " + std::to_string(E) + ")", out);
         return;
       }
-      any = any || ids[k] >= 0;
+      any = any || ids_[k] >= 0;
     }
     if (!any) return;                                 // nothing here: the poster does not read `out`
     const int64_t t0 = now_ns();
-    char* xrow = static_cast<char*>(x_.data_ptr()) + r * D_ * x_.element_size();
-    at::Tensor x = at::from_blob(xrow, {1, D_}, x_.options());
-    at::Tensor id = at::from_blob(const_cast<int64_t*>(ids), {1, K_}, miss_.options());
-    at::Tensor wt = at::from_blob(w_.data_ptr<float>() + r * K_, {1, K_}, w_.options());
+    at::Tensor x = at::from_blob(x_copy_.data(), {1, D_}, x_.options());
+    at::Tensor id = at::from_blob(ids_.data(), {1, K_}, miss_.options());
+    at::Tensor wt = at::from_blob(w_copy_.data(), {1, K_}, w_.options());
     at::Tensor o = at::from_blob(out, {1, D_}, out_.options());
     std::string msg = forward_checked(x, id, wt, L.f13, L.q13, L.s13, L.z13, L.f2, L.q2, L.s2, L.z2, o,
                                       nthreads_, act_quant_, prefetch_);
@@ -168,6 +180,9 @@ class CpuWorker {
 
   at::Tensor seq_, done_, miss_, w_, x_, out_, cpu_ns_, err_;
   std::vector<LayerWeights> layers_;
+  std::vector<int64_t> ids_;                          // the row being computed, copied (see process)
+  std::vector<float> w_copy_;
+  std::vector<char> x_copy_;
   int64_t K_ = 0, D_ = 0, nthreads_;
   bool act_quant_;
   int64_t prefetch_, idle_ns_, sleep_us_;
