@@ -37,6 +37,8 @@ from collections import Counter
 
 import torch
 
+from hotexperts.errors import HotExpertsError
+
 UNSAFE_MODES = ("reduce-overhead", "max-autotune")      # Inductor CUDA graphs: the engine captures its own
 
 
@@ -135,6 +137,8 @@ class DecodeStages:
         t0 = time.perf_counter()
         try:
             out = self.forward(model, tokens, input_pos, kv, executor)
+        except HotExpertsError:
+            raise                        # the executor's own error (a failed CPU step): not compile's
         except Exception as exc:
             if capturing():
                 raise

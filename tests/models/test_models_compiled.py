@@ -161,6 +161,25 @@ def test_failed_compile_warns_and_decodes_eagerly(hf_models):
     assert model.stages() is not stages and not model.stages().compiled
 
 
+@torch.no_grad()
+def test_an_executor_error_in_the_first_compiled_step_is_not_a_compile_failure(hf_models):
+    """A failing expert step (the CPU worker died) must reach the caller as itself: the stages neither
+    swallow it as "compile failed" nor rerun the step eagerly."""
+    from hotexperts.errors import ExpertComputeError
+
+    model, ex = build(hf_models, "olmoe")
+
+    def failing(layer, x, ids, w):
+        raise ExpertComputeError("the CPU expert worker did not answer")
+
+    stages = model.compile_decode(backend="aot_eager")
+    kv = model.new_kv_cache(32)
+    model(torch.tensor([1, 2, 3]), torch.arange(3), kv, ex, last_only=True, kv_len=3)
+    with pytest.raises(ExpertComputeError, match="did not answer"):
+        model(torch.tensor([4]), torch.tensor([3]), kv, failing)
+    assert not stages.failed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral_swa", "olmoe"])
