@@ -101,7 +101,6 @@ class HybridExecutor:
         self._announced = False                              # before_step() ran for the current forward
         self.defer = self.cuda                               # worker decode: bookkeeping one step late
         self._prompt_routes: list = []                       # streamed prompt layers awaiting observe
-        self._closed = False
 
     @property
     def graph_safe(self) -> bool:
@@ -148,7 +147,6 @@ class HybridExecutor:
         cannot run afterwards."""
         if self.worker is not None:
             self.worker.close()
-            self._closed = True
 
     def check_errors(self) -> None:
         """Raise now (HotExpertsError) if the CPU worker failed or a device wait timed out in the steps run so
@@ -161,7 +159,7 @@ class HybridExecutor:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.on_route is not None:
             self.on_route(layer, ids, weights)
-        if self._closed:
+        if self.worker is not None and self.worker.closed:
             raise HotExpertsError("this executor was closed (its CPU worker is stopped)")
         T = x.shape[0]
         prompt = T > 1                                       # a prompt chunk (decode steps have T == 1)

@@ -155,7 +155,7 @@ class DecodeHandoff:
     # ---- host side (between steps) ---------------------------------------------------------------------
     def take_step(self) -> StepRows:
         """The rows posted since the last call (the step must have finished on the device)."""
-        self._check()
+        self.check()
         seq = self.mb.seq.numpy()
         rows = np.flatnonzero(seq != self._seen)
         self._seen[rows] = seq[rows]
@@ -167,9 +167,6 @@ class DecodeHandoff:
 
     def check(self) -> None:
         """Raise now if the worker reported an error or a device wait timed out (a cheap host read)."""
-        self._check()
-
-    def _check(self) -> None:
         code = int(self.mb.err[0])
         if code == 0:
             return
@@ -190,7 +187,7 @@ class DecodeHandoff:
         w = torch.full((1, K), 1.0 / K)
         self.post(layer, x.to(self.device), ids.to(self.device), w.to(self.device), None)
         got = self.collect(layer, ids.to(self.device), None, None, torch.float32).cpu()
-        self._check()
+        self.check()
         self.take_step()
         want = cpu_moe(x, ids, w.to(x_dtype), self.store.layer(layer), torch.empty(1, D, dtype=torch.float32))
         if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
