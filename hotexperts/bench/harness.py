@@ -186,7 +186,7 @@ def _counters(ex) -> dict | None:
 
 def tokens_needed(tests: list[BenchTest], repeats: int) -> int:
     """Trace rows one placement consumes (warm-up included): replay longer than this never wraps."""
-    return 8 + repeats * sum(t.n + (max(t.depth, 1) if t.kind == "tg" else 0) for t in tests)
+    return 8 + WARMUP_PROMPT + repeats * sum(t.n + (max(t.depth, 1) if t.kind == "tg" else 0) for t in tests)
 
 
 def summarize(runs: list[float]) -> dict:
@@ -207,7 +207,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
         bench._seek(ex, 0)          # every placement replays the same routing, which runs forward through
         gen = Generator(bench.lm.model, ex, bench.lm.cfg, bench.device, bench.max_context,
                         piecewise_graph=bench.piecewise, compile_decode=bench.compile_decode)
-        bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))          # builds graphs, JIT kernels
+        warm_up(bench, gen, ex)
         decode = DecodeCounts()
         for test in tests:
             runs = []
@@ -231,6 +231,20 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
             close()                 # stop the placement's CPU worker thread now, not at collection
         ex = gen = None
     return res
+
+
+WARMUP_PROMPT = 128                  # tokens: over the default --moe-pp-bypass, so the streamed path runs
+
+
+def warm_up(bench: Bench, gen: Generator, ex) -> None:
+    """As llama-bench, one untimed prompt and a few decode steps first: graphs captured, kernels compiled,
+    the prompt cost measured, and the cache seeded by that prompt (its fills waited for). The timed tests
+    then see the steady state a user sees after a first request, not the load-time placeholders."""
+    bench.run_test(gen, ex, BenchTest("warmup", "pp", WARMUP_PROMPT))
+    bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))
+    slots = getattr(ex, "slots", None)
+    if slots is not None:
+        slots.wait_all()
 
 
 def _worker_stats(res: PlacementResult, ex) -> None:
@@ -274,7 +288,7 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
               progress=None, labels: list[str] | None = None, piecewise: bool = False,
               compile_decode: bool = False) -> dict:
-    max_context = max(t.context_needed for t in tests) + 8
+    max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1) + 8
     dtype = next(lm.model.parameters()).dtype
     reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode)

@@ -484,14 +484,21 @@ class HybridExecutor:
         return y
 
     def _observe_prompt(self, step: int) -> None:
-        """The streamed prompt layers' routing, in layer order, as the policy would have seen it."""
-        for layer, ids, T in self._prompt_routes:
-            h_ids = ids.cpu()
-            valid = h_ids >= 0
-            res = self._hits(layer, h_ids, valid)                     # hits as the cache would have had them
-            self.controller.observe(step, layer, h_ids.flatten().tolist(), True, tokens=T,
-                                    hits=res[valid].tolist())
-        self._prompt_routes.clear()
+        """The streamed prompt layers' routing, in layer order, as the policy would have seen it: one device
+        read and one observe_step per run of layers with the same chunk size (one run per forward)."""
+        routes, self._prompt_routes = self._prompt_routes, []
+        while routes:
+            T = routes[0][2]
+            n = next((i for i, r in enumerate(routes) if r[2] != T), len(routes))
+            self._observe_routes(step, routes[:n], T)
+            routes = routes[n:]
+
+    def _observe_routes(self, step: int, routes: list, T: int) -> None:
+        layers = [l for l, _, _ in routes]
+        ids = torch.stack([i.reshape(-1) for _, i, _ in routes]).cpu()          # [n, T*K]
+        mirror = torch.stack([self.slots.mirror(l) for l in layers])            # [n, E]
+        hits = (torch.gather(mirror, 1, ids.clamp(min=0)) >= 0) & (ids >= 0)    # as the cache had them
+        self.controller.observe_step(step, layers, ids.numpy(), hits.numpy(), True, tokens=T)
 
 
 def _default_cpu_kernel(leave_one_core: bool = False):

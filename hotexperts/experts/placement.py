@@ -408,7 +408,8 @@ def _accepted(name: str, kw: dict) -> dict:
 
 
 def _initial_fill(p: Placement, store, slots, ctl, layers) -> None:
-    """layers:N -> every expert of the GPU layers (as many as the slots hold); profile -> warm start."""
+    """layers:N -> every expert of the GPU layers (as many as the slots hold); profile -> warm start; else
+    every slot gets a placeholder (CacheController.cold_start)."""
     E = store.num_experts
     if ctl is None:
         full = layers[len(layers) - slots.num_slots // E:] if slots.num_slots < E * len(layers) else layers
@@ -420,8 +421,10 @@ def _initial_fill(p: Placement, store, slots, ctl, layers) -> None:
         from hotexperts.experts.policy import load_profile
 
         loads = ctl.warm_start(load_profile(p.profile, E))
-        slots.issue(loads)
-        slots.wait_all()
+    else:
+        loads = ctl.cold_start()                 # placeholders: no slot idles until routing is known
+    slots.issue(loads)
+    slots.wait_all()
 
 
 def warn(msg: str) -> None:

@@ -31,8 +31,10 @@ Contract (docs/architecture.md "Cache policy contract"):
 Order per forward pass: lookup -> compute -> observe (every layer, or one observe_step for all of them);
 then end_step -> issue -> commit.
 Bounds: per decode step at most max_swaps loads that evict a resident and max_fills loads into free slots
-(fills evict nothing). After a prompt, its most-routed experts fill the FREE slots (cold start) without
-evicting anything: prompt routing seeds an empty cache but never flushes the decode working set.
+(fills evict nothing). `ctl.cold_start()` fills every slot at load with placeholders (no profile). After a
+prompt, its most-routed experts fill the FREE slots and those of placeholders it did not route (until the
+first decode step), evicting nothing routing chose: prompt routing seeds the cache but never flushes the
+decode working set.
 Evictions leave `resident` at end_step (the slot is being overwritten); loads join it at commit.
 
 Capacity: per layer (`hot:K`, same K or a dict) or one global `budget` of slots shared by all layers
@@ -750,6 +752,7 @@ class CacheController:
         self.stats = {l: LayerStats() for l in self.layers}
         self.backlog: list[Swap] = []
         self.decode_steps = 0
+        self.placeholders: dict[int, set[int]] = {}               # cold_start's loads, until decode starts
 
     # ---- per layer -----------------------------------------------------------------------------
     def lookup(self, layer: int, experts) -> list[bool]:
@@ -849,6 +852,7 @@ class CacheController:
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         if prompt:
             return self._fill_from_prompt()
+        self.placeholders = {}                                     # the decode working set takes over
         if self.decode_steps % self.policy.interval == 0:
             self.backlog = self.policy.plan(step, self.occupied(), self.capacity)
         self.decode_steps += 1
@@ -856,8 +860,10 @@ class CacheController:
         return issued
 
     def _fill_from_prompt(self) -> list[Swap]:
-        """After a prompt chunk: copy its most-routed experts into FREE slots (cold start; nothing is evicted,
-        so prompt routing never flushes the decode working set). Not bounded: it runs once per prompt."""
+        """After a prompt chunk: copy its most-routed experts into FREE slots, and into the slots of load-time
+        placeholders the prompt did not route (cold_start; until the first decode step). Nothing the
+        routing ever chose is evicted, so prompt routing never flushes the decode working set. Not bounded:
+        it runs once per prompt."""
         occ = self.occupied()
         total = sum(len(s) for s in occ.values())
         rows = sorted(range(len(self.layers)), key=lambda i: self.layers[i])
@@ -865,18 +871,50 @@ class CacheController:
         ri, es = np.nonzero(counts > 0)                            # ascending (layer, expert)
         order = np.argsort(-counts[ri, es], kind="stable")         # most routed first, ties: (layer, expert)
         ranked = zip([self.layers[rows[i]] for i in ri[order].tolist()], es[order].tolist(), strict=True)
+        spare = self._spare_placeholders()
         out, budget = [], self.capacity.budget
         for l, e in ranked:
-            if budget is not None and total >= budget:
-                break                                              # no slot left anywhere
-            if e not in occ[l] and self._free(l, occ, total):
-                occ[l].add(e)
-                self.pending[l].add(e)
-                self.stats[l].loads += 1
-                out.append((l, e, None))
-                total += 1
+            if e in occ[l]:
+                continue
+            v = None
+            if not self._free(l, occ, total):
+                room = self._drop_placeholder(l, spare, occ)
+                if room is None:
+                    if budget is not None and total >= budget and not any(spare.values()):
+                        break                                      # no slot left anywhere
+                    continue
+                vl, v = room
+                self._evict(vl, v, occ, out, paired=vl == l)       # another layer's: its own (l, None, v)
+                v, total = (v if vl == l else None), total - 1
+            occ[l].add(e)
+            self.pending[l].add(e)
+            self.stats[l].loads += 1
+            out.append((l, e, v))
+            total += 1
         self._prompt[:] = 0.0
         return out
+
+    def _spare_placeholders(self) -> dict[int, list[int]]:
+        """Per layer, the resident load-time placeholders this prompt did not route (evictable)."""
+        if not self.placeholders:
+            return {}
+        spare = {}
+        for l, ph in self.placeholders.items():
+            row = self._prompt_counts[l]
+            spare[l] = sorted((e for e in ph if e in self.resident[l] and row[e] == 0), reverse=True)
+        return spare
+
+    def _drop_placeholder(self, layer: int, spare: dict[int, list[int]], occ) -> tuple[int, int] | None:
+        """(layer', expert) of a spare placeholder whose slot `layer` may take: its own, or (global budget,
+        layer under its cap) one of the layer with the most spare ones; None when none can give room."""
+        victim = layer if spare.get(layer) else None
+        if victim is None and spare and len(occ[layer]) < self.capacity[layer]:
+            victim = max(spare, key=lambda l: len(spare[l]))
+        if victim is None or not spare[victim]:
+            return None
+        v = spare[victim].pop()
+        self.placeholders[victim].discard(v)
+        return victim, v
 
     def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
         """Issue planned swaps in order: at most max_swaps loads that evict, max_fills into free slots."""
@@ -931,6 +969,31 @@ class CacheController:
                 self.resident[l].add(c)
 
     # ---- profiles and stats --------------------------------------------------------------------
+    def cold_start(self) -> list[Swap]:
+        """Without a profile: loads that fill every slot before any routing is known (each layer an equal
+        share of a global budget, or its capacity; experts in index order), so no slot idles until the first
+        prompt. They are placeholders: the policy gets no counts, and the first prompt's fill may replace
+        those it did not route (until the first decode step). Issue, then commit."""
+        occ, total, out = self.occupied(), sum(len(s) for s in self.occupied().values()), []
+        budget = self.capacity.budget
+        share = {l: self.capacity[l] for l in self.layers}
+        if budget is not None:
+            free = max(0, budget - total)
+            n = len(self.layers)
+            share = {l: min(self.capacity[l], len(occ[l]) + free // n + (i < free % n))
+                     for i, l in enumerate(self.layers)}
+        for l in self.layers:
+            for e in range(self.E):
+                if len(occ[l]) >= share[l] or not self._free(l, occ, total):
+                    break
+                if e not in occ[l]:
+                    occ[l].add(e)
+                    self.pending[l].add(e)
+                    self.placeholders.setdefault(l, set()).add(e)
+                    out.append((l, e, None))
+                    total += 1
+        return out
+
     def warm_start(self, profile: Profile) -> list[Swap]:
         """Seed the policy from a profile and return the loads of its hot set (issue, then commit)."""
         self.policy.seed(profile)

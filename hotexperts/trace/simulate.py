@@ -106,7 +106,9 @@ def trace_profile(trace: RoutingTrace, decode_only: bool = True) -> Profile:
 def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | None = None,
              budget: int | None = None, max_swaps_per_step: int | None = None, prompt_bypass: int = 64,
              expert_nbytes: int = 0, profile: Profile | None = None, warm_start: Profile | None = None,
-             **params) -> SimResult:
+             cold_start: bool = True, **params) -> SimResult:
+    """Replay `trace` (module doc). The cache starts as the live one does: warm_start's hot set, else
+    placeholders in every slot (CacheController.cold_start); cold_start=False starts it empty."""
     if (slots is None) == (budget is None):
         raise HotExpertsError("simulate needs exactly one of slots (per layer) or budget (global slots)")
     pol = policy if isinstance(policy, CachePolicy) else build_policy(
@@ -116,6 +118,8 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
                           prompt_bypass=prompt_bypass)
     if warm_start is not None:
         ctl.commit(ctl.warm_start(warm_start))
+    elif cold_start:
+        ctl.commit(ctl.cold_start())
     decode_tokens = 0
     for step, prompt, rows in passes(trace):
         ids = trace.ids[rows].transpose(1, 0, 2).reshape(len(layers), -1)     # [Lm, T*K]

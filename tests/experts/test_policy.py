@@ -159,6 +159,37 @@ def test_prompt_fills_free_slots_without_evicting():
     assert ctl.end_step(1, prompt=True) == []            # full: a prompt never evicts
 
 
+def test_cold_start_fills_each_layer_and_the_first_prompt_replaces_unrouted_placeholders():
+    ctl = CacheController(make_policy("lru"), [0, 1], 8, 3, prompt_bypass=4)
+    loads = ctl.cold_start()
+    assert loads == [(0, 0, None), (0, 1, None), (0, 2, None), (1, 0, None), (1, 1, None), (1, 2, None)]
+    ctl.commit(loads)
+    assert ctl.stats[0].loads == 0                              # load time, not swaps
+    ctl.observe(0, 0, [5, 5, 1, 6], prompt=True, tokens=6)       # routes placeholder 1: it stays
+    ctl.observe(0, 1, [2], prompt=True, tokens=6)
+    swaps = ctl.end_step(0, prompt=True)
+    assert swaps == [(0, 5, 0), (0, 6, 2)]                     # paired with a placeholder of the same layer
+    ctl.commit(swaps)
+    assert ctl.resident == {0: {1, 5, 6}, 1: {0, 1, 2}}
+    ctl.observe(1, 0, [7])
+    ctl.commit(ctl.end_step(1))                                 # decode began: placeholders are ordinary now
+    ctl.observe(2, 1, [6, 7], prompt=True, tokens=6)
+    assert ctl.end_step(2, prompt=True) == []                   # a prompt never evicts the decode set
+
+
+def test_cold_start_under_a_global_budget_shares_slots_and_moves_them_to_routed_layers():
+    ctl = CacheController(make_policy("lru"), [0, 1, 2], 8, None, budget=7, prompt_bypass=4)
+    loads = ctl.cold_start()
+    assert [sum(1 for l, _, _ in loads if l == x) for x in (0, 1, 2)] == [3, 2, 2]
+    ctl.commit(loads)
+    ctl.observe(0, 2, [4, 5, 6, 7, 0], prompt=True, tokens=6)   # layer 2 needs 5: slots of layer 0 move
+    swaps = ctl.end_step(0, prompt=True)                        # own placeholder first, then the layer with
+    assert swaps == [(2, 4, 1), (0, None, 0), (2, 5, None),     # the most spare ones; evictions first
+                     (0, None, 1), (2, 6, None), (1, None, 0), (2, 7, None)]
+    ctl.commit(swaps)
+    assert ctl.resident == {0: {2}, 1: {1}, 2: {0, 4, 5, 6, 7}}
+
+
 def test_uncommitted_loads_are_not_hits():
     ctl = CacheController(make_policy("lru"), [0], 8, 2, None)
     ctl.observe(0, 0, [3])

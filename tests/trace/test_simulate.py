@@ -40,7 +40,7 @@ def random_trace(n=300, lm=3, k=2, e=16, seed=0):
 
 
 def test_lru_known_hit_count():
-    r = simulate(make_trace(CLASSIC), "lru", slots=3, expert_nbytes=100)
+    r = simulate(make_trace(CLASSIC), "lru", slots=3, expert_nbytes=100, cold_start=False)   # textbook: empty
     assert r.decode_selections == 12 and round(r.hit_rate * 12) == 2
     assert r.swaps == 10 and r.bytes_moved == 1000 and r.layer_hit_rate == [pytest.approx(2 / 12)]
 
@@ -63,11 +63,19 @@ def test_prompt_counted_apart_and_bypassed():
     t = make_trace(ids, prompt, [0, 0] + [1] * 8)
     sizes = [(p, r.size) for _, p, r in passes(t)]
     assert sizes == [(False, 1), (False, 1), (True, 6), (False, 1), (False, 1)]
-    seen = simulate(t, "lru", slots=2, prompt_bypass=64)      # the prompt flushes expert 1
+    seen = simulate(t, "lru", slots=2, prompt_bypass=64, cold_start=False)   # the prompt flushes expert 1
     assert seen.prompt_selections == 6 and seen.decode_selections == 4 and seen.decode_tokens == 4
     assert seen.prompt_hit_rate == 0.0 and seen.hit_rate == pytest.approx(1 / 4)
-    hidden = simulate(t, "lru", slots=2, prompt_bypass=4)     # the prompt bypasses the policy
+    hidden = simulate(t, "lru", slots=2, prompt_bypass=4, cold_start=False)  # the prompt bypasses the policy
     assert hidden.hit_rate == pytest.approx(2 / 4)
+
+
+def test_cold_start_fills_every_slot_before_routing_is_known():
+    t = make_trace([0, 0, 0, 0], num_experts=8)               # expert 0 only, decode: slot 0 holds it at once
+    warm = simulate(t, "lru", slots=2)
+    empty = simulate(t, "lru", slots=2, cold_start=False)
+    assert warm.hit_rate == 1.0 and empty.hit_rate == pytest.approx(3 / 4)
+    assert warm.swaps == 0 and empty.swaps == 1                # placeholder loads are load time, not swaps
 
 
 def test_global_budget_beats_even_split_on_skewed_layers():
