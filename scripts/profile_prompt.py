@@ -62,8 +62,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
         ka = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in ka)
-        text = [f"{name}: pp{a.tokens} runs {[round(r, 1) for r in runs]} tok/s; profiled run {wall * 1e3:.1f} ms "
-                f"wall, {gpu_us / 1e3:.1f} ms of device time (kernels + copies)"]
+        text = [f"{name}: pp{a.tokens} runs {[round(r, 1) for r in runs]} tok/s; profiled run "
+                f"{wall * 1e3:.1f} ms wall, {gpu_us / 1e3:.1f} ms of device time (kernels + copies)"]
         text.append(ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
         text.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
         with open(out / "profile.txt", "a") as f:
