@@ -305,7 +305,17 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
             "piecewise_graph": piecewise, "compile_decode": compile_decode,
             "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
             "reserved_gib": reserved / GiB, "expert_quant": quant, "results": results,
-            "distinct_experts": _distinct(source, lm.cfg)}
+            "expert_format": expert_format(lm.store, quant), "distinct_experts": _distinct(source, lm.cfg)}
+
+
+def expert_format(store, quant: str = "none") -> str:
+    """The experts' format as benchmarked: --expert-quant when it re-quantizes, else the store's own
+    (e.g. "int4g32" for Q4_K GGUF experts; "int4g32 + bf16 down" when w13 and w2 differ)."""
+    if quant not in (None, "none"):
+        return quant
+    le = store.layer(store.layers[0])
+    f13, f2 = (getattr(w, "fmt", None) or str(w.dtype).removeprefix("torch.") for w in (le.w13, le.w2))
+    return f13 if f13 == f2 else f"{f13} + {f2} down"
 
 
 def _distinct(source: RoutingSource, cfg) -> dict | None:

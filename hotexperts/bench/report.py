@@ -60,8 +60,9 @@ def table(report: dict) -> str:
     wraps = max((r.get("trace_wraps", 0) for r in report["results"]), default=0)
     if wraps:
         extra += f"; the routing replay wrapped around {wraps}x (a trace shorter than the workload)"
+    fmt = report.get("expert_format") or report["expert_quant"]        # older reports: the --expert-quant
     meta = (f"device: {report['device']} | routing: {report['routing']}{extra} | expert format: "
-            f"{report['expert_quant']} | tok/s median [min-max] of {report['repeats']} runs")
+            f"{fmt} | tok/s median [min-max] of {report['repeats']} runs")
     return meta + "\n\n" + "\n".join(lines)
 
 

@@ -461,23 +461,26 @@ class HybridExecutor:
 
     def _stream(self, layer, x, ids, weights) -> torch.Tensor:
         """Resident experts from their slots, the others from a staging pool that received only them
-        (the next MoE layer's copy is queued first, so it overlaps this layer's compute). No host sync: the
-        experts each part may use are known on the host, and the policy sees the routing at end_step."""
+        (the next MoE layer's copy is queued first, so it overlaps this layer's compute), both in ONE
+        gpu_moe pass. No host sync: the experts each pool may use are known on the host, and the policy
+        sees the routing at end_step."""
         T, K = ids.shape
         missing = self._not_resident(layer)
-        y = None
+        pools, s = [], self.slots
         if missing is None or missing:
             w13, w2, table = self.stage.acquire(layer, missing)
             nxt = self.next_layer.get(layer)
             if nxt is not None:
                 self.stage.prefetch(nxt, self._not_resident(nxt))   # copies while this layer computes
-            y = self.gpu_moe(x, ids, weights, w13, w2, table, used=missing)
-            self.stage.release(layer)
+            pools.append((w13, w2, table, list(range(self.E)) if missing is None else missing))
         if missing is not None:                                   # the resident part, from the slots
-            s = self.slots
-            part = self.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer), used=s.used_slots(layer))
+            pools.append((s.w13, s.w2, s.slot_of(layer), s.used_slots(layer)))
+        (w13, w2, table, used), more = pools[0], tuple(pools[1:])
+        y = self.gpu_moe(x, ids, weights, w13, w2, table, used=used, more=more)
+        if missing is None or missing:
+            self.stage.release(layer)
+        if missing is not None:
             s.mark_read(layer)
-            y = part if y is None else (y.float() + part.float()).to(x.dtype)
         self._count(layer, T * K, 0)
         if layer in self.managed:
             self._prompt_routes.append((layer, ids.clone(), T))   # observed at end_step (one sync)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from hotexperts.experts.quant import dequantize
 from hotexperts.experts.weights import QuantizedWeight, Weight
 
-DEQUANT_CHUNK = 16                   # experts dequantized at a time for quantized prompt batches
+DEQUANT_CHUNK_BYTES = 256 << 20     # quantized prompt batches: dequantized experts held at a time (bf16)
+DEQUANT_CHUNK_MAX = 32              # ... and at most this many (Qwen3-30B-A3B: 27 fit; Mixtral: 1)
 GATHER_LIMIT_BYTES = 256 << 20       # torch fallback: gather the pairs' experts up to this many bytes
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON: object | None = None        # cached module, or False when unavailable
@@ -51,14 +52,22 @@ def triton_available() -> bool:
 
 def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight,
             slot_of: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            *, backend: str = "auto", used: list[int] | None = None) -> torch.Tensor:
+            *, backend: str = "auto", used: list[int] | None = None, more: tuple = ()) -> torch.Tensor:
     """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto).
     used: host list of the slots this call may read (prompt batches over quantized slots then need no host
-    sync to find them); None = find them on the device."""
+    sync to find them); None = find them on the device. more: further pools (w13, w2, slot_of, used) whose
+    pairs are added (disjoint experts, e.g. staged beside resident): one pass on the quantized prompt path,
+    else one call per pool summed in fp32."""
     if backend == "auto":
         backend = os.environ.get("HOTEXPERTS_GPU_MOE", "auto")
-    if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2):
-        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used)
+    if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2) and all(
+            _quantized_prefill(x, ids, a, b) for a, b, _, _ in more):
+        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used, more=more)
+    if more:
+        y = gpu_moe(x, ids, weights, w13, w2, slot_of, backend=backend, used=used).float()
+        for a, b, so, u in more:
+            y += gpu_moe(x, ids, weights, a, b, so, backend=backend, used=u).float()
+        return y.to(x.dtype) if out is None else out.copy_(y)
     if backend == "auto":
         backend = "triton" if _triton_ok(x, ids, w13, w2) else "torch"
     if backend == "triton":
@@ -76,33 +85,64 @@ def _quantized_prefill(x, ids, w13, w2) -> bool:
 
 
 def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeight, slot_of=None, out=None,
-                       chunk: int = DEQUANT_CHUNK, used: list[int] | None = None):
-    """Prompt batches over quantized slots: dequantize the slots this call routes to, `chunk` at a time,
-    into a small bf16 buffer and run the grouped Triton kernel on each chunk (pairs outside it masked);
-    the chunk outputs are summed in fp32. Bounded VRAM (chunk experts). The slot list is `used` (host)
-    when given, else found on the device (one host sync); unrouted slots in `used` just cost a chunk."""
+                       chunk: int | None = None, used: list[int] | None = None, more: tuple = ()):
+    """Prompt batches over quantized slots: the slots this call routes to get consecutive ranks, the pairs
+    are sorted by rank once (triton_moe.GroupedPass), and each chunk of `chunk` ranks (default: as many
+    experts as DEQUANT_CHUNK_BYTES hold, at most DEQUANT_CHUNK_MAX) is dequantized into a bf16 buffer and
+    computed (2 dequantize + 2 grouped-GEMM launches per chunk). Bounded VRAM (chunk experts); one fp32
+    sum at the end. The slot list is `used` (host) when given, else found on the device (one host sync);
+    unrouted slots in `used` just cost their dequantize.
+    more: further pools (w13, w2, slot_of, used) read in the same pass, e.g. the staged experts beside the
+    resident ones: a pair counts in the first pool whose slot_of maps its expert (the caller keeps them
+    disjoint)."""
     from hotexperts.kernels.triton_dequant import dequant_slots
 
     mod = _triton_module()
-    slots = _pair_slots(ids, slot_of)                                  # [T, K]
-    if used is None:
-        used = torch.unique(slots[slots >= 0])                         # [U] slots, host sync
-    elif not isinstance(used, torch.Tensor):
-        host = torch.tensor(sorted(used), dtype=torch.long)
-        used = (host.pin_memory() if x.is_cuda else host).to(x.device, non_blocking=True)
-    table = torch.full((w13.shape[0],), -1, dtype=torch.int32, device=x.device)
-    res = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    pools = [(w13, w2, slot_of, used)] + list(more)
+    ranks, lists = _pool_ranks(x, ids, pools)                         # [T, K], per pool [n_j] slots
+    U = sum(int(li.numel()) for li in lists)
+    I = w2.shape[2]                                                  # logical shapes
     wdt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    for c0 in range(0, used.numel(), chunk):
-        idx = used[c0:c0 + chunk]                                      # [C]
-        table.fill_(-1)
-        table[idx] = torch.arange(idx.numel(), dtype=torch.int32, device=x.device)
-        local = torch.where(slots >= 0, table[slots.clamp(min=0)].long(), -1)   # [T, K] chunk-local slot
-        w13c, w2c = dequant_slots(w13, idx, wdt), dequant_slots(w2, idx, wdt)   # one launch each
-        res += mod.moe_triton(x, local, weights, w13c, w2c, None).float()
-    if out is None:
-        return res.to(x.dtype)
-    return out.copy_(res)
+    gp = mod.GroupedPass(x, ranks, weights, max(U, 1), I, wdt)
+    if chunk is None:
+        per = (w13.shape[1] * w13.shape[2] + w2.shape[1] * I) * torch.finfo(wdt).bits // 8
+        chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // per))
+    C = min(chunk, max(U, 1))
+    b13 = torch.empty((C, *w13.shape[1:]), dtype=wdt, device=x.device)       # [C, 2I, D]
+    b2 = torch.empty((C, w2.shape[1], I), dtype=wdt, device=x.device)       # [C, D, I]
+    for c0 in range(0, U, chunk):
+        c1, off = min(U, c0 + chunk), 0
+        for (p13, p2, _, _), li in zip(pools, lists, strict=True):
+            a, b = max(c0, off), min(c1, off + li.numel())                  # this pool's part of the chunk
+            if a < b:
+                idx = li[a - off:b - off]
+                dequant_slots(p13, idx, wdt, out=b13[a - c0:b - c0])
+                dequant_slots(p2, idx, wdt, out=b2[a - c0:b - c0])
+            off += li.numel()
+        gp.run(c0, b13[:c1 - c0], b2[:c1 - c0])
+    return gp.result(out)
+
+
+def _pool_ranks(x, ids, pools) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """ranks [T, K] int64: pool j's used slots get ranks off_j .. off_j + n_j - 1 (pools in order); -1 for
+    pairs no pool holds. Also each pool's used slots as a device int64 tensor."""
+    ranks, lists, off = None, [], 0
+    for w13, _, slot_of, used in pools:
+        slots = _pair_slots(ids, slot_of)                                   # [T, K]
+        if used is None:
+            li = torch.unique(slots[slots >= 0])                            # [U] slots, host sync
+        elif isinstance(used, torch.Tensor):
+            li = used.to(device=x.device, dtype=torch.long)
+        else:
+            host = torch.tensor(sorted(used), dtype=torch.long)
+            li = (host.pin_memory() if x.is_cuda else host).to(x.device, non_blocking=True)
+        table = torch.full((w13.shape[0],), -1, dtype=torch.long, device=x.device)
+        table[li] = torch.arange(off, off + li.numel(), device=x.device)
+        r = torch.where(slots >= 0, table[slots.clamp(min=0)], -1)
+        ranks = r if ranks is None else torch.where(ranks >= 0, ranks, r)
+        lists.append(li)
+        off += li.numel()
+    return ranks, lists
 
 
 def _triton_ok(x: torch.Tensor, ids: torch.Tensor, w13: Weight, w2: Weight) -> bool:

@@ -1,6 +1,6 @@
 """Dequantize selected experts of a quantized slot pool on the device, in one Triton launch per matrix.
 
-    dequant_slots(w: QuantizedWeight [S, N, Kc], idx [C] int64, dtype) -> [C, N, Kc] dtype
+    dequant_slots(w: QuantizedWeight [S, N, Kc], idx [C] int64, dtype, out=None) -> [C, N, Kc] dtype
     int4g32: w = (q - 8) * scale + zero per 32 columns; int8: w = q * scale per row.
 The math is fp32 and rounds once to `dtype`, like experts/quant.dequantize(w[idx], float32).to(dtype)
 (the product (q - 8) * scale is exact in fp32, so a fused multiply-add gives the same bits). Prompt batches
@@ -58,24 +58,30 @@ def _int8_kernel(q_ptr, s_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, so_e, 
                  (q * sc[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """See module docstring. w: QuantizedWeight with contiguous q / scale / zero on one device."""
+def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None, *,
+                  block: tuple[int, int, int] = (16, 128, 4)) -> torch.Tensor:
+    """See module docstring. w: QuantizedWeight with contiguous q / scale / zero on one device. out: a
+    [C, N, Kc] buffer of `dtype` with unit last stride to write into (e.g. part of a chunk buffer).
+    block: (rows, columns, warps) per program (BK a multiple of 64; scripts/bench_dequant.py sweeps them)."""
     S, N, KC = w.shape
     C = idx.numel()
-    out = torch.empty(C, N, KC, dtype=dtype, device=w.q.device)
+    if out is None:
+        out = torch.empty(C, N, KC, dtype=dtype, device=w.q.device)
+    elif out.shape != (C, N, KC) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"dequant_slots: out must be [{C}, {N}, {KC}] {dtype} with unit last stride")
     if C == 0:
         return out
     idx = idx.to(torch.int64).contiguous()
-    BR, BK = 16, 128
+    BR, BK, warps = block
     grid = (C, triton.cdiv(N, BR))
     q, s = w.q.contiguous(), w.scale.contiguous()
     if w.fmt == "int4g32":
         z = w.zero.contiguous()
         _int4_kernel[grid](q, s, z, idx, out, N, KC, q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-                           out.stride(0), out.stride(1), BR=BR, BK=BK, num_warps=4)
+                           out.stride(0), out.stride(1), BR=BR, BK=BK, num_warps=warps)
     elif w.fmt == "int8":
         _int8_kernel[grid](q, s, idx, out, N, KC, q.stride(0), q.stride(1), s.stride(0), out.stride(0),
-                           out.stride(1), BR=BR, BK=BK, num_warps=4)
+                           out.stride(1), BR=BR, BK=BK, num_warps=warps)
     else:
         raise ValueError(f"dequant_slots: unsupported format {w.fmt!r}")
     return out

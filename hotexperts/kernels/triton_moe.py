@@ -187,12 +187,12 @@ def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_
 
 @triton.jit
 def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
-                     P, K, D, I, stride_xt, stride_ws, stride_wn,
+                     P, K, D, I, stride_xt, stride_ws, stride_wn, LO, NW,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     nb = tl.program_id(1)
-    s = tl.load(block_slot_ptr + b).to(tl.int64)
-    if s < 0:
+    s = tl.load(block_slot_ptr + b).to(tl.int64) - LO     # the window [LO, LO + NW) of slots is w13_ptr's
+    if (s < 0) | (s >= NW):
         return
     pair = tl.load(pair_ptr + b * BM + tl.arange(0, BM))  # [BM] pair ids, P = padding
     mmask = pair < P
@@ -221,12 +221,12 @@ def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
 
 @triton.jit
 def _grouped_down(h_ptr, pair_ptr, block_slot_ptr, w2_ptr, wts_ptr, y_ptr,
-                  P, D, I, stride_ws, stride_wd,
+                  P, D, I, stride_ws, stride_wd, LO, NW,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     nb = tl.program_id(1)
-    s = tl.load(block_slot_ptr + b).to(tl.int64)
-    if s < 0:
+    s = tl.load(block_slot_ptr + b).to(tl.int64) - LO
+    if (s < 0) | (s >= NW):
         return
     pair = tl.load(pair_ptr + b * BM + tl.arange(0, BM))
     mmask = pair < P
@@ -357,28 +357,49 @@ def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | Non
 
 def moe_prefill(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
     """Sorted grouped-GEMM path (large T*K). See module docstring."""
-    T, K = ids.shape
-    S, I2, D = w13.shape
-    I = I2 // 2
-    P = T * K
-    cfg = cfg or prefill_config(P, S, D, I)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    # fp32 weights multiply in full fp32 ("ieee"), not TF32 (Triton's default): they are the exact path
-    kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-          "PREC": "ieee" if w13.dtype == torch.float32 else "tf32"}
-    pair_ids, block_slot = align_by_slot(_slots(ids, slot_of), S, BM)
-    nb = block_slot.numel()
-    h = torch.empty(P, I, dtype=w13.dtype, device=x.device)              # [P, I]
-    _grouped_gate_up[(nb, triton.cdiv(I, BN))](x, pair_ids, block_slot, w13, h, P, K, D, I,
-                                               x.stride(0), w13.stride(0), w13.stride(1),
-                                               BM=BM, BN=BN, BK=BK, **kw)
-    y = torch.zeros(P, D, dtype=torch.float32, device=x.device)          # [P, D]
-    _grouped_down[(nb, triton.cdiv(D, BN))](h, pair_ids, block_slot, w2, weights.contiguous(), y,
-                                            P, D, I, w2.stride(0), w2.stride(1), BM=BM, BN=BN, BK=BK, **kw)
-    res = y.view(T, K, D).sum(1)
-    if out is None:
-        return res.to(x.dtype)
-    return out.copy_(res)
+    S, I2, _ = w13.shape
+    gp = GroupedPass(x, _slots(ids, slot_of).view(ids.shape), weights, S, I2 // 2, w13.dtype, cfg)
+    gp.run(0, w13, w2)
+    return gp.result(out)
+
+
+class GroupedPass:
+    """The prefill path in windows: pairs sorted by slot ONCE (ranks [T,K] in [0, U), -1 = skip), then
+    `run(lo, w13, w2)` computes the pairs of slots [lo, lo + len(w13)) with those weights (w13[j] is slot
+    lo + j). Each pair is computed by the one window holding its slot; `result()` sums them per token. The
+    chunked dequantized path (gpu_moe.dequant_chunks_moe) runs one window per chunk: one sort per layer
+    instead of one per chunk, and four launches per chunk."""
+
+    def __init__(self, x, ranks, weights, U: int, I: int, wdtype: torch.dtype, cfg: dict | None = None):
+        self.x = x if x.stride(-1) == 1 else x.contiguous()
+        self.T, self.K = ranks.shape
+        P, D = self.T * self.K, x.shape[1]
+        self.P, self.D, self.I = P, D, I
+        self.cfg = cfg or prefill_config(P, U, D, I)
+        self.pair_ids, self.block_slot = align_by_slot(ranks.reshape(-1), U, self.cfg["BM"])
+        self.weights = weights.contiguous()
+        self.h = torch.empty(P, I, dtype=wdtype, device=x.device)            # [P, I]
+        self.y = torch.zeros(P, D, dtype=torch.float32, device=x.device)     # [P, D]; skipped pairs stay 0
+
+    def run(self, lo: int, w13, w2) -> None:
+        cfg, nb, P, D, I = self.cfg, self.block_slot.numel(), self.P, self.D, self.I
+        BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+        # fp32 weights multiply in full fp32 ("ieee"), not TF32 (Triton's default): they are the exact path
+        kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+              "PREC": "ieee" if w13.dtype == torch.float32 else "tf32"}
+        nw = w13.shape[0]
+        _grouped_gate_up[(nb, triton.cdiv(I, BN))](self.x, self.pair_ids, self.block_slot, w13, self.h, P,
+                                                   self.K, D, I, self.x.stride(0), w13.stride(0),
+                                                   w13.stride(1), lo, nw, BM=BM, BN=BN, BK=BK, **kw)
+        _grouped_down[(nb, triton.cdiv(D, BN))](self.h, self.pair_ids, self.block_slot, w2, self.weights,
+                                                self.y, P, D, I, w2.stride(0), w2.stride(1), lo, nw,
+                                                BM=BM, BN=BN, BK=BK, **kw)
+
+    def result(self, out=None):
+        res = self.y.view(self.T, self.K, self.D).sum(1)
+        if out is None:
+            return res.to(self.x.dtype)
+        return out.copy_(res)
 
 
 def uses_decode(T: int, K: int, S: int) -> bool:

@@ -60,12 +60,16 @@ def make(num_slots=2):
 def spy_kernel(slots, fac, reads):
     """gpu_moe that asserts every slot it may read holds a completed fill."""
     def kernel(x, ids, weights, w13, w2, slot_of, out=None, **kw):
-        for e in ids.flatten().tolist():
-            s = int(slot_of[e])
-            if s >= 0:
-                fill = [f for f in slots.fill_log if f.slot == s and f.expert == e][-1]
-                assert fill.event.query(), f"slot {s} read before its fill completed"
-                reads.append((e, s))
+        pools = [(w13, slot_of)] + [(p[0], p[2]) for p in kw.get("more", ())]
+        for pool, table in pools:
+            if pool is not slots.w13:                      # a staging pool, not the slot cache
+                continue
+            for e in ids.flatten().tolist():
+                s = int(table[e])
+                if s >= 0:
+                    fill = [f for f in slots.fill_log if f.slot == s and f.expert == e][-1]
+                    assert fill.event.query(), f"slot {s} read before its fill completed"
+                    reads.append((e, s))
         return gpu_moe(x, ids, weights, w13, w2, slot_of, out, **kw)
     return kernel
 

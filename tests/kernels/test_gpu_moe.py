@@ -208,6 +208,25 @@ def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe):
 
 
 @needs_triton
+def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe):
+    """Resident slots and a staging pool (disjoint experts) in one dequantized pass; chunks straddle both."""
+    from hotexperts.kernels.gpu_moe import dequant_chunks_moe
+
+    (x, ids, w, w13, w2, _), _ = make_case(9, 3, 6, 6, 64, 32, torch.float32, seed=5)
+    (q13, d13), (q2, d2) = _quant_int4(w13), _quant_int4(w2)       # 6 experts, also the staging pool
+    res = torch.tensor([2, -1, 0, -1, 1, -1], dtype=torch.int32)   # experts 0, 2, 4 in slots 2, 0, 1
+    stage = torch.tensor([-1, 1, -1, 3, -1, 5], dtype=torch.int32)  # experts 1, 3, 5 staged at their index
+    sl13, sl2 = q13[torch.tensor([2, 4, 0])], q2[torch.tensor([2, 4, 0])]   # slot s holds that expert
+    ref = reference(x, ids, w, d13, d2, None)
+    got = dequant_chunks_moe(x, ids, w, sl13, sl2, res, chunk=4, used=[0, 1, 2],
+                             more=((q13, q2, stage, [1, 3, 5]),))
+    assert rel_err(got, ref) < 5e-3
+    only = dequant_chunks_moe(x, ids, w, sl13, sl2, res, chunk=4, used=[0, 1, 2])
+    part = dequant_chunks_moe(x, ids, w, q13, q2, stage, chunk=4, used=[1, 3, 5])
+    torch.testing.assert_close(got, only + part, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
 @pytest.mark.parametrize("fmt", ["int4g32", "int8"])
 def test_triton_dequant_matches_the_reference_bit_for_bit(triton_moe, fmt):
     from hotexperts.experts.quant import dequantize, quantize_int4g32, quantize_int8
