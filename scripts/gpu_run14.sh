@@ -16,4 +16,4 @@ echo "=== bench qwen"; timeout 200 python3 scripts/gpu_bench.py --preset qwen3-3
   --extra "trace:.carry/traces/qwen.route.csv|tg128|16" > "$OUT/bench.log" 2>&1
 echo "rc=$?"; grep -E "^\||done|device:" "$OUT/bench.log" | grep -v -- "---"
 echo "=== dequant sweep"; timeout 40 python3 scripts/bench_dequant.py --experts 27 2>&1 | tee "$OUT/dequant.log"
-echo "=== cpu pages"; timeout 100 python3 scripts/bench_cpu_pages.py --gib 4 --calls 300 2>&1 | tee "$OUT/cpu_pages.log"
+echo "=== cpu pages"; timeout 100 python3 scripts/bench_cpu_pages.py --gib 4 --calls 300 2>&1
