@@ -1,10 +1,14 @@
 """The prompt path's pieces: StagingPools (two device pools, each holding every expert of one layer, filled
 on a copy stream: the double buffer a prompt chunk streams layers through) and PromptCost (the measured
 choice between streaming a layer and computing a chunk's misses on the CPU). Used by HybridExecutor.
+A layer's experts reach a pool by one cudaMemcpyAsync per part and run of consecutive experts, or, when
+they are scattered (a cache holding most of them: many runs), by one GPU gather launch per part that
+reads the pinned store over PCIe (kernels/triton_gather.py; HOTEXPERTS_STAGE_COPY=memcpy|gather|auto).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -13,6 +17,8 @@ import torch
 
 from hotexperts.experts.slots import alloc_like, parts
 from hotexperts.experts.weights import QuantizedWeight
+
+GATHER_MIN_RUNS = 4          # more runs of consecutive experts than this: one gather launch per part instead
 
 
 @dataclass
@@ -90,13 +96,36 @@ class StagingPools:
         if not self.cuda:
             _copy_runs(pairs, runs, non_blocking=False)
             return i
+        gather = self._gather_ok(layer, runs)
         with torch.cuda.stream(self.stream):
             if self.read[i] is not None:
                 self.stream.wait_event(self.read[i])         # never overwrite a pool a step still reads
-            _copy_runs(pairs, runs, non_blocking=True)
+            if gather:
+                from hotexperts.kernels.triton_gather import gather_experts
+
+                idx = self._index(experts)                   # on the copy stream, before its gathers
+                for dst, src in pairs:
+                    gather_experts(dst, src, idx)            # one launch per part, not one copy per run
+            else:
+                _copy_runs(pairs, runs, non_blocking=True)
             self.ready[i] = torch.cuda.Event()
             self.ready[i].record(self.stream)
         return i
+
+    def _gather_ok(self, layer: int, runs) -> bool:
+        """Scattered experts of a pinned layer: the GPU gathers them itself (kernels/triton_gather.py)
+        when they make more than GATHER_MIN_RUNS runs (HOTEXPERTS_STAGE_COPY=memcpy|gather overrides)."""
+        mode = os.environ.get("HOTEXPERTS_STAGE_COPY", "auto")
+        if mode == "memcpy" or not self.store.layer_pinned(layer):
+            return False
+        from hotexperts.kernels.gpu_moe import triton_available
+
+        return triton_available() and (mode == "gather" or len(runs) > GATHER_MIN_RUNS)
+
+    def _index(self, experts: list[int] | None) -> torch.Tensor:
+        ids = range(self.store.num_experts) if experts is None else experts
+        t = torch.tensor(list(ids), dtype=torch.long).pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def _table(self, experts: list[int]) -> torch.Tensor:
         """[E] int32: e for the copied experts, -1 for the others (gpu_moe's slot_of over this pool)."""

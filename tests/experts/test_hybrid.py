@@ -245,6 +245,26 @@ def test_cuda_placement_matches_reference(text, prompt_mode):
         MODEL = model_cpu.cpu()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("copy", ["memcpy", "gather"])
+@pytest.mark.parametrize("text", ["hot:3", "cache:5slots:lru", "cpu"])
+def test_cuda_streamed_prompt_copies_match_reference(text, copy, monkeypatch):
+    """Staged experts copied run by run or gathered by the GPU in one launch per part: the same tokens."""
+    global MODEL
+    monkeypatch.setenv("HOTEXPERTS_STAGE_COPY", copy)
+    model_cpu = MODEL
+    MODEL = MODEL.cuda()
+    try:
+        store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
+        ref = run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
+        ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode="stream", decode="sync"), store,
+                            CFG, "cuda")
+        check_same(ex, ref[0], ref[1])
+    finally:
+        MODEL = model_cpu.cpu()
+
+
 def test_missing_cells_are_neither_hits_nor_misses():
     """-1 ids (missing cells of a replayed trace) must not read the last expert's slot as a hit."""
     ex = build_executor(Placement.parse("cache:20slots:lru"), STORE, CFG, "cpu")
