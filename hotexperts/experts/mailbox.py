@@ -108,6 +108,10 @@ class CpuExpertWorker:
     def error(self) -> str:
         return self.impl.error()
 
+    def take_error(self, code: int) -> str:
+        """Acknowledge err == code (cleared only if unchanged); the worker's message for code 1, forgotten."""
+        return self.impl.take_error(code)
+
     def close(self) -> None:
         self.impl.close()
 
@@ -170,11 +174,11 @@ class DecodeHandoff:
         code = int(self.mb.err[0])
         if code == 0:
             return
-        self.mb.err[0] = 0
+        msg = self.worker.take_error(code)                # clears err unless a new failure came meanwhile
         if code == hk.ERR_TIMEOUT:
             raise ExpertComputeError(f"the CPU expert worker did not answer within {TIMEOUT_S:g} s "
                                   "(decode step aborted); rerun with --moe-decode sync to bypass it")
-        raise ExpertComputeError(f"CPU expert computation failed: {self.worker.error()}")
+        raise ExpertComputeError(f"CPU expert computation failed: {msg or 'no message'}")
 
     def self_test(self, x_dtype: torch.dtype) -> None:
         """One round trip on row 0 (every expert a miss) against a direct kernel call; raises on mismatch."""

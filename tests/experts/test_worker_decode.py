@@ -181,6 +181,18 @@ def test_worker_error_is_raised_after_the_step():
     ex.close()
 
 
+def test_each_worker_failure_reports_its_own_message():
+    """The message is handed over with the acknowledgement: a second failure is not reported as the first."""
+    ex = executor("cpu")
+    layer = STORE.layers[0]
+    x = torch.randn(1, CFG.hidden_size)
+    for bad in (E + 3, E + 7):
+        ex(layer, x, torch.tensor([[bad, 1]]), torch.ones(1, 2))
+        with pytest.raises(HotExpertsError, match=f"expert id {bad} out of range"):
+            ex.end_step()
+    ex.close()
+
+
 def test_a_silent_worker_times_out_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(mailbox, "TIMEOUT_S", 0.2)
     ex = executor("cpu")

@@ -110,6 +110,19 @@ class CpuWorker {
     return error_;
   }
 
+  // The host's acknowledgement of err == code: clears err only if it still holds `code` (compare-and-swap,
+  // so a failure reported meanwhile is not lost) and, for this worker's own code 1, hands over its message
+  // and forgets it, so the next failure reports its own. Under the lock fail() holds while it reports.
+  std::string take_error(int64_t code) {
+    std::lock_guard<std::mutex> g(mu_);
+    int64_t expect = code;
+    __atomic_compare_exchange_n(err_.data_ptr<int64_t>(), &expect, int64_t(0), false, __ATOMIC_ACQ_REL,
+                                __ATOMIC_ACQUIRE);
+    std::string msg;
+    if (code == 1) msg.swap(error_);
+    return msg;
+  }
+
   int64_t processed() const { return processed_.load(); }
 
  private:
@@ -207,5 +220,6 @@ void register_worker(pybind11::module_& m) {
            "wait(row, value, timeout_s) -> bool: spin until done[row] >= value")
       .def("close", &CpuWorker::close, py::call_guard<py::gil_scoped_release>())
       .def("error", &CpuWorker::error)
+      .def("take_error", &CpuWorker::take_error)
       .def("processed", &CpuWorker::processed);
 }
