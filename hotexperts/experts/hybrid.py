@@ -498,7 +498,7 @@ class HybridExecutor:
 
     def _observe_routes(self, step: int, routes: list, T: int) -> None:
         layers = [l for l, _, _ in routes]
-        ids = torch.stack([i.reshape(-1) for _, i, _ in routes]).cpu()          # [n, T*K]
+        ids = torch.stack([i.reshape(-1) for _, i, _ in routes]).cpu().long()   # [n, T*K]
         mirror = torch.stack([self.slots.mirror(l) for l in layers])            # [n, E]
         hits = (torch.gather(mirror, 1, ids.clamp(min=0)) >= 0) & (ids >= 0)    # as the cache had them
         self.controller.observe_step(step, layers, ids.numpy(), hits.numpy(), True, tokens=T)

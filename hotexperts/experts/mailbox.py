@@ -109,7 +109,7 @@ class CpuExpertWorker:
         return self.impl.error()
 
     def take_error(self, code: int) -> str:
-        """Acknowledge err == code (cleared only if unchanged); the worker's message for code 1, forgotten."""
+        """Acknowledge err == code (cleared only if unchanged); the worker's pending message, forgotten."""
         return self.impl.take_error(code)
 
     def close(self) -> None:
@@ -176,7 +176,8 @@ class DecodeHandoff:
             return
         msg = self.worker.take_error(code)                # clears err unless a new failure came meanwhile
         if code == hk.ERR_TIMEOUT:
-            raise ExpertComputeError(f"the CPU expert worker did not answer within {TIMEOUT_S:g} s "
+            why = f" (the worker had failed: {msg})" if msg else ""
+            raise ExpertComputeError(f"the CPU expert worker did not answer within {TIMEOUT_S:g} s{why} "
                                   "(decode step aborted); rerun with --moe-decode sync to bypass it")
         raise ExpertComputeError(f"CPU expert computation failed: {msg or 'no message'}")
 

@@ -31,10 +31,10 @@ Contract (docs/architecture.md "Cache policy contract"):
 Order per forward pass: lookup -> compute -> observe (every layer, or one observe_step for all of them);
 then end_step -> issue -> commit.
 Bounds: per decode step at most max_swaps loads that evict a resident and max_fills loads into free slots
-(fills evict nothing). `ctl.cold_start()` fills every slot at load with placeholders (no profile). After a
-prompt, its most-routed experts fill the FREE slots and those of placeholders it did not route (until the
-first decode step), evicting nothing routing chose: prompt routing seeds the cache but never flushes the
-decode working set.
+(fills evict nothing, or only a placeholder). `ctl.cold_start()` fills every slot at load with placeholders
+(no profile): experts no routing has chosen yet. After a prompt, its most-routed experts fill the FREE slots
+and those of placeholders, evicting nothing routing ever chose: prompt routing seeds the cache but never
+flushes the decode working set.
 Evictions leave `resident` at end_step (the slot is being overwritten); loads join it at commit.
 
 Capacity: per layer (`hot:K`, same K or a dict) or one global `budget` of slots shared by all layers
@@ -752,7 +752,8 @@ class CacheController:
         self.stats = {l: LayerStats() for l in self.layers}
         self.backlog: list[Swap] = []
         self.decode_steps = 0
-        self.placeholders: dict[int, set[int]] = {}               # cold_start's loads, until decode starts
+        self._ph = np.zeros((len(self.layers), self.E), bool)      # cold_start's loads never routed since
+        self._ph_any = False
 
     # ---- per layer -----------------------------------------------------------------------------
     def lookup(self, layer: int, experts) -> list[bool]:
@@ -770,6 +771,8 @@ class CacheController:
                 st.hits, st.misses = st.hits + h, st.misses + len(hits) - h
         if prompt:
             np.add.at(self._prompt_counts[layer], _idarr(experts), 1.0)
+        if self._ph_any:
+            self._ph[self._index[layer], _idarr(experts)] = False       # routed: no placeholder any more
         if not (prompt and tokens > self.prompt_bypass):
             self.policy.access(step, layer, experts, prompt)
 
@@ -835,6 +838,8 @@ class CacheController:
                     st.misses += v - a
         if prompt:
             np.add.at(self._prompt.reshape(-1), _cells(idx[0], x, self.E), 1.0)
+        if self._ph_any:
+            self._ph.reshape(-1)[_cells(idx[0], x, self.E)] = False      # routed: no placeholder any more
         if not (prompt and tokens > self.prompt_bypass):
             self.policy.access_step(step, idx[1], x, prompt)
 
@@ -852,7 +857,6 @@ class CacheController:
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         if prompt:
             return self._fill_from_prompt()
-        self.placeholders = {}                                     # the decode working set takes over
         if self.decode_steps % self.policy.interval == 0:
             self.backlog = self.policy.plan(step, self.occupied(), self.capacity)
         self.decode_steps += 1
@@ -861,9 +865,9 @@ class CacheController:
 
     def _fill_from_prompt(self) -> list[Swap]:
         """After a prompt chunk: copy its most-routed experts into FREE slots, and into the slots of load-time
-        placeholders the prompt did not route (cold_start; until the first decode step). Nothing the
-        routing ever chose is evicted, so prompt routing never flushes the decode working set. Not bounded:
-        it runs once per prompt."""
+        placeholders no routing has chosen yet (cold_start). An expert any prompt or decode step routed is
+        never evicted here, so prompt routing never flushes the decode working set. Not bounded: it runs
+        once per prompt chunk."""
         occ = self.occupied()
         total = sum(len(s) for s in occ.values())
         rows = sorted(range(len(self.layers)), key=lambda i: self.layers[i])
@@ -895,13 +899,13 @@ class CacheController:
         return out
 
     def _spare_placeholders(self) -> dict[int, list[int]]:
-        """Per layer, the resident load-time placeholders this prompt did not route (evictable)."""
-        if not self.placeholders:
+        """Per layer, its resident placeholders (never routed since the load: evictable), highest id first."""
+        if not self._ph_any:
             return {}
         spare = {}
-        for l, ph in self.placeholders.items():
-            row = self._prompt_counts[l]
-            spare[l] = sorted((e for e in ph if e in self.resident[l] and row[e] == 0), reverse=True)
+        for i, l in enumerate(self.layers):
+            es = np.flatnonzero(self._ph[i]).tolist()
+            spare[l] = sorted((e for e in es if e in self.resident[l]), reverse=True)
         return spare
 
     def _drop_placeholder(self, layer: int, spare: dict[int, list[int]], occ) -> tuple[int, int] | None:
@@ -912,9 +916,11 @@ class CacheController:
             victim = max(spare, key=lambda l: len(spare[l]))
         if victim is None or not spare[victim]:
             return None
-        v = spare[victim].pop()
-        self.placeholders[victim].discard(v)
-        return victim, v
+        return victim, spare[victim].pop()
+
+    def is_placeholder(self, layer: int, expert: int) -> bool:
+        """A load-time placeholder no routing has chosen yet (cold_start)."""
+        return bool(self._ph_any and expert >= 0 and self._ph[self._index[layer], expert])
 
     def _issue(self, swaps: list[Swap]) -> tuple[list[Swap], list[Swap]]:
         """Issue planned swaps in order: at most max_swaps loads that evict, max_fills into free slots."""
@@ -922,7 +928,8 @@ class CacheController:
             return [], []
         (occ, total), issued, held, loads, fills = self._occupied_now(), [], [], 0, 0
         for i, (l, c, v) in enumerate(swaps):
-            into_free = c is not None and v is None and self._free(l, occ, total)
+            free = self._free(l, occ, total) if v is None else self.is_placeholder(l, v)
+            into_free = c is not None and free
             limit, used = (self.max_fills, fills) if into_free else (self.max_swaps, loads)
             if limit is not None and used >= limit:
                 return issued, held + swaps[i:]
@@ -956,6 +963,8 @@ class CacheController:
         return self.capacity.budget is None or total < self.capacity.budget
 
     def _evict(self, layer, expert, occ, issued, paired=False):
+        if self._ph_any:
+            self._ph[self._index[layer], expert] = False
         self.resident[layer].discard(expert)
         occ[layer].discard(expert)
         self.stats[layer].evictions += 1
@@ -970,28 +979,22 @@ class CacheController:
 
     # ---- profiles and stats --------------------------------------------------------------------
     def cold_start(self) -> list[Swap]:
-        """Without a profile: loads that fill every slot before any routing is known (each layer an equal
-        share of a global budget, or its capacity; experts in index order), so no slot idles until the first
-        prompt. They are placeholders: the policy gets no counts, and the first prompt's fill may replace
-        those it did not route (until the first decode step). Issue, then commit."""
-        occ, total, out = self.occupied(), sum(len(s) for s in self.occupied().values()), []
-        budget = self.capacity.budget
-        share = {l: self.capacity[l] for l in self.layers}
-        if budget is not None:
-            free = max(0, budget - total)
-            n = len(self.layers)
-            share = {l: min(self.capacity[l], len(occ[l]) + free // n + (i < free % n))
-                     for i, l in enumerate(self.layers)}
-        for l in self.layers:
-            for e in range(self.E):
-                if len(occ[l]) >= share[l] or not self._free(l, occ, total):
-                    break
-                if e not in occ[l]:
-                    occ[l].add(e)
-                    self.pending[l].add(e)
-                    self.placeholders.setdefault(l, set()).add(e)
-                    out.append((l, e, None))
-                    total += 1
+        """Without a profile: loads that fill every slot before any routing is known (round-robin over the
+        layers, experts in index order, so a global budget is shared evenly as far as each layer's cap
+        allows), so no slot idles until the first prompt. They are placeholders until routing chooses
+        them: the policy gets no counts, a prompt's fill may replace them, and a decode swap that evicts
+        one counts as a fill (max_fills, not max_swaps). Issue, then commit."""
+        occ = self.occupied()
+        total, out = sum(len(s) for s in occ.values()), []
+        for e in range(self.E):
+            for i, l in enumerate(self.layers):
+                if e in occ[l] or not self._free(l, occ, total):
+                    continue
+                occ[l].add(e)
+                self.pending[l].add(e)
+                self._ph[i, e] = self._ph_any = True
+                out.append((l, e, None))
+                total += 1
         return out
 
     def warm_start(self, profile: Profile) -> list[Swap]:

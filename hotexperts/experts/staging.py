@@ -96,7 +96,7 @@ class StagingPools:
         if not self.cuda:
             _copy_runs(pairs, runs, non_blocking=False)
             return i
-        gather = self._gather_ok(layer, runs)
+        gather = self._gather_ok(layer, runs) and all(t.is_contiguous() for pair in pairs for t in pair)
         with torch.cuda.stream(self.stream):
             if self.read[i] is not None:
                 self.stream.wait_event(self.read[i])         # never overwrite a pool a step still reads

@@ -56,8 +56,9 @@ def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weig
     """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto).
     used: host list of the slots this call may read (prompt batches over quantized slots then need no host
     sync to find them); None = find them on the device. more: further pools (w13, w2, slot_of, used) whose
-    pairs are added (disjoint experts, e.g. staged beside resident): one pass on the quantized prompt path,
-    else one call per pool summed in fp32."""
+    pairs are added: one pass on the quantized prompt path, else one call per pool summed in fp32. The
+    pools must hold disjoint experts (e.g. staged beside resident): the one-pass path counts a pair in its
+    first pool only, the summing path in every pool that maps it."""
     if backend == "auto":
         backend = os.environ.get("HOTEXPERTS_GPU_MOE", "auto")
     if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2) and all(
@@ -94,7 +95,8 @@ def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeigh
     unrouted slots in `used` just cost their dequantize.
     more: further pools (w13, w2, slot_of, used) read in the same pass, e.g. the staged experts beside the
     resident ones: a pair counts in the first pool whose slot_of maps its expert (the caller keeps them
-    disjoint)."""
+    disjoint). A given `used` must list every slot the pool's routed pairs map to: a pair whose slot is
+    missing from it contributes 0."""
     from hotexperts.kernels.triton_dequant import dequant_slots
 
     mod = _triton_module()

@@ -7,8 +7,8 @@ GPU reads host memory over PCIe itself (UVA: a pinned tensor's address is valid 
 Why: a prompt chunk streams each layer's non-resident experts into a staging pool. With a cache holding
 most experts they are scattered, and one cudaMemcpyAsync per run of consecutive experts and weight part
 cost ~150 copies per layer (7,230 per Qwen3-30B-A3B pp512 forward, run 14), each ~15 µs of host work: the
-host, not PCIe, bounded the prompt. Grid (n, cdiv(words per expert, BLOCK)); 16-byte words when the row
-allows (wide PCIe reads), else 4-byte or 1-byte ones.
+host, not PCIe, bounded the prompt. Grid (n, cdiv(words per expert, BLOCK)); 8-byte words when the row
+allows, else 4-byte or 1-byte ones.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ def _gather_kernel(src_ptr, dst_ptr, idx_ptr, row_words, BLOCK: tl.constexpr):
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
-    """[E, ...] contiguous -> [E, W] view in the widest word that divides a row (int64 x2 = 16 B is not a
-    dtype; int64 is the widest Triton loads natively here)."""
+    """[E, ...] contiguous -> [E, W] view in the widest word (at most int64) that divides a row."""
     rows = t.reshape(t.shape[0], -1).view(torch.uint8)
     nbytes = rows.shape[1]
     for dt, size in ((torch.int64, 8), (torch.int32, 4)):

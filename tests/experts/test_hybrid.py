@@ -142,7 +142,7 @@ def test_prompt_stream_copies_only_the_experts_without_a_slot():
     """A streamed prompt chunk computes resident experts from their slots and stages only the others."""
     p = Placement.parse(f"hot:{E // 2}", pp_bypass=4, prompt_mode="stream")
     ex = build_executor(p, STORE, CFG, "cpu")
-    check_same(ex)                                                    # cold: everything staged
+    check_same(ex)                                                    # from load-time placeholders
     staged = []
     real = ex.stage.acquire
     ex.stage.acquire = lambda layer, missing=None, r=real: staged.append(missing) or r(layer, missing)
@@ -155,6 +155,28 @@ def test_prompt_stream_copies_only_the_experts_without_a_slot():
         assert missing is not None and len(missing) < E               # some experts came from the slots
     for layer, missing in zip(STORE.layers, staged, strict=False):
         assert set(missing).isdisjoint(ex.slots.resident(layer))
+
+
+@pytest.mark.parametrize("text", [f"hot:{E // 2}", "cache:6slots:lru", "cache:6slots:auto"])
+def test_a_cache_is_full_from_load_and_its_first_prompt_replaces_unrouted_placeholders(text):
+    ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode="stream"), STORE, CFG, "cpu")
+    n = ex.slots.num_slots
+    assert sum(ex.slots.resident_count(l) for l in STORE.layers) == n          # no idle slot at load
+    assert ex.stats()["total"]["swaps"] == n                                  # the load's copies, counted
+    ctl = ex.controller
+    placeholders = {l: {e for e in range(E) if ctl.is_placeholder(l, e)} for l in STORE.layers}
+    assert all(placeholders[l] == set(ex.slots.resident(l)) for l in STORE.layers)
+    routed = {l: set() for l in STORE.layers}
+    ex.on_route = lambda layer, ids, w: routed[layer].update(ids[ids >= 0].tolist())
+    toks, _ = run(ex, n=0)                                                    # the prompt only
+    for l in STORE.layers:
+        res = set(ex.slots.resident(l))
+        kept = res & placeholders[l]
+        assert kept <= routed[l] or len(res & routed[l]) == len(routed[l])    # unrouted ones only if room
+        assert res & routed[l]                                                # the prompt's experts moved in
+    assert sum(ex.slots.resident_count(l) for l in STORE.layers) == n          # still full, never over
+    toks, rows = run(ex)                                                      # and the tokens stay exact
+    assert toks == REF_TOKS
 
 
 def test_static_profile_and_warm_start(tmp_path):

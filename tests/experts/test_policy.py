@@ -159,10 +159,10 @@ def test_prompt_fills_free_slots_without_evicting():
     assert ctl.end_step(1, prompt=True) == []            # full: a prompt never evicts
 
 
-def test_cold_start_fills_each_layer_and_the_first_prompt_replaces_unrouted_placeholders():
+def test_cold_start_fills_each_layer_and_prompts_replace_only_never_routed_placeholders():
     ctl = CacheController(make_policy("lru"), [0, 1], 8, 3, prompt_bypass=4)
     loads = ctl.cold_start()
-    assert loads == [(0, 0, None), (0, 1, None), (0, 2, None), (1, 0, None), (1, 1, None), (1, 2, None)]
+    assert loads == [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None), (0, 2, None), (1, 2, None)]
     ctl.commit(loads)
     assert ctl.stats[0].loads == 0                              # load time, not swaps
     ctl.observe(0, 0, [5, 5, 1, 6], prompt=True, tokens=6)       # routes placeholder 1: it stays
@@ -171,10 +171,30 @@ def test_cold_start_fills_each_layer_and_the_first_prompt_replaces_unrouted_plac
     assert swaps == [(0, 5, 0), (0, 6, 2)]                     # paired with a placeholder of the same layer
     ctl.commit(swaps)
     assert ctl.resident == {0: {1, 5, 6}, 1: {0, 1, 2}}
-    ctl.observe(1, 0, [7])
-    ctl.commit(ctl.end_step(1))                                 # decode began: placeholders are ordinary now
-    ctl.observe(2, 1, [6, 7], prompt=True, tokens=6)
-    assert ctl.end_step(2, prompt=True) == []                   # a prompt never evicts the decode set
+    ctl.observe(1, 1, [0])                                       # decode routes placeholder 0 of layer 1
+    ctl.commit(ctl.end_step(1))
+    ctl.observe(2, 1, [6, 7], prompt=True, tokens=6)             # a later prompt: only 1 is never routed
+    assert ctl.end_step(2, prompt=True) == [(1, 6, 1)]
+    ctl.observe(3, 0, [7], prompt=True, tokens=6)                # layer 0 holds only routed experts now
+    assert ctl.end_step(3, prompt=True) == []                    # a prompt never evicts them
+
+
+def test_a_placeholder_routed_by_one_prompt_chunk_survives_the_next():
+    ctl = CacheController(make_policy("lru"), [0], 8, 3, prompt_bypass=4)
+    ctl.commit(ctl.cold_start())                                 # {0, 1, 2}
+    ctl.observe(0, 0, [0] * 10 + [5], prompt=True, tokens=11)
+    ctl.commit(ctl.end_step(0, prompt=True))                     # 5 takes a never-routed placeholder
+    ctl.observe(1, 0, [6, 7], prompt=True, tokens=6)
+    ctl.commit(ctl.end_step(1, prompt=True))
+    assert 0 in ctl.resident[0] and 5 in ctl.resident[0]         # routed by chunk 1: kept
+
+
+def test_decode_swaps_that_evict_a_placeholder_count_as_fills():
+    ctl = CacheController(make_policy("lru"), [0], 64, 24, max_swaps_per_step=1, max_fills_per_step=64)
+    ctl.commit(ctl.cold_start())                                 # experts 0..23, never routed
+    ctl.observe(0, 0, list(range(40, 48)))
+    swaps = ctl.end_step(0)
+    assert len(swaps) == 8 and all(v in range(24) for _, _, v in swaps)   # not 1: at the fills' pace
 
 
 def test_cold_start_under_a_global_budget_shares_slots_and_moves_them_to_routed_layers():

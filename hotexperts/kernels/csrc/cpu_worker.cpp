@@ -111,15 +111,16 @@ class CpuWorker {
   }
 
   // The host's acknowledgement of err == code: clears err only if it still holds `code` (compare-and-swap,
-  // so a failure reported meanwhile is not lost) and, for this worker's own code 1, hands over its message
-  // and forgets it, so the next failure reports its own. Under the lock fail() holds while it reports.
+  // so a failure reported meanwhile is not lost) and hands over the worker's message, if any, forgetting it
+  // (also when the device's timeout code overwrote the worker's 1), so the next failure reports its own.
+  // Under the lock fail() holds while it reports.
   std::string take_error(int64_t code) {
     std::lock_guard<std::mutex> g(mu_);
     int64_t expect = code;
     __atomic_compare_exchange_n(err_.data_ptr<int64_t>(), &expect, int64_t(0), false, __ATOMIC_ACQ_REL,
                                 __ATOMIC_ACQUIRE);
     std::string msg;
-    if (code == 1) msg.swap(error_);
+    msg.swap(error_);
     return msg;
   }
 
