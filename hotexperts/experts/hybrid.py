@@ -384,7 +384,7 @@ class HybridExecutor:
         if managed:
             flags = hit[valid].tolist() if hit is not None else [False] * n_valid
             self.controller.observe(self.step, layer, h_ids.flatten().tolist(), prompt, tokens=T, hits=flags)
-        return y
+        return y if y is not None else torch.zeros_like(x)     # no slot and no routed cell: the part is 0
 
     def _hits(self, layer: int, h_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[T, K] bool: the cell's expert has a usable slot (host mirror); -1 cells are never hits."""

@@ -857,6 +857,8 @@ class CacheController:
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         if prompt:
             return self._fill_from_prompt()
+        if self._ph_any and self.decode_steps % 64 == 0:
+            self._ph_any = bool(self._ph.any())                    # every placeholder routed or evicted
         if self.decode_steps % self.policy.interval == 0:
             self.backlog = self.policy.plan(step, self.occupied(), self.capacity)
         self.decode_steps += 1

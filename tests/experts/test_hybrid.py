@@ -302,3 +302,17 @@ def test_missing_cells_are_neither_hits_nor_misses():
     after = ex.stats()["total"]
     assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
     assert torch.count_nonzero(y) == 0
+
+
+@pytest.mark.parametrize("decode", ["sync", "worker"])
+@pytest.mark.parametrize("text", ["cpu", "layers:1", "cache:0slots", "hot:0"])
+def test_a_layer_whose_cells_are_all_missing_returns_zeros(text, decode):
+    """A replayed trace row without any expert for a layer (every id -1) on a layer with no slots: the MoE
+    part is 0, not None (seen: `hotexperts bench --route-trace qwen.route.csv` on a CPU box crashed)."""
+    ex = build_executor(Placement.parse(text, decode=decode), STORE, CFG, "cpu")
+    x = torch.randn(3, CFG.hidden_size)
+    for T in (1, 3):
+        y = ex(STORE.layers[0], x[:T], torch.full((T, K), -1), torch.full((T, K), 1.0 / K))
+        assert y is not None and torch.equal(y, torch.zeros_like(x[:T]))
+        ex.end_step()
+    ex.close()

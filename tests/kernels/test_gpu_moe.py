@@ -208,7 +208,8 @@ def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe):
 
 
 @needs_triton
-def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe):
+@pytest.mark.parametrize("chunk", [1, 2, 4, 100])
+def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe, chunk):
     """Resident slots and a staging pool (disjoint experts) in one dequantized pass; chunks straddle both."""
     from hotexperts.kernels.gpu_moe import dequant_chunks_moe
 
@@ -218,7 +219,7 @@ def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe):
     stage = torch.tensor([-1, 1, -1, 3, -1, 5], dtype=torch.int32)  # experts 1, 3, 5 staged at their index
     sl13, sl2 = q13[torch.tensor([2, 4, 0])], q2[torch.tensor([2, 4, 0])]   # slot s holds that expert
     ref = reference(x, ids, w, d13, d2, None)
-    got = dequant_chunks_moe(x, ids, w, sl13, sl2, res, chunk=4, used=[0, 1, 2],
+    got = dequant_chunks_moe(x, ids, w, sl13, sl2, res, chunk=chunk, used=[0, 1, 2],
                              more=((q13, q2, stage, [1, 3, 5]),))
     assert rel_err(got, ref) < 5e-3
     only = dequant_chunks_moe(x, ids, w, sl13, sl2, res, chunk=4, used=[0, 1, 2])
