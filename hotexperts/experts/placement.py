@@ -230,14 +230,25 @@ def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes
 
 
 def quantized_store(store, quant: str):
+    """--expert-quant: the store with its DENSE expert matrices quantized to the format; matrices already
+    quantized keep theirs (e.g. a Q4_K_M GGUF: w13 stays exact int4g32 from Q4_K, and w2, bf16 because some
+    layers' down matrices are Q6_K, becomes int8). Nothing dense and another format asked: PlacementError."""
     fmt = QUANT[quant]
     if fmt is None:
         return store
-    w = store.layer(store.layers[0]).w13
-    if isinstance(w, QuantizedWeight):
-        if w.fmt != fmt:
-            raise PlacementError(f"--expert-quant {quant}: the model's experts are already {w.fmt}")
+    le = store.layer(store.layers[0])
+    kinds = [getattr(w, "fmt", None) for w in (le.w13, le.w2)]
+    if None not in kinds:                            # already quantized (a second call finds this too)
+        if fmt not in kinds:
+            have = " and ".join(dict.fromkeys(kinds))
+            raise PlacementError(f"--expert-quant {quant}: the model's experts are already {have}")
         return store
+    if any(kinds):
+        names = [n for n, k in zip(("w13", "w2"), kinds, strict=True) if k is None]
+        kept = ", ".join(k for k in kinds if k)
+        warnings.warn(f"--expert-quant {quant}: only the dense expert matrices ({', '.join(names)}) become "
+                      f"{fmt}; the others keep {kept}", RuntimeWarning, stacklevel=3)
+        return store.quantize_dense(fmt)
     return store.quantize(fmt)
 
 

@@ -206,6 +206,29 @@ def exact_cpu_kernel():
     cm.set_activation_quant(None)
 
 
+def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_cpu_kernel):
+    """A Q4_K_M-like store (w13 int4g32, w2 dense): --expert-quant int8 turns w2 into int8 and keeps w13;
+    the tokens are those of that mixed store run by the reference."""
+    from hotexperts.experts.placement import quantized_store
+    from hotexperts.experts.quant import quantize_int4g32
+
+    mixed = ExpertStore({l: LayerExperts(quantize_int4g32(STORE.layer(l).w13), STORE.layer(l).w2)
+                         for l in STORE.layers})
+    with pytest.warns(RuntimeWarning, match=r"only the dense expert matrices \(w2\) become int8"):
+        q = quantized_store(mixed, "int8")
+    le = q.layer(STORE.layers[0])
+    assert le.w13 is mixed.layer(STORE.layers[0]).w13 and le.w2.fmt == "int8"
+    ref_toks, _ = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
+    with pytest.warns(RuntimeWarning):
+        ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant="int8"), mixed, CFG, "cpu")
+    assert run(ex)[0] == ref_toks
+    from hotexperts.errors import PlacementError
+
+    assert quantized_store(q, "int8") is q               # a second call (bench: load, then placement)
+    with pytest.raises(PlacementError, match="already int4g32"):
+        quantized_store(ExpertStore({l: LayerExperts(le.w13, le.w13) for l in q.layers}), "int8")
+
+
 @pytest.mark.parametrize("quant, fmt", [("int8", "int8"), ("int4", "int4g32")])
 def test_quantized_experts_match_the_quantized_reference(quant, fmt, exact_cpu_kernel):
     q = STORE.quantize(fmt)
