@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hotexperts.errors import HotExpertsError
 from hotexperts.experts.slots import alloc_like, parts
 from hotexperts.experts.weights import QuantizedWeight
 
 GATHER_MIN_RUNS = 4          # more runs of consecutive experts than this: one gather launch per part instead
+STAGE_COPY_MODES = ("auto", "memcpy", "gather")
 
 
 @dataclass
@@ -116,6 +118,9 @@ class StagingPools:
         """Scattered experts of a pinned layer: the GPU gathers them itself (kernels/triton_gather.py)
         when they make more than GATHER_MIN_RUNS runs (HOTEXPERTS_STAGE_COPY=memcpy|gather overrides)."""
         mode = os.environ.get("HOTEXPERTS_STAGE_COPY", "auto")
+        if mode not in STAGE_COPY_MODES:
+            raise HotExpertsError(f"HOTEXPERTS_STAGE_COPY must be one of {', '.join(STAGE_COPY_MODES)}, "
+                                  f"got {mode!r}")
         if mode == "memcpy" or not self.store.layer_pinned(layer):
             return False
         from hotexperts.kernels.gpu_moe import triton_available
