@@ -498,9 +498,8 @@ class HybridExecutor:
 
     def _observe_routes(self, step: int, routes: list, T: int) -> None:
         layers = [l for l, _, _ in routes]
-        ids = torch.stack([i.reshape(-1) for _, i, _ in routes]).cpu().long()   # [n, T*K]
-        mirror = torch.stack([self.slots.mirror(l) for l in layers])            # [n, E]
-        hits = (torch.gather(mirror, 1, ids.clamp(min=0)) >= 0) & (ids >= 0)    # as the cache had them
+        ids = torch.stack([i.reshape(-1) for _, i, _ in routes]).cpu()          # [n, T*K], one device read
+        hits = torch.stack([self._hits(l, row, row >= 0) for l, row in zip(layers, ids, strict=True)])
         self.controller.observe_step(step, layers, ids.numpy(), hits.numpy(), True, tokens=T)
 
 

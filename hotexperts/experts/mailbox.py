@@ -105,9 +105,6 @@ class CpuExpertWorker:
     def wait(self, row: int, value: int, timeout_s: float) -> bool:
         return self.impl.wait(row, value, timeout_s)
 
-    def error(self) -> str:
-        return self.impl.error()
-
     def take_error(self, code: int) -> str:
         """Acknowledge err == code (cleared only if unchanged); the worker's pending message, forgotten."""
         return self.impl.take_error(code)

@@ -248,8 +248,7 @@ def quantized_store(store, quant: str):
         kept = ", ".join(k for k in kinds if k)
         warnings.warn(f"--expert-quant {quant}: only the dense expert matrices ({', '.join(names)}) become "
                       f"{fmt}; the others keep {kept}", RuntimeWarning, stacklevel=3)
-        return store.quantize_dense(fmt)
-    return store.quantize(fmt)
+    return store.quantize(fmt)                      # quantizes the dense matrices, keeps quantized ones
 
 
 def _dense(store, dev, dtype, budget: Budget):

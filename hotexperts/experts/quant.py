@@ -83,14 +83,6 @@ def _quantize(w: Weight, fmt: str, chunk: int = 8) -> Weight:
     return QuantizedWeight(parts[0].fmt, q, scale, z)
 
 
-def quantize_dense(layer: LayerExperts, fmt: str) -> LayerExperts:
-    """Quantize the layer's dense matrices to `fmt`; a matrix already quantized is kept."""
-    def one(w):
-        return w if isinstance(w, QuantizedWeight) else _quantize(w, fmt)
-
-    return LayerExperts(one(layer.w13), one(layer.w2))
-
-
 def quantize_layer(layer: LayerExperts, fmt: str) -> LayerExperts:
     """Quantize both stacked matrices of a layer ("none" returns it unchanged)."""
     if fmt not in FORMATS:

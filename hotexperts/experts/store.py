@@ -96,12 +96,6 @@ class ExpertStore:
 
         return ExpertStore({l: quantize_layer(le, fmt) for l, le in self._layers.items()})
 
-    def quantize_dense(self, fmt: str) -> ExpertStore:
-        """A new store with its dense expert matrices quantized to `fmt`; quantized ones are kept."""
-        from hotexperts.experts.quant import quantize_dense
-
-        return ExpertStore({l: quantize_dense(le, fmt) for l, le in self._layers.items()})
-
     def __repr__(self) -> str:
         return (f"ExpertStore(layers={len(self._layers)}, experts={self.num_experts}, "
                 f"{self.nbytes / GiB:.2f} GiB, pinned={self.pinned})")

@@ -10,7 +10,7 @@
 //   x      [Lm, D] fp32 / bf16 / fp16   the layer's expert input
 //   out    [Lm, D] float32  sum_k w * expert(x) over the row's miss ids (zeros when there are none)
 //   cpu_ns [Lm]    int64    accumulated compute time per layer (statistics)
-//   err    [1]     int64    0 = fine; 1 = a kernel error here (message: error()); the poster may set others
+//   err    [1]     int64    0 = fine; 1 = a kernel error here (message: take_error()); the poster may set others
 // Protocol: the thread scans the rows for seq != done, reads the row (acquire load of seq first), computes,
 // writes out, then release-stores done = seq. Rows are independent: no step number, no layer order. If seq
 // moved on while a row was read (a newer post overwrote it), done still gets the old value, so the row is
@@ -103,11 +103,6 @@ class CpuWorker {
       cpu_relax();
     }
     return true;
-  }
-
-  std::string error() {
-    std::lock_guard<std::mutex> g(mu_);
-    return error_;
   }
 
   // The host's acknowledgement of err == code: clears err only if it still holds `code` (compare-and-swap,
@@ -220,7 +215,6 @@ void register_worker(pybind11::module_& m) {
       .def("wait", &CpuWorker::wait, py::call_guard<py::gil_scoped_release>(),
            "wait(row, value, timeout_s) -> bool: spin until done[row] >= value")
       .def("close", &CpuWorker::close, py::call_guard<py::gil_scoped_release>())
-      .def("error", &CpuWorker::error)
       .def("take_error", &CpuWorker::take_error)
       .def("processed", &CpuWorker::processed);
 }
