@@ -357,7 +357,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
     p.add_argument("--route-tokens", type=int, default=None,
                    help="synthetic routing length (default: what one placement consumes: it never wraps)")
-    p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
+    p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"))
     p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plots", default=None, metavar="DIR")

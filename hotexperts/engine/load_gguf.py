@@ -10,8 +10,9 @@ llama with expert_count -> mixtral, olmoe -> olmoe; the architecture's config_fr
 llama.cpp permutes the Q/K rows of `llama` models for its rope (qwen*/olmoe are not permuted); we undo it.
 Experts: stacked `blk.N.ffn_{gate,up,down}_exps` [E, N, K], or per expert `blk.N.ffn_gate.E` (old Mixtral).
 Experts stay quantized: per MoE matrix (w13 = gate+up, w2 = down), when every layer's tensors are
-Q4_0/Q4_1/Q4_K they become int4g32 (exact, loading/gguf_quants.py); otherwise that matrix is dequantized to
-`dtype` in every layer (the slot pool holds one format per matrix across layers). Dense weights are
+Q4_0/Q4_1/Q4_K they become int4g32; when they are Q8_0/Q5_0/Q5_1/Q5_K/Q6_K (possibly beside Q4 types, as in
+Q4_K_M) they become int8g32, or int8g16 if any is Q6_K (both exact, loading/gguf_quants.py); otherwise that
+matrix is dequantized to `dtype` in every layer (the slot pool holds one format per matrix across layers). Dense weights are
 dequantized to `dtype` on `device`.
 Tokenizer (built with `tokenizers`, checked against transformers' GGUF conversion in the tests):
     "gpt2"   byte-level BPE (tokens, merges) with the split regex named by tokenizer.ggml.pre
@@ -250,16 +251,24 @@ def _check_expert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str):
     return types.pop()
 
 
-def expert_formats(f: GGUFFile, cfg: ModelConfig) -> dict[str, bool]:
-    """{"w13": fast?, "w2": fast?}: int4g32 only when every layer's tensors of that matrix map exactly."""
+def expert_formats(f: GGUFFile, cfg: ModelConfig) -> dict[str, str | None]:
+    """{"w13": fmt, "w2": fmt}, fmt "int4g32" | "int8g32" | "int8g16" (| "+zero" for int8g with a zero) or
+    None (dequantized): the exact quantized format every layer's tensors of that matrix map onto."""
     types = {w: {_check_expert(f, cfg, l, w) for l in cfg.moe_layers} for w in ("gate", "up", "down")}
     kinds = {"w13": types["gate"] | types["up"], "w2": types["down"]}
-    fast = {m: k <= set(gq.FAST_TYPES) for m, k in kinds.items()}
-    for m, ok in fast.items():
-        if not ok and kinds[m] & set(gq.FAST_TYPES):
-            warnings.warn(f"GGUF experts {m} mix {sorted(t.name for t in kinds[m])} across layers; every "
-                          f"layer's {m} is dequantized (one slot format per matrix)", stacklevel=3)
-    return fast
+    return {m: _format_of(m, k) for m, k in kinds.items()}
+
+
+def _format_of(matrix: str, kinds: set) -> str | None:
+    if kinds <= set(gq.FAST_TYPES):
+        return "int4g32"
+    spec = gq.int8_spec(kinds)
+    if spec is not None:
+        return f"int8g{spec[0]}" + ("+zero" if spec[1] else "")
+    if kinds & (set(gq.FAST_TYPES) | set(gq.INT8_TYPES)):
+        warnings.warn(f"GGUF experts {matrix} mix {sorted(t.name for t in kinds)} across layers; every "
+                      f"layer's {matrix} is dequantized (one slot format per matrix)", stacklevel=4)
+    return None
 
 
 def _raw_chunk(f: GGUFFile, names: list[str], stacked: bool, e: int) -> np.ndarray:
@@ -269,16 +278,19 @@ def _raw_chunk(f: GGUFFile, names: list[str], stacked: bool, e: int) -> np.ndarr
     return np.stack([f.raw(n) for n in names[e:e + EXPERT_CHUNK]])
 
 
-def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fast: bool, dt, sdt):
-    """One layer's experts of `which` [E, N, K] as int4g32 or a dt tensor, EXPERT_CHUNK experts at a time."""
+def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fmt: str | None, dt, sdt):
+    """One layer's experts of `which` [E, N, K] in `fmt` (expert_formats) or as a dt tensor (None),
+    EXPERT_CHUNK experts at a time."""
     names, stacked = expert_tensors(f, layer, which, cfg.num_experts)
     info = f.info(names[0])
     rows = info.shape[1:] if stacked else info.shape                   # [N, K]
     parts = []
     for e in range(0, cfg.num_experts, EXPERT_CHUNK):
         chunk = _raw_chunk(f, names, stacked, e)
-        if fast:
+        if fmt == "int4g32":
             parts.append(gq.to_int4g32(chunk, info.qtype, sdt))
+        elif fmt is not None:
+            parts.append(gq.to_int8g(chunk, info.qtype, int(fmt[5:7]), fmt.endswith("+zero"), sdt))
         else:
             parts.append(gq.dequantize(chunk, info.qtype, (len(chunk), *rows), names[0]).to(dt))
     return _cat(parts, 0)
@@ -286,17 +298,18 @@ def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fast: bool, 
 
 def _cat(ws: list, dim: int):
     if isinstance(ws[0], QuantizedWeight):
-        q, s, z = (torch.cat([getattr(w, k) for w in ws], dim) for k in ("q", "scale", "zero"))
-        return QuantizedWeight("int4g32", q, s, z)
+        q, s = (torch.cat([getattr(w, k) for w in ws], dim) for k in ("q", "scale"))
+        z = None if ws[0].zero is None else torch.cat([w.zero for w in ws], dim)
+        return QuantizedWeight(ws[0].fmt, q, s, z)
     return torch.cat(ws, dim)
 
 
 def load_experts(f: GGUFFile, cfg: ModelConfig, dt: torch.dtype, sdt: torch.dtype) -> dict[int, LayerExperts]:
-    fast = expert_formats(f, cfg)
+    fmt = expert_formats(f, cfg)
     out = {}
     for l in cfg.moe_layers:
-        gate, up = (_convert(f, cfg, l, w, fast["w13"], dt, sdt) for w in ("gate", "up"))
-        out[l] = LayerExperts(_cat([gate, up], 1), _convert(f, cfg, l, "down", fast["w2"], dt, sdt))
+        gate, up = (_convert(f, cfg, l, w, fmt["w13"], dt, sdt) for w in ("gate", "up"))
+        out[l] = LayerExperts(_cat([gate, up], 1), _convert(f, cfg, l, "down", fmt["w2"], dt, sdt))
     return out
 
 

@@ -278,7 +278,7 @@ def _cat(ws: list):
 
 
 def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:
-    if expert_dtype in (None, "int8", "int4", "int4g32"):
+    if expert_dtype in (None, "int8", "int4", "int4g32", "int8g32", "int8g16"):
         return random_layer(cfg, gen, dtype, quant=expert_dtype)
     return random_layer(cfg, gen, parse_dtype(expert_dtype))
 
@@ -287,7 +287,8 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
                     expert_dtype: str | None = None) -> LoadedModel:
     """A preset with seeded random weights: dense model on `device`, experts in a host ExpertStore.
 
-    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or "int8"/"int4"/"int4g32" (quantized).
+    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or "int8"/"int4"/"int4g32"/"int8g32"/"int8g16"
+    (quantized).
     Random numbers are drawn on `device` (fast on a GPU), experts copied to host memory layer by layer.
     """
     p = get_preset(preset)
@@ -410,7 +411,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: safetensors directory (default); gguf: a GGUF file (--out FILE.gguf or DIR)")
     p.add_argument("--quant", default="q4_k",
-                   help="GGUF expert type: q4_k q4_0 q4_1 q8_0 q6_k q5_k bf16 f16 f32 (default q4_k)")
+                   help="GGUF expert type: q4_k q4_k_m q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 bf16 f16 f32 "
+                        "(default q4_k; q4_k_m: Q6_K down matrices in some layers, as llama.cpp's Q4_K_M)")
     p.set_defaults(func=run)
 
 

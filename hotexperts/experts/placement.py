@@ -10,7 +10,7 @@ has one), and `build_executor` that turns it into an ExpertExecutor.
     static:FILE    a fixed hot set from a routing profile                        --moe-profile FILE (alone)
 --moe-profile with hot/cache = warm start. --vram-budget GiB|auto caps dense + KV + workspace (reserved_bytes)
 + staging + slots; alone it means layers:auto (the smallest N that fits). --moe-pp-bypass T: prompt chunks
-over T tokens bypass the policy and may stream whole layers to the GPU. --expert-quant int8|int4: quantized
+over T tokens bypass the policy and may stream whole layers to the GPU. --expert-quant int8|int4|int8g: quantized
 expert copies (CPU and slots); exactness is then against the quantized reference.
 Contradictory flags or a budget too small for the dense part raise PlacementError.
 """
@@ -29,7 +29,7 @@ from hotexperts.experts.weights import QuantizedWeight
 
 MODES = ("gpu", "cpu", "layers", "hot", "cache", "static")
 DECODE = ("auto", "worker", "sync")
-QUANT = {"none": None, "int8": "int8", "int4": "int4g32", "int4g32": "int4g32"}
+QUANT = {"none": None, "int8": "int8", "int4": "int4g32", "int4g32": "int4g32", "int8g": "int8g32"}
 H2D_BYTES_PER_S = 40e9            # pay-back estimates for the adaptive policy (MACHINE.md: 55 GB/s pinned)
 CPU_BYTES_PER_S = 40e9
 
@@ -58,7 +58,7 @@ class Placement:
         if self.mode not in MODES:
             raise PlacementError(f"unknown placement {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.expert_quant not in QUANT:
-            raise PlacementError(f"--expert-quant must be none, int8 or int4, got {self.expert_quant!r}")
+            raise PlacementError(f"--expert-quant must be none, int8, int4 or int8g, got {self.expert_quant!r}")
         if self.decode not in DECODE:
             raise PlacementError(f"--moe-decode must be one of {', '.join(DECODE)}, got {self.decode!r}")
         if self.gpu_misses is not None and self.gpu_misses < 0:
@@ -130,7 +130,8 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-max-swaps", type=int, default=4, metavar="N", help="expert copies per step (4)")
     g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
                    help="total VRAM the engine may use (dense + KV + workspace + slots)")
-    g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4"))
+    g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"),
+                   help="int8: per-row int8; int4: int4g32 (Q4_0-like); int8g: int8 per 32 (Q8_0-like)")
     g.add_argument("--moe-gpu-misses", default=None, metavar="N|auto",
                    help="decode: per layer, the GPU computes up to N missed experts itself (one per 4 "
                         "misses) by reading them from pinned RAM over PCIe, alongside the CPU (auto: 0, "
@@ -231,8 +232,8 @@ def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes
 
 def quantized_store(store, quant: str):
     """--expert-quant: the store with its DENSE expert matrices quantized to the format; matrices already
-    quantized keep theirs (e.g. a Q4_K_M GGUF: w13 stays exact int4g32 from Q4_K, and w2, bf16 because some
-    layers' down matrices are Q6_K, becomes int8). Nothing dense and another format asked: PlacementError."""
+    quantized keep theirs (e.g. a GGUF whose w13 is int4g32 from Q4_K and whose w2 is bf16 because some
+    layers' down matrices have a type without a quantized format, such as Q3_K: w2 becomes int8). Nothing dense and another format asked: PlacementError."""
     fmt = QUANT[quant]
     if fmt is None:
         return store

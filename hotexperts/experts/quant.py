@@ -3,8 +3,12 @@
 quantize_int8(w[..., N, K])     -> "int8":    q int8, scale fp32 [..., N] (symmetric, per output row)
 quantize_int4g32(w[..., N, K])  -> "int4g32": q uint8 [..., N, K/2] (low nibble = even column),
                                    scale, zero [..., N, K/32] (fp16 by default), w = (q - 8) * scale + zero
+quantize_int8g(w[..., N, K], group=32) -> "int8gG": q int8 [..., N, K], scale [..., N, K/G] (symmetric,
+                                   fp16 by default; zero None), w = q * scale
+int8g_from_affine(q, a, b, group) -> "int8gG" from integer q [..., N, K] in -128..127 and a, b [..., N, K/G]
+int8g_from_int4g32(qw, group)    -> the same weights as "int8gG" (q - 8, scale and zero repeated): exact
 dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default)
-quantize_layer(LayerExperts, fmt) with fmt in {"none", "int8", "int4", "int4g32"}
+quantize_layer(LayerExperts, fmt) with fmt in {"none", "int8", "int4", "int4g32", "int8g32", "int8g16"}
 
 GGUF blocks of 32 map onto int4g32 exactly (w = a * q + b per block, q in 0..15):
     Q4_0: a = d, b = -8 d;   Q4_1: a = d, b = m;   Q4_K sub-block: a = d * sc, b = -dmin * m
@@ -18,7 +22,8 @@ import torch
 
 from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
 
-FORMATS = ("none", "int8", "int4", "int4g32")
+FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16")
+INT8G = {"int8g32": 32, "int8g16": 16}
 
 
 def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
@@ -61,6 +66,35 @@ def int4g32_from_affine(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return QuantizedWeight("int4g32", pack_int4(q), a32.to(scale_dtype), zero)
 
 
+def quantize_int8g(w: torch.Tensor, group: int = 32, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Symmetric int8 per group of `group` columns (scale = amax / 127; no zero)."""
+    if w.shape[-1] % group:
+        raise ValueError(f"int8g{group} needs the last dimension to be a multiple of {group}, got {w.shape[-1]}")
+    g = w.float().unflatten(-1, (-1, group))                         # [..., N, G, group]
+    scale = (g.abs().amax(dim=-1) / 127.0).to(scale_dtype)           # [..., N, G]
+    s = scale.float().unsqueeze(-1)
+    q = torch.round(g / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-128, 127).to(torch.int8)
+    return QuantizedWeight(f"int8g{group}", q.flatten(-2), scale)
+
+
+def int8g_from_affine(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, group: int,
+                      scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """q [..., N, K] integers in -128..127, a (and b, or None) [..., N, K/group]: w = a * q (+ b)."""
+    zero = None if b is None else b.to(scale_dtype)
+    return QuantizedWeight(f"int8g{group}", q.to(torch.int8), a.to(scale_dtype), zero)
+
+
+def int8g_from_int4g32(qw: QuantizedWeight, group: int = 32) -> QuantizedWeight:
+    """An int4g32 weight as int8gG with the same values: q - 8 (int8), scale and zero per 32 repeated for
+    G = 16. Exact: (q - 8) * scale + zero is the same product in both formats."""
+    if group not in (16, 32):
+        raise ValueError(f"int8g group must be 16 or 32, got {group}")
+    q = (unpack_int4(qw.q).to(torch.int16) - 8).to(torch.int8)
+    rep = 32 // group
+    return QuantizedWeight(f"int8g{group}", q, qw.scale.repeat_interleave(rep, -1),
+                           qw.zero.repeat_interleave(rep, -1))
+
+
 def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if isinstance(qw, torch.Tensor):
         return qw.to(dtype)
@@ -70,13 +104,22 @@ def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_int4(qw.q).float().unflatten(-1, (-1, 32))       # [..., N, G, 32]
         w = (q - 8.0) * qw.scale.float().unsqueeze(-1) + qw.zero.float().unsqueeze(-1)
         return w.flatten(-2).to(dtype)
+    if qw.fmt in INT8G:
+        q = qw.q.float().unflatten(-1, (-1, qw.group))              # [..., N, G, group]
+        w = q * qw.scale.float().unsqueeze(-1)
+        if qw.zero is not None:
+            w = w + qw.zero.float().unsqueeze(-1)
+        return w.flatten(-2).to(dtype)
     raise ValueError(f"unknown quantized format {qw.fmt!r}")
 
 
 def _quantize(w: Weight, fmt: str, chunk: int = 8) -> Weight:
     if fmt == "none" or isinstance(w, QuantizedWeight):
         return w
-    fn = quantize_int8 if fmt == "int8" else quantize_int4g32
+    if fmt in INT8G:
+        fn = lambda t: quantize_int8g(t, INT8G[fmt])  # noqa: E731
+    else:
+        fn = quantize_int8 if fmt == "int8" else quantize_int4g32
     parts = [fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]  # bounded fp32 temporaries
     z = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
     q, scale = torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])

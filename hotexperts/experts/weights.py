@@ -9,7 +9,11 @@ A weight is either a plain tensor (bf16/fp16/fp32) or a QuantizedWeight:
     fmt "int8":    q int8 [..., N, Kin],           scale [..., N]            w = q * scale
     fmt "int4g32": q uint8 [..., N, Kin/2] (two 4-bit values per byte, low nibble = even column),
                    scale [..., N, Kin/32], zero [..., N, Kin/32]             w = (q - 8) * scale + zero
-  (Q4_0/Q4_1/Q4_K map exactly onto int4g32; Q8_0 maps onto int8 per 32-group only via dequantize.)
+    fmt "int8g32" / "int8g16": q int8 [..., N, Kin], scale [..., N, Kin/G], zero [..., N, Kin/G] or None
+                   (G = 32 / 16 columns per group)                          w = q * scale (+ zero)
+  Q4_0/Q4_1/Q4_K map exactly onto int4g32; Q8_0, Q5_0 (G 32, no zero), Q5_1, Q5_K (G 32, zero) and Q6_K
+  (G 16, no zero) exactly onto int8gG, and so does int4g32 (q - 8, same scale and zero), so a matrix whose
+  layers mix Q4_K and Q6_K (llama.cpp's Q4_K_M) is int8g16 in every layer (loading/gguf_quants.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 @dataclass
 class QuantizedWeight:
-    fmt: str                      # "int8" | "int4g32"
+    fmt: str                      # "int8" | "int4g32" | "int8g32" | "int8g16"
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None = None
@@ -32,6 +36,13 @@ class QuantizedWeight:
         if self.fmt == "int4g32":
             return (*self.q.shape[:-1], self.q.shape[-1] * 2)
         return tuple(self.q.shape)
+
+    @property
+    def group(self) -> int:
+        """Columns per scale: 32 (int4g32), G (int8gG), the whole row (int8)."""
+        if self.fmt == "int8":
+            return self.q.shape[-1]
+        return 32 if self.fmt == "int4g32" else int(self.fmt[5:])
 
     @property
     def nbytes(self) -> int:

@@ -1,7 +1,8 @@
 """Dequantize selected experts of a quantized slot pool on the device, in one Triton launch per matrix.
 
     dequant_slots(w: QuantizedWeight [S, N, Kc], idx [C] int64, dtype, out=None) -> [C, N, Kc] dtype
-    int4g32: w = (q - 8) * scale + zero per 32 columns; int8: w = q * scale per row.
+    int4g32: w = (q - 8) * scale + zero per 32 columns; int8: w = q * scale per row;
+    int8gG: w = q * scale (+ zero) per G = 16 or 32 columns.
 The math is fp32 and rounds once to `dtype`, like experts/quant.dequantize(w[idx], float32).to(dtype)
 (the product (q - 8) * scale is exact in fp32, so a fused multiply-add gives the same bits). Prompt batches
 over quantized slots (kernels/gpu_moe.dequant_chunks_moe) use it: the torch-op version wrote fp32
@@ -58,6 +59,25 @@ def _int8_kernel(q_ptr, s_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, so_e, 
                  (q * sc[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _int8g_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, ss_n, so_e, so_n,
+                  GS: tl.constexpr, HAS_Z: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    c = tl.program_id(0)
+    e = tl.load(idx_ptr + c).to(tl.int64)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    for k0 in range(0, KC, BK):
+        col = k0 + tl.arange(0, BK)
+        m = rmask[:, None] & (col < KC)[None, :]
+        q = tl.load(q_ptr + e * sq_e + r64[:, None] * sq_n + col[None, :], mask=m, other=0).to(tl.float32)
+        soff = e * ss_e + r64[:, None] * ss_n + (col // GS)[None, :]
+        w = q * tl.load(s_ptr + soff, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            w += tl.load(z_ptr + soff, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + c * so_e + r64[:, None] * so_n + col[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
+
+
 def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None, *,
                   block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """See module docstring. w: QuantizedWeight with contiguous q / scale / zero on one device. out: a
@@ -81,6 +101,11 @@ def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | 
         z = w.zero.contiguous()
         _int4_kernel[grid](q, s, z, idx, out, N, KC, q.stride(0), q.stride(1), s.stride(0), s.stride(1),
                            out.stride(0), out.stride(1), BR=BR, BK=BK, num_warps=warps)
+    elif w.fmt in ("int8g32", "int8g16"):
+        z = w.zero.contiguous() if w.zero is not None else s
+        _int8g_kernel[grid](q, s, z, idx, out, N, KC, q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+                            out.stride(0), out.stride(1), GS=w.group, HAS_Z=w.zero is not None,
+                            BR=BR, BK=BK, num_warps=warps)
     elif w.fmt == "int8":
         _int8_kernel[grid](q, s, idx, out, N, KC, q.stride(0), q.stride(1), s.stride(0), out.stride(0),
                            out.stride(1), BR=BR, BK=BK, num_warps=warps)

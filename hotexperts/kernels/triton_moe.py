@@ -9,7 +9,8 @@ No host synchronisation: every shape depends only on (T, K, S, D, I), so a call 
 
 Two paths, chosen from static shapes (pairs P = T*K, slots S):
   decode  (T == 1 or P <= min(DECODE_MAX_PAIRS, S // 4)): GEMV kernels; each pair reads its expert.
-      Weights dense (bf16/fp16/fp32) or QuantizedWeight int8 (per-row scale) / int4g32, dequantized in-kernel.
+      Weights dense (bf16/fp16/fp32) or QuantizedWeight int8 (per-row scale) / int4g32 / int8gG (scale and
+      optional zero per G = 16 or 32 columns), dequantized in-kernel.
       A: grid (P, cdiv(I, BN)): h[p, n] = silu(x.G[s,n]) * (x.U[s,n]) for a block of rows n, fp32.
       B: grid (T, cdiv(D, BD)): out[t, d] = sum_k w[t,k] * W2[s, d, :] . h[t*K+k]  (one flat loop over
          (k, I-chunk) so loads of different experts overlap; no atomics, deterministic).
@@ -70,6 +71,29 @@ def _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, n,
 
 
 @triton.jit
+def _rowdot_int8g(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, n, GS: tl.constexpr, HAS_Z: tl.constexpr,
+                  STAGES: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """Same for int8gG rows: int8 q, w = q * scale (+ zero) per GS columns. n and BK are multiples of GS;
+    roff in elements, soff in groups."""
+    acc = tl.zeros([BR, BK // GS], dtype=tl.float32)
+    for k0 in tl.range(0, n, BK, num_stages=STAGES):
+        cols = k0 + tl.arange(0, BK)                       # [BK]
+        cm = cols < n
+        v = tl.load(v_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + roff[:, None] + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
+        ps = tl.sum(tl.reshape(q.to(tl.float32) * v[None, :], [BR, BK // GS, GS]), axis=2)      # [BR, G]
+        gi = k0 // GS + tl.arange(0, BK // GS)
+        gm = rmask[:, None] & (gi < n // GS)[None, :]
+        sc = tl.load(s_ptr + soff[:, None] + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+        acc += ps * sc
+        if HAS_Z:
+            vs = tl.sum(tl.reshape(v, [BK // GS, GS]), axis=1)                                  # [G]
+            zr = tl.load(z_ptr + soff[:, None] + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+            acc += zr * vs[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, n,
                    SCALED: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
                    BR: tl.constexpr, BK: tl.constexpr):
@@ -100,7 +124,7 @@ def _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, n,
 def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
                     K, D, I, stride_xt, stride_ws, stride_wn, stride_ss, stride_sn,
                     HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True):
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = p // K
@@ -116,6 +140,9 @@ def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
     if QF == 2:
         g = _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, D, STAGES, BN, BK)
         u = _rowdot_int4(q_ptr, s_ptr, z_ptr, uoff, usoff, rmask, v_ptr, D, STAGES, BN, BK)
+    elif QF == 3:
+        g = _rowdot_int8g(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, D, GS, HAS_Z, STAGES, BN, BK)
+        u = _rowdot_int8g(q_ptr, s_ptr, z_ptr, uoff, usoff, rmask, v_ptr, D, GS, HAS_Z, STAGES, BN, BK)
     else:
         g, u = _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, D,
                               QF == 1, EVEN_D, STAGES, BN, BK)
@@ -161,12 +188,12 @@ def _down_dense(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, t, rows, dma
 def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
                  K, D, I, stride_ws, stride_wd, stride_ss, stride_sd, stride_ot,
                  HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_I: tl.constexpr, STAGES: tl.constexpr,
-                 BD: tl.constexpr, BI: tl.constexpr):
+                 BD: tl.constexpr, BI: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True):
     t = tl.program_id(0)
     db = tl.program_id(1)
     rows = db * BD + tl.arange(0, BD)                     # [BD] output features d
     dmask = rows < D
-    if QF == 2:
+    if QF >= 2:
         acc = tl.zeros([BD], dtype=tl.float32)
         for k in range(0, K):
             p = t * K + k
@@ -175,7 +202,11 @@ def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_
             vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)    # [BD]
             roff = s0 * stride_ws + rows.to(tl.int64) * stride_wd
             soff = s0 * stride_ss + rows.to(tl.int64) * stride_sd
-            r = _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, vmask, h_ptr + p * I, I, STAGES, BD, BI)
+            if QF == 2:
+                r = _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, vmask, h_ptr + p * I, I, STAGES, BD, BI)
+            else:
+                r = _rowdot_int8g(q_ptr, s_ptr, z_ptr, roff, soff, vmask, h_ptr + p * I, I, GS, HAS_Z,
+                                  STAGES, BD, BI)
             wt = tl.load(wts_ptr + p).to(tl.float32)
             acc += tl.where(s >= 0, wt * r, 0.0)
     else:
@@ -309,15 +340,18 @@ def align_by_slot(slot: torch.Tensor, S: int, BM: int) -> tuple[torch.Tensor, to
     return pair_ids[:cap], block_slot
 
 
-def _unpack(w) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weight -> (QF, q, scale, zero); placeholders repeat q. Duck-typed on QuantizedWeight's fields."""
+def _unpack(w) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Weight -> (QF, q, scale, zero, constexprs); placeholders repeat q. Duck-typed on QuantizedWeight."""
     fmt = getattr(w, "fmt", None)
     if fmt is None:
-        return 0, w, w, w
+        return 0, w, w, w, {}
     if fmt == "int8":
-        return 1, w.q, w.scale, w.scale
+        return 1, w.q, w.scale, w.scale, {}
     if fmt == "int4g32":
-        return 2, w.q, w.scale, w.zero
+        return 2, w.q, w.scale, w.zero, {}
+    if fmt in ("int8g32", "int8g16"):
+        zero = w.zero if w.zero is not None else w.scale
+        return 3, w.q, w.scale, zero, {"GS": int(fmt[5:]), "HAS_Z": w.zero is not None}
     raise ValueError(f"unsupported quantized format {fmt!r}")
 
 
@@ -326,32 +360,32 @@ def _sstrides(qf: int, sc: torch.Tensor) -> tuple[int, int]:
 
 
 def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
-    """GEMV path (small T*K); dense, int8 or int4g32 weights. See module docstring."""
+    """GEMV path (small T*K); dense, int8, int4g32 or int8gG weights. See module docstring."""
     T, K = ids.shape
     S, I2, D = w13.shape
     I = I2 // 2
-    int4 = getattr(w13, "fmt", None) == "int4g32"
+    grouped = getattr(w13, "fmt", None) in ("int4g32", "int8g32", "int8g16")
     # int4: 8 warps per program measured best on the H200 (40.7 vs 46.4 us per Qwen3-30B-A3B layer, run 5)
-    cfg = {**decode_config(T, K, D, I), **({"num_warps": 8} if int4 else {}), **(cfg or {})}
+    cfg = {**decode_config(T, K, D, I), **({"num_warps": 8} if grouped else {}), **(cfg or {})}
     ids = ids.contiguous()
     weights = weights.contiguous()
     out = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
     h = torch.empty(T * K, I, dtype=torch.float32, device=x.device)       # [P, I]
     smap = slot_of if slot_of is not None else ids
-    qa, q13, s13, z13 = _unpack(w13)
-    qb, q2, s2, z2 = _unpack(w2)
+    qa, q13, s13, z13, ka = _unpack(w13)
+    qb, q2, s2, z2, kb = _unpack(w2)
     bk = max(64, cfg["BK"] * 2) if qa == 2 else cfg["BK"]                # int4: same bytes per load
     bi = max(64, cfg["BI"] * 2) if qb == 2 else cfg["BI"]
     grid_a = (T * K, triton.cdiv(I, cfg["BN"]))
     _decode_gate_up[grid_a](x, ids, smap, q13, s13, z13, h, K, D, I, x.stride(0), q13.stride(0),
                             q13.stride(1), *_sstrides(qa, s13),
                             HAS_MAP=slot_of is not None, QF=qa, EVEN_D=D % bk == 0, STAGES=cfg["stages"],
-                            BN=cfg["BN"], BK=bk, num_warps=cfg["num_warps"])
+                            BN=cfg["BN"], BK=bk, num_warps=cfg["num_warps"], **ka)
     grid_b = (T, triton.cdiv(D, cfg["BD"]))
     _decode_down[grid_b](h, ids, smap, weights, q2, s2, z2, out, K, D, I, q2.stride(0), q2.stride(1),
                          *_sstrides(qb, s2), out.stride(0),
                          HAS_MAP=slot_of is not None, QF=qb, EVEN_I=I % bi == 0, STAGES=cfg["stages"],
-                         BD=cfg["BD"], BI=bi, num_warps=cfg["num_warps"])
+                         BD=cfg["BD"], BI=bi, num_warps=cfg["num_warps"], **kb)
     return out
 
 
@@ -409,7 +443,7 @@ def uses_decode(T: int, K: int, S: int) -> bool:
 
 
 def supports(ids: torch.Tensor, w13, w2) -> bool:
-    """Quantized slots (int8, int4g32) run on the decode path only; dense weights on both paths."""
+    """Quantized slots (int8, int4g32, int8gG) run on the decode path only; dense weights on both paths."""
     dense = getattr(w13, "fmt", None) is None and getattr(w2, "fmt", None) is None
     return dense or uses_decode(ids.shape[0], ids.shape[1], w13.shape[0])
 

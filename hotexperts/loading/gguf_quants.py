@@ -1,10 +1,13 @@
-"""GGML block formats <-> our weights: exact int4g32 for Q4_0/Q4_1/Q4_K, dequantization for the rest.
+"""GGML block formats <-> our weights: exact int4g32 (Q4_0/Q4_1/Q4_K) and int8gG (Q8_0, Q5_*, Q6_K, and
+the Q4 types when a matrix mixes them with those), dequantization for the rest.
 
 A GGUF matrix [..., N, K] is stored row by row, each row K/bs blocks of `bs` weights (32 or 256), as bytes
 `raw` uint8 [..., N, K/bs * block_bytes] (gguf's ReaderTensor.data for block types).
 
     FAST_TYPES                      ggml types that map exactly onto int4g32 (experts stay 4-bit)
     to_int4g32(raw, qtype, scale_dtype=float16) -> QuantizedWeight "int4g32" (w = (q - 8) * scale + zero)
+    INT8_TYPES, int8_spec(types) -> (group, zero?) of the int8gG format a set of types maps onto, or None
+    to_int8g(raw, qtype, group, zero, scale_dtype=float16) -> QuantizedWeight "int8gG" (w = q * scale + zero)
     dequantize(raw, qtype, shape, name) -> float32 tensor [..., N, K]   (SUPPORTED: what gguf.quants reads)
     check_supported(qtype, name)    one ModelLoadError naming the tensor for other types (I32, Q8_K, ...)
     quantize(w[..., N, K] float32, qtype) -> raw uint8 [..., N, bytes]  (writers; Q4_K/Q5_K/Q6_K packed here)
@@ -15,6 +18,15 @@ Exact mapping: every GGML 4-bit block of 32 is w = a * q + b with q in 0..15:
     Q4_K  (144 B / 256): d, dmin fp16, 12 B 6-bit (sc, m) x 8, 128 B nibbles    a = d sc, b = -dmin m
 In a GGML block, byte j holds element j (low nibble) and element j + 16 (high nibble); Q4_K's 128 bytes are
 4 chunks of 32 bytes, each low nibbles = sub-block 2c, high nibbles = sub-block 2c + 1.
+The 5/6/8-bit blocks are w = a * q + b with integer q that fits int8 (int8gG keeps q, a and b):
+    Q8_0  (34 B / 32):  d fp16, 32 int8                            a = d,       b = 0,   q in -128..127
+    Q5_0  (22 B / 32):  d, qh (bit j: 5th bit of weight j), nibbles  a = d,     b = 0,   q - 16 in -16..15
+    Q5_1  (24 B / 32):  d, m, qh, nibbles                          a = d,       b = m,   q in 0..31
+    Q5_K  (176 B / 256): d, dmin, 12 B (sc, m) x 8, qh 32 B (bit j of byte l: sub-block j, weight l),
+                         128 B nibbles as Q4_K                     a = d sc,    b = -dmin m  (groups of 32)
+    Q6_K  (210 B / 256): ql 128 B, qh 64 B, 16 int8 scales, d      a = d sc,    b = 0,   q - 32 in -32..31,
+                         groups of 16; per 128-weight half: ql[l] low/high nibble = weights l / l + 64,
+                         ql[l + 32] = l + 32 / l + 96, qh[l] bits 2k..2k+1 = 5th-6th bit of weight l + 32 k
 a and b are computed in float32 (exact: fp16 x 6-bit ints) and stored as scale = a, zero = b + 8 a in
 `scale_dtype`: float16 by default (Q4_0 stays bit-exact; Q4_1/Q4_K round scale/zero to 11 bits, a relative
 error of 2^-11 of the group's range, below bf16 activation rounding), float32 for bit-tight equality.
@@ -101,6 +113,87 @@ def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float
     scale = a.flatten(-2)                                          # [..., N, K/32] float32
     zero = (b.flatten(-2) + 8.0 * scale).to(scale_dtype)
     return QuantizedWeight("int4g32", q.flatten(-2), scale.to(scale_dtype), zero)
+
+
+INT8_TYPES = {Q.Q8_0: (32, False), Q.Q5_0: (32, False), Q.Q5_1: (32, True), Q.Q5_K: (32, True),
+              Q.Q6_K: (16, False)}
+_Q4_AS_INT8 = {Q.Q4_0: (32, True), Q.Q4_1: (32, True), Q.Q4_K: (32, True)}   # through int4g32 (zero = b + 8a)
+
+
+def int8_spec(types) -> tuple[int, bool] | None:
+    """The int8gG format (group, with zero?) every type in `types` maps onto exactly, or None."""
+    specs = [INT8_TYPES.get(t) or _Q4_AS_INT8.get(t) for t in types]
+    if not specs or any(sp is None for sp in specs):
+        return None
+    return min(g for g, _ in specs), any(z for _, z in specs)
+
+
+def _bits(b: torch.Tensor, at: int, n: int) -> torch.Tensor:
+    """n little-endian bits from byte offset `at` of each block b [..., nb, bytes] -> [..., nb, n] 0/1."""
+    by = b[..., at:at + n // 8].to(torch.int16)                    # [..., nb, n/8]
+    return ((by.unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1).flatten(-2)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """GGML nibbles [..., 16 m] (byte j: weight j low, j + 16 m high) -> [..., 32 m] int16 values 0..15."""
+    qs = qs.to(torch.int16)
+    return torch.cat((qs & 15, qs >> 4), -1)
+
+
+def _int8_q8_0(b):                        # b [..., nb, 34] -> q [..., nb, 32], a [..., nb, 1], b None
+    return b[..., 2:34].contiguous().view(torch.int8).to(torch.int16), _half(b, 0), None
+
+
+def _int8_q5_0(b):                        # b [..., nb, 22]
+    return (_nibbles(b[..., 6:22]) | (_bits(b, 2, 32) << 4)) - 16, _half(b, 0), None
+
+
+def _int8_q5_1(b):                        # b [..., nb, 24]
+    return _nibbles(b[..., 8:24]) | (_bits(b, 4, 32) << 4), _half(b, 0), _half(b, 2)
+
+
+def _int8_q5_k(b):                        # b [..., nb, 176] -> q [..., nb, 256], a, b [..., nb, 8]
+    sc, m = k_scales(b[..., 4:16])
+    qs = b[..., 48:176].to(torch.int16).unflatten(-1, (4, 32))     # chunk c: sub-blocks 2c (low), 2c+1 (high)
+    low = torch.stack((qs & 15, qs >> 4), -2).flatten(-3, -2)      # [..., nb, 8, 32]
+    qh = b[..., 16:48].to(torch.int16).unsqueeze(-2)               # [..., nb, 1, 32]
+    high = (qh >> torch.arange(8, dtype=torch.int16)[:, None]) & 1  # [..., nb, 8, 32]
+    return (low | (high << 4)).flatten(-2), _half(b, 0) * sc.float(), -(_half(b, 2) * m.float())
+
+
+def _int8_q6_k(b):                        # b [..., nb, 210] -> q [..., nb, 256], a [..., nb, 16]
+    ql = b[..., 0:128].to(torch.int16).unflatten(-1, (2, 2, 32))   # half, (l | l + 32), l
+    qh = b[..., 128:192].to(torch.int16).unflatten(-1, (2, 32))    # half, l
+    lo = torch.cat((ql & 15, ql >> 4), -2)                         # [..., 2, 4, 32]: quarters 0, 1, 2, 3
+    hi = (qh.unsqueeze(-2) >> (2 * torch.arange(4, dtype=torch.int16))[:, None]) & 3
+    q = (lo | (hi << 4)) - 32
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()
+    return q.flatten(-3), _half(b, 208) * sc, None
+
+
+_INT8 = {Q.Q8_0: _int8_q8_0, Q.Q5_0: _int8_q5_0, Q.Q5_1: _int8_q5_1, Q.Q5_K: _int8_q5_k, Q.Q6_K: _int8_q6_k}
+
+
+def to_int8g(raw: np.ndarray, qtype: Q, group: int, zero: bool,
+             scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Exact int8gG (G = group, 16 or 32) of a matrix raw [..., N, bytes] of a type int8_spec accepts; a
+    type with 32-groups repeats its scales for G = 16; zero=True stores a zero (0 where the type has none)."""
+    if qtype in _Q4_AS_INT8:
+        from hotexperts.experts.quant import int8g_from_int4g32
+
+        return int8g_from_int4g32(to_int4g32(raw, qtype, scale_dtype), group)
+    if qtype not in _INT8 or INT8_TYPES[qtype][0] < group:
+        raise ModelLoadError(f"{qtype.name} does not map onto int8g{group}")
+    blocks = _tensor(raw).unflatten(-1, (-1, block_bytes(qtype)[1]))   # [..., N, nb, bytes]
+    q, a, b = _INT8[qtype](blocks)
+    rep = INT8_TYPES[qtype][0] // group
+    scale = a.flatten(-2).repeat_interleave(rep, -1)                 # [..., N, K/group] float32
+    if zero:
+        b = torch.zeros_like(a) if b is None else b.expand_as(a)
+        b = b.flatten(-2).repeat_interleave(rep, -1).to(scale_dtype)
+    else:
+        b = None
+    return QuantizedWeight(f"int8g{group}", q.flatten(-2).to(torch.int8), scale.to(scale_dtype), b)
 
 
 def check_supported(qtype: Q, name: str = "tensor") -> None:

@@ -13,6 +13,7 @@ from hotexperts.engine import gguf_export, presets
 from hotexperts.engine.gguf_export import write_gguf
 from hotexperts.engine.load_gguf import load_gguf
 from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
+from hotexperts.experts.quant import dequantize
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.weights import LayerExperts, QuantizedWeight
 from hotexperts.loading.gguf_reader import GGUFFile
@@ -69,8 +70,9 @@ def test_roundtrip_every_arch(tmp_path, preset):
     for k, v in lm.model.state_dict().items():                # f32 dense: exact (Mixtral Q/K un-permuted)
         assert torch.equal(sd[k], v), k
     le, ref = g.store.layer(0), lm.store.layer(0)
-    assert isinstance(le.w13, torch.Tensor) and le.w13.dtype == torch.float32    # Q8_0: dequantized
-    assert (le.w13 - ref.w13).abs().max() < 0.02 and (le.w2 - ref.w2).abs().max() < 0.01
+    assert isinstance(le.w13, QuantizedWeight) and le.w13.fmt == "int8g32" and le.w13.zero is None   # Q8_0
+    d13, d2 = dequantize(le.w13), dequantize(le.w2)
+    assert (d13 - ref.w13).abs().max() < 0.02 and (d2 - ref.w2).abs().max() < 0.01
     assert g.tokenizer.encode(TEXT) == lm.tokenizer.encode(TEXT)
     assert g.tokenizer.chat_template == lm.tokenizer.chat_template
     assert g.tokenizer.eos_ids == lm.tokenizer.eos_ids
@@ -123,7 +125,27 @@ def test_cpu_kernel_runs_the_quantized_experts(tmp_path):
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()
 
 
-@pytest.mark.parametrize("quant", ["q6_k", "q5_k", "bf16", "f16"])
+@pytest.mark.parametrize("quant,fmt,zero", [("q8_0", "int8g32", False), ("q6_k", "int8g16", False),
+                                            ("q5_k", "int8g32", True), ("q5_0", "int8g32", False),
+                                            ("q5_1", "int8g32", True)])
+def test_5_6_8_bit_experts_stay_int8g(tmp_path, quant, fmt, zero):
+    lm = build("tiny-qwen2-moe", wide=True)
+    path = write_gguf(lm, tmp_path / "m.gguf", quant)[0]
+    assert GGUFFile(path).info("blk.0.ffn_down_exps.weight").qtype == Q[quant.upper()]
+    exact = load_gguf(path, dtype="float32", device="cpu", expert_scale_dtype="float32")
+    g = load_gguf(path, dtype="float32", device="cpu")
+    le = g.store.layer(0)
+    E, I, D = lm.cfg.num_experts, lm.cfg.moe_intermediate_size, lm.cfg.hidden_size
+    G = int(fmt[5:])
+    assert le.w13.fmt == fmt and le.w2.fmt == fmt and (le.w2.zero is not None) == zero
+    assert le.w13.q.shape == (E, 2 * I, D) and le.w13.q.dtype == torch.int8
+    assert g.store.expert_nbytes == 3 * I * D + 3 * I * D // G * 2 * (2 if zero else 1)
+    ref = logits(exact, reference_experts(path, exact.cfg))
+    torch.testing.assert_close(logits(exact), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits(g), ref, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("quant", ["bf16", "f16"])
 def test_other_types_are_dequantized(tmp_path, quant):
     lm = build("tiny-qwen2-moe", wide=True)
     path = write_gguf(lm, tmp_path / "m.gguf", quant, dense="bf16")[0]
@@ -134,10 +156,32 @@ def test_other_types_are_dequantized(tmp_path, quant):
     assert load_gguf(path, device="cpu").store.layer(0).w2.dtype == torch.bfloat16    # the model dtype
 
 
-def test_mixed_layer_types_fall_back_per_matrix(tmp_path):
-    """Q4_K_M-like: Q6_K down in one layer -> every layer's w2 dequantized, w13 stays int4g32."""
+def test_q4_k_m_overrides_follow_llama_cpp():
+    assert sorted(int(k.split(".")[1]) for k in gguf_export.q4_k_m_overrides(48)) == \
+        [0, 1, 2, 3, 4, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 41, 42, 43, 44, 45, 46, 47]
+
+
+def test_q4_k_m_mix_keeps_every_matrix_quantized(tmp_path):
+    """Q4_K_M-like: Q6_K down in one layer, Q4_K elsewhere -> w2 is int8g16 (with zero) in every layer,
+    exact for both types; w13 stays int4g32."""
     lm = build("tiny-qwen3-moe", wide=True)
-    path = write_gguf(lm, tmp_path / "m.gguf", "q4_k", overrides={"blk.1.ffn_down_exps.weight": "q6_k"})[0]
+    path = write_gguf(lm, tmp_path / "m.gguf", "q4_k_m")[0]             # 2 layers: layer 1's down is Q6_K
+    f = GGUFFile(path)
+    assert [f.info(f"blk.{l}.ffn_down_exps.weight").qtype for l in (0, 1)] == [Q.Q4_K, Q.Q6_K]
+    assert f.info("blk.1.ffn_gate_exps.weight").qtype == Q.Q4_K
+    exact = load_gguf(path, dtype="float32", device="cpu", expert_scale_dtype="float32")
+    for l in exact.store.layers:
+        le = exact.store.layer(l)
+        assert le.w13.fmt == "int4g32" and le.w2.fmt == "int8g16" and le.w2.zero is not None
+    ref = logits(exact, reference_experts(path, exact.cfg))
+    torch.testing.assert_close(logits(exact), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits(load_gguf(path, dtype="float32", device="cpu")), ref, rtol=0, atol=2e-2)
+
+
+def test_mixed_layer_types_fall_back_per_matrix(tmp_path):
+    """A type without a quantized slot format (BF16) in one layer -> every layer's w2 dequantized."""
+    lm = build("tiny-qwen3-moe", wide=True)
+    path = write_gguf(lm, tmp_path / "m.gguf", "q4_k", overrides={"blk.1.ffn_down_exps.weight": "bf16"})[0]
     with pytest.warns(UserWarning, match="w2 mix"):
         g = load_gguf(path, dtype="float32", device="cpu")
     for l in g.store.layers:

@@ -229,7 +229,7 @@ def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_c
         quantized_store(ExpertStore({l: LayerExperts(le.w13, le.w13) for l in q.layers}), "int8")
 
 
-@pytest.mark.parametrize("quant, fmt", [("int8", "int8"), ("int4", "int4g32")])
+@pytest.mark.parametrize("quant, fmt", [("int8", "int8"), ("int4", "int4g32"), ("int8g", "int8g32")])
 def test_quantized_experts_match_the_quantized_reference(quant, fmt, exact_cpu_kernel):
     q = STORE.quantize(fmt)
     ref_toks, ref_rows = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
@@ -238,6 +238,19 @@ def test_quantized_experts_match_the_quantized_reference(quant, fmt, exact_cpu_k
     assert toks == ref_toks
     for a, b in zip(rows, ref_rows, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("text", ["cpu", "layers:1", "cache:5slots:lru", "hot:3"])
+def test_q4_k_m_like_store_int4g32_gate_up_and_int8g16_down(text, exact_cpu_kernel):
+    """A Q4_K_M GGUF's formats (w13 int4g32; w2 int8g16 with zero, Q4_K layers converted exactly): every
+    placement gives the reference's tokens for that store."""
+    from hotexperts.experts.quant import int8g_from_int4g32, quantize_int4g32
+
+    q = ExpertStore({l: LayerExperts(quantize_int4g32(STORE.layer(l).w13),
+                                     int8g_from_int4g32(quantize_int4g32(STORE.layer(l).w2), 16))
+                     for l in STORE.layers})
+    ref_toks, _ = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
+    assert run(build_executor(Placement.parse(text), q, CFG, "cpu"))[0] == ref_toks
 
 
 def test_stats_table_and_heatmap(tmp_path):

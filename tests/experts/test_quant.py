@@ -85,17 +85,37 @@ def test_dequantize_plain_tensor_and_dtype():
     assert quant.dequantize(quant.quantize_int8(w), torch.float64).dtype == torch.float64
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int4g32"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4g32", "int8g32", "int8g16"])
 def test_quantize_layer(fmt):
     layer = LayerExperts(torch.randn(10, 64, 32, generator=gen(4)), torch.randn(10, 32, 32, generator=gen(5)))
     ql = quant.quantize_layer(layer, fmt)
     assert isinstance(ql.w13, QuantizedWeight)
     assert ql.w13.shape == (10, 64, 32) and ql.w2.shape == (10, 32, 32)
-    assert ql.w13.fmt == ("int8" if fmt == "int8" else "int4g32")
+    assert ql.w13.fmt == {"int8": "int8", "int4": "int4g32"}.get(fmt, fmt)
     for a, b in ((ql.w13, layer.w13), (ql.w2, layer.w2)):
         rel = (quant.dequantize(a) - b).norm() / b.norm()
-        assert rel < (0.01 if fmt == "int8" else 0.1)
-    assert ql.expert_nbytes < layer.expert_nbytes / 3
+        assert rel < (0.01 if fmt.startswith("int8") else 0.1)
+    assert ql.expert_nbytes < layer.expert_nbytes / (1.5 if fmt.startswith("int8g") else 3)
     assert quant.quantize_layer(layer, "none").w13 is layer.w13
     with pytest.raises(ValueError, match="unknown expert quantization"):
         quant.quantize_layer(layer, "int3")
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_int8g_from_int4g32_is_exact(group):
+    w = quant.quantize_int4g32(torch.randn(3, 8, 64, generator=gen(6)))
+    w8 = quant.int8g_from_int4g32(w, group)
+    assert w8.fmt == f"int8g{group}" and w8.group == group and w8.q.dtype == torch.int8
+    assert w8.q.shape == (3, 8, 64) and w8.scale.shape == (3, 8, 64 // group) and w8[1].shape == (8, 64)
+    assert torch.equal(quant.dequantize(w8), quant.dequantize(w))
+    with pytest.raises(ValueError, match="16 or 32"):
+        quant.int8g_from_int4g32(w, 8)
+
+
+def test_int8g_symmetric_rounding_bound():
+    w = torch.randn(4, 16, 96, generator=gen(7))
+    qw = quant.quantize_int8g(w, 16, torch.float32)
+    assert qw.zero is None and qw.nbytes == 4 * 16 * 96 + 4 * 16 * 6 * 4
+    step = w.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127
+    err = (quant.dequantize(qw) - w).unflatten(-1, (-1, 16)).abs()
+    assert (err <= step / 2 + 1e-7).all()

@@ -19,7 +19,14 @@ import warnings
 import pytest
 import torch
 
-from hotexperts.experts.quant import dequantize, quantize_int4g32, quantize_int8, quantize_layer
+from hotexperts.experts.quant import (
+    dequantize,
+    int8g_from_int4g32,
+    quantize_int4g32,
+    quantize_int8,
+    quantize_int8g,
+    quantize_layer,
+)
 from hotexperts.experts.weights import LayerExperts, QuantizedWeight
 from hotexperts.kernels import cpu_moe as cm
 
@@ -100,24 +107,30 @@ requires_ext = pytest.mark.skipif(cm.cpu_moe_backend() == "torch", reason="C++ e
 
 
 @requires_ext
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8", "int4g32"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8", "int4g32", "int8g32", "int8g16"])
 @pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
 def test_extension_matches_reference(T, fmt):
     check(cm.cpu_moe, T, fmt, seed=T * 31 + len(fmt), act_quant=False)
 
 
 requires_int = pytest.mark.skipif(cm.cpu_moe_int_dot() == "none", reason="no integer dot (needs AVX2)")
+# int8gG weights take the integer path on AVX-512 VNNI builds only (elsewhere the exact one)
+INT8G_INT = cm.cpu_moe_int_dot() == "avx512vnni"
 
 
 def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtype=torch.float16,
                 zero_dtype=None) -> LayerExperts:
-    """A layer of a given shape; w13 and w2 in formats f13, f2 ("int8", "int4g32", "fp32"); int4 scale and
-    zero dtypes may differ."""
+    """A layer of a given shape; w13 and w2 in formats f13, f2 ("int8", "int4g32", "int8g32", "int8g16",
+    "int8gGz" = int8gG with a zero, from int4g32, "fp32"); int4 scale and zero dtypes may differ."""
     gen = torch.Generator().manual_seed(seed)
 
     def q(w, fmt):
         if fmt == "int8":
             return quantize_int8(w)
+        if fmt.startswith("int8g"):
+            g = int(fmt[5:7])
+            return int8g_from_int4g32(quantize_int4g32(w, scale_dtype), g) if fmt.endswith("z") else \
+                quantize_int8g(w, g, scale_dtype)
         if fmt == "int4g32":
             qw = quantize_int4g32(w, scale_dtype)
             return QuantizedWeight(qw.fmt, qw.q, qw.scale, qw.zero.to(zero_dtype or scale_dtype))
@@ -133,7 +146,8 @@ def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtyp
 # tokens), -1 holes (check() routes 1..TOP_K active experts per token).
 SHAPES = [("int4g32", "int4g32", 5, 544, 416), ("int8", "int8", 5, 544, 416), ("int4g32", "int8", 7, 544, 96),
           ("int8", "int4g32", 5, 96, 544), ("int4g32", "int4g32", 9, 2048, 768),
-          ("int8", "int8", 9, 2048, 768)]
+          ("int8", "int8", 9, 2048, 768), ("int8g16z", "int8g32", 5, 544, 416),
+          ("int8g32z", "int8g16", 5, 96, 544), ("int8g32", "int8g16z", 9, 2048, 768)]
 
 
 @requires_int
@@ -142,6 +156,8 @@ SHAPES = [("int4g32", "int4g32", 5, 544, 416), ("int8", "int8", 5, 544, 416), ("
 @pytest.mark.parametrize("T", [1, 3, 64])
 def test_int8_activation_path_sizes(shape, T):
     f13, f2, E, D, I = shape
+    if "int8g" in f13 + f2 and not INT8G_INT:
+        pytest.skip("int8gG integer path needs AVX-512 VNNI")
     layer = sized_layer(f13, f2, E, D, I, seed=T + D)
     check(cm.cpu_moe, T, f13, seed=T, act_quant=True, layer=layer)
 
@@ -181,9 +197,11 @@ def test_prefetch_distance_does_not_change_results():
 
 
 @requires_int
-@pytest.mark.parametrize("fmt", ["int8", "int4g32"])
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32", "int8g16"])
 @pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
 def test_int8_activation_path(T, fmt):
+    if fmt.startswith("int8g") and not INT8G_INT:
+        pytest.skip("int8gG integer path needs AVX-512 VNNI")
     check(cm.cpu_moe, T, fmt, seed=T * 17 + len(fmt), act_quant=True)
 
 
@@ -207,17 +225,17 @@ def test_act_quant_default_and_switch():
     assert torch.equal(cm.cpu_moe(x, ids, w, bf, act_quant=True), cm.cpu_moe(x, ids, w, bf, act_quant=False))
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4g32"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4g32", "int8g16"])
 @pytest.mark.parametrize("T", [1, 16])
 def test_torch_fallback_matches_reference(T, fmt):
     check(cm.cpu_moe_torch, T, fmt, seed=T * 7 + len(fmt))
 
 
 @requires_ext
-@pytest.mark.parametrize("fmt", ["int8", "int4g32"])
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32"])
 @pytest.mark.parametrize("act_quant", [False, True])
 def test_bf16_activations_and_output(fmt, act_quant):
-    if act_quant and cm.cpu_moe_int_dot() == "none":
+    if act_quant and (cm.cpu_moe_int_dot() == "none" or (fmt == "int8g32" and not INT8G_INT)):
         pytest.skip("no integer dot")
     check(cm.cpu_moe, 5, fmt, seed=3, x_dtype=torch.bfloat16, out_dtype=torch.bfloat16, act_quant=act_quant)
 

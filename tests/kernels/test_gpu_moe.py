@@ -160,13 +160,24 @@ def _quant_int4(w):
     return QuantizedWeight("int4g32", packed, scale, zero), deq
 
 
+def _quant_int8g(w, fmt):
+    """int8gG of w: symmetric ("int8g32" / "int8g16") or with a zero ("...z", from int4g32); (qw, deq)."""
+    from hotexperts.experts.quant import dequantize, int8g_from_int4g32, quantize_int8g
+
+    g = int(fmt[5:7])
+    qw = int8g_from_int4g32(_quant_int4(w)[0], g) if fmt.endswith("z") else quantize_int8g(w, g, torch.float32)
+    return qw, dequantize(qw)
+
+
 @needs_triton
-@pytest.mark.parametrize("fmt", ["int8", "int4g32"])
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32", "int8g16", "int8g16z"])
 def test_triton_decode_quantized(fmt, triton_moe):
     (x, ids, w, w13, w2, slot_of), _ = make_case(1, 3, 6, 4, 96, 32, torch.float32, seed=9)
     if fmt == "int8":
         q13, q2 = _quant_int8(w13), _quant_int8(w2)
         d13, d2 = (q.q.float() * q.scale.unsqueeze(-1) for q in (q13, q2))
+    elif fmt.startswith("int8g"):
+        (q13, d13), (q2, d2) = _quant_int8g(w13, fmt), _quant_int8g(w2, fmt)
     else:
         (q13, d13), (q2, d2) = _quant_int4(w13), _quant_int4(w2)
     ref = reference(x, ids, w, d13, d2, slot_of)
@@ -194,11 +205,13 @@ def test_gpu_moe_cuda_bf16(T, K):
 
 
 @needs_triton
-def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe):
+@pytest.mark.parametrize("fmt", ["int4g32", "int8g16z"])
+def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe, fmt):
     from hotexperts.kernels.gpu_moe import dequant_chunks_moe
 
     (x, ids, w, w13, w2, slot_of), _ = make_case(9, 3, 6, 5, 64, 32, torch.float32, seed=11)
-    (q13, d13), (q2, d2) = _quant_int4(w13), _quant_int4(w2)
+    quant = _quant_int4 if fmt == "int4g32" else lambda t: _quant_int8g(t, fmt)
+    (q13, d13), (q2, d2) = quant(w13), quant(w2)
     ref = reference(x, ids, w, d13, d2, slot_of)
     out = torch.full_like(x, float("nan"))
     dequant_chunks_moe(x, ids, w, q13, q2, slot_of, out, chunk=2)     # 3 chunks over the used slots
@@ -228,14 +241,18 @@ def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe, chunk):
 
 
 @needs_triton
-@pytest.mark.parametrize("fmt", ["int4g32", "int8"])
+@pytest.mark.parametrize("fmt", ["int4g32", "int8", "int8g32", "int8g16z"])
 def test_triton_dequant_matches_the_reference_bit_for_bit(triton_moe, fmt):
     from hotexperts.experts.quant import dequantize, quantize_int4g32, quantize_int8
     from hotexperts.kernels.triton_dequant import dequant_slots
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(5, 48, 96, generator=g)                  # 48 rows (not a multiple of the row block)
-    qw = (quantize_int4g32 if fmt == "int4g32" else quantize_int8)(w)
+    if fmt.startswith("int8g"):             # fp16 scale/zero (as loaded): q * scale is exact, so an FMA agrees
+        qw = _quant_int8g(w, fmt)[0]
+        qw = QuantizedWeight(qw.fmt, qw.q, qw.scale.half(), None if qw.zero is None else qw.zero.half())
+    else:
+        qw = (quantize_int4g32 if fmt == "int4g32" else quantize_int8)(w)
     qw = QuantizedWeight(qw.fmt, *(t.to(DEV) if t is not None else None for t in (qw.q, qw.scale, qw.zero)))
     idx = torch.tensor([4, 0, 2], device=DEV)
     for dtype in (torch.float32, torch.bfloat16):

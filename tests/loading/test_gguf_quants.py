@@ -1,5 +1,6 @@
-"""GGML blocks <-> int4g32 / float: exact Q4_0/Q4_1/Q4_K mapping on arbitrary valid bytes, packers checked
-against the gguf package's own dequantizer, clear errors for unsupported types."""
+"""GGML blocks <-> int4g32 / int8gG / float: exact Q4_0/Q4_1/Q4_K -> int4g32 and Q8_0/Q5_0/Q5_1/Q5_K/Q6_K
+(and the Q4 types) -> int8gG mappings on arbitrary valid bytes, packers checked against the gguf package's own
+dequantizer, clear errors for unsupported types."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ def random_blocks(qtype, rows=6, blocks=3, seed=0):
     rng = np.random.default_rng(seed)
     bs = gq.block_bytes(qtype)[1]
     raw = rng.integers(0, 256, size=(rows, blocks, bs), dtype=np.uint8)
-    halves = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2)}[qtype]
+    halves = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
+              Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
     for at in halves:
         raw[..., at:at + 2] = (rng.standard_normal((rows, blocks)) * 0.02).astype(np.float16)[..., None].view(
             np.uint8)
@@ -52,6 +54,36 @@ def test_int4g32_batched_leading_dims():
     assert w.q.shape == (3, 4, 384) and w.scale.shape == (3, 4, 24)
     np.testing.assert_array_equal(dequantize_int4(w).numpy(),
                                   quants.dequantize(raw, Q.Q4_K).reshape(3, 4, 768))
+
+
+INT8_CASES = [(Q.Q8_0, 32), (Q.Q8_0, 16), (Q.Q5_0, 32), (Q.Q5_1, 32), (Q.Q5_K, 32), (Q.Q5_K, 16),
+              (Q.Q6_K, 16), (Q.Q4_K, 16), (Q.Q4_0, 32), (Q.Q4_1, 16)]
+
+
+@pytest.mark.parametrize("qtype,group", INT8_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_int8g_is_exact_with_fp32_scales(qtype, group):
+    raw = random_blocks(qtype, seed=2).reshape(2, 3, -1)                   # [E, N, bytes]
+    want = quants.dequantize(raw.reshape(6, -1), qtype).reshape(2, 3, -1)
+    own_group, zero = gq.INT8_TYPES.get(qtype, (32, True))
+    w = gq.to_int8g(raw, qtype, group, zero, torch.float32)
+    K = want.shape[-1]
+    assert w.fmt == f"int8g{group}" and w.q.dtype == torch.int8 and w.q.shape == (2, 3, K)
+    assert w.scale.shape == (2, 3, K // group) and (w.zero is None) == (not zero)
+    np.testing.assert_array_equal(dequantize_int4(w).numpy(), want)
+    w16 = gq.to_int8g(raw, qtype, group, True)                             # fp16 scale/zero, zero forced on
+    group_range = np.abs(want).reshape(2, 3, -1, 16).max(-1, keepdims=True)
+    err = np.abs(dequantize_int4(w16).numpy() - want).reshape(2, 3, -1, 16) / np.maximum(group_range, 1e-12)
+    assert err.max() < 2 ** -9
+
+
+def test_int8_spec_picks_the_common_format():
+    assert gq.int8_spec({Q.Q8_0}) == (32, False)
+    assert gq.int8_spec({Q.Q6_K}) == (16, False)
+    assert gq.int8_spec({Q.Q4_K, Q.Q6_K}) == (16, True)                    # llama.cpp's Q4_K_M
+    assert gq.int8_spec({Q.Q5_K, Q.Q8_0}) == (32, True)
+    assert gq.int8_spec({Q.Q4_K, Q.Q3_K}) is None and gq.int8_spec({Q.BF16}) is None
+    with pytest.raises(ModelLoadError, match="does not map onto int8g32"):
+        gq.to_int8g(np.zeros((2, 210), np.uint8), Q.Q6_K, 32, False)
 
 
 def test_k_scales_roundtrip():

@@ -4,7 +4,8 @@
 //
 // Weights (contiguous, E experts stacked):  w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I].
 // Formats: f32, bf16, f16, int8 (per-row scale), int4g32 (q [N, K/2] uint8, low nibble = even column;
-// scale, zero [N, K/32]; w = (q - 8) * scale + zero). Activations and accumulation are fp32.
+// scale, zero [N, K/32]; w = (q - 8) * scale + zero), int8gG (q [N, K] int8; scale and optional zero
+// [N, K/G], G = 16 or 32; w = q * scale + zero). Activations and accumulation are fp32.
 //
 // Plan: (0) group pairs by expert (counting sort); (1) h = silu(G x) * (U x) in parallel over
 // (active expert x block of I rows); (2) y in parallel over blocks of D output rows, each unit looping over
@@ -20,6 +21,7 @@
 // an activation row is then, per 32-group, one integer dot (vpdpbusd / vpmaddubsw+vpmaddwd, simd.h):
 //   int4g32: sum_j w_j x_j = (s sx) * sum_j q_j xq_j + (z - 8 s) * xsum     (q in 0..15 is the u8 operand)
 //   int8:    sum_j w_j x_j = sw * sum_g sx_g * sum_j |w_j| sign(xq_j, w_j)
+//   int8gG:  512-bit path only (qdot512.h); AVX2 builds run int8gG weights on the fp32 path.
 // h is quantized by the stage-1 unit that computes it (units are one 32-group of I rows).
 // With AVX-512 BW/VL + VNNI the integer path runs the 512-bit kernels of qdot512.h instead (several rows x
 // tokens per step, int4 activations laid out per 4-group block, int8 via w ^ 0x80, L2 prefetch of the rows
@@ -46,7 +48,7 @@
 
 namespace {
 
-enum Fmt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4 };
+enum Fmt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4, I8G = 5 };
 
 int float_code(at::ScalarType t) {
   switch (t) {
@@ -85,6 +87,7 @@ struct WDesc {           // one stacked weight [E, N, K]
   const void* z = nullptr;
   int scode = F32, zcode = F32;
   int64_t E, N, K;
+  int64_t G = 32;        // int8gG: columns per scale (16 or 32)
   int64_t pf = 0;        // integer path: prefetch distance in bytes (a few rows ahead; 0 = off)
 };
 
@@ -124,6 +127,23 @@ inline void dot_i4(const WDesc& w, int64_t row, const float* const* xs, float* r
   for (int t = 0; t < NT; t++) res[t] = vsum(vadd(a0[t], a1[t]));
 }
 
+// int8gG row: per group w = q * s + z (z = 0 without a zero tensor).
+template <int NT>
+inline void dot_i8g(const WDesc& w, int64_t row, const float* const* xs, float* res) {
+  const int64_t G = w.G, ng = w.K / G;
+  const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + row * w.K;
+  V a[NT];
+  for (int t = 0; t < NT; t++) a[t] = vzero();
+  for (int64_t g = 0; g < ng; g++) {
+    const V vs = vset1(ld(w.s, w.scode, row * ng + g)), vz = vset1(w.z ? ld(w.z, w.zcode, row * ng + g) : 0.f);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      const V wv = vfma(vload_i8(q + k), vs, vz);
+      for (int t = 0; t < NT; t++) a[t] = vfma(wv, vload(xs[t] + k), a[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) res[t] = vsum(a[t]);
+}
+
 template <int NT>
 inline void row_dot(const WDesc& w, int64_t e, int64_t r, const float* const* xs, float* res) {
   const int64_t row = e * w.N + r, K = w.K;
@@ -150,6 +170,7 @@ inline void row_dot(const WDesc& w, int64_t e, int64_t r, const float* const* xs
       for (int t = 0; t < NT; t++) res[t] *= s;
       break;
     }
+    case I8G: dot_i8g<NT>(w, row, xs, res); break;
     default: dot_i4<NT>(w, row, xs, res);
   }
 }
@@ -190,6 +211,7 @@ struct Acts {            // activation rows of length K: fp32 (f), or int8 (q) w
   float* s = nullptr;
   float* sum = nullptr;
   float* sxl = nullptr;  // 512-bit path, int8 weights: s per int32 lane of a dot (8 per group, K / 4 per row)
+  float* sum16 = nullptr;  // 512-bit path, int8g16 weights: sums per 16 columns (K / 16 per row)
   int64_t K = 0;
 };
 
@@ -331,10 +353,21 @@ WDesc describe(int64_t fmt, const at::Tensor& q, const c10::optional<at::Tensor>
   w.E = q.size(0);
   w.N = N;
   w.K = K;
-  if (fmt == I8 || fmt == I4) {
+  if (fmt == I8 || fmt == I4 || fmt == I8G) {
     TORCH_CHECK(s.has_value() && s->is_contiguous(), "cpu_moe: quantized weight needs a contiguous scale");
     w.s = s->data_ptr();
     w.scode = float_code(s->scalar_type());
+  }
+  if (fmt == I8G) {
+    const int64_t ng = s->size(-1);
+    TORCH_CHECK(ng > 0 && K % ng == 0 && (K / ng == 16 || K / ng == 32) && s->numel() == w.E * N * ng,
+                "cpu_moe: int8g scale must be [E, N, K/16] or [E, N, K/32]");
+    w.G = K / ng;
+    if (z.has_value()) {
+      TORCH_CHECK(z->is_contiguous() && z->sizes() == s->sizes(), "cpu_moe: int8g zero must match its scale");
+      w.z = z->data_ptr();
+      w.zcode = float_code(z->scalar_type());
+    }
   }
   if (fmt == I4) {
     TORCH_CHECK(z.has_value() && z->is_contiguous(), "cpu_moe: int4g32 weight needs a contiguous zero");
@@ -392,6 +425,7 @@ inline QTile make_qtile(const Acts& a, const int64_t* rows, int n) {
     t.s[j] = a.s + rows[j] * G;
     t.sum[j] = a.sum + rows[j] * G;
     t.sxl[j] = a.sxl ? a.sxl + rows[j] * (a.K / 4) : nullptr;
+    t.sum16[j] = a.sum16 ? a.sum16 + rows[j] * (a.K / 16) : nullptr;
     t.X[j] = 0.f;
     if (a.sxl)
       for (int64_t g = 0; g < G; g++) t.X[j] += t.sum[j][g];
@@ -409,6 +443,11 @@ HX_INLINE q512::Rows<R> rows_of(const WDesc& w, const int64_t* rows) {
       p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * (w.K / 2);
       p.s[r] = static_cast<const char*>(w.s) + rows[r] * G * ssz;
       p.z[r] = static_cast<const char*>(w.z) + rows[r] * G * zsz;
+    } else if (w.fmt == I8G) {
+      const int64_t ng = w.K / w.G;
+      p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * w.K;
+      p.s[r] = static_cast<const char*>(w.s) + rows[r] * ng * ssz;
+      p.z[r] = w.z ? static_cast<const char*>(w.z) + rows[r] * ng * zsz : nullptr;
     } else {
       p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * w.K;
       p.s[r] = static_cast<const char*>(w.s) + rows[r] * ssz;
@@ -428,6 +467,9 @@ HX_INLINE void qrows_t(const WDesc& w, const int64_t* rows, const int64_t* prow,
   const q512::Rows<R>* pp = prow ? &rp : nullptr;
   if (w.fmt == I4) {
     q512::q4_rows<R, NT>(rw, pp, w.scode, w.zcode, w.K / 32, x, res);
+  } else if (w.fmt == I8G) {
+    if (w.G == 16) q512::q8g_rows<R, NT, true>(rw, pp, w.scode, w.zcode, w.K / 16, x, res);
+    else q512::q8g_rows<R, NT, false>(rw, pp, w.scode, w.zcode, w.K / 32, x, res);
   } else {
     q512::q8_rows<R, NT>(rw, pp, w.K, x, res);
     for (int r = 0; r < R; r++) {
@@ -476,7 +518,8 @@ inline void qstore(const Acts& a, int f, int64_t row, int64_t g, __m512 v0, __m5
     q512::q4_group_pos(g, G, lo, hi);
     q512::quant32v(v0, v1, true, base + lo, base + hi, s, sum);
   } else {
-    q512::quant32v(v0, v1, false, base + g * 32, base + g * 32 + 16, s, sum);
+    float* s16 = a.sum16 ? a.sum16 + row * (a.K / 16) + 2 * g : nullptr;
+    q512::quant32v(v0, v1, false, base + g * 32, base + g * 32 + 16, s, sum, s16);
     if (a.sxl) _mm256_storeu_ps(a.sxl + row * (a.K / 4) + g * 8, _mm256_set1_ps(*s));
   }
 }
@@ -624,7 +667,7 @@ Tv* buffer(std::vector<Tv>& v, int64_t n) {
 }
 
 struct CallBufs {
-  std::vector<float> xf, xs, xsum, xsxl, hf, hs, hsum, hsxl;
+  std::vector<float> xf, xs, xsum, xsxl, xsum16, hf, hs, hsum, hsxl, hsum16;
   std::vector<int8_t> xq, hq;
   Pairs pairs;
 };
@@ -656,8 +699,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
     for (int64_t i = 0; i < T * D; i++) st(op, ocode, i, 0.f);
     return out;
   }
-  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4);
-  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4);
+  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4 || (HX_Q512 && f13 == I8G));
+  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4 || (HX_Q512 && f2 == I8G));
 
   // x -> int8 per 32-group for the integer path (in the layout w13's format reads), else fp32 (permuted per
   // 32-group when w13 is int4)
@@ -670,6 +713,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
     xa.s = buffer(cb.xs, T * D / 32);
     xa.sum = buffer(cb.xsum, T * D / 32);
     if (f13 == I8) xa.sxl = buffer(cb.xsxl, T * D / 4);
+    if (f13 == I8G && w13.G == 16) xa.sum16 = buffer(cb.xsum16, T * D / 16);
     const void* xp = x.data_ptr();
     for (int64_t t = 0; t < T; t++)
       for (int64_t g = 0; g < D / 32; g++) {
@@ -693,6 +737,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
     ha.s = buffer(cb.hs, P * I / 32);
     ha.sum = buffer(cb.hsum, P * I / 32);
     if (HX_Q512 && f2 == I8) ha.sxl = buffer(cb.hsxl, P * I / 4);
+    if (HX_Q512 && f2 == I8G && w2.G == 16) ha.sum16 = buffer(cb.hsum16, P * I / 16);
   } else {
     ha.f = buffer(cb.hf, P * I);
   }

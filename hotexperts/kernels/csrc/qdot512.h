@@ -21,6 +21,13 @@
 // Per-lane sums stay <= 4 * 255 * 127 < 2^31 (vpdpbusd does not saturate): the integer part is exact; the
 // 128 X term is subtracted in fp32 at the end (rounding ~1e-7 of 128 |X|, far below the int8 activation error).
 //
+// int8gG rows (G = 32 or 16 columns per weight group, scale s_g and zero z_g per group; w = q s + z): the
+// same w ^ 0x80 offset, so per group sum_j w_j x_j = s_g sum_j (w_j + 128) xq_j sx + (z_g - 128 s_g) xsum_g
+// (xsum_g = the activations' sum over the weight group: xsum per 32-group, or sum16 per 16 for G = 16).
+// A chunk is 16 weight groups: s_g sx_g of its groups (sx of the activation 32-group holding weight group g)
+// in one vector, spread over each 64-byte block's int32 lanes with vpermps (G = 32: 2 groups x 8 lanes,
+// kSpread8; G = 16: 4 groups x 4 lanes, kSpread), and the zero term FMA'd once per chunk as for int4.
+//
 // Prefetch: the caller names the rows it reads a few steps later; they go to L2 (prefetcht1): into L1
 // (prefetcht0) they were evicted before use and measured no better than no prefetch (docs/cpu-kernel.md).
 #pragma once
@@ -40,12 +47,24 @@ alignas(64) inline constexpr int32_t kSpread[4][16] = {
     {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
     {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
 
-// up to 4 activation rows (int8, per-32-group scale s, xsum, and for int8 weights sxl and X = sum(xsum))
+// lanes 0..7 -> group 2j, lanes 8..15 -> group 2j + 1 (int8g32: block j of a 16-group chunk)
+alignas(64) inline constexpr int32_t kSpread8[8][16] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+    {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+// lane i -> i / 2 (a 16-column weight group's activation 32-group)
+alignas(64) inline constexpr int32_t kDup2[16] = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7};
+
+// up to 4 activation rows (int8, per-32-group scale s, xsum, and for int8 weights sxl and X = sum(xsum);
+// for int8g16 weights sum16, the sums per 16 columns)
 struct QTile {
   int n = 0;
   const int8_t* q[4];
   const float* s[4];
   const float* sum[4];
+  const float* sum16[4];
   const float* sxl[4];
   float X[4];
 };
@@ -221,10 +240,89 @@ HX_INLINE void q8_rows(const Rows<R>& w, const Rows<R>* pf, int64_t K, const QTi
     for (int t = 0; t < NT; t++) res[r * NT + t] -= 128.f * x.X[t];
 }
 
+// One chunk of up to 16 weight groups from group c on of int8gG rows (G16: G = 16, else 32; FULL: 16 groups).
+template <int R, int NT, bool G16, bool FULL>
+HX_INLINE void q8g_chunk(const Rows<R>& w, const Rows<R>* pf, int scode, int zcode, int64_t c, int ng,
+                         const QTile& x, __m512* acc) {
+  constexpr int GS = G16 ? 16 : 32;
+  const int ssz = scode == 0 ? 4 : 2, zsz = zcode == 0 ? 4 : 2;
+  const __mmask16 gm = FULL ? __mmask16(0xFFFF) : __mmask16((1u << ng) - 1);
+  __m512 sxg[NT], xsg[NT];                              // per weight group: activation scale, sum
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; t++) {
+    if (G16) {
+      const __mmask16 hm = FULL ? __mmask16(0xFF) : __mmask16((1u << ((ng + 1) / 2)) - 1);
+      sxg[t] = _mm512_maskz_permutexvar_ps(gm, _mm512_load_si512(kDup2), _mm512_maskz_loadu_ps(hm, x.s[t] + c / 2));
+      xsg[t] = _mm512_maskz_loadu_ps(gm, x.sum16[t] + c);
+    } else {
+      sxg[t] = _mm512_maskz_loadu_ps(gm, x.s[t] + c);
+      xsg[t] = _mm512_maskz_loadu_ps(gm, x.sum[t] + c);
+    }
+  }
+  __m512 cs[R * NT];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++) {
+    if (pf) {
+      prefetch(pf->s[r] + c * ssz);
+      prefetch(pf->s[r] + (c + ng) * ssz - 1);
+      if (pf->z[r]) prefetch(pf->z[r] + c * zsz);
+    }
+    const __m512 sv = load16(w.s[r] + c * ssz, scode, gm);
+    const __m512 zv = w.z[r] ? load16(w.z[r] + c * zsz, zcode, gm) : _mm512_setzero_ps();
+    const __m512 zc = _mm512_fmadd_ps(sv, _mm512_set1_ps(-128.f), zv);
+  #pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) {
+      cs[r * NT + t] = _mm512_mul_ps(sv, sxg[t]);
+      acc[r * NT + t] = _mm512_fmadd_ps(zc, xsg[t], acc[r * NT + t]);
+    }
+  }
+  const __m512i off = _mm512_set1_epi8(char(0x80));
+  const int64_t col0 = c * GS;
+  const int ncols = FULL ? 16 * GS : ng * GS;
+  const int nblk = FULL ? 16 * GS / 64 : (ncols + 63) / 64;
+#pragma GCC unroll 8
+  for (int j = 0; j < nblk; j++) {
+    const int nbytes = FULL ? 64 : std::min(64, ncols - 64 * j);
+    const __mmask64 bm = nbytes == 64 ? ~__mmask64(0) : (__mmask64(1) << nbytes) - 1;
+    const __m512i sp = _mm512_load_si512(G16 ? kSpread[j] : kSpread8[j]);
+    const int64_t k = col0 + 64 * j;
+    __m512i xv[NT];
+  #pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) xv[t] = FULL ? _mm512_loadu_si512(x.q[t] + k) : _mm512_maskz_loadu_epi8(bm, x.q[t] + k);
+  #pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      if (pf) prefetch(pf->q[r] + k);
+      const __m512i b = FULL ? _mm512_loadu_si512(w.q[r] + k) : _mm512_maskz_loadu_epi8(bm, w.q[r] + k);
+      const __m512i u = _mm512_xor_si512(b, off);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; t++) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv[t]);
+        acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
+                                          acc[r * NT + t]);
+      }
+    }
+  }
+}
+
+// res[r * NT + t] = int8gG row r (NG weight groups) . activation row t; pf (or nullptr): rows to prefetch.
+template <int R, int NT, bool G16>
+HX_INLINE void q8g_rows(const Rows<R>& w, const Rows<R>* pf, int scode, int zcode, int64_t NG, const QTile& x,
+                        float* res) {
+  __m512 acc[R * NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NT; i++) acc[i] = _mm512_setzero_ps();
+  int64_t c = 0;
+#pragma GCC unroll 1
+  for (; c + 16 <= NG; c += 16) q8g_chunk<R, NT, G16, true>(w, pf, scode, zcode, c, 16, x, acc);
+  if (c < NG) q8g_chunk<R, NT, G16, false>(w, pf, scode, zcode, c, int(NG - c), x, acc);
+  reduce<R * NT>(acc, res);
+}
+
 // 32 fp32 values (v0: columns 0..15 of the group, v1: 16..31) -> int8 like quant32 (cpu_moe.cpp) does,
 // bit for bit (fp32 multiply by 127 / amax, round half to even). split: even columns -> lo[0..15], odd ->
-// hi[0..15] (int4 layout), else columns 0..15 -> lo, 16..31 -> hi.
-inline void quant32v(__m512 v0, __m512 v1, bool split, int8_t* lo, int8_t* hi, float* s, float* sum) {
+// hi[0..15] (int4 layout), else columns 0..15 -> lo, 16..31 -> hi. sum16 (or nullptr): the two halves' sums.
+inline void quant32v(__m512 v0, __m512 v1, bool split, int8_t* lo, int8_t* hi, float* s, float* sum,
+                     float* sum16 = nullptr) {
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   if (split) {
@@ -240,6 +338,10 @@ inline void quant32v(__m512 v0, __m512 v1, bool split, int8_t* lo, int8_t* hi, f
   _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(q1));
   *s = amax / 127.f;
   *sum = *s * float(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+  if (sum16) {
+    sum16[0] = *s * float(_mm512_reduce_add_epi32(q0));
+    sum16[1] = *s * float(_mm512_reduce_add_epi32(q1));
+  }
 }
 
 }  // namespace q512
