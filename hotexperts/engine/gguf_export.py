@@ -3,7 +3,8 @@
     write_gguf(lm, out_path, quant="q4_k", dense="f32", split_max_tensors=0, overrides=None) -> [paths]
     write_tokenizer(gguf_writer, tokenizer, vocab_size=0, bos_id=None)   tokenizer metadata only
         quant: experts' type, one of QUANTS (q4_k q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 bf16 f16 f32), or q4_k_m:
-               Q4_K, with ffn_down_exps Q6_K in the layers llama.cpp's Q4_K_M gives more bits (q4_k_m_overrides)
+               Q4_K, with ffn_down_exps Q6_K in the layers llama.cpp's Q4_K_M gives more bits
+               (q4_k_m_overrides)
         dense: non-expert tensors' type: f32 | f16 | bf16 | q8_0 (1-D tensors and norms stay f32)
         split_max_tensors > 0 writes name-0000i-of-0000N.gguf shards (gguf's own splitting)
         overrides: {GGUF tensor name: quant} per-tensor types, e.g. Q4_K_M-like Q6_K down in some layers

@@ -287,8 +287,8 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
                     expert_dtype: str | None = None) -> LoadedModel:
     """A preset with seeded random weights: dense model on `device`, experts in a host ExpertStore.
 
-    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or "int8"/"int4"/"int4g32"/"int8g32"/"int8g16"
-    (quantized).
+    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or (quantized) "int8"/"int4"/"int4g32"/
+    "int8g32"/"int8g16".
     Random numbers are drawn on `device` (fast on a GPU), experts copied to host memory layer by layer.
     """
     p = get_preset(preset)

@@ -10,8 +10,8 @@ has one), and `build_executor` that turns it into an ExpertExecutor.
     static:FILE    a fixed hot set from a routing profile                        --moe-profile FILE (alone)
 --moe-profile with hot/cache = warm start. --vram-budget GiB|auto caps dense + KV + workspace (reserved_bytes)
 + staging + slots; alone it means layers:auto (the smallest N that fits). --moe-pp-bypass T: prompt chunks
-over T tokens bypass the policy and may stream whole layers to the GPU. --expert-quant int8|int4|int8g: quantized
-expert copies (CPU and slots); exactness is then against the quantized reference.
+over T tokens bypass the policy and may stream whole layers to the GPU. --expert-quant int8|int4|int8g:
+quantized expert copies (CPU and slots); exactness is then against the quantized reference.
 Contradictory flags or a budget too small for the dense part raise PlacementError.
 """
 
@@ -58,7 +58,8 @@ class Placement:
         if self.mode not in MODES:
             raise PlacementError(f"unknown placement {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.expert_quant not in QUANT:
-            raise PlacementError(f"--expert-quant must be none, int8, int4 or int8g, got {self.expert_quant!r}")
+            raise PlacementError(f"--expert-quant must be none, int8, int4 or int8g, "
+                                 f"got {self.expert_quant!r}")
         if self.decode not in DECODE:
             raise PlacementError(f"--moe-decode must be one of {', '.join(DECODE)}, got {self.decode!r}")
         if self.gpu_misses is not None and self.gpu_misses < 0:
@@ -233,7 +234,8 @@ def resolve_budget(p: Placement, device: torch.device, reserved: int, slot_bytes
 def quantized_store(store, quant: str):
     """--expert-quant: the store with its DENSE expert matrices quantized to the format; matrices already
     quantized keep theirs (e.g. a GGUF whose w13 is int4g32 from Q4_K and whose w2 is bf16 because some
-    layers' down matrices have a type without a quantized format, such as Q3_K: w2 becomes int8). Nothing dense and another format asked: PlacementError."""
+    layers' down matrices have a type without a quantized format, such as Q3_K: w2 becomes int8). Nothing
+    dense and another format asked: PlacementError."""
     fmt = QUANT[quant]
     if fmt is None:
         return store

@@ -66,10 +66,12 @@ def int4g32_from_affine(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return QuantizedWeight("int4g32", pack_int4(q), a32.to(scale_dtype), zero)
 
 
-def quantize_int8g(w: torch.Tensor, group: int = 32, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+def quantize_int8g(w: torch.Tensor, group: int = 32,
+                   scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Symmetric int8 per group of `group` columns (scale = amax / 127; no zero)."""
     if w.shape[-1] % group:
-        raise ValueError(f"int8g{group} needs the last dimension to be a multiple of {group}, got {w.shape[-1]}")
+        raise ValueError(f"int8g{group} needs the last dimension to be a multiple of {group}, "
+                         f"got {w.shape[-1]}")
     g = w.float().unflatten(-1, (-1, group))                         # [..., N, G, group]
     scale = (g.abs().amax(dim=-1) / 127.0).to(scale_dtype)           # [..., N, G]
     s = scale.float().unsqueeze(-1)

@@ -4,7 +4,8 @@ cpu_moe(x [T, D], ids [T, K] int64, weights [T, K], experts: LayerExperts, out [
         act_quant: bool | None = None) -> out
     y[t] = sum_k weights[t, k] * W2_e (silu(G_e x_t) * (U_e x_t)), e = ids[t, k]; ids == -1 is skipped.
     experts.w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]: fp32/bf16/fp16 tensors or
-    QuantizedWeight ("int8", "int4g32", "int8g32", "int8g16"), on the CPU. x is bf16/fp16/fp32; accumulation is fp32.
+    QuantizedWeight ("int8", "int4g32", "int8g32", "int8g16"), on the CPU. x is bf16/fp16/fp32; accumulation
+    is fp32.
     `out` (x's shape; any float dtype, may be pinned) is written, not accumulated.
 
 Backends (`cpu_moe_backend()`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on first
@@ -14,8 +15,8 @@ is unsupported (D or I not a multiple of 32); the reason is warned once.
 Threads: `set_num_threads(n)`; default = $HOTEXPERTS_CPU_THREADS, else physical cores.
 
 Activation quantization (`act_quant`, default `set_activation_quant(None)` = auto): for int8 / int4g32
-weights (and int8gG on AVX-512 VNNI builds) the extension quantizes x and h = silu(g) * u to int8 with one fp32 scale per 32-group and uses
-integer dot products (AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization
+weights (and int8gG on AVX-512 VNNI builds) the extension quantizes x and h = silu(g) * u to int8 with one
+fp32 scale per 32-group and uses integer dot products (AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization
 tolerance"). Auto = on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32
 weights always take the exact fp32 path, and so does everything with act_quant=False.
 `set_prefetch_rows(n)`: the integer path prefetches weights n steps ahead (default 2, 0 = off; 512-bit path:
@@ -35,7 +36,8 @@ from hotexperts.experts.quant import dequantize
 from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
 from hotexperts.kernels.cpu_build import load_error, load_extension
 
-_FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "int4g32": 4, "int8g32": 5, "int8g16": 5}
+_FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "int4g32": 4, "int8g32": 5,
+        "int8g16": 5}
 _warned: set[str] = set()
 
 

@@ -75,7 +75,8 @@ def _int8g_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e
         w = q * tl.load(s_ptr + soff, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             w += tl.load(z_ptr + soff, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + c * so_e + r64[:, None] * so_n + col[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + c * so_e + r64[:, None] * so_n + col[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=m)
 
 
 def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None, *,

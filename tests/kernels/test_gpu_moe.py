@@ -165,7 +165,10 @@ def _quant_int8g(w, fmt):
     from hotexperts.experts.quant import dequantize, int8g_from_int4g32, quantize_int8g
 
     g = int(fmt[5:7])
-    qw = int8g_from_int4g32(_quant_int4(w)[0], g) if fmt.endswith("z") else quantize_int8g(w, g, torch.float32)
+    if fmt.endswith("z"):
+        qw = int8g_from_int4g32(_quant_int4(w)[0], g)
+    else:
+        qw = quantize_int8g(w, g, torch.float32)
     return qw, dequantize(qw)
 
 
@@ -248,7 +251,7 @@ def test_triton_dequant_matches_the_reference_bit_for_bit(triton_moe, fmt):
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(5, 48, 96, generator=g)                  # 48 rows (not a multiple of the row block)
-    if fmt.startswith("int8g"):             # fp16 scale/zero (as loaded): q * scale is exact, so an FMA agrees
+    if fmt.startswith("int8g"):             # fp16 scale/zero (as loaded): q * scale is exact, so FMA agrees
         qw = _quant_int8g(w, fmt)[0]
         qw = QuantizedWeight(qw.fmt, qw.q, qw.scale.half(), None if qw.zero is None else qw.zero.half())
     else:
