@@ -1,6 +1,6 @@
 """Benchmark the fused CPU MoE kernel at full model scale (default: Qwen3-30B-A3B, 48 layers x 128 experts).
 
-For each weight format (int4g32, int8, bf16), one at a time to bound RAM: build every layer's experts
+For each weight format (int4g32, int8, int8g32, int8g16, int8g16z = with a zero, bf16), one at a time to bound RAM: build every layer's experts
 (one random layer, cloned, so the model is far larger than L3), then time, for int4g32/int8 once with the
 int8-activation integer path (act "q8") and once with the exact fp32 path (act "fp32"):
   decode:  each token routes 8 random experts per layer (new ids every token) through all layers
@@ -70,6 +70,12 @@ def random_layer(fmt: str, E: int, D: int, I: int, gen: torch.Generator) -> Laye
         if fmt == "int8":
             q = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, generator=gen)
             return QuantizedWeight(fmt, q, torch.rand(E, N, generator=gen) * 4e-4 + 1e-4)
+        if fmt in ("int8g32", "int8g16", "int8g16z"):           # z: with a zero (a Q4_K_M down matrix)
+            g = int(fmt[5:7])
+            q = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, generator=gen)
+            s = (torch.rand(E, N, K // g, generator=gen) * 4e-4 + 1e-4).half()
+            z = (torch.randn(E, N, K // g, generator=gen) * 0.01).half() if fmt.endswith("z") else None
+            return QuantizedWeight(fmt[:7], q, s, z)
         return (torch.randn(E, N, K, generator=gen) * 0.03).to(torch.bfloat16)
 
     return LayerExperts(mat(2 * I, D), mat(D, I))
@@ -309,7 +315,7 @@ def bench_format(fmt: str, a, dram: float) -> list[dict]:
     t = time.perf_counter()
     layers = build_model(fmt, a)
     built = time.perf_counter() - t
-    acts = [True, False] if fmt in ("int4g32", "int8") and cm.cpu_moe_int_dot() != "none" else [False]
+    acts = [True, False] if fmt.startswith("int") and cm.cpu_moe_int_dot() != "none" else [False]
     rows = []
     for aq in acts:
         fn = with_act(aq)

@@ -138,7 +138,14 @@ def bmm_baseline(x, ids, w, w13, w2, slot_of):
 
 
 def quantize(w, fmt):
-    """bf16 [S, N, Kin] -> QuantizedWeight (int8 per row, or int4g32 min/max per 32 columns)."""
+    """bf16 [S, N, Kin] -> QuantizedWeight (int8 per row, int4g32 min/max per 32 columns, int8g32 / int8g16
+    symmetric per group, int8g16z: int8g16 with a zero, from int4g32 (a Q4_K_M down matrix))."""
+    from hotexperts.experts import quant as hq
+
+    if fmt in ("int8g32", "int8g16"):
+        return hq.quantize_int8g(w, int(fmt[5:]), torch.float32 if DRY else torch.float16)
+    if fmt == "int8g16z":
+        return hq.int8g_from_int4g32(quantize(w, "int4g32"), 16)
     if fmt == "int8":
         scale = w.float().abs().amax(-1).clamp(min=1e-8) / 127
         q = torch.round(w.float() / scale.unsqueeze(-1)).to(torch.int8)
@@ -225,7 +232,7 @@ def decode():
 
 def quant_decode(name, sh, ls, bf16_bmm_us):
     """T=1 decode with int8 / int4g32 slots: correctness vs the torch fallback, time, and the byte floor."""
-    for fmt in ("int8", "int4g32"):
+    for fmt in ("int8", "int4g32", "int8g32", "int8g16", "int8g16z"):
         try:
             qls = [(quantize(w13, fmt), quantize(w2, fmt), so) for w13, w2, so in ls]
             ids, w = routing(1, sh["E"], sh["K"])
@@ -350,8 +357,10 @@ def main():
     RESULTS["device"] = f"{name} torch {torch.__version__} triton {triton.__version__}"
     print(RESULTS["device"])
     t0 = time.time()
-    if "--quant-sweep" in sys.argv:          # only the quantized decode block-size sweep
-        quant_sweep()
+    if "--quant-sweep" in sys.argv:          # only the quantized decode block-size sweep [formats]
+        i = sys.argv.index("--quant-sweep")
+        fmts = sys.argv[i + 1].split(",") if len(sys.argv) > i + 1 else ("int4g32",)
+        quant_sweep(fmts)
     else:
         correctness()
         decode()

@@ -24,7 +24,7 @@ from hotexperts.engine.presets import build_in_memory
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
-    ap.add_argument("--quant", default="int4", choices=("none", "int8", "int4"))
+    ap.add_argument("--quant", default="int4", choices=("none", "int8", "int4", "int8g"))
     ap.add_argument("--budgets", default="16,24")
     ap.add_argument("--sources", default="synthetic:qwen3-30b-a3b")
     ap.add_argument("--tests", default="pp512,pp4096,tg128,tg128@d4096")
@@ -42,7 +42,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
     t0 = time.time()
-    expert_dtype = {"none": None, "int8": "int8", "int4": "int4g32"}[a.quant]
+    expert_dtype = {"none": None, "int8": "int8", "int4": "int4g32", "int8g": "int8g32"}[a.quant]
     lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)
     print(f"built {a.preset} in {time.time() - t0:.0f} s", flush=True)
     runs = [(src, a.tests if i == 0 or not a.fast_tests else a.fast_tests, a.budgets, "")
