@@ -24,6 +24,7 @@ from hotexperts.engine.presets import build_in_memory
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--model", default=None, help="load this model (e.g. a GGUF file) instead of the preset")
     ap.add_argument("--quant", default="int4", choices=("none", "int8", "int4", "int8g"))
     ap.add_argument("--budgets", default="16,24")
     ap.add_argument("--sources", default="synthetic:qwen3-30b-a3b")
@@ -43,8 +44,15 @@ def main() -> None:
     device = torch.device(a.device)
     t0 = time.time()
     expert_dtype = {"none": None, "int8": "int8", "int4": "int4g32", "int8g": "int8g32"}[a.quant]
-    lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)
-    print(f"built {a.preset} in {time.time() - t0:.0f} s", flush=True)
+    if a.model:
+        from hotexperts.bench.harness import expert_format
+        from hotexperts.engine.engine import load_source
+
+        lm, expert_dtype, a.quant = load_source(a.model, torch.bfloat16, device, 0), None, "none"
+        print(f"loaded {a.model} ({expert_format(lm.store)}) in {time.time() - t0:.0f} s", flush=True)
+    else:
+        lm = build_in_memory(a.preset, dtype="bfloat16", device=device, seed=0, expert_dtype=expert_dtype)
+        print(f"built {a.preset} in {time.time() - t0:.0f} s", flush=True)
     runs = [(src, a.tests if i == 0 or not a.fast_tests else a.fast_tests, a.budgets, "")
             for i, src in enumerate(a.sources.split(","))]
     runs += [(*item.split("|"), f"_extra{j}") for j, item in enumerate(filter(None, a.extra.split(";")))]
@@ -59,10 +67,10 @@ def main() -> None:
                            compile_decode=a.compile)
         report["command"] = "python scripts/gpu_bench.py " + " ".join(
             f"--{k} {v}" for k, v in vars(a).items())
-        report["preset"] = a.preset
+        report["preset"] = a.model or a.preset
         report["expert_quant"] = a.quant
         report["seconds"] = time.time() - t1
-        name = f"bench_{a.preset}_{kind}{a.tag}{suffix}"
+        name = f"bench_{'model' if a.model else a.preset}_{kind}{a.tag}{suffix}"
         rep.save_json(report, out / f"{name}.json")
         print(rep.table(report), flush=True)
         print(json.dumps({"done": name, "seconds": round(report["seconds"])}), flush=True)
