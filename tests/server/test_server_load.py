@@ -63,13 +63,18 @@ async def malformed(http: httpx.AsyncClient, sem: asyncio.Semaphore, i: int) -> 
 
 
 async def disconnect(http: httpx.AsyncClient, i: int) -> bool:
-    """Stream until the first text arrives, then drop the connection."""
+    """Stream until the first text arrives, then drop the connection. True also when the generation ended
+    (a finish_reason) before any text: a sampled end-of-text first token leaves nothing to drop (this
+    made the test flaky when the sampling was unseeded)."""
     body = {"model": MODEL, "messages": messages(100 + i), "max_tokens": DISCONNECT_TOKENS,
-            "temperature": 0.8, "stream": True}
+            "temperature": 0.8, "seed": 1000 + i, "stream": True}
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            if choice["delta"].get("content") or choice.get("finish_reason"):
                 return True
     return False
 
