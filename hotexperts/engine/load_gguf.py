@@ -13,8 +13,7 @@ Experts stay quantized: per MoE matrix (w13 = gate+up, w2 = down), when every la
 Q4_0/Q4_1/Q4_K they become int4g32; when they are Q8_0/Q5_0/Q5_1/Q5_K/Q6_K (possibly beside Q4 types, as in
 Q4_K_M) they become int8g32, or int8g16 if any is Q6_K (both exact, loading/gguf_quants.py); otherwise that
 matrix is dequantized to `dtype` in every layer (the slot pool holds one format per matrix across layers).
-Dense weights are
-dequantized to `dtype` on `device`.
+Dense weights are dequantized to `dtype` on `device`.
 Tokenizer (built with `tokenizers`, checked against transformers' GGUF conversion in the tests):
     "gpt2"   byte-level BPE (tokens, merges) with the split regex named by tokenizer.ggml.pre
     "llama"  SentencePiece-style BPE with byte fallback; merges recovered from the scores

@@ -5,7 +5,6 @@ quantize_int4g32(w[..., N, K])  -> "int4g32": q uint8 [..., N, K/2] (low nibble 
                                    scale, zero [..., N, K/32] (fp16 by default), w = (q - 8) * scale + zero
 quantize_int8g(w[..., N, K], group=32) -> "int8gG": q int8 [..., N, K], scale [..., N, K/G] (symmetric,
                                    fp16 by default; zero None), w = q * scale
-int8g_from_affine(q, a, b, group) -> "int8gG" from integer q [..., N, K] in -128..127 and a, b [..., N, K/G]
 int8g_from_int4g32(qw, group)    -> the same weights as "int8gG" (q - 8, scale and zero repeated): exact
 dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default)
 quantize_layer(LayerExperts, fmt) with fmt in {"none", "int8", "int4", "int4g32", "int8g32", "int8g16"}
@@ -77,13 +76,6 @@ def quantize_int8g(w: torch.Tensor, group: int = 32,
     s = scale.float().unsqueeze(-1)
     q = torch.round(g / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-128, 127).to(torch.int8)
     return QuantizedWeight(f"int8g{group}", q.flatten(-2), scale)
-
-
-def int8g_from_affine(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, group: int,
-                      scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """q [..., N, K] integers in -128..127, a (and b, or None) [..., N, K/group]: w = a * q (+ b)."""
-    zero = None if b is None else b.to(scale_dtype)
-    return QuantizedWeight(f"int8g{group}", q.to(torch.int8), a.to(scale_dtype), zero)
 
 
 def int8g_from_int4g32(qw: QuantizedWeight, group: int = 32) -> QuantizedWeight:
