@@ -1,8 +1,9 @@
 """Benchmark the fused CPU MoE kernel at full model scale (default: Qwen3-30B-A3B, 48 layers x 128 experts).
 
 For each weight format (int4g32, int8, int8g32, int8g16, int8g16z = with a zero, bf16), one at a time to
-bound RAM: build every layer's experts (one random layer, cloned, so the model is far larger than L3), then time, for int4g32/int8 once with the
-int8-activation integer path (act "q8") and once with the exact fp32 path (act "fp32"):
+bound RAM: build every layer's experts (one random layer, cloned, so the model is far larger than L3), then
+time, for the integer formats once with the int8-activation integer path (act "q8") and once with the exact
+fp32 path (act "fp32"):
   decode:  each token routes 8 random experts per layer (new ids every token) through all layers
            -> ms/token, tok/s (MoE part only), effective GB/s of expert weights, % of DRAM read bandwidth;
            for q8 also without software prefetch (column "no-pf tok/s");
