@@ -2,8 +2,8 @@
 
     write_gguf(lm, out_path, quant="q4_k", dense="f32", split_max_tensors=0, overrides=None) -> [paths]
     write_tokenizer(gguf_writer, tokenizer, vocab_size=0, bos_id=None)   tokenizer metadata only
-        quant: experts' type, one of QUANTS (q4_k q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 bf16 f16 f32), or q4_k_m:
-               Q4_K, with ffn_down_exps Q6_K in the layers llama.cpp's Q4_K_M gives more bits
+        quant: experts' type, one of QUANTS (q4_k q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 mxfp4 bf16 f16 f32), or
+               q4_k_m: Q4_K, with ffn_down_exps Q6_K in the layers llama.cpp's Q4_K_M gives more bits
                (q4_k_m_overrides)
         dense: non-expert tensors' type: f32 | f16 | bf16 | q8_0 (1-D tensors and norms stay f32)
         split_max_tensors > 0 writes name-0000i-of-0000N.gguf shards (gguf's own splitting)
@@ -36,7 +36,7 @@ from hotexperts.tokenizer import QWEN_PAT
 
 Q = GGMLQuantizationType
 QUANTS = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k": Q.Q5_K,
-          "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+          "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
 DENSE = ("f32", "f16", "bf16", "q8_0")
 FALLBACK = {Q.Q4_K: Q.Q4_1, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}   # rows not a multiple of 256 (llama.cpp: Q5_0..)
 ARCH_OUT = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}

@@ -262,7 +262,7 @@ def expert_formats(f: GGUFFile, cfg: ModelConfig) -> dict[str, str | None]:
 def _format_of(matrix: str, kinds: set) -> str | None:
     if kinds <= set(gq.FAST_TYPES):
         return "int4g32"
-    spec = gq.int8_spec(kinds)
+    spec = gq.int8_spec(kinds) if gq.Q.MXFP4 not in kinds or len(kinds) == 1 else None   # see _scale_dtype
     if spec is not None:
         return f"int8g{spec[0]}" + ("+zero" if spec[1] else "")
     if kinds & (set(gq.FAST_TYPES) | set(gq.INT8_TYPES)):
@@ -290,10 +290,17 @@ def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fmt: str | N
         if fmt == "int4g32":
             parts.append(gq.to_int4g32(chunk, info.qtype, sdt))
         elif fmt is not None:
-            parts.append(gq.to_int8g(chunk, info.qtype, int(fmt[5:7]), fmt.endswith("+zero"), sdt))
+            parts.append(gq.to_int8g(chunk, info.qtype, int(fmt[5:7]), fmt.endswith("+zero"),
+                                     _scale_dtype(info.qtype, sdt)))
         else:
             parts.append(gq.dequantize(chunk, info.qtype, (len(chunk), *rows), names[0]).to(dt))
     return _cat(parts, 0)
+
+
+def _scale_dtype(qtype, sdt: torch.dtype) -> torch.dtype:
+    """MXFP4 scales are powers of two from 2^-149 to 2^127: bf16 holds every one exactly, fp16 does not. A
+    matrix is MXFP4 in every layer or dequantized (_format_of), so its scale dtype is uniform."""
+    return torch.bfloat16 if qtype == gq.Q.MXFP4 and sdt == torch.float16 else sdt
 
 
 def _cat(ws: list, dim: int):

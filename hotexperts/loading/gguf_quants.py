@@ -27,6 +27,11 @@ The 5/6/8-bit blocks are w = a * q + b with integer q that fits int8 (int8gG kee
     Q6_K  (210 B / 256): ql 128 B, qh 64 B, 16 int8 scales, d      a = d sc,    b = 0,   q - 32 in -32..31,
                          groups of 16; per 128-weight half: ql[l] low/high nibble = weights l / l + 64,
                          ql[l + 32] = l + 32 / l + 96, qh[l] bits 2k..2k+1 = 5th-6th bit of weight l + 32 k
+    IQ4_NL (18 B / 32): d, nibbles as Q4_0 (non-linear: q = KVALUES[nibble])   a = d,    b = 0
+    IQ4_XS (136 B / 256): d, scales_h u16, scales_l 4 B (6-bit ls per 32: low 4 bits, then 2 high bits),
+                         128 B nibbles (16 B per 32: low nibbles = first 16)  a = d (ls - 32), b = 0
+    MXFP4 (17 B / 32):  e8m0 exponent e, nibbles (e2m1 doubled: q = MXFP4_VALUES[nibble])
+                                                                       a = 2^(e - 128), b = 0 (bf16: exact)
 a and b are computed in float32 (exact: fp16 x 6-bit ints) and stored as scale = a, zero = b + 8 a in
 `scale_dtype`: float16 by default (Q4_0 stays bit-exact; Q4_1/Q4_K round scale/zero to 11 bits, a relative
 error of 2^-11 of the group's range, below bf16 activation rounding), float32 for bit-tight equality.
@@ -116,7 +121,9 @@ def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float
 
 
 INT8_TYPES = {Q.Q8_0: (32, False), Q.Q5_0: (32, False), Q.Q5_1: (32, True), Q.Q5_K: (32, True),
-              Q.Q6_K: (16, False)}
+              Q.Q6_K: (16, False), Q.IQ4_NL: (32, False), Q.IQ4_XS: (32, False), Q.MXFP4: (32, False)}
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)   # IQ4_NL / IQ4_XS
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)             # e2m1, doubled
 _Q4_AS_INT8 = {Q.Q4_0: (32, True), Q.Q4_1: (32, True), Q.Q4_K: (32, True)}   # through int4g32 (zero = b + 8a)
 
 
@@ -171,7 +178,31 @@ def _int8_q6_k(b):                        # b [..., nb, 210] -> q [..., nb, 256]
     return q.flatten(-3), _half(b, 208) * sc, None
 
 
-_INT8 = {Q.Q8_0: _int8_q8_0, Q.Q5_0: _int8_q5_0, Q.Q5_1: _int8_q5_1, Q.Q5_K: _int8_q5_k, Q.Q6_K: _int8_q6_k}
+def _lut(nib: torch.Tensor, values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int16)[nib.long()]
+
+
+def _int8_iq4_nl(b):                      # b [..., nb, 18]
+    return _lut(_nibbles(b[..., 2:18]), KVALUES), _half(b, 0), None
+
+
+def _int8_iq4_xs(b):                      # b [..., nb, 136] -> q [..., nb, 256], a [..., nb, 8]
+    hi = b[..., 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF          # [..., nb, 1]
+    lo = b[..., 4:8].to(torch.int32)                                                  # [..., nb, 4]
+    i = torch.arange(8)
+    ls = ((lo[..., i // 2] >> (4 * (i % 2))) & 15) | (((hi >> (2 * i)) & 3) << 4)    # [..., nb, 8]
+    q = _nibbles(b[..., 8:136].unflatten(-1, (8, 16))).flatten(-2)                   # [..., nb, 256]
+    return _lut(q, KVALUES), _half(b, 0) * (ls - 32).float(), None
+
+
+def _int8_mxfp4(b):                       # b [..., nb, 17]
+    e = b[..., 0:1].to(torch.int32)
+    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)                        # e8m0 / 2, as fp32 bits
+    return _lut(_nibbles(b[..., 1:17]), MXFP4_VALUES), bits.view(torch.float32), None
+
+
+_INT8 = {Q.Q8_0: _int8_q8_0, Q.Q5_0: _int8_q5_0, Q.Q5_1: _int8_q5_1, Q.Q5_K: _int8_q5_k, Q.Q6_K: _int8_q6_k,
+         Q.IQ4_NL: _int8_iq4_nl, Q.IQ4_XS: _int8_iq4_xs, Q.MXFP4: _int8_mxfp4}
 
 
 def to_int8g(raw: np.ndarray, qtype: Q, group: int, zero: bool,

@@ -19,7 +19,7 @@ def random_blocks(qtype, rows=6, blocks=3, seed=0):
     bs = gq.block_bytes(qtype)[1]
     raw = rng.integers(0, 256, size=(rows, blocks, bs), dtype=np.uint8)
     halves = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
-              Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
+              Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.MXFP4: ()}[qtype]
     for at in halves:
         raw[..., at:at + 2] = (rng.standard_normal((rows, blocks)) * 0.02).astype(np.float16)[..., None].view(
             np.uint8)
@@ -57,7 +57,7 @@ def test_int4g32_batched_leading_dims():
 
 
 INT8_CASES = [(Q.Q8_0, 32), (Q.Q8_0, 16), (Q.Q5_0, 32), (Q.Q5_1, 32), (Q.Q5_K, 32), (Q.Q5_K, 16),
-              (Q.Q6_K, 16), (Q.Q4_K, 16), (Q.Q4_0, 32), (Q.Q4_1, 16)]
+              (Q.Q6_K, 16), (Q.Q4_K, 16), (Q.Q4_0, 32), (Q.Q4_1, 16), (Q.IQ4_NL, 32), (Q.IQ4_XS, 32)]
 
 
 @pytest.mark.parametrize("qtype,group", INT8_CASES, ids=lambda v: getattr(v, "name", str(v)))
@@ -74,6 +74,16 @@ def test_int8g_is_exact_with_fp32_scales(qtype, group):
     group_range = np.abs(want).reshape(2, 3, -1, 16).max(-1, keepdims=True)
     err = np.abs(dequantize_int4(w16).numpy() - want).reshape(2, 3, -1, 16) / np.maximum(group_range, 1e-12)
     assert err.max() < 2 ** -9
+
+
+def test_mxfp4_is_exact_with_bf16_scales():
+    """MXFP4's scales are powers of two over fp32's whole range (e8m0): bf16 holds them exactly."""
+    raw = random_blocks(Q.MXFP4, seed=3)
+    raw.reshape(6, 3, 17)[..., 0] = np.arange(18).reshape(6, 3) * 11 + 2    # exponents 2 .. 189 (fp16 can't)
+    want = quants.dequantize(raw, Q.MXFP4)
+    w = gq.to_int8g(raw, Q.MXFP4, 32, False, torch.bfloat16)
+    assert w.fmt == "int8g32" and w.zero is None
+    np.testing.assert_array_equal(dequantize_int4(w).numpy(), want)
 
 
 def test_int8_spec_picks_the_common_format():
