@@ -411,7 +411,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: safetensors directory (default); gguf: a GGUF file (--out FILE.gguf or DIR)")
     p.add_argument("--quant", default="q4_k",
-                   help="GGUF expert type: q4_k q4_k_m q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 bf16 f16 f32 "
+                   help="GGUF expert type: q4_k q4_k_m q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 mxfp4 bf16 f16 f32 "
                         "(default q4_k; q4_k_m: Q6_K down matrices in some layers, as llama.cpp's Q4_K_M)")
     p.set_defaults(func=run)
 
