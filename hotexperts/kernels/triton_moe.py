@@ -359,14 +359,28 @@ def _sstrides(qf: int, sc: torch.Tensor) -> tuple[int, int]:
     return (sc.stride(0), sc.stride(1)) if qf else (0, 0)
 
 
+def _quant_config(w13, w2) -> dict:
+    """Per-format decode blocks from the H200 sweeps (scripts/bench_gpu_moe.py --quant-sweep, Qwen3-30B-A3B
+    layer, T=1): int4g32 8 warps (40.7 vs 46.4 us with 4, run 5); int8gG 4 warps and 8 gate/up rows per
+    program (int8g32 30.8 vs 33.7 us, int8g16 with zero 33.4 vs 42.7 us with 8 warps and 16 rows, run 17).
+    Each kernel takes its own matrix's warps (w13 and w2 may differ, e.g. a Q4_K_M file)."""
+    f13, f2 = getattr(w13, "fmt", None), getattr(w2, "fmt", None)
+    warps = {"int4g32": 8, "int8g32": 4, "int8g16": 4}
+    out = {"warps_a": warps[f13]} if f13 in warps else {}
+    if f2 in warps:
+        out["warps_b"] = warps[f2]
+    if f13 in ("int8g32", "int8g16"):
+        out["BN"] = 8
+    return out
+
+
 def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
     """GEMV path (small T*K); dense, int8, int4g32 or int8gG weights. See module docstring."""
     T, K = ids.shape
     S, I2, D = w13.shape
     I = I2 // 2
-    grouped = getattr(w13, "fmt", None) in ("int4g32", "int8g32", "int8g16")
-    # int4: 8 warps per program measured best on the H200 (40.7 vs 46.4 us per Qwen3-30B-A3B layer, run 5)
-    cfg = {**decode_config(T, K, D, I), **({"num_warps": 8} if grouped else {}), **(cfg or {})}
+    tuned = _quant_config(w13, w2) if not (cfg and "num_warps" in cfg) else {}   # a caller's warps win
+    cfg = {**decode_config(T, K, D, I), **tuned, **(cfg or {})}
     ids = ids.contiguous()
     weights = weights.contiguous()
     out = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
@@ -380,12 +394,12 @@ def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | Non
     _decode_gate_up[grid_a](x, ids, smap, q13, s13, z13, h, K, D, I, x.stride(0), q13.stride(0),
                             q13.stride(1), *_sstrides(qa, s13),
                             HAS_MAP=slot_of is not None, QF=qa, EVEN_D=D % bk == 0, STAGES=cfg["stages"],
-                            BN=cfg["BN"], BK=bk, num_warps=cfg["num_warps"], **ka)
+                            BN=cfg["BN"], BK=bk, num_warps=cfg.get("warps_a", cfg["num_warps"]), **ka)
     grid_b = (T, triton.cdiv(D, cfg["BD"]))
     _decode_down[grid_b](h, ids, smap, weights, q2, s2, z2, out, K, D, I, q2.stride(0), q2.stride(1),
                          *_sstrides(qb, s2), out.stride(0),
                          HAS_MAP=slot_of is not None, QF=qb, EVEN_I=I % bi == 0, STAGES=cfg["stages"],
-                         BD=cfg["BD"], BI=bi, num_warps=cfg["num_warps"], **kb)
+                         BD=cfg["BD"], BI=bi, num_warps=cfg.get("warps_b", cfg["num_warps"]), **kb)
     return out
 
 

@@ -216,6 +216,7 @@ def test_quantized_prompt_batch_dequantizes_in_chunks(triton_moe, fmt):
     quant = _quant_int4 if fmt == "int4g32" else lambda t: _quant_int8g(t, fmt)
     (q13, d13), (q2, d2) = quant(w13), quant(w2)
     ref = reference(x, ids, w, d13, d2, slot_of)
+    x, ids, w, q13, q2, slot_of = (t.to(DEV) for t in (x, ids, w, q13, q2, slot_of))   # CUDA: on the GPU
     out = torch.full_like(x, float("nan"))
     dequant_chunks_moe(x, ids, w, q13, q2, slot_of, out, chunk=2)     # 3 chunks over the used slots
     assert rel_err(out, ref) < 5e-3                                   # tl.dot may use tf32 on GPU
@@ -235,6 +236,8 @@ def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe, chunk):
     stage = torch.tensor([-1, 1, -1, 3, -1, 5], dtype=torch.int32)  # experts 1, 3, 5 staged at their index
     sl13, sl2 = q13[torch.tensor([2, 4, 0])], q2[torch.tensor([2, 4, 0])]   # slot s holds that expert
     ref = reference(x, ids, w, d13, d2, None)
+    x, ids, w, q13, q2, sl13, sl2, res, stage = (t.to(DEV) for t in (x, ids, w, q13, q2, sl13, sl2, res,
+                                                                     stage))
     got = dequant_chunks_moe(x, ids, w, sl13, sl2, res, chunk=chunk, used=[0, 1, 2],
                              more=((q13, q2, stage, [1, 3, 5]),))
     assert rel_err(got, ref) < 5e-3
