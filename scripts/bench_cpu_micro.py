@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
+from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 
 D, I, TOP_K = 2048, 768, 8
 

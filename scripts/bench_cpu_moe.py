@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hotexperts.experts.quant import dequantize  # noqa: E402
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
+from hotexperts.quant import dequantize  # noqa: E402
+from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 
 
 def parse() -> argparse.Namespace:

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hotexperts.experts.quant import quantize_int4g32  # noqa: E402
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
+from hotexperts.quant import quantize_int4g32  # noqa: E402
+from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 
 MADV_HUGEPAGE, HUGE = 14, 2 << 20
 _keep: list = []                                   # mmaps backing the thp tensors

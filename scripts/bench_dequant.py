@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hotexperts.experts.quant import quantize_int4g32  # noqa: E402
 from hotexperts.kernels.triton_dequant import dequant_slots  # noqa: E402
+from hotexperts.quant import quantize_int4g32  # noqa: E402
 
 BLOCKS = [(16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (8, 256, 4), (64, 256, 8),
           (32, 512, 8)]

@@ -25,9 +25,9 @@ DRY = os.environ.get("BENCH_DRY") == "1"      # CPU dry run of the script's logi
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hotexperts.experts.weights import QuantizedWeight  # noqa: E402
 from hotexperts.kernels import triton_moe as tm  # noqa: E402
 from hotexperts.kernels.gpu_moe import torch_moe  # noqa: E402
+from hotexperts.weights import QuantizedWeight  # noqa: E402
 
 HBM = 4.3e12
 DEV = "cpu" if DRY else "cuda"
@@ -140,7 +140,7 @@ def bmm_baseline(x, ids, w, w13, w2, slot_of):
 def quantize(w, fmt):
     """bf16 [S, N, Kin] -> QuantizedWeight (int8 per row, int4g32 min/max per 32 columns, int8g32 / int8g16
     symmetric per group, int8g16z: int8g16 with a zero, from int4g32 (a Q4_K_M down matrix))."""
-    from hotexperts.experts import quant as hq
+    from hotexperts import quant as hq
 
     if fmt in ("int8g32", "int8g16"):
         return hq.quantize_int8g(w, int(fmt[5:]), torch.float32 if DRY else torch.float16)

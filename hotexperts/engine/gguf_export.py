@@ -30,8 +30,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 
 from hotexperts.engine.load import LoadedModel
 from hotexperts.errors import HotExpertsError
-from hotexperts.experts.quant import dequantize as dequantize_weight
 from hotexperts.loading import gguf_quants as gq
+from hotexperts.quant import dequantize as dequantize_weight
 from hotexperts.tokenizer import QWEN_PAT
 
 Q = GGMLQuantizationType

@@ -22,12 +22,12 @@ from tqdm import tqdm
 from hotexperts.config import ModelConfig
 from hotexperts.errors import ModelLoadError
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts
 from hotexperts.loading.safetensors_dir import SafetensorsDir
 from hotexperts.models import get_arch
 from hotexperts.models.naming import ExpertRef
 from hotexperts.models.transformer import MoETransformer
 from hotexperts.tokenizer import Tokenizer
+from hotexperts.weights import LayerExperts
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}

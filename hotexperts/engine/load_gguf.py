@@ -36,12 +36,12 @@ from hotexperts.config import ModelConfig
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
 from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight
 from hotexperts.loading import gguf_quants as gq
 from hotexperts.loading.gguf_reader import GGUFFile
 from hotexperts.models import get_arch
 from hotexperts.models.naming import ExpertRef
 from hotexperts.tokenizer import QWEN_PAT, Tokenizer, _bytes_to_unicode
+from hotexperts.weights import LayerExperts, QuantizedWeight
 
 GGUF_ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "llama": "mixtral", "olmoe": "olmoe"}
 NORM_TOPK = {"qwen3moe": True, "qwen2moe": False, "llama": True, "olmoe": False}   # llama.cpp's choices

@@ -32,8 +32,8 @@ from hotexperts.config import ModelConfig
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight
 from hotexperts.models import get_arch
+from hotexperts.weights import LayerExperts, QuantizedWeight
 
 SHARD_BYTES = 2 * 1024 ** 3
 OUT_SCALE = 0.1          # o_proj / down_proj std relative to 1/sqrt(fan_in): keeps the embedding dominant
@@ -252,7 +252,7 @@ def random_layer(cfg: ModelConfig, gen: torch.Generator, dtype: torch.dtype, chu
                  quant: str | None = None) -> LayerExperts:
     """One layer's experts on the CPU, drawn (and quantized, if `quant`) `chunk` experts at a time on gen's
     device, so a 30B-class model quantizes on the GPU in seconds instead of minutes on the CPU."""
-    from hotexperts.experts.quant import quantize_layer
+    from hotexperts.quant import quantize_layer
 
     E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
     parts = []

@@ -32,15 +32,20 @@ synchronous path) before polling fills and planning swaps. Without the worker: `
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 import warnings
 
 import numpy as np
 import torch
 
+from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.slots import DoneEvent
 from hotexperts.experts.staging import PromptCost, staging_or_none
+from hotexperts.kernels.cpu_moe import cpu_moe
+from hotexperts.kernels.gpu_moe import gpu_moe, triton_available
 
 
 class HostBuffers:
@@ -69,20 +74,21 @@ class HostBuffers:
 class HybridExecutor:
     def __init__(self, store, device, *, slots=None, controller=None, stats=None, pp_bypass: int = 64,
                  prompt_mode: str = "auto", prompt_cost: PromptCost | None = None, staging: bool = False,
-                 cpu_kernel=None, gpu_kernel=None):
+                 cpu_kernel=None, gpu_kernel=None, options: KernelOptions = DEFAULT_KERNELS):
         self.store, self.device = store, torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.options = pinned_threads(options, beside_gpu=self.cuda)
         self.slots, self.controller, self.cache_stats = slots, controller, stats
         self.managed = set(controller.layers) if controller is not None else set()
         self.pp_bypass, self.prompt_mode = pp_bypass, prompt_mode
         self.prompt_cost = prompt_cost or PromptCost()
-        self.cpu_moe = cpu_kernel or _default_cpu_kernel(leave_one_core=self.cuda)
-        self.gpu_moe = gpu_kernel or _default_gpu_kernel()
+        self.cpu_moe = cpu_kernel or functools.partial(cpu_moe, options=self.options)
+        self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=self.options.gpu_moe)
         self.host = HostBuffers(pin=self.cuda)
         self.E = store.num_experts
         self.moe_layers = list(store.layers)
         self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))
-        self.stage = staging_or_none(store, self.device) if staging else None
+        self.stage = staging_or_none(store, self.device, self.options.stage_copy) if staging else None
         self.on_route = None
         self.time_gpu = False                                # per-layer GPU timing with CUDA events (--stats)
         self.step, self._prompt = 0, False
@@ -119,7 +125,8 @@ class HybridExecutor:
         try:
             if self.cuda and not device_handoff_available():
                 raise HandoffUnavailable("Triton is unavailable")
-            self.worker = DecodeHandoff(self.store, self.moe_layers, top_k, hidden, dtype, self.device)
+            self.worker = DecodeHandoff(self.store, self.moe_layers, top_k, hidden, dtype, self.device,
+                                        self.options)
             if self_test:
                 self.worker.self_test(dtype)
             self.gpu_misses = gpu_misses if self._host_readable() else 0
@@ -503,36 +510,22 @@ class HybridExecutor:
         self.controller.observe_step(step, layers, ids.numpy(), hits.numpy(), True, tokens=T)
 
 
-def _default_cpu_kernel(leave_one_core: bool = False):
-    """The fused CPU kernel. Beside a GPU, its OpenMP threads leave one core to the Python thread that
-    drives the GPU (spinning workers on every core starve it: launches slow down for the whole step)."""
-    import os
-
-    from hotexperts.kernels import cpu_moe as cm
-
-    explicit = bool(os.environ.get("HOTEXPERTS_CPU_THREADS"))
-    if leave_one_core and not explicit and cm.get_num_threads() == cm._physical_cores() > 1:
-        cm.set_num_threads(cm._physical_cores() - 1)
-    return cm.cpu_moe
-
-
-def _default_gpu_kernel():
-    from hotexperts.kernels.gpu_moe import gpu_moe
-
-    return gpu_moe
+def pinned_threads(options: KernelOptions, beside_gpu: bool) -> KernelOptions:
+    """options with the CPU thread count fixed: beside a GPU its OpenMP threads leave one core to the Python
+    thread that drives the GPU (spinning workers on every core starve it: launches slow down for the whole
+    step)."""
+    return dataclasses.replace(options, cpu_threads=options.threads(beside_gpu))
 
 
 class GpuExecutor:
     """Every routed expert on the device, one fused gpu_moe call per layer: no host synchronisation, so
     CUDA-graph capturable (`graph_safe` on CUDA). The `gpu` placement's executor on CUDA."""
 
-    def __init__(self, store, device, gpu_kernel=None):
+    def __init__(self, store, device, gpu_kernel=None, options: KernelOptions = DEFAULT_KERNELS):
         self.device = torch.device(device)
         self.w13 = {l: store.layer(l).w13.to(self.device) for l in store.layers}     # [E, 2I, D]
         self.w2 = {l: store.layer(l).w2.to(self.device) for l in store.layers}       # [E, D, I]
-        self.gpu_moe = gpu_kernel or _default_gpu_kernel()
-        from hotexperts.kernels.gpu_moe import triton_available
-
+        self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=options.gpu_moe)
         # the Triton path never syncs with the host; the torch fallback's "loop" mode does
         self.graph_safe = self.device.type == "cuda" and triton_available()
         self.on_route = None

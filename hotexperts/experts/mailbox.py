@@ -26,8 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.errors import ExpertComputeError, HotExpertsError
+from hotexperts.kernels import cpu_moe as cm
 from hotexperts.kernels import handoff as hk
+from hotexperts.kernels.cpu_build import load_error, load_extension
 
 TIMEOUT_S = 10.0
 LARGE_EXPERT_BYTES = 32 << 20
@@ -79,14 +82,11 @@ class StepRows:
 class CpuExpertWorker:
     """The native thread that serves a Mailbox with the store's experts of `layers` (row order)."""
 
-    def __init__(self, mb: Mailbox, store, layers: list[int], *, idle_ms: float = 5.0,
+    def __init__(self, mb: Mailbox, store, layers: list[int], options: KernelOptions, *, idle_ms: float = 5.0,
                  sleep_us: float = 20.0):
-        from hotexperts.kernels import cpu_moe as cm
-        from hotexperts.kernels.cpu_build import load_error, load_extension
-
-        mod = load_extension()
+        mod = load_extension(options.cpu_isa)
         if mod is None:
-            raise HandoffUnavailable(f"the CPU extension is unavailable ({load_error()})")
+            raise HandoffUnavailable(f"the CPU extension is unavailable ({load_error(options.cpu_isa)})")
         cols = {k: [] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2")}
         for l in layers:
             le = store.layer(l)
@@ -97,10 +97,10 @@ class CpuExpertWorker:
                 cols[key].append(v)
             for key, v in zip(("f2", "q2", "s2", "z2"), p2, strict=True):
                 cols[key].append(v)
-        act_quant = cm._act_quant[0] is not False
         self.impl = mod.CpuWorker(mb.seq, mb.done, mb.miss, mb.w, mb.x, mb.out, mb.cpu_ns, mb.err,
                                   *(cols[k] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2")),
-                                  cm.get_num_threads(), act_quant, cm._prefetch[0], idle_ms, sleep_us)
+                                  options.threads(), options.use_act_quant(), options.prefetch_rows, idle_ms,
+                                  sleep_us)
 
     def wait(self, row: int, value: int, timeout_s: float) -> bool:
         return self.impl.wait(row, value, timeout_s)
@@ -124,12 +124,13 @@ def _close_all() -> None:
 
 
 class DecodeHandoff:
-    def __init__(self, store, layers: list[int], top_k: int, hidden: int, x_dtype: torch.dtype, device):
-        self.device = torch.device(device)
+    def __init__(self, store, layers: list[int], top_k: int, hidden: int, x_dtype: torch.dtype, device,
+                 options: KernelOptions = DEFAULT_KERNELS):
+        self.device, self.options = torch.device(device), options
         self.layers = list(layers)
         self.row = {l: i for i, l in enumerate(self.layers)}
         self.mb = Mailbox(len(self.layers), top_k, hidden, x_dtype, pin=self.device.type == "cuda")
-        self.worker = CpuExpertWorker(self.mb, store, self.layers)
+        self.worker = CpuExpertWorker(self.mb, store, self.layers, options)
         self.counter = torch.zeros(len(self.layers), dtype=torch.long, device=self.device)     # [Lm]
         self._seen = np.zeros(len(self.layers), dtype=np.int64)
         self._cpu_ns = np.zeros(len(self.layers), dtype=np.int64)
@@ -180,8 +181,6 @@ class DecodeHandoff:
 
     def self_test(self, x_dtype: torch.dtype) -> None:
         """One round trip on row 0 (every expert a miss) against a direct kernel call; raises on mismatch."""
-        from hotexperts.kernels.cpu_moe import cpu_moe
-
         layer, K, D = self.layers[0], self.mb.K, self.mb.D
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, D, generator=g).to(x_dtype)
@@ -191,7 +190,8 @@ class DecodeHandoff:
         got = self.collect(layer, ids.to(self.device), None, None, torch.float32).cpu()
         self.check()
         self.take_step()
-        want = cpu_moe(x, ids, w.to(x_dtype), self.store.layer(layer), torch.empty(1, D, dtype=torch.float32))
+        out = torch.empty(1, D, dtype=torch.float32)
+        want = cm.cpu_moe(x, ids, w.to(x_dtype), self.store.layer(layer), out, options=self.options)
         if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
             raise HandoffUnavailable("the decode mailbox round trip gave a wrong result "
                                      f"(max error {float((got - want).abs().max()):.3g})")

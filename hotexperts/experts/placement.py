@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import Budget, GiB, auto_budget, parse_bytes, parse_cache
-from hotexperts.experts.weights import QuantizedWeight
+from hotexperts.weights import QuantizedWeight
 
 MODES = ("gpu", "cpu", "layers", "hot", "cache", "static")
 DECODE = ("auto", "worker", "sync")
@@ -200,17 +201,18 @@ def _budget_arg(v) -> int | str | None:
 
 # ---- building the executor ---------------------------------------------------------------------------------
 def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: int = 0, dtype=None,
-                   event_factory=None, stats: bool = True):
+                   event_factory=None, stats: bool = True, options: KernelOptions = DEFAULT_KERNELS):
     """The executor for `placement` (see module doc). reserved_bytes: VRAM of dense weights + KV + workspace
-    (assumed already allocated when --vram-budget auto). dtype: the model's dtype (default: the store's)."""
+    (assumed already allocated when --vram-budget auto). dtype: the model's dtype (default: the store's).
+    options: how the expert kernels run (threads, integer path, backends)."""
     p, dev = placement, torch.device(device)
     store = quantized_store(store, p.expert_quant)
     if dev.type == "cuda":
         store.pin()
     budget = resolve_budget(p, dev, reserved_bytes, store.expert_nbytes)
     if p.mode == "gpu":
-        return _dense(store, dev, dtype, budget)
-    ex = _hybrid(p, store, dev, budget, event_factory, stats)
+        return _dense(store, dev, dtype, budget, options)
+    ex = _hybrid(p, store, dev, budget, event_factory, stats, options)
     if p.decode == "worker" or (p.decode == "auto" and dev.type == "cuda"):
         ex.enable_worker(cfg.top_k, cfg.hidden_size, dtype or _store_dtype(store, dev),
                          gpu_misses=gpu_misses(p))
@@ -254,7 +256,7 @@ def quantized_store(store, quant: str):
     return store.quantize(fmt)                      # quantizes the dense matrices, keeps quantized ones
 
 
-def _dense(store, dev, dtype, budget: Budget):
+def _dense(store, dev, dtype, budget: Budget, options: KernelOptions):
     """CUDA: GpuExecutor (one fused kernel per layer, graph-safe); elsewhere the DenseExecutor oracle."""
     from hotexperts.experts.hybrid import GpuExecutor
     from hotexperts.experts.reference import DenseExecutor
@@ -269,7 +271,7 @@ def _dense(store, dev, dtype, budget: Budget):
         ex.graph_safe = False                       # it synchronises (ids.unique()); fine for an oracle
         return ex
     try:
-        return GpuExecutor(store, dev)
+        return GpuExecutor(store, dev, options=options)
     except torch.cuda.OutOfMemoryError:
         raise PlacementError(f"out of VRAM putting all experts ({need / GiB:.2f} GiB) on the GPU; "
                              f"{hint}") from None
@@ -353,7 +355,7 @@ def _too_small(what: str, need: int, sb: int, free: int | None) -> str:
             f"{(free or 0) / GiB:.2f} GiB after the dense weights, KV cache and workspace")
 
 
-def _hybrid(p: Placement, store, dev, budget: Budget, event_factory, stats: bool):
+def _hybrid(p: Placement, store, dev, budget: Budget, event_factory, stats: bool, options: KernelOptions):
     from hotexperts.experts.hybrid import HybridExecutor
     from hotexperts.experts.slots import SlotCache
     from hotexperts.experts.stats import CacheStats
@@ -368,7 +370,7 @@ def _hybrid(p: Placement, store, dev, budget: Budget, event_factory, stats: bool
         slots.controller = ctl
         _initial_fill(p, store, slots, ctl, layers)
     ex = HybridExecutor(store, dev, slots=slots, controller=ctl, stats=st, pp_bypass=p.pp_bypass,
-                        prompt_mode=p.prompt_mode, staging=staging > 0)
+                        prompt_mode=p.prompt_mode, staging=staging > 0, options=options)
     ex.placement = p
     return ex
 

@@ -13,14 +13,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
+from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 RouteCallback = Callable[[int, torch.Tensor, torch.Tensor], None]   # (layer, ids [T,K], weights [T,K])
 
 
 def _dense(w: Weight, device, dtype) -> torch.Tensor:
     if isinstance(w, QuantizedWeight):
-        from hotexperts.experts.quant import dequantize
+        from hotexperts.quant import dequantize
 
         w = dequantize(w)
     return w.to(device=device, dtype=dtype)

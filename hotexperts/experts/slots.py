@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotexperts.experts.weights import QuantizedWeight, Weight
+from hotexperts.weights import QuantizedWeight, Weight
 
 Swap = tuple[int, "int | None", "int | None"]   # (layer, load | None, evict | None), see experts/policy.py
 

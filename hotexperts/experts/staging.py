@@ -3,24 +3,21 @@ on a copy stream: the double buffer a prompt chunk streams layers through) and P
 choice between streaming a layer and computing a chunk's misses on the CPU). Used by HybridExecutor.
 A layer's experts reach a pool by one cudaMemcpyAsync per part and run of consecutive experts, or, when
 they are scattered (a cache holding most of them: many runs), by one GPU gather launch per part that
-reads the pinned store over PCIe (kernels/triton_gather.py; HOTEXPERTS_STAGE_COPY=memcpy|gather|auto).
+reads the pinned store over PCIe (kernels/triton_gather.py; KernelOptions.stage_copy=memcpy|gather|auto).
 """
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from hotexperts.errors import HotExpertsError
 from hotexperts.experts.slots import alloc_like, parts
-from hotexperts.experts.weights import QuantizedWeight
+from hotexperts.weights import QuantizedWeight
 
 GATHER_MIN_RUNS = 4          # more runs of consecutive experts than this: one gather launch per part instead
-STAGE_COPY_MODES = ("auto", "memcpy", "gather")
 
 
 @dataclass
@@ -63,8 +60,8 @@ class StagingPools:
     buffer). A prefetch may copy only some experts (those without a slot): each lands at its own index and
     acquire() returns the table that marks which are there."""
 
-    def __init__(self, store, device):
-        self.store, self.device = store, device
+    def __init__(self, store, device, stage_copy: str = "auto"):
+        self.store, self.device, self.stage_copy = store, device, stage_copy
         self.cuda = device.type == "cuda"
         proto = store.layer(store.layers[0])
         self.pools = [(alloc_like(proto.w13, store.num_experts, device),
@@ -116,11 +113,8 @@ class StagingPools:
 
     def _gather_ok(self, layer: int, runs) -> bool:
         """Scattered experts of a pinned layer: the GPU gathers them itself (kernels/triton_gather.py)
-        when they make more than GATHER_MIN_RUNS runs (HOTEXPERTS_STAGE_COPY=memcpy|gather overrides)."""
-        mode = os.environ.get("HOTEXPERTS_STAGE_COPY", "auto")
-        if mode not in STAGE_COPY_MODES:
-            raise HotExpertsError(f"HOTEXPERTS_STAGE_COPY must be one of {', '.join(STAGE_COPY_MODES)}, "
-                                  f"got {mode!r}")
+        when they make more than GATHER_MIN_RUNS runs (stage_copy "memcpy" / "gather" overrides)."""
+        mode = self.stage_copy
         if mode == "memcpy" or not self.store.layer_pinned(layer):
             return False
         from hotexperts.kernels.gpu_moe import triton_available
@@ -157,9 +151,9 @@ class StagingPools:
         self.holds.clear()
 
 
-def staging_or_none(store, device):
+def staging_or_none(store, device, stage_copy: str = "auto"):
     try:
-        return StagingPools(store, device)
+        return StagingPools(store, device, stage_copy)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("out of VRAM for the prompt staging pools; prompt batches use the hybrid path",
                       RuntimeWarning, stacklevel=3)

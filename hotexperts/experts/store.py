@@ -7,7 +7,7 @@
                             on failure keeps pageable memory, records it (`pinned`, `layer_pinned(l)`) and
                             warns once.
     store.quantize(fmt)     -> a new ExpertStore holding QuantizedWeight ("int8" | "int4" = "int4g32"),
-                            layer by layer (experts/quant.py)
+                            layer by layer (quant.py)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
+from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 GiB = 1024 ** 3
 
@@ -92,7 +92,7 @@ class ExpertStore:
 
     def quantize(self, fmt: str) -> ExpertStore:
         """A new store with every expert matrix quantized to `fmt` ("int8" | "int4" | "int4g32" | "none")."""
-        from hotexperts.experts.quant import quantize_layer
+        from hotexperts.quant import quantize_layer
 
         return ExpertStore({l: quantize_layer(le, fmt) for l, le in self._layers.items()})
 

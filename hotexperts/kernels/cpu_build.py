@@ -1,11 +1,12 @@
 """Build (once) and load the C++ CPU MoE extension (kernels/csrc/cpu_moe.cpp, and cpu_worker.cpp: the
 native thread that serves graphed decode steps, see experts/handoff.py).
 
-load_extension() -> module | None compiles with torch.utils.cpp_extension.load (ninja), flags
--O3 -march=native -fopenmp (plus $HOTEXPERTS_CPU_CFLAGS), into ~/.cache/hotexperts/cpu_moe/<key>, where key
-hashes the sources, the flags, the torch and Python versions and the CPU's flags (the code is built for the
-machine it runs on). Without ninja it runs the same compiler command itself. The result is memoised; on
-failure it returns None and `load_error()` says why (the caller picks the torch fallback).
+load_extension(isa="native") -> module | None compiles with torch.utils.cpp_extension.load (ninja), flags
+-O3 -march=native -fopenmp plus the ISA's (config.CPU_ISAS: "avx2" adds -mno-avx512f, "scalar" -mno-avx, to
+build and test those paths on an AVX-512 machine), into ~/.cache/hotexperts/cpu_moe/<key>, where key hashes
+the sources, the flags, the torch and Python versions and the CPU's flags (the code is built for the
+machine it runs on). Without ninja it runs the same compiler command itself. The result is memoised per ISA;
+on failure it returns None and `load_error(isa)` says why (the caller picks the torch fallback).
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from pathlib import Path
 
 import torch
 
+from hotexperts.config import CPU_ISAS
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h", "qdot512.h")
 UNITS = ("cpu_moe.cpp", "cpu_worker.cpp")   # translation units (the rest are headers)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-_state: dict = {}
+_mods: dict[str, object] = {}          # isa -> module (None: the build failed)
+_errors: dict[str, str] = {}
 
 
-def _cflags() -> list[str]:
-    """CFLAGS plus $HOTEXPERTS_CPU_CFLAGS (extra flags, e.g. "-mno-avx512f" to build and test the AVX2 path
-    on an AVX-512 machine; part of the build key)."""
-    return CFLAGS + os.environ.get("HOTEXPERTS_CPU_CFLAGS", "").split()
+def _cflags(isa: str = "native") -> list[str]:
+    """CFLAGS plus the ISA's extra flags (part of the build key)."""
+    return CFLAGS + list(CPU_ISAS[isa])
 
 
 def _cpu_flags() -> str:
@@ -44,11 +47,11 @@ def _cpu_flags() -> str:
     return platform.processor() + platform.machine()
 
 
-def build_key() -> str:
+def build_key(isa: str = "native") -> str:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags()}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags(isa)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -56,31 +59,31 @@ def build_dir(key: str) -> Path:
     return Path(os.path.expanduser("~/.cache/hotexperts/cpu_moe")) / key
 
 
-def load_extension():
-    """The compiled module, or None (then `load_error()` is the reason)."""
-    if "mod" in _state:
-        return _state["mod"]
+def load_extension(isa: str = "native"):
+    """The compiled module for `isa`, or None (then `load_error(isa)` is the reason)."""
+    if isa in _mods:
+        return _mods[isa]
     mod = None
     try:
         from torch.utils import cpp_extension as ce
 
-        key = build_key()
+        key = build_key(isa)
         d = build_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         name = f"hotexperts_cpu_moe_{key}"
         if ce.is_ninja_available():
-            mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=_cflags(),
+            mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=_cflags(isa),
                           extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
         else:
-            mod = _build_direct(name, d)
+            mod = _build_direct(name, d, isa)
     except Exception as e:  # compiler missing, headers missing, link error, ...
         msg = str(e).strip().splitlines()
-        _state["error"] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
-    _state["mod"] = mod
+        _errors[isa] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
+    _mods[isa] = mod
     return mod
 
 
-def _build_direct(name: str, d: Path):
+def _build_direct(name: str, d: Path, isa: str):
     """The command torch's ninja build runs, run by hand (one translation unit)."""
     from torch.utils import cpp_extension as ce
 
@@ -92,7 +95,7 @@ def _build_direct(name: str, d: Path):
         defs = [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
         for std in ("-std=c++20", "-std=c++17"):         # torch >= 2.10 headers want C++20
             srcs = [str(CSRC / u) for u in UNITS]
-            cmd = [os.environ.get("CXX", "c++"), *srcs, "-shared", "-fPIC", std, *_cflags(),
+            cmd = [os.environ.get("CXX", "c++"), *srcs, "-shared", "-fPIC", std, *_cflags(isa),
                    *defs, *inc, *libs, "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode == 0:
@@ -106,5 +109,5 @@ def _build_direct(name: str, d: Path):
     return mod
 
 
-def load_error() -> str | None:
-    return _state.get("error")
+def load_error(isa: str = "native") -> str | None:
+    return _errors.get(isa)

@@ -8,81 +8,44 @@ cpu_moe(x [T, D], ids [T, K] int64, weights [T, K], experts: LayerExperts, out [
     is fp32.
     `out` (x's shape; any float dtype, may be pinned) is written, not accumulated.
 
-Backends (`cpu_moe_backend()`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on first
-use; threaded with OpenMP, GIL released during the call) — or "torch", a grouped pass of torch ops
-(`_weight_int8pack_mm` for int8, dequantize for int4) used when the extension cannot be built or a shape
-is unsupported (D or I not a multiple of 32); the reason is warned once.
-Threads: `set_num_threads(n)`; default = $HOTEXPERTS_CPU_THREADS, else physical cores.
+Backends (`cpu_moe_backend(isa)`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on
+first use for `options.cpu_isa`; threaded with OpenMP, GIL released during the call) — or "torch", a grouped
+pass of torch ops (`_weight_int8pack_mm` for int8, dequantize for int4) used when the extension cannot be
+built or a shape is unsupported (D or I not a multiple of 32); the reason is warned once.
+Every knob comes from `options` (config.KernelOptions, frozen; default DEFAULT_KERNELS): threads
+(`options.threads()`), the integer path (`act_quant`; the call's own `act_quant` argument overrides it),
+prefetch distance, ISA build. Nothing here is process-wide state.
 
-Activation quantization (`act_quant`, default `set_activation_quant(None)` = auto): for int8 / int4g32
-weights (and int8gG on AVX-512 VNNI builds) the extension quantizes x and h = silu(g) * u to int8 with one
-fp32 scale per 32-group and uses integer dot products (AVX-512 VNNI / AVX2); error ~0.3-1% relative per
-output ("within quantization tolerance"). Auto = on when the extension has an integer dot
-(`cpu_moe_int_dot() != "none"`); bf16/fp32 weights always take the exact fp32 path, and so does everything
-with act_quant=False.
-`set_prefetch_rows(n)`: the integer path prefetches weights n steps ahead (default 2, 0 = off; 512-bit path:
-a step is 4 rows of 4 streams, prefetched into L2 across unit and expert boundaries; 256-bit path: n rows).
+Activation quantization: for int8 / int4g32 weights (and int8gG on AVX-512 VNNI builds) the extension
+quantizes x and h = silu(g) * u to int8 with one fp32 scale per 32-group and uses integer dot products
+(AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization tolerance"). Auto (None) =
+on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32 weights always take the
+exact fp32 path, and so does everything with act_quant=False.
+`options.prefetch_rows`: the integer path prefetches weights n steps ahead (default 2, 0 = off; 512-bit
+path: a step is 4 rows of 4 streams, prefetched into L2 across unit and expert boundaries; 256-bit path:
+n rows).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from hotexperts.experts.quant import dequantize
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
+from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.kernels.cpu_build import load_error, load_extension
+from hotexperts.quant import dequantize
+from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 _FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "int4g32": 4, "int8g32": 5,
         "int8g16": 5}
 _warned: set[str] = set()
 
 
-def _physical_cores() -> int:
-    try:
-        cores, phys = set(), "0"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                cores.add((phys, line.split(":")[1].strip()))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-_threads = [int(os.environ.get("HOTEXPERTS_CPU_THREADS", "0") or 0) or _physical_cores()]
-_act_quant: list[bool | None] = [None]
-_prefetch = [2]
-
-
-def set_num_threads(n: int) -> None:
-    _threads[0] = max(1, int(n))
-
-
-def get_num_threads() -> int:
-    return _threads[0]
-
-
-def set_activation_quant(flag: bool | None) -> None:
-    """True/False force the int8-activation path on/off for int8/int4g32 weights; None = auto."""
-    _act_quant[0] = None if flag is None else bool(flag)
-
-
-def set_prefetch_rows(n: int) -> None:
-    """Integer path: software-prefetch the weights n steps ahead (0 = off; default 2; see the module doc)."""
-    _prefetch[0] = max(0, int(n))
-
-
-def cpu_moe_int_dot() -> str:
+def cpu_moe_int_dot(isa: str = "native") -> str:
     """The extension's integer dot ("avx512vnni", "avxvnni", "avx2") or "none" (no integer path)."""
-    mod = load_extension()
+    mod = load_extension(isa)
     return mod.int_dot() if mod is not None else "none"
 
 
@@ -92,9 +55,9 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def cpu_moe_backend() -> str:
+def cpu_moe_backend(isa: str = "native") -> str:
     """"ext-avx512" / "ext-avx2" / "ext-scalar" when the C++ extension loads, else "torch"."""
-    mod = load_extension()
+    mod = load_extension(isa)
     return f"ext-{mod.simd()}" if mod is not None else "torch"
 
 
@@ -110,10 +73,10 @@ def _parts(w: Weight):
     return _FMT[w.dtype], w.contiguous(), None, None
 
 
-def _ext_reason(x: torch.Tensor, experts: LayerExperts, parts) -> str | None:
+def _ext_reason(x: torch.Tensor, experts: LayerExperts, parts, isa: str) -> str | None:
     """Why the extension cannot run this call (None = it can)."""
-    if load_extension() is None:
-        return f"C++ extension unavailable ({load_error()})"
+    if load_extension(isa) is None:
+        return f"C++ extension unavailable ({load_error(isa)})"
     if x.dtype not in _FMT or x.device.type != "cpu":
         return f"input dtype/device {x.dtype}/{x.device} unsupported"
     if x.shape[1] % 32 or experts.w2.shape[-1] % 32:
@@ -124,22 +87,24 @@ def _ext_reason(x: torch.Tensor, experts: LayerExperts, parts) -> str | None:
 
 
 def cpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: LayerExperts,
-            out: torch.Tensor | None = None, act_quant: bool | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, act_quant: bool | None = None, *,
+            options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(x)
     parts = (_parts(experts.w13), _parts(experts.w2))
-    reason = _ext_reason(x, experts, parts)
+    reason = _ext_reason(x, experts, parts, options.cpu_isa)
     if reason is not None:
         _warn_once(f"cpu_moe: running the plain torch fallback (slow): {reason}")
         return cpu_moe_torch(x, ids, weights, experts, out)
     if act_quant is None:
-        act_quant = _act_quant[0] is not False          # auto: on; the C++ side has no int path without AVX2
+        act_quant = options.use_act_quant()              # auto: on; the C++ side has no int path without AVX2
     dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     if ids.dtype != torch.int64:
         ids = ids.long()
     _check_ids(ids, experts.w13.shape[0])
-    err = load_extension().forward(x.contiguous(), ids.contiguous(), weights.contiguous(), *parts[0],
-                                   *parts[1], dst, _threads[0], bool(act_quant), _prefetch[0])
+    err = load_extension(options.cpu_isa).forward(
+        x.contiguous(), ids.contiguous(), weights.contiguous(), *parts[0], *parts[1], dst, options.threads(),
+        bool(act_quant), options.prefetch_rows)
     if err:                                  # the C++ side reports instead of throwing (GIL released)
         raise RuntimeError(err)
     if dst is not out:

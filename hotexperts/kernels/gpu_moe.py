@@ -19,13 +19,11 @@ Backends ("auto" picks the first that applies):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from hotexperts.experts.quant import dequantize
-from hotexperts.experts.weights import QuantizedWeight, Weight
+from hotexperts.quant import dequantize
+from hotexperts.weights import QuantizedWeight, Weight
 
 DEQUANT_CHUNK_BYTES = 256 << 20     # quantized prompt batches: dequantized experts held at a time (bf16)
 DEQUANT_CHUNK_MAX = 32              # ... and at most this many (Qwen3-30B-A3B: 27 fit; Mixtral: 1)
@@ -53,14 +51,12 @@ def triton_available() -> bool:
 def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight,
             slot_of: torch.Tensor | None = None, out: torch.Tensor | None = None,
             *, backend: str = "auto", used: list[int] | None = None, more: tuple = ()) -> torch.Tensor:
-    """See module docstring. backend: "auto" | "triton" | "torch" (env HOTEXPERTS_GPU_MOE overrides auto).
+    """See module docstring. backend: "auto" | "triton" | "torch" (KernelOptions.gpu_moe).
     used: host list of the slots this call may read (prompt batches over quantized slots then need no host
     sync to find them); None = find them on the device. more: further pools (w13, w2, slot_of, used) whose
     pairs are added: one pass on the quantized prompt path, else one call per pool summed in fp32. The
     pools must hold disjoint experts (e.g. staged beside resident): the one-pass path counts a pair in its
     first pool only, the summing path in every pool that maps it."""
-    if backend == "auto":
-        backend = os.environ.get("HOTEXPERTS_GPU_MOE", "auto")
     if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2) and all(
             _quantized_prefill(x, ids, a, b) for a, b, _, _ in more):
         return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used, more=more)

@@ -77,7 +77,7 @@ def _need(t: torch.Tensor | None, where: str, which: str) -> torch.Tensor:
 
 def assemble_layer(cfg: ModelConfig, layer: int, pieces: Pieces):
     """Stack one layer's expert tensors into LayerExperts(w13 [E,2I,D], w2 [E,D,I])."""
-    from hotexperts.experts.weights import LayerExperts  # a data container (see docs: import flow)
+    from hotexperts.weights import LayerExperts  # a data container (see docs: import flow)
 
     E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
     where = f"layer {layer}"

@@ -83,13 +83,13 @@ def cpu_read_gbs(mib: int) -> float:
 
 
 def _experts(fmt: str, num: int, d: int, inter: int):
-    from hotexperts.experts.weights import LayerExperts
+    from hotexperts.weights import LayerExperts
     w13 = torch.randn(num, 2 * inter, d, dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(num, d, inter, dtype=torch.bfloat16) * 0.02
     layer = LayerExperts(w13, w2)
     if fmt == "bf16":
         return layer
-    from hotexperts.experts.quant import quantize_layer
+    from hotexperts.quant import quantize_layer
     return quantize_layer(layer, {"int8": "int8", "int4": "int4g32"}[fmt])
 
 
@@ -165,8 +165,8 @@ class CudaDecodeBench:
     Each method returns seconds per layer call; `layers` calls with different experts per graph."""
 
     def __init__(self, layers: int = 16, slots: int = 128, repeats: int = 20):
-        from hotexperts.experts.quant import quantize_layer
-        from hotexperts.experts.weights import LayerExperts
+        from hotexperts.quant import quantize_layer
+        from hotexperts.weights import LayerExperts
 
         self.dev, self.L, self.repeats = torch.device("cuda"), layers, repeats
         D, I = QWEN_D, QWEN_I

@@ -8,8 +8,8 @@ from hotexperts.engine.generate import Generator
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import ContextLengthError, HotExpertsError
 from hotexperts.experts.reference import DenseExecutor
-from hotexperts.experts.weights import LayerExperts
 from hotexperts.models.transformer import MoETransformer
+from hotexperts.weights import LayerExperts
 
 CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, num_experts=4, top_k=2, moe_intermediate_size=16,

@@ -13,10 +13,10 @@ from hotexperts.engine import gguf_export, presets
 from hotexperts.engine.gguf_export import write_gguf
 from hotexperts.engine.load_gguf import load_gguf
 from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
-from hotexperts.experts.quant import dequantize
 from hotexperts.experts.reference import DenseExecutor
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight
 from hotexperts.loading.gguf_reader import GGUFFile
+from hotexperts.quant import dequantize
+from hotexperts.weights import LayerExperts, QuantizedWeight
 
 TINY = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe"]
 TEXT = "Hello world, café 日本 1234"

@@ -13,7 +13,7 @@ from hotexperts.engine.presets import build_in_memory, write_hf_dir, write_weigh
 from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts
+from hotexperts.weights import LayerExperts
 
 TINY = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe"]
 

@@ -73,7 +73,7 @@ def test_expert_dtype():
 
 
 def test_quantized_experts():
-    from hotexperts.experts.weights import QuantizedWeight
+    from hotexperts.weights import QuantizedWeight
 
     lm = build_in_memory("tiny-mixtral", "float32", "cpu", expert_dtype="int8")
     assert isinstance(lm.store.layer(0).w13, QuantizedWeight) and lm.store.layer(0).w13.fmt == "int8"

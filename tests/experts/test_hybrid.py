@@ -4,14 +4,14 @@ cache statistics consistent with the routing; prompt streaming path; profile rou
 import pytest
 import torch
 
-from hotexperts.config import ModelConfig
+from hotexperts.config import KernelOptions, ModelConfig
 from hotexperts.experts.hybrid import GpuExecutor
 from hotexperts.experts.placement import Placement, build_executor
 from hotexperts.experts.policy import profile_from_counts, save_profile
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts
 from hotexperts.models.transformer import MoETransformer
+from hotexperts.weights import LayerExperts
 
 E, K = 8, 2
 CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
@@ -199,18 +199,14 @@ def test_static_profile_and_warm_start(tmp_path):
 def exact_cpu_kernel():
     """The CPU kernel's exact fp32-activation path: the dequantized oracle computes with exact activations
     (the default int8-activation path is checked against its own reference in tests/kernels)."""
-    from hotexperts.kernels import cpu_moe as cm
-
-    cm.set_activation_quant(False)
-    yield
-    cm.set_activation_quant(None)
+    return KernelOptions(act_quant=False)
 
 
 def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_cpu_kernel):
     """A Q4_K_M-like store (w13 int4g32, w2 dense): --expert-quant int8 turns w2 into int8 and keeps w13;
     the tokens are those of that mixed store run by the reference."""
     from hotexperts.experts.placement import quantized_store
-    from hotexperts.experts.quant import quantize_int4g32
+    from hotexperts.quant import quantize_int4g32
 
     mixed = ExpertStore({l: LayerExperts(quantize_int4g32(STORE.layer(l).w13), STORE.layer(l).w2)
                          for l in STORE.layers})
@@ -220,7 +216,8 @@ def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_c
     assert le.w13 is mixed.layer(STORE.layers[0]).w13 and le.w2.fmt == "int8"
     ref_toks, _ = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
     with pytest.warns(RuntimeWarning):
-        ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant="int8"), mixed, CFG, "cpu")
+        ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant="int8"), mixed, CFG, "cpu",
+                            options=exact_cpu_kernel)
     assert run(ex)[0] == ref_toks
     from hotexperts.errors import PlacementError
 
@@ -233,7 +230,8 @@ def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_c
 def test_quantized_experts_match_the_quantized_reference(quant, fmt, exact_cpu_kernel):
     q = STORE.quantize(fmt)
     ref_toks, ref_rows = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
-    ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant=quant), STORE, CFG, "cpu")
+    ex = build_executor(Placement.parse("cache:5slots:lru", expert_quant=quant), STORE, CFG, "cpu",
+                        options=exact_cpu_kernel)
     toks, rows = run(ex)
     assert toks == ref_toks
     for a, b in zip(rows, ref_rows, strict=True):
@@ -244,13 +242,13 @@ def test_quantized_experts_match_the_quantized_reference(quant, fmt, exact_cpu_k
 def test_q4_k_m_like_store_int4g32_gate_up_and_int8g16_down(text, exact_cpu_kernel):
     """A Q4_K_M GGUF's formats (w13 int4g32; w2 int8g16 with zero, Q4_K layers converted exactly): every
     placement gives the reference's tokens for that store."""
-    from hotexperts.experts.quant import int8g_from_int4g32, quantize_int4g32
+    from hotexperts.quant import int8g_from_int4g32, quantize_int4g32
 
     q = ExpertStore({l: LayerExperts(quantize_int4g32(STORE.layer(l).w13),
                                      int8g_from_int4g32(quantize_int4g32(STORE.layer(l).w2), 16))
                      for l in STORE.layers})
     ref_toks, _ = run(DenseExecutor({l: q.layer(l) for l in q.layers}))
-    assert run(build_executor(Placement.parse(text), q, CFG, "cpu"))[0] == ref_toks
+    assert run(build_executor(Placement.parse(text), q, CFG, "cpu", options=exact_cpu_kernel))[0] == ref_toks
 
 
 def test_stats_table_and_heatmap(tmp_path):
@@ -307,17 +305,16 @@ def test_cuda_placement_matches_reference(text, prompt_mode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("copy", ["memcpy", "gather"])
 @pytest.mark.parametrize("text", ["hot:3", "cache:5slots:lru", "cpu"])
-def test_cuda_streamed_prompt_copies_match_reference(text, copy, monkeypatch):
+def test_cuda_streamed_prompt_copies_match_reference(text, copy):
     """Staged experts copied run by run or gathered by the GPU in one launch per part: the same tokens."""
     global MODEL
-    monkeypatch.setenv("HOTEXPERTS_STAGE_COPY", copy)
     model_cpu = MODEL
     MODEL = MODEL.cuda()
     try:
         store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
         ref = run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
         ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode="stream", decode="sync"), store,
-                            CFG, "cuda")
+                            CFG, "cuda", options=KernelOptions(stage_copy=copy))
         check_same(ex, ref[0], ref[1])
     finally:
         MODEL = model_cpu.cpu()

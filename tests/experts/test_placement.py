@@ -15,7 +15,7 @@ from hotexperts.experts.placement import (
     placement_from_args,
 )
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts
+from hotexperts.weights import LayerExperts
 
 E, D, I = 4, 32, 32
 CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=D, num_layers=3, num_heads=4,

@@ -8,8 +8,8 @@ from hotexperts.experts.hybrid import HybridExecutor
 from hotexperts.experts.policy import CacheController, make_policy
 from hotexperts.experts.slots import SlotCache
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts
 from hotexperts.kernels.gpu_moe import gpu_moe
+from hotexperts.weights import LayerExperts
 
 E, D, I = 4, 32, 32
 

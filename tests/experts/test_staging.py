@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hotexperts.config import KernelOptions
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.staging import StagingPools, _runs
 from hotexperts.experts.store import ExpertStore
-from hotexperts.experts.weights import LayerExperts
+from hotexperts.weights import LayerExperts
 
 
-def _pools() -> StagingPools:
+def _pools(stage_copy: str = "auto") -> StagingPools:
     store = ExpertStore({0: LayerExperts(torch.randn(6, 8, 4), torch.randn(6, 4, 4))})
-    return StagingPools(store, torch.device("cpu"))
+    return StagingPools(store, torch.device("cpu"), stage_copy)
 
 
 def test_runs_of_consecutive_experts():
@@ -21,15 +22,11 @@ def test_runs_of_consecutive_experts():
     assert _runs([]) == []
 
 
-def test_a_bad_copy_mode_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HOTEXPERTS_STAGE_COPY", "fast")
-    with pytest.raises(HotExpertsError, match="HOTEXPERTS_STAGE_COPY must be one of auto, memcpy, gather"):
-        _pools()._gather_ok(0, [(0, 1)] * 9)
+def test_a_bad_copy_mode_is_a_clear_error():
+    with pytest.raises(HotExpertsError, match="stage_copy must be one of auto, memcpy, gather"):
+        KernelOptions(stage_copy="fast")
 
 
-def test_memcpy_mode_and_an_unpinned_store_never_gather(monkeypatch):
-    pools = _pools()
-    monkeypatch.setenv("HOTEXPERTS_STAGE_COPY", "memcpy")
-    assert not pools._gather_ok(0, [(0, 1)] * 9)
-    monkeypatch.setenv("HOTEXPERTS_STAGE_COPY", "gather")
-    assert not pools._gather_ok(0, [(0, 1)] * 9)           # a CPU store is never pinned
+def test_memcpy_mode_and_an_unpinned_store_never_gather():
+    assert not _pools("memcpy")._gather_ok(0, [(0, 1)] * 9)
+    assert not _pools("gather")._gather_ok(0, [(0, 1)] * 9)      # a CPU store is never pinned

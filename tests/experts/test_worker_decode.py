@@ -35,8 +35,8 @@ def _top4():
 
     from hotexperts.experts.reference import DenseExecutor
     from hotexperts.experts.store import ExpertStore
-    from hotexperts.experts.weights import LayerExperts
     from hotexperts.models.transformer import MoETransformer
+    from hotexperts.weights import LayerExperts
 
     cfg = replace(CFG, top_k=4)
     torch.manual_seed(1)

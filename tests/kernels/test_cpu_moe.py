@@ -19,7 +19,10 @@ import warnings
 import pytest
 import torch
 
-from hotexperts.experts.quant import (
+from hotexperts.config import KernelOptions, physical_cores
+from hotexperts.errors import HotExpertsError
+from hotexperts.kernels import cpu_moe as cm
+from hotexperts.quant import (
     dequantize,
     int8g_from_int4g32,
     quantize_int4g32,
@@ -27,8 +30,7 @@ from hotexperts.experts.quant import (
     quantize_int8g,
     quantize_layer,
 )
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight
-from hotexperts.kernels import cpu_moe as cm
+from hotexperts.weights import LayerExperts, QuantizedWeight
 
 TOP_K = 4
 
@@ -185,13 +187,8 @@ def test_prefetch_distance_does_not_change_results():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(9, 544, generator=gen)
     ids, w = routing(9, 6, 3, gen)
-    outs = []
-    try:
-        for n in (0, 1, 2, 7, 100):
-            cm.set_prefetch_rows(n)
-            outs.append(cm.cpu_moe(x, ids, w, layer, act_quant=True))
-    finally:
-        cm.set_prefetch_rows(2)
+    outs = [cm.cpu_moe(x, ids, w, layer, act_quant=True, options=KernelOptions(prefetch_rows=n))
+            for n in (0, 1, 2, 7, 100)]
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
 
@@ -207,18 +204,14 @@ def test_int8_activation_path(T, fmt):
 
 @requires_int
 def test_act_quant_default_and_switch():
-    """Auto: int path for quantized weights (differs from exact), exact for bf16; the global switch."""
+    """Auto: int path for quantized weights (differs from exact), exact for bf16; the options' switch."""
     gen = torch.Generator().manual_seed(9)
     layer = make_layer("int4g32", gen)
     x = torch.randn(3, layer.w2.shape[1], generator=gen)
     ids, w = routing(3, layer.num_experts, 2, gen)
     exact = cm.cpu_moe(x, ids, w, layer, act_quant=False)
     assert not torch.equal(cm.cpu_moe(x, ids, w, layer), exact)
-    try:
-        cm.set_activation_quant(False)
-        assert torch.equal(cm.cpu_moe(x, ids, w, layer), exact)
-    finally:
-        cm.set_activation_quant(None)
+    assert torch.equal(cm.cpu_moe(x, ids, w, layer, options=KernelOptions(act_quant=False)), exact)
     bf = make_layer("bf16", torch.Generator().manual_seed(9))
     x = torch.randn(3, bf.w2.shape[1])
     ids, w = routing(3, bf.num_experts, 2, gen)
@@ -253,7 +246,7 @@ def test_no_active_expert_writes_zeros_and_bad_id_raises():
 
 
 def test_fallback_warns_once_and_is_correct(monkeypatch):
-    monkeypatch.setattr(cm, "load_extension", lambda: None)
+    monkeypatch.setattr(cm, "load_extension", lambda isa="native": None)
     monkeypatch.setattr(cm, "_warned", set())
     with pytest.warns(RuntimeWarning, match="torch fallback"):
         check(cm.cpu_moe, 3, "int8", seed=5)
@@ -287,27 +280,22 @@ def test_releases_gil():
     def work():
         for _ in range(3):
             t0 = time.perf_counter()
-            cm.cpu_moe(x, ids, torch.rand(T, E), layer)
+            cm.cpu_moe(x, ids, torch.rand(T, E), layer, options=KernelOptions(cpu_threads=1))
             windows.append((t0, time.perf_counter()))
         done.set()
 
-    threads = cm.get_num_threads()
-    cm.set_num_threads(1)
-    try:
-        th = threading.Thread(target=work)
-        th.start()
-        while not done.is_set():
-            ticks.append(time.perf_counter())
-        th.join()
-    finally:
-        cm.set_num_threads(threads)
+    th = threading.Thread(target=work)
+    th.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+    th.join()
     inside = sum(a < t < b for t in ticks for a, b in windows)
     assert inside > 10, f"main thread ran {inside} times during {len(windows)} calls"
 
 
 def test_thread_setting():
-    n = cm.get_num_threads()
-    assert n >= 1
-    cm.set_num_threads(0)
-    assert cm.get_num_threads() == 1
-    cm.set_num_threads(n)
+    assert KernelOptions().threads() == physical_cores() >= 1
+    assert KernelOptions().threads(beside_gpu=True) == max(1, physical_cores() - 1)
+    assert KernelOptions(cpu_threads=3).threads(beside_gpu=True) == 3
+    with pytest.raises(HotExpertsError, match="thread count must be >= 1"):
+        KernelOptions(cpu_threads=0)

@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first triton import
 
-from hotexperts.experts.weights import QuantizedWeight  # noqa: E402
 from hotexperts.kernels.gpu_moe import gpu_moe, torch_moe  # noqa: E402
+from hotexperts.weights import QuantizedWeight  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +162,7 @@ def _quant_int4(w):
 
 def _quant_int8g(w, fmt):
     """int8gG of w: symmetric ("int8g32" / "int8g16") or with a zero ("...z", from int4g32); (qw, deq)."""
-    from hotexperts.experts.quant import dequantize, int8g_from_int4g32, quantize_int8g
+    from hotexperts.quant import dequantize, int8g_from_int4g32, quantize_int8g
 
     g = int(fmt[5:7])
     if fmt.endswith("z"):
@@ -249,8 +249,8 @@ def test_two_pools_in_one_pass_equal_the_sum_of_their_parts(triton_moe, chunk):
 @needs_triton
 @pytest.mark.parametrize("fmt", ["int4g32", "int8", "int8g32", "int8g16z"])
 def test_triton_dequant_matches_the_reference_bit_for_bit(triton_moe, fmt):
-    from hotexperts.experts.quant import dequantize, quantize_int4g32, quantize_int8
     from hotexperts.kernels.triton_dequant import dequant_slots
+    from hotexperts.quant import dequantize, quantize_int4g32, quantize_int8
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(5, 48, 96, generator=g)                  # 48 rows (not a multiple of the row block)

@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from hotexperts.errors import ModelLoadError
-from hotexperts.experts.quant import dequantize as dequantize_int4
 from hotexperts.loading import gguf_quants as gq
+from hotexperts.quant import dequantize as dequantize_int4
 
 
 def random_blocks(qtype, rows=6, blocks=3, seed=0):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hotexperts.experts.reference import DenseExecutor
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight
+from hotexperts.weights import LayerExperts, QuantizedWeight
 
 E, I, D, T, K = 6, 8, 16, 5, 2
 
@@ -72,13 +72,13 @@ def test_bf16_output_dtype():
 
 def test_quantized_weights_are_dequantized(monkeypatch):
     le = layer()
-    fake = types.ModuleType("hotexperts.experts.quant")                    # stand-in for quant.dequantize
+    fake = types.ModuleType("hotexperts.quant")                    # stand-in for quant.dequantize
 
     def dequantize(qw: QuantizedWeight) -> torch.Tensor:
         return qw.q.float() * qw.scale[..., None]
 
     fake.dequantize = dequantize
-    monkeypatch.setitem(sys.modules, "hotexperts.experts.quant", fake)
+    monkeypatch.setitem(sys.modules, "hotexperts.quant", fake)
     q = LayerExperts(QuantizedWeight("int8", le.w13.round().to(torch.int8), torch.full((E, 2 * I), 0.5)),
                      QuantizedWeight("int8", le.w2.round().to(torch.int8), torch.full((E, D), 0.25)))
     want = LayerExperts(le.w13.round() * 0.5, le.w2.round() * 0.25)

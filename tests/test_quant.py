@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotexperts.experts import quant
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight
+from hotexperts import quant
+from hotexperts.weights import LayerExperts, QuantizedWeight
 
 
 def gen(seed=0):

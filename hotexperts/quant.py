@@ -1,4 +1,4 @@
-"""Weight-only quantization of expert matrices into the QuantizedWeight formats (experts/weights.py).
+"""Weight-only quantization of expert matrices into the QuantizedWeight formats (weights.py).
 
 quantize_int8(w[..., N, K])     -> "int8":    q int8, scale fp32 [..., N] (symmetric, per output row)
 quantize_int4g32(w[..., N, K])  -> "int4g32": q uint8 [..., N, K/2] (low nibble = even column),
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from hotexperts.experts.weights import LayerExperts, QuantizedWeight, Weight
+from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16")
 INT8G = {"int8g32": 32, "int8g16": 16}
