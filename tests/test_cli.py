@@ -76,21 +76,11 @@ def test_python_dash_m_help_lists_generate():
     assert res.returncode == 0 and "generate" in res.stdout
 
 
-def test_every_present_subcommand_module_imports_cleanly():
-    parser = build_parser(strict=True)                    # raises on a broken module
+def test_every_subcommand_is_registered():
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert "generate" in sub.choices
-
-
-def test_broken_module_is_skipped_with_warning_but_strict_raises(tmp_path, monkeypatch, capsys):
-    (tmp_path / "he_broken_cmd.py").write_text("import he_no_such_dependency\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mods = ("he_broken_cmd", "he_missing_cmd", "hotexperts.engine.cli_generate")
-    parser = build_parser(modules=mods)
-    assert "he_broken_cmd unavailable" in capsys.readouterr().err
-    assert parser.parse_args(["generate", "--model", "m", "--prompt", "p"]).command == "generate"
-    with pytest.raises(ModuleNotFoundError):
-        build_parser(strict=True, modules=mods)
+    assert set(sub.choices) == {"generate", "make-model", "trace", "simulate", "calibrate", "auto", "bench",
+                                "serve"}
 
 
 def test_model_dir_without_tokenizer_is_a_clean_error(capsys, tmp_path):

@@ -2,36 +2,35 @@
 
     report = run_bench(lm, placements=["gpu", "cpu-moe", "n-cpu-moe", "hot", "cache"], budgets=[16 GiB],
                        tests=parse_tests("pp512,tg128"), repeats=3, source=routing_source(...))
-Each (budget, placement) builds its executor over the SAME expert store and dense model, runs every test
-`repeats` times (median, min, max) and records peak VRAM (torch's allocator peak, dense weights included)
-and the cache's hit rate. Placement names:
+Each (budget, placement) gets an Engine over the SAME loaded model (Engine.from_loaded: the facade the CLI
+and the server use), runs every test `repeats` times (median, min, max) and records peak VRAM (torch's
+allocator peak, dense weights included), the solved plan (experts/solve.py: the same solver the engine
+uses) and the cache's hit rate. Placements are texts of the placement grammar (experts/placement.py):
     gpu         every expert in VRAM (the reference; ignores the budget, reported as such)
     cpu-moe     every routed expert on the CPU (llama.cpp --cpu-moe)
     n-cpu-moe   layer offload: the smallest N of CPU layers (the most GPU layers) that fits the budget
     hot         the seed's design: K slots per layer (K = what the budget leaves / MoE layers), WindowLFU
     cache       one slot budget shared by all layers, adaptive policy (--policy to change)
-    anything Placement.parse reads (layers:12, hot:16, cache:8GiB:lru, ...) is accepted as well, and any
-    name may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0: the CPU).
+    and anything else the grammar reads (layers:12, hot:16, cache:8GiB:lru, 0-11=cpu,12-47=gpu, ...); any
+    may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0: the CPU).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from hotexperts.bench.replay import RoutingReplay
 from hotexperts.bench.workload import BenchTest, RoutingSource
-from hotexperts.engine.cli_generate import add_compile_argument
-from hotexperts.engine.engine import dense_bytes, kv_bytes
-from hotexperts.engine.generate import Generator
+from hotexperts.config import DEFAULT_KERNELS, KernelOptions
+from hotexperts.engine.engine import Engine, dense_bytes, kv_bytes
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.budget import GiB
-from hotexperts.experts.placement import Placement, build_executor
+from hotexperts.experts.placement import Placement
 
 WORKSPACE_BYTES = 512 * 2**20       # activations, logits, staging slack counted against the budget
 NAMED = ("gpu", "cpu-moe", "n-cpu-moe", "hot", "cache")
@@ -42,6 +41,8 @@ class PlacementResult:
     label: str
     placement: str
     budget_gib: float | None
+    plan: str | None = None                        # the solved plan (PlacementPlan.text())
+    vram_plan_gib: dict | None = None              # its VRAM breakdown (reserved, staging, slots)
     tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
     peak_vram_gib: float | None = None
     hit_rate: float | None = None
@@ -64,67 +65,48 @@ class PlacementResult:
         return dict(self.__dict__)
 
 
-def resolve(name: str, budget: int | None, lm, reserved: int, quant: str, policy: str | None) -> Placement:
-    """A placement name (module doc), optionally suffixed "+zN": the GPU computes up to N misses per layer
-    from host memory (--moe-gpu-misses N), e.g. "cache+z0" or "n-cpu-moe+z2"."""
-    name, _, z = name.partition("+z")
-    kw = {"vram_budget": budget, "expert_quant": quant, "gpu_misses": int(z) if z else None}
-    if name == "gpu":
-        return Placement("gpu", expert_quant=quant)
-    if name == "cpu-moe":
-        return Placement("cpu", **kw)
-    if name == "n-cpu-moe":
-        return Placement("layers", n_cpu_layers=None, **kw)
-    if name == "hot":
-        return Placement("hot", hot_k=_hot_k(lm, budget, reserved, quant), **kw)
-    if name == "cache":
-        return Placement("cache", policy=policy, **kw)
-    return Placement.parse(name, **kw)
-
-
-def _hot_k(lm, budget: int | None, reserved: int, quant: str) -> int:
-    E, Lm = lm.cfg.num_experts, len(lm.store.layers)
-    if budget is None:
-        return E
-    slot = _slot_bytes(lm, quant)
-    staging = 2 * E * slot           # the two prompt staging pools (a layer's experts each), kept first
-    free = budget - reserved - (staging if budget - reserved > staging else 0)
-    return max(0, min(E, free // slot // Lm))
-
-
-def _slot_bytes(lm, quant: str) -> int:
-    from hotexperts.experts.placement import quantized_store
-
-    return quantized_store(lm.store, quant).expert_nbytes
+def resolve(name: str, budget: int | None, quant: str, policy: str | None) -> Placement:
+    """A placement name (module doc) at this budget; "gpu" ignores the budget; `policy` applies to the
+    cache placements that name none."""
+    p = Placement.parse(name)
+    kw = {"vram_budget": None if p.mode == "gpu" else budget, "expert_quant": quant}
+    if policy is not None and p.mode == "cache" and p.policy is None:
+        kw["policy"] = policy
+    return replace(p, **kw)
 
 
 class Bench:
-    """Runs the tests of one placement on a fresh executor; keeps the model and store shared."""
+    """Runs the tests of one placement on a fresh Engine; keeps the loaded model and store shared."""
 
     def __init__(self, lm, device: torch.device, max_context: int, source: RoutingSource, seed: int = 0,
-                 piecewise: bool = False, compile_decode: bool = False):
+                 piecewise: bool = False, compile_decode: bool = False,
+                 options: KernelOptions = DEFAULT_KERNELS):
         self.lm, self.device, self.max_context, self.source = lm, device, max_context, source
-        self.piecewise, self.compile_decode = piecewise, compile_decode
+        self.piecewise, self.compile_decode, self.options = piecewise, compile_decode, options
         g = torch.Generator().manual_seed(seed)
         hi = min(lm.cfg.vocab_size, 32000)
         self.tokens = torch.randint(100, hi, (max_context,), generator=g).tolist()
 
-    def executor(self, placement: Placement, reserved: int):
-        ex = build_executor(placement, self.lm.store, self.lm.cfg, self.device, reserved_bytes=reserved,
-                            dtype=next(self.lm.model.parameters()).dtype)
-        if self.source.trace is not None:
-            ex = RoutingReplay(ex, self.source.trace, self.lm.cfg.moe_layers, self.device)
-        return ex
+    def engine(self, placement: Placement) -> Engine:
+        """The placement's engine over the shared model; replayed routing wraps its executor."""
+        engine = Engine.from_loaded(self.lm, self.device, placement, max_context=self.max_context,
+                                    piecewise_graph=self.piecewise, compile_decode=self.compile_decode,
+                                    kernel_options=self.options, workspace_bytes=WORKSPACE_BYTES,
+                                    wrap_executor=self._replay)
+        if isinstance(engine.executor, RoutingReplay):
+            engine.executor.seek(0)  # every placement replays the same routing, forward through the tests
+        return engine
+
+    def _replay(self, ex):
+        if self.source.trace is None:
+            return ex
+        return RoutingReplay(ex, self.source.trace, self.lm.cfg.moe_layers, self.device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _seek(self, ex, position: int) -> None:
-        if isinstance(ex, RoutingReplay):
-            ex.seek(position)
-
-    def run_test(self, gen: Generator, ex, test: BenchTest, decode: DecodeCounts | None = None) -> float:
+    def run_test(self, engine: Engine, test: BenchTest, decode: DecodeCounts | None = None) -> float:
         """One run of `test`; returns tokens/s. For tg tests, `decode` accumulates the cache counters of
         the timed decode steps only (prompt and warm-up excluded). Replayed routing is consumed in order
         across the tests (the cursor never rewinds within a placement), so no test decodes routing the
@@ -133,21 +115,20 @@ class Bench:
             if test.kind == "pp":
                 self._sync()
                 t0 = time.perf_counter()
-                gen.prefill(self.tokens[:test.n])
+                engine.prefill(self.tokens[:test.n])
                 self._sync()
                 return test.n / (time.perf_counter() - t0)
             depth = max(test.depth, 1)
-            logits = gen.prefill(self.tokens[:depth])
-            token = int(logits.argmax())
+            token = int(engine.prefill(self.tokens[:depth]).argmax())
             self._sync()
-            before = _counters(ex)
+            before = _counters(engine.executor)
             t0 = time.perf_counter()
             for i in range(test.n):
-                token = int(gen.decode_one(token, depth + i).argmax())
+                token = int(engine.decode_one(token, depth + i).argmax())
             self._sync()
             tps = test.n / (time.perf_counter() - t0)
             if decode is not None and before is not None:
-                decode.add(before, _counters(ex), test.n)
+                decode.add(before, _counters(engine.executor), test.n)
             return tps
 
 
@@ -175,7 +156,7 @@ class DecodeCounts:
 
 
 def _counters(ex) -> dict | None:
-    stats = ex.stats() if callable(getattr(ex, "stats", None)) else None
+    stats = ex.stats()
     if not stats:
         return None
     layers = list(stats["layers"].values())
@@ -193,7 +174,7 @@ def summarize(runs: list[float]) -> dict:
     return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
 
 
-def measure(bench: Bench, label: str, placement: Placement, budget: int | None, reserved: int,
+def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
             tests: list[BenchTest], repeats: int, progress=None) -> PlacementResult:
     res = PlacementResult(label, placement.describe(), None if budget is None else budget / GiB)
     gc.collect()                    # the previous placement's slot pools sit in reference cycles
@@ -201,75 +182,77 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(bench.device)
         res.baseline_vram_gib = torch.cuda.memory_allocated(bench.device) / GiB
-    ex = gen = None
+    engine = None
     try:
-        ex = bench.executor(placement, reserved)
-        bench._seek(ex, 0)          # every placement replays the same routing, which runs forward through
-        gen = Generator(bench.lm.model, ex, bench.lm.cfg, bench.device, bench.max_context,
-                        piecewise_graph=bench.piecewise, compile_decode=bench.compile_decode)
-        warm_up(bench, gen, ex)
+        engine = bench.engine(placement)
+        ex = engine.executor
+        _plan_stats(res, ex.plan)
+        warm_up(bench, engine)
         decode = DecodeCounts()
         for test in tests:
             runs = []
             for _ in range(repeats):
-                runs.append(bench.run_test(gen, ex, test, decode))
+                runs.append(bench.run_test(engine, test, decode))
                 if progress:
                     progress(f"{label} {test.name}: {runs[-1]:.1f} tok/s")
             res.tests[test.name] = summarize(runs)
         _decode_stats(res, decode)
         res.trace_wraps = ex.wraps if isinstance(ex, RoutingReplay) else 0
-        res.n_cpu_layers = _cpu_layers(ex, bench.lm)
-        res.decode_mode = _decode_mode(gen)
-        _worker_stats(res, ex)
+        res.n_cpu_layers = _cpu_layers(ex)
+        res.decode_mode = _decode_mode(engine)
+        _worker_stats(res, ex.stats())
     except (HotExpertsError, torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     finally:
         if bench.device.type == "cuda":
             res.peak_vram_gib = torch.cuda.max_memory_allocated(bench.device) / GiB
-        close = getattr(ex, "close", None)
-        if close is not None:
-            close()                 # stop the placement's CPU worker thread now, not at collection
-        ex = gen = None
+        if engine is not None:
+            engine.close()          # stop the placement's CPU worker thread now, not at collection
+        engine = None
     return res
 
 
 WARMUP_PROMPT = 128                  # tokens: over the default --moe-pp-bypass, so the streamed path runs
 
 
-def warm_up(bench: Bench, gen: Generator, ex) -> None:
+def warm_up(bench: Bench, engine: Engine) -> None:
     """As llama-bench, one untimed prompt and a few decode steps first: graphs captured, kernels compiled,
     the prompt cost measured, and the cache seeded by that prompt (its fills waited for). The timed tests
     then see the steady state a user sees after a first request, not the load-time placeholders."""
-    bench.run_test(gen, ex, BenchTest("warmup", "pp", WARMUP_PROMPT))
-    bench.run_test(gen, ex, BenchTest("warmup", "tg", 4))
-    slots = getattr(ex, "slots", None)
-    if slots is not None:
-        slots.wait_all()
+    bench.run_test(engine, BenchTest("warmup", "pp", WARMUP_PROMPT))
+    bench.run_test(engine, BenchTest("warmup", "tg", 4))
+    engine.executor.wait_for_fills()
 
 
-def _worker_stats(res: PlacementResult, ex) -> None:
-    stats = ex.stats() if callable(getattr(ex, "stats", None)) else None
-    worker = getattr(ex, "worker", None)
-    if stats and worker is not None:
+def _plan_stats(res: PlacementResult, plan) -> None:
+    if plan is not None:
+        res.plan = plan.text()
+        res.vram_plan_gib = {k: v / GiB for k, v in plan.vram.items()} or None
+
+
+def _worker_stats(res: PlacementResult, stats: dict | None) -> None:
+    if stats and stats.get("decode") == "worker":
         res.gpu_misses, res.gpu_miss_count = stats.get("gpu_misses"), stats.get("gpu_miss_count")
-        res.gpu_share = getattr(worker, "share", None)
+        res.gpu_share = stats.get("gpu_share")
 
 
-def _decode_mode(gen: Generator) -> str:
-    step = gen.decode_step
-    if not getattr(step, "graphed", False):
+def _decode_mode(engine: Engine) -> str:
+    step = engine.generator.decode_step
+    if not step.graphed:
         return "eager"
     return "piecewise" if type(step).__name__ == "PiecewiseDecodeStep" else "graph"
 
 
-def _cpu_layers(ex, lm) -> int | None:
-    """MoE layers with no expert resident on the GPU (what --n-cpu-moe counts), for hybrid executors."""
-    slots = getattr(ex, "slots", None)
-    if getattr(ex, "controller", None) is not None or not hasattr(ex, "slots"):
+def _cpu_layers(ex) -> int | None:
+    """MoE layers with no expert resident on the GPU (what --n-cpu-moe counts), for layer offload plans
+    (no policy); None for caches and the all-GPU placement."""
+    plan = ex.plan
+    if plan is None or plan.dense or plan.managed:
         return None
+    slots = ex.slots
     if slots is None:
-        return len(lm.store.layers)
-    return sum(1 for l in lm.store.layers if l not in slots.layers or slots.resident_count(l) == 0)
+        return len(plan.where)
+    return sum(1 for l in plan.where if l not in slots.layers or slots.resident_count(l) == 0)
 
 
 def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
@@ -287,20 +270,20 @@ def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
               progress=None, labels: list[str] | None = None, piecewise: bool = False,
-              compile_decode: bool = False) -> dict:
+              compile_decode: bool = False, options: KernelOptions = DEFAULT_KERNELS) -> dict:
     max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1) + 8
     dtype = next(lm.model.parameters()).dtype
     reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
-    bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode)
+    bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
+                  options=options)
     results = []
     for bi, b in enumerate(budgets):
         budget = None if b is None else int(b * GiB)
         for name, label in zip(placements, labels or placements, strict=True):
             if name == "gpu" and bi > 0:
                 continue                                   # the reference ignores the budget: run it once
-            p = resolve(name, budget, lm, reserved, quant, policy)
-            results.append(measure(bench, label, p, None if name == "gpu" else budget, reserved, tests,
-                                   repeats, progress).to_dict())
+            p = resolve(name, budget, quant, policy)
+            results.append(measure(bench, label, p, p.vram_budget, tests, repeats, progress).to_dict())
     return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
             "piecewise_graph": piecewise, "compile_decode": compile_decode,
             "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
@@ -336,120 +319,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-# ---- command line ------------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="placements side by side at one VRAM budget (llama-bench style)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="preset:qwen3-30b-a3b-mini", help="HF dir or preset:NAME")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (default on CPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--placements", default=",".join(NAMED), help=f"comma list (default {','.join(NAMED)})")
-    p.add_argument("--vram-budget", default=None, metavar="GiB[,GiB...]",
-                   help="budgets to compare at (e.g. 16,24); default: unlimited")
-    p.add_argument("--tests", default="pp512,tg128",
-                   help="ppN, tgN, tgN@dD (e.g. pp512,pp4096,tg128,tg128@d4096)")
-    p.add_argument("--repeats", type=int, default=3)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--route-trace", metavar="FILE",
-                     help="replay routing from a trace (.npz or a shared raw file)")
-    src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
-    p.add_argument("--route-tokens", type=int, default=None,
-                   help="synthetic routing length (default: what one placement consumes: it never wraps)")
-    p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"))
-    p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
-    p.add_argument("--json", default=None, metavar="FILE")
-    p.add_argument("--plots", default=None, metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--piecewise-graph", action="store_true",
-                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
-    add_compile_argument(p)
-    p.add_argument("--predict", default=None, metavar="PROFILE",
-                   help="CPU-only machines: run the cache with the slot counts the real shape gets at each "
-                        "budget on this hardware profile and print the cost model's PREDICTED speeds "
-                        "(default on a machine without CUDA: rtx4090-7950x)")
-
-
-def run(args) -> int:
-    from hotexperts.bench import report as rep
-    from hotexperts.bench.workload import parse_tests, routing_source
-    from hotexperts.engine.engine import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    tests = parse_tests(args.tests)
-    budgets = [None] if not args.vram_budget else [float(b) for b in str(args.vram_budget).split(",")]
-    lm = _load_quantized(args.model, dtype, device, args.seed, args.expert_quant)
-    kind, arg = ("trace", args.route_trace) if args.route_trace else (
-        ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
-    needed = tokens_needed(tests, args.repeats)
-    source = routing_source(kind, arg, lm.cfg, num_tokens=args.route_tokens or needed, seed=args.seed)
-    if kind == "router":
-        print("note: routing comes from the model's own router; random weights make it unrealistic "
-              "(use --route-trace or --route-synthetic for speed claims)")
-    names = [s.strip() for s in args.placements.split(",") if s.strip()]
-    progress = lambda msg: print("  " + msg, flush=True)  # noqa: E731
-    profile = args.predict or (None if device.type == "cuda" else "rtx4090-7950x")
-    if profile is not None:
-        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress)
-    report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
-                       policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
-                       compile_decode=args.compile)
-    print()
-    print(rep.table(report))
-    if args.json:
-        print(f"JSON: {rep.save_json(report, args.json)}")
-    if args.plots:
-        for path in rep.plots(report, args.plots):
-            print(f"plot: {path}")
-    return 0
-
-
-def _load_quantized(source: str, dtype, device, seed: int, quant: str):
-    """The model with its experts in the bench's format, quantized once (a preset is built that way
-    directly: no bf16 copy of a 30B model's experts in RAM), not once per placement."""
-    from hotexperts.engine.engine import PRESET_PREFIX, load_source
-    from hotexperts.experts.placement import QUANT, quantized_store
-
-    if QUANT.get(quant) and source.startswith(PRESET_PREFIX):
-        from hotexperts.engine.presets import build_in_memory
-
-        return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
-                               expert_dtype=QUANT[quant])
-    lm = load_source(source, dtype, device, seed)
-    lm.store = quantized_store(lm.store, quant)
-    return lm
-
-
-def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress) -> int:
-    """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
-    from hotexperts.bench import predict as pr
-    from hotexperts.bench import report as rep
-    from hotexperts.errors import HotExpertsError
-    from hotexperts.trace.profiles import get_profile
-
-    shape = pr.shape_for(args.model, args.expert_quant)
-    if shape is None:
-        raise HotExpertsError("--predict needs a model with a known real shape (e.g. "
-                              f"preset:qwen3-30b-a3b-mini); "
-                              f"{args.model!r} has none")
-    hw = get_profile(profile)
-    budgets = [b if b is not None else hw.vram_gb for b in budgets]
-    out = {"predicted": [], "measured_on_this_machine": []}
-    for b in budgets:
-        plan = pr.real_plan(shape, b)
-        report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
-                           quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
-                           compile_decode=args.compile)
-        rows = pr.predictions(report, shape, hw, plan)
-        print()
-        print(pr.table(rows, shape, hw, plan))
-        print(f"\n(measured here, tiny widths, {report['device']}: cache behaviour is real, speeds are not "
-              f"those of the real model)\n")
-        print(rep.table(report))
-        out["predicted"].append({"plan": plan, "rows": rows})
-        out["measured_on_this_machine"].append(report)
-    if args.json:
-        print(f"JSON: {rep.save_json(out | {'profile': hw.to_dict(), 'shape': shape.name}, args.json)}")
-    return 0

@@ -7,39 +7,17 @@ budget on that hardware. The cost model (trace/costmodel.py) then turns the meas
 swap rates into predicted tokens/s for the real shape. Every number it prints is labelled a prediction.
 
     plan = real_plan(shape, budget_gib)            -> {"n_cpu_moe": N, "hot_k": K, "cache_slots": S}
+                                                      (trace/real_shape.py: the engine's own solver)
     placements_for(plan, names)                    -> explicit placement strings for the mini model
     predictions(report, shape, hw, plan)           -> rows {label, placement, decode_tps, prompt_tps, ...}
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from hotexperts.trace.costmodel import ModelShape, predict
+from hotexperts.trace.real_shape import real_plan, shape_for
 
-from hotexperts.trace.costmodel import SHAPES, ModelShape, predict
-
-GIB = 2**30
-WORKSPACE_GIB = 0.5
-KV_GIB = 0.4                      # a 4096-token bf16 KV cache of the 30B-class shapes, rounded up
-FORMAT_BYTES = {"none": 2.0, "int8": 1.0 + 4 / 1024, "int4": 0.5 + 4 / 32, "int8g": 1.0 + 2 / 32}
-CPU_FORMAT = {"none": "bf16", "int8": "int8", "int4": "int4", "int8g": "int8"}   # int8g: int8's CPU rate
-
-
-def shape_for(preset: str, quant: str) -> ModelShape | None:
-    """The real shape behind a preset name ('qwen3-30b-a3b-mini' -> qwen3-30b-a3b), in the expert format."""
-    name = preset.removeprefix("preset:").removesuffix("-mini")
-    if name not in SHAPES:
-        return None
-    return replace(SHAPES[name], gpu_bytes_per_param=FORMAT_BYTES[quant], cpu_format=CPU_FORMAT[quant])
-
-
-def real_plan(shape: ModelShape, budget_gib: float) -> dict:
-    free = budget_gib * GIB - shape.dense_bytes - (KV_GIB + WORKSPACE_GIB) * GIB
-    slots = max(0, int(free // shape.expert_bytes_gpu))
-    Lm, E = shape.num_moe_layers, shape.num_experts
-    gpu_layers = min(Lm, slots // E)
-    return {"budget_gib": budget_gib, "slots": slots, "n_cpu_moe": Lm - gpu_layers,
-            "hot_k": min(E, slots // Lm), "cache_slots": min(slots, Lm * E)}
-
+__all__ = ["placements_for", "predictions", "real_plan", "shape_for", "table"]
 
 def placements_for(plan: dict, names: list[str]) -> list[str]:
     table = {"cpu-moe": "cpu", "n-cpu-moe": f"layers:{plan['n_cpu_moe']}", "hot": f"hot:{plan['hot_k']}",

@@ -1,32 +1,38 @@
 """Engine: the one facade the CLI, the bench harness and the server use. It speaks token ids.
 
-    engine = Engine.load("path/to/hf_dir" | "preset:tiny-qwen3-moe", dtype="bfloat16", device=None,
-                         placement=Placement(...), max_context=None)
+    engine = Engine.load("path/to/hf_dir" | "model.gguf" | "preset:tiny-qwen3-moe", dtype="bfloat16",
+                         device=None, placement=Placement(...), max_context=None, kernel_options=None)
+    engine = Engine.from_loaded(loaded, placement=..., ...)   # another placement over a loaded model (bench)
     engine.tokenizer, engine.config, engine.max_context
     for tok in engine.generate(prompt_ids, SamplingParams(...)):   # raises ContextLengthError at call time
         ...
     engine.finish_reason      # "stop" | "length" after a request (textstream may end it earlier: "stop")
     engine.stats()            # {"last": {...}, "total": {...}, "cache": executor stats or None, ...}
 
-device None = "cuda" when available, else "cpu". placement None = the placement module's default
-(`Placement()`); the executor comes from `experts.placement.build_executor` with the VRAM already
-taken by dense weights and the KV cache as `reserved_bytes`. max_context None = min(the model's
+    engine.prefill(ids) -> logits [V];  engine.decode_one(token, pos) -> logits [V]   (bench: timed passes)
+    engine.close()            # stop the executor's background threads
+
+device None = "cuda" when available, else "cpu". placement None = `Placement()` (every expert on the GPU);
+the executor comes from `experts.build.build_executor` with the VRAM already taken by dense weights, the KV
+cache and `workspace_bytes` as `reserved_bytes`. max_context None = min(the model's
 max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS ids + tokenizer EOS ids +
 generation_config EOS ids + params.stop_token_ids.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Iterable, Iterator
 
 import torch
 
+from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.load import DTYPES, parse_dtype  # noqa: F401  (DTYPES: the CLIs' --dtype choices)
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import HotExpertsError
+from hotexperts.experts.build import build_executor
+from hotexperts.experts.placement import Placement
 
 PRESET_PREFIX = "preset:"
 DEFAULT_MAX_CONTEXT = 4096
@@ -57,24 +63,12 @@ def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int
     return load_model(source, dtype=dtype, device=device)
 
 
-def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved_bytes: int):
-    """build_executor(placement or Placement(), ...); a DenseExecutor while experts/placement.py is absent."""
-    name = "hotexperts.experts.placement"
-    try:
-        placement_mod = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name or placement is not None:
-            raise
-        return dense_executor(store, device, dtype)
-    placement = placement if placement is not None else placement_mod.Placement()
-    return placement_mod.build_executor(placement, store, cfg, device, reserved_bytes=reserved_bytes,
-                                        dtype=dtype)
-
-
-def dense_executor(store, device: torch.device, dtype: torch.dtype):
-    from hotexperts.experts.reference import DenseExecutor
-
-    return DenseExecutor({l: store.layer(l) for l in store.layers}, device, dtype)
+def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved_bytes: int,
+                     kernel_options: KernelOptions | None = None):
+    """build_executor(placement or Placement(), ...) with the kernel options (default: KernelOptions())."""
+    return build_executor(placement if placement is not None else Placement(), store, cfg, device,
+                          reserved_bytes=reserved_bytes, dtype=dtype,
+                          options=kernel_options if kernel_options is not None else DEFAULT_KERNELS)
 
 
 def _ids(value) -> set[int]:
@@ -100,19 +94,34 @@ class Engine:
     def load(cls, source: str, dtype: str | torch.dtype = "bfloat16",
              device: str | torch.device | None = None, placement=None, *, max_context: int | None = None,
              seed: int = 0, use_cuda_graph: bool = True, executor=None,
-             piecewise_graph: bool = False, compile_decode: bool = False) -> Engine:
-        """Load a model dir or 'preset:NAME' and build its executor (`executor` overrides placement).
-        compile_decode: torch.compile the T=1 decode step's dense part (models/compiled.py)."""
+             piecewise_graph: bool = False, compile_decode: bool = False,
+             kernel_options: KernelOptions | None = None) -> Engine:
+        """Load a model dir, .gguf or 'preset:NAME' and build its executor (`executor` overrides placement).
+        compile_decode: torch.compile the T=1 decode step's dense part."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         loaded = load_source(str(source), dt, dev, seed)
-        cfg = loaded.cfg
+        return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
+                               executor=executor, piecewise_graph=piecewise_graph,
+                               compile_decode=compile_decode, kernel_options=kernel_options)
+
+    @classmethod
+    def from_loaded(cls, loaded, device: torch.device, placement=None, *, max_context: int | None = None,
+                    use_cuda_graph: bool = True, executor=None, piecewise_graph: bool = False,
+                    compile_decode: bool = False, kernel_options: KernelOptions | None = None,
+                    workspace_bytes: int = 0, wrap_executor=None) -> Engine:
+        """An engine over an already loaded model (the bench builds one per placement over one model).
+        workspace_bytes: VRAM the budget keeps for activations beside dense weights and the KV cache;
+        wrap_executor: executor -> executor applied to the built one (the bench's routing replay)."""
+        cfg, dt = loaded.cfg, next(loaded.model.parameters()).dtype
         ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if ctx < 1 or ctx > cfg.max_position_embeddings:
             raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
         if executor is None:
-            reserved = dense_bytes(loaded.model) + kv_bytes(cfg, ctx, dt)
-            executor = default_executor(placement, loaded.store, cfg, dev, dt, reserved)
-        return cls(loaded, executor, dev, ctx, use_cuda_graph=use_cuda_graph,
+            reserved = dense_bytes(loaded.model) + kv_bytes(cfg, ctx, dt) + workspace_bytes
+            executor = default_executor(placement, loaded.store, cfg, device, dt, reserved, kernel_options)
+            if wrap_executor is not None:
+                executor = wrap_executor(executor)
+        return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
                    piecewise_graph=piecewise_graph, compile_decode=compile_decode)
 
     def _eos_ids(self) -> frozenset[int]:
@@ -140,12 +149,24 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
+    def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
+        """The prompt's forward passes (no sampling, no timings): the last position's logits [V]."""
+        return self.generator.prefill(list(prompt_ids))
+
+    def decode_one(self, token: int, pos: int) -> torch.Tensor:
+        """One T=1 decode step of `token` at `pos`: logits [V]."""
+        with torch.no_grad():
+            return self.generator.decode_one(token, pos)
+
+    def close(self) -> None:
+        """Stop the executor's background threads (the native CPU worker); the engine cannot run after."""
+        self.executor.close()
+
     @property
     def finish_reason(self) -> str | None:
         return self.generator.finish_reason
 
     def stats(self) -> dict:
-        ex_stats = getattr(self.executor, "stats", None)
         return {
             "last": self.generator.last.as_dict(),
             "total": self.generator.total.as_dict(),
@@ -153,7 +174,7 @@ class Engine:
             "max_context": self.max_context,
             "cuda_graph": bool(self.generator.decode_step.graphed),
             "compiled_decode": stages.stats() if (stages := self.model.decode_stages) is not None else None,
-            "cache": ex_stats() if callable(ex_stats) else None,
+            "cache": self.executor.stats(),
         }
 
 

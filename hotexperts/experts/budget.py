@@ -3,8 +3,8 @@
 One budget covers everything the engine puts on the GPU:
     total = reserved (dense weights + KV cache + workspace) + staging (prompt streaming) + slots * slot_bytes
 `parse_bytes("8GiB" | "8" | "512MiB")` -> bytes (a bare number means GiB);
-`parse_cache("2000slots")` -> slots.
-`auto_budget(device, reserved)` = free VRAM now + `reserved` (assumed already allocated) - margin.
+`parse_cache("2000slots")` -> slots. Torch-free: the cost model and the simulator size real models with it;
+`auto_budget` (free VRAM of a device) is in experts/build.py and `solve` (the plan) in experts/solve.py.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from hotexperts.errors import PlacementError
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
-AUTO_MARGIN = 1 * GiB              # kept free for the allocator, cuBLAS workspaces and fragmentation
 _UNITS = {"": GiB, "g": GiB, "gb": 10 ** 9, "gib": GiB, "m": MiB, "mb": 10 ** 6, "mib": MiB, "b": 1}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
@@ -44,15 +41,6 @@ def parse_cache(text: str) -> tuple[int | None, int | None]:
             raise PlacementError(f"cannot read the cache size {text!r}: use e.g. '2000slots' or '8GiB'")
         return None, int(num)
     return parse_bytes(t), None
-
-
-def auto_budget(device: torch.device | str, reserved_bytes: int = 0, margin: int = AUTO_MARGIN) -> int:
-    """Free VRAM on `device` plus what the engine already holds (`reserved_bytes`), minus a margin."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise PlacementError("--vram-budget auto needs a CUDA device; give a size like '16GiB' instead")
-    free, _total = torch.cuda.mem_get_info(dev)
-    return max(0, free + reserved_bytes - margin)
 
 
 @dataclass(frozen=True)

@@ -3,36 +3,32 @@
 executor(layer, x [T,D], ids [T,K], weights [T,K]) -> y [T,D] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]),
 computed like transformers: loop over the experts actually hit (ascending id), gather their tokens,
 y.index_add_ their weighted outputs. ids == -1 contributes 0. QuantizedWeight experts are dequantized once.
-on_route(layer, ids, weights), if set, is called before computing; end_step() is a no-op.
+on_route(layer, ids, weights), if set, is called before computing. It synchronises with the host
+(ids.unique()), so it is never graph_safe; fine for an oracle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
+from hotexperts.executor import ExpertExecutor
+from hotexperts.quant import dequantize
 from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
-
-RouteCallback = Callable[[int, torch.Tensor, torch.Tensor], None]   # (layer, ids [T,K], weights [T,K])
 
 
 def _dense(w: Weight, device, dtype) -> torch.Tensor:
     if isinstance(w, QuantizedWeight):
-        from hotexperts.quant import dequantize
-
         w = dequantize(w)
     return w.to(device=device, dtype=dtype)
 
 
-class DenseExecutor:
+class DenseExecutor(ExpertExecutor):
     def __init__(self, layers: dict[int, LayerExperts], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         self.device, self.dtype = torch.device(device), dtype
         self.w13 = {i: _dense(le.w13, device, dtype) for i, le in layers.items()}    # [E, 2I, D]
         self.w2 = {i: _dense(le.w2, device, dtype) for i, le in layers.items()}      # [E, D, I]
-        self.on_route: RouteCallback | None = None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.on_route is not None:
@@ -48,6 +44,3 @@ class DenseExecutor:
             out = F.linear(F.silu(gate) * up, w2[e])                        # [n, D]
             y.index_add_(0, tok, out * weights[tok, k, None].to(self.dtype))
         return y.to(x.dtype)
-
-    def end_step(self) -> None:
-        pass

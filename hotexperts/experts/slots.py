@@ -1,5 +1,6 @@
 """SlotCache: expert slots on the GPU, an expert->slot table per MoE layer with its host mirror, fills on a
-copy stream guarded by events.
+copy stream guarded by events. The one owner of residency: its `residency` (experts/residency.py: resident
+and pending sets, what the planner reads) and its tables change together, here and nowhere else.
 
 One pool of S slots is shared by every MoE layer (all layers' experts have one shape), so a policy can give
 hot layers more slots than cold ones:
@@ -8,12 +9,13 @@ hot layers more slots than cold ones:
     host  [Lm, E] int32 on the CPU         the mirror the hybrid executor splits hits / misses with
 
 Rules (both kept here, not by callers):
-- A slot is usable only after its fill event completed: `issue(swaps)` only starts copies; `poll()` (called at
-  step boundaries, never blocking) publishes completed fills in the tables and calls controller.commit.
+- A slot is usable only after its fill event completed: `issue(swaps)` only starts copies (the loads become
+  pending); `poll()` (called at step boundaries, never blocking) publishes completed fills in the tables and
+  makes them resident.
 - A slot read by an in-flight step is never refilled: the executor calls `mark_read(layer)` after launching
   the layer's GPU part (records that layer's "last read" event on the compute stream); a fill into a slot that
   layer owned waits on it (device-side `wait_event` on CUDA; deferred until `query()` is True otherwise).
-- An evicted expert leaves the tables (and controller.resident) at once, before its slot is overwritten.
+- An evicted expert leaves the tables (and residency.resident) at once, before its slot is overwritten.
 
 On CPU copies are synchronous and events trivial. Test hook: `event_factory(kind)` with kind "fill" | "read"
 returns objects with record(stream=None) / query() / synchronize() (a fake that stays False delays fills).
@@ -26,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hotexperts.experts.policies.base import Swap
+from hotexperts.experts.residency import Residency
 from hotexperts.weights import QuantizedWeight, Weight
-
-Swap = tuple[int, "int | None", "int | None"]   # (layer, load | None, evict | None), see experts/policy.py
 
 
 class DoneEvent:
@@ -72,11 +74,11 @@ class Fill:
 
 
 class SlotCache:
-    def __init__(self, store, layers, num_slots: int, device, *, controller=None, stats=None,
-                 event_factory=None):
+    def __init__(self, store, layers, num_slots: int, device, *, stats=None, event_factory=None):
         self.store, self.layers, self.device = store, list(layers), torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.controller, self.stats = controller, stats
+        self.stats = stats
+        self.residency = Residency(self.layers, store.num_experts)
         self.row = {l: i for i, l in enumerate(self.layers)}
         self.num_experts = store.num_experts
         self.event_factory = event_factory or self._default_event
@@ -164,26 +166,21 @@ class SlotCache:
             self.free.append(int(self.host[r, evict]))
             self._unpublish(layer, evict)
             return True
-        if (layer, load) in self._filling:                      # already on its way: commits when done
-            return False
-        if self.host[r, load] >= 0:                             # already resident: tell the controller so
-            if self.controller is not None:                     # (else it stays `pending` for ever)
-                self.controller.commit([(layer, load, None)])
+        if (layer, load) in self._filling or self.host[r, load] >= 0:     # on its way, or resident already
             return False
         if evict is not None and self.host[r, evict] >= 0:
             slot = int(self.host[r, evict])
             self._unpublish(layer, evict)
         elif self.free:
             slot = self.free.pop()
-        else:
-            if self.controller is not None:                     # cannot happen when capacities match slots
-                self.controller.pending[layer].discard(load)
+        else:                                                   # cannot happen when capacities match slots
             return False
         guard = self.last_read[self.owner[slot]] if self.owner[slot] is not None else None
         self.owner[slot] = layer
         fill = Fill(layer, load, slot, evict, guard=guard)
         self.fills.append(fill)
         self._filling.add((layer, load))
+        self.residency.begin_fill(layer, load)
         self._try_copy(fill)
         if self.stats is not None:
             self.stats.swap(layer, self.store.expert_nbytes)
@@ -194,8 +191,7 @@ class SlotCache:
         self.host[r, expert] = -1
         _set(self.table, r, expert, -1)                         # ordered on the compute stream
         self.count[r] -= 1
-        if self.controller is not None:
-            self.controller.resident[layer].discard(expert)
+        self.residency.evict(layer, expert)
 
     def _try_copy(self, fill: Fill) -> None:
         """Issue the copy now if the slot is safe to overwrite (device-side wait on CUDA)."""
@@ -226,7 +222,7 @@ class SlotCache:
         return self._staging.put(t, self.copy_stream)
 
     def poll(self) -> list[Swap]:
-        """At a step boundary: start deferred copies, publish completed fills, commit them. Never blocks."""
+        """At a step boundary: start deferred copies, publish completed fills (resident now). Never blocks."""
         done = []
         for f in self.fills:
             if f.event is None:
@@ -243,10 +239,8 @@ class SlotCache:
             self.host[r, f.expert] = f.slot
             _set(self.table, r, f.expert, f.slot)
             self.count[r] += 1
-        swaps = [(f.layer, f.expert, f.evict) for f in done]
-        if self.controller is not None:
-            self.controller.commit(swaps)
-        return swaps
+            self.residency.finish_fill(f.layer, f.expert)
+        return [(f.layer, f.expert, f.evict) for f in done]
 
     def wait_all(self) -> list[Swap]:
         """Block until every issued fill completed and is published (used at build time only)."""

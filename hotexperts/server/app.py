@@ -1,8 +1,5 @@
-"""`hotexperts serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one Engine.
-
-    hotexperts serve --model DIR|preset:NAME [placement flags] [--host 127.0.0.1] [--port 8080]
-        [--api-key KEY] [--max-queue N] [--request-timeout S] [--served-model-name NAME]
-        [--allowed-origin ORIGIN ...]
+"""An OpenAI-compatible HTTP server (FastAPI) over one Engine; `hotexperts serve` (cli/serve.py) runs it
+with uvicorn.
 
     app = create_app(engine, ServerSettings(model_name="m", api_key=None, max_queue=32, request_timeout=600))
 
@@ -15,11 +12,9 @@ The engine runs batch-1 in one worker thread (queue.EngineWorker); the event loo
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import logging
-import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -270,63 +265,3 @@ def _submit(server: Server, ids, params, arrived: float) -> Job:
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    from hotexperts.engine.cli_generate import add_compile_argument
-    from hotexperts.engine.engine import DTYPES
-    from hotexperts.experts.placement import add_placement_arguments
-
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
-                              description="Serve a model over an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", required=True, help="model directory (Hugging Face layout) or preset:NAME")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait (32); more: 429")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds per request from arrival (default 600, 0 = none); then finish_reason length")
-    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
-    add_compile_argument(p)
-    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
-                   help="CORS: let browser pages on ORIGIN call the API ('*' = any)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    add_placement_arguments(p)
-
-
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    from hotexperts.errors import HotExpertsError
-
-    if args.max_queue < 0:
-        raise HotExpertsError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.request_timeout < 0:
-        raise HotExpertsError(f"--request-timeout must be >= 0, got {args.request_timeout}")
-    if not 0 <= args.port <= 65535:
-        raise HotExpertsError(f"--port must be in [0, 65535], got {args.port}")
-    return ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
-                          max_queue=args.max_queue, request_timeout=args.request_timeout or None,
-                          allowed_origins=tuple(args.allowed_origin))
-
-
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from hotexperts.engine.engine import Engine
-    from hotexperts.experts.placement import placement_from_args
-
-    settings = settings_from_args(args)
-    placement = placement_from_args(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-        log.warning("binding %s without --api-key: anyone who can reach it can use the model", args.host)
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=placement,
-                         max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
-                         compile_decode=args.compile)
-    if args.compile:
-        print("compiling the decode step (the first time: up to minutes; then cached on disk)",
-              file=sys.stderr, flush=True)
-        print(f"decode step compiled in {engine.warm_up():.1f}s", file=sys.stderr, flush=True)
-    app = create_app(engine, settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
-    return 0

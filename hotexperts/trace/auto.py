@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hotexperts.errors import HotExpertsError
-from hotexperts.experts.policy import Profile, profile_from_counts, save_profile
+from hotexperts.experts.profile import Profile, profile_from_counts, save_profile
 from hotexperts.trace import costmodel, profiles
 from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.simulate import SimResult, auto_cost_params, parse_bytes, simulate, trace_profile

@@ -281,9 +281,9 @@ def bench_fit(hw: HardwareProfile, paths, engine: str = "current", log=print) ->
     import json
     from pathlib import Path
 
-    from hotexperts.bench.predict import shape_for
     from hotexperts.errors import HotExpertsError
     from hotexperts.trace import fit as F
+    from hotexperts.trace.real_shape import shape_for
 
     cases = []
     for i, path in enumerate(paths):

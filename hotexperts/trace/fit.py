@@ -140,7 +140,7 @@ def n_cpu_layers(result: dict, arg: str, shape: ModelShape, nmap: dict) -> tuple
         return int(result["n_cpu_layers"]), ""
     if budget is None:
         raise HotExpertsError(f"{result['placement']}: N unknown (no budget); pass --n N")
-    from hotexperts.bench.predict import real_plan
+    from hotexperts.trace.real_shape import real_plan
 
     return real_plan(shape, float(budget))["n_cpu_moe"], "N est."
 

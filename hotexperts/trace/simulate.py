@@ -1,4 +1,7 @@
-"""Replay a RoutingTrace through the live cache's own CacheController and policy classes (numpy only).
+"""Replay a RoutingTrace through the live cache's own CachePlanner and policy classes (numpy only).
+
+    SimulatedCache(policy, layers, E, capacity, max_swaps, budget=..., prompt_bypass=...): the planner over a
+    Residency of its own whose fills complete at once (the live engine's SlotCache owns the residency there).
 
     simulate(trace, "lru", slots=16) -> SimResult          # per-layer capacity (`hot:K`)
     simulate(trace, "auto", budget=600)                    # one global slot budget (`cache:BUDGET`)
@@ -25,17 +28,53 @@ from pathlib import Path
 import numpy as np
 
 from hotexperts.errors import HotExpertsError
-from hotexperts.experts.policy import (
-    Belady,
-    CacheController,
-    CachePolicy,
-    Profile,
-    load_profile,
-    make_policy,
-)
+from hotexperts.experts.planner import CachePlanner
+from hotexperts.experts.policies import Belady, CachePolicy, Swap, make_policy
+from hotexperts.experts.profile import Profile, load_profile
+from hotexperts.experts.residency import Residency
 from hotexperts.trace.format import RoutingTrace
 
 ALL_POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
+
+
+class SimulatedCache:
+    """A CachePlanner and the Residency it plans over, whose fills complete when committed (the simulator's
+    cache; the live engine's SlotCache owns its residency and copies experts in between).
+
+        cache.lookup(layer, experts) / lookup_step(layers, experts[n, M])    against `resident`
+        cache.observe(...) / observe_step(...)                                the planner's
+        swaps = cache.end_step(step, prompt)     planned and issued: evictions leave `resident`, loads pend
+        cache.commit(swaps)                      the loads' fills completed
+        cache.cold_start() / warm_start(profile) -> loads (issued; commit them)
+    """
+
+    def __init__(self, policy: CachePolicy, layers, num_experts: int, capacity=None,
+                 max_swaps_per_step: int | None = 4, **kw):
+        self.planner = CachePlanner(policy, layers, num_experts, capacity, max_swaps_per_step, **kw)
+        self.residency = Residency(self.planner.layers, num_experts)
+        self.resident, self.pending = self.residency.resident, self.residency.pending
+        self.lookup, self.lookup_step = self.residency.lookup, self.residency.lookup_step
+        self.observe, self.observe_step = self.planner.observe, self.planner.observe_step
+        self.commit = self.residency.commit
+
+    def __getattr__(self, name):               # stats, policy, layers, capacity, hit_rate, ... of the planner
+        return getattr(self.planner, name)
+
+    def _issued(self, swaps: list[Swap]) -> list[Swap]:
+        self.residency.start(swaps)
+        return swaps
+
+    def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
+        return self._issued(self.planner.plan(step, prompt, self.residency))
+
+    def cold_start(self) -> list[Swap]:
+        return self._issued(self.planner.cold_start(self.residency))
+
+    def warm_start(self, profile: Profile) -> list[Swap]:
+        return self._issued(self.planner.warm_start(profile, self.residency))
+
+    def export_profile(self, **meta) -> Profile:
+        return self.planner.export_profile(self.residency, **meta)
 
 
 @dataclass
@@ -108,14 +147,14 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
              expert_nbytes: int = 0, profile: Profile | None = None, warm_start: Profile | None = None,
              cold_start: bool = True, **params) -> SimResult:
     """Replay `trace` (module doc). The cache starts as the live one does: warm_start's hot set, else
-    placeholders in every slot (CacheController.cold_start); cold_start=False starts it empty."""
+    placeholders in every slot (CachePlanner.cold_start); cold_start=False starts it empty."""
     if (slots is None) == (budget is None):
         raise HotExpertsError("simulate needs exactly one of slots (per layer) or budget (global slots)")
     pol = policy if isinstance(policy, CachePolicy) else build_policy(
         policy, trace, profile=profile, prompt_bypass=prompt_bypass, **params)
     layers = trace.moe_layers
-    ctl = CacheController(pol, layers, trace.num_experts, slots, max_swaps_per_step, budget=budget,
-                          prompt_bypass=prompt_bypass)
+    ctl = SimulatedCache(pol, layers, trace.num_experts, slots, max_swaps_per_step, budget=budget,
+                         prompt_bypass=prompt_bypass)
     if warm_start is not None:
         ctl.commit(ctl.warm_start(warm_start))
     elif cold_start:
@@ -129,7 +168,7 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
     return _result(ctl, pol, slots, budget, decode_tokens, expert_nbytes)
 
 
-def _result(ctl: CacheController, pol: CachePolicy, slots, budget, decode_tokens, expert_nbytes) -> SimResult:
+def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens, expert_nbytes) -> SimResult:
     st = [ctl.stats[l] for l in ctl.layers]
     layer_hit = [s.hits / (s.hits + s.misses) if s.hits + s.misses else 0.0 for s in st]
     swaps = sum(s.loads for s in st)

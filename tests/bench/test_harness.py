@@ -128,13 +128,6 @@ def test_predicted_mode_plans_real_slot_counts():
 def test_placement_names_take_a_gpu_misses_suffix():
     from hotexperts.bench.harness import resolve
 
-    class LM:
-        class cfg:
-            num_experts = 8
-
-        class store:
-            layers = [0, 1]
-
-    assert resolve("cache+z0", None, LM, 0, "none", None).gpu_misses == 0
-    assert resolve("n-cpu-moe+z2", None, LM, 0, "none", None).gpu_misses == 2
-    assert resolve("cpu-moe", None, LM, 0, "none", None).gpu_misses is None
+    assert resolve("cache+z0", None, "none", None).gpu_misses == 0
+    assert resolve("n-cpu-moe+z2", None, "none", None).gpu_misses == 2
+    assert resolve("cpu-moe", None, "none", None).gpu_misses is None

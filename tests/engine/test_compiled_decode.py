@@ -14,7 +14,8 @@ from hotexperts.engine.generate import Generator
 from hotexperts.engine.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
-from hotexperts.experts.placement import Placement, build_executor
+from hotexperts.experts.build import build_executor
+from hotexperts.experts.placement import Placement
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,8 @@ import torch
 from hotexperts.engine.cuda_graph import EagerDecodeStep
 from hotexperts.engine.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.engine.presets import build_in_memory
-from hotexperts.experts.placement import Placement, build_executor
+from hotexperts.experts.build import build_executor
+from hotexperts.experts.placement import Placement
 
 
 def _decode(step, ex, first: int, n: int):

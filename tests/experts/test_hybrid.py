@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from hotexperts.config import KernelOptions, ModelConfig
-from hotexperts.experts.hybrid import GpuExecutor
-from hotexperts.experts.placement import Placement, build_executor
-from hotexperts.experts.policy import profile_from_counts, save_profile
+from hotexperts.experts.build import build_executor
+from hotexperts.experts.gpu_executor import GpuExecutor
+from hotexperts.experts.placement import Placement
+from hotexperts.experts.profile import profile_from_counts, save_profile
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.store import ExpertStore
 from hotexperts.models.transformer import MoETransformer
@@ -96,9 +97,9 @@ def check_same(ex, ref_toks=REF_TOKS, ref_rows=REF_ROWS, **kw):
 def test_placement_matches_reference(text):
     p = Placement.parse(text, rebalance_interval=1 if "lfu" in text or "hot:3" in text else None, window=8)
     ex = check_same(build_executor(p, STORE, CFG, "cpu"))
-    if ex.slots is not None and ex.controller is not None:                   # mirror == controller view
+    if ex.slots is not None and ex.planner is not None:                   # mirror == controller view
         for l in ex.slots.layers:
-            assert set(ex.slots.resident(l)) == ex.controller.resident[l]
+            assert set(ex.slots.resident(l)) == ex.slots.residency.resident[l]
 
 
 def test_gpu_placement_executors():
@@ -119,7 +120,7 @@ def test_hit_rates_for_extremes_and_swaps_happen():
     t = lru.stats()["total"]
     assert t["swaps"] > 0 and t["hits"] > 0 and t["misses"] > 0
     assert t["bytes_moved"] == t["swaps"] * STORE.expert_nbytes
-    assert full.stats()["total"]["misses"] == 0 and full.controller is None
+    assert full.stats()["total"]["misses"] == 0 and full.planner is None
 
 
 def test_prompt_stream_path_and_bypass_keeps_decode_set():
@@ -127,15 +128,15 @@ def test_prompt_stream_path_and_bypass_keeps_decode_set():
     for chunk in (None, 5):                                          # one prompt chunk, or two of 5 > 4
         ex = build_executor(p, STORE, CFG, "cpu")
         acquired = []
-        real = ex.stage.acquire
-        ex.stage.acquire = lambda layer, *rest, a=acquired, r=real: a.append(layer) or r(layer, *rest)
+        real = ex.stream.stage.acquire
+        ex.stream.stage.acquire = lambda layer, *rest, a=acquired, r=real: a.append(layer) or r(layer, *rest)
         check_same(ex, chunk=chunk)
         assert acquired == [0, 2] * (1 if chunk is None else 2)      # every prompt layer streamed
         # prompt routing never reached the policy (LRU's last-access steps are all decode steps)
         n_prompt_steps = 1 if chunk is None else 2
-        last = ex.controller.policy.last                               # [Lm, E] step, -inf = never
+        last = ex.planner.policy.last                               # [Lm, E] step, -inf = never
         assert ((last >= 0) & (last < n_prompt_steps)).sum() == 0
-        assert ex.controller.policy.last.max() == n_prompt_steps + N_GEN - 1
+        assert ex.planner.policy.last.max() == n_prompt_steps + N_GEN - 1
 
 
 def test_prompt_stream_copies_only_the_experts_without_a_slot():
@@ -144,8 +145,8 @@ def test_prompt_stream_copies_only_the_experts_without_a_slot():
     ex = build_executor(p, STORE, CFG, "cpu")
     check_same(ex)                                                    # from load-time placeholders
     staged = []
-    real = ex.stage.acquire
-    ex.stage.acquire = lambda layer, missing=None, r=real: staged.append(missing) or r(layer, missing)
+    real = ex.stream.stage.acquire
+    ex.stream.stage.acquire = lambda layer, missing=None, r=real: staged.append(missing) or r(layer, missing)
     toks, rows = run(ex)                                              # now warm: the same tokens
     assert toks == REF_TOKS
     for a, b in zip(rows, REF_ROWS, strict=True):
@@ -163,7 +164,7 @@ def test_a_cache_is_full_from_load_and_its_first_prompt_replaces_unrouted_placeh
     n = ex.slots.num_slots
     assert sum(ex.slots.resident_count(l) for l in STORE.layers) == n          # no idle slot at load
     assert ex.stats()["total"]["swaps"] == n                                  # the load's copies, counted
-    ctl = ex.controller
+    ctl = ex.planner
     placeholders = {l: {e for e in range(E) if ctl.is_placeholder(l, e)} for l in STORE.layers}
     assert all(placeholders[l] == set(ex.slots.resident(l)) for l in STORE.layers)
     routed = {l: set() for l in STORE.layers}
@@ -205,7 +206,7 @@ def exact_cpu_kernel():
 def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_cpu_kernel):
     """A Q4_K_M-like store (w13 int4g32, w2 dense): --expert-quant int8 turns w2 into int8 and keeps w13;
     the tokens are those of that mixed store run by the reference."""
-    from hotexperts.experts.placement import quantized_store
+    from hotexperts.experts.build import quantized_store
     from hotexperts.quant import quantize_int4g32
 
     mixed = ExpertStore({l: LayerExperts(quantize_int4g32(STORE.layer(l).w13), STORE.layer(l).w2)
@@ -271,7 +272,7 @@ def test_replaying_the_recorded_trace_reproduces_live_hits(text):
     ex.on_route = rec
     run(ex, after_prefill=lambda: rec.mark_prompt(False))
     trace = rec.to_trace({"model": "tiny", "num_experts": E, "top_k": K, "moe_layers": list(CFG.moe_layers)})
-    ctl = ex.controller
+    ctl = ex.planner
     kw = {"slots": p.hot_k} if p.mode == "hot" else {"budget": ex.slots.num_slots}
     sim = simulate(trace, ctl.policy.__class__(**ctl.policy.params()), prompt_bypass=p.pp_bypass,
                    max_swaps_per_step=p.max_swaps_per_step, **kw)
@@ -329,7 +330,7 @@ def test_missing_cells_are_neither_hits_nor_misses():
     for _ in range(3):                                   # expert E-1 becomes resident
         ex(layer, x, last, torch.full((1, K), 1.0 / K))
         ex.end_step()
-    assert E - 1 in ex.controller.resident[layer]
+    assert E - 1 in ex.slots.residency.resident[layer]
     before = ex.stats()["total"]
     y = ex(layer, x, torch.full((1, K), -1), torch.full((1, K), 1.0 / K))
     after = ex.stats()["total"]

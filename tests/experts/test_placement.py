@@ -5,15 +5,12 @@ import argparse
 import pytest
 import torch
 
+from hotexperts.cli.flags import add_placement_arguments, placement_from_args
 from hotexperts.config import ModelConfig
 from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import Budget, GiB, MiB, parse_bytes, parse_cache
-from hotexperts.experts.placement import (
-    Placement,
-    add_placement_arguments,
-    build_executor,
-    placement_from_args,
-)
+from hotexperts.experts.build import build_executor
+from hotexperts.experts.placement import Placement
 from hotexperts.experts.store import ExpertStore
 from hotexperts.weights import LayerExperts
 
@@ -106,19 +103,19 @@ def test_budget_drives_slots_and_layers():
     with pytest.warns(RuntimeWarning, match="limited to 7 slots"):
         p = Placement.parse("cache:100slots", vram_budget=reserved + 7 * SB)
         ex = build_executor(p, STORE, CFG, "cpu", reserved_bytes=reserved)
-    assert ex.slots.num_slots == 7 and ex.controller.capacity.budget == 7
+    assert ex.slots.num_slots == 7 and ex.planner.capacity.budget == 7
     ex = build_executor(Placement.parse("cache:auto", vram_budget=reserved + 5 * SB), STORE, CFG, "cpu",
                         reserved_bytes=reserved)
     assert ex.slots.num_slots == 5
     ex = build_executor(Placement.parse("hot:2"), STORE, CFG, "cpu")
-    assert ex.slots.num_slots == 6 and ex.controller.capacity == {0: 2, 1: 2, 2: 2}
+    assert ex.slots.num_slots == 6 and ex.planner.capacity == {0: 2, 1: 2, 2: 2}
 
 
 def test_auto_cache_keeps_the_prompt_staging_pools_first():
     reserved, staging = 1000, 2 * E * SB                # two layers' experts (the double buffer)
     p = Placement.parse("cache:auto", vram_budget=reserved + staging + 5 * SB, prompt_mode="stream")
     ex = build_executor(p, STORE, CFG, "cpu", reserved_bytes=reserved)
-    assert ex.slots.num_slots == 5 and ex.stage is not None
+    assert ex.slots.num_slots == 5 and ex.stream is not None
 
 
 def test_budget_errors():
@@ -137,7 +134,7 @@ def test_budget_errors():
 
 
 def test_static_profile_without_hot_set_needs_a_size(tmp_path):
-    from hotexperts.experts.policy import Profile, save_profile
+    from hotexperts.experts.profile import Profile, save_profile
 
     path = save_profile(tmp_path / "p.json", Profile(E, {l: [1.0] * E for l in CFG.moe_layers}, {}))
     with pytest.raises(PlacementError, match="lists no hot experts"):

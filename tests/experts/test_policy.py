@@ -6,19 +6,9 @@ import numpy as np
 import pytest
 
 from hotexperts.errors import HotExpertsError
-from hotexperts.experts.policy import (
-    Adaptive,
-    Belady,
-    CacheController,
-    Decay,
-    ProfileError,
-    WindowLFU,
-    load_profile,
-    make_policy,
-    policy_from_profile,
-    profile_from_counts,
-    save_profile,
-)
+from hotexperts.experts.policies import Adaptive, Belady, Decay, WindowLFU, make_policy, policy_from_profile
+from hotexperts.experts.profile import ProfileError, load_profile, profile_from_counts, save_profile
+from hotexperts.trace.simulate import SimulatedCache
 
 CLASSIC = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
@@ -67,27 +57,27 @@ def optimal_misses(seq, slots):
 
 @pytest.mark.parametrize("slots,expected", [(3, 10), (4, 8)])
 def test_lru_classic_sequence(slots, expected):
-    ctl = replay(CacheController(make_policy("lru"), [0], 8, slots, None), CLASSIC)
+    ctl = replay(SimulatedCache(make_policy("lru"), [0], 8, slots, None), CLASSIC)
     assert misses(ctl) == expected
 
 
 def test_lru_textbook_sequence():
-    ctl = replay(CacheController(make_policy("lru"), [0], 8, 3, None), TEXTBOOK)
+    ctl = replay(SimulatedCache(make_policy("lru"), [0], 8, 3, None), TEXTBOOK)
     assert misses(ctl) == 12
 
 
 @pytest.mark.parametrize("seq", [TEXTBOOK, CLASSIC])
 def test_belady_is_optimal(seq):
-    ctl = replay(CacheController(belady_for(seq), [0], 8, 3, None), seq)
+    ctl = replay(SimulatedCache(belady_for(seq), [0], 8, 3, None), seq)
     assert misses(ctl) == optimal_misses(seq, 3)
     assert misses(ctl) <= 9 if seq is TEXTBOOK else True
-    lru = replay(CacheController(make_policy("lru"), [0], 8, 3, None), seq)
+    lru = replay(SimulatedCache(make_policy("lru"), [0], 8, 3, None), seq)
     assert misses(ctl) < misses(lru)
 
 
 def test_window_lfu_hysteresis_keeps_resident_under_margin():
     pol = WindowLFU(window=100, interval=1, margin=2)
-    ctl = replay(CacheController(pol, [0], 4, 1, None), [0] * 5)
+    ctl = replay(SimulatedCache(pol, [0], 4, 1, None), [0] * 5)
     assert ctl.resident[0] == {0}
     replay(ctl, [1] * 6, start=5)                      # 6 vs 5: beats by 1 < margin 2
     assert ctl.resident[0] == {0}
@@ -97,20 +87,20 @@ def test_window_lfu_hysteresis_keeps_resident_under_margin():
 
 def test_window_lfu_forgets_outside_window():
     pol = WindowLFU(window=4, interval=1, margin=0)
-    ctl = replay(CacheController(pol, [0], 4, 1, None), [0] * 10 + [2] * 3)
+    ctl = replay(SimulatedCache(pol, [0], 4, 1, None), [0] * 10 + [2] * 3)
     assert ctl.resident[0] == {2}                      # the 10 old accesses left the window
 
 
 def test_global_budget_gives_hot_layer_more_slots():
     seq = [{0: [0, 1, 2, 3], 1: [5]} for _ in range(20)]
-    glob = replay(CacheController(Decay(half_life=8), [0, 1], 8, None, None, budget=5), seq)
+    glob = replay(SimulatedCache(Decay(half_life=8), [0, 1], 8, None, None, budget=5), seq)
     assert len(glob.resident[0]) == 4 and glob.resident[1] == {5}
-    per = replay(CacheController(Decay(half_life=8), [0, 1], 8, {0: 3, 1: 2}, None), seq)
+    per = replay(SimulatedCache(Decay(half_life=8), [0, 1], 8, {0: 3, 1: 2}, None), seq)
     assert glob.hit_rate() > per.hit_rate()
 
 
 def test_global_budget_moves_slots_between_layers():
-    ctl = CacheController(Decay(half_life=2), [0, 1], 8, None, None, budget=2)
+    ctl = SimulatedCache(Decay(half_life=2), [0, 1], 8, None, None, budget=2)
     replay(ctl, [{0: [0, 1]}] * 5)
     assert ctl.resident == {0: {0, 1}, 1: set()}
     replay(ctl, [{1: [3, 4]}] * 10, start=5)
@@ -121,13 +111,13 @@ def test_global_budget_moves_slots_between_layers():
 def test_payback_refuses_swap_costing_more_than_it_saves():
     seq = [[t % 4] for t in range(40)]
     costly = Adaptive(interval=1, cpu_seconds_per_expert=1e-4, copy_seconds_per_expert=1.0)
-    assert sum(s.loads for s in replay(CacheController(costly, [0], 4, 2, None), seq).stats.values()) == 0
+    assert sum(s.loads for s in replay(SimulatedCache(costly, [0], 4, 2, None), seq).stats.values()) == 0
     cheap = Adaptive(interval=1, cpu_seconds_per_expert=1e-4, copy_seconds_per_expert=1e-9)
-    assert replay(CacheController(cheap, [0], 4, 2, None), seq).stats[0].loads > 0
+    assert replay(SimulatedCache(cheap, [0], 4, 2, None), seq).stats[0].loads > 0
 
 
 def test_bounded_swaps_per_step_and_backlog():
-    ctl = CacheController(WindowLFU(window=10, interval=10, margin=0), [0], 8, 4, max_swaps_per_step=2,
+    ctl = SimulatedCache(WindowLFU(window=10, interval=10, margin=0), [0], 8, 4, max_swaps_per_step=2,
                           max_fills_per_step=2)
     for e in range(4):
         ctl.observe(0, 0, [e])
@@ -139,7 +129,7 @@ def test_bounded_swaps_per_step_and_backlog():
 
 
 def test_fills_into_free_slots_are_not_counted_as_swaps():
-    ctl = CacheController(make_policy("lru"), [0], 8, 4, max_swaps_per_step=1, max_fills_per_step=None)
+    ctl = SimulatedCache(make_policy("lru"), [0], 8, 4, max_swaps_per_step=1, max_fills_per_step=None)
     ctl.observe(0, 0, [0, 1, 2, 3])
     fills = ctl.end_step(0)
     assert sorted(c for _, c, _ in fills) == [0, 1, 2, 3] and all(v is None for _, _, v in fills)
@@ -149,7 +139,7 @@ def test_fills_into_free_slots_are_not_counted_as_swaps():
 
 
 def test_prompt_fills_free_slots_without_evicting():
-    ctl = CacheController(make_policy("lru"), [0, 1], 8, 2, prompt_bypass=4)
+    ctl = SimulatedCache(make_policy("lru"), [0, 1], 8, 2, prompt_bypass=4)
     ctl.observe(0, 0, [5, 5, 5, 6, 7, 1], prompt=True, tokens=6)     # large prompt: policy not fed
     ctl.observe(0, 1, [2, 2, 3], prompt=True, tokens=6)
     fills = ctl.end_step(0, prompt=True)
@@ -160,7 +150,7 @@ def test_prompt_fills_free_slots_without_evicting():
 
 
 def test_cold_start_fills_each_layer_and_prompts_replace_only_never_routed_placeholders():
-    ctl = CacheController(make_policy("lru"), [0, 1], 8, 3, prompt_bypass=4)
+    ctl = SimulatedCache(make_policy("lru"), [0, 1], 8, 3, prompt_bypass=4)
     loads = ctl.cold_start()
     assert loads == [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None), (0, 2, None), (1, 2, None)]
     ctl.commit(loads)
@@ -180,7 +170,7 @@ def test_cold_start_fills_each_layer_and_prompts_replace_only_never_routed_place
 
 
 def test_a_placeholder_routed_by_one_prompt_chunk_survives_the_next():
-    ctl = CacheController(make_policy("lru"), [0], 8, 3, prompt_bypass=4)
+    ctl = SimulatedCache(make_policy("lru"), [0], 8, 3, prompt_bypass=4)
     ctl.commit(ctl.cold_start())                                 # {0, 1, 2}
     ctl.observe(0, 0, [0] * 10 + [5], prompt=True, tokens=11)
     ctl.commit(ctl.end_step(0, prompt=True))                     # 5 takes a never-routed placeholder
@@ -190,7 +180,7 @@ def test_a_placeholder_routed_by_one_prompt_chunk_survives_the_next():
 
 
 def test_decode_swaps_that_evict_a_placeholder_count_as_fills():
-    ctl = CacheController(make_policy("lru"), [0], 64, 24, max_swaps_per_step=1, max_fills_per_step=64)
+    ctl = SimulatedCache(make_policy("lru"), [0], 64, 24, max_swaps_per_step=1, max_fills_per_step=64)
     ctl.commit(ctl.cold_start())                                 # experts 0..23, never routed
     ctl.observe(0, 0, list(range(40, 48)))
     swaps = ctl.end_step(0)
@@ -198,7 +188,7 @@ def test_decode_swaps_that_evict_a_placeholder_count_as_fills():
 
 
 def test_cold_start_under_a_global_budget_shares_slots_and_moves_them_to_routed_layers():
-    ctl = CacheController(make_policy("lru"), [0, 1, 2], 8, None, budget=7, prompt_bypass=4)
+    ctl = SimulatedCache(make_policy("lru"), [0, 1, 2], 8, None, budget=7, prompt_bypass=4)
     loads = ctl.cold_start()
     assert [sum(1 for l, _, _ in loads if l == x) for x in (0, 1, 2)] == [3, 2, 2]
     ctl.commit(loads)
@@ -211,7 +201,7 @@ def test_cold_start_under_a_global_budget_shares_slots_and_moves_them_to_routed_
 
 
 def test_uncommitted_loads_are_not_hits():
-    ctl = CacheController(make_policy("lru"), [0], 8, 2, None)
+    ctl = SimulatedCache(make_policy("lru"), [0], 8, 2, None)
     ctl.observe(0, 0, [3])
     swaps = ctl.end_step(0)
     assert swaps == [(0, 3, None)] and ctl.lookup(0, [3]) == [False]
@@ -220,7 +210,7 @@ def test_uncommitted_loads_are_not_hits():
 
 
 def test_prompt_bypass_does_not_flush_decode_set():
-    ctl = replay(CacheController(make_policy("lru"), [0], 16, 2, None), [0, 1, 0, 1])
+    ctl = replay(SimulatedCache(make_policy("lru"), [0], 16, 2, None), [0, 1, 0, 1])
     big = list(range(2, 16)) * 8
     ctl.observe(4, 0, big, True, tokens=100, hits=ctl.lookup(0, big))
     ctl.commit(ctl.end_step(4, prompt=True))
@@ -233,8 +223,8 @@ def test_controller_is_deterministic():
     rng = np.random.default_rng(0)
     seq = [{l: rng.integers(0, 16, 2).tolist() for l in (0, 1, 2)} for _ in range(200)]
     for name in ("lru", "window-lfu", "decay", "auto"):
-        a = replay(CacheController(make_policy(name), [0, 1, 2], 16, 4, 2), seq)
-        b = replay(CacheController(make_policy(name), [0, 1, 2], 16, 4, 2), seq)
+        a = replay(SimulatedCache(make_policy(name), [0, 1, 2], 16, 4, 2), seq)
+        b = replay(SimulatedCache(make_policy(name), [0, 1, 2], 16, 4, 2), seq)
         assert a.resident == b.resident and a.stats == b.stats, name
 
 
@@ -245,7 +235,7 @@ def test_static_profile_roundtrip_and_warm_start(tmp_path):
     path = save_profile(tmp_path / "p.json", prof)
     back = load_profile(path, num_experts=4)
     assert back.hot == prof.hot and back.counts[0] == [0, 9, 1, 5]
-    ctl = CacheController(policy_from_profile(back), [0, 1], 4, 2, None)
+    ctl = SimulatedCache(policy_from_profile(back), [0, 1], 4, 2, None)
     ctl.commit(ctl.warm_start(back))
     assert ctl.resident == {0: {1, 3}, 1: {0}}
     ctl.commit(ctl.end_step(0))

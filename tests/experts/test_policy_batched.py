@@ -8,18 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hotexperts.experts.policy import (
-    NEG,
-    Belady,
-    CacheController,
-    CachePolicy,
-    Capacity,
-    Profile,
-    make_policy,
-    plan_by_scores,
-)
+from hotexperts.experts.policies import NEG, Belady, CachePolicy, Capacity, make_policy, plan_by_scores
+from hotexperts.experts.profile import Profile
 from hotexperts.trace import synthetic as syn
-from hotexperts.trace.simulate import passes
+from hotexperts.trace.simulate import SimulatedCache, passes
 
 POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
 
@@ -68,7 +60,7 @@ def build(name, steps, layers, E, bypass, seed):
 
 
 def replay(name, steps, layers, E, cap, batched, seed, bypass=6, max_swaps=2):
-    ctl = CacheController(build(name, steps, layers, E, bypass, seed), layers, E, cap.get("slots"),
+    ctl = SimulatedCache(build(name, steps, layers, E, bypass, seed), layers, E, cap.get("slots"),
                           max_swaps, budget=cap.get("budget"), prompt_bypass=bypass, max_fills_per_step=3)
     log = []
     for t, prompt, T, ls, x in steps:
@@ -134,8 +126,8 @@ def test_observe_step_equals_per_layer_loop_synthetic(name):
 
 def test_observe_step_accepts_other_shapes_and_dtypes():
     """[n, T, K] int16 experts, list hits, hits=None (no stats), no layers at all."""
-    a = CacheController(make_policy("window-lfu", interval=1), [3, 5], 8, 2)
-    b = CacheController(make_policy("window-lfu", interval=1), [3, 5], 8, 2)
+    a = SimulatedCache(make_policy("window-lfu", interval=1), [3, 5], 8, 2)
+    b = SimulatedCache(make_policy("window-lfu", interval=1), [3, 5], 8, 2)
     x = np.array([[[1, 2], [2, -1]], [[4, 4], [-1, -1]]], np.int16)            # [n=2, T=2, K=2]
     hits = [[[True, False], [True, True]], [[False, False], [True, True]]]
     a.observe_step(0, [3, 5], x, hits, prompt=True, tokens=2)
@@ -152,8 +144,8 @@ def test_observe_step_accepts_other_shapes_and_dtypes():
 
 def test_observe_step_with_a_layer_twice_is_the_loop():
     x = np.array([[1, 2], [2, 3], [3, -1]])
-    a = CacheController(make_policy("window-lfu", window=2, interval=1), [0, 1], 8, 2)
-    b = CacheController(make_policy("window-lfu", window=2, interval=1), [0, 1], 8, 2)
+    a = SimulatedCache(make_policy("window-lfu", window=2, interval=1), [0, 1], 8, 2)
+    b = SimulatedCache(make_policy("window-lfu", window=2, interval=1), [0, 1], 8, 2)
     a.observe_step(0, [0, 1, 0], x, np.zeros((3, 2), bool))
     for i, l in enumerate([0, 1, 0]):
         b.observe(0, l, x[i], hits=[False] * int((x[i] >= 0).sum()))
@@ -175,14 +167,14 @@ def test_default_access_step_loops_over_access():
         def scores(self, step, layer):
             return np.full(self.E, NEG)
 
-    ctl = CacheController(Recorder(), [2, 7, 9], 8, 2)
+    ctl = SimulatedCache(Recorder(), [2, 7, 9], 8, 2)
     ctl.observe_step(4, [9, 2], np.array([[1, -1, 3], [-1, -1, -1]]), np.zeros((2, 3), bool))
     assert ctl.policy.calls == [(4, 9, [1, 3], False), (4, 2, [], False)]
     assert ctl.end_step(4) == []
 
 
 def test_lookup_step_equals_lookup():
-    ctl = CacheController(make_policy("lru"), [0, 1, 2], 8, 3)
+    ctl = SimulatedCache(make_policy("lru"), [0, 1, 2], 8, 3)
     ctl.observe_step(0, [0, 1, 2], np.array([[1, 2, 3], [4, -1, 5], [-1, -1, -1]]), None)
     ctl.commit(ctl.end_step(0))
     x = np.array([[1, 2, 7, -1], [5, 5, 4, 0], [0, 1, -1, 2]])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hotexperts.experts.hybrid import HybridExecutor
-from hotexperts.experts.policy import CacheController, make_policy
+from hotexperts.experts.planner import CachePlanner
+from hotexperts.experts.policies import make_policy
 from hotexperts.experts.slots import SlotCache
 from hotexperts.experts.store import ExpertStore
 from hotexperts.kernels.gpu_moe import gpu_moe
@@ -51,9 +52,9 @@ def random_layer(g):
 def make(num_slots=2):
     g = torch.Generator().manual_seed(0)
     store = ExpertStore({0: random_layer(g)})
-    ctl = CacheController(make_policy("lru"), [0], E, capacity=num_slots, max_swaps_per_step=4)
+    ctl = CachePlanner(make_policy("lru"), [0], E, capacity=num_slots, max_swaps_per_step=4)
     fac = Factory()
-    slots = SlotCache(store, [0], num_slots, "cpu", controller=ctl, event_factory=fac)
+    slots = SlotCache(store, [0], num_slots, "cpu", event_factory=fac)
     return store, ctl, slots, fac
 
 
@@ -86,38 +87,36 @@ def test_fill_is_not_used_until_its_event_completes():
     slots._try_copy = logged
 
     reads = []
-    ex = HybridExecutor(store, "cpu", slots=slots, controller=ctl, gpu_kernel=spy_kernel(slots, fac, reads))
+    ex = HybridExecutor(store, "cpu", slots=slots, planner=ctl, gpu_kernel=spy_kernel(slots, fac, reads))
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
     ids, w = torch.tensor([[1, 2]]), torch.tensor([[0.6, 0.4]])
     ref = HybridExecutor(store, "cpu")(0, x, ids, w)                        # all on the CPU
 
-    ctl.pending[0].add(1)                                                   # as if planned by end_step
     assert slots.issue([(0, 1, None)]) == [(0, 1, None)]
     assert slots.poll() == []                                               # fill event not done
-    assert int(slots.mirror(0)[1]) == -1 and int(slots.slot_of(0)[1]) == -1 and 1 not in ctl.resident[0]
+    assert int(slots.mirror(0)[1]) == -1 and int(slots.slot_of(0)[1]) == -1
+    assert 1 not in slots.residency.resident[0]
     torch.testing.assert_close(ex(0, x, ids, w), ref, rtol=1e-4, atol=1e-4)     # computed on the CPU
     assert reads == []
 
     fac.fills()[0].released = True
     assert slots.poll() == [(0, 1, None)]
-    assert 1 in ctl.resident[0] and slots.resident(0) == [1]
+    assert 1 in slots.residency.resident[0] and slots.resident(0) == [1]
     torch.testing.assert_close(ex(0, x, ids, w), ref, rtol=1e-4, atol=1e-4)
     assert reads == [(1, int(slots.mirror(0)[1]))]                          # now read from its slot
 
 
 def test_slot_is_not_refilled_while_a_step_reads_it():
     store, ctl, slots, fac = make(num_slots=1)
-    ctl.pending[0].add(1)
     slots.fill_now({0: [1]})
-    assert ctl.resident[0] == {1}
+    assert slots.residency.resident[0] == {1}
     s = int(slots.mirror(0)[1])
-    ex = HybridExecutor(store, "cpu", slots=slots, controller=ctl)
+    ex = HybridExecutor(store, "cpu", slots=slots, planner=ctl)
     x, ids, w = torch.randn(1, D), torch.tensor([[1, 3]]), torch.tensor([[0.5, 0.5]])
     ex(0, x, ids, w)                                                        # the step reads slot s ...
     read = slots.last_read[0]
     assert read.records == 1 and not read.query()                           # ... and is still in flight
 
-    ctl.pending[0].add(3)
     assert slots.issue([(0, 3, 1)]) == [(0, 3, 1)]                          # evict 1 -> load 3 into s
     assert int(slots.mirror(0)[1]) == -1 and int(slots.slot_of(0)[1]) == -1  # 1 leaves at once
     torch.testing.assert_close(slots.w13[s], store.layer(0).w13[1])         # but s is not overwritten
@@ -128,7 +127,7 @@ def test_slot_is_not_refilled_while_a_step_reads_it():
     torch.testing.assert_close(slots.w13[s], store.layer(0).w13[3])
     torch.testing.assert_close(slots.w2[s], store.layer(0).w2[3])
     fac.fills()[-1].released = True
-    assert slots.poll() == [(0, 3, 1)] and slots.resident(0) == [3] and ctl.resident[0] == {3}
+    assert slots.poll() == [(0, 3, 1)] and slots.resident(0) == [3] and slots.residency.resident[0] == {3}
 
 
 def test_free_slot_moves_between_layers_and_duplicates_are_skipped():

@@ -7,8 +7,9 @@ import torch
 
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts import mailbox
+from hotexperts.experts.build import build_executor
 from hotexperts.experts.mailbox import DecodeHandoff
-from hotexperts.experts.placement import Placement, build_executor
+from hotexperts.experts.placement import Placement
 from tests.experts.test_hybrid import CFG, STORE, E, check_same, run
 
 PLACEMENTS = ["cpu", "layers:1", "layers:0", "hot:0", "hot:3", f"hot:{E}", "cache:0slots", "cache:5slots:lru",
@@ -119,8 +120,8 @@ def test_worker_and_sync_decode_count_the_same(text):
     run(worker)
     run(sync)
     assert _counts(worker) == _counts(sync)
-    if worker.controller is not None:
-        assert worker.controller.resident == sync.controller.resident
+    if worker.planner is not None:
+        assert worker.slots.residency.resident == sync.slots.residency.resident
     worker.close()
 
 
@@ -196,7 +197,7 @@ def test_each_worker_failure_reports_its_own_message():
 def test_a_silent_worker_times_out_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(mailbox, "TIMEOUT_S", 0.2)
     ex = executor("cpu")
-    ex.worker.worker.close()
+    ex.worker.handoff.worker.close()
     layer = STORE.layers[0]
     ex(layer, torch.randn(1, CFG.hidden_size), torch.tensor([[1, 2]]), torch.ones(1, 2))
     with pytest.raises(HotExpertsError, match="did not answer"):
@@ -298,7 +299,7 @@ def test_a_failed_step_raises_before_its_token_is_used_even_when_deferred(monkey
     gen = Generator(MODEL, ex, CFG, "cpu", 64)
     it = gen.generate(PROMPT, SamplingParams(max_tokens=6))
     next(it)                                                   # the prefill's token
-    ex.worker.worker.close()                                   # the worker dies
+    ex.worker.handoff.worker.close()                                   # the worker dies
     with pytest.raises(ExpertComputeError, match="did not answer"):
         next(it)                                               # the very next decode step reports it
 

@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from hotexperts.cli import build_parser
+from hotexperts.cli.serve import settings_from_args
 from hotexperts.errors import HotExpertsError
-from hotexperts.server.app import settings_from_args
 
 
 def parse(*argv):
-    return build_parser(strict=True).parse_args(["serve", "--model", "preset:tiny-qwen3-moe", *argv])
+    return build_parser().parse_args(["serve", "--model", "preset:tiny-qwen3-moe", *argv])
 
 
 def test_flags_and_defaults():

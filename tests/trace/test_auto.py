@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from hotexperts.errors import HotExpertsError
-from hotexperts.experts.policy import CacheController, load_profile, policy_from_profile
+from hotexperts.experts.policies import policy_from_profile
+from hotexperts.experts.profile import load_profile
 from hotexperts.trace.auto import add_parser, choose, run, split, write
 from hotexperts.trace.costmodel import SHAPES
 from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.profiles import BUILTIN
+from hotexperts.trace.simulate import SimulatedCache
 
 SMALL_GRID = {"lru": [{}], "static": [{}], "decay": [{"half_life": 8}],
               "auto": [{"interval": 1, "recency_weight": 4.0, "recency_half_life": 2}]}
@@ -57,7 +59,7 @@ def test_writes_a_profile_the_live_cache_loads(tmp_path):
     assert sum(len(h) for h in prof.hot.values()) == 4
     pol = policy_from_profile(prof)
     assert pol.name == choice.policy
-    ctl = CacheController(pol, [0, 1], 16, None, 4, budget=4)
+    ctl = SimulatedCache(pol, [0, 1], 16, None, 4, budget=4)
     ctl.commit(ctl.warm_start(prof))
     assert sum(len(r) for r in ctl.resident.values()) == 4
     ctl.observe(0, 0, [0, 1], hits=ctl.lookup(0, [0, 1]))

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from hotexperts.cli.trace import add_parser, run
 from hotexperts.errors import HotExpertsError
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.record import RouteRecorder, add_parser, read_prompts, record, run
+from hotexperts.trace.record import RouteRecorder, read_prompts, record
 
 LAYERS = [1, 3]          # decoder-layer indices of the MoE layers (layer 0 and 2 dense)
 

@@ -122,7 +122,8 @@ def test_cli_byte_budget_needs_expert_size(tmp_path):
 
 def test_simulator_imports_no_torch():
     code = ("import sys, hotexperts.trace.simulate, hotexperts.trace.auto, hotexperts.trace.costmodel, "
-            "hotexperts.experts.policy; bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
+            "hotexperts.experts.planner, hotexperts.experts.solve, hotexperts.trace.real_shape; "
+            "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -143,7 +144,7 @@ def test_replay_reproduces_live_cpu_cache(spec, policy):
     eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu", placement=p,
                       use_cuda_graph=False)
     trace = record(eng, [[1, 2, 3, 4, 5, 6], [7, 8, 9]], SamplingParams(max_tokens=10))
-    ctl = eng.executor.controller
+    ctl = eng.executor.planner
     live = eng.stats()["cache"]["layers"]
     budget = ctl.capacity.budget
     cap = {"slots": ctl.capacity[ctl.layers[0]]} if budget is None else {"budget": budget}

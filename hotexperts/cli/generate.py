@@ -1,8 +1,8 @@
 """`hotexperts generate`: stream a completion of one prompt to stdout.
 
-    hotexperts generate --model DIR|preset:NAME --prompt "..." [--chat] [--system S] [--max-tokens N]
-        [--temperature T --top-k K --top-p P --min-p M --seed S] [--stop S ...] [--dtype D]
-        [--device DEV] [--max-context N] [placement flags] [--stats]
+    hotexperts generate --model DIR|FILE.gguf|preset:NAME --prompt "..." [--chat] [--system S]
+        [--max-tokens N] [--temperature T --top-k K --top-p P --min-p M --seed S] [--stop S ...]
+        [model flags] [placement flags] [kernel flags] [--stats]     (the shared flags: cli/flags.py)
 
 Text goes to stdout as it is generated; the summary line
 "prompt: N tokens, X tok/s | generation: M tokens, Y tok/s" (and, with --stats, the engine's stats as
@@ -12,64 +12,45 @@ JSON) goes to stderr, so stdout holds only the completion.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
-from hotexperts.engine.engine import DTYPES, Engine
+from hotexperts.cli.flags import (
+    add_kernel_arguments,
+    add_model_arguments,
+    add_placement_arguments,
+    load_engine,
+)
+from hotexperts.engine.engine import Engine
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.engine.textstream import TextStream
 from hotexperts.errors import HotExpertsError
 
 
-def _placement_module():
-    """experts/placement.py, or None while it does not exist yet."""
-    name = "hotexperts.experts.placement"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return None
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a prompt",
                               description="Stream a completion of one prompt.")
-    p.add_argument("--model", required=True, help="model directory (Hugging Face layout) or preset:NAME")
-    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
+    add_model_arguments(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (implies --chat)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
+                   help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0,
+                   help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S", help="stop strings")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: <= 4096)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
-    p.add_argument("--piecewise-graph", action="store_true",
-                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
-    add_compile_argument(p)
     p.add_argument("--stats", action="store_true",
                    help="print the cache per layer: hits, misses, swaps, bytes moved, CPU/GPU time")
     p.add_argument("--stats-json", default=None, metavar="FILE", help="write the engine's stats as JSON")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="per-layer hit-rate heatmap of the cache")
     p.add_argument("--save-profile", default=None, metavar="FILE",
                    help="write the cache's current hot set as a routing profile (--moe-profile FILE)")
-    placement = _placement_module()
-    if placement is not None:
-        placement.add_placement_arguments(p)
-
-
-def add_compile_argument(p) -> None:
-    """--compile (generate, bench, serve): torch.compile the T=1 decode step's dense part."""
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile (Inductor) the decode step's norms, attention and router into fewer "
-                        "kernels; compiles on the first token (seconds to minutes, cached on disk)")
+    add_placement_arguments(p)
+    add_kernel_arguments(p)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -92,14 +73,6 @@ def summary_line(stats: dict) -> str:
             f"generation: {last['gen_tokens']} tokens, {last['gen_tok_per_s']:.1f} tok/s")
 
 
-def load_engine(args: argparse.Namespace) -> Engine:
-    placement = _placement_module()
-    return Engine.load(args.model, dtype=args.dtype, device=args.device,
-                       placement=placement.placement_from_args(args) if placement is not None else None,
-                       max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
-                       piecewise_graph=args.piecewise_graph, compile_decode=args.compile)
-
-
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)                     # validate flags before loading anything
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -109,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     ids = encode_prompt(engine.tokenizer, prompt, args.chat, args.system)
     if args.compile:                                    # compile + capture outside the timed request
         print(f"compiled the decode step in {engine.warm_up():.1f}s", file=sys.stderr)
-    if args.stats and hasattr(engine.executor, "time_gpu"):
-        engine.executor.time_gpu = True                 # per-layer GPU time with CUDA events
+    if args.stats:
+        engine.executor.set_gpu_timing(True)            # per-layer GPU time with CUDA events
     stream = TextStream(engine.tokenizer, params.stop)
     for delta in stream.run(engine.generate(ids, params)):
         sys.stdout.write(delta)
@@ -125,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def report_cache(engine: Engine, args: argparse.Namespace, stats: dict) -> None:
     """--stats table, --stats-json, --heatmap and --save-profile (the last two need a hybrid cache)."""
-    cache = getattr(engine.executor, "cache_stats", None)
+    cache = engine.executor.cache_stats
     if args.stats:
         print(cache.table() if cache is not None else "no expert cache in this placement", file=sys.stderr)
     if args.stats_json:

@@ -1,0 +1,129 @@
+"""`hotexperts bench`: placements side by side at one or more VRAM budgets, llama-bench style
+(bench/harness.py runs them; bench/report.py prints the table; bench/predict.py labels predictions).
+
+    hotexperts bench [--model preset:NAME|DIR|FILE.gguf] [--placements gpu,cpu-moe,n-cpu-moe,hot,cache]
+        [--vram-budget 16,24] [--tests pp512,tg128] [--repeats 3] [--route-trace FILE | --route-synthetic P]
+        [--expert-quant int4] [--policy P] [--json FILE] [--plots DIR] [-t N] [--compile] [--predict HW]
+On a machine without CUDA it runs the real cache on the mini model with the slot counts the real shape gets
+at each budget and prints the cost model's PREDICTED speeds for a hardware profile, labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hotexperts.bench import predict as pr
+from hotexperts.bench import report as rep
+from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
+from hotexperts.bench.harness import __doc__ as HARNESS_DOC
+from hotexperts.bench.workload import parse_tests, routing_source
+from hotexperts.cli.flags import add_compile_argument, add_kernel_arguments, kernel_options_from_args
+from hotexperts.engine.engine import PRESET_PREFIX, load_source, resolve_device, resolve_dtype
+from hotexperts.engine.presets import build_in_memory
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.build import quantized_store
+from hotexperts.experts.placement import QUANT
+from hotexperts.trace.profiles import get_profile
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="placements side by side at one VRAM budget (llama-bench style)",
+                              description=HARNESS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default="preset:qwen3-30b-a3b-mini", help="HF dir, .gguf or preset:NAME")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (default on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--placements", default=",".join(NAMED), help=f"comma list (default {','.join(NAMED)})")
+    p.add_argument("--vram-budget", default=None, metavar="GiB[,GiB...]",
+                   help="budgets to compare at (e.g. 16,24); default: unlimited")
+    p.add_argument("--tests", default="pp512,tg128",
+                   help="ppN, tgN, tgN@dD (e.g. pp512,pp4096,tg128,tg128@d4096)")
+    p.add_argument("--repeats", type=int, default=3)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--route-trace", metavar="FILE",
+                     help="replay routing from a trace (.npz or a shared raw file)")
+    src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
+    p.add_argument("--route-tokens", type=int, default=None,
+                   help="synthetic routing length (default: what one placement consumes: it never wraps)")
+    p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"))
+    p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--plots", default=None, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--piecewise-graph", action="store_true",
+                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    add_compile_argument(p)
+    add_kernel_arguments(p)
+    p.add_argument("--predict", default=None, metavar="PROFILE",
+                   help="CPU-only machines: run the cache with the slot counts the real shape gets at each "
+                        "budget on this hardware profile and print the cost model's PREDICTED speeds "
+                        "(default on a machine without CUDA: rtx4090-7950x)")
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    tests = parse_tests(args.tests)
+    budgets = [None] if not args.vram_budget else [float(b) for b in str(args.vram_budget).split(",")]
+    lm = load_quantized(args.model, dtype, device, args.seed, args.expert_quant)
+    kind, arg = ("trace", args.route_trace) if args.route_trace else (
+        ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
+    needed = tokens_needed(tests, args.repeats)
+    source = routing_source(kind, arg, lm.cfg, num_tokens=args.route_tokens or needed, seed=args.seed)
+    if kind == "router":
+        print("note: routing comes from the model's own router; random weights make it unrealistic "
+              "(use --route-trace or --route-synthetic for speed claims)")
+    names = [s.strip() for s in args.placements.split(",") if s.strip()]
+    progress = lambda msg: print("  " + msg, flush=True)  # noqa: E731
+    options = kernel_options_from_args(args)
+    profile = args.predict or (None if device.type == "cuda" else "rtx4090-7950x")
+    if profile is not None:
+        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options)
+    report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
+                       policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
+                       compile_decode=args.compile, options=options)
+    print()
+    print(rep.table(report))
+    if args.json:
+        print(f"JSON: {rep.save_json(report, args.json)}")
+    if args.plots:
+        for path in rep.plots(report, args.plots):
+            print(f"plot: {path}")
+    return 0
+
+
+def load_quantized(source: str, dtype, device, seed: int, quant: str):
+    """The model with its experts in the bench's format, quantized once (a preset is built that way
+    directly: no bf16 copy of a 30B model's experts in RAM), not once per placement."""
+    if QUANT.get(quant) and source.startswith(PRESET_PREFIX):
+        return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
+                               expert_dtype=QUANT[quant])
+    lm = load_source(source, dtype, device, seed)
+    lm.store = quantized_store(lm.store, quant)
+    return lm
+
+
+def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options) -> int:
+    """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
+    shape = pr.shape_for(args.model, args.expert_quant)
+    if shape is None:
+        raise HotExpertsError("--predict needs a model with a known real shape (e.g. "
+                              f"preset:qwen3-30b-a3b-mini); {args.model!r} has none")
+    hw = get_profile(profile)
+    budgets = [b if b is not None else hw.vram_gb for b in budgets]
+    out = {"predicted": [], "measured_on_this_machine": []}
+    for b in budgets:
+        plan = pr.real_plan(shape, b)
+        report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
+                           quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
+                           compile_decode=args.compile, options=options)
+        rows = pr.predictions(report, shape, hw, plan)
+        print()
+        print(pr.table(rows, shape, hw, plan))
+        print(f"\n(measured here, tiny widths, {report['device']}: cache behaviour is real, speeds are not "
+              f"those of the real model)\n")
+        print(rep.table(report))
+        out["predicted"].append({"plan": plan, "rows": rows})
+        out["measured_on_this_machine"].append(report)
+    if args.json:
+        print(f"JSON: {rep.save_json(out | {'profile': hw.to_dict(), 'shape': shape.name}, args.json)}")
+    return 0
