@@ -79,9 +79,9 @@ budget() {          # budget CAP -> seconds a command may take: CAP, or what is 
 
 guard() {           # guard CAP CMD... : timeout with budget CAP; prints rc, never fails the caller
   local t rc=0; t=$(budget "$1"); shift
-  if [ "$t" -lt 10 ]; then echo "skipped (no time left): $*"; return 0; fi
+  if [ "$t" -lt 10 ]; then echo "skipped (no time left): $*" >&3; return 0; fi
   timeout -k 10 "$t" "$@" || rc=$?
-  echo "rc=$rc$( [ "$rc" = 124 ] && echo " (timed out after ${t}s)")"
+  echo "rc=$rc$( [ "$rc" = 124 ] && echo " (timed out after ${t}s)")" >&3     # fd 3: the console
 }
 
 point_field() {     # point_field FILE KEY
@@ -104,7 +104,7 @@ step_env() {
 
 step_tests() {
   guard 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider -W ignore $TESTS_PATHS > "$RES/pytest_gpu.log" 2>&1
-  grep -E "passed|failed|^FAILED|^ERROR" "$RES/pytest_gpu.log" | tail -20 || true
+  grep -E "passed|failed|skipped|deselected|no tests ran|^FAILED|^ERROR" "$RES/pytest_gpu.log" | tail -20 || true
 }
 
 step_bench() {
@@ -239,6 +239,7 @@ step_compare() {
 
 # ---- driver ------------------------------------------------------------------------------------------------
 if [ "${1:-}" = "--step" ]; then            # child shell: one step, errexit applies inside it
+  exec 3>&1
   fn="step_${2//-/_}"
   declare -F "$fn" > /dev/null || { echo "unknown step: $2"; exit 2; }
   "$fn"
