@@ -23,9 +23,9 @@
 # Variables (defaults): OUT (./out), HX_DEADLINE_S (570: steps get at most what is left of it, so the packing
 #   at the end always runs inside a 600 s call), MODEL (/dev/shm/q30.gguf), PRESET (qwen3-30b-a3b), QUANT (q4_k),
 #   NCMOE (48,40,32,24,0), STOCK_ARGS (-ngl 99 -fa 1 -t 16 -p 512 -n 128 -r 3 -lm none), STOCK_DIR, OURS_DIRS,
-#   OURS_PLACEMENTS (cpu-moe,n-cpu-moe,hot,cache), OURS_ROUTING (qwen3-30b-a3b), OURS_ARGS ("": more bench
-#   flags), BUDGET_UNIT (mib: --vram-budget NMiB; gib: N/1024 as a bare GiB number, for a bench that takes
-#   no suffix), BENCH_ARGS, TESTS_PATHS, KERNELS (gpu_moe,dequant,cpu_moe), LLAMA_SRC (.carry/llama.cpp),
+#   OURS_NCMOE (all stock points), OURS_PLACEMENTS (cpu-moe,n-cpu-moe,hot,cache), OURS_ROUTING
+#   (qwen3-30b-a3b), OURS_ARGS ("": more bench flags), BUDGET_UNIT (mib: --vram-budget NMiB; gib: N/1024
+#   as a bare GiB number, for a bench that takes no suffix), BENCH_ARGS, TESTS_PATHS, KERNELS (gpu_moe,dequant,cpu_moe), LLAMA_SRC (.carry/llama.cpp),
 #   LLAMA_PARTS (.carry/llama-bin), LLAMA_DIR (/tmp/llama-bin).
 # Carried wheels: if .whl/ holds wheels they are installed into /tmp/site (PYTHONPATH=/tmp/site:$PWD).
 #
@@ -35,13 +35,14 @@
 #
 # The stock llama.cpp comparison (docs/benchmarks.md, "How to reproduce"); run prepare.sh here first:
 #   here:   bash scripts/stock/prepare.sh                        # -> .carry/llama.cpp (~22 MB)
-#   call 1: bash scripts/gpu_run.sh env stock-build               carry .carry/llama.cpp (+ .whl)   ~5 min
+#   call 1: bash scripts/gpu_run.sh env stock-build               carry .carry/llama.cpp (+ .whl)   est. ~5 min
 #           then: mkdir -p .carry/llama-bin && cp <files>/llama-bin.tar.xz.part-* .carry/llama-bin/
-#   call 2: bash scripts/gpu_run.sh model routing stock-build stock    carry .carry/llama-bin (+ .whl)  ~7 min
+#   call 2: bash scripts/gpu_run.sh model routing stock-build stock    carry .carry/llama-bin (+ .whl)  est. ~7 min
 #           then unpack results.tar.gz into docs/results/<run>/ (its stock/ holds the stock points)
 #   call 3: STOCK_DIR=docs/results/<run>/run/stock bash scripts/gpu_run.sh model ours compare
-#           carry .whl if needed; ~2 min for the model + ~1-1.5 min per point: NCMOE-style subsets via a
-#           STOCK_DIR holding fewer points, and OURS_DIRS="dir1 dir2" to merge points from several calls.
+#           carry .whl if needed; ~2 min for the model, then each point loads the model and runs 4 placements
+#           (not yet timed): split the points over calls with OURS_NCMOE=48,40 / OURS_NCMOE=32,24,0, then merge
+#           here: python3 scripts/stock/compare.py merge --stock DIR --ours DIR1 DIR2 --md ... --json ...
 #   (one call can run `model routing stock-build stock ours compare` when the points fit in HX_DEADLINE_S.)
 set -euo pipefail
 
@@ -56,7 +57,7 @@ export MODEL=${MODEL:-/dev/shm/q30.gguf} PRESET=${PRESET:-qwen3-30b-a3b} QUANT=$
 export NCMOE=${NCMOE:-48,40,32,24,0}
 export STOCK_ARGS=${STOCK_ARGS:--ngl 99 -fa 1 -t 16 -p 512 -n 128 -r 3 -lm none}
 export STOCK_DIR=${STOCK_DIR:-$RES/stock} OURS_DIRS=${OURS_DIRS:-$RES/ours}
-export OURS_PLACEMENTS=${OURS_PLACEMENTS:-cpu-moe,n-cpu-moe,hot,cache}
+export OURS_PLACEMENTS=${OURS_PLACEMENTS:-cpu-moe,n-cpu-moe,hot,cache} OURS_NCMOE=${OURS_NCMOE:-}
 export OURS_ROUTING=${OURS_ROUTING:-qwen3-30b-a3b} OURS_ARGS=${OURS_ARGS:-} BUDGET_UNIT=${BUDGET_UNIT:-mib}
 export BENCH_ARGS=${BENCH_ARGS:---model preset:qwen3-30b-a3b --expert-quant int4 --vram-budget 16 \
 --route-synthetic qwen3-30b-a3b --tests pp512,tg128 --repeats 3 --compile}
@@ -212,6 +213,7 @@ step_ours() {
   mkdir -p "$dir/raw"
   for f in $(points_by_ncmoe "$STOCK_DIR"); do
     n=$(point_field "$f" ncmoe); mib=$(point_field "$f" peak_mib)
+    case ",${OURS_NCMOE:-$n}," in *",$n,"*) ;; *) continue ;; esac
     if [ -z "$mib" ]; then echo "-ncmoe $n: stock has no peak; skipped"; continue; fi
     if [ "$BUDGET_UNIT" = gib ]; then b=$("$PY" -c "print($mib / 1024)"); else b=${mib}MiB; fi
     t=$(budget 240)
