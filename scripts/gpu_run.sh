@@ -228,7 +228,7 @@ step_ours() {
       --peak "$dir/raw/peak_$n.json" --out "$dir/ncmoe_$n.json"
     echo "-ncmoe $n: budget $b, rc=$rc; $(tail -n 1 "$dir/raw/bench_$n.err")"
     grep -E "^\||^device:" "$dir/raw/bench_$n.log" | grep -v -- "---" | tail -n 8 || true
-    grep -E "Error" "$dir/raw/bench_$n.err" | tail -n 3 || true
+    grep -i -E "error" "$dir/raw/bench_$n.err" | tail -n 3 || true
   done
 }
 
