@@ -14,7 +14,8 @@ Qwen3-30B-A3B expert shape (D=2048, I=768), one format at a time, weights random
     python scripts/bench_cpu_micro.py                          # all modes, int4g32 and int8, act q8
     python scripts/bench_cpu_micro.py --modes hot --formats int4g32 --hot-experts 8
     python scripts/bench_cpu_micro.py --act fp32               # the exact fp32 path instead
-Prints one JSON line per measurement (and writes them to $OUT/cpu_micro.json when $OUT is set).
+Prints one JSON line per measurement (and writes them to $OUT/cpu_micro.json when $OUT is set). Kernel
+settings (threads, prefetch distance, integer path) go in as hotexperts.config.KernelOptions.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hotexperts.config import KernelOptions  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
 from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
 
@@ -62,14 +65,18 @@ def timed(fn, n: int, reps: int = 7) -> float:
     return min(out)
 
 
+def options(a, threads: int) -> KernelOptions:
+    return replace(a.options, cpu_threads=threads)
+
+
 def hot(fmt: str, a) -> dict:
-    cm.set_num_threads(a.hot_threads)
+    o = options(a, a.hot_threads)
     L = layer(fmt, a.hot_experts, torch.Generator().manual_seed(0), a.hot_dim, a.hot_inter)
     x, out = torch.randn(1, a.hot_dim).bfloat16(), torch.empty(1, a.hot_dim, dtype=torch.bfloat16)
     ids, w = torch.arange(a.hot_experts)[None], torch.rand(1, a.hot_experts)
-    dt = timed(lambda: cm.cpu_moe(x, ids, w, L, out, act_quant=a.act == "q8"), a.hot_calls)
+    dt = timed(lambda: cm.cpu_moe(x, ids, w, L, out, options=o), a.hot_calls)
     nb = a.hot_experts * L.expert_nbytes
-    return {"mode": "hot", "format": fmt, "act": a.act, "prefetch": cm._prefetch[0], "threads": a.hot_threads,
+    return {"mode": "hot", "format": fmt, "act": a.act, "prefetch": o.prefetch_rows, "threads": a.hot_threads,
             "experts": a.hot_experts, "D": a.hot_dim, "I": a.hot_inter, "mb": nb / 1e6,
             "us_per_call": dt * 1e6, "gb_s": nb / dt / 1e9}
 
@@ -90,21 +97,20 @@ def stream(layers, fmt: str, a, T: int, ref: torch.Tensor | None = None) -> dict
     """T=1: decode calls; T>1: prompt chunks. With ref (a big fp32 tensor), each call is followed by a
     .sum() of as many bytes of ref as the call's experts hold, timed separately: a streaming read under the
     same interference as the kernel (this box's memory bandwidth moves with other tenants' load)."""
-    cm.set_num_threads(a.threads)
+    o = options(a, a.threads)
     torch.set_num_threads(a.threads)
     n = a.dram_calls if T == 1 else max(len(layers), a.dram_calls // 8)
     ids = torch.rand(n + 1, T, 128).argsort(-1)[..., :TOP_K].contiguous()
     w = torch.rand(n + 1, T, TOP_K)
     x, out = torch.randn(T, D).bfloat16(), torch.empty(T, D, dtype=torch.bfloat16)
-    aq = a.act == "q8"
     ne = [len(torch.unique(ids[i])) for i in range(n)]          # distinct experts per call
     nb = layers[0].expert_nbytes
-    cm.cpu_moe(x, ids[n], w[n], layers[0], out, act_quant=aq)
+    cm.cpu_moe(x, ids[n], w[n], layers[0], out, options=o)
     t_k = t_r = 0.0
     pos = 0
     for i in range(n):
         t = time.perf_counter()
-        cm.cpu_moe(x, ids[i], w[i], layers[i % len(layers)], out, act_quant=aq)
+        cm.cpu_moe(x, ids[i], w[i], layers[i % len(layers)], out, options=o)
         t_k += time.perf_counter() - t
         if ref is not None:
             m = ne[i] * nb // 4
@@ -115,7 +121,7 @@ def stream(layers, fmt: str, a, T: int, ref: torch.Tensor | None = None) -> dict
             t_r += time.perf_counter() - t
             pos += m
     gbs = sum(ne) * nb / t_k / 1e9
-    r = {"mode": "dram" if T == 1 else "prompt", "format": fmt, "act": a.act, "prefetch": cm._prefetch[0],
+    r = {"mode": "dram" if T == 1 else "prompt", "format": fmt, "act": a.act, "prefetch": o.prefetch_rows,
          "threads": a.threads, "T": T, "gib": len(layers) * 128 * nb / 2**30, "us_per_call": t_k / n * 1e6,
          "tok_s_per_layer": T * n / t_k, "gb_s": gbs}
     if ref is not None:
@@ -125,12 +131,12 @@ def stream(layers, fmt: str, a, T: int, ref: torch.Tensor | None = None) -> dict
 
 
 def overhead(a) -> dict:
-    cm.set_num_threads(a.threads)
+    o = options(a, a.threads)
     L = LayerExperts(torch.randn(8, 128, 64), torch.randn(8, 64, 64))
     x, out, w = torch.randn(1, 64), torch.empty(1, 64), torch.rand(1, 1)
     one, none = torch.tensor([[3]]), torch.tensor([[-1]])
-    tiny = timed(lambda: cm.cpu_moe(x, one, w, L, out), 2000, 5)
-    empty = timed(lambda: cm.cpu_moe(x, none, w, L, out), 2000, 5)
+    tiny = timed(lambda: cm.cpu_moe(x, one, w, L, out, options=o), 2000, 5)
+    empty = timed(lambda: cm.cpu_moe(x, none, w, L, out, options=o), 2000, 5)
     return {"mode": "overhead", "threads": a.threads, "tiny_us": tiny * 1e6, "empty_us": empty * 1e6}
 
 
@@ -148,10 +154,12 @@ def main() -> None:
     p.add_argument("--gib", type=float, default=4.0, help="weights of the dram mode")
     p.add_argument("--dram-calls", type=int, default=400)
     p.add_argument("--ref-gib", type=float, default=2.0, help="dram: interleaved read reference (0 = off)")
-    p.add_argument("--prefetch", type=int, default=None, help="set_prefetch_rows (default: the library's)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="KernelOptions.prefetch_rows (default: the library's)")
     a = p.parse_args()
+    a.options = KernelOptions(act_quant=a.act == "q8")
     if a.prefetch is not None:
-        cm.set_prefetch_rows(a.prefetch)
+        a.options = replace(a.options, prefetch_rows=a.prefetch)
     modes = a.modes.split(",")
     rows = []
 

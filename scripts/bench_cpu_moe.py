@@ -8,17 +8,14 @@ fp32 path (act "fp32"):
            -> ms/token, tok/s (MoE part only), effective GB/s of expert weights, % of DRAM read bandwidth;
            for q8 also without software prefetch (column "no-pf tok/s");
   prompt:  chunks of T=16 and T=64 tokens through all layers -> tok/s;
-  fallback: the plain torch path (cpu_moe_torch) for a couple of tokens, for comparison;
-  kt-kernel (KTransformers) with the same shapes, if importable: each class in a subprocess with a timeout
-  (a crash there cannot end this run), on --kt-layers layers (tok/s scaled to --layers).
+  fallback: the plain torch path (cpu_moe_torch) for a couple of tokens, for comparison.
 Also: a DRAM read bandwidth (sum of a 4 GiB fp32 tensor), per-call overhead (tiny call: 1 token, 1 expert,
-D = I = 64, also in fresh processes with OMP_WAIT_POLICY unset/ACTIVE/PASSIVE; empty call: no expert
-routed), and the error against a float64 reference. Prints a table;
-writes JSON to $OUT/cpu_moe.json.
+D = I = 64; empty call: no expert routed), and the error against a float64 reference. Prints a table;
+writes JSON to $OUT/cpu_moe.json. Kernel settings go in as hotexperts.config.KernelOptions (--threads,
+--isa); kt-kernel was compared once (run 1, docs/benchmarks.md history) and is no longer driven here.
 
-    python scripts/bench_cpu_moe.py                       # the H200 machine (< 4 min)
-    python scripts/bench_cpu_moe.py --layers 2 --experts 16 --tokens 4 --dram-gib 0.5 --kt-classes ''  # smoke
-    python scripts/bench_cpu_moe.py --kt-path DIR         # DIR holds an unpacked kt-kernel (kt_kernel/...)
+    python scripts/bench_cpu_moe.py                       # the GPU machine's host (< 4 min)
+    python scripts/bench_cpu_moe.py --layers 2 --experts 16 --tokens 4 --dram-gib 0.5   # smoke
 """
 
 from __future__ import annotations
@@ -27,14 +24,15 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hotexperts.config import KernelOptions  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
 from hotexperts.quant import dequantize  # noqa: E402
 from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
@@ -49,14 +47,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32, help="decode tokens timed per format")
     p.add_argument("--formats", default="int4g32,int8,bf16")
-    p.add_argument("--threads", type=int, default=0, help="0 = physical cores")
+    p.add_argument("--threads", type=int, default=0, help="0 = physical cores (KernelOptions' default)")
+    p.add_argument("--isa", default="native", choices=("native", "avx2", "scalar"),
+                   help="KernelOptions.cpu_isa: which build of the extension")
     p.add_argument("--dram-gib", type=float, default=4.0)
-    p.add_argument("--kt-path", default="shared/kt_kernel_site", help="dir with kt_kernel/ (optional)")
-    p.add_argument("--kt-classes", default="AMXBF16_MOE", help="kt-kernel classes ('' = none)")
-    p.add_argument("--kt-layers", type=int, default=8, help="layers kt-kernel is built with (RAM, time)")
-    p.add_argument("--kt-timeout", type=float, default=90.0, help="seconds per kt-kernel class")
-    p.add_argument("--kt-worker", default="", help=argparse.SUPPRESS)
-    p.add_argument("--overhead-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -125,11 +119,12 @@ def time_pass(fn, layers: list, x, ids, w, out) -> float:
     return time.perf_counter() - t
 
 
-def with_act(act_quant: bool, prefetch: int = 2):
+def with_act(opts: KernelOptions, act_quant: bool, prefetch: int = 2):
     """cpu_moe with a fixed activation path and prefetch distance."""
+    o = replace(opts, act_quant=act_quant, prefetch_rows=prefetch)
+
     def fn(x, ids, w, layer, out):
-        cm.set_prefetch_rows(prefetch)
-        return cm.cpu_moe(x, ids, w, layer, out, act_quant=act_quant)
+        return cm.cpu_moe(x, ids, w, layer, out, options=o)
 
     return fn
 
@@ -153,7 +148,7 @@ def prompt(fn, layers, a, T: int) -> dict:
     return {"T": T, "ms_per_chunk": dt * 1e3, "tok_s": T / dt}
 
 
-def call_overhead_us(layer: LayerExperts | None, n: int = 2000) -> float:
+def call_overhead_us(opts: KernelOptions, layer: LayerExperts | None, n: int = 2000) -> float:
     """Median µs of a tiny call (E=8, D=I=64, 1 token, 1 expert) or of an empty call on `layer`."""
     if layer is None:
         layer = LayerExperts(torch.randn(8, 128, 64), torch.randn(8, 64, 64))
@@ -165,28 +160,12 @@ def call_overhead_us(layer: LayerExperts | None, n: int = 2000) -> float:
     ts = []
     for _ in range(n):
         t = time.perf_counter()
-        cm.cpu_moe(x, ids, w, layer, out)
+        cm.cpu_moe(x, ids, w, layer, out, options=opts)
         ts.append(time.perf_counter() - t)
     return sorted(ts)[n // 2] * 1e6
 
 
-def overhead_probe(threads: int) -> dict:
-    """Tiny-call µs in fresh processes under OpenMP wait policies (they only take effect at start-up)."""
-    res = {}
-    for policy in ("default", "ACTIVE", "PASSIVE"):
-        env = dict(os.environ)
-        if policy != "default":
-            env["OMP_WAIT_POLICY"] = policy
-        cmd = [sys.executable, __file__, "--overhead-worker", "--threads", str(threads)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
-            res[policy] = float((r.stdout.strip().splitlines() or ["nan"])[-1])
-        except (subprocess.TimeoutExpired, ValueError):
-            res[policy] = float("nan")
-    return res
-
-
-def max_rel_error(fmt: str, act_quant: bool) -> float:
+def max_rel_error(opts: KernelOptions, fmt: str, act_quant: bool) -> float:
     """Kernel vs float64 reference on a small layer, T=7, some -1 holes."""
     layer = random_layer(fmt, 8, 256, 128, torch.Generator().manual_seed(1))
     x = torch.randn(7, 256)
@@ -195,141 +174,28 @@ def max_rel_error(fmt: str, act_quant: bool) -> float:
     ids[0, 1] = ids[3, 0] = -1
     ref = cm.cpu_moe_torch(x.double(), ids, w.double(), LayerExperts(dequantize(layer.w13, torch.float64),
                                                                     dequantize(layer.w2, torch.float64)))
-    got = cm.cpu_moe(x, ids, w, layer, act_quant=act_quant).double()
+    got = cm.cpu_moe(x, ids, w, layer, act_quant=act_quant, options=opts).double()
     return ((got - ref).abs().max() / ref.abs().max()).item()
-
-
-# ---------------------------------------------------------------- kt-kernel (optional)
-
-def kt_import(path: str):
-    if Path(path).is_dir():
-        sys.path.insert(0, str(Path(path).resolve()))
-    try:
-        import kt_kernel  # noqa: F401
-        from kt_kernel import kt_kernel_ext as k
-        return k
-    except Exception as e:  # not installed, wrong Python ABI, missing CPU features
-        print(f"kt-kernel: not importable ({type(e).__name__}: {e})")
-        return None
-
-
-class KtLayers:
-    """kt-kernel MoE objects for the same shapes; keeps its source weights alive."""
-
-    def __init__(self, k, cls_name: str, a: argparse.Namespace, threads: int):
-        self.k, self.a = k, a
-        wc = k.WorkerPoolConfig()
-        wc.subpool_count, wc.subpool_numa_map, wc.subpool_thread_count = 1, [0], [threads]
-        self.ci = k.CPUInfer(wc)
-        self.mask = torch.zeros(a.experts, dtype=torch.bool)
-        self.p2l = torch.arange(a.experts, dtype=torch.int64)
-        gen = torch.Generator().manual_seed(0)
-        E, D, I = a.experts, a.dim, a.inter
-        base = [(torch.randn(E, n, m, generator=gen) * 0.03).bfloat16() for n, m in ((I, D), (I, D), (D, I))]
-        self.src = [base] + [[t.clone() for t in base] for _ in range(a.layers - 1)]
-        self.moes = [self._make(getattr(k.moe, cls_name), li) for li in range(a.layers)]
-
-    def _make(self, cls, li: int):
-        a = self.a
-        cfg = self.k.moe.MOEConfig(a.experts, a.top_k, a.dim, a.inter, self.mask.data_ptr())
-        cfg.layer_idx, cfg.pool, cfg.max_len = li, self.ci.backend_, 64
-        if getattr(cfg, "group_min_len", 0) > 1:
-            cfg.group_min_len = 1                    # known trap: >1 gave wrong results for small batches
-        g, u, d = self.src[li]
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = g.data_ptr(), u.data_ptr(), d.data_ptr()
-        moe = cls(cfg)
-        self.ci.submit(moe.load_weights_task(self.p2l.data_ptr()))
-        self.ci.sync()
-        return moe
-
-    def call(self, li: int, x, ids, w, out):
-        bsz = torch.tensor([x.shape[0]], dtype=torch.int32)
-        self.ci.submit(self.moes[li].forward_task(bsz.data_ptr(), ids.shape[1], ids.data_ptr(), w.data_ptr(),
-                                                  x.data_ptr(), out.data_ptr(), False))
-        self.ci.sync()
-
-    def layer_experts(self, li: int) -> LayerExperts:
-        g, u, d = self.src[li]
-        return LayerExperts(torch.cat([g, u], dim=1), d)
-
-
-def kt_bench(a, threads: int, deadline: float) -> list[dict]:
-    """Each class in its own process (kt-kernel has crashed with SIGFPE), killed after --kt-timeout."""
-    rows = []
-    for cls in [c for c in a.kt_classes.split(",") if c]:
-        left = min(a.kt_timeout, deadline - time.perf_counter())
-        if left < 10:
-            rows.append({"kt_class": cls, "error": "skipped: time budget spent"})
-            continue
-        cmd = [sys.executable, __file__, "--kt-worker", cls, "--threads", str(threads),
-               "--kt-path", a.kt_path, "--layers", str(a.kt_layers), "--experts", str(a.experts),
-               "--dim", str(a.dim), "--inter", str(a.inter), "--top-k", str(a.top_k),
-               "--tokens", str(a.tokens)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
-            last = (r.stdout.strip().splitlines() or [""])[-1]
-            why = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-            row = json.loads(last) if last.startswith("{") else {
-                "error": f"{why}: {(r.stderr or r.stdout).strip()[-300:]}"}
-        except subprocess.TimeoutExpired:
-            row = {"error": f"timed out after {left:.0f}s"}
-        row = {"kt_class": cls, **row}
-        if "ms_per_token" in row:                                   # scale to the full model's layers
-            row["ms_per_token_all_layers"] = row["ms_per_token"] * a.layers / a.kt_layers
-            row["tok_s_all_layers"] = 1e3 / row["ms_per_token_all_layers"]
-        rows.append(row)
-        print("kt-kernel", row)
-    return rows
-
-
-def kt_worker(a) -> None:
-    """Child process: one kt-kernel class; prints one JSON line."""
-    k = kt_import(a.kt_path)
-    if k is None:
-        print(json.dumps({"error": "kt-kernel not importable"}))
-        return
-    names = [n for n in dir(k.moe) if n.endswith("_MOE")]
-    if a.kt_worker not in names:
-        print(json.dumps({"error": f"no class {a.kt_worker}; available: {names}"}))
-        return
-    kt = KtLayers(k, a.kt_worker, a, a.threads)
-    print(json.dumps({"layers": a.layers, **kt_measure(kt, a)}))
-
-
-def kt_measure(kt: KtLayers, a) -> dict:
-    """Correctness on 3 tokens against a float64 reference of its bf16 source, then decode like ours."""
-    x, out = torch.randn(3, a.dim).bfloat16(), torch.zeros(3, a.dim, dtype=torch.bfloat16)
-    ids, w = routing(1, 1, a.experts, a.top_k, 3)
-    ids, w = ids[0, 0], w[0, 0]
-    kt.call(0, x, ids, w, out)
-    ref = cm.cpu_moe_torch(x.double(), ids, w.double(), kt.layer_experts(0))
-    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-    res = decode(lambda x, ids, w, li, out: kt.call(li, x, ids, w, out), list(range(a.layers)), a, a.tokens,
-                 expert_nbytes=0)
-    return {"max_rel_err_vs_bf16_source": err, "ms_per_token": res["ms_per_token"], "tok_s": res["tok_s"]}
 
 
 # ---------------------------------------------------------------- main
 
-def bench_format(fmt: str, a, dram: float) -> list[dict]:
+def bench_format(fmt: str, a, dram: float, opts: KernelOptions) -> list[dict]:
     """One row per activation path: q8 (integer path; int formats with an integer dot only), fp32."""
     t = time.perf_counter()
     layers = build_model(fmt, a)
     built = time.perf_counter() - t
-    acts = [True, False] if fmt.startswith("int") and cm.cpu_moe_int_dot() != "none" else [False]
+    acts = [True, False] if fmt.startswith("int") and cm.cpu_moe_int_dot(opts.cpu_isa) != "none" else [False]
     rows = []
     for aq in acts:
-        fn = with_act(aq)
+        fn = with_act(opts, aq)
         r = {"format": fmt, "act": "q8" if aq else "fp32", "build_s": built,
-             "max_rel_err": max_rel_error(fmt, aq)}
+             "max_rel_err": max_rel_error(opts, fmt, aq)}
         r["decode"] = decode(fn, layers, a, a.tokens)
         r["decode"]["pct_dram"] = 100 * r["decode"]["gb_s"] / dram
         if aq:
-            r["decode_no_prefetch"] = decode(with_act(aq, prefetch=0), layers, a, max(4, a.tokens // 2))
-        cm.set_prefetch_rows(2)
-        cm.set_activation_quant(aq)
-        r["empty_call_us"] = call_overhead_us(layers[0], 500)
-        cm.set_activation_quant(None)
+            r["decode_no_prefetch"] = decode(with_act(opts, aq, prefetch=0), layers, a, max(4, a.tokens // 2))
+        r["empty_call_us"] = call_overhead_us(replace(opts, act_quant=aq), layers[0], 500)
         r["prompt"] = [prompt(fn, layers, a, T) for T in (16, 64)]
         rows.append(r)
         print(json.dumps(r))
@@ -356,36 +222,25 @@ def table(results: list[dict], dram: float) -> str:
 
 def main() -> None:
     a = parse()
-    if a.kt_worker:
-        kt_worker(a)
-        return
-    if a.overhead_worker:
-        cm.set_num_threads(a.threads or cm.get_num_threads())
-        call_overhead_us(None)
-        print(call_overhead_us(None))
-        return
     start = time.perf_counter()
-    threads = a.threads or cm.get_num_threads()
-    cm.set_num_threads(threads)
+    opts = KernelOptions(cpu_threads=a.threads or None, cpu_isa=a.isa)
+    threads = opts.threads()
     torch.set_num_threads(threads)
-    backend = cm.cpu_moe_backend()
-    meta = {"backend": backend, "int_dot": cm.cpu_moe_int_dot(), "ext_load_s": time.perf_counter() - start,
-            "threads": threads, "torch": torch.__version__, "shape": vars(a)}
+    backend = cm.cpu_moe_backend(opts.cpu_isa)
+    meta = {"backend": backend, "int_dot": cm.cpu_moe_int_dot(opts.cpu_isa),
+            "ext_load_s": time.perf_counter() - start, "threads": threads, "isa": opts.cpu_isa,
+            "torch": torch.__version__, "shape": vars(a)}
     print(f"backend {backend}, integer dot {meta['int_dot']} (load {meta['ext_load_s']:.1f}s), "
           f"threads {threads}")
     dram = dram_read_gbs(a.dram_gib)
-    meta.update(dram_read_gbs=dram, tiny_call_us=call_overhead_us(None))
-    meta["tiny_call_us_by_omp_wait_policy"] = overhead_probe(threads)
-    print(f"DRAM read {dram:.1f} GB/s; tiny call {meta['tiny_call_us']:.1f} µs; by OMP_WAIT_POLICY "
-          f"{meta['tiny_call_us_by_omp_wait_policy']}")
+    meta.update(dram_read_gbs=dram, tiny_call_us=call_overhead_us(opts, None))
+    print(f"DRAM read {dram:.1f} GB/s; tiny call {meta['tiny_call_us']:.1f} µs")
     results = []
     for fmt in a.formats.split(","):
-        results += bench_format(fmt, a, dram)
+        results += bench_format(fmt, a, dram, opts)
+    meta["total_s"] = time.perf_counter() - start
     save({"meta": meta, "results": results})
     print(table(results, dram))
-    kt = kt_bench(a, threads, start + 230) if a.kt_classes else []
-    meta["total_s"] = time.perf_counter() - start
-    save({"meta": meta, "results": results, "kt_kernel": kt})
     print(f"total {meta['total_s']:.0f}s")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hotexperts.config import DEFAULT_KERNELS  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
 from hotexperts.quant import quantize_int4g32  # noqa: E402
 from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
@@ -100,7 +101,7 @@ def main() -> None:
     for f in ("enabled", "defrag"):
         path = Path("/sys/kernel/mm/transparent_hugepage") / f
         print(f"# thp {f}: {path.read_text().strip() if path.exists() else 'n/a'}", flush=True)
-    print(f"# backend {cm.cpu_moe_backend()}, threads {cm.get_num_threads()}", flush=True)
+    print(f"# backend {cm.cpu_moe_backend()}, threads {DEFAULT_KERNELS.threads()}", flush=True)
     g = torch.Generator().manual_seed(0)
     base = LayerExperts(quantize_int4g32(torch.randn(a.experts, 2 * I, D, generator=g) * 0.02),
                         quantize_int4g32(torch.randn(a.experts, D, I, generator=g) * 0.02))

@@ -1,9 +1,11 @@
 """Where a prompt batch's time goes, per placement (GPU runs; issue 3's prompt target): one model built in
 memory, each placement warmed up as the benchmark does, pp timed, then one pp under torch.profiler. Writes
 $OUT/profile.txt (per placement: kernel and host tables) and prints a one-line summary per placement.
+--stage-copy / --gpu-moe go to the executor as hotexperts.config.KernelOptions (what `hotexperts bench`
+cannot set yet).
 
     python scripts/profile_prompt.py --preset qwen3-30b-a3b --quant int4 --budget 16 \
-        --placements gpu,n-cpu-moe,cache --tokens 512
+        --placements gpu,n-cpu-moe,cache --tokens 512 [--stage-copy memcpy|gather|auto]
 """
 
 from __future__ import annotations
@@ -11,18 +13,23 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hotexperts.bench.harness import WORKSPACE_BYTES, Bench, resolve, warm_up
-from hotexperts.bench.workload import BenchTest, routing_source
-from hotexperts.engine.engine import dense_bytes, kv_bytes
-from hotexperts.engine.generate import Generator
-from hotexperts.engine.presets import build_in_memory
-from hotexperts.experts.budget import GiB
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hotexperts.bench.harness import WORKSPACE_BYTES, Bench, resolve, warm_up  # noqa: E402
+from hotexperts.bench.replay import RoutingReplay  # noqa: E402
+from hotexperts.bench.workload import BenchTest, routing_source  # noqa: E402
+from hotexperts.config import GPU_MOE_BACKENDS, STAGE_COPY_MODES, KernelOptions  # noqa: E402
+from hotexperts.engine.engine import dense_bytes, kv_bytes  # noqa: E402
+from hotexperts.engine.generate import Generator  # noqa: E402
+from hotexperts.engine.presets import build_in_memory  # noqa: E402
+from hotexperts.experts.budget import GiB  # noqa: E402
+from hotexperts.experts.placement import build_executor  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +42,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--routing", default=None, help="synthetic routing preset (default: --preset)")
+    ap.add_argument("--stage-copy", default="auto", choices=STAGE_COPY_MODES)
+    ap.add_argument("--gpu-moe", default="auto", choices=GPU_MOE_BACKENDS)
     a = ap.parse_args()
+    opts = KernelOptions(stage_copy=a.stage_copy, gpu_moe=a.gpu_moe)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
@@ -52,7 +62,10 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         p = resolve(name, None if name == "gpu" else int(a.budget * GiB), lm, reserved, "none", None)
-        ex = bench.executor(p, reserved)
+        ex = build_executor(p, lm.store, lm.cfg, dev, reserved_bytes=reserved,
+                            dtype=next(lm.model.parameters()).dtype, options=opts)
+        if source.trace is not None:
+            ex = RoutingReplay(ex, source.trace, lm.cfg.moe_layers, dev)
         gen = Generator(lm.model, ex, lm.cfg, dev, ctx)
         warm_up(bench, gen, ex)
         runs = [bench.run_test(gen, ex, test) for _ in range(a.repeats)]
@@ -62,7 +75,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
         ka = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in ka)
-        text = [f"{name}: pp{a.tokens} runs {[round(r, 1) for r in runs]} tok/s; profiled run "
+        text = [f"{name} ({opts}): pp{a.tokens} runs {[round(r, 1) for r in runs]} tok/s; profiled run "
                 f"{wall * 1e3:.1f} ms wall, {gpu_us / 1e3:.1f} ms of device time (kernels + copies)"]
         text.append(ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
         text.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
