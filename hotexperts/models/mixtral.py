@@ -1,18 +1,19 @@
 """Mixtral (8x7B, 8x22B): every layer MoE, top-k renormalised, experts w1 (gate) / w3 (up) / w2 (down).
 
-Our MoE block is `block_sparse_moe` (the on-disk spelling); transformers>=5 modules call it `mlp`, and
-rename() maps both. config_from_hf(d) -> ModelConfig; rename(hf_name) -> str | ExpertRef | None.
+HF model_type "mixtral"; GGUF architecture "llama" (with experts). Our MoE block is `block_sparse_moe`
+(the on-disk spelling); transformers>=5 modules call it `mlp`, and rename() maps both. ARCH is its
+Architecture (models/architecture.py).
 """
 
 from __future__ import annotations
 
 from hotexperts.config import ModelConfig
 from hotexperts.models import naming
+from hotexperts.models.architecture import Architecture, tiny_hf_config
 
 MODEL_TYPE = "mixtral"
+MOE_BLOCK = "block_sparse_moe"
 REQUIRED = (*naming.BASE_REQUIRED, "intermediate_size")
-
-rename = naming.make_rename("block_sparse_moe", naming.MIXTRAL_WHICH)
 
 
 def config_from_hf(d: dict) -> ModelConfig:
@@ -28,3 +29,12 @@ def config_from_hf(d: dict) -> ModelConfig:
         rope_theta=naming.rope_theta(d, 1e6),
         sliding_window=d.get("sliding_window") or None,
     )
+
+
+TINY = tiny_hf_config(MODEL_TYPE, "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2,
+                      rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2,
+                      router_aux_loss_coef=0.02, output_router_logits=False)
+
+ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="llama", config_from_hf=config_from_hf,
+                    rename=naming.make_rename(MOE_BLOCK, naming.MIXTRAL_WHICH), moe_block=MOE_BLOCK,
+                    hf_expert_names=("w1", "w3", "w2"), tiny=TINY)

@@ -1,6 +1,7 @@
 """Qwen3-MoE (e.g. Qwen3-30B-A3B): per-head q/k RMSNorm, no shared expert, optional dense layers.
 
-config_from_hf(d) -> ModelConfig; rename(hf_name) -> str | ExpertRef | None (see models/naming.py).
+HF model_type "qwen3_moe"; MoE block `mlp`. ARCH is its Architecture (models/architecture.py); the
+Qwen helpers here (which layers are MoE, no sliding window) serve qwen2_moe too.
 """
 
 from __future__ import annotations
@@ -8,11 +9,10 @@ from __future__ import annotations
 from hotexperts.config import ModelConfig
 from hotexperts.errors import ModelLoadError
 from hotexperts.models import naming
+from hotexperts.models.architecture import Architecture, tiny_hf_config
 
 MODEL_TYPE = "qwen3_moe"
 REQUIRED = (*naming.BASE_REQUIRED, "moe_intermediate_size")
-
-rename = naming.make_rename("mlp")
 
 
 def qwen_moe_layers(d: dict) -> tuple[int, ...]:
@@ -46,3 +46,13 @@ def config_from_hf(d: dict) -> ModelConfig:
         rope_theta=naming.rope_theta(d, 10000.0),
         extra={"o_proj_bias": bias},
     )
+
+
+TINY = tiny_hf_config(MODEL_TYPE, "Qwen3MoeForCausalLM", num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], attention_bias=False, sliding_window=None, use_sliding_window=False,
+                      max_window_layers=4, bos_token_id=0, eos_token_id=2, router_aux_loss_coef=0.001,
+                      output_router_logits=False)
+
+ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="qwen3moe", config_from_hf=config_from_hf,
+                    rename=naming.make_rename("mlp"), tiny=TINY)

@@ -4,9 +4,9 @@
         -> logits [T, V] float32   (last_only: [1, V] of the last token; prefill without a [T, V] buffer)
 
 Parameter names are Hugging Face's dense names (`model.layers.{i}.self_attn.q_proj.weight`, ...); the MoE
-block is `mlp` (Mixtral: `block_sparse_moe`) holding the router `gate` and, for qwen2_moe, `shared_expert`
-and `shared_expert_gate`. Routed experts are not parameters here: the MoE block hands
-`executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (see models/executor_protocol.py).
+block is the architecture's `moe_block` (`mlp`; Mixtral: `block_sparse_moe`) holding the router `gate`
+and, for qwen2_moe, `shared_expert` and `shared_expert_gate`. Routed experts are not parameters here: the
+MoE block hands `executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (models/executor_protocol.py).
 Layers whose index is not in cfg.moe_layers get a dense SwiGLU `mlp` of cfg.intermediate_size.
 """
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotexperts.config import ModelConfig
+from hotexperts.models import get_arch
 from hotexperts.models.compiled import DecodeStages
 from hotexperts.models.executor_protocol import ExpertExecutor
 from hotexperts.models.layers import (
@@ -28,12 +29,6 @@ from hotexperts.models.layers import (
     SwiGLU,
     decode_bias,
 )
-
-MOE_BLOCK_NAME = {"mixtral": "block_sparse_moe"}    # default "mlp"
-
-
-def moe_block_name(cfg: ModelConfig) -> str:
-    return MOE_BLOCK_NAME.get(cfg.model_type, "mlp")
 
 
 class MoEBlock(nn.Module):
@@ -80,7 +75,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.is_moe = layer in cfg.moe_layers
-        self.ffn_name = moe_block_name(cfg) if self.is_moe else "mlp"
+        self.ffn_name = get_arch(cfg.model_type).moe_block if self.is_moe else "mlp"
         ffn = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.add_module(self.ffn_name, ffn)
 
