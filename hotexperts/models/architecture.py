@@ -5,6 +5,11 @@
     model_type          Hugging Face config.json "model_type"
     gguf_arch           GGUF "general.architecture" read and written (llama.cpp's name: Mixtral is "llama")
     config_from_hf(d)   -> ModelConfig: the one constructor of a ModelConfig, whatever the source
+    hf_from_gguf(g)     -> HF-style config dict from GGUF metadata (g: models/gguf_config.GGUFConfig), so
+                           config_from_gguf(g) = config_from_hf(hf_from_gguf(g))
+    gguf_metadata(cfg)  -> {key: int | float}: the architecture's own `{gguf_arch}.*` keys a GGUF writer adds
+    from_gguf(cfg, name, w) / to_gguf(cfg, name, t)   one dense tensor (our name) as read from / written to
+                           a GGUF: Mixtral undoes / applies llama.cpp's Q/K row permutation
     rename(hf_name)     -> str | ExpertRef | None: HF tensor names -> ours (models/naming.py)
     moe_block           our module name of the MoE block, HF's on-disk spelling: "mlp" (Mixtral:
                         "block_sparse_moe")
@@ -20,10 +25,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from hotexperts.config import ModelConfig
+from hotexperts.models.gguf_config import GGUFConfig
 from hotexperts.models.naming import Renamer
 
 TINY_VOCAB = 1024          # the tiny presets' vocabulary (engine/presets.py trains a BPE of this size)
+TensorHook = Callable[[ModelConfig, str, torch.Tensor], torch.Tensor]     # (cfg, our name, tensor) -> tensor
+
+
+def unchanged(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def no_metadata(cfg: ModelConfig) -> dict[str, int | float]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -31,10 +48,17 @@ class Architecture:
     model_type: str
     gguf_arch: str
     config_from_hf: Callable[[dict], ModelConfig]
+    hf_from_gguf: Callable[[GGUFConfig], dict]
     rename: Renamer
     moe_block: str = "mlp"
     hf_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    gguf_metadata: Callable[[ModelConfig], dict[str, int | float]] = no_metadata
+    from_gguf: TensorHook = unchanged
+    to_gguf: TensorHook = unchanged
     tiny: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def config_from_gguf(self, g: GGUFConfig) -> ModelConfig:
+        return self.config_from_hf(self.hf_from_gguf(g))
 
 
 def tiny_hf_config(model_type: str, hf_class: str, **kw) -> dict:
