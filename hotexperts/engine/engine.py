@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from hotexperts.engine import runner
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.load import DTYPES, parse_dtype  # noqa: F401  (DTYPES: the CLIs' --dtype choices)
 from hotexperts.engine.sampling import SamplingParams
@@ -102,7 +103,7 @@ class Engine:
              seed: int = 0, use_cuda_graph: bool = True, executor=None,
              piecewise_graph: bool = False, compile_decode: bool = False) -> Engine:
         """Load a model dir or 'preset:NAME' and build its executor (`executor` overrides placement).
-        compile_decode: torch.compile the T=1 decode step's dense part (models/compiled.py)."""
+        compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         loaded = load_source(str(source), dt, dev, seed)
         cfg = loaded.cfg
@@ -152,7 +153,7 @@ class Engine:
             "device": str(self.device),
             "max_context": self.max_context,
             "cuda_graph": bool(self.generator.decode_step.graphed),
-            "compiled_decode": stages.stats() if (stages := self.model.decode_stages) is not None else None,
+            "compiled_decode": None if (st := runner.compiled_stages(self.model)) is None else st.stats(),
             "cache": ex_stats() if callable(ex_stats) else None,
         }
 
