@@ -16,8 +16,9 @@
     hf_expert_names     the per-expert HF matrix names (gate, up, down), e.g. Mixtral's (w1, w3, w2)
     tiny                the HF config dict of the architecture's tiny preset (a few MB: tests and the demo)
 
-The registry (models/__init__.py) keys these by model_type and by gguf_arch; nothing else in the package
-branches on an architecture's name.
+The registry (models/__init__.py) keys these by model_type and by gguf_arch; no model, loader or writer
+code elsewhere branches on an architecture's name (engine/load_gguf.py and gguf_export.py ask the
+Architecture).
 """
 
 from __future__ import annotations
