@@ -1,6 +1,6 @@
 """Cost-model fidelity: predicted vs measured decode tok/s for every placement of `hotexperts bench` JSONs.
 
-    python scripts/fidelity.py BENCH.json [BENCH2.json ...] [--engine run4|run5|current[,...]]
+    python scripts/fidelity.py BENCH.json [BENCH2.json ...] [--engine current|ENGINE.json[,...]]
         [--tag T[,...]] [--profile h200|rtx4090-7950x|rtx3060-ddr4|HW.json] [--shape qwen3-30b-a3b]
         [--expert-format bf16|int8|int4] [--test tg128] [--n 16=24,24=20] [--decode-tokens N]
         [--threshold 15] [--json OUT.json]
@@ -15,8 +15,9 @@ predict() arguments; ids "TAG:LABEL@BUDGET"):
               (a "-mini" preset maps to its full shape, with a warning); top-k from the routing when it
               says "top-N" (a replayed trace)
   format      --expert-format, else the JSON's expert_quant (none -> bf16 slots and bf16 CPU copy)
-  engine      what the JSON does not record (fit.py ENGINES): GPU-computed misses per layer (auto and
-              rule; "+zN" labels set N) and whether host bookkeeping overlaps the step; one per JSON
+  engine      what the JSON does not record (fit.py engine_options, docs/results/<run>/engine.json):
+              GPU-computed misses per layer (auto and rule; "+zN" labels set N) and whether host
+              bookkeeping overlaps the step; one per JSON
   N of layers:auto   --n BUDGET=N, else the result's `n_cpu_layers`, else bench/predict.py real_plan
   hot/cache   measured per-layer hit rates and swaps ÷ decode steps (--decode-tokens, the JSON's
               decode_tokens, else 4 + Σ tgN × repeats)
@@ -59,7 +60,6 @@ FIT_H200 = {
     "time": ["run5:gpu@-", "run5:cpu-moe@16", "run4:n-cpu-moe@24", "run4:hot@24", "run4:cache@24",
              "run5:hot@16", "run5:cache+z0@16"],
 }
-ENGINE_OF_TAG = {"run4": "run4", "run5": "run5"}
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench_json", nargs="+")
     ap.add_argument("--profile", default="h200", help="built-in profile name or `hotexperts calibrate` JSON")
-    ap.add_argument("--engine", default=None, help="run4 | run5 | current, one or one per JSON (default: "
-                    "from the tag: run4 / run5, else current)")
+    ap.add_argument("--engine", default=None, help="current | ENGINE.json, one or one per JSON (default: "
+                    "the engine.json beside each report, else current)")
     ap.add_argument("--tag", default=None, help="row id prefix per JSON (default: from the path)")
     ap.add_argument("--shape", default=None, help=f"model shape ({', '.join(SHAPES)}); default from the JSON")
     ap.add_argument("--expert-format", default=None, choices=("bf16", "int8", "int4"),
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
         hw = get_profile(args.profile)
         paths = args.bench_json
         tags = _split(args.tag) or [default_tag(p) for p in paths]
-        engines = _split(args.engine) or [ENGINE_OF_TAG.get(t.split("-")[0], "current") for t in tags]
+        engines = _split(args.engine) or [F.report_engine(p) for p in paths]
         if len(engines) == 1:
             engines = engines * len(paths)
         if len(tags) != len(paths) or len(engines) != len(paths):

@@ -1,8 +1,8 @@
 """Where a prompt batch's time goes, per placement (GPU runs; issue 3's prompt target): one model built in
 memory, each placement warmed up as the benchmark does, pp timed, then one pp under torch.profiler. Writes
 $OUT/profile.txt (per placement: kernel and host tables) and prints a one-line summary per placement.
---stage-copy / --gpu-moe go to the executor as hotexperts.config.KernelOptions (what `hotexperts bench`
-cannot set yet).
+--stage-copy / --gpu-moe go to the executor as hotexperts.config.KernelOptions (`hotexperts bench
+--stage-copy/--gpu-moe-backend` does the same without the profiler).
 
     python scripts/profile_prompt.py --preset qwen3-30b-a3b --quant int4 --budget 16 \
         --placements gpu,n-cpu-moe,cache --tokens 512 [--stage-copy memcpy|gather|auto]
@@ -21,15 +21,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hotexperts.bench.harness import WORKSPACE_BYTES, Bench, resolve, warm_up  # noqa: E402
-from hotexperts.bench.replay import RoutingReplay  # noqa: E402
+from hotexperts.bench.harness import Bench, resolve, warm_up  # noqa: E402
 from hotexperts.bench.workload import BenchTest, routing_source  # noqa: E402
 from hotexperts.config import GPU_MOE_BACKENDS, STAGE_COPY_MODES, KernelOptions  # noqa: E402
-from hotexperts.engine.engine import dense_bytes, kv_bytes  # noqa: E402
-from hotexperts.engine.generate import Generator  # noqa: E402
 from hotexperts.engine.presets import build_in_memory  # noqa: E402
 from hotexperts.experts.budget import GiB  # noqa: E402
-from hotexperts.experts.placement import build_executor  # noqa: E402
 
 
 def main() -> None:
@@ -53,25 +49,19 @@ def main() -> None:
     lm = build_in_memory(a.preset, dtype="bfloat16", device=dev, seed=0,
                          expert_dtype={"none": None, "int8": "int8", "int4": "int4g32"}[a.quant])
     ctx = a.tokens + 256
-    reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, ctx, torch.bfloat16) + WORKSPACE_BYTES
     source = routing_source("synthetic", a.routing or a.preset, lm.cfg, num_tokens=64 * a.tokens)
-    bench = Bench(lm, dev, ctx, source)
+    bench = Bench(lm, dev, ctx, source, options=opts)
     test = BenchTest(f"pp{a.tokens}", "pp", a.tokens)
     for name in a.placements.split(","):
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        p = resolve(name, None if name == "gpu" else int(a.budget * GiB), lm, reserved, "none", None)
-        ex = build_executor(p, lm.store, lm.cfg, dev, reserved_bytes=reserved,
-                            dtype=next(lm.model.parameters()).dtype, options=opts)
-        if source.trace is not None:
-            ex = RoutingReplay(ex, source.trace, lm.cfg.moe_layers, dev)
-        gen = Generator(lm.model, ex, lm.cfg, dev, ctx)
-        warm_up(bench, gen, ex)
-        runs = [bench.run_test(gen, ex, test) for _ in range(a.repeats)]
+        engine = bench.engine(resolve(name, int(a.budget * GiB), "none", None))
+        warm_up(bench, engine)
+        runs = [bench.run_test(engine, test) for _ in range(a.repeats)]
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
-            bench.run_test(gen, ex, test)
+            bench.run_test(engine, test)
             wall = time.perf_counter() - t0
         ka = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in ka)
@@ -82,10 +72,8 @@ def main() -> None:
         with open(out / "profile.txt", "a") as f:
             f.write("\n\n".join(text) + "\n\n")
         print(text[0], flush=True)
-        close = getattr(ex, "close", None)
-        if close is not None:
-            close()
-        ex = gen = None
+        engine.close()
+        engine = None
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ uses) and the cache's hit rate. Placements are texts of the placement grammar (e
 from __future__ import annotations
 
 import gc
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from hotexperts.bench.replay import RoutingReplay
@@ -305,8 +307,6 @@ def _distinct(source: RoutingSource, cfg) -> dict | None:
     """Distinct experts used per MoE layer by the replayed routing (the report must show it)."""
     if source.trace is None:
         return None
-    import numpy as np
-
     ids = np.asarray(source.trace.ids)
     per_layer = [int(len(np.unique(ids[:, i][ids[:, i] >= 0]))) for i in range(ids.shape[1])]
     return {"min": min(per_layer), "median": float(np.median(per_layer)), "max": max(per_layer),
@@ -316,6 +316,4 @@ def _distinct(source: RoutingSource, cfg) -> dict | None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

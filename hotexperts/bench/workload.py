@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from hotexperts.errors import HotExpertsError
+from hotexperts.trace.format import RoutingTrace
+from hotexperts.trace.import_shared import import_trace
+from hotexperts.trace.synthetic import generate, preset
 
 TEST_RE = re.compile(r"^(pp|tg)(\d+)(?:@d(\d+))?$")
 
@@ -70,11 +74,6 @@ def routing_source(kind: str, arg: str | None, cfg, num_tokens: int = 8192, seed
 
 
 def _trace_source(path: str, cfg) -> RoutingSource:
-    from pathlib import Path
-
-    from hotexperts.trace.format import RoutingTrace
-    from hotexperts.trace.import_shared import import_trace
-
     p = Path(path)
     trace = RoutingTrace.load(p) if p.suffix == ".npz" else import_trace(p)
     _check_shape(trace.num_experts, trace.num_layers, cfg, f"trace {p.name}")
@@ -84,8 +83,6 @@ def _trace_source(path: str, cfg) -> RoutingSource:
 
 
 def _synthetic_source(name: str, cfg, num_tokens: int, seed: int) -> RoutingSource:
-    from hotexperts.trace.synthetic import generate, preset
-
     p = preset(name)
     p = replace(p, num_experts=cfg.num_experts, num_layers=len(cfg.moe_layers),
                 top_k=min(cfg.top_k, cfg.num_experts), seed=seed)

@@ -27,8 +27,11 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
+from hotexperts.engine import runner
 from hotexperts.engine.generate import Generator
-from hotexperts.engine.load import DTYPES, parse_dtype  # noqa: F401  (DTYPES: the CLIs' --dtype choices)
+from hotexperts.engine.load import load_model, parse_dtype
+from hotexperts.engine.load_gguf import load_gguf
+from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
@@ -51,15 +54,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """A LoadedModel (cfg, model, store, tokenizer, generation_config) from a directory or 'preset:NAME'."""
     if source.startswith(PRESET_PREFIX):
-        from hotexperts.engine.presets import build_in_memory
-
         return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed)
     if source.endswith(".gguf"):
-        from hotexperts.engine.load_gguf import load_gguf
-
         return load_gguf(source, dtype=dtype, device=device)
-    from hotexperts.engine.load import load_model
-
     return load_model(source, dtype=dtype, device=device)
 
 
@@ -97,7 +94,7 @@ class Engine:
              piecewise_graph: bool = False, compile_decode: bool = False,
              kernel_options: KernelOptions | None = None) -> Engine:
         """Load a model dir, .gguf or 'preset:NAME' and build its executor (`executor` overrides placement).
-        compile_decode: torch.compile the T=1 decode step's dense part."""
+        compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         loaded = load_source(str(source), dt, dev, seed)
         return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
@@ -173,7 +170,7 @@ class Engine:
             "device": str(self.device),
             "max_context": self.max_context,
             "cuda_graph": bool(self.generator.decode_step.graphed),
-            "compiled_decode": stages.stats() if (stages := self.model.decode_stages) is not None else None,
+            "compiled_decode": None if (st := runner.compiled_stages(self.model)) is None else st.stats(),
             "cache": self.executor.stats(),
         }
 

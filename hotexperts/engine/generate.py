@@ -5,10 +5,11 @@
         ...
 
 - prefill runs the prompt in chunks of `prefill_chunk` tokens (positions 0..P-1);
-- each decode step is one T=1 forward (a CUDA graph replay when `cuda_graph.make_decode_step` allows);
-  compile_decode=True turns on the model's torch.compile'd decode step with fused q/k/v (models/compiled.py;
-  compiled on the first decode step, before any graph capture), False turns both off, None leaves the model
-  as it is (e.g. compile_decode(mode=..., options=...) set up by the caller);
+- each decode step is one T=1 forward run by the engine's runner (engine/runner/: a CUDA graph replay when
+  `make_decode_step` allows); compile_decode=True turns on the torch.compile'd decode step with fused q/k/v
+  for this model (runner.compile_decode; compiled on the first decode step, before any graph capture),
+  False turns both off, None leaves the model's as it is (e.g. runner.compile_decode(model, mode=...,
+  options=...) set up by the caller);
 - `executor.end_step()` is called after every forward (each prompt chunk and each decode token);
 - generation stops after `max_tokens` sampled tokens or on a stop id (the model's EOS ids plus
   `params.stop_token_ids`); stop ids are not yielded. `finish_reason` is then "stop" or "length";
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from hotexperts.config import ModelConfig
-from hotexperts.engine.cuda_graph import make_decode_step
+from hotexperts.engine import runner
 from hotexperts.engine.sampling import SamplingParams, make_generator, sample
 from hotexperts.errors import ContextLengthError, HotExpertsError
 from hotexperts.models.layers import KVCache
@@ -68,17 +69,16 @@ class Generator:
                  *, dtype: torch.dtype | None = None, use_cuda_graph: bool = True,
                  piecewise_graph: bool = False, compile_decode: bool | None = None):
         self.model, self.executor, self.cfg = model, executor, cfg
-        if compile_decode is not None and hasattr(model, "compile_decode"):
-            if not compile_decode:
-                model.compile_decode(False)
-            elif model.decode_stages is None:           # keep custom settings (mode / options) if already on
-                model.compile_decode()
+        if compile_decode is not None and not compile_decode:
+            runner.compile_decode(model, False)
+        elif compile_decode and runner.compiled_stages(model) is None:   # keep settings already chosen
+            runner.compile_decode(model)
         self.device, self.max_context = torch.device(device), int(max_context)
         dtype = dtype or next(model.parameters()).dtype
         self.kv = KVCache(cfg.num_layers, self.max_context, cfg.num_kv_heads, cfg.head_dim, dtype,
                           self.device)
-        self.decode_step = make_decode_step(model, self.kv, executor, self.device, use_graph=use_cuda_graph,
-                                            piecewise=piecewise_graph)
+        self.decode_step = runner.make_decode_step(model, self.kv, executor, self.device,
+                                                   use_graph=use_cuda_graph, piecewise=piecewise_graph)
         self.last, self.total = Timings(), Timings()
         self.finish_reason: str | None = None
 

@@ -10,10 +10,13 @@
         overrides: {GGUF tensor name: quant} per-tensor types, e.g. Q4_K_M-like Q6_K down in some layers
         out_path not ending in .gguf is a directory: <out_path>/model.gguf is written
 
+Architecture-agnostic: the model's Architecture (models.get_arch) names the GGUF architecture, adds its own
+`{arch}.*` keys (gguf_metadata) and shapes dense tensors as llama.cpp stores them (to_gguf: Mixtral's Q/K
+rows permuted like llama.cpp's convert does, qwen2_moe's shared-expert gate flattened).
 Metadata: general.*, `{arch}.*` hyper-parameters (llama.cpp key names), tokenizer.ggml.* from lm.tokenizer
 (byte-level BPE: model "gpt2", pre "qwen2" for the Qwen split regex else "gpt-2"), tokenizer.chat_template.
-Tensors: GGUF names, experts stacked [E, N, K] (ffn_{gate,up,down}_exps); `llama` (Mixtral) Q/K rows are
-permuted like llama.cpp's convert does. Quantization: gguf.quants for Q4_0/Q4_1/Q8_0/BF16/F16,
+Tensors: GGUF names (models/gguf_names.py), experts stacked [E, N, K] (ffn_{gate,up,down}_exps).
+Quantization: gguf.quants for Q4_0/Q4_1/Q8_0/BF16/F16,
 loading/gguf_quants.py's min/max packers for Q4_K/Q5_K/Q6_K. Rows that do not fill 256-weight blocks
 fall back per tensor, as llama.cpp does (FALLBACK: Q4_K -> Q4_1, keeping the int4 path; Q5_K -> Q5_1;
 Q6_K -> Q8_0).
@@ -31,6 +34,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from hotexperts.engine.load import LoadedModel
 from hotexperts.errors import HotExpertsError
 from hotexperts.loading import gguf_quants as gq
+from hotexperts.models import Architecture, get_arch
+from hotexperts.models.gguf_names import gguf_name
 from hotexperts.quant import dequantize as dequantize_weight
 from hotexperts.tokenizer import QWEN_PAT
 
@@ -39,28 +44,6 @@ QUANTS = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0, "q6_k"
           "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
 DENSE = ("f32", "f16", "bf16", "q8_0")
 FALLBACK = {Q.Q4_K: Q.Q4_1, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}   # rows not a multiple of 256 (llama.cpp: Q5_0..)
-ARCH_OUT = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
-_LAYER_OUT = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-              "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
-              "block_sparse_moe.gate": "ffn_gate_inp",
-              "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
-              "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_GLOBAL_OUT = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
-
-
-def gguf_name(name: str) -> str:
-    """Our dense name -> GGUF's."""
-    if name in _GLOBAL_OUT:
-        return _GLOBAL_OUT[name]
-    _, _, layer, rest = name.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    if part not in _LAYER_OUT:
-        raise HotExpertsError(f"no GGUF name for tensor {name!r}")
-    return f"blk.{layer}.{_LAYER_OUT[part]}.{kind}"
 
 
 def q4_k_m_overrides(n_layers: int) -> dict[str, str]:
@@ -84,12 +67,12 @@ def write_gguf(lm: LoadedModel, out_path: str | Path, quant: str = "q4_k", dense
     cfg, out = lm.cfg, Path(out_path)
     if out.suffix != ".gguf":                                  # a directory: write <dir>/model.gguf
         out = out / "model.gguf"
-    arch = ARCH_OUT[cfg.model_type]
-    w = GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
+    arch = get_arch(cfg.model_type)
+    w = GGUFWriter(out, arch.gguf_arch, split_max_tensors=split_max_tensors)
     _write_config(w, lm, arch, QUANTS[quant])
     if lm.tokenizer is not None:
         write_tokenizer(w, lm.tokenizer, lm.cfg.vocab_size, lm.cfg.bos_token_id)
-    _write_dense(w, lm, QUANTS[dense])
+    _write_dense(w, lm, arch, QUANTS[dense])
     _write_experts(w, lm, QUANTS[quant], {k: QUANTS[v] for k, v in overrides.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     w.write_header_to_file()
@@ -100,7 +83,7 @@ def write_gguf(lm: LoadedModel, out_path: str | Path, quant: str = "q4_k", dense
     return paths
 
 
-def _write_config(w: GGUFWriter, lm: LoadedModel, arch: str, qtype: Q) -> None:
+def _write_config(w: GGUFWriter, lm: LoadedModel, arch: Architecture, qtype: Q) -> None:
     c = lm.cfg
     w.add_name(f"hotexperts {c.model_type} ({qtype.name} experts)")
     w.add_context_length(c.max_position_embeddings)
@@ -117,12 +100,9 @@ def _write_config(w: GGUFWriter, lm: LoadedModel, arch: str, qtype: Q) -> None:
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.top_k)
     w.add_vocab_size(c.vocab_size)
-    if arch in ("qwen3moe", "qwen2moe"):
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    if c.shared_expert_intermediate_size:
-        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
-    if c.clip_qkv is not None:
-        w.add_clamp_kqv(c.clip_qkv)
+    for key, value in arch.gguf_metadata(c).items():      # e.g. qwen: expert_feed_forward_length
+        add = w.add_uint32 if isinstance(value, int) else w.add_float32
+        add(f"{arch.gguf_arch}.{key}", value)
     w.add_file_type(int(qtype))
 
 
@@ -170,11 +150,6 @@ def write_tokenizer(w: GGUFWriter, tok, vocab_size: int = 0, bos_id: int | None 
         w.add_chat_template(tok.chat_template)
 
 
-def _permute(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's convert permute of Q/K rows (HF rope halves -> interleaved pairs)."""
-    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-
 def row_type(qtype: Q, K: int) -> Q:
     """qtype, or its fallback when rows of K weights do not fill whole blocks (256-blocks -> 32-blocks)."""
     while K % gq.block_bytes(qtype)[0]:
@@ -196,14 +171,10 @@ def _add(w: GGUFWriter, name: str, t: torch.Tensor, qtype: Q, chunk: int = 8) ->
     w.add_tensor(name, np.concatenate(parts), raw_dtype=None if qtype == Q.F16 else qtype)
 
 
-def _write_dense(w: GGUFWriter, lm: LoadedModel, qtype: Q) -> None:
-    c = lm.cfg
+def _write_dense(w: GGUFWriter, lm: LoadedModel, arch: Architecture, qtype: Q) -> None:
     for name, t in lm.model.state_dict().items():
-        if c.model_type == "mixtral" and (".q_proj." in name or ".k_proj." in name):
-            t = _permute(t, c.num_heads if ".q_proj." in name else c.num_kv_heads)
-        if name.endswith("shared_expert_gate.weight"):
-            t = t.reshape(-1)                      # llama.cpp stores it as [D] (transformers expects that)
-        _add(w, gguf_name(name), t, qtype if "norm" not in name else Q.F32)
+        t = arch.to_gguf(lm.cfg, name, t)
+        _add(w, gguf_name(name, arch.moe_block), t, qtype if "norm" not in name else Q.F32)
 
 
 def _write_experts(w: GGUFWriter, lm: LoadedModel, qtype: Q, overrides: dict[str, Q]) -> None:

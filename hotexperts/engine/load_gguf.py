@@ -2,13 +2,13 @@
 
     lm = load_gguf(path, dtype="bfloat16", device=None, expert_scale_dtype="float16") -> LoadedModel
         path: file.gguf, or any shard of name-0000i-of-0000N.gguf (all shards are read)
-    hf_config(GGUFFile) -> HF-style config dict;  gguf_rename(name, moe_block) -> str | ExpertRef | None
     gguf_tokenizer(GGUFFile) -> Tokenizer | None
 
-Architectures (general.architecture -> ours): qwen3moe -> qwen3_moe, qwen2moe -> qwen2_moe,
-llama with expert_count -> mixtral, olmoe -> olmoe; the architecture's config_from_hf builds the ModelConfig.
-llama.cpp permutes the Q/K rows of `llama` models for its rope (qwen*/olmoe are not permuted); we undo it.
-Experts: stacked `blk.N.ffn_{gate,up,down}_exps` [E, N, K], or per expert `blk.N.ffn_gate.E` (old Mixtral).
+Architecture-agnostic: general.architecture picks the Architecture (models.get_gguf_arch); its
+hf_from_gguf(GGUFConfig) gives the HF-style config dict (kept as LoadedModel.hf_config), its config_from_hf
+the ModelConfig, its from_gguf hook fixes dense tensors (Mixtral: llama.cpp's Q/K row permutation undone).
+Tensor names: models/gguf_names.py (experts stacked `blk.N.ffn_{gate,up,down}_exps` [E, N, K], or per
+expert `blk.N.ffn_gate.E` in old Mixtral files).
 Experts stay quantized: per MoE matrix (w13 = gate+up, w2 = down), when every layer's tensors are
 Q4_0/Q4_1/Q4_K they become int4g32; when they are Q8_0/Q5_0/Q5_1/Q5_K/Q6_K (possibly beside Q4 types, as in
 Q4_K_M) they become int8g32, or int8g16 if any is Q6_K (both exact, loading/gguf_quants.py); otherwise that
@@ -23,7 +23,6 @@ tokenizer.chat_template; bos/eos (and eot) ids from tokenizer.ggml.*.
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
@@ -34,17 +33,17 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hotexperts.config import ModelConfig
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
-from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
+from hotexperts.errors import ModelLoadError
 from hotexperts.experts.store import ExpertStore
 from hotexperts.loading import gguf_quants as gq
 from hotexperts.loading.gguf_reader import GGUFFile
-from hotexperts.models import get_arch
+from hotexperts.models import Architecture, get_gguf_arch
+from hotexperts.models.gguf_config import GGUFConfig
+from hotexperts.models.gguf_names import expert_tensors, gguf_rename
 from hotexperts.models.naming import ExpertRef
 from hotexperts.tokenizer import QWEN_PAT, Tokenizer, _bytes_to_unicode
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
-GGUF_ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "llama": "mixtral", "olmoe": "olmoe"}
-NORM_TOPK = {"qwen3moe": True, "qwen2moe": False, "llama": True, "olmoe": False}   # llama.cpp's choices
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 EXPERT_CHUNK = 16          # experts converted at a time (bounds float temporaries)
 
@@ -54,11 +53,12 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=No
     if expert_scale_dtype not in SCALE_DTYPES:
         raise ModelLoadError(f"expert_scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
     f = GGUFFile(path)
-    d = hf_config(f)
-    cfg = get_arch(d["model_type"]).config_from_hf(d)
+    arch = get_gguf_arch(f.get("general.architecture"))
+    d = arch.hf_from_gguf(GGUFConfig(f, arch.gguf_arch))
+    cfg = arch.config_from_hf(d)
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
-    dense = load_dense(f, cfg, model.state_dict(), dt, dev)
+    dense = load_dense(f, arch, cfg, model.state_dict(), dt, dev)
     experts = load_experts(f, cfg, dt, SCALE_DTYPES[expert_scale_dtype])
     tok = gguf_tokenizer(f)
     gen = {"bos_token_id": d.get("bos_token_id"), "eos_token_id": list(tok.eos_ids) if tok else None}
@@ -66,144 +66,19 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=No
     return LoadedModel(cfg, materialize(model, dense, dev), ExpertStore(experts), tok, gen, f.path, d)
 
 
-# ---- metadata -> HF config dict ----
-
-def _arch(f: GGUFFile) -> str:
-    arch = f.get("general.architecture")
-    if arch not in GGUF_ARCHS:
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHS))} "
-            "(llama only with experts, i.e. Mixtral)")
-    if not f.get(f"{arch}.expert_count"):
-        raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} without experts (a dense model) is "
-                                           "not supported: this engine runs MoE models")
-    return arch
-
-
-def _one(v, what: str) -> int:
-    """A per-layer array that must hold one value (e.g. head_count_kv), or a scalar."""
-    if isinstance(v, list):
-        if len(set(v)) != 1:
-            raise ModelLoadError(f"GGUF {what} varies across layers ({sorted(set(v))}); not supported")
-        v = v[0]
-    return int(v)
-
-
-def hf_config(f: GGUFFile) -> dict:
-    arch = _arch(f)
-    A = lambda key, default=None: f.get(f"{arch}.{key}", default)  # noqa: E731
-    need = [k for k in ("embedding_length", "block_count", "attention.head_count", "expert_used_count") if
-            A(k) is None]
-    if need or "token_embd.weight" not in f:
-        raise ModelLoadError(f"{f.path.name} lacks GGUF metadata/tensors: {', '.join(need) or 'token_embd'}")
-    L, D, H = int(A("block_count")), int(A("embedding_length")), _one(A("attention.head_count"), "head_count")
-    moe = [i for i in range(L) if f"blk.{i}.ffn_gate_inp.weight" in f]          # layers with a router
-    if not moe:
-        raise ModelLoadError(f"{f.path.name} has no MoE layers (no blk.N.ffn_gate_inp.weight router)")
-    E = f.info(f"blk.{moe[0]}.ffn_gate_inp.weight").shape[0]
-    names, _ = expert_tensors(f, moe[0], "gate", E)
-    I = f.info(names[0]).shape[-2]
-    tok = lambda key: f.get(f"tokenizer.ggml.{key}")  # noqa: E731
-    d = {"model_type": GGUF_ARCHS[arch], "hidden_act": "silu", "hidden_size": D, "num_hidden_layers": L,
-         "num_attention_heads": H,
-         "num_key_value_heads": _one(A("attention.head_count_kv", H), "head_count_kv"),
-         "head_dim": int(A("attention.key_length") or D // H),
-         "num_experts_per_tok": int(A("expert_used_count")),
-         "vocab_size": f.info("token_embd.weight").shape[0],
-         "max_position_embeddings": int(A("context_length", 4096)),
-         "tie_word_embeddings": "output.weight" not in f,
-         "rms_norm_eps": float(A("attention.layer_norm_rms_epsilon", 1e-6)),
-         "rope_theta": float(A("rope.freq_base", 1e6 if arch == "llama" else 10000.0)),
-         "norm_topk_prob": bool(A("expert_weights_norm", NORM_TOPK[arch])),
-         "bos_token_id": tok("bos_token_id"), "eos_token_id": tok("eos_token_id")}
-    _check_rope(f, arch, d)
-    d["num_local_experts" if arch == "llama" else "num_experts"] = int(E)
-    d.update(_arch_fields(f, arch, L, moe, int(I)))
-    return d
-
-
-def _check_rope(f: GGUFFile, arch: str, d: dict) -> None:
-    kind = f.get(f"{arch}.rope.scaling.type")
-    if kind not in (None, "none"):
-        d["rope_scaling"] = {"rope_type": kind}      # config_from_hf names it in its error
-    rot = f.get(f"{arch}.rope.dimension_count")
-    if rot is not None and int(rot) != d["head_dim"]:
-        raise ModelLoadError(f"partial rotary embedding (rope.dimension_count {rot} < head_dim "
-                             f"{d['head_dim']}) is not supported")
-
-
-def _arch_fields(f: GGUFFile, arch: str, L: int, moe: list[int], I: int) -> dict:
-    bias = "blk.0.attn_q.bias" in f
-    if arch == "llama":
-        return {"intermediate_size": I, "sliding_window": f.get("llama.attention.sliding_window")}
-    if arch == "olmoe":
-        clip = f.get("olmoe.attention.clamp_kqv")
-        return {"intermediate_size": I, "attention_bias": bias,
-                "clip_qkv": None if clip is None else float(clip)}
-    out = {"moe_intermediate_size": I, "decoder_sparse_step": 1, "use_sliding_window": False,
-           "mlp_only_layers": [i for i in range(L) if i not in moe],
-           "intermediate_size": int(f.get(f"{arch}.feed_forward_length") or 0)}
-    if arch == "qwen3moe":
-        return {**out, "attention_bias": bias}
-    shexp = f"blk.{moe[0]}.ffn_gate_shexp.weight"
-    shared = f.info(shexp).shape[0] if shexp in f else 0
-    return {**out, "qkv_bias": bias, "shared_expert_intermediate_size": shared}
-
-
-# ---- tensor names ----
-
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-          "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "{moe}.gate",
-          "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
-          "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_EXPS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
-_PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")     # pre-2024 Mixtral files
-
-
-def gguf_rename(name: str, moe_block: str = "mlp") -> str | ExpertRef | None:
-    """GGUF tensor name -> our dense name, an ExpertRef (stacked: expert=None), or None (unknown)."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    if m := _PER_EXPERT.match(name):
-        return ExpertRef(int(m[1]), int(m[3]), m[2])
-    m = _BLK.match(name)
-    if not m:
-        return None
-    layer, part, kind = int(m[1]), m[2], m[3]
-    if part in _EXPS and kind == "weight":
-        return ExpertRef(layer, None, _EXPS[part])
-    if part not in _LAYER:
-        return None
-    return f"model.layers.{layer}.{_LAYER[part].format(moe=moe_block)}.{kind}"
-
-
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's convert permute of Q/K rows (interleaved rope pairs -> HF halves)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def load_dense(f: GGUFFile, cfg: ModelConfig, shapes: dict, dt: torch.dtype, dev: torch.device) -> dict:
+def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, dt: torch.dtype,
+               dev: torch.device) -> dict:
     """Every non-expert tensor, dequantized to dt on dev; missing ones raise one ModelLoadError."""
-    moe_block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
     out, ignored = {}, []
     for name in f.names():
-        ref = gguf_rename(name, moe_block)
+        ref = gguf_rename(name, arch.moe_block)
         if isinstance(ref, ExpertRef):
             continue
         if ref is None or ref not in shapes:
             ignored.append(name)
             continue
         info = f.info(name)
-        w = gq.dequantize(f.raw(name), info.qtype, info.shape, name)
-        if cfg.model_type == "mixtral" and re.search(r"\.attn_[qk]\.", name):
-            w = _unpermute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+        w = arch.from_gguf(cfg, ref, gq.dequantize(f.raw(name), info.qtype, info.shape, name))
         want = tuple(shapes[ref].shape)
         if tuple(w.shape) != want:
             if w.numel() != shapes[ref].numel():     # ffn_gate_inp_shexp is [D] in GGUF, [1, D] for us
@@ -221,18 +96,6 @@ def load_dense(f: GGUFFile, cfg: ModelConfig, shapes: dict, dt: torch.dtype, dev
 
 
 # ---- experts ----
-
-def expert_tensors(f: GGUFFile, layer: int, which: str, E: int) -> tuple[list[str], bool]:
-    """(names, stacked): one stacked `ffn_{which}_exps` [E, N, K], or E per-expert `ffn_{which}.{e}` [N, K]
-    (Mixtral files converted before llama.cpp stacked experts in 2024)."""
-    stacked = f"blk.{layer}.ffn_{which}_exps.weight"
-    if stacked in f:
-        return [stacked], True
-    per = [f"blk.{layer}.ffn_{which}.{e}.weight" for e in range(E)]
-    if all(n in f for n in per):
-        return per, False
-    raise ModelLoadError(f"{f.path.name} lacks {stacked} (experts of MoE layer {layer})")
-
 
 def _check_expert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str):
     E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size

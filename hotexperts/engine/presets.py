@@ -33,6 +33,7 @@ from hotexperts.engine.load import LoadedModel, default_device, empty_model, mat
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
 from hotexperts.models import get_arch
+from hotexperts.models.architecture import TINY_VOCAB, tiny_hf_config
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
 SHARD_BYTES = 2 * 1024 ** 3
@@ -64,35 +65,7 @@ QWEN_TINY_TOK = TokSpec("bpe", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), 
                         eos="<|im_end|>", pad="<|endoftext|>", gen_eos=("<|endoftext|>",))
 MISTRAL_TOK = TokSpec("bpe", ("<unk>", "<s>", "</s>"), "mistral", bos="<s>", eos="</s>", add_bos=True)
 OLMOE_TOK = TokSpec("bpe", ("<|endoftext|>", "<|padding|>"), "tulu", eos="<|endoftext|>", pad="<|padding|>")
-TINY_VOCAB = 1024
 
-
-def _tiny(model_type: str, arch: str, **kw) -> dict:
-    base = {"architectures": [arch], "model_type": model_type, "hidden_act": "silu", "hidden_size": 128,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-            "intermediate_size": 256, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0, "tie_word_embeddings": False, "vocab_size": TINY_VOCAB,
-            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16"}
-    return {**base, **kw}
-
-
-TINY_QWEN3 = _tiny("qwen3_moe", "Qwen3MoeForCausalLM", num_experts=16, num_experts_per_tok=4,
-                   moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                   attention_bias=False, sliding_window=None, use_sliding_window=False, max_window_layers=4,
-                   bos_token_id=0, eos_token_id=2, router_aux_loss_coef=0.001, output_router_logits=False)
-TINY_QWEN2 = _tiny("qwen2_moe", "Qwen2MoeForCausalLM", num_experts=16, num_experts_per_tok=4,
-                   moe_intermediate_size=64, shared_expert_intermediate_size=256, norm_topk_prob=False,
-                   decoder_sparse_step=1, mlp_only_layers=[], sliding_window=None, use_sliding_window=False,
-                   max_window_layers=4, bos_token_id=0, eos_token_id=2, router_aux_loss_coef=0.001,
-                   output_router_logits=False)
-TINY_MIXTRAL = _tiny("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2,
-                     rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2,
-                     router_aux_loss_coef=0.02, output_router_logits=False)
-TINY_OLMOE = _tiny("olmoe", "OlmoeForCausalLM", num_experts=16, num_experts_per_tok=4, intermediate_size=64,
-                   num_key_value_heads=4, norm_topk_prob=False, clip_qkv=None, attention_bias=False,
-                   rms_norm_eps=1e-5, eos_token_id=0, pad_token_id=1, router_aux_loss_coef=0.01,
-                   output_router_logits=False)
-TINY_OLMOE.pop("head_dim")
 
 QWEN3_30B_A3B = {   # Qwen/Qwen3-30B-A3B config.json
     "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -139,24 +112,27 @@ QWEN15_MOE_A27B = {  # Qwen/Qwen1.5-MoE-A2.7B config.json
 
 # The real routing topology (layers x experts x top-k) at tiny widths: the cache, its policies and routing
 # replay behave as on the full model, while compute stays small enough for a 2-core CPU (the README's demo).
-MINI_QWEN3 = _tiny("qwen3_moe", "Qwen3MoeForCausalLM", hidden_size=64, num_hidden_layers=48, head_dim=16,
-                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_experts=128,
-                   num_experts_per_tok=8, moe_intermediate_size=32, norm_topk_prob=True,
-                   decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, sliding_window=None,
-                   use_sliding_window=False, max_window_layers=48,
-                   max_position_embeddings=8192, bos_token_id=0, eos_token_id=2,
-                   router_aux_loss_coef=0.001, output_router_logits=False)
-MINI_MIXTRAL = _tiny("mixtral", "MixtralForCausalLM", hidden_size=64, num_hidden_layers=32, head_dim=16,
-                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_local_experts=8,
-                     num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1,
-                     eos_token_id=2, max_position_embeddings=8192, router_aux_loss_coef=0.02,
-                     output_router_logits=False)
+MINI_QWEN3 = tiny_hf_config(
+    "qwen3_moe", "Qwen3MoeForCausalLM", hidden_size=64, num_hidden_layers=48, head_dim=16,
+    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_experts=128,
+    num_experts_per_tok=8, moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], attention_bias=False, sliding_window=None, use_sliding_window=False,
+    max_window_layers=48, max_position_embeddings=8192, bos_token_id=0, eos_token_id=2,
+    router_aux_loss_coef=0.001, output_router_logits=False)
+MINI_MIXTRAL = tiny_hf_config(
+    "mixtral", "MixtralForCausalLM", hidden_size=64, num_hidden_layers=32, head_dim=16, num_attention_heads=4,
+    num_key_value_heads=2, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+    rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192,
+    router_aux_loss_coef=0.02, output_router_logits=False)
 
-PRESETS: dict[str, Preset] = {
-    "tiny-qwen3-moe": Preset(TINY_QWEN3, QWEN_TINY_TOK, "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
-    "tiny-qwen2-moe": Preset(TINY_QWEN2, QWEN_TINY_TOK, "Qwen2-MoE layout with a shared expert"),
-    "tiny-mixtral": Preset(TINY_MIXTRAL, MISTRAL_TOK, "Mixtral layout, 8 experts, top-2"),
-    "tiny-olmoe": Preset(TINY_OLMOE, OLMOE_TOK, "OLMoE layout (full q/k norm), 16 experts, top-4"),
+PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (models/<arch>.py)
+    "tiny-qwen3-moe": Preset(get_arch("qwen3_moe").tiny, QWEN_TINY_TOK,
+                             "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
+    "tiny-qwen2-moe": Preset(get_arch("qwen2_moe").tiny, QWEN_TINY_TOK,
+                             "Qwen2-MoE layout with a shared expert"),
+    "tiny-mixtral": Preset(get_arch("mixtral").tiny, MISTRAL_TOK, "Mixtral layout, 8 experts, top-2"),
+    "tiny-olmoe": Preset(get_arch("olmoe").tiny, OLMOE_TOK,
+                         "OLMoE layout (full q/k norm), 16 experts, top-4"),
     "qwen3-30b-a3b-mini": Preset(MINI_QWEN3, QWEN_TINY_TOK,
                                  "Qwen3-30B-A3B routing topology (48 x 128 experts, top-8), tiny widths"),
     "mixtral-8x7b-mini": Preset(MINI_MIXTRAL, MISTRAL_TOK,
@@ -307,9 +283,9 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
 # ---- writing an HF directory ----
 
 def _expert_names(cfg: ModelConfig, layer: int) -> tuple[str, tuple[str, str, str]]:
-    if cfg.model_type == "mixtral":
-        return f"model.layers.{layer}.block_sparse_moe.experts", ("w1", "w3", "w2")
-    return f"model.layers.{layer}.mlp.experts", ("gate_proj", "up_proj", "down_proj")
+    """(HF prefix of the layer's experts, per-expert names of gate, up, down), the architecture's spelling."""
+    arch = get_arch(cfg.model_type)
+    return f"model.layers.{layer}.{arch.moe_block}.experts", arch.hf_expert_names
 
 
 def hf_tensors(lm: LoadedModel):

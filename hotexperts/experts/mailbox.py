@@ -31,9 +31,9 @@ from hotexperts.errors import ExpertComputeError, HotExpertsError
 from hotexperts.kernels import cpu_moe as cm
 from hotexperts.kernels import handoff as hk
 from hotexperts.kernels.cpu_build import load_error, load_extension
+from hotexperts.kernels.handoff_codes import ERR_TIMEOUT, GPU_SHARE, LARGE_EXPERT_BYTES
 
 TIMEOUT_S = 10.0
-LARGE_EXPERT_BYTES = 32 << 20
 
 
 class HandoffUnavailable(RuntimeError):
@@ -137,7 +137,7 @@ class DecodeHandoff:
         self.store = store
         # the GPU takes one miss per `share` misses of a layer: a small expert read over PCIe is latency-
         # bound (2.95 MB: ~150 us on the H200, slower than the CPU), a large one streams (Mixtral: 88 MB)
-        self.share = 2 if store.expert_nbytes >= LARGE_EXPERT_BYTES else hk.GPU_SHARE
+        self.share = 2 if store.expert_nbytes >= LARGE_EXPERT_BYTES else GPU_SHARE
         self.closed = False
         _OPEN.add(self)
 
@@ -173,7 +173,7 @@ class DecodeHandoff:
         if code == 0:
             return
         msg = self.worker.take_error(code)                # clears err unless a new failure came meanwhile
-        if code == hk.ERR_TIMEOUT:
+        if code == ERR_TIMEOUT:
             why = f" (the worker had failed: {msg})" if msg else ""
             raise ExpertComputeError(f"the CPU expert worker did not answer within {TIMEOUT_S:g} s{why} "
                                   "(decode step aborted); rerun with --moe-decode sync to bypass it")

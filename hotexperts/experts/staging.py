@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hotexperts.experts.slots import alloc_like, parts
+from hotexperts.kernels.gpu_moe import triton_available
 from hotexperts.weights import QuantizedWeight
 
 GATHER_MIN_RUNS = 4          # more runs of consecutive experts than this: one gather launch per part instead
@@ -100,7 +101,7 @@ class StagingPools:
             if self.read[i] is not None:
                 self.stream.wait_event(self.read[i])         # never overwrite a pool a step still reads
             if gather:
-                from hotexperts.kernels.triton_gather import gather_experts
+                from hotexperts.kernels.triton_gather import gather_experts  # Triton: only on CUDA
 
                 idx = self._index(experts)                   # on the copy stream, before its gathers
                 for dst, src in pairs:
@@ -117,8 +118,6 @@ class StagingPools:
         mode = self.stage_copy
         if mode == "memcpy" or not self.store.layer_pinned(layer):
             return False
-        from hotexperts.kernels.gpu_moe import triton_available
-
         return triton_available() and (mode == "gather" or len(runs) > GATHER_MIN_RUNS)
 
     def _index(self, experts: list[int] | None) -> torch.Tensor:

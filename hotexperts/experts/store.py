@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from hotexperts.quant import quantize_layer
 from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 GiB = 1024 ** 3
@@ -25,7 +26,7 @@ def weight_nbytes(w: Weight) -> int:
     return w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
 
 
-def _pin_weight(w: Weight) -> Weight:
+def pin_weight(w: Weight) -> Weight:
     if isinstance(w, QuantizedWeight):
         z = w.zero.pin_memory() if w.zero is not None else None
         return QuantizedWeight(w.fmt, w.q.pin_memory(), w.scale.pin_memory(), z)
@@ -81,7 +82,7 @@ class ExpertStore:
             if self._pinned[l]:
                 continue
             try:
-                self._layers[l] = LayerExperts(_pin_weight(le.w13), _pin_weight(le.w2))
+                self._layers[l] = LayerExperts(pin_weight(le.w13), pin_weight(le.w2))
             except RuntimeError:
                 warnings.warn(f"pinning failed after {done / GiB:.1f} GiB; copies will be staged through a "
                               "pinned buffer", RuntimeWarning, stacklevel=2)
@@ -92,8 +93,6 @@ class ExpertStore:
 
     def quantize(self, fmt: str) -> ExpertStore:
         """A new store with every expert matrix quantized to `fmt` ("int8" | "int4" | "int4g32" | "none")."""
-        from hotexperts.quant import quantize_layer
-
         return ExpertStore({l: quantize_layer(le, fmt) for l, le in self._layers.items()})
 
     def __repr__(self) -> str:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-ERR_TIMEOUT = 2
-GPU_SHARE = 4           # default: the GPU takes one miss per GPU_SHARE misses of a layer (at most gpu_misses)
+from hotexperts.kernels.handoff_codes import ERR_TIMEOUT, GPU_SHARE
+
 _TRITON = None          # the compiled kernels module, False when triton is unavailable
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hotexperts.kernels.handoff import ERR_TIMEOUT, GPU_SHARE
+from hotexperts.kernels.handoff_codes import ERR_TIMEOUT, GPU_SHARE
 
 _ERR_TIMEOUT = tl.constexpr(ERR_TIMEOUT)
 

@@ -46,6 +46,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from hotexperts.errors import ModelLoadError
+from hotexperts.quant import int8g_from_int4g32
 from hotexperts.weights import QuantizedWeight
 
 Q = GGMLQuantizationType
@@ -210,8 +211,6 @@ def to_int8g(raw: np.ndarray, qtype: Q, group: int, zero: bool,
     """Exact int8gG (G = group, 16 or 32) of a matrix raw [..., N, bytes] of a type int8_spec accepts; a
     type with 32-groups repeats its scales for G = 16; zero=True stores a zero (0 where the type has none)."""
     if qtype in _Q4_AS_INT8:
-        from hotexperts.quant import int8g_from_int4g32
-
         return int8g_from_int4g32(to_int4g32(raw, qtype, scale_dtype), group)
     if qtype not in _INT8 or INT8_TYPES[qtype][0] < group:
         raise ModelLoadError(f"{qtype.name} does not map onto int8g{group}")

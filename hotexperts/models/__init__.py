@@ -1,109 +1,45 @@
-"""Model definitions: one pure MoETransformer plus one naming/config module per architecture.
+"""Model definitions: one pure MoETransformer, one file per architecture, and the registry that picks one.
 
-    ARCHITECTURES[model_type] -> module with config_from_hf(d) -> ModelConfig and rename(hf_name) -> WeightRef
-    get_arch(model_type)      -> that module; unknown -> UnsupportedArchitectureError listing supported ones
-    config_from_hf(d)         -> ModelConfig, dispatching on d["model_type"]
-    assemble_layer(cfg, layer, pieces) -> LayerExperts   (pieces: {(expert|None, which): tensor})
-    split_state_dict(arch, cfg, hf_sd) -> (dense_sd, {layer: LayerExperts})  (w13 [E,2I,D], w2 [E,D,I])
-dense_sd loads into MoETransformer(cfg) with load_state_dict(strict=True).
+    ARCHITECTURES[model_type]      -> Architecture (models/architecture.py) declared by qwen3_moe.py, ...
+    GGUF_ARCHITECTURES[gguf_arch]  -> the same objects, keyed by GGUF general.architecture
+    get_arch(model_type)           -> Architecture; unknown -> UnsupportedArchitectureError listing supported
+    get_gguf_arch(gguf_arch)       -> Architecture; the same error for a GGUF architecture
+    config_from_hf(d)              -> ModelConfig, dispatching on d["model_type"]
+    split_state_dict, assemble_layer  (models/split.py)
+Adding an architecture: one file declaring ARCH = Architecture(...), plus its entry in _ALL below.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
-import torch
-
 from hotexperts.config import ModelConfig
-from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
+from hotexperts.errors import UnsupportedArchitectureError
 from hotexperts.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from hotexperts.models.architecture import Architecture
 from hotexperts.models.naming import ExpertRef
+from hotexperts.models.split import assemble_layer, split_state_dict
 
-ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (qwen3_moe, qwen2_moe, mixtral, olmoe)}
+__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "Architecture", "ExpertRef", "assemble_layer",
+           "config_from_hf", "get_arch", "get_gguf_arch", "split_state_dict"]
 
-Pieces = dict[tuple[int | None, str], torch.Tensor]
+_ALL = (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH)
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in _ALL}
+GGUF_ARCHITECTURES: dict[str, Architecture] = {a.gguf_arch: a for a in _ALL}
 
 
-def get_arch(model_type: str | None) -> ModuleType:
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[model_type]
+def get_arch(model_type: str | None) -> Architecture:
+    return _lookup(ARCHITECTURES, model_type, "model_type")
+
+
+def get_gguf_arch(gguf_arch: str | None) -> Architecture:
+    return _lookup(GGUF_ARCHITECTURES, gguf_arch, "GGUF architecture")
 
 
 def config_from_hf(d: dict) -> ModelConfig:
     return get_arch(d.get("model_type")).config_from_hf(d)
 
 
-def _layout(where: str, *checks: tuple[str, torch.Tensor, int, int]) -> bool:
-    """Are the matrices stored [..., in, out] (transposed) instead of nn.Linear's [..., out, in]?
-
-    checks: (what, tensor, rows, cols) with the wanted [rows, cols]; square matrices are ambiguous and
-    follow the others (e.g. OLMoE's gate_up [E, 2I, D] with 2I == D follows down [E, D, I]).
-    """
-    flags = []
-    for what, t, rows, cols in checks:
-        shape = tuple(t.shape[-2:])
-        if shape not in ((rows, cols), (cols, rows)):
-            raise ModelLoadError(f"{where} {what}: shape {tuple(t.shape)}, expected [E, {rows}, {cols}]")
-        if rows != cols:
-            flags.append(shape == (cols, rows))
-    if len(set(flags)) > 1:
-        raise ModelLoadError(f"{where}: expert matrices mix [out, in] and [in, out] layouts")
-    return flags[0] if flags else False
-
-
-def _stacked(pieces: Pieces, which: str, E: int, layer: int) -> torch.Tensor | None:
-    """[E, ...] from one stacked tensor or E per-expert tensors; None when absent."""
-    if (None, which) in pieces:
-        t = pieces[(None, which)]
-        if t.shape[0] != E:
-            raise ModelLoadError(f"layer {layer} experts.{which}: {t.shape[0]} experts, config says {E}")
-        return t
-    found = [pieces.get((e, which)) for e in range(E)]
-    if all(t is None for t in found):
-        return None
-    missing = [e for e, t in enumerate(found) if t is None]
-    if missing:
-        raise ModelLoadError(f"layer {layer}: {which} weight missing for expert(s) {missing[:8]}")
-    return torch.stack(found)
-
-
-def _need(t: torch.Tensor | None, where: str, which: str) -> torch.Tensor:
-    if t is None:
-        raise ModelLoadError(f"{where}: routed expert {which} weights are missing")
-    return t
-
-
-def assemble_layer(cfg: ModelConfig, layer: int, pieces: Pieces):
-    """Stack one layer's expert tensors into LayerExperts(w13 [E,2I,D], w2 [E,D,I])."""
-    from hotexperts.weights import LayerExperts  # a data container (see docs: import flow)
-
-    E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    where = f"layer {layer}"
-    w2 = _need(_stacked(pieces, "down", E, layer), where, "down")                      # [E, D, I]
-    fused = _stacked(pieces, "gate_up", E, layer)                                       # [E, 2I, D]
-    names = ("gate_up",) if fused is not None else ("gate", "up")
-    parts = [fused] if fused is not None else [_need(_stacked(pieces, w, E, layer), where, w) for w in names]
-    rows = 2 * I if fused is not None else I
-    t = _layout(where, ("down", w2, D, I), *((n, p, rows, D) for n, p in zip(names, parts, strict=True)))
-    w13 = torch.cat([p.transpose(1, 2) if t else p for p in parts], dim=1)             # gate rows, up rows
-    return LayerExperts(w13.contiguous(), (w2.transpose(1, 2) if t else w2).contiguous())
-
-
-def split_state_dict(arch: ModuleType, cfg: ModelConfig, hf_state_dict: dict[str, torch.Tensor]):
-    """HF state dict -> (dense state dict for MoETransformer, {layer: LayerExperts})."""
-    dense: dict[str, torch.Tensor] = {}
-    pieces: dict[int, Pieces] = {}
-    for name, t in hf_state_dict.items():
-        ref = arch.rename(name)
-        if isinstance(ref, ExpertRef):
-            pieces.setdefault(ref.layer, {})[(ref.expert, ref.which)] = t
-        elif ref is not None:
-            dense[ref] = t
-    if cfg.tie_word_embeddings:
-        dense.pop("lm_head.weight", None)
-    unexpected = sorted(set(pieces) - set(cfg.moe_layers))
-    if unexpected:
-        raise ModelLoadError(f"expert weights found for non-MoE layer(s) {unexpected}")
-    return dense, {layer: assemble_layer(cfg, layer, pieces.get(layer, {})) for layer in cfg.moe_layers}
+def _lookup(table: dict[str, Architecture], name: str | None, what: str) -> Architecture:
+    if name not in table:
+        raise UnsupportedArchitectureError(
+            f"{what} {name!r} is not supported; supported: {', '.join(sorted(table))}")
+    return table[name]

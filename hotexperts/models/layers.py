@@ -95,7 +95,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """GQA attention. qk_norm: "none" | "head" (RMSNorm over hd per head) | "full" (over the whole q/k).
 
-    fuse_qkv(): q/k/v in one matmul (decode: one GEMV launch instead of three)."""
+    fuse_qkv(): q/k/v in one matmul (decode: one GEMV launch instead of three; models/transforms.py
+    applies it to a whole model)."""
 
     qkv_weight: torch.Tensor | None = None      # fuse_qkv(): [(H + 2 Hkv) * hd, D]; q/k/v weights view it
     qkv_bias: torch.Tensor | None = None
@@ -121,14 +122,13 @@ class Attention(nn.Module):
         """Compute q, k, v with one matmul over a concatenated weight (and bias). The three Linear weights
         become views of it: parameter names, state_dict and load_state_dict are unchanged, no memory is
         duplicated, and the fused copy stays in sync with later loads. enable=False: three matmuls again
-        (the weights stay views). Fuse after moving the model: .to() would copy the views apart (then the
-        fused tensor is left behind on its old device / dtype, which fails loudly, not silently)."""
+        (the weights stay views). Idempotent: a fused weight the q/k/v weights still view is kept, a stale
+        one (they were replaced, e.g. load_state_dict(assign=True)) is rebuilt from them."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if not enable:
             self.qkv_weight = self.qkv_bias = None
             return
-        if self.qkv_weight is not None and all(p.weight.data_ptr() == v.data_ptr() for p, v in zip(
-                projs, self.qkv_weight.split(self._qkv_sizes()), strict=True)):
+        if self._fused_is_current():
             return
         with torch.no_grad():
             w = torch.cat([p.weight for p in projs])
@@ -139,6 +139,24 @@ class Attention(nn.Module):
             if b is not None:
                 p.bias = nn.Parameter(b.split(sizes)[i], requires_grad=p.bias.requires_grad)
         self.qkv_weight, self.qkv_bias = w, b
+
+    def _fused_is_current(self) -> bool:
+        """The q/k/v weights are still views of qkv_weight (same device, dtype and memory)."""
+        w = self.qkv_weight
+        if w is None:
+            return False
+        views = w.split(self._qkv_sizes())
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        return all((p.weight.device, p.weight.dtype, p.weight.data_ptr()) == (v.device, v.dtype, v.data_ptr())
+                   for p, v in zip(projs, views, strict=True))
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .half() (nn.Module._apply) convert q/k/v one by one, which copies the views
+        apart and would leave the fused weight behind on its old device or dtype: fuse again on the new."""
+        super()._apply(fn, recurse)
+        if self.qkv_weight is not None:
+            self.fuse_qkv()
+        return self
 
     def _qkv_sizes(self) -> list[int]:
         return [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
@@ -167,7 +185,7 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor,
                kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """forward with this layer's cache views kc, vc [Hkv, S, hd] (written in place at input_pos).
-        Takes no layer index, so one compiled graph serves every layer (models/compiled.py)."""
+        Takes no layer index, so one compiled graph serves every layer (engine/runner/stages.py)."""
         T = x.shape[0]
         q, k, v = self._qkv(x)
         qk = apply_rope(torch.cat((q, k), dim=1), *rope)                    # [T, H + Hkv, hd], one pass

@@ -1,6 +1,8 @@
 """Qwen3-MoE (e.g. Qwen3-30B-A3B): per-head q/k RMSNorm, no shared expert, optional dense layers.
 
-config_from_hf(d) -> ModelConfig; rename(hf_name) -> str | ExpertRef | None (see models/naming.py).
+HF model_type "qwen3_moe", GGUF architecture "qwen3moe"; MoE block `mlp`. ARCH is its Architecture
+(models/architecture.py); the Qwen helpers here (which layers are MoE, no sliding window, the GGUF fields
+both Qwen MoE families share) serve qwen2_moe too.
 """
 
 from __future__ import annotations
@@ -8,11 +10,11 @@ from __future__ import annotations
 from hotexperts.config import ModelConfig
 from hotexperts.errors import ModelLoadError
 from hotexperts.models import naming
+from hotexperts.models.architecture import Architecture, tiny_hf_config
+from hotexperts.models.gguf_config import GGUFConfig
 
 MODEL_TYPE = "qwen3_moe"
 REQUIRED = (*naming.BASE_REQUIRED, "moe_intermediate_size")
-
-rename = naming.make_rename("mlp")
 
 
 def qwen_moe_layers(d: dict) -> tuple[int, ...]:
@@ -46,3 +48,31 @@ def config_from_hf(d: dict) -> ModelConfig:
         rope_theta=naming.rope_theta(d, 10000.0),
         extra={"o_proj_bias": bias},
     )
+
+
+def qwen_gguf_fields(g: GGUFConfig) -> dict:
+    """HF keys both Qwen MoE families read from a GGUF: expert width, dense layers, dense-MLP width."""
+    return {"moe_intermediate_size": g.expert_width, "decoder_sparse_step": 1, "use_sliding_window": False,
+            "mlp_only_layers": [i for i in range(g.layers) if i not in g.moe_layers],
+            "intermediate_size": int(g.key("feed_forward_length") or 0)}
+
+
+def qwen_gguf_metadata(cfg: ModelConfig) -> dict[str, int | float]:
+    return {"expert_feed_forward_length": cfg.moe_intermediate_size}
+
+
+def hf_from_gguf(g: GGUFConfig) -> dict:
+    return {"model_type": MODEL_TYPE, **g.common(), **qwen_gguf_fields(g), "num_experts": g.num_experts,
+            "norm_topk_prob": bool(g.key("expert_weights_norm", True)),       # llama.cpp's qwen3moe default
+            "attention_bias": g.has("blk.0.attn_q.bias")}
+
+
+TINY = tiny_hf_config(MODEL_TYPE, "Qwen3MoeForCausalLM", num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], attention_bias=False, sliding_window=None, use_sliding_window=False,
+                      max_window_layers=4, bos_token_id=0, eos_token_id=2, router_aux_loss_coef=0.001,
+                      output_router_logits=False)
+
+ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="qwen3moe", config_from_hf=config_from_hf,
+                    hf_from_gguf=hf_from_gguf, rename=naming.make_rename("mlp"),
+                    gguf_metadata=qwen_gguf_metadata, tiny=TINY)

@@ -1,12 +1,19 @@
 """MoETransformer: one decoder for every supported architecture, blind to where experts live.
 
-    forward(tokens [T] int64, input_pos [T] int64, kv: KVCache, executor, last_only=False)
+    forward(tokens [T] int64, input_pos [T] int64, kv: KVCache, executor, last_only=False, kv_len=None)
         -> logits [T, V] float32   (last_only: [1, V] of the last token; prefill without a [T, V] buffer)
+        = prepare -> per layer (h, a, ids, w = layer.pre_experts(...); x = h + executor(l, a, ids, w),
+          or h + a for a dense layer) -> head
+
+The model is pure: it holds weights and computes, nothing else. How a decode step is run (compiled stages,
+CUDA graphs, piecewise graphs) is the engine's runner (engine/runner/), built on the same three pieces:
+prepare, DecoderLayer.pre_experts (everything of a layer but the routed experts) and head. Transformations
+such as one q/k/v matmul (models/transforms.py) are applied from outside.
 
 Parameter names are Hugging Face's dense names (`model.layers.{i}.self_attn.q_proj.weight`, ...); the MoE
-block is `mlp` (Mixtral: `block_sparse_moe`) holding the router `gate` and, for qwen2_moe, `shared_expert`
-and `shared_expert_gate`. Routed experts are not parameters here: the MoE block hands
-`executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (see models/executor_protocol.py).
+block is the architecture's `moe_block` (`mlp`; Mixtral: `block_sparse_moe`) holding the router `gate`
+and, for qwen2_moe, `shared_expert` and `shared_expert_gate`. Routed experts are not parameters here: the
+MoE block hands `executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (models/executor_protocol.py).
 Layers whose index is not in cfg.moe_layers get a dense SwiGLU `mlp` of cfg.intermediate_size.
 """
 
@@ -17,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotexperts.config import ModelConfig
-from hotexperts.models.compiled import DecodeStages
+from hotexperts.models import get_arch
 from hotexperts.models.executor_protocol import ExpertExecutor
 from hotexperts.models.layers import (
     SMALL_T,
@@ -28,12 +35,6 @@ from hotexperts.models.layers import (
     SwiGLU,
     decode_bias,
 )
-
-MOE_BLOCK_NAME = {"mixtral": "block_sparse_moe"}    # default "mlp"
-
-
-def moe_block_name(cfg: ModelConfig) -> str:
-    return MOE_BLOCK_NAME.get(cfg.model_type, "mlp")
 
 
 class MoEBlock(nn.Module):
@@ -80,39 +81,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.is_moe = layer in cfg.moe_layers
-        self.ffn_name = moe_block_name(cfg) if self.is_moe else "mlp"
+        self.ffn_name = get_arch(cfg.model_type).moe_block if self.is_moe else "mlp"
         ffn = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.add_module(self.ffn_name, ffn)
 
-    def pre_experts(self, x, rope, input_pos, kv, mask):
-        """Everything of the layer but the routed experts (a fixed-shape, host-free piece: a CUDA graph in
-        piecewise decode). -> (h, xn, ids, weights): the layer's output is h + executor(layer, xn, ids,
-        weights); h already holds the residual and any shared expert. Dense layers: (out, None, None, None).
-        """
-        return self.pre_experts_kv(x, rope, input_pos, *kv.layer(self.layer), mask)
+    def pre_experts(self, x, rope, input_pos, kc, vc, mask):
+        """Everything of the layer but the routed experts -> (h, a, ids, weights). The layer's output is
+        h + executor(layer, a, ids, weights) for an MoE layer (a = xn [T, D], the executor's input; h holds
+        the residual and any shared expert) and h + a for a dense one (a = mlp(xn); ids, weights None).
 
-    def pre_experts_kv(self, x, rope, input_pos, kc, vc, mask):
-        """pre_experts with this layer's cache views kc, vc [Hkv, S, hd] instead of (kv, self.layer)."""
-        h, a, ids, weights = self.split_kv(x, rope, input_pos, kc, vc, mask)
-        return (h + a, None, None, None) if ids is None else (h, a, ids, weights)
-
-    def split_kv(self, x, rope, input_pos, kc, vc, mask):
-        """-> (h, a, ids, weights). MoE layers: as pre_experts (a = xn, the executor's input). Dense layers:
-        (h, mlp(xn), None, None), the layer's output being h + a, so decode adds it at the start of the next
-        layer's compiled graph. Reads no layer index: every layer of one kind shares one compiled graph
-        (models/compiled.py)."""
-        h = x + self.self_attn.attend(self.input_layernorm(x), rope, input_pos, kc, vc, mask)
+        kc, vc [Hkv, S, hd]: this layer's cache views (written in place at input_pos). No layer index is
+        read, no host sync, fixed shapes: one compiled graph or CUDA graph serves every layer of a kind, and
+        the runner may defer the add of `a` into the next layer's graph (engine/runner/stages.py)."""
+        h = x + self.self_attn.attend(self.input_layernorm(x), rope, input_pos, kc, vc, mask)   # [T, D]
         xn = self.post_attention_layernorm(h)
         ffn = getattr(self, self.ffn_name)
         if not self.is_moe:
             return h, ffn(xn), None, None
-        ids, weights = ffn.route(xn)
+        ids, weights = ffn.route(xn)                                                           # [T, K]
         shared = ffn.shared(xn)
         return (h if shared is None else h + shared), xn, ids, weights
 
     def forward(self, x, rope, input_pos, kv, mask, executor) -> torch.Tensor:
-        h, xn, ids, weights = self.pre_experts(x, rope, input_pos, kv, mask)
-        return h if ids is None else h + executor(self.layer, xn, ids, weights)
+        h, a, ids, weights = self.pre_experts(x, rope, input_pos, *kv.layer(self.layer), mask)
+        return h + (a if ids is None else executor(self.layer, a, ids, weights))
 
 
 class DecoderStack(nn.Module):
@@ -133,36 +125,6 @@ class MoETransformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.decode_stages: DecodeStages | None = None      # compile_decode(): the T=1 step compiled
-
-    def fuse_qkv(self, enable: bool = True) -> MoETransformer:
-        """Every layer's q/k/v projections as one matmul (Attention.fuse_qkv; enable=False: three again)."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse_qkv(enable)
-        return self
-
-    def compile_decode(self, enable: bool = True, *, backend="inductor", mode: str | None = None,
-                       options: dict | None = None, fuse_qkv: bool = True) -> DecodeStages | None:
-        """Opt in to a torch.compile'd T=1 decode step (models/compiled.py; enable=False: off again, and
-        q/k/v unfused). fuse_qkv: also one q/k/v matmul per layer (fuse_qkv(); prefill uses it too).
-
-        Lazy: the first T=1 forward under no_grad compiles (~10 s to minutes; decode steps do it before
-        their CUDA-graph warm-up). Idempotent: the same settings keep the compiled stages (no recompile for a
-        new Generator over this model). mode: None or "max-autotune-no-cudagraphs"; options: Inductor
-        config (e.g. {"coordinate_descent_tuning": True}). Prefill and T > 1 stay eager."""
-        self.fuse_qkv(enable and fuse_qkv)
-        if not enable:
-            self.decode_stages = None
-            return None
-        stages = DecodeStages(True, backend=backend, mode=mode, options=options)
-        if self.decode_stages is None or self.decode_stages.settings != stages.settings:
-            self.decode_stages = stages
-        return self.decode_stages
-
-    def stages(self) -> DecodeStages:
-        """The decode stages the piecewise step runs: the compiled ones if compile_decode() is on."""
-        st = self.decode_stages
-        return st if st is not None and not st.failed else DecodeStages(False)
 
     def new_kv_cache(self, max_seq: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         """A KVCache shaped for this model (dtype/device default to the embedding's)."""
@@ -172,15 +134,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache,
                 executor: ExpertExecutor, last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
-        """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only).
-
-        With compile_decode() on, a T=1 forward over the whole cache (kv_len None) without autograd runs
-        the compiled decode stages (same logits within float tolerance); everything else runs here."""
-        stages = self.decode_stages
-        if stages is not None and stages.applies(tokens, kv_len):
-            logits = stages.run(self, tokens, input_pos, kv, executor)
-            if logits is not None:                           # None: compiling failed (warned): eager
-                return logits
+        """tokens, input_pos [T] -> logits [T, V] float32 ([1, V] for the last token if last_only)."""
         x, rope, mask = self.prepare(tokens, input_pos, kv, kv_len)
         for layer in self.model.layers:
             x = layer(x, rope, input_pos, kv, mask, executor)

@@ -24,20 +24,32 @@ Measured (medians of a few repeats, torch):
                         the part beyond its bytes / h2d_gbs
   with --bench BENCH.json (a `hotexperts bench --json` report of this machine; repeatable): the decode terms
   no kernel measures alone (gpu_layer_s, post_s, host_step_s, host_policy_s[...]) and the CPU call line are
-  fitted on its placements (hotexperts/trace/fit.py; every row with a tg measurement; --engine current
-  unless the report came from an older engine).
+  fitted on its placements (hotexperts/trace/fit.py; every row with a tg measurement; the engine is the
+  engine.json beside the report if an older engine made it, else current; --engine overrides).
 Figures not measured here are kept from --base (a built-in profile); `sources` records what each came from.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.mailbox import DecodeHandoff
+from hotexperts.experts.store import ExpertStore, pin_weight
+from hotexperts.kernels.cpu_moe import cpu_moe
+from hotexperts.kernels.gpu_moe import gpu_moe
+from hotexperts.quant import quantize_layer
+from hotexperts.trace import fit as F
+from hotexperts.trace.costmodel import default_policy
 from hotexperts.trace.profiles import BUILTIN, HardwareProfile, save_hardware
+from hotexperts.trace.real_shape import shape_for
+from hotexperts.weights import LayerExperts
 
 QWEN_D, QWEN_I, QWEN_K = 2048, 768, 8
 CALL_SIZES = (1, 8)
@@ -83,13 +95,11 @@ def cpu_read_gbs(mib: int) -> float:
 
 
 def _experts(fmt: str, num: int, d: int, inter: int):
-    from hotexperts.weights import LayerExperts
     w13 = torch.randn(num, 2 * inter, d, dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(num, d, inter, dtype=torch.bfloat16) * 0.02
     layer = LayerExperts(w13, w2)
     if fmt == "bf16":
         return layer
-    from hotexperts.quant import quantize_layer
     return quantize_layer(layer, {"int8": "int8", "int4": "int4g32"}[fmt])
 
 
@@ -102,7 +112,6 @@ def cpu_call_times(fmt: str, mib: int, d: int = QWEN_D, inter: int = QWEN_I, siz
     """-> ({experts per call: median seconds}, bytes per expert): fused CPU MoE calls with random experts of
     a stack of about `mib` MiB, one token, each call after a pause of gap_s (the CPU idles between a decode
     step's layers, and a call that follows a pause is what the worker runs)."""
-    from hotexperts.kernels.cpu_moe import cpu_moe
     per = 3 * d * inter * {"bf16": 2, "int8": 1, "int4": 0.5}[fmt]
     num = max(max(sizes), int(mib * 2**20 // per))
     layer = _experts(fmt, num, d, inter)
@@ -163,10 +172,7 @@ def cuda_figures(h2d_mib: int) -> dict:
 class CudaDecodeBench:
     """The engine's decode kernels timed under CUDA-graph replay (Qwen3-30B-A3B shape, int4g32 experts).
     Each method returns seconds per layer call; `layers` calls with different experts per graph."""
-
     def __init__(self, layers: int = 16, slots: int = 128, repeats: int = 20):
-        from hotexperts.quant import quantize_layer
-        from hotexperts.weights import LayerExperts
 
         self.dev, self.L, self.repeats = torch.device("cuda"), layers, repeats
         D, I = QWEN_D, QWEN_I
@@ -197,7 +203,6 @@ class CudaDecodeBench:
         return _median_s(graph.replay, repeats=self.repeats, sync=torch.cuda.synchronize) / self.L
 
     def slot_kernel(self, k: int) -> float:
-        from hotexperts.kernels.gpu_moe import gpu_moe
         ids = self._ids(k)
         w = torch.full((1, k), 1.0 / k, dtype=torch.bfloat16, device=self.dev)
         out = torch.empty_like(self.x)
@@ -208,7 +213,7 @@ class CudaDecodeBench:
         return self._graphed(body)
 
     def host_read(self, k: int) -> float:
-        from hotexperts.kernels.triton_moe import moe_decode
+        from hotexperts.kernels.triton_moe import moe_decode  # Triton: imported only on CUDA
         ids = self._ids(k)
         w = torch.full((1, k), 1.0 / k, dtype=torch.bfloat16, device=self.dev)
         out = torch.empty(1, QWEN_D, dtype=torch.float32, device=self.dev)
@@ -220,8 +225,6 @@ class CudaDecodeBench:
 
     def mailbox(self, miss: bool) -> tuple[float, float]:
         """-> (seconds per layer of post + collect, CPU worker compute seconds per layer)."""
-        from hotexperts.experts.mailbox import DecodeHandoff
-        from hotexperts.experts.store import ExpertStore
 
         store = ExpertStore({l: self.host for l in range(self.L)})       # the worker reads host memory
         h = DecodeHandoff(store, list(range(self.L)), QWEN_K, QWEN_D, torch.bfloat16, self.dev)
@@ -252,8 +255,7 @@ class CudaDecodeBench:
 
 
 def _pin(w):
-    from hotexperts.experts.store import _pin_weight
-    return _pin_weight(w)
+    return pin_weight(w)
 
 
 def decode_terms(bench, h2d_gbs: float, k: int = QWEN_K) -> dict:
@@ -276,14 +278,8 @@ def decode_terms(bench, h2d_gbs: float, k: int = QWEN_K) -> dict:
 
 
 # ---- fitting on a bench report of this machine ---------------------------------------------------------
-def bench_fit(hw: HardwareProfile, paths, engine: str = "current", log=print) -> HardwareProfile:
+def bench_fit(hw: HardwareProfile, paths, engine: str | None = None, log=print) -> HardwareProfile:
     """Fit the decode terms on `hotexperts bench --json` reports of this machine (every tg row)."""
-    import json
-    from pathlib import Path
-
-    from hotexperts.errors import HotExpertsError
-    from hotexperts.trace import fit as F
-    from hotexperts.trace.real_shape import shape_for
 
     cases = []
     for i, path in enumerate(paths):
@@ -292,14 +288,14 @@ def bench_fit(hw: HardwareProfile, paths, engine: str = "current", log=print) ->
         shape = shape_for(str(report.get("preset") or "").removeprefix("preset:"), quant or "none")
         if shape is None:
             raise HotExpertsError(f"{path}: no cost-model shape for preset {report.get('preset')!r}")
-        cases += F.cases_from_report(report, shape, engine=engine, tag=f"b{i}")[0]
+        cases += F.cases_from_report(report, shape, engine=engine or F.report_engine(path), tag=f"b{i}")[0]
     cpu_rows, time_rows, free = auto_fit_rows(cases)
     hw2, info = F.fit_decode(cases, hw, cpu_rows=cpu_rows, time_rows=time_rows, free=free)
     for k, v in info["values"].items():
         log(f"fitted {k}: {v:.4g}")
     src = dict(hw2.sources or {})
     names = ", ".join(info["values"])
-    src[names] = f"fitted on {', '.join(str(p) for p in paths)} (engine {engine})"
+    src[names] = f"fitted on {', '.join(str(p) for p in paths)} (engine {engine or 'of each report'})"
     src["fit"] = {"cpu_rows": cpu_rows, "time_rows": time_rows, "free": free}
     return replace(hw2, sources=src)
 
@@ -321,7 +317,6 @@ def auto_fit_rows(cases) -> tuple[list[str], list[str], list[str]]:
         free.append("post_s")
     if any(c.cost_placement == "n-cpu-moe:0" for c in cases):
         free.append("host_step_s")
-    from hotexperts.trace.costmodel import default_policy
     for pol in sorted({c.kw.get("policy") or default_policy(c.cost_placement) for c in cases
                        if kinds[c.id] in ("hot", "cache")}):
         free.append(f"host_policy_s:{pol}")
@@ -386,8 +381,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gap-us", type=float, default=300.0, help="pause before each timed CPU call")
     p.add_argument("--bench", action="append", default=[], help="a `hotexperts bench --json` report of this "
                    "machine: fit the decode terms on it (repeatable)")
-    p.add_argument("--engine", default="current", choices=("run4", "run5", "run7", "current"),
-                   help="the engine that measured --bench (see hotexperts/trace/fit.py)")
+    p.add_argument("--engine", default=None, metavar="current|ENGINE.json",
+                   help="the engine that measured --bench (default: the engine.json beside each report, else "
+                        "current; see hotexperts/trace/fit.py)")
     p.set_defaults(func=run)
 
 

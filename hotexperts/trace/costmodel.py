@@ -34,6 +34,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from hotexperts.errors import HotExpertsError
+from hotexperts.kernels.handoff_codes import GPU_SHARE, LARGE_EXPERT_BYTES  # the engine's GPU-miss rule
 from hotexperts.trace.profiles import HardwareProfile
 
 CPU_BYTES_PER_PARAM = {"bf16": 2.0, "fp32": 4.0, "int8": 1.0 + 4 / 1024, "int4": 0.5 + 4 / 32}
@@ -130,8 +131,6 @@ class Prediction:
         return asdict(self)
 
 
-GPU_SHARE = 4       # the engine's rule (kernels/handoff.py): the GPU takes one miss per 4 misses of a layer
-LARGE_EXPERT_BYTES = 32 << 20   # ... one per 2 for experts this large (experts/mailbox.py: they stream)
 TERMS = ("gpu_dense", "gpu_experts", "post", "handoff", "cpu_wait", "gpu_misses", "host", "copy")
 
 

@@ -1,20 +1,16 @@
 """Measured `hotexperts bench` reports -> cost-model cases, and fitting the decode terms to them (torch-free).
 
-    cases, skipped = cases_from_report(report, shape, engine="run5", tag="run5")
+    cases, skipped = cases_from_report(report, shape, engine="docs/results/h200-run5/engine.json", tag="run5")
     hw2, info = fit_decode(cases, hw, cpu_rows=[ids], time_rows=[ids], free=FREE)
     predict_case(case, hw, cpu_scale=1.0) -> Prediction
 
 A case is one placement of a bench report: its cost-model placement and predict() keyword arguments, the
 measured decode tok/s and CPU kernel ms per token. Ids are "TAG:LABEL@BUDGET" (budget "-" when none), e.g.
-"run5:cache+z0@16". `engine` says which engine measured the report, for what the JSON does not record:
-
-    run4     no GPU-computed misses; host bookkeeping between decode steps (not deferred)
-    run5     --moe-gpu-misses auto = 1 for hot/cache, the GPU takes the FIRST N misses (gpu_share 1);
-             bookkeeping between steps
-    run7     auto = 2 for hot/cache, one per 4 (2 for large experts); deferred bookkeeping, which a host
-             sync per swap defeated (docs/benchmarks.md)
-    current  auto = 0 (no GPU-read misses unless "+zN"; then one per 4 misses, per 2 for experts >= 32
-             MiB: the cost model's engine_share); bookkeeping deferred (overlapped)
+"run5:cache+z0@16". `engine` says how the engine that measured the report behaved, for what the JSON does
+not record: "current" = today's engine (auto = 0: no GPU-read misses unless "+zN"; then one per 4 misses,
+per 2 for experts >= 32 MiB: the cost model's engine_share; bookkeeping deferred, overlapped), or the
+options of an older one ({"gpu_share", "auto_z", "deferred_host"}) as a dict or the path of the
+`engine.json` stored beside that run's results (docs/results/<run>/engine.json: run history is data).
 
 Labels ending in "+zN" set N (the bench's --moe-gpu-misses N). The fit (docs/simulator.md, "Fitting"):
 1. CPU: cpu_call_s and cpu_expert_gbs[format] by least squares of the measured cpu_ms_per_token of
@@ -28,17 +24,38 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from hotexperts.errors import HotExpertsError
+from hotexperts.errors import HotExpertsError, read_json
 from hotexperts.trace.costmodel import ModelShape, Prediction, predict
 from hotexperts.trace.profiles import HardwareProfile
+from hotexperts.trace.real_shape import real_plan
 
-ENGINES = {
-    "run4": {"gpu_share": None, "auto_z": 0, "deferred_host": False},
-    "run5": {"gpu_share": 1, "auto_z": 1, "deferred_host": False},
-    "run7": {"gpu_share": None, "auto_z": 2, "deferred_host": True},
-    "current": {"gpu_share": None, "auto_z": None, "deferred_host": True},
-}
+CURRENT_ENGINE = {"gpu_share": None, "auto_z": None, "deferred_host": True}
+ENGINE_KEYS = tuple(CURRENT_ENGINE)
+
+
+def engine_options(engine: str | Path | dict = "current") -> dict:
+    """The engine options of a report: "current", a dict, or an engine.json path (module doc)."""
+    if isinstance(engine, dict):
+        opts = engine
+    elif str(engine) == "current":
+        return dict(CURRENT_ENGINE)
+    else:
+        path = Path(engine)
+        if path.suffix != ".json":
+            raise HotExpertsError(f"unknown engine {engine!r}: 'current' or the path of an engine.json")
+        opts = read_json(path, "engine description")
+    missing = [k for k in ENGINE_KEYS if k not in opts]
+    if missing:
+        raise HotExpertsError(f"engine options lack {', '.join(missing)}")
+    return {k: opts[k] for k in ENGINE_KEYS}
+
+
+def report_engine(report_path: str | Path) -> str | Path:
+    """The engine.json stored beside a bench report (an older engine's run), else "current"."""
+    path = Path(report_path).parent / "engine.json"
+    return path if path.is_file() else "current"
 FREE = ("gpu_layer_s", "post_s", "host_step_s", "host_policy_s:window-lfu", "host_policy_s:auto")
 TG_RE = re.compile(r"^tg(\d+)(?:@d\d+)?$")
 TOPK_RE = re.compile(r"\btop-(\d+)\b")
@@ -94,12 +111,12 @@ def routed_top_k(report: dict) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def gpu_misses_of(label: str, kind: str, engine: str) -> int | None:
+def gpu_misses_of(label: str, kind: str, engine: dict) -> int | None:
     """+zN in the label, else the engine's auto for the placement kind (None: the cost model's auto)."""
     m = re.search(r"\+z(\d+)", str(label or ""))
     if m:
         return int(m.group(1))
-    auto = ENGINES[engine]["auto_z"]
+    auto = engine["auto_z"]
     if auto is None:
         return None
     return auto if kind in ("hot", "cache", "static") else 0
@@ -140,8 +157,6 @@ def n_cpu_layers(result: dict, arg: str, shape: ModelShape, nmap: dict) -> tuple
         return int(result["n_cpu_layers"]), ""
     if budget is None:
         raise HotExpertsError(f"{result['placement']}: N unknown (no budget); pass --n N")
-    from hotexperts.trace.real_shape import real_plan
-
     return real_plan(shape, float(budget))["n_cpu_moe"], "N est."
 
 
@@ -161,13 +176,11 @@ def resample(hits: list, n: int) -> list[float]:
     return [float(hits[min(len(hits) - 1, i * len(hits) // n)]) for i in range(n)]
 
 
-def cases_from_report(report: dict, shape: ModelShape, *, engine: str = "current", tag: str = "",
-                      test: str | None = None, nmap: dict | None = None,
+def cases_from_report(report: dict, shape: ModelShape, *, engine: str | Path | dict = "current",
+                      tag: str = "", test: str | None = None, nmap: dict | None = None,
                       steps: int | None = None) -> tuple[list[Case], list[dict]]:
     """-> (cases, skipped rows {id, label, placement, budget_gib, skipped})."""
-    if engine not in ENGINES:
-        raise HotExpertsError(f"unknown engine {engine!r}: {', '.join(ENGINES)}")
-    opts = ENGINES[engine]
+    opts = engine_options(engine)
     k = routed_top_k(report)
     if k and k != shape.top_k:
         shape = replace(shape, top_k=k)
@@ -184,7 +197,7 @@ def cases_from_report(report: dict, shape: ModelShape, *, engine: str = "current
         n = steps or r.get("decode_tokens") or n_steps
         placement, kw, note = cost_placement(r, shape, nmap or {}, n)
         kind = str(r["placement"]).partition(":")[0]
-        z = gpu_misses_of(r.get("label"), kind, engine)
+        z = gpu_misses_of(r.get("label"), kind, opts)
         if z is not None:
             kw["gpu_misses"] = z
         if opts["gpu_share"] is not None:

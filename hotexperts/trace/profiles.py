@@ -111,7 +111,8 @@ BUILTIN = {
             "gpu_host_read_s": "measured ~150 us for one int4 expert read by the GPU over PCIe (run 5, "
                                "docs/benchmarks.md), minus its bytes / h2d_gbs",
             "cpu_call_s, cpu_expert_gbs.int4": "fitted: cpu_ms_per_token of run 7 (`BENCH_ARGS=--compile "
-                                               "bash scripts/gpu_run7.sh`) cpu-moe, n-cpu-moe, cache, 16 GiB",
+                                               "scripts/gpu_run7.sh` at 93f9d36) cpu-moe, n-cpu-moe, cache, "
+                                               "16 GiB",
             "gpu_layer_s, post_s": "fitted: decode tok/s of run 7 gpu and 24 GiB n-cpu-moe, hot",
             "host_step_s, host_policy_s": "fitted on runs 4-5 (run 7's host time was a stall, see "
                                           "docs/benchmarks.md)",
@@ -147,7 +148,7 @@ BUILTIN = {
             "cpu_call_s, cpu_expert_gbs.int4": "fitted: cpu_ms_per_token of run 5 (`bash "
                                                "scripts/gpu_run5.sh`) cpu-moe, hot, cache+z0",
             "gpu_layer_s, post_s, host_step_s, host_policy_s": "fitted: decode tok/s of run 5 gpu, cpu-moe, "
-                "hot, cache+z0 and run 4 (`bash scripts/gpu_run4.sh`) 24 GiB n-cpu-moe, hot, cache",
+                "hot, cache+z0 and run 4 (`scripts/gpu_run4.sh at 93f9d36`) 24 GiB n-cpu-moe, hot, cache",
             "handoff_s, host_swap_s": "fitted at 0 (a free fit gave -7 us / no signal)",
             "command": "python scripts/fidelity.py docs/results/h200-run5/bench_qwen3-30b-a3b_synthetic.json "
                        "docs/results/h200-run4/bench_qwen3-30b-a3b_synthetic.json --fit --profile h200",

@@ -32,6 +32,7 @@ from hotexperts.experts.planner import CachePlanner
 from hotexperts.experts.policies import Belady, CachePolicy, Swap, make_policy
 from hotexperts.experts.profile import Profile, load_profile
 from hotexperts.experts.residency import Residency
+from hotexperts.trace import costmodel, profiles
 from hotexperts.trace.format import RoutingTrace
 
 ALL_POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
@@ -190,11 +191,10 @@ def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), *
 
 def auto_cost_params(shape, hw) -> dict:
     """Pay-back inputs of the `auto` policy (seconds per expert) from a model shape and hardware profile."""
-    from hotexperts.trace.costmodel import copy_seconds, cpu_expert_seconds
     if shape is None or hw is None:
         return {}
-    return {"cpu_seconds_per_expert": cpu_expert_seconds(shape, hw),
-            "copy_seconds_per_expert": copy_seconds(shape, hw)}
+    return {"cpu_seconds_per_expert": costmodel.cpu_expert_seconds(shape, hw),
+            "copy_seconds_per_expert": costmodel.copy_seconds(shape, hw)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,7 +252,6 @@ def _capacities(args, trace, expert_nbytes) -> tuple[list[int], list[int]]:
 
 
 def run(args) -> int:
-    from hotexperts.trace import costmodel, profiles
     trace = RoutingTrace.load(args.trace)
     shape = costmodel.shape_for_trace(trace, args.model_shape, args.expert_mb)
     hw = profiles.get_profile(args.profile) if args.profile else None
@@ -276,7 +275,7 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps({"trace": str(args.trace), "meta": trace.meta,
                                                "results": [r.to_dict() for r in rows]}, indent=1))
     if args.plot:
-        from hotexperts.trace import plots
+        from hotexperts.trace import plots  # matplotlib: imported only to plot
         for path in plots.write_all(rows, trace.moe_layers, args.plot):
             print(f"wrote {path}")
     return 0

@@ -34,6 +34,7 @@ import numpy as np
 from hotexperts.errors import HotExpertsError
 from hotexperts.trace import stats
 from hotexperts.trace.format import RoutingTrace
+from hotexperts.trace.import_shared import SHARED_TRACES, find_shared_traces, load_shared
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,6 @@ def calibration_table(num_tokens: int = 2048, real: bool = True) -> str:
         s = stats.summarize(generate(p.params, num_tokens=num_tokens), static_n=STATIC_N.get(name))
         rows.append({**s, "model": f"synthetic:{name}"})
     if real:
-        from hotexperts.trace.import_shared import SHARED_TRACES, find_shared_traces, load_shared
-
         if find_shared_traces() is not None:
             rows += [{**stats.summarize(load_shared(n)), "model": f"real:{n}"} for n in SHARED_TRACES]
     return stats.format_table(rows)

@@ -167,7 +167,7 @@ class AllExpertsExecutor(DenseExecutor):
 
 
 def test_eager_decode_step_on_cpu():
-    from hotexperts.engine.cuda_graph import EagerDecodeStep
+    from hotexperts.engine.runner.cuda_graph import EagerDecodeStep
 
     gen = make_gen()
     assert isinstance(gen.decode_step, EagerDecodeStep) and not gen.decode_step.graphed

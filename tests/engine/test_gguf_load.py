@@ -15,6 +15,7 @@ from hotexperts.engine.load_gguf import load_gguf
 from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.loading.gguf_reader import GGUFFile
+from hotexperts.models import get_arch
 from hotexperts.quant import dequantize
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
@@ -197,9 +198,9 @@ def test_per_expert_tensors_of_old_mixtral_files(tmp_path):
     stacked = write_gguf(lm, tmp_path / "s.gguf", "q4_0")[0]
     path = tmp_path / "old.gguf"
     w = GGUFWriter(path, "llama")
-    gguf_export._write_config(w, lm, "llama", Q.Q4_0)
+    gguf_export._write_config(w, lm, get_arch("mixtral"), Q.Q4_0)
     gguf_export.write_tokenizer(w, lm.tokenizer, lm.cfg.vocab_size)
-    gguf_export._write_dense(w, lm, Q.F32)
+    gguf_export._write_dense(w, lm, get_arch("mixtral"), Q.F32)
     I = lm.cfg.moe_intermediate_size
     for l in lm.store.layers:
         le = lm.store.layer(l)
@@ -255,8 +256,8 @@ def test_unsupported_expert_type(tmp_path):
     lm = build("tiny-qwen3-moe")
     path = tmp_path / "m.gguf"
     w = GGUFWriter(path, "qwen3moe")
-    gguf_export._write_config(w, lm, "qwen3moe", Q.F32)
-    gguf_export._write_dense(w, lm, Q.F32)
+    gguf_export._write_config(w, lm, get_arch("qwen3_moe"), Q.F32)
+    gguf_export._write_dense(w, lm, get_arch("qwen3_moe"), Q.F32)
     E, I, D = lm.cfg.num_experts, lm.cfg.moe_intermediate_size, lm.cfg.hidden_size
     for l in lm.cfg.moe_layers:
         for which, shape in (("gate", (E, I, D)), ("up", (E, I, D)), ("down", (E, D, I))):

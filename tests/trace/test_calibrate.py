@@ -4,6 +4,7 @@ through a fake bench with known timings) and fitting on a bench JSON of the mach
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,8 @@ class FakeDecodeBench:
         self.calls.append(("read", k))
         return 150e-6 + (k - 1) * 54e-6
 
+
+RUN5_ENGINE = Path(__file__).resolve().parents[2] / "docs" / "results" / "h200-run5" / "engine.json"
 
 def test_line_fit_and_call_terms():
     assert cal.line_fit({1: 3.0, 8: 10.0}) == pytest.approx((2.0, 1.0))
@@ -117,7 +120,7 @@ def _bench_json(tmp_path, hw):
                res("cache", "cache:4000slots", 16.0, lh[::-1])]
     rep = dict(model="qwen3_moe", preset="qwen3-30b-a3b", expert_quant="int4", tests=["tg64"], repeats=1,
                routing="synthetic", results=results)
-    for r, c in zip(results, F.cases_from_report(rep, shape, engine="run5")[0], strict=True):
+    for r, c in zip(results, F.cases_from_report(rep, shape, engine=RUN5_ENGINE)[0], strict=True):
         p = F.predict_case(c, hw)
         r["tests"] = {"tg64": {"median": p.decode_tps}}
         r["cpu_ms_per_token"] = p.cpu_ms
@@ -131,7 +134,7 @@ def test_bench_fit_recovers_the_terms(tmp_path):
                    host_policy_s={"window-lfu": 500e-6, "auto": 1200e-6}, cpu_call_s=90e-6,
                    cpu_expert_gbs=dict(BUILTIN["h200"].cpu_expert_gbs) | {"int4": 60.0})
     path = _bench_json(tmp_path, true)
-    got = cal.bench_fit(BUILTIN["h200"], [path], engine="run5", log=lambda *_: None)
+    got = cal.bench_fit(BUILTIN["h200"], [path], engine=RUN5_ENGINE, log=lambda *_: None)
     for key in ("gpu_layer_s", "post_s", "host_step_s", "cpu_call_s"):
         assert getattr(got, key) == pytest.approx(getattr(true, key), rel=1e-3), key
     assert got.host_policy_s == pytest.approx(true.host_policy_s, rel=1e-3)
@@ -154,7 +157,8 @@ def test_cli_with_bench(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     cal.add_parser(parser.add_subparsers())
     out = tmp_path / "hw.json"
-    args = parser.parse_args(["calibrate", "--out", str(out), "--bench", str(path), "--engine", "run5"])
+    args = parser.parse_args(["calibrate", "--out", str(out), "--bench", str(path),
+                              "--engine", str(RUN5_ENGINE)])
     assert args.func(args) == 0
     got = get_profile(str(out))
     assert got.gpu_layer_s == pytest.approx(BUILTIN["h200"].gpu_layer_s, rel=1e-3)

@@ -13,9 +13,12 @@ from hotexperts.trace.costmodel import predict
 from hotexperts.trace.profiles import get_profile
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fidelity.py"
+RUNS = Path(__file__).resolve().parents[2] / "docs" / "results"
+ENGINE = {tag: RUNS / f"h200-{tag}" / "engine.json" for tag in ("run4", "run5", "run7")}   # older engines
 
 
 @pytest.fixture(scope="module")
+
 def fid():
     spec = importlib.util.spec_from_file_location("fidelity_script", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
@@ -115,14 +118,14 @@ def test_engine_options_and_trace_top_k(fid):
                    _res("cache+z2", "cache:8GiB", 16.0, 50.0, layer_hit=[0.9] * 48, hit_rate=0.9),
                    _res("n-cpu-moe", "layers:24", 16.0, 50.0)],
                   routing="replayed trace x.csv (Qwen3-30B-A3B, top-6, 156 tokens)")
-    cases = {c.label: c for c in F.cases_from_report(rep, shape, engine="run5", tag="t")[0]}
+    cases = {c.label: c for c in F.cases_from_report(rep, shape, engine=ENGINE["run5"], tag="t")[0]}
     assert cases["hot"].kw["gpu_misses"] == 1 and cases["hot"].kw["gpu_share"] == 1   # run 5: auto 1, first
     assert cases["cache+z2"].kw["gpu_misses"] == 2 and not cases["hot"].kw["deferred_host"]
     assert cases["n-cpu-moe"].kw["gpu_misses"] == 0 and cases["hot"].shape.top_k == 6
     assert cases["hot"].id == "t:hot@16"
     cur = {c.label: c for c in F.cases_from_report(rep, shape, engine="current")[0]}
     assert "gpu_misses" not in cur["hot"].kw and cur["hot"].kw["deferred_host"]          # the model's auto
-    run4 = {c.label: c for c in F.cases_from_report(rep, shape, engine="run4")[0]}
+    run4 = {c.label: c for c in F.cases_from_report(rep, shape, engine=ENGINE["run4"])[0]}
     assert run4["hot"].kw["gpu_misses"] == 0
     with pytest.raises(HotExpertsError, match="engine"):
         F.cases_from_report(rep, shape, engine="run9")
@@ -131,7 +134,7 @@ def test_engine_options_and_trace_top_k(fid):
     assert fid.default_tag("x/mine.json") == "mine"
 
 
-def _synthetic_bench(tmp_path, hw, shape, engine="run5"):
+def _synthetic_bench(tmp_path, hw, shape, engine=ENGINE["run5"]):
     """A bench JSON whose speeds and CPU times are the model's own under `hw` (what a perfect fit finds)."""
     layer_hit = [0.9 + 0.002 * (i % 20) for i in range(48)]
     spec = [("gpu", "gpu", None, {}), ("cpu-moe", "cpu", 16.0, {}), ("n-cpu-moe", "layers:15", 16.0, {}),
@@ -153,6 +156,7 @@ def _synthetic_bench(tmp_path, hw, shape, engine="run5"):
     path = tmp_path / "h200-run5" / "bench_synthetic.json"
     path.parent.mkdir()
     path.write_text(json.dumps(rep))
+    (path.parent / "engine.json").write_text(Path(engine).read_text())    # the run's engine, beside it
     return path
 
 
@@ -182,8 +186,8 @@ def test_fit_recovers_known_terms(fid, tmp_path, capsys):
     assert all(abs(r["error_pct"]) < 0.1 for r in rows.values())                 # a perfect model
     assert "Held out (not used by the fit): 2 of 2 within ±15%" in text
     with pytest.raises(HotExpertsError, match="not in the reports"):
-        F.fit_decode(F.cases_from_report(json.loads(path.read_text()), shape, engine="run5", tag="run5")[0],
-                     true, cpu_rows=["run5:nope@1"], time_rows=[])
+        rows = F.cases_from_report(json.loads(path.read_text()), shape, engine=ENGINE["run5"], tag="run5")[0]
+        F.fit_decode(rows, true, cpu_rows=["run5:nope@1"], time_rows=[])
 
 
 def test_fit_time_clamps_negative_terms():
@@ -192,7 +196,7 @@ def test_fit_time_clamps_negative_terms():
     shape = shape_for("qwen3-30b-a3b", "int4")
     hw = get_profile("h200")
     rep = _report([_res("gpu", "gpu", None, 1.0), _res("cpu-moe", "cpu", 16.0, 1.0)], expert_quant="int4")
-    cases = F.cases_from_report(rep, shape, engine="run5", tag="x")[0]
+    cases = F.cases_from_report(rep, shape, engine=ENGINE["run5"], tag="x")[0]
     gpu_t = 1 / F.predict_case(cases[0], hw).decode_tps
     cases[0].measured_tps = 1 / gpu_t
     cases[1].measured_tps = F.predict_case(cases[1], replace(hw, post_s=0.0)).decode_tps * 1.05  # faster
@@ -201,7 +205,6 @@ def test_fit_time_clamps_negative_terms():
     assert got.post_s == 0.0 and 0.9 * hw.gpu_layer_s < got.gpu_layer_s < hw.gpu_layer_s
 
 
-RUNS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
 def test_builtin_h200_is_the_fit_of_run_7(fid):
@@ -210,7 +213,7 @@ def test_builtin_h200_is_the_fit_of_run_7(fid):
     hw = get_profile("h200")
     rep = fid.load_report(RUNS / "h200-run7" / "bench_qwen3-30b-a3b_synthetic.json")
     shape, _ = fid.resolve_shape(rep)
-    cases = F.cases_from_report(rep, shape, engine="run7", tag="run7")[0]
+    cases = F.cases_from_report(rep, shape, engine=ENGINE["run7"], tag="run7")[0]
     fit = hw.sources["fit"]
     _, info = fid.fit_rows(cases, get_profile("h200-run5"), fit["cpu_rows"], fit["time_rows"],
                            free=("gpu_layer_s", "post_s"))
@@ -228,7 +231,7 @@ def test_run5_profile_is_the_fit_of_runs_4_and_5(fid):
     for name, tag in (("h200-run5", "run5"), ("h200-run4", "run4")):
         rep = fid.load_report(RUNS / name / "bench_qwen3-30b-a3b_synthetic.json")
         shape, _ = fid.resolve_shape(rep)
-        cases += F.cases_from_report(rep, shape, engine=tag, tag=tag)[0]
+        cases += F.cases_from_report(rep, shape, engine=ENGINE[tag], tag=tag)[0]
     fitted, info = fid.fit_rows(cases, hw, fid.FIT_H200["cpu"], fid.FIT_H200["time"])
     for key, value in info["values"].items():
         assert value == pytest.approx(F.get_param(hw, key), rel=2e-3), key

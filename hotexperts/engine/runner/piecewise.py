@@ -2,7 +2,7 @@
 
 A hybrid executor reads routing on the host every MoE layer, so the whole step cannot be one graph and an
 eager step pays ~45 launches per layer. Here everything that is fixed-shape and host-free is captured, as
-the model's decode stages (models/compiled.py; torch.compile'd ones when `model.compile_decode()` is on):
+the decode stages (runner/stages.py; torch.compile'd ones when runner.compile_decode(model) is on):
 
     pre      token, position -> x[0] (embedding), y[0] = 0, rope, decode attention bias     (one graph)
     layer l  x[l] + y[l] -> x[l+1] = h, xn[l], ids[l], weights[l]  (residual add, norms, attention, router,
@@ -23,6 +23,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from hotexperts.engine.runner.compiled import decode_forward, decode_stages
 
 
 class EagerCapture:
@@ -126,11 +128,11 @@ class PiecewiseDecodeStep:
             warnings.warn(f"torch.compile of the piecewise decode stages failed ({type(exc).__name__}: "
                           f"{exc}); capturing them uncompiled", RuntimeWarning, stacklevel=4)
             self.st.failed = True
-            self.st = self.model.stages()
+            self.st = decode_stages(self.model)
             self.rope = self.bias = None
 
     def _build(self) -> None:
-        self.st = self.model.stages()
+        self.st = decode_stages(self.model)
         self._buffers()
         self._compile()
         stages = [self.capture(self._pre, self.pool)]
@@ -147,7 +149,7 @@ class PiecewiseDecodeStep:
     def _eager(self, token, pos: int) -> torch.Tensor:
         tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(1)
         ipos = torch.tensor([pos], dtype=torch.long, device=self.device)
-        return self.model(tok, ipos, self.kv, self.executor)[-1]
+        return decode_forward(self.model, tok, ipos, self.kv, self.executor)[-1]
 
     def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
         with torch.no_grad():

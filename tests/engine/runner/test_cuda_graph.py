@@ -1,7 +1,8 @@
-"""The T=1 decode step of MoETransformer is CUDA-graph capturable (no host syncs, static shapes).
+"""CUDA graphs of the T=1 decode step: the pure model's forward is capturable (no host syncs, static
+shapes), and runner/cuda_graph.GraphDecodeStep captures the compiled stages too.
 
-The capture uses a sync-free gather executor (every expert resident, indexed by id); on CPU we only check
-that this helper agrees with DenseExecutor, so the GPU test compares like with like.
+The captures use a sync-free gather executor (every expert resident, indexed by id); on CPU we only check
+that this helper agrees with DenseExecutor, so the GPU tests compare like with like.
 """
 
 from __future__ import annotations
@@ -9,13 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ours_from_hf
+from tiny_models import build_tiny, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
+from hotexperts.engine.runner import compile_decode
+from hotexperts.engine.runner.cuda_graph import EagerDecodeStep, GraphDecodeStep
 from hotexperts.experts.reference import DenseExecutor
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral_swa", "olmoe"]
+PROMPT, DECODE = 5, 6
 
 
 class GatherExecutor:
     """y = sum_k w * expert(x) via gathered expert weights: no host syncs, fixed shapes."""
+
+    graph_safe = True
 
     def __init__(self, experts, device, dtype):
         self.w13 = {i: le.w13.to(device, dtype) for i, le in experts.items()}   # [E, 2I, D]
@@ -33,8 +42,8 @@ class GatherExecutor:
 
 
 @torch.no_grad()
-def test_gather_executor_matches_dense(hf_models):
-    model, experts = ours_from_hf(hf_models("qwen3_moe"))
+def test_gather_executor_matches_dense():
+    model, experts = build_tiny("qwen3_moe")
     seq = torch.arange(2, 12)
     a = model(seq, torch.arange(10), model.new_kv_cache(16), DenseExecutor(experts))
     b = model(seq, torch.arange(10), model.new_kv_cache(16), GatherExecutor(experts, "cpu", torch.float32))
@@ -42,12 +51,12 @@ def test_gather_executor_matches_dense(hf_models):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral_swa", "olmoe"])
+@needs_cuda
+@pytest.mark.parametrize("name", ARCHS)
 @torch.no_grad()
-def test_decode_step_cuda_graph(hf_models, name):
+def test_decode_step_cuda_graph(name):
     dev = torch.device("cuda")
-    model, experts = ours_from_hf(hf_models(name))
+    model, experts = build_tiny(name)
     model = model.to(dev)
     ex = GatherExecutor(experts, dev, torch.float32)
     prompt, steps, max_seq = 10, 12, 32
@@ -72,3 +81,35 @@ def test_decode_step_cuda_graph(hf_models, name):
         ref = model(nxt.view(1), torch.tensor([p], device=dev), kv_eager, ex)
         torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
         nxt = ref[-1].argmax()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ARCHS)
+@torch.no_grad()
+def test_compiled_step_in_one_cuda_graph(name):
+    """GraphDecodeStep over the compiled stages: compiles before the warm-up, captures, replays; logits as
+    the eager (ungraphed, uncompiled) step's, fed the same tokens."""
+    torch._dynamo.reset()
+    dev = torch.device("cuda")
+    model, experts = build_tiny(name)
+    model = model.to(dev)
+    ex = GatherExecutor(experts, dev, torch.float32)
+    prompt = torch.arange(1, PROMPT + 1, device=dev)
+    kv_ref, kv = model.new_kv_cache(32), model.new_kv_cache(32)
+    for cache in (kv_ref, kv):
+        model(prompt, torch.arange(PROMPT, device=dev), cache, ex, kv_len=PROMPT)
+    eager = EagerDecodeStep(model, kv_ref, ex, dev)
+    toks, ref = [7], []
+    for p in range(PROMPT, PROMPT + DECODE):
+        ref.append(eager(toks[-1], p).clone())
+        toks.append(int(ref[-1].argmax()))
+    stages = compile_decode(model)
+    step = GraphDecodeStep(model, kv, ex, dev)
+    for i, p in enumerate(range(PROMPT, PROMPT + DECODE)):
+        torch.testing.assert_close(step(toks[i], p), ref[i], atol=1e-4, rtol=1e-4)
+    assert step.graphed and not step.failed and stages.ready
+    kinds = len({layer.is_moe for layer in model.model.layers})
+    assert dict(stages.graphs) == {"prepare": 1, "layer": kinds, "head": 1}
+    compile_decode(model, False)
+    torch._dynamo.reset()

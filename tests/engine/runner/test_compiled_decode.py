@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from hotexperts.cli import main
-from hotexperts.engine.cuda_graph import EagerDecodeStep
 from hotexperts.engine.engine import Engine
 from hotexperts.engine.generate import Generator
-from hotexperts.engine.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.engine.presets import build_in_memory
+from hotexperts.engine.runner import compile_decode, compiled_stages
+from hotexperts.engine.runner.cuda_graph import EagerDecodeStep
+from hotexperts.engine.runner.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
@@ -34,11 +35,21 @@ def _generate(lm, placement="gpu", n=10, **kw):
 def test_generator_flag_turns_the_compiled_step_on_and_off():
     lm = build_in_memory("tiny-mixtral", dtype="float32", device="cpu")
     ref = _generate(lm)
-    stages = lm.model.compile_decode(backend="aot_eager")
+    stages = compile_decode(lm.model, backend="aot_eager")
     assert _generate(lm, compile_decode=True) == ref           # True keeps the settings already chosen
-    assert lm.model.decode_stages is stages and stages.ready and stages.graphs["layer"] == 1
-    assert _generate(lm) == ref and lm.model.decode_stages is stages         # None: left as it is
-    assert _generate(lm, compile_decode=False) == ref and lm.model.decode_stages is None
+    assert compiled_stages(lm.model) is stages and stages.ready and stages.graphs["layer"] == 1
+    assert _generate(lm) == ref and compiled_stages(lm.model) is stages       # None: left as it is
+    assert _generate(lm, compile_decode=False) == ref and compiled_stages(lm.model) is None
+
+
+def test_a_new_generator_over_the_same_model_does_not_recompile():
+    """The bench builds one Generator per placement over one model: the compiled stages are the model's,
+    so Dynamo compiles them once (a fresh backend per Generator would recompile, and fail after 8)."""
+    lm = build_in_memory("tiny-qwen3-moe", dtype="float32", device="cpu")
+    stages = compile_decode(lm.model, backend="aot_eager")
+    runs = [_generate(lm, n=3, compile_decode=True) for _ in range(10)]
+    assert all(r == runs[0] for r in runs) and compiled_stages(lm.model) is stages
+    assert stages.graphs == {"prepare": 1, "layer": 1, "head": 1} and not stages.failed
 
 
 def _decode(step, ex, first: int, n: int):
@@ -57,7 +68,7 @@ def test_piecewise_with_compiled_stages_matches_eager(preset, placement):
     lm = build_in_memory(preset, dtype="float32", device="cpu")
     runs = []
     for compiled in (False, True):
-        stages = lm.model.compile_decode(compiled, backend="aot_eager")
+        stages = compile_decode(lm.model, compiled, backend="aot_eager")
         ex = build_executor(Placement.parse(placement), lm.store, lm.cfg, "cpu")
         kv = lm.model.new_kv_cache(32)
         with torch.no_grad():
@@ -81,7 +92,7 @@ def test_piecewise_falls_back_to_plain_stages_when_compiling_fails():
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
 
-    stages = lm.model.compile_decode(backend=broken)
+    stages = compile_decode(lm.model, backend=broken)
     ex = build_executor(Placement.parse("hot:4"), lm.store, lm.cfg, "cpu")
     step = PiecewiseDecodeStep(lm.model, lm.model.new_kv_cache(32), ex, "cpu", capture=EagerCapture)
     with warnings.catch_warnings(record=True) as caught:
@@ -93,13 +104,13 @@ def test_piecewise_falls_back_to_plain_stages_when_compiling_fails():
 
 def test_engine_flag_and_stats():
     eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu", compile_decode=True)
-    assert eng.model.decode_stages is not None
+    assert compiled_stages(eng.model) is not None
     assert eng.stats()["compiled_decode"]["graphs"] == {}                 # lazy: nothing compiled yet
-    stages = eng.model.compile_decode(backend="aot_eager")                # fast stand-in for Inductor
+    stages = compile_decode(eng.model, backend="aot_eager")               # fast stand-in for Inductor
     assert eng.warm_up() > 0 and stages.ready and stages.graphs["layer"] == 1
     assert eng.stats()["total"]["gen_tokens"] == 0 and eng.stats()["total"]["requests"] == 0
     off = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu")
-    assert off.model.decode_stages is None and off.stats()["compiled_decode"] is None
+    assert compiled_stages(off.model) is None and off.stats()["compiled_decode"] is None
 
 
 @pytest.mark.slow

@@ -1,18 +1,18 @@
 """The T=1 decode step in stages, optionally through torch.compile (Inductor), one graph for many layers.
 
-    model.compile_decode()                         # opt in (lazy: compiles on the first T=1 no-grad forward)
-    logits = model(tok[1], pos[1], kv, executor)   # T=1, kv_len None, no grad: DecodeStages.run
-    model.decode_stages.stats()                    # graphs compiled per stage, Inductor seconds, ...
+    stages = DecodeStages(compile=True)              # or engine/runner/compiled.compile_decode(model)
+    logits = stages.run(model, tok[1], pos[1], kv, executor)   # None: compiling failed (warned)
+    stages.stats()                                   # graphs compiled per stage, Inductor seconds, ...
 
 A decode step is prepare -> per layer: the layer stage, then (MoE layers) the executor -> head. x is the
 residual stream and y what the previous layer adds to it; y is added at the start of the next stage, so the
 residual add after the executor runs inside a compiled graph instead of as one more launch:
 
     prepare(model, tok, pos, kv)                 -> x = embed(tok), y = 0, rope (cos, signed sin), decode bias
-    layer(layer, x, y, rope, pos, kc, vc, bias)  -> x + y, input norm, q/k/v, q/k norm, RoPE, K/V write,
-                                                    grouped attention, o_proj, residual, post norm, router,
-                                                    shared expert: (h, xn, ids, w) MoE | (h, mlp(xn), None,
-                                                    None) dense
+    layer(layer, x, y, rope, pos, kc, vc, bias)  -> layer.pre_experts(x + y, ...): input norm, q/k/v, q/k
+                                                    norm, RoPE, K/V write, grouped attention, o_proj,
+                                                    residual, post norm, router, shared expert:
+                                                    (h, xn, ids, w) MoE | (h, mlp(xn), None, None) dense
     y = executor(l, xn, ids, w)                  eager, outside every compiled graph (any executor: a hybrid
                                                  one may read pinned host memory or sync with the host)
     head(model, x, y)                            -> lm_head(norm(x + y)) [1, V] float32
@@ -21,7 +21,7 @@ The layer stage is handed its own cache views kc, vc, never its index, so Dynamo
 structure and shapes in every layer; parameters are graph inputs (inline_inbuilt_nn_modules, the default
 since torch 2.5), not guarded by identity. All MoE layers share one graph, dense layers (qwen3 mlp_only,
 qwen2 decoder_sparse_step) a second. Stages compile with fullgraph=True, dynamic=False and without Inductor's
-own CUDA graphs: the engine captures the whole step itself (engine/cuda_graph.py, engine/piecewise.py), and
+own CUDA graphs: the runner captures the whole step itself (runner/cuda_graph.py, runner/piecewise.py), and
 a compile that starts during a capture raises (the steps compile in a warm-up pass first). Inductor writes
 the new K/V entry in place (the cache is a mutated graph input, not copied). A new KV cache length or dtype
 compiles again (the shapes are static); Dynamo's recompile limit (8 per stage function, per process) then
@@ -49,8 +49,8 @@ def prepare_stage(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv):
 
 
 def layer_stage(layer, x, y, rope, input_pos, kc, vc, bias):
-    """x + y -> DecoderLayer.split_kv: (h, xn, ids, w) for MoE layers, (h, mlp(xn), None, None) dense."""
-    return layer.split_kv(x + y, rope, input_pos, kc, vc, bias)
+    """x + y -> DecoderLayer.pre_experts: (h, xn, ids, w) for MoE layers, (h, mlp(xn), None, None) dense."""
+    return layer.pre_experts(x + y, rope, input_pos, kc, vc, bias)
 
 
 def head_stage(model, x, y):
@@ -116,13 +116,14 @@ class DecodeStages:
         return compile_stage
 
     # ---- running ----------------------------------------------------------------------------------------
-    def applies(self, tokens: torch.Tensor, kv_len: int | None) -> bool:
-        """A T=1 decode over the whole static cache, without autograd (prefill and T > 1 stay eager)."""
-        return (not self.failed and tokens.shape[0] == 1 and kv_len is None and not torch.is_grad_enabled()
+    def applies(self, tokens: torch.Tensor) -> bool:
+        """A T=1 decode step without autograd (T > 1 and a forward with autograd on stay eager)."""
+        return (not self.failed and tokens.shape[0] == 1 and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling())
 
     def forward(self, model, tokens, input_pos, kv, executor) -> torch.Tensor:
-        """tokens, input_pos [1] -> logits [1, V] float32 (the same as MoETransformer.forward)."""
+        """tokens, input_pos [1] -> logits [1, V] float32 (the same as MoETransformer.forward over the whole
+        static cache)."""
         x, y, rope, bias = self.prepare(model, tokens, input_pos, kv)
         for layer in model.model.layers:
             h, a, ids, w = self.layer(layer, x, y, rope, input_pos, *kv.layer(layer.layer), bias)
@@ -131,7 +132,7 @@ class DecodeStages:
 
     def run(self, model, tokens, input_pos, kv, executor) -> torch.Tensor | None:
         """forward; the first compiled step is timed, and if compiling fails (not during a capture) this
-        warns, turns the stages off and returns None: the caller then runs its eager forward."""
+        warns, turns the stages off and returns None: the caller then runs the model's own forward."""
         if self.ready:
             return self.forward(model, tokens, input_pos, kv, executor)
         t0 = time.perf_counter()

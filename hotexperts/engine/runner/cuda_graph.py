@@ -1,11 +1,12 @@
 """The T=1 decode step as a function of (token, position) -> logits [V], eager or replayed from a CUDA graph.
 
-`make_decode_step(model, kv, executor, device)` returns a `DecodeStep`:
-  - on CUDA, when the executor declares itself capturable (`executor.graph_safe is True`: no host syncs,
-    no data-dependent shapes, no host-side effects inside `__call__`), a `GraphDecodeStep` that captures the
-    model's T=1 forward once (gpt-fast style: static token / position buffers on the device, a static
-    logits output) and replays it for every later token;
-  - otherwise an `EagerDecodeStep` that simply calls the model.
+runner.make_decode_step(model, kv, executor, device) picks one (engine/runner/__init__.py):
+  - `GraphDecodeStep` on CUDA, when the executor declares itself capturable (`executor.graph_safe is True`:
+    no host syncs, no data-dependent shapes, no host-side effects inside `__call__`): captures the T=1
+    forward once (gpt-fast style: static token / position buffers on the device, a static logits output)
+    and replays it for every later token;
+  - `EagerDecodeStep`: one decode_forward (runner/compiled.py: the compiled stages if the model has them,
+    else the model's own forward) per call.
 While `executor.on_route` is set (routing trace recording), steps run eagerly: a replay runs no Python.
 Both return logits [V] in the model's dtype on the model's device; neither calls `executor.end_step()`
 (the Generator does, after every step); both call the executor's optional `before_step()` right before
@@ -13,8 +14,8 @@ launching a step (the hybrid executor then does the previous step's bookkeeping 
 Capture is lazy (first call) and happens with the real token and
 position, so warm-up passes only rewrite the same K/V entries the real step writes. The first warm-up runs
 with torch's sync debug mode "error": an executor that claims graph_safe but synchronises with the host is
-caught there (warning, eager from then on) instead of invalidating a capture. With the model's compiled
-decode on (`model.compile_decode()`, models/compiled.py), one more forward before that warm-up compiles it
+caught there (warning, eager from then on) instead of invalidating a capture. With a compiled decode on
+(runner.compile_decode(model), runner/compiled.py), one more forward before that warm-up compiles it
 (Dynamo + Inductor + Triton autotuning, which synchronise), on the current stream: a capture only ever
 records compiled kernels that have already run.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from hotexperts.engine.runner.compiled import compiled_stages, decode_forward
 
 
 class EagerDecodeStep:
@@ -37,7 +40,7 @@ class EagerDecodeStep:
         ipos = torch.tensor([pos], dtype=torch.long, device=self.device)                 # [1]
         before_step(self.executor)
         with torch.no_grad():
-            return self.model(tok, ipos, self.kv, self.executor)[-1]                     # [V]
+            return decode_forward(self.model, tok, ipos, self.kv, self.executor)[-1]     # [V]
 
 
 class GraphDecodeStep(EagerDecodeStep):
@@ -72,7 +75,7 @@ class GraphDecodeStep(EagerDecodeStep):
         return self.static_logits[-1]
 
     def _forward_static(self) -> torch.Tensor:
-        return self.model(self.static_tok, self.static_pos, self.kv, self.executor)
+        return decode_forward(self.model, self.static_tok, self.static_pos, self.kv, self.executor)
 
     def _warmup(self) -> None:
         """Warm-up forwards on a side stream; the first with torch's sync debug mode set to "error", so a
@@ -91,7 +94,7 @@ class GraphDecodeStep(EagerDecodeStep):
 
     def _compile(self) -> None:
         """The compiled decode's first forward (if any), outside the sync-debug warm-up and the capture."""
-        stages = getattr(self.model, "decode_stages", None)
+        stages = compiled_stages(self.model)
         if stages is not None:
             stages.warm(self._forward_static)
 
@@ -117,18 +120,3 @@ def before_step(executor) -> None:
     hook = getattr(executor, "before_step", None)
     if hook is not None:
         hook()
-
-
-def make_decode_step(model, kv, executor, device: torch.device | str, *, use_graph: bool = True,
-                     piecewise: bool = False):
-    """GraphDecodeStep on CUDA with a graph-safe executor (and use_graph); else, with `piecewise`, a
-    PiecewiseDecodeStep (graphs around the executor's per-layer host work); else EagerDecodeStep."""
-    device = torch.device(device)
-    capturable = use_graph and device.type == "cuda" and getattr(executor, "graph_safe", False) is True
-    if capturable:
-        return GraphDecodeStep(model, kv, executor, device)
-    if use_graph and piecewise and device.type == "cuda":
-        from hotexperts.engine.piecewise import PiecewiseDecodeStep
-
-        return PiecewiseDecodeStep(model, kv, executor, device)
-    return EagerDecodeStep(model, kv, executor, device)

@@ -4,9 +4,9 @@ per-layer host work give the same tokens and logits as the eager step, for hybri
 import pytest
 import torch
 
-from hotexperts.engine.cuda_graph import EagerDecodeStep
-from hotexperts.engine.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.engine.presets import build_in_memory
+from hotexperts.engine.runner.cuda_graph import EagerDecodeStep
+from hotexperts.engine.runner.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
 
