@@ -11,6 +11,7 @@ Contract:
         ids' / weights' are the trace's rows for the next T token positions (K' = the trace's top-k); the
         cursor advances by T after each forward (end_step). Past the trace's end the cursor wraps around
         (`wraps` counts it, and the report says so). Missing cells (-1) contribute nothing.
+Every other ExpertExecutor hook goes to the inner executor, as do its `plan`, `slots` and `cache_stats`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hotexperts.executor import ExpertExecutor
 
-class RoutingReplay:
+
+class RoutingReplay(ExpertExecutor):
     def __init__(self, inner, trace, moe_layers: list[int] | tuple[int, ...], device: torch.device | str):
         ids = np.asarray(trace.ids)                      # [N, Lm, K] int16, -1 = missing
         if ids.shape[1] != len(moe_layers):
@@ -47,11 +50,11 @@ class RoutingReplay:
     @property
     def graph_safe(self) -> bool:
         """Rows are gathered at a device-side cursor, so a graph-safe inner executor stays graph-safe."""
-        return bool(getattr(self.inner, "graph_safe", False))
+        return bool(self.inner.graph_safe)
 
     @property
     def on_route(self):
-        return getattr(self.inner, "on_route", None)
+        return self.inner.on_route
 
     @on_route.setter
     def on_route(self, fn) -> None:
@@ -92,6 +95,39 @@ class RoutingReplay:
         self.pos.fill_(self.cursor)
         self._step_rows = None
 
-    def __getattr__(self, name):
-        # stats(), slots, ... of the inner executor stay reachable through the wrapper
-        return getattr(self.inner, name)
+    # ---- the inner executor's hooks and reports ------------------------------------------------------
+    def before_step(self) -> None:
+        self.inner.before_step()
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def check_errors(self) -> None:
+        self.inner.check_errors()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def stats(self) -> dict | None:
+        return self.inner.stats()
+
+    def export_profile(self, path: str) -> str:
+        return self.inner.export_profile(path)
+
+    def wait_for_fills(self) -> None:
+        self.inner.wait_for_fills()
+
+    def set_gpu_timing(self, on: bool) -> None:
+        self.inner.set_gpu_timing(on)
+
+    @property
+    def cache_stats(self):
+        return self.inner.cache_stats
+
+    @property
+    def plan(self):
+        return self.inner.plan
+
+    @property
+    def slots(self):
+        return self.inner.slots

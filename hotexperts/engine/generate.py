@@ -128,15 +128,12 @@ class Generator:
         self.last, self.finish_reason = Timings(requests=1), None
         try:
             yield from self._loop(prompt_ids, params, stops)
-            flush = getattr(self.executor, "flush", None)
-            if flush is not None:
-                flush()                      # the last step's deferred bookkeeping (and its errors) now
+            self.executor.flush()            # the last step's deferred bookkeeping (and its errors) now
         finally:
             self.total.add(self.last)
 
     def _loop(self, prompt_ids: list[int], params: SamplingParams, stops: frozenset[int]) -> Iterator[int]:
         gen = make_generator(params, self.device)
-        check = getattr(self.executor, "check_errors", None)
         t0 = time.perf_counter()
         token = sample(self.prefill(prompt_ids).float(), params, gen)
         self.last.prompt_tokens, self.last.prompt_seconds = len(prompt_ids), time.perf_counter() - t0
@@ -152,8 +149,7 @@ class Generator:
                 return
             t0 = time.perf_counter()
             token = sample(self.decode_one(token, pos).float(), params, gen)
-            if check is not None:
-                check()                      # a failed CPU expert step raises before its token is used
+            self.executor.check_errors()     # a failed CPU expert step raises before its token is used
             self.last.decode_seconds += time.perf_counter() - t0
             self.last.decode_steps += 1
             self.last.gen_tokens += 1

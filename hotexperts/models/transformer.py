@@ -13,7 +13,7 @@ such as one q/k/v matmul (models/transforms.py) are applied from outside.
 Parameter names are Hugging Face's dense names (`model.layers.{i}.self_attn.q_proj.weight`, ...); the MoE
 block is the architecture's `moe_block` (`mlp`; Mixtral: `block_sparse_moe`) holding the router `gate`
 and, for qwen2_moe, `shared_expert` and `shared_expert_gate`. Routed experts are not parameters here: the
-MoE block hands `executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (models/executor_protocol.py).
+MoE block hands `executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (hotexperts/executor.py).
 Layers whose index is not in cfg.moe_layers get a dense SwiGLU `mlp` of cfg.intermediate_size.
 """
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotexperts.config import ModelConfig
+from hotexperts.executor import ExpertExecutor
 from hotexperts.models import get_arch
-from hotexperts.models.executor_protocol import ExpertExecutor
 from hotexperts.models.layers import (
     SMALL_T,
     Attention,

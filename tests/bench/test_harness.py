@@ -13,6 +13,7 @@ from hotexperts.bench.replay import RoutingReplay
 from hotexperts.bench.workload import parse_tests, routing_source
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
+from hotexperts.executor import ExpertExecutor
 from hotexperts.trace.format import RoutingTrace
 
 
@@ -24,9 +25,9 @@ def test_parse_tests():
             parse_tests(bad)
 
 
-class Recorder:
+class Recorder(ExpertExecutor):
     def __init__(self):
-        self.calls, self.steps, self.on_route = [], 0, None
+        self.calls, self.steps = [], 0
 
     def __call__(self, layer, x, ids, weights):
         self.calls.append((layer, ids.clone(), weights.clone()))

@@ -31,7 +31,7 @@ def make_decode_step(model, kv, executor, device: torch.device | str, *, use_gra
     """GraphDecodeStep on CUDA with a graph-safe executor (and use_graph); else, with `piecewise`, a
     PiecewiseDecodeStep (graphs around the executor's per-layer host work); else EagerDecodeStep."""
     device = torch.device(device)
-    capturable = use_graph and device.type == "cuda" and getattr(executor, "graph_safe", False) is True
+    capturable = use_graph and device.type == "cuda" and executor.graph_safe is True
     if capturable:
         return GraphDecodeStep(model, kv, executor, device)
     if use_graph and piecewise and device.type == "cuda":

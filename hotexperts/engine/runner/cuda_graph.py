@@ -61,7 +61,7 @@ class GraphDecodeStep(EagerDecodeStep):
         return self.graph is not None
 
     def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
-        if self.failed or getattr(self.executor, "on_route", None) is not None:   # a replay skips Python
+        if self.failed or self.executor.on_route is not None:   # a replay skips Python
             return super().__call__(token, pos)
         if isinstance(token, torch.Tensor):
             self.static_tok.copy_(token.reshape(1))
@@ -116,7 +116,5 @@ class GraphDecodeStep(EagerDecodeStep):
 
 
 def before_step(executor) -> None:
-    """The executor's optional `before_step()` hook, right before a decode forward is launched."""
-    hook = getattr(executor, "before_step", None)
-    if hook is not None:
-        hook()
+    """The executor's `before_step()` hook, right before a decode forward is launched."""
+    executor.before_step()

@@ -153,7 +153,7 @@ class PiecewiseDecodeStep:
 
     def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
         with torch.no_grad():
-            if self.failed or getattr(self.executor, "on_route", None) is not None:
+            if self.failed or self.executor.on_route is not None:
                 return self._eager(token, pos)
             if isinstance(token, torch.Tensor):
                 self.tok.copy_(token.reshape(1))

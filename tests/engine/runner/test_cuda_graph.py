@@ -14,6 +14,7 @@ from tiny_models import build_tiny, one_thread  # noqa: F401  (one_thread: autou
 
 from hotexperts.engine.runner import compile_decode
 from hotexperts.engine.runner.cuda_graph import EagerDecodeStep, GraphDecodeStep
+from hotexperts.executor import ExpertExecutor
 from hotexperts.experts.reference import DenseExecutor
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -21,7 +22,7 @@ ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral_swa", "olmoe"]
 PROMPT, DECODE = 5, 6
 
 
-class GatherExecutor:
+class GatherExecutor(ExpertExecutor):
     """y = sum_k w * expert(x) via gathered expert weights: no host syncs, fixed shapes."""
 
     graph_safe = True
@@ -29,16 +30,12 @@ class GatherExecutor:
     def __init__(self, experts, device, dtype):
         self.w13 = {i: le.w13.to(device, dtype) for i, le in experts.items()}   # [E, 2I, D]
         self.w2 = {i: le.w2.to(device, dtype) for i, le in experts.items()}     # [E, D, I]
-        self.on_route = None
 
     def __call__(self, layer, x, ids, weights):
         h = torch.einsum("tkod,td->tko", self.w13[layer][ids], x)              # [T, K, 2I]
         gate, up = h.chunk(2, dim=-1)
         out = torch.einsum("tkdi,tki->tkd", self.w2[layer][ids], F.silu(gate) * up)   # [T, K, D]
         return (out * weights[..., None]).sum(1)
-
-    def end_step(self):
-        pass
 
 
 @torch.no_grad()
