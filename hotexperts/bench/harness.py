@@ -29,12 +29,11 @@ import torch
 from hotexperts.bench.replay import RoutingReplay
 from hotexperts.bench.workload import BenchTest, RoutingSource
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
-from hotexperts.engine.engine import Engine, dense_bytes, kv_bytes
+from hotexperts.engine.engine import Engine, vram_reserved
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.budget import GiB
 from hotexperts.experts.placement import Placement
 
-WORKSPACE_BYTES = 512 * 2**20       # activations, logits, staging slack counted against the budget
 NAMED = ("gpu", "cpu-moe", "n-cpu-moe", "hot", "cache")
 
 
@@ -45,6 +44,7 @@ class PlacementResult:
     budget_gib: float | None
     plan: str | None = None                        # the solved plan (PlacementPlan.text())
     vram_plan_gib: dict | None = None              # its VRAM breakdown (reserved, staging, slots)
+    window: list | None = None                     # [start, end] unix s: per-placement nvidia-smi peaks
     tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
     peak_vram_gib: float | None = None
     hit_rate: float | None = None
@@ -93,7 +93,7 @@ class Bench:
         """The placement's engine over the shared model; replayed routing wraps its executor."""
         engine = Engine.from_loaded(self.lm, self.device, placement, max_context=self.max_context,
                                     piecewise_graph=self.piecewise, compile_decode=self.compile_decode,
-                                    kernel_options=self.options, workspace_bytes=WORKSPACE_BYTES,
+                                    kernel_options=self.options,
                                     wrap_executor=self._replay)
         if isinstance(engine.executor, RoutingReplay):
             engine.executor.seek(0)  # every placement replays the same routing, forward through the tests
@@ -179,6 +179,7 @@ def summarize(runs: list[float]) -> dict:
 def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
             tests: list[BenchTest], repeats: int, progress=None) -> PlacementResult:
     res = PlacementResult(label, placement.describe(), None if budget is None else budget / GiB)
+    start = time.time()
     gc.collect()                    # the previous placement's slot pools sit in reference cycles
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -211,6 +212,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
         if engine is not None:
             engine.close()          # stop the placement's CPU worker thread now, not at collection
         engine = None
+        res.window = [round(start, 2), round(time.time(), 2)]
     return res
 
 
@@ -275,7 +277,7 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
               compile_decode: bool = False, options: KernelOptions = DEFAULT_KERNELS) -> dict:
     max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1) + 8
     dtype = next(lm.model.parameters()).dtype
-    reserved = dense_bytes(lm.model) + kv_bytes(lm.cfg, max_context, dtype) + WORKSPACE_BYTES
+    reserved = sum(vram_reserved(lm, max_context, dtype, device).values())
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
                   options=options)
     results = []

@@ -63,7 +63,20 @@ def table(report: dict) -> str:
     fmt = report.get("expert_format") or report["expert_quant"]        # older reports: the --expert-quant
     meta = (f"device: {report['device']} | routing: {report['routing']}{extra} | expert format: "
             f"{fmt} | tok/s median [min-max] of {report['repeats']} runs")
-    return meta + "\n\n" + "\n".join(lines)
+    return meta + "\n\n" + "\n".join(lines) + _plans(report["results"])
+
+
+def _plans(results: list[dict]) -> str:
+    """Each placement's solved plan and where its VRAM budget goes (GiB), under the table."""
+    out = []
+    for r in results:
+        if r.get("plan") is None:
+            continue
+        vram = r.get("vram_plan_gib") or {}
+        parts = " + ".join(f"{k} {v:.2f}" for k, v in vram.items() if k != "total")
+        where = f"; VRAM {vram['total']:.2f} = {parts}" if vram else ""
+        out.append(f"- {r['label']}: {r['plan']}{where}")
+    return "\n\nplans (experts/solve.py):\n" + "\n".join(out) if out else ""
 
 
 def save_json(report: dict, path: str | Path) -> Path:

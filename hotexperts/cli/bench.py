@@ -18,11 +18,13 @@ from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
 from hotexperts.bench.harness import __doc__ as HARNESS_DOC
 from hotexperts.bench.workload import parse_tests, routing_source
 from hotexperts.cli.flags import add_compile_argument, add_kernel_arguments, kernel_options_from_args
-from hotexperts.engine.engine import PRESET_PREFIX, load_source, resolve_device, resolve_dtype
+from hotexperts.engine.engine import DENSE_QUANT, PRESET_PREFIX, load_source, resolve_device, resolve_dtype
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
+from hotexperts.experts.budget import GiB, parse_bytes
 from hotexperts.experts.build import quantized_store
 from hotexperts.experts.placement import QUANT
+from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.trace.profiles import get_profile
 
 
@@ -33,8 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (default on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--placements", default=",".join(NAMED), help=f"comma list (default {','.join(NAMED)})")
-    p.add_argument("--vram-budget", default=None, metavar="GiB[,GiB...]",
-                   help="budgets to compare at (e.g. 16,24); default: unlimited")
+    p.add_argument("--vram-budget", default=None, metavar="SIZE[,SIZE...]",
+                   help="the process's whole GPU memory (CUDA context included) to compare at: GiB "
+                        "(16,24) or with a unit (5015MiB); default: unlimited")
     p.add_argument("--tests", default="pp512,tg128",
                    help="ppN, tgN, tgN@dD (e.g. pp512,pp4096,tg128,tg128@d4096)")
     p.add_argument("--repeats", type=int, default=3)
@@ -45,6 +48,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--route-tokens", type=int, default=None,
                    help="synthetic routing length (default: what one placement consumes: it never wraps)")
     p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"))
+    p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
+                   help="dense projections: auto (a GGUF's own quantized form), q8 (int8 per 32), none")
     p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plots", default=None, metavar="DIR")
@@ -63,8 +68,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tests = parse_tests(args.tests)
-    budgets = [None] if not args.vram_budget else [float(b) for b in str(args.vram_budget).split(",")]
-    lm = load_quantized(args.model, dtype, device, args.seed, args.expert_quant)
+    sizes = str(args.vram_budget).split(",") if args.vram_budget else []
+    budgets = [parse_bytes(b) / GiB for b in sizes] or [None]
+    lm = load_quantized(args.model, dtype, device, args.seed, args.expert_quant, args.dense_quant)
     kind, arg = ("trace", args.route_trace) if args.route_trace else (
         ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
     needed = tokens_needed(tests, args.repeats)
@@ -91,13 +97,18 @@ def run(args) -> int:
     return 0
 
 
-def load_quantized(source: str, dtype, device, seed: int, quant: str):
+def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quant: str = "auto"):
     """The model with its experts in the bench's format, quantized once (a preset is built that way
-    directly: no bf16 copy of a 30B model's experts in RAM), not once per placement."""
+    directly: no bf16 copy of a 30B model's experts in RAM), not once per placement. The token embedding
+    lives in host memory on CUDA; dense_quant as Engine.load's."""
+    host = device.type == "cuda"
     if QUANT.get(quant) and source.startswith(PRESET_PREFIX):
-        return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
-                               expert_dtype=QUANT[quant])
-    lm = load_source(source, dtype, device, seed)
+        lm = build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
+                             expert_dtype=QUANT[quant], host_embedding=host)
+        if dense_quant == "q8":
+            quantize_dense_weights(lm.model)
+        return lm
+    lm = load_source(source, dtype, device, seed, host, dense_quant)
     lm.store = quantized_store(lm.store, quant)
     return lm
 

@@ -20,7 +20,7 @@ import argparse
 from dataclasses import replace
 
 from hotexperts.config import GPU_MOE_BACKENDS, STAGE_COPY_MODES, KernelOptions
-from hotexperts.engine.engine import Engine
+from hotexperts.engine.engine import DENSE_QUANT, Engine
 from hotexperts.engine.load import DTYPES
 from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import parse_bytes, parse_cache
@@ -36,6 +36,12 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=int, default=None,
                    help="KV cache length (default: <= 4096)")
+    p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
+                   help="dense projections: auto keeps a GGUF's quantized ones (Q8_0 & co., exact) and float "
+                        "ones as they are; q8 quantizes float ones to int8 per 32 (Q8_0 layout, not exact); "
+                        "none dequantizes all to --dtype")
+    p.add_argument("--embedding-on-gpu", action="store_true",
+                   help="keep the token embedding in VRAM (default on CUDA: in host memory, rows per step)")
     p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
     p.add_argument("--piecewise-graph", action="store_true",
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
@@ -187,4 +193,5 @@ def load_engine(args: argparse.Namespace, **kw) -> Engine:
     return Engine.load(args.model, dtype=args.dtype, device=args.device, placement=placement_from_args(args),
                        max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
                        piecewise_graph=args.piecewise_graph, compile_decode=args.compile,
-                       kernel_options=kernel_options_from_args(args), **kw)
+                       kernel_options=kernel_options_from_args(args), dense_quant=args.dense_quant,
+                       host_embedding=False if args.embedding_on_gpu else None, **kw)

@@ -36,6 +36,9 @@ from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
+from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
+from hotexperts.models.qlinear import quantize_dense_weights
+from hotexperts.weights import QuantizedWeight
 
 PRESET_PREFIX = "preset:"
 DEFAULT_MAX_CONTEXT = 4096
@@ -51,20 +54,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A LoadedModel (cfg, model, store, tokenizer, generation_config) from a directory or 'preset:NAME'."""
+DENSE_QUANT = ("auto", "q8", "none")
+
+
+def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                host_embedding: bool | None = None, dense_quant: str = "auto"):
+    """A LoadedModel (cfg, model, store, tokenizer, generation_config) from a directory, a .gguf or
+    'preset:NAME'. host_embedding (None: on CUDA): the token embedding in host memory (untied models).
+    dense_quant: "auto" keeps a GGUF's quantized projections (Q8_0 & co., exact) and float ones as they are;
+    "q8" also quantizes float projections to int8 per 32 (Q8_0's layout; not exact); "none" dequantizes."""
+    if dense_quant not in DENSE_QUANT:
+        raise HotExpertsError(f"--dense-quant must be one of {', '.join(DENSE_QUANT)}, got {dense_quant!r}")
+    host = device.type == "cuda" if host_embedding is None else host_embedding
     if source.startswith(PRESET_PREFIX):
-        return build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed)
-    if source.endswith(".gguf"):
-        return load_gguf(source, dtype=dtype, device=device)
-    return load_model(source, dtype=dtype, device=device)
+        lm = build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
+                             host_embedding=host)
+    elif source.endswith(".gguf"):
+        lm = load_gguf(source, dtype=dtype, device=device, host_embedding=host,
+                       dense_quant="dequantize" if dense_quant == "none" else "keep")
+    else:
+        lm = load_model(source, dtype=dtype, device=device, host_embedding=host)
+    if dense_quant == "q8":
+        quantize_dense_weights(lm.model)
+    return lm
 
 
-def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved_bytes: int,
+def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved: dict,
                      kernel_options: KernelOptions | None = None):
-    """build_executor(placement or Placement(), ...) with the kernel options (default: KernelOptions())."""
+    """build_executor(placement or Placement(), ...) with the kernel options (default: KernelOptions()) and
+    the VRAM already spoken for (vram_reserved)."""
     return build_executor(placement if placement is not None else Placement(), store, cfg, device,
-                          reserved_bytes=reserved_bytes, dtype=dtype,
+                          reserved_bytes=sum(reserved.values()), reserved_parts=reserved, dtype=dtype,
                           options=kernel_options if kernel_options is not None else DEFAULT_KERNELS)
 
 
@@ -92,11 +112,13 @@ class Engine:
              device: str | torch.device | None = None, placement=None, *, max_context: int | None = None,
              seed: int = 0, use_cuda_graph: bool = True, executor=None,
              piecewise_graph: bool = False, compile_decode: bool = False,
-             kernel_options: KernelOptions | None = None) -> Engine:
+             kernel_options: KernelOptions | None = None, dense_quant: str = "auto",
+             host_embedding: bool | None = None) -> Engine:
         """Load a model dir, .gguf or 'preset:NAME' and build its executor (`executor` overrides placement).
-        compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py)."""
+        compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py);
+        dense_quant, host_embedding: load_source's."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
-        loaded = load_source(str(source), dt, dev, seed)
+        loaded = load_source(str(source), dt, dev, seed, host_embedding, dense_quant)
         return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
                                executor=executor, piecewise_graph=piecewise_graph,
                                compile_decode=compile_decode, kernel_options=kernel_options)
@@ -105,17 +127,16 @@ class Engine:
     def from_loaded(cls, loaded, device: torch.device, placement=None, *, max_context: int | None = None,
                     use_cuda_graph: bool = True, executor=None, piecewise_graph: bool = False,
                     compile_decode: bool = False, kernel_options: KernelOptions | None = None,
-                    workspace_bytes: int = 0, wrap_executor=None) -> Engine:
+                    wrap_executor=None) -> Engine:
         """An engine over an already loaded model (the bench builds one per placement over one model).
-        workspace_bytes: VRAM the budget keeps for activations beside dense weights and the KV cache;
         wrap_executor: executor -> executor applied to the built one (the bench's routing replay)."""
         cfg, dt = loaded.cfg, next(loaded.model.parameters()).dtype
         ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if ctx < 1 or ctx > cfg.max_position_embeddings:
             raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
         if executor is None:
-            reserved = dense_bytes(loaded.model) + kv_bytes(cfg, ctx, dt) + workspace_bytes
-            executor = default_executor(placement, loaded.store, cfg, device, dt, reserved, kernel_options)
+            parts = vram_reserved(loaded, ctx, dt, device)
+            executor = default_executor(placement, loaded.store, cfg, device, dt, parts, kernel_options)
             if wrap_executor is not None:
                 executor = wrap_executor(executor)
         return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
@@ -183,3 +204,33 @@ def dense_bytes(model: torch.nn.Module) -> int:
 
 def kv_bytes(cfg, max_context: int, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * max_context * cfg.head_dim * dtype.itemsize
+
+
+ALLOCATOR_SLACK = 128 * 2**20       # the caching allocator's rounding and fragmentation beyond live tensors
+
+
+def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes.
+    context (CUDA only) = the device's used memory that torch's allocator does not hold (on a card shared
+    with other programs their memory counts too, so the engine stays within what is left for it)."""
+    parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype),
+             "workspace": workspace_bytes(loaded, dtype)}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"context": max(0, total - free - torch.cuda.memory_reserved(device)), **parts}
+    return parts
+
+
+def workspace_bytes(loaded, dtype: torch.dtype, chunk: int = Generator.prefill_chunk) -> int:
+    """Transient GPU memory of one prompt chunk: activations (residual, norms, q/k/v, attention output, the
+    MoE pass's per-pair buffers, router logits), last-token logits, the bf16 chunk quantized experts are
+    dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most DEQUANT_CHUNK_MAX experts) and the
+    allocator's slack."""
+    cfg, a = loaded.cfg, dtype.itemsize
+    T, D, K, I = chunk, cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size
+    act = T * D * 4 * 12 + T * K * I * a * 3 + T * K * D * 4 + T * cfg.num_experts * 4 + cfg.vocab_size * 8
+    quantized = isinstance(loaded.store.layer(loaded.store.layers[0]).w13, QuantizedWeight)
+    expert = 3 * D * I * 2
+    per_chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // expert))
+    return act + (per_chunk * expert if quantized else 0) + ALLOCATOR_SLACK
+

@@ -23,12 +23,13 @@ from hotexperts.config import ModelConfig
 from hotexperts.errors import ModelLoadError
 from hotexperts.experts.store import ExpertStore
 from hotexperts.loading.safetensors_dir import SafetensorsDir
-from hotexperts.models import get_arch
+from hotexperts.models import get_arch, transforms
 from hotexperts.models.naming import ExpertRef
 from hotexperts.models.transformer import MoETransformer
 from hotexperts.tokenizer import Tokenizer
 from hotexperts.weights import LayerExperts
 
+EMBEDDING = "model.embed_tokens.weight"
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -112,13 +113,17 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=None,
-               progress: bool = True) -> LoadedModel:
+               progress: bool = True, host_embedding: bool = False) -> LoadedModel:
+    """host_embedding: keep the token embedding in host memory (models/transforms.host_embedding) for an
+    untied model; it is read straight into host memory, never onto the device."""
     d = SafetensorsDir(path)
     arch = get_arch(d.config.get("model_type"))
     cfg = arch.config_from_hf(d.config)
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
-    dense = {k: torch.empty(v.shape, dtype=dt, device=dev) for k, v in model.state_dict().items()}
+    host = {EMBEDDING} if host_embedding and not cfg.tie_word_embeddings else set()
+    dense = {k: torch.empty(v.shape, dtype=dt, device="cpu" if k in host else dev)
+             for k, v in model.state_dict().items()}
     experts = empty_experts(cfg, dt)
     filled: set = set()
     ignored: list[str] = []
@@ -135,8 +140,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=N
         warnings.warn(f"ignored {len(ignored)} tensor(s) not used by the model, e.g. {ignored[0]!r}",
                       stacklevel=2)
     tok = _tokenizer(d)
-    return LoadedModel(cfg, materialize(model, dense, dev), ExpertStore(experts), tok, d.generation_config,
-                       d.path, d.config)
+    model = materialize(model, dense, dev)
+    if host:
+        transforms.host_embedding(model, dev)
+    return LoadedModel(cfg, model, ExpertStore(experts), tok, d.generation_config, d.path, d.config)
 
 
 def _check_complete(cfg: ModelConfig, dense: dict, filled: set) -> None:

@@ -13,7 +13,12 @@ Experts stay quantized: per MoE matrix (w13 = gate+up, w2 = down), when every la
 Q4_0/Q4_1/Q4_K they become int4g32; when they are Q8_0/Q5_0/Q5_1/Q5_K/Q6_K (possibly beside Q4 types, as in
 Q4_K_M) they become int8g32, or int8g16 if any is Q6_K (both exact, loading/gguf_quants.py); otherwise that
 matrix is dequantized to `dtype` in every layer (the slot pool holds one format per matrix across layers).
-Dense weights are dequantized to `dtype` on `device`.
+Dense weights: the projections (attention, dense and shared-expert MLPs, LM head) whose GGUF type maps
+exactly onto int8gG (Q8_0, Q5_*, Q6_K, Q4_*: loading/gguf_quants.int8_spec) stay quantized on `device`
+(models/qlinear.QuantLinear: int8 with a scale per 32 or 16 columns, 8.5-9 bits per weight, as llama.cpp keeps
+Q8_0 there) unless dense_quant="dequantize"; routers, norms and float tensors are dequantized to `dtype`.
+The token embedding stays in host memory when `host_embedding` (models/transforms.host_embedding; the
+engine's default on CUDA for untied embeddings): rows are gathered per step, as llama.cpp does.
 Tokenizer (built with `tokenizers`, checked against transformers' GGUF conversion in the tests):
     "gpt2"   byte-level BPE (tokens, merges) with the split regex named by tokenizer.ggml.pre
     "llama"  SentencePiece-style BPE with byte fallback; merges recovered from the scores
@@ -32,7 +37,14 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from hotexperts.config import ModelConfig
-from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
+from hotexperts.engine.load import (
+    EMBEDDING,
+    LoadedModel,
+    default_device,
+    empty_model,
+    materialize,
+    parse_dtype,
+)
 from hotexperts.errors import ModelLoadError
 from hotexperts.experts.store import ExpertStore
 from hotexperts.loading import gguf_quants as gq
@@ -41,6 +53,8 @@ from hotexperts.models import Architecture, get_gguf_arch
 from hotexperts.models.gguf_config import GGUFConfig
 from hotexperts.models.gguf_names import expert_tensors, gguf_rename
 from hotexperts.models.naming import ExpertRef
+from hotexperts.models.qlinear import quantizable_linears, quantize_linears
+from hotexperts.models.transforms import host_embedding as model_host_embedding
 from hotexperts.tokenizer import QWEN_PAT, Tokenizer, _bytes_to_unicode
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
@@ -48,31 +62,82 @@ SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 EXPERT_CHUNK = 16          # experts converted at a time (bounds float temporaries)
 
 
+DENSE_QUANT = ("keep", "dequantize")
+
+
 def load_gguf(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=None,
-              expert_scale_dtype: str = "float16") -> LoadedModel:
+              expert_scale_dtype: str = "float16", dense_quant: str = "keep",
+              host_embedding: bool = False) -> LoadedModel:
     if expert_scale_dtype not in SCALE_DTYPES:
         raise ModelLoadError(f"expert_scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+    if dense_quant not in DENSE_QUANT:
+        raise ModelLoadError(f"dense_quant must be one of {', '.join(DENSE_QUANT)}")
     f = GGUFFile(path)
     arch = get_gguf_arch(f.get("general.architecture"))
     d = arch.hf_from_gguf(GGUFConfig(f, arch.gguf_arch))
     cfg = arch.config_from_hf(d)
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
-    dense = load_dense(f, arch, cfg, model.state_dict(), dt, dev)
+    quant = dense_formats(f, arch, model) if dense_quant == "keep" else {}
+    for (fmt, zero), names in _by_format(quant).items():
+        quantize_linears(model, names, fmt, zero)
+    host = host_embedding and not cfg.tie_word_embeddings
+    dense = load_dense(f, arch, cfg, model.state_dict(), dt, dev, quant, {EMBEDDING} if host else set())
     experts = load_experts(f, cfg, dt, SCALE_DTYPES[expert_scale_dtype])
     tok = gguf_tokenizer(f)
     gen = {"bos_token_id": d.get("bos_token_id"), "eos_token_id": list(tok.eos_ids) if tok else None}
     gen = {k: v for k, v in gen.items() if v is not None}
-    return LoadedModel(cfg, materialize(model, dense, dev), ExpertStore(experts), tok, gen, f.path, d)
+    model = materialize(model, dense, dev)
+    if host:
+        model_host_embedding(model, dev)
+    return LoadedModel(cfg, model, ExpertStore(experts), tok, gen, f.path, d)
+
+
+def dense_formats(f: GGUFFile, arch: Architecture, model) -> dict[str, tuple[str, bool]]:
+    """{linear module name: (int8gG format, with zero)} for the quantizable projections whose GGUF type maps
+    exactly onto int8gG (models/qlinear.quantizable_linears)."""
+    names = set(quantizable_linears(model))
+    out = {}
+    for name in f.names():
+        ref = gguf_rename(name, arch.moe_block)
+        if not isinstance(ref, str) or not ref.endswith(".weight") or ref[:-7] not in names:
+            continue
+        qtype = f.info(name).qtype
+        spec = gq.int8_spec({qtype}) if qtype != gq.Q.MXFP4 else None
+        if spec is not None and f.info(name).shape[-1] % spec[0] == 0:
+            out[ref[:-7]] = (f"int8g{spec[0]}", spec[1])
+    return out
+
+
+def _by_format(quant: dict[str, tuple[str, bool]]) -> dict[tuple[str, bool], list[str]]:
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name, spec in quant.items():
+        groups.setdefault(spec, []).append(name)
+    return groups
+
+
+def _quantized(f: GGUFFile, arch: Architecture, cfg: ModelConfig, name: str, ref: str, spec, dev) -> dict:
+    """A quantized projection's tensors {ref.q, ref.scale (, ref.zero)} on dev, exact (gguf_quants.to_int8g);
+    the architecture's row fix-ups (Mixtral's Q/K permutation) applied to every part alike."""
+    info, (fmt, zero) = f.info(name), spec
+    qw = gq.to_int8g(f.raw(name), info.qtype, int(fmt[5:]), zero)
+    prefix = ref[:-len("weight")]
+    parts = {"q": qw.q, "scale": qw.scale, "zero": qw.zero}
+    return {prefix + k: arch.from_gguf(cfg, ref, t).to(dev) for k, t in parts.items() if t is not None}
 
 
 def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, dt: torch.dtype,
-               dev: torch.device) -> dict:
-    """Every non-expert tensor, dequantized to dt on dev; missing ones raise one ModelLoadError."""
-    out, ignored = {}, []
+               dev: torch.device, quant: dict | None = None, host: set[str] = frozenset()) -> dict:
+    """Every non-expert tensor on dev: the projections in `quant` ({module: (format, zero)}) quantized,
+    the rest dequantized to dt; names in `host` stay in (CPU) memory. Missing ones raise one
+    ModelLoadError."""
+    out, ignored, quant = {}, [], quant or {}
     for name in f.names():
         ref = gguf_rename(name, arch.moe_block)
         if isinstance(ref, ExpertRef):
+            continue
+        if isinstance(ref, str) and ref.endswith(".weight") and ref[:-7] in quant:
+            out.update(_quantized(f, arch, cfg, name, ref, quant[ref[:-7]], dev))
             continue
         if ref is None or ref not in shapes:
             ignored.append(name)
@@ -84,7 +149,7 @@ def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, 
             if w.numel() != shapes[ref].numel():     # ffn_gate_inp_shexp is [D] in GGUF, [1, D] for us
                 raise ModelLoadError(f"tensor {name!r} has shape {list(w.shape)}, expected {list(want)}")
             w = w.reshape(want)
-        out[ref] = w.to(device=dev, dtype=dt)
+        out[ref] = w.to(device="cpu" if ref in host else dev, dtype=dt)
     missing = [k for k in shapes if k not in out]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -29,10 +29,11 @@ from tokenizers import processors
 
 from hotexperts import tokenizer as tk
 from hotexperts.config import ModelConfig
+from hotexperts.engine.gguf_export import DENSE, write_gguf
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
-from hotexperts.models import get_arch
+from hotexperts.models import get_arch, transforms
 from hotexperts.models.architecture import TINY_VOCAB, tiny_hf_config
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
@@ -260,8 +261,9 @@ def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:
 
 
 def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
-                    expert_dtype: str | None = None) -> LoadedModel:
+                    expert_dtype: str | None = None, host_embedding: bool = False) -> LoadedModel:
     """A preset with seeded random weights: dense model on `device`, experts in a host ExpertStore.
+    host_embedding: the token embedding moved to host memory after it is drawn (untied models).
 
     expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or (quantized) "int8"/"int4"/"int4g32"/
     "int8g32"/"int8g16".
@@ -276,8 +278,14 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
     dense = random_dense(model, gen, dt, dev)
     experts = {l: _expert_layer(cfg, gen, dt, expert_dtype) for l in cfg.moe_layers}
     tok = build_tokenizer(p.tok)
-    return LoadedModel(cfg, materialize(model, dense, dev), ExpertStore(experts), tok,
-                       generation_config(hf_config, tok), None, hf_config)
+    model = materialize(model, dense, dev)
+    if host_embedding and not cfg.tie_word_embeddings:
+        transforms.host_embedding(model, dev)
+        del dense
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return LoadedModel(cfg, model, ExpertStore(experts), tok, generation_config(hf_config, tok), None,
+                       hf_config)
 
 
 # ---- writing an HF directory ----
@@ -386,6 +394,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="where random numbers are drawn (default: cuda if present)")
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: safetensors directory (default); gguf: a GGUF file (--out FILE.gguf or DIR)")
+    p.add_argument("--dense", default="q8_0", choices=DENSE,
+                   help="GGUF type of the dense weights (default q8_0: what llama.cpp users keep on the GPU)")
     p.add_argument("--quant", default="q4_k",
                    help="GGUF expert type: q4_k q4_k_m q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 mxfp4 bf16 f16 f32 "
                         "(default q4_k; q4_k_m: Q6_K down matrices in some layers, as llama.cpp's Q4_K_M)")
@@ -395,10 +405,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     get_preset(args.preset)
     if args.format == "gguf":
-        from hotexperts.engine.gguf_export import write_gguf
-
         lm = build_in_memory(args.preset, dtype=args.dtype, device=args.device, seed=args.seed)
-        paths = write_gguf(lm, args.out, args.quant)
+        paths = write_gguf(lm, args.out, args.quant, dense=args.dense)
         size = sum(Path(f).stat().st_size for f in paths) / 1024 ** 2
         print(f"wrote {args.preset} ({args.quant} experts) to {', '.join(map(str, paths))} ({size:.1f} MiB)")
         return 0

@@ -1,7 +1,8 @@
 """VRAM accounting: what the dense part, KV cache and workspace take, and how many expert slots are left.
 
-One budget covers everything the engine puts on the GPU:
-    total = reserved (dense weights + KV cache + workspace) + staging (prompt streaming) + slots * slot_bytes
+One budget covers everything the process holds on the GPU, as a user's card counts it:
+    total = reserved (CUDA context + dense weights + KV cache + workspace) + staging (prompt streaming)
+            + slots * slot_bytes
 `parse_bytes("8GiB" | "8" | "512MiB")` -> bytes (a bare number means GiB);
 `parse_cache("2000slots")` -> slots. Torch-free: the cost model and the simulator size real models with it;
 `auto_budget` (free VRAM of a device) is in experts/build.py and `solve` (the plan) in experts/solve.py.
@@ -10,7 +11,7 @@ One budget covers everything the engine puts on the GPU:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hotexperts.errors import PlacementError
 
@@ -45,9 +46,10 @@ def parse_cache(text: str) -> tuple[int | None, int | None]:
 
 @dataclass(frozen=True)
 class Budget:
-    total: int | None          # bytes the engine may use; None = unlimited
-    reserved: int              # dense weights + KV cache + workspace
+    total: int | None          # bytes the process may use on the GPU, CUDA context included (None: no limit)
+    reserved: int              # CUDA context + dense weights + KV cache + workspace
     slot_bytes: int            # one expert in the slot format (matches the store's format)
+    parts: dict = field(default_factory=dict, compare=False)   # reserved's breakdown, for reports
 
     @property
     def free_for_experts(self) -> int | None:
@@ -57,8 +59,9 @@ class Budget:
         free = self.free_for_experts
         if free is not None and free < 0:
             raise PlacementError(
-                f"the VRAM budget ({self.total / GiB:.2f} GiB) is smaller than the dense weights, KV cache "
-                f"and workspace ({self.reserved / GiB:.2f} GiB); raise --vram-budget or shorten the context")
+                f"the VRAM budget ({self.total / GiB:.2f} GiB) is smaller than the CUDA context, dense "
+                f"weights, KV cache and workspace ({self.reserved / GiB:.2f} GiB{_parts(self.parts)}); raise "
+                "--vram-budget or shorten the context")
 
     def slots_available(self, staging_bytes: int = 0) -> int | None:
         """Slots that fit after the dense part and `staging_bytes`; None when unlimited."""
@@ -72,3 +75,7 @@ class Budget:
         tot = "unlimited" if self.total is None else f"{self.total / GiB:.2f} GiB"
         return (f"VRAM budget {tot}: dense+KV+workspace {self.reserved / GiB:.2f} GiB, "
                 f"{slots} slots x {self.slot_bytes / MiB:.1f} MiB = {slots * self.slot_bytes / GiB:.2f} GiB")
+
+
+def _parts(parts: dict) -> str:
+    return (": " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items())) if parts else ""

@@ -42,10 +42,12 @@ CPU_BYTES_PER_S = 40e9
 
 
 def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: int = 0, dtype=None,
-                   event_factory=None, stats: bool = True, options: KernelOptions = DEFAULT_KERNELS):
-    """The executor for `placement` (module doc). dtype: the model's dtype (default: the store's)."""
+                   event_factory=None, stats: bool = True, options: KernelOptions = DEFAULT_KERNELS,
+                   reserved_parts: dict | None = None):
+    """The executor for `placement` (module doc). dtype: the model's dtype (default: the store's);
+    reserved_parts: reserved_bytes' breakdown (context, dense, kv, workspace), for the plan's report."""
     dev = torch.device(device)
-    plan, store = plan_placement(placement, store, dev, reserved_bytes)
+    plan, store = plan_placement(placement, store, dev, reserved_bytes, reserved_parts)
     dtype = dtype or _store_dtype(store, dev)
     if plan.dense:
         return _all_gpu(plan, store, dev, dtype, options)
@@ -56,14 +58,14 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
     return ex
 
 
-def plan_placement(placement: Placement, store, device, reserved_bytes: int = 0):
+def plan_placement(placement: Placement, store, device, reserved_bytes: int = 0, reserved_parts=None):
     """-> (the solved PlacementPlan, the store in the placement's expert format, pinned on CUDA)."""
     dev = torch.device(device)
     store = quantized_store(store, placement.expert_quant)
     if dev.type == "cuda":
         store.pin()
     total = auto_budget(dev, reserved_bytes) if placement.vram_budget == "auto" else placement.vram_budget
-    budget = Budget(total, reserved_bytes, store.expert_nbytes)
+    budget = Budget(total, reserved_bytes, store.expert_nbytes, dict(reserved_parts or {}))
     return solve(placement, model_sizes(store, placement, dev), budget), store
 
 

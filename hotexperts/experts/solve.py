@@ -56,7 +56,7 @@ def solve(p: Placement, sizes: ModelSizes, budget: Budget) -> PlacementPlan:
     if budget.total is None:
         return plan
     slots = sizes.all_experts if plan.dense else plan.num_slots(sizes.num_experts) * sb
-    vram = {"total": budget.total, "reserved": budget.reserved,
+    vram = {"total": budget.total, **(budget.parts or {"reserved": budget.reserved}),
             "staging": sizes.staging_bytes if staging else 0, "slots": slots}
     return PlacementPlan(where, p, shared, staging, sb, vram)
 

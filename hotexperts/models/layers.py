@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hotexperts.models.qlinear import QuantLinear, fused_rows
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -100,6 +102,7 @@ class Attention(nn.Module):
 
     qkv_weight: torch.Tensor | None = None      # fuse_qkv(): [(H + 2 Hkv) * hd, D]; q/k/v weights view it
     qkv_bias: torch.Tensor | None = None
+    qkv_quant: nn.Module | None = None          # fuse_qkv() over quantized q/k/v (models/qlinear.py)
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm: str = "none", eps: float = 1e-6,
@@ -127,6 +130,11 @@ class Attention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if not enable:
             self.qkv_weight = self.qkv_bias = None
+            self.__dict__["qkv_quant"] = None
+            return
+        if all(isinstance(p, QuantLinear) for p in projs):       # quantized: one GEMV over the rows
+            if self.qkv_quant is None or self.qkv_quant.q.device != self.q_proj.q.device:
+                self.__dict__["qkv_quant"] = fused_rows(list(projs))   # not a submodule: no state_dict
             return
         if self._fused_is_current():
             return
@@ -154,7 +162,8 @@ class Attention(nn.Module):
         """.to() / .cuda() / .half() (nn.Module._apply) convert q/k/v one by one, which copies the views
         apart and would leave the fused weight behind on its old device or dtype: fuse again on the new."""
         super()._apply(fn, recurse)
-        if self.qkv_weight is not None:
+        if self.qkv_weight is not None or self.qkv_quant is not None:
+            self.__dict__["qkv_quant"] = None
             self.fuse_qkv()
         return self
 
@@ -163,7 +172,9 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor):
         T = x.shape[0]
-        if self.qkv_weight is not None:                                     # one matmul, then split views
+        if self.qkv_quant is not None:                                      # one quantized GEMV / GEMM
+            q, k, v = self.qkv_quant(x).split(self._qkv_sizes(), dim=-1)
+        elif self.qkv_weight is not None:                                   # one matmul, then split views
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self._qkv_sizes(), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)        # [T, H*hd], [T, Hkv*hd] x2
@@ -240,3 +251,62 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HostEmbedding(nn.Module):
+    """Token embeddings kept in host memory (pinned when a GPU exists); the rows a forward needs are gathered
+    on the CPU and copied to `device` (models/transforms.host_embedding puts it in a model).
+
+        emb(tokens [T]) -> [T, D] on device       prompts: tokens read to the host, rows gathered, copied
+        emb.stage(token)                          decode: the runner writes the next token's row to a
+                                                  static device row (an async copy from pinned memory,
+                                                  stream-ordered before the step)...
+        with emb.staged(): model(...)             ...and inside, a T=1 forward returns that row without a
+                                                  host read, so the step stays a CUDA graph
+    The weight is not moved by .to() / .cuda(): it stays on the CPU by design."""
+
+    def __init__(self, weight: torch.Tensor, device):
+        super().__init__()
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        self.weight = weight.detach().to("cpu")
+        if pin:
+            self.weight = self.weight.pin_memory()
+        D = self.weight.shape[1]
+        self.host_row = torch.empty(1, D, dtype=self.weight.dtype, pin_memory=pin)     # [1, D]
+        self.dev_row = torch.empty(1, D, dtype=self.weight.dtype, device=self.device)  # [1, D]
+        self._staged = False
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    def _apply(self, fn, recurse=True):
+        return self                               # host memory by design (see the class doc)
+
+    def stage(self, token: int) -> None:
+        self.host_row.copy_(self.weight[int(token)])
+        self.dev_row.copy_(self.host_row, non_blocking=True)
+
+    def staged(self):
+        return _Staged(self)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._staged and tokens.shape[0] == 1:
+            return self.dev_row
+        rows = self.weight[tokens.to("cpu")]                                           # [T, D]
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+
+class _Staged:
+    def __init__(self, emb: HostEmbedding):
+        self.emb = emb
+
+    def __enter__(self):
+        self.emb._staged = True
+        return self.emb
+
+    def __exit__(self, *exc):
+        self.emb._staged = False

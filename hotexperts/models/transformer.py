@@ -127,8 +127,9 @@ class MoETransformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_kv_cache(self, max_seq: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """A KVCache shaped for this model (dtype/device default to the embedding's)."""
-        w = self.model.embed_tokens.weight
+        """A KVCache shaped for this model (dtype/device default to the final norm's: the embedding may live
+        in host memory)."""
+        w = self.model.norm.weight
         return KVCache(self.cfg.num_layers, max_seq, self.cfg.num_kv_heads, self.cfg.head_dim,
                        dtype or w.dtype, device or w.device)
 
@@ -156,5 +157,6 @@ class MoETransformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: x [T, D] -> logits [T, V] float32."""
-        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(self.model.norm(x), w).float()
+        if self.cfg.tie_word_embeddings:
+            return F.linear(self.model.norm(x), self.model.embed_tokens.weight).float()
+        return self.lm_head(self.model.norm(x)).float()

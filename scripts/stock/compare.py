@@ -60,6 +60,39 @@ def ours_point(ncmoe: int, budget_mib: int, peak: dict, report: dict | None) -> 
     return point
 
 
+def window_peak(peak: dict, window) -> int | None:
+    """The process (else device) MiB peak of the samples inside [start, end] (unix seconds)."""
+    if not window:
+        return None
+    a, b = window
+    col = 1 if peak.get("method") != "device" else 2
+    vals = [row[col] for row in peak.get("series") or [] if a <= row[0] <= b and row[col] is not None]
+    return max(vals) if vals else None
+
+
+def ours_run(stock: list[dict], peak: dict, report: dict) -> list[dict]:
+    """One `hotexperts bench` process over every stock point's peak as a budget (the model loaded once): one
+    point per budget, each placement's peak from the nvidia-smi samples inside its window (the bench records
+    it; placements run one after another and free their memory in between). Rows without a budget (the gpu
+    reference) have no stock point and are left out."""
+    by_budget = {round(p["peak_mib"]): p["ncmoe"] for p in stock if p.get("peak_mib")}
+    rows: dict[int, list[dict]] = {}
+    for r in report.get("results", []):
+        n = None if r.get("budget_gib") is None else by_budget.get(round(r["budget_gib"] * 1024))
+        if n is not None:
+            rows.setdefault(n, []).append(r)
+    points = []
+    for n, results in rows.items():
+        mib = round(results[0]["budget_gib"] * 1024)
+        point = ours_point(n, mib, dict(peak, peak_mib=None), dict(report, results=results))
+        for q, r in zip(point["placements"], results, strict=True):
+            q["peak_mib"] = window_peak(peak, r.get("window"))
+        seen = [q["peak_mib"] for q in point["placements"] if q["peak_mib"] is not None]
+        point["peak_mib"] = max(seen) if seen else None
+        points.append(point)
+    return points
+
+
 def _peak(peak: dict) -> int | None:
     return peak.get("peak_mib") if peak.get("peak_mib") is not None else peak.get("device_peak_mib")
 
@@ -158,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--bench", required=True, help="llama-bench -o json output")
     o.add_argument("--bench", default=None, help="hotexperts bench --json report (absent: the run failed)")
     o.add_argument("--budget-mib", type=int, required=True)
+    r = sub.add_parser("ours-run", help="one bench over every stock peak -> ncmoe_N.json per budget")
+    r.add_argument("--stock", nargs="+", required=True)
+    r.add_argument("--bench", required=True)
+    r.add_argument("--peak", required=True)
+    r.add_argument("--out-dir", required=True)
     m = sub.add_parser("merge")
     m.add_argument("--stock", nargs="+", required=True)
     m.add_argument("--ours", nargs="+", required=True)
@@ -175,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peak = json.loads(Path(a.peak).read_text())
     bench = _read_json(a.bench)
+    if a.cmd == "ours-run":
+        out = Path(a.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for point in ours_run(load_points(a.stock), peak, bench if isinstance(bench, dict) else {}):
+            (out / f"ncmoe_{point['ncmoe']}.json").write_text(json.dumps(point, indent=1))
+            print(f"-ncmoe {point['ncmoe']}: budget {point['budget_mib']} MiB, our peak {point['peak_mib']} "
+                  "MiB")
+        return 0
     if a.cmd == "stock-point":
         point = stock_point(a.ncmoe, bench if isinstance(bench, list) else [], peak)
     else:

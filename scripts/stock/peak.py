@@ -11,7 +11,10 @@ until it exits polls `nvidia-smi --query-compute-apps=pid,used_memory --format=c
     device_peak_mib   max over samples of the whole GPU's memory.used minus the reading before the start
                       (a fallback that is only meaningful when nothing else runs on the GPU)
     method            "process", "device" (which of the two a reader should quote) or null (neither was
-                      seen); also samples, seconds, rc, timed_out, command.
+                      seen); also samples, seconds, rc, timed_out, command;
+    series            [[unix time, process MiB | null, device MiB | null], ...] every sample, so a command
+                      that runs several placements in turn (hotexperts bench records each one's window) gets
+                      a peak per placement (compare.py ours-run).
 Exit status: CMD's (124 when it ran past --timeout and was killed). No hotexperts imports.
 """
 
@@ -78,7 +81,7 @@ def run(cmd: list[str], interval: float, timeout: float | None, stdout) -> dict:
     base = parse_gpu(query(GPU))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=stdout, start_new_session=True)
-    peak, dev_peak, samples, timed_out = None, None, 0, False
+    peak, dev_peak, samples, timed_out, series = None, None, 0, False, []
     while proc.poll() is None:
         tick = time.monotonic()
         if timeout is not None and tick - t0 > timeout:
@@ -92,13 +95,15 @@ def run(cmd: list[str], interval: float, timeout: float | None, stdout) -> dict:
         used = parse_gpu(query(GPU))
         if used is not None and base is not None:
             dev_peak = max(dev_peak or 0, used - base)
+        series.append([round(time.time(), 2), sum(mine) if mine else None,
+                       None if used is None or base is None else used - base])
         samples += 1
         time.sleep(max(0.0, interval - (time.monotonic() - tick)))
     rc = 124 if timed_out else proc.wait()
     method = "process" if peak is not None else ("device" if dev_peak is not None else None)
     return dict(peak_mib=peak, device_peak_mib=dev_peak, method=method,
                 baseline_device_mib=base, samples=samples, seconds=round(time.monotonic() - t0, 1), rc=rc,
-                timed_out=timed_out, interval_s=interval, command=shlex.join(cmd))
+                timed_out=timed_out, interval_s=interval, command=shlex.join(cmd), series=series)
 
 
 def main(argv: list[str] | None = None) -> int:

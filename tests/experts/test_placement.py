@@ -86,7 +86,7 @@ def test_sizes():
     b = Budget(total=10 * MiB, reserved=4 * MiB, slot_bytes=MiB)
     assert b.slots_available() == 6 and b.slots_available(staging_bytes=2 * MiB) == 4
     assert Budget(None, 5, 1).slots_available() is None
-    with pytest.raises(PlacementError, match="smaller than the dense"):
+    with pytest.raises(PlacementError, match="smaller than the CUDA context, dense"):
         Budget(total=GiB, reserved=2 * GiB, slot_bytes=MiB).slots_available()
 
 
@@ -119,7 +119,7 @@ def test_auto_cache_keeps_the_prompt_staging_pools_first():
 
 
 def test_budget_errors():
-    with pytest.raises(PlacementError, match="smaller than the dense"):
+    with pytest.raises(PlacementError, match="smaller than the CUDA context, dense"):
         build_executor(Placement(mode="cpu", vram_budget=100), STORE, CFG, "cpu", reserved_bytes=1000)
     with pytest.raises(PlacementError, match="--moe-hot-k 3 needs 9 expert slots"):
         build_executor(Placement.parse("hot:3", vram_budget=8 * SB), STORE, CFG, "cpu")

@@ -105,3 +105,18 @@ def test_cli_roundtrip(cmp, tmp_path, capsys):
     assert "| 32 | 7597 | 1786 | 62.8 | 7650 | 805 / 72.0 | 0.45× (cache) | 1.15× (cache) |" in out
     assert md.read_text().strip() == out.strip()
     assert json.loads(js.read_text())["rows"][0]["budget_mib"] == 7597
+
+
+def test_one_bench_over_every_stock_budget_splits_into_points_with_window_peaks(cmp):
+    stock = [cmp.stock_point(48, _llama_rows(48, 1271.0, 40.9), _peak(2385)),
+             cmp.stock_point(24, _llama_rows(24, 2230.0, 81.1), _peak(10181))]
+    a, b = (dict(_result("cache", 1000.0, 60.0), budget_gib=2385 / 1024, window=[10.0, 20.0]),
+            dict(_result("cache", 2000.0, 90.0), budget_gib=10181 / 1024, window=[21.0, 30.0]))
+    gpu = dict(_result("gpu", 5000.0, 200.0), budget_gib=None, window=[31.0, 40.0])
+    series = [[12.0, 2300, 2301], [15.0, 2370, 2371], [25.0, 10100, 10102], [35.0, 17000, 17001]]
+    peak = dict(_peak(17000), series=series)
+    points = {p["ncmoe"]: p for p in cmp.ours_run(stock, peak, _report(a, b, gpu))}
+    assert set(points) == {48, 24}                               # the unbudgeted gpu row has no stock point
+    assert points[48]["peak_mib"] == 2370 and points[48]["placements"][0]["peak_mib"] == 2370
+    assert points[24]["budget_mib"] == 10181 and points[24]["placements"][0]["tg128"] == 90.0
+    assert cmp.window_peak(peak, [0.0, 1.0]) is None

@@ -22,11 +22,13 @@ records compiled kernels that have already run.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from hotexperts.engine.runner.compiled import compiled_stages, decode_forward
+from hotexperts.models.transforms import staged_embedding
 
 
 class EagerDecodeStep:
@@ -39,7 +41,7 @@ class EagerDecodeStep:
         tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(1)   # [1]
         ipos = torch.tensor([pos], dtype=torch.long, device=self.device)                 # [1]
         before_step(self.executor)
-        with torch.no_grad():
+        with torch.no_grad(), stage_token(self.model, token):
             return decode_forward(self.model, tok, ipos, self.kv, self.executor)[-1]     # [V]
 
 
@@ -69,9 +71,10 @@ class GraphDecodeStep(EagerDecodeStep):
             self.static_tok.fill_(int(token))          # a scalar kernel argument: no host-to-device copy
         self.static_pos.fill_(pos)
         before_step(self.executor)                     # before warm-up forwards too: they post like a step
-        if self.graph is None and not self._capture():
-            return super().__call__(token, pos)
-        self.graph.replay()
+        with stage_token(self.model, token):           # a host embedding's row, copied before the replay
+            if self.graph is None and not self._capture():
+                return super().__call__(token, pos)
+            self.graph.replay()
         return self.static_logits[-1]
 
     def _forward_static(self) -> torch.Tensor:
@@ -113,6 +116,17 @@ class GraphDecodeStep(EagerDecodeStep):
                           RuntimeWarning, stacklevel=3)
             self.failed, self.graph, self.static_logits = True, None, None
             return False
+
+
+def stage_token(model, token):
+    """A host embedding (models/layers.HostEmbedding) gets the decode token's row: copied to its static
+    device row now, stream-ordered before the step; the returned context makes T=1 forwards read it (no host
+    read inside a graph). A no-op context for a model whose embedding is on the device."""
+    emb = staged_embedding(model)
+    if emb is None:
+        return contextlib.nullcontext()
+    emb.stage(int(token))
+    return emb.staged()
 
 
 def before_step(executor) -> None:

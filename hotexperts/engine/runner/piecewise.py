@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from hotexperts.engine.runner.compiled import decode_forward, decode_stages
+from hotexperts.engine.runner.cuda_graph import stage_token
 
 
 class EagerCapture:
@@ -152,7 +153,7 @@ class PiecewiseDecodeStep:
         return decode_forward(self.model, tok, ipos, self.kv, self.executor)[-1]
 
     def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), stage_token(self.model, token):
             if self.failed or self.executor.on_route is not None:
                 return self._eager(token, pos)
             if isinstance(token, torch.Tensor):
