@@ -18,6 +18,11 @@
 #                the process every 200 ms (CUDA context included) -> run/stock/ncmoe_N.json
 #   ours         per stock point in $STOCK_DIR (default: this run's run/stock): hotexperts bench on $MODEL at
 #                --vram-budget <stock peak>MiB, our process's peak measured the same way -> run/ours/ncmoe_N.json
+#   ours-run     like ours, in ONE bench process (the model loaded once): --vram-budget is every stock peak
+#                (MiB), nvidia-smi sampled over the whole run and each placement's peak taken inside its window
+#                (compare.py ours-run) -> run/ours/ncmoe_N.json
+#   proof        the same bench ($PROOF_ARGS) from each tree in $PROOF_TREES (git archives carried in
+#                .carry/trees/<name>, e.g. the code before and after a refactor) -> run/proof_<name>.json
 #   compare      scripts/stock/compare.py merge: $STOCK_DIR + $OURS_DIRS -> compare.md / compare.json
 #
 # Variables (defaults): OUT (./out), HX_DEADLINE_S (570: steps get at most what is left of it, so the packing
@@ -63,7 +68,9 @@ export BENCH_ARGS=${BENCH_ARGS:---model preset:qwen3-30b-a3b --expert-quant int4
 --route-synthetic qwen3-30b-a3b --tests pp512,tg128 --repeats 3 --compile}
 export TESTS_PATHS=${TESTS_PATHS:-tests} KERNELS=${KERNELS:-gpu_moe,dequant,cpu_moe}
 export LLAMA_SRC=${LLAMA_SRC:-.carry/llama.cpp} LLAMA_PARTS=${LLAMA_PARTS:-.carry/llama-bin}
-export LLAMA_DIR=${LLAMA_DIR:-/tmp/llama-bin}
+export LLAMA_DIR=${LLAMA_DIR:-/tmp/llama-bin} PROOF_TREES=${PROOF_TREES:-}
+export PROOF_ARGS=${PROOF_ARGS:---route-synthetic qwen3-30b-a3b --tests pp512,tg128 --repeats 2 --vram-budget 16 \
+--placements n-cpu-moe,cache}
 export PYTHONUNBUFFERED=1 PY=${PY:-python3}
 case ":${LD_LIBRARY_PATH:-}:" in
   *":$LLAMA_DIR:"*) ;;
@@ -229,6 +236,42 @@ step_ours() {
     echo "-ncmoe $n: budget $b, rc=$rc; $(tail -n 1 "$dir/raw/bench_$n.err")"
     grep -E "^\||^device:" "$dir/raw/bench_$n.log" | grep -v -- "---" | tail -n 8 || true
     grep -i -E "error" "$dir/raw/bench_$n.err" | tail -n 3 || true
+  done
+}
+
+step_ours_run() {
+  [ -s "$MODEL" ] || { echo "no $MODEL: run the model step first"; exit 1; }
+  local dir=$RES/ours budgets t rc=0
+  mkdir -p "$dir/raw"
+  budgets=$("$PY" -c 'import glob,json,sys
+ps = [json.load(open(f)) for f in glob.glob(sys.argv[1] + "/ncmoe_*.json")]
+want = [n for n in sys.argv[2].split(",") if n]
+print(",".join(f"{p[\"peak_mib\"]}MiB" for p in sorted(ps, key=lambda p: -p["ncmoe"])
+               if p.get("peak_mib") and (not want or str(p["ncmoe"]) in want)))' "$STOCK_DIR" "$OURS_NCMOE")
+  [ -n "$budgets" ] || { echo "no stock peaks in $STOCK_DIR"; exit 1; }
+  t=$(budget 540)
+  echo "budgets $budgets (timeout ${t}s)"
+  # shellcheck disable=SC2086
+  "$PY" scripts/stock/peak.py --out "$dir/raw/peak_run.json" --stdout "$dir/raw/bench_run.log" --timeout "$t" -- \
+    "$PY" -m hotexperts bench --model "$MODEL" --route-synthetic "$OURS_ROUTING" --tests pp512,tg128 \
+    --repeats 2 --vram-budget "$budgets" --placements "$OURS_PLACEMENTS" $OURS_ARGS --json "$dir/raw/bench_run.json" \
+    2> "$dir/raw/bench_run.err" || rc=$?
+  echo "bench rc=$rc; $(tail -n 1 "$dir/raw/bench_run.err")"
+  "$PY" scripts/stock/compare.py ours-run --stock "$STOCK_DIR" --bench "$dir/raw/bench_run.json" \
+    --peak "$dir/raw/peak_run.json" --out-dir "$dir"
+  grep -E "^\||^device:|^- |^plans" "$dir/raw/bench_run.log" | grep -v -- "---" || true
+}
+
+step_proof() {
+  [ -s "$MODEL" ] || { echo "no $MODEL: run the model step first"; exit 1; }
+  local name
+  for name in ${PROOF_TREES//,/ }; do
+    [ -d ".carry/trees/$name" ] || { echo "no .carry/trees/$name"; continue; }
+    echo "--- $name"
+    # shellcheck disable=SC2086
+    guard 240 env -C ".carry/trees/$name" PYTHONPATH=. "$PY" -m hotexperts bench --model "$MODEL" $PROOF_ARGS \
+      --json "$RES/proof_$name.json" > "$RES/proof_$name.log" 2>&1     # its own package first on sys.path
+    grep -E "^\||^device:" "$RES/proof_$name.log" | grep -v -- "---" || true
   done
 }
 

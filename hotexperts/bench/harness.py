@@ -47,6 +47,7 @@ class PlacementResult:
     window: list | None = None                     # [start, end] unix s: per-placement nvidia-smi peaks
     tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
     peak_vram_gib: float | None = None
+    peak_process_gib: float | None = None     # CUDA context + torch's reserved peak (~ nvidia-smi's)
     hit_rate: float | None = None
     layer_hit: list | None = None
     swaps: int = 0
@@ -85,6 +86,8 @@ class Bench:
                  options: KernelOptions = DEFAULT_KERNELS):
         self.lm, self.device, self.max_context, self.source = lm, device, max_context, source
         self.piecewise, self.compile_decode, self.options = piecewise, compile_decode, options
+        dtype = next(lm.model.parameters()).dtype
+        self.context = vram_reserved(lm, max_context, dtype, device).get("context", 0)   # CUDA context
         g = torch.Generator().manual_seed(seed)
         hi = min(lm.cfg.vocab_size, 32000)
         self.tokens = torch.randint(100, hi, (max_context,), generator=g).tolist()
@@ -209,6 +212,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
     finally:
         if bench.device.type == "cuda":
             res.peak_vram_gib = torch.cuda.max_memory_allocated(bench.device) / GiB
+            res.peak_process_gib = (bench.context + torch.cuda.max_memory_reserved(bench.device)) / GiB
         if engine is not None:
             engine.close()          # stop the placement's CPU worker thread now, not at collection
         engine = None

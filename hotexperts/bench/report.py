@@ -24,6 +24,13 @@ def _ratio(r: dict, base: dict | None, test: str) -> str:
     return f"{r['tests'][test]['median'] / base['tests'][test]['median']:.2f}x"
 
 
+def _peaks(r: dict) -> str:
+    if r["peak_vram_gib"] is None:
+        return "-"
+    proc = r.get("peak_process_gib")
+    return f"{r['peak_vram_gib']:.2f}" + ("" if proc is None else f" / {proc:.2f}")
+
+
 def _baseline(results: list[dict], budget, label: str) -> dict | None:
     return next((r for r in results if r["label"] == label and r["budget_gib"] == budget and not r["error"]),
                 None)
@@ -32,8 +39,8 @@ def _baseline(results: list[dict], budget, label: str) -> dict | None:
 def table(report: dict) -> str:
     tests = report["tests"]
     gen = next((t for t in tests if t.startswith("tg")), None)
-    head = ["budget GiB", "placement", *tests, "peak VRAM GiB", "hit rate", "CPU ms/tok", "host ms/tok",
-            "decode"]
+    head = ["budget GiB", "placement", *tests, "peak VRAM GiB (torch / process)", "hit rate", "CPU ms/tok",
+            "host ms/tok", "decode"]
     if gen:
         head += [f"{gen} / n-cpu-moe", f"{gen} / cpu-moe"]
     rows = [head, ["---"] * len(head)]
@@ -45,7 +52,7 @@ def table(report: dict) -> str:
             rows.append(row + [f"failed: {r['error']}"] + [""] * (len(head) - 3))
             continue
         row += [_cell(r["tests"].get(t)) for t in tests]
-        row += ["-" if r["peak_vram_gib"] is None else f"{r['peak_vram_gib']:.2f}",
+        row += [_peaks(r),
                 "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}",
                 "-" if r.get("cpu_ms_per_token") is None else f"{r['cpu_ms_per_token']:.2f}",
                 "-" if r.get("host_ms_per_token") is None else f"{r['host_ms_per_token']:.2f}",
