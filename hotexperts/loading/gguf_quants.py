@@ -1,9 +1,10 @@
-"""GGML block formats <-> our weights: exact int4g32 (Q4_0/Q4_1/Q4_K) and int8gG (Q8_0, Q5_*, Q6_K, and
-the Q4 types when a matrix mixes them with those), dequantization for the rest.
+"""GGML block formats <-> our weights: Q4_K as is (q4_k), exact int4g32 (Q4_0/Q4_1, and Q4_K beside them) and
+int8gG (Q8_0, Q5_*, Q6_K, and the Q4 types when a matrix mixes them with those), dequantization for the rest.
 
 A GGUF matrix [..., N, K] is stored row by row, each row K/bs blocks of `bs` weights (32 or 256), as bytes
 `raw` uint8 [..., N, K/bs * block_bytes] (gguf's ReaderTensor.data for block types).
 
+    to_q4_k(raw)                    -> QuantizedWeight "q4_k": the Q4_K bytes [..., N, K/256 * 144] (a view)
     FAST_TYPES                      ggml types that map exactly onto int4g32 (experts stay 4-bit)
     to_int4g32(raw, qtype, scale_dtype=float16) -> QuantizedWeight "int4g32" (w = (q - 8) * scale + zero)
     INT8_TYPES, int8_spec(types) -> (group, zero?) of the int8gG format a set of types maps onto, or None
@@ -46,7 +47,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from hotexperts.errors import ModelLoadError
-from hotexperts.weights import QuantizedWeight
+from hotexperts.quant import k_scales
+from hotexperts.weights import Q4K_BYTES, QuantizedWeight
 
 Q = GGMLQuantizationType
 FAST_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
@@ -82,14 +84,6 @@ def _repack(qs: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat((first, second), -1).to(torch.uint8).flatten(-2)
 
 
-def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K packed bytes [..., 12] uint8 -> (sc, m) [..., 8] 6-bit ints (llama.cpp get_scale_min_k4)."""
-    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = torch.cat((lo_sc & 63, (hi & 15) | ((lo_sc >> 6) << 4)), -1)
-    m = torch.cat((lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)), -1)
-    return sc, m
-
-
 def _affine_q4_0(b):                     # b [..., nb, 18] -> packed [..., nb, 16], a, b [..., nb, 1]
     d = _half(b, 0)
     return _repack(b[..., 2:18], 32), d, -8.0 * d
@@ -105,6 +99,14 @@ def _affine_q4_k(b):                     # b [..., nb, 144] -> packed [..., nb, 
 
 
 _AFFINE = {Q.Q4_0: _affine_q4_0, Q.Q4_1: _affine_q4_1, Q.Q4_K: _affine_q4_k}
+
+
+def to_q4_k(raw: np.ndarray) -> QuantizedWeight:
+    """A Q4_K matrix raw [..., N, K/256 * 144] as our "q4_k" weight: the file's bytes, no conversion. The
+    tensor is a view of `raw` (e.g. of the memory map): concatenate or clone it before keeping it."""
+    if raw.dtype != np.uint8 or raw.shape[-1] % Q4K_BYTES:
+        raise ModelLoadError(f"Q4_K data must be uint8 rows of 144-byte blocks, got {raw.dtype} {raw.shape}")
+    return QuantizedWeight("q4_k", _tensor(raw), None)
 
 
 def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
