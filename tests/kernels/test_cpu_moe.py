@@ -331,3 +331,25 @@ def test_other_isa_builds(isa, shape):
             check(fn, T, f13, seed=T, act_quant=False, layer=layer)
             if cm.cpu_moe_int_dot(isa) != "none" and "int8g" not in f2:   # AVX2: int8gG runs the fp32 path
                 check(fn, T, f13, seed=T, act_quant=True, layer=layer)
+
+
+@requires_ext
+def test_native_worker_serves_q4_k_experts():
+    """The decode mailbox's native thread (csrc/cpu_worker.cpp) takes q4_k weights (scale and zero None) and
+    a Q4_K_M-like mix, and gives the direct kernel call's result."""
+    from hotexperts.experts.mailbox import DecodeHandoff
+    from hotexperts.experts.store import ExpertStore
+
+    layers = {0: sized_layer("q4_k", "q4_k", 6, 256, 512, seed=1), 1: sized_layer("q4_k", "int8g16z", 6, 256,
+                                                                                   512, seed=2)}
+    store = ExpertStore(layers)
+    h = DecodeHandoff(store, [0, 1], 2, 256, torch.float32, "cpu")
+    try:
+        h.self_test(torch.float32)
+        x, ids, w = torch.randn(1, 256), torch.tensor([[4, 1]]), torch.tensor([[0.3, 0.7]])
+        h.post(1, x, ids, w, None)
+        got = h.collect(1, ids, None, None, torch.float32)
+        torch.testing.assert_close(got, cm.cpu_moe(x, ids, w, layers[1]))
+        h.take_step()
+    finally:
+        h.close()
