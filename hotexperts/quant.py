@@ -6,8 +6,11 @@ quantize_int4g32(w[..., N, K])  -> "int4g32": q uint8 [..., N, K/2] (low nibble 
 quantize_int8g(w[..., N, K], group=32) -> "int8gG": q int8 [..., N, K], scale [..., N, K/G] (symmetric,
                                    fp16 by default; zero None), w = q * scale
 int8g_from_int4g32(qw, group)    -> the same weights as "int8gG" (q - 8, scale and zero repeated): exact
-dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default)
-quantize_layer(LayerExperts, fmt) with fmt in {"none", "int8", "int4", "int4g32", "int8g32", "int8g16"}
+quantize_q4_k(w[..., N, K])     -> "q4_k": GGUF Q4_K blocks (K a multiple of 256; the GGUF writers' packer)
+dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default); q4_k bit for bit
+                                   as gguf.quants.dequantize: w = (d * sc) * q - dmin * m in fp32
+k_scales(bytes [..., 12])       -> Q4_K/Q5_K 6-bit (sc, m) [..., 8] (llama.cpp get_scale_min_k4)
+quantize_layer(LayerExperts, fmt), fmt in {"none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"}
 
 GGUF blocks of 32 map onto int4g32 exactly (w = a * q + b per block, q in 0..15):
     Q4_0: a = d, b = -8 d;   Q4_1: a = d, b = m;   Q4_K sub-block: a = d * sc, b = -dmin * m
@@ -19,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
+from hotexperts.weights import Q4K_BLOCK, Q4K_BYTES, LayerExperts, QuantizedWeight, Weight, cat
 
-FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16")
+FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k")
 INT8G = {"int8g32": 32, "int8g16": 16}
 
 
@@ -89,6 +92,34 @@ def int8g_from_int4g32(qw: QuantizedWeight, group: int = 32) -> QuantizedWeight:
                            qw.zero.repeat_interleave(rep, -1))
 
 
+def quantize_q4_k(w: torch.Tensor) -> QuantizedWeight:
+    """GGUF Q4_K of w [..., N, K] (K a multiple of 256): the min/max packer gguf_export writes files with."""
+    if w.shape[-1] % Q4K_BLOCK:
+        raise ValueError(f"q4_k needs the last dimension to be a multiple of 256, got {w.shape[-1]}")
+    blocks = pack_q4_k(w.float().unflatten(-1, (-1, Q4K_BLOCK)))    # [..., N, K/256, 144]
+    return QuantizedWeight("q4_k", blocks.flatten(-2).contiguous(), None)
+
+
+def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K packed bytes [..., 12] uint8 -> (sc, m) [..., 8] 6-bit ints (llama.cpp get_scale_min_k4)."""
+    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat((lo_sc & 63, (hi & 15) | ((lo_sc >> 6) << 4)), -1)
+    m = torch.cat((lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)), -1)
+    return sc, m
+
+
+def _dequantize_q4_k(q: torch.Tensor) -> torch.Tensor:
+    """q4_k bytes [..., N, nb * 144] -> fp32 [..., N, nb * 256], the same fp32 operations as gguf's numpy
+    (a = d * sc and b = dmin * m are exact, so are a * q; one rounding in the subtraction)."""
+    b = q.unflatten(-1, (-1, Q4K_BYTES))                             # [..., N, nb, 144]
+    half = lambda at: b[..., at:at + 2].contiguous().view(torch.float16).float()  # noqa: E731  [.., nb, 1]
+    sc, m = k_scales(b[..., 4:16])                                   # [..., N, nb, 8]
+    a, z = half(0) * sc.float(), half(2) * m.float()
+    qs = b[..., 16:].unflatten(-1, (4, 1, 32))                       # chunk c, byte l
+    nib = torch.cat((qs & 15, qs >> 4), -2).flatten(-3, -2).float()  # [..., N, nb, 8, 32]: sub-block 2c + h
+    return (a.unsqueeze(-1) * nib - z.unsqueeze(-1)).flatten(-3)
+
+
 def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if isinstance(qw, torch.Tensor):
         return qw.to(dtype)
@@ -104,6 +135,8 @@ def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if qw.zero is not None:
             w = w + qw.zero.float().unsqueeze(-1)
         return w.flatten(-2).to(dtype)
+    if qw.fmt == "q4_k":
+        return _dequantize_q4_k(qw.q).to(dtype)
     raise ValueError(f"unknown quantized format {qw.fmt!r}")
 
 
@@ -113,11 +146,8 @@ def _quantize(w: Weight, fmt: str, chunk: int = 8) -> Weight:
     if fmt in INT8G:
         fn = lambda t: quantize_int8g(t, INT8G[fmt])  # noqa: E731
     else:
-        fn = quantize_int8 if fmt == "int8" else quantize_int4g32
-    parts = [fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]  # bounded fp32 temporaries
-    z = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
-    q, scale = torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])
-    return QuantizedWeight(parts[0].fmt, q, scale, z)
+        fn = {"int8": quantize_int8, "q4_k": quantize_q4_k}.get(fmt, quantize_int4g32)
+    return cat([fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)])  # bounded fp32 temporaries
 
 
 def quantize_layer(layer: LayerExperts, fmt: str) -> LayerExperts:
@@ -125,3 +155,44 @@ def quantize_layer(layer: LayerExperts, fmt: str) -> LayerExperts:
     if fmt not in FORMATS:
         raise ValueError(f"unknown expert quantization {fmt!r}; choose one of {', '.join(FORMATS)}")
     return LayerExperts(_quantize(layer.w13, fmt), _quantize(layer.w2, fmt))
+
+
+# ---- the K-quant block packers (GGUF's layouts; loading/gguf_quants.py writes files with them) ----
+
+def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [...] -> uint8 [..., 2] (fp16 bits)."""
+    return x.half().unsqueeze(-1).view(torch.uint8)
+
+
+def scale_of(amax: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Super-block scale d (rounded to fp16) and its safe reciprocal for `levels` integer steps."""
+    d = (amax / levels).half().float()
+    return d, torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+
+
+def pack_k_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(sc, m) [..., 8] 6-bit -> [..., 12] bytes (inverse of k_scales)."""
+    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+    return torch.cat((sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+                      (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)), -1)
+
+
+def min_max_k(x: torch.Tensor, qmax: int):
+    """Q4_K/Q5_K grid of x [..., nb, 256]: (q [..., nb, 256] d, dmin [..., nb], sc, m [..., nb, 8])."""
+    g = x.unflatten(-1, (8, 32))                                   # [..., nb, 8, 32]
+    lo = g.amin(-1).clamp(max=0.0)                                 # w = d sc q - dmin m, m >= 0
+    step, off = (g.amax(-1) - lo) / qmax, -lo                      # [..., nb, 8]
+    d, inv_d = scale_of(step.amax(-1), 63)
+    dmin, inv_dmin = scale_of(off.amax(-1), 63)
+    sc = torch.round(step * inv_d[..., None]).clamp(0, 63)
+    m = torch.round(off * inv_dmin[..., None]).clamp(0, 63)
+    a, b = d[..., None] * sc, dmin[..., None] * m                  # [..., nb, 8]
+    q = torch.round((g + b[..., None]) / torch.where(a > 0, a, 1.0)[..., None]).clamp(0, qmax)
+    return q.to(torch.uint8).flatten(-2), d, dmin, sc, m
+
+
+def pack_q4_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 144]
+    q, d, dmin, sc, m = min_max_k(x, 15)
+    c = q.unflatten(-1, (4, 2, 32))                                # chunk, (low, high) sub-block, 32
+    qs = (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
+    return torch.cat((fp16_bytes(d), fp16_bytes(dmin), pack_k_scales(sc, m), qs), -1)

@@ -11,9 +11,17 @@ A weight is either a plain tensor (bf16/fp16/fp32) or a QuantizedWeight:
                    scale [..., N, Kin/32], zero [..., N, Kin/32]             w = (q - 8) * scale + zero
     fmt "int8g32" / "int8g16": q int8 [..., N, Kin], scale [..., N, Kin/G], zero [..., N, Kin/G] or None
                    (G = 32 / 16 columns per group)                          w = q * scale (+ zero)
-  Q4_0/Q4_1/Q4_K map exactly onto int4g32; Q8_0, Q5_0 (G 32, no zero), Q5_1, Q5_K (G 32, zero) and Q6_K
-  (G 16, no zero) exactly onto int8gG, and so does int4g32 (q - 8, same scale and zero), so a matrix whose
-  layers mix Q4_K and Q6_K (llama.cpp's Q4_K_M) is int8g16 in every layer (loading/gguf_quants.py).
+    fmt "q4_k":    q uint8 [..., N, Kin/256 * 144]: each row is Kin/256 GGUF Q4_K blocks as in the file,
+                   scale = zero = None. Block (144 bytes, 256 weights): d fp16 @0, dmin fp16 @2, 12 bytes @4
+                   of 6-bit (sc, m) for 8 sub-blocks of 32 (llama.cpp get_scale_min_k4), 128 bytes @16 of
+                   nibbles: 4 chunks of 32 bytes, chunk c's low nibbles = sub-block 2c, high = 2c + 1
+                   (byte l of the chunk: weight l of each).       w = d * sc[j] * q - dmin * m[j]
+                   4.5 bits per weight; Kin must be a multiple of 256.
+  Q4_K maps onto q4_k as is; Q4_0/Q4_1 (and Q4_K beside them) map exactly onto int4g32; Q8_0, Q5_0 (G 32,
+  no zero), Q5_1, Q5_K (G 32, zero) and Q6_K (G 16, no zero) exactly onto int8gG, and so does int4g32 (q - 8,
+  same scale and zero), so a matrix whose layers mix Q4_K and Q6_K (llama.cpp's Q4_K_M) is int8g16 in every
+  layer (loading/gguf_quants.py).
+cat(ws, dim) concatenates weights of one format (tensors, or QuantizedWeight part by part; None stays None).
 """
 
 from __future__ import annotations
@@ -22,12 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
+Q4K_BLOCK, Q4K_BYTES = 256, 144          # q4_k: weights and bytes per block
+
 
 @dataclass
 class QuantizedWeight:
-    fmt: str                      # "int8" | "int4g32" | "int8g32" | "int8g16"
+    fmt: str                      # "int8" | "int4g32" | "int8g32" | "int8g16" | "q4_k"
     q: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor | None    # None for q4_k (its scales live in its blocks)
     zero: torch.Tensor | None = None
 
     @property
@@ -35,13 +45,18 @@ class QuantizedWeight:
         """Logical (dequantized) shape."""
         if self.fmt == "int4g32":
             return (*self.q.shape[:-1], self.q.shape[-1] * 2)
+        if self.fmt == "q4_k":
+            return (*self.q.shape[:-1], self.q.shape[-1] // Q4K_BYTES * Q4K_BLOCK)
         return tuple(self.q.shape)
 
     @property
     def group(self) -> int:
-        """Columns per scale: 32 (int4g32), G (int8gG), the whole row (int8)."""
+        """Columns per scale: 32 (int4g32), G (int8gG), the whole row (int8); q4_k: its block, 256 (a row's
+        length is a multiple of it; each block holds 8 sub-block scales of 32 columns)."""
         if self.fmt == "int8":
             return self.q.shape[-1]
+        if self.fmt == "q4_k":
+            return Q4K_BLOCK
         return 32 if self.fmt == "int4g32" else int(self.fmt[5:])
 
     @property
@@ -50,8 +65,10 @@ class QuantizedWeight:
 
     def __getitem__(self, idx) -> QuantizedWeight:
         """Index the leading (expert) dimensions: w[e] or w[ids]."""
-        z = self.zero[idx] if self.zero is not None else None
-        return QuantizedWeight(self.fmt, self.q[idx], self.scale[idx], z)
+        def take(t):
+            return None if t is None else t[idx]
+
+        return QuantizedWeight(self.fmt, self.q[idx], take(self.scale), take(self.zero))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedWeight:
         """Move to a device; scales and zeros keep their dtype."""
@@ -62,6 +79,18 @@ class QuantizedWeight:
 
 
 Weight = torch.Tensor | QuantizedWeight
+
+
+def cat(ws: list[Weight], dim: int = 0) -> Weight:
+    """Concatenate weights of one format along `dim` (0: experts; 1: rows, e.g. gate then up)."""
+    if not isinstance(ws[0], QuantizedWeight):
+        return torch.cat(ws, dim)
+
+    def part(name):
+        ts = [getattr(w, name) for w in ws]
+        return None if ts[0] is None else torch.cat(ts, dim)
+
+    return QuantizedWeight(ws[0].fmt, part("q"), part("scale"), part("zero"))
 
 
 @dataclass

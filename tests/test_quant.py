@@ -85,12 +85,13 @@ def test_dequantize_plain_tensor_and_dtype():
     assert quant.dequantize(quant.quantize_int8(w), torch.float64).dtype == torch.float64
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int4g32", "int8g32", "int8g16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"])
 def test_quantize_layer(fmt):
-    layer = LayerExperts(torch.randn(10, 64, 32, generator=gen(4)), torch.randn(10, 32, 32, generator=gen(5)))
+    n = 256 if fmt == "q4_k" else 32                                          # q4_k rows: 256-weight blocks
+    layer = LayerExperts(torch.randn(10, 2 * n, n, generator=gen(4)), torch.randn(10, n, n, generator=gen(5)))
     ql = quant.quantize_layer(layer, fmt)
     assert isinstance(ql.w13, QuantizedWeight)
-    assert ql.w13.shape == (10, 64, 32) and ql.w2.shape == (10, 32, 32)
+    assert ql.w13.shape == (10, 2 * n, n) and ql.w2.shape == (10, n, n)
     assert ql.w13.fmt == {"int8": "int8", "int4": "int4g32"}.get(fmt, fmt)
     for a, b in ((ql.w13, layer.w13), (ql.w2, layer.w2)):
         rel = (quant.dequantize(a) - b).norm() / b.norm()
@@ -119,3 +120,43 @@ def test_int8g_symmetric_rounding_bound():
     step = w.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127
     err = (quant.dequantize(qw) - w).unflatten(-1, (-1, 16)).abs()
     assert (err <= step / 2 + 1e-7).all()
+
+
+def test_q4_k_container_and_packer():
+    w = torch.randn(3, 4, 512, generator=gen(8))
+    qw = quant.quantize_q4_k(w)
+    assert qw.fmt == "q4_k" and qw.scale is None and qw.zero is None
+    assert qw.q.dtype == torch.uint8 and qw.q.shape == (3, 4, 2 * 144) and qw.shape == (3, 4, 512)
+    assert qw.group == 256 and qw.nbytes == 3 * 4 * 2 * 144                 # 4.5 bits per weight
+    assert qw[1].shape == (4, 512) and qw[torch.tensor([2, 0])].shape == (2, 4, 512)
+    assert qw.to("cpu").scale is None
+    rel = (quant.dequantize(qw) - w).norm() / w.norm()
+    assert rel < 0.1
+    assert torch.equal(quant.dequantize(qw[2]), quant.dequantize(qw)[2])
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quant.quantize_q4_k(torch.randn(2, 96))
+
+
+def test_q4_k_dequantize_formula():
+    """One block written by hand: w = d * sc_j * q - dmin * m_j, sub-block 2c in chunk c's low nibbles."""
+    sc, m = torch.arange(8) + 1, torch.arange(8) * 2                           # 6-bit scales and mins
+    from hotexperts.loading.gguf_quants import pack_k_scales
+
+    q = torch.randint(0, 16, (8, 32), generator=gen(9), dtype=torch.uint8)     # [sub-block, weight]
+    qs = (q[0::2] | (q[1::2] << 4)).flatten()                                  # chunk c: 2c low, 2c + 1 high
+    d, dmin = torch.tensor([0.5]).half(), torch.tensor([0.25]).half()
+    blk = torch.cat((d.view(torch.uint8), dmin.view(torch.uint8), pack_k_scales(sc, m), qs))
+    got = quant.dequantize(QuantizedWeight("q4_k", blk.view(1, 144), None))
+    want = (0.5 * sc[:, None] * q.float() - 0.25 * m[:, None]).flatten()
+    assert torch.equal(got[0], want)
+
+
+def test_cat_keeps_missing_parts_none():
+    from hotexperts.weights import cat
+
+    a, b = quant.quantize_q4_k(torch.randn(2, 3, 256)), quant.quantize_q4_k(torch.randn(1, 3, 256))
+    c = cat([a, b])
+    assert c.scale is None and c.shape == (3, 3, 256) and torch.equal(c.q[2], b.q[0])
+    assert cat([a, a], 1).shape == (2, 6, 256)
+    i = quant.quantize_int8g(torch.randn(2, 3, 64))
+    assert cat([i, i]).zero is None and cat([i, i]).scale.shape == (4, 3, 2)

@@ -17,7 +17,12 @@ from hotexperts.bench import report as rep
 from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
 from hotexperts.bench.harness import __doc__ as HARNESS_DOC
 from hotexperts.bench.workload import parse_tests, routing_source
-from hotexperts.cli.flags import add_compile_argument, add_kernel_arguments, kernel_options_from_args
+from hotexperts.cli.flags import (
+    EXPERT_QUANTS,
+    add_compile_argument,
+    add_kernel_arguments,
+    kernel_options_from_args,
+)
 from hotexperts.engine.engine import DENSE_QUANT, PRESET_PREFIX, load_source, resolve_device, resolve_dtype
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
@@ -47,7 +52,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
     p.add_argument("--route-tokens", type=int, default=None,
                    help="synthetic routing length (default: what one placement consumes: it never wraps)")
-    p.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"))
+    p.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS)
     p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
                    help="dense projections: auto (a GGUF's own quantized form), q8 (int8 per 32), none")
     p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")

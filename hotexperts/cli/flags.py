@@ -27,6 +27,7 @@ from hotexperts.experts.budget import parse_bytes, parse_cache
 from hotexperts.experts.placement import DECODE, Placement
 
 POLICY_CHOICES = ("lru", "window-lfu", "decay", "static", "auto")
+EXPERT_QUANTS = ("none", "int8", "int4", "int8g", "q4_k")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -95,9 +96,11 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
                    help="routing profile: static placement alone, warm start with --moe-hot-k/--moe-cache")
     g.add_argument("--moe-max-swaps", type=int, default=4, metavar="N", help="expert copies per step (4)")
     g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
-                   help="total VRAM the engine may use (dense + KV + workspace + slots)")
-    g.add_argument("--expert-quant", default="none", choices=("none", "int8", "int4", "int8g"),
-                   help="int8: per-row int8; int4: int4g32 (Q4_0-like); int8g: int8 per 32 (Q8_0-like)")
+                   help="the process's whole GPU memory, CUDA context included (context + dense + KV + "
+                        "workspace + staging + slots)")
+    g.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS,
+                   help="int8: per-row int8; int4: int4g32 (Q4_0-like); int8g: int8 per 32 (Q8_0-like); "
+                        "q4_k: GGUF Q4_K blocks (4.5 bits)")
     g.add_argument("--moe-gpu-misses", default=None, metavar="N|auto",
                    help="decode: per layer, the GPU computes up to N missed experts itself (one per 4 "
                         "misses) by reading them from pinned RAM over PCIe, alongside the CPU (auto: 0, "

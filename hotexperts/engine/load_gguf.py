@@ -180,14 +180,19 @@ def _check_expert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str):
 
 
 def expert_formats(f: GGUFFile, cfg: ModelConfig) -> dict[str, str | None]:
-    """{"w13": fmt, "w2": fmt}, fmt "int4g32" | "int8g32" | "int8g16" (| "+zero" for int8g with a zero) or
-    None (dequantized): the exact quantized format every layer's tensors of that matrix map onto."""
+    """{"w13": fmt, "w2": fmt}, fmt "q4_k" | "int4g32" | "int8g32" | "int8g16" (| "+zero" for int8g with a
+    zero) or None (dequantized): the exact quantized format every layer's tensors of that matrix map onto.
+    A matrix that is Q4_K in every layer stays in the file's Q4_K blocks ("q4_k", 4.5 bits per weight; Q4_K
+    rows are whole 256-weight blocks by definition); Q4_0/Q4_1, or Q4_K beside them, become int4g32 (5 bits);
+    Q4_K beside 5/6/8-bit types (Q4_K_M's Q6_K down matrices) int8gG."""
     types = {w: {_check_expert(f, cfg, l, w) for l in cfg.moe_layers} for w in ("gate", "up", "down")}
     kinds = {"w13": types["gate"] | types["up"], "w2": types["down"]}
     return {m: _format_of(m, k) for m, k in kinds.items()}
 
 
 def _format_of(matrix: str, kinds: set) -> str | None:
+    if kinds == {gq.Q.Q4_K}:
+        return "q4_k"
     if kinds <= set(gq.FAST_TYPES):
         return "int4g32"
     spec = gq.int8_spec(kinds) if gq.Q.MXFP4 not in kinds or len(kinds) == 1 else None   # see _scale_dtype
@@ -206,11 +211,16 @@ def _raw_chunk(f: GGUFFile, names: list[str], stacked: bool, e: int) -> np.ndarr
     return np.stack([f.raw(n) for n in names[e:e + EXPERT_CHUNK]])
 
 
-def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fmt: str | None, dt, sdt):
+def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fmt: str | None, dt, sdt,
+             view: bool = False):
     """One layer's experts of `which` [E, N, K] in `fmt` (expert_formats) or as a dt tensor (None),
-    EXPERT_CHUNK experts at a time."""
+    EXPERT_CHUNK experts at a time. q4_k: the file's bytes, copied, or with view=True a view of the memory
+    map (for a caller that concatenates it, i.e. copies it, next)."""
     names, stacked = expert_tensors(f, layer, which, cfg.num_experts)
     info = f.info(names[0])
+    if fmt == "q4_k":                           # the file's bytes: no conversion, no chunks
+        w = gq.to_q4_k(f.raw(names[0]) if stacked else np.stack([f.raw(n) for n in names]))
+        return w if view else _cat([w], 0)
     rows = info.shape[1:] if stacked else info.shape                   # [N, K]
     parts = []
     for e in range(0, cfg.num_experts, EXPERT_CHUNK):
@@ -232,9 +242,11 @@ def _scale_dtype(qtype, sdt: torch.dtype) -> torch.dtype:
 
 
 def _cat(ws: list, dim: int):
+    """A new tensor (torch.cat copies, one part or many): never a view of the file's memory map. Parts that
+    are None (q4_k's scale and zero) stay None."""
     if isinstance(ws[0], QuantizedWeight):
-        q, s = (torch.cat([getattr(w, k) for w in ws], dim) for k in ("q", "scale"))
-        z = None if ws[0].zero is None else torch.cat([w.zero for w in ws], dim)
+        q, s, z = (None if getattr(ws[0], k) is None else torch.cat([getattr(w, k) for w in ws], dim)
+                   for k in ("q", "scale", "zero"))
         return QuantizedWeight(ws[0].fmt, q, s, z)
     return torch.cat(ws, dim)
 
@@ -243,7 +255,7 @@ def load_experts(f: GGUFFile, cfg: ModelConfig, dt: torch.dtype, sdt: torch.dtyp
     fmt = expert_formats(f, cfg)
     out = {}
     for l in cfg.moe_layers:
-        gate, up = (_convert(f, cfg, l, w, fmt["w13"], dt, sdt) for w in ("gate", "up"))
+        gate, up = (_convert(f, cfg, l, w, fmt["w13"], dt, sdt, view=True) for w in ("gate", "up"))
         out[l] = LayerExperts(_cat([gate, up], 1), _convert(f, cfg, l, "down", fmt["w2"], dt, sdt))
     return out
 

@@ -28,8 +28,8 @@ def weight_nbytes(w: Weight) -> int:
 
 def pin_weight(w: Weight) -> Weight:
     if isinstance(w, QuantizedWeight):
-        z = w.zero.pin_memory() if w.zero is not None else None
-        return QuantizedWeight(w.fmt, w.q.pin_memory(), w.scale.pin_memory(), z)
+        s, z = (t.pin_memory() if t is not None else None for t in (w.scale, w.zero))   # q4_k: no scale
+        return QuantizedWeight(w.fmt, w.q.pin_memory(), s, z)
     return w.pin_memory()
 
 

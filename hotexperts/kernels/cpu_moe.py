@@ -4,8 +4,8 @@ cpu_moe(x [T, D], ids [T, K] int64, weights [T, K], experts: LayerExperts, out [
         act_quant: bool | None = None) -> out
     y[t] = sum_k weights[t, k] * W2_e (silu(G_e x_t) * (U_e x_t)), e = ids[t, k]; ids == -1 is skipped.
     experts.w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]: fp32/bf16/fp16 tensors or
-    QuantizedWeight ("int8", "int4g32", "int8g32", "int8g16"), on the CPU. x is bf16/fp16/fp32; accumulation
-    is fp32.
+    QuantizedWeight ("int8", "int4g32", "int8g32", "int8g16", "q4_k": GGUF Q4_K blocks read as they are; K a
+    multiple of 256), on the CPU. x is bf16/fp16/fp32; accumulation is fp32.
     `out` (x's shape; any float dtype, may be pinned) is written, not accumulated.
 
 Backends (`cpu_moe_backend(isa)`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on
@@ -16,7 +16,7 @@ Every knob comes from `options` (config.KernelOptions, frozen; default DEFAULT_K
 (`options.threads()`), the integer path (`act_quant`; the call's own `act_quant` argument overrides it),
 prefetch distance, ISA build. Nothing here is process-wide state.
 
-Activation quantization: for int8 / int4g32 weights (and int8gG on AVX-512 VNNI builds) the extension
+Activation quantization: for int8 / int4g32 / q4_k weights (and int8gG on AVX-512 VNNI builds) the extension
 quantizes x and h = silu(g) * u to int8 with one fp32 scale per 32-group and uses integer dot products
 (AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization tolerance"). Auto (None) =
 on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32 weights always take the
@@ -39,7 +39,7 @@ from hotexperts.quant import dequantize
 from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 _FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "int4g32": 4, "int8g32": 5,
-        "int8g16": 5}
+        "int8g16": 5, "q4_k": 6}
 _warned: set[str] = set()
 
 
@@ -62,12 +62,13 @@ def cpu_moe_backend(isa: str = "native") -> str:
 
 
 def _parts(w: Weight):
-    """(format code, q, scale, zero) for the extension, or None if it cannot read this weight."""
+    """(format code, q, scale, zero) for the extension, or None if it cannot read this weight (scale and zero
+    may be None: q4_k has neither, int8 and int8gG may lack the zero)."""
     if isinstance(w, QuantizedWeight):
         if w.fmt not in _FMT or w.q.device.type != "cpu":
             return None
-        zero = None if w.zero is None else w.zero.contiguous()
-        return _FMT[w.fmt], w.q.contiguous(), w.scale.contiguous(), zero
+        scale, zero = (None if t is None else t.contiguous() for t in (w.scale, w.zero))
+        return _FMT[w.fmt], w.q.contiguous(), scale, zero
     if w.dtype not in _FMT or w.device.type != "cpu":
         return None
     return _FMT[w.dtype], w.contiguous(), None, None

@@ -7,7 +7,8 @@ Contract (docs/architecture.md, "Kernel contracts"):
              g, u = split(w13[s] @ x[t]) (first I rows gate, last I rows up).
     slot_of None = identity (S == E). ids == -1 or slot -1 contribute 0 (even if the slot holds NaNs).
     out is written, not accumulated. Result dtype = x.dtype; accumulation in fp32 (fp64 for fp64 inputs).
-    w13 / w2 may be dense tensors or QuantizedWeight (int8, int4g32; the fallback dequantizes the slots used).
+    w13 / w2 may be dense tensors or QuantizedWeight (int8, int4g32, int8gG, q4_k; the fallback dequantizes
+    the slots used).
 
 Backends ("auto" picks the first that applies):
     triton: CUDA tensors, contiguous weights, triton importable; dense bf16/fp16/fp32 weights on both

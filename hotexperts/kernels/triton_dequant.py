@@ -2,12 +2,14 @@
 
     dequant_slots(w: QuantizedWeight [S, N, Kc], idx [C] int64, dtype, out=None) -> [C, N, Kc] dtype
     int4g32: w = (q - 8) * scale + zero per 32 columns; int8: w = q * scale per row;
-    int8gG: w = q * scale (+ zero) per G = 16 or 32 columns.
+    int8gG: w = q * scale (+ zero) per G = 16 or 32 columns;
+    q4_k (q [S, N, Kc/256 * 144], GGUF Q4_K blocks): w = (d * sc_j) * q - dmin * m_j per sub-block j of 32.
 The math is fp32 and rounds once to `dtype`, like experts/quant.dequantize(w[idx], float32).to(dtype)
 (the product (q - 8) * scale is exact in fp32, so a fused multiply-add gives the same bits). Prompt batches
 over quantized slots (kernels/gpu_moe.dequant_chunks_moe) use it: the torch-op version wrote fp32
 temporaries several times over (~2-3 ms per 16 Qwen3-30B-A3B experts on the H200).
-Grid (C, cdiv(N, BR)); each program walks its rows' columns in blocks of BK (a multiple of 32).
+Grid (C, cdiv(N, BR)); each program walks its rows' columns in blocks of BK (a multiple of 32); q4_k: NB
+Q4_K blocks (256 columns each) at a time. q4k_scales is shared with the decode GEMV (triton_moe._rowdot_q4k).
 """
 
 from __future__ import annotations
@@ -15,6 +17,62 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+Q4K_BLOCK = (8, 512, 4)     # q4_k dequantize: rows, columns (2 blocks), warps per program (not yet swept)
+
+
+@triton.jit
+def q4k_scales(q_ptr, boff, m):
+    """Q4_K block headers at byte offsets boff [BR, NB] (masked by m) -> (ae, ao, be, bo) [BR, NB, 4] fp32:
+    chunk c's sub-blocks 2c (low nibbles: w = ae q - be) and 2c + 1 (high: w = ao q - bo); a = d * sc and
+    b = dmin * m are exact in fp32. The header is 4 int32 words: d | dmin << 16, then the 12 bytes of 6-bit
+    scales, decoded with llama.cpp's masks and shifts (get_scale_min_k4)."""
+    hp = (q_ptr + boff).to(tl.pointer_type(tl.int32))                 # blocks are 144 = 9 * 16 bytes
+    w0 = tl.load(hp, mask=m, other=0)
+    u0 = tl.load(hp + 1, mask=m, other=0)
+    u1 = tl.load(hp + 2, mask=m, other=0)
+    u2 = tl.load(hp + 3, mask=m, other=0)
+    d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc_lo = u0 & 0x3F3F3F3F                                           # bytes: sc0 .. sc3
+    sc_hi = (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)      # sc4 .. sc7
+    m_lo = u1 & 0x3F3F3F3F
+    m_hi = ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)
+    c = tl.arange(0, 4)[None, None, :]                                # chunk: sub-blocks 2c, 2c + 1
+    sh = (c % 2) * 16                                                 # sc_{2c} is byte 2 (c % 2) of its word
+    ws = tl.where(c < 2, sc_lo[:, :, None], sc_hi[:, :, None])
+    wm = tl.where(c < 2, m_lo[:, :, None], m_hi[:, :, None])
+    d3, dm3 = d[:, :, None], dmin[:, :, None]
+    ae = d3 * ((ws >> sh) & 0xFF).to(tl.float32)
+    ao = d3 * ((ws >> (sh + 8)) & 0xFF).to(tl.float32)
+    be = dm3 * ((wm >> sh) & 0xFF).to(tl.float32)
+    bo = dm3 * ((wm >> (sh + 8)) & 0xFF).to(tl.float32)
+    return ae, ao, be, bo
+
+
+@triton.jit
+def _q4k_kernel(q_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, so_e, so_n, BR: tl.constexpr, NB: tl.constexpr):
+    c = tl.program_id(0)
+    e = tl.load(idx_ptr + c).to(tl.int64)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nblk = KC // 256
+    cc = tl.arange(0, 4)[None, None, :, None]                         # chunk
+    ll = tl.arange(0, 32)[None, None, None, :]                        # byte in the chunk
+    for b0 in range(0, nblk, NB):
+        blk = b0 + tl.arange(0, NB)                                   # [NB]
+        m = rmask[:, None] & (blk < nblk)[None, :]                    # [BR, NB]
+        boff = e * sq_e + r64[:, None] * sq_n + blk[None, :].to(tl.int64) * 144
+        ae, ao, be, bo = q4k_scales(q_ptr, boff, m)                   # [BR, NB, 4]
+        m4 = m[:, :, None, None]
+        q = tl.load(q_ptr + boff[:, :, None, None] + 16 + cc * 32 + ll, mask=m4, other=0)   # [BR, NB, 4, 32]
+        we = ae[:, :, :, None] * (q & 15).to(tl.float32) - be[:, :, :, None]
+        wo = ao[:, :, :, None] * (q >> 4).to(tl.float32) - bo[:, :, :, None]
+        col = blk[None, :, None, None].to(tl.int64) * 256 + cc * 64 + ll                    # sub-block 2c
+        optr = out_ptr + c * so_e + r64[:, None, None, None] * so_n + col
+        tl.store(optr, we.to(out_ptr.dtype.element_ty), mask=m4)
+        tl.store(optr + 32, wo.to(out_ptr.dtype.element_ty), mask=m4)                      # 2c + 1
 
 
 @triton.jit
@@ -85,7 +143,8 @@ def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | 
     [C, N, Kc] buffer of `dtype` with unit last stride to write into (e.g. part of a chunk buffer).
     block: (rows, columns, warps) per program (BK a multiple of 64); default: (8, 256, 4) for rows of 2048+
     columns, else (16, 256, 4) — the fastest in scripts/bench_dequant.py's sweep on the H200 (run 14:
-    Qwen3-30B-A3B w13 146 vs 240 µs for 27 experts with the old (16, 128); w2 54 µs either way)."""
+    Qwen3-30B-A3B w13 146 vs 240 µs for 27 experts with the old (16, 128); w2 54 µs either way).
+    q4_k: columns per program step = NB * 256 (NB = BK // 256, at least 1; default Q4K_BLOCK)."""
     S, N, KC = w.shape
     C = idx.numel()
     if out is None:
@@ -95,6 +154,12 @@ def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | 
     if C == 0:
         return out
     idx = idx.to(torch.int64).contiguous()
+    if w.fmt == "q4_k":
+        q = w.q.contiguous()
+        BR, BK, warps = block or Q4K_BLOCK
+        _q4k_kernel[(C, triton.cdiv(N, BR))](q, idx, out, N, KC, q.stride(0), q.stride(1), out.stride(0),
+                                            out.stride(1), BR=BR, NB=max(1, BK // 256), num_warps=warps)
+        return out
     BR, BK, warps = block or ((8, 256, 4) if KC >= 2048 else (16, 256, 4))
     grid = (C, triton.cdiv(N, BR))
     q, s = w.q.contiguous(), w.scale.contiguous()

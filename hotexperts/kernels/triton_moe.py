@@ -10,7 +10,8 @@ No host synchronisation: every shape depends only on (T, K, S, D, I), so a call 
 Two paths, chosen from static shapes (pairs P = T*K, slots S):
   decode  (T == 1 or P <= min(DECODE_MAX_PAIRS, S // 4)): GEMV kernels; each pair reads its expert.
       Weights dense (bf16/fp16/fp32) or QuantizedWeight int8 (per-row scale) / int4g32 / int8gG (scale and
-      optional zero per G = 16 or 32 columns), dequantized in-kernel.
+      optional zero per G = 16 or 32 columns) / q4_k (GGUF Q4_K blocks read in place: per block the 6-bit
+      scales are unpacked once, per 32-column sub-block w = d sc q - dmin m), dequantized in-kernel.
       A: grid (P, cdiv(I, BN)): h[p, n] = silu(x.G[s,n]) * (x.U[s,n]) for a block of rows n, fp32.
       B: grid (T, cdiv(D, BD)): out[t, d] = sum_k w[t,k] * W2[s, d, :] . h[t*K+k]  (one flat loop over
          (k, I-chunk) so loads of different experts overlap; no atomics, deterministic).
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from hotexperts.kernels.triton_dequant import q4k_scales
 
 DECODE_MAX_PAIRS = 32
 
@@ -94,6 +97,67 @@ def _rowdot_int8g(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, n, GS: tl.const
 
 
 @triton.jit
+def _q4k_part(q_ptr, boff, m, v_ptr, blk, bm, NB: tl.constexpr):
+    """[BR, NB, 4] fp32: rows' Q4_K blocks blk [NB] (mask bm) at byte offsets boff [BR, NB] (mask m) times the
+    activations v, per chunk c of a block: sub-block 2c (low nibbles) plus 2c + 1 (high nibbles). The nibbles
+    are one [BR, NB, 4, 32] uint8 load (128 contiguous bytes per block: 16-byte vector loads); the header is
+    four int32 words per block (triton_dequant.q4k_scales)."""
+    cc = tl.arange(0, 4)[None, :, None]
+    ll = tl.arange(0, 32)[None, None, :]
+    cols = blk[:, None, None].to(tl.int64) * 256 + cc * 64 + ll                 # [NB, 4, 32]: sub-block 2c
+    vm = bm[:, None, None]
+    ve = tl.load(v_ptr + cols, mask=vm, other=0.0).to(tl.float32)
+    vo = tl.load(v_ptr + cols + 32, mask=vm, other=0.0).to(tl.float32)          # sub-block 2c + 1
+    ae, ao, be, bo = q4k_scales(q_ptr, boff, m)                                  # [BR, NB, 4]
+    q = tl.load(q_ptr + boff[:, :, None, None] + 16 + cc[None] * 32 + ll[None], mask=m[:, :, None, None],
+                other=0)                                                         # [BR, NB, 4, 32]
+    de = tl.sum((q & 15).to(tl.float32) * ve[None], axis=3)
+    do = tl.sum((q >> 4).to(tl.float32) * vo[None], axis=3)
+    return ae * de + ao * do - be * tl.sum(ve, axis=2)[None] - bo * tl.sum(vo, axis=2)[None]
+
+
+@triton.jit
+def _gate_up_q4k(q_ptr, roff, uoff, rmask, v_ptr, n, STAGES: tl.constexpr, BR: tl.constexpr,
+                 NB: tl.constexpr):
+    """Gate and up q4_k rows (byte offsets roff, uoff [BR]) in one pipelined loop over NB blocks at a time:
+    ([BR], [BR]) fp32 dots with v[0:n] (n a multiple of 256)."""
+    nblk = n // 256
+    acc_g = tl.zeros([BR, NB, 4], dtype=tl.float32)
+    acc_u = tl.zeros([BR, NB, 4], dtype=tl.float32)
+    for b0 in tl.range(0, nblk, NB, num_stages=STAGES):
+        blk = b0 + tl.arange(0, NB)
+        bm = blk < nblk
+        m = rmask[:, None] & bm[None, :]
+        bo = blk[None, :].to(tl.int64) * 144
+        acc_g += _q4k_part(q_ptr, roff[:, None] + bo, m, v_ptr, blk, bm, NB)
+        acc_u += _q4k_part(q_ptr, uoff[:, None] + bo, m, v_ptr, blk, bm, NB)
+    return tl.sum(tl.sum(acc_g, axis=2), axis=1), tl.sum(tl.sum(acc_u, axis=2), axis=1)
+
+
+@triton.jit
+def _down_q4k(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, t, rows, dmask, K, I, stride_ws, stride_wd,
+              HAS_MAP: tl.constexpr, STAGES: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr):
+    """[BD] fp32: sum_k w[t,k] * W2[s_k, rows, :] . h[t*K+k] for q4_k W2, as one flat pipelined loop over
+    (k, NB-block chunk) so loads of different experts overlap (I = 768 is only 3 blocks per row)."""
+    nblk = I // 256
+    nc = tl.cdiv(nblk, NB)
+    acc = tl.zeros([BD, NB, 4], dtype=tl.float32)
+    for j in tl.range(0, K * nc, num_stages=STAGES):
+        k = j // nc
+        b0 = (j - k * nc) * NB
+        p = t * K + k
+        s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
+        s0 = tl.maximum(s, 0)
+        wt = tl.where(s >= 0, tl.load(wts_ptr + p).to(tl.float32), 0.0)
+        vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)              # [BD]
+        blk = b0 + tl.arange(0, NB)
+        bm = blk < nblk
+        boff = (s0 * stride_ws + rows.to(tl.int64) * stride_wd)[:, None] + blk[None, :].to(tl.int64) * 144
+        acc += wt * _q4k_part(q_ptr, boff, vmask[:, None] & bm[None, :], h_ptr + p * I, blk, bm, NB)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
 def _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, n,
                    SCALED: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
                    BR: tl.constexpr, BK: tl.constexpr):
@@ -124,7 +188,8 @@ def _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, n,
 def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
                     K, D, I, stride_xt, stride_ws, stride_wn, stride_ss, stride_sn,
                     HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True):
+                    BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True,
+                    NB: tl.constexpr = 1):
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = p // K
@@ -143,6 +208,8 @@ def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
     elif QF == 3:
         g = _rowdot_int8g(q_ptr, s_ptr, z_ptr, roff, soff, rmask, v_ptr, D, GS, HAS_Z, STAGES, BN, BK)
         u = _rowdot_int8g(q_ptr, s_ptr, z_ptr, uoff, usoff, rmask, v_ptr, D, GS, HAS_Z, STAGES, BN, BK)
+    elif QF == 4:
+        g, u = _gate_up_q4k(q_ptr, roff, uoff, rmask, v_ptr, D, STAGES, BN, NB)
     else:
         g, u = _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, D,
                               QF == 1, EVEN_D, STAGES, BN, BK)
@@ -188,12 +255,16 @@ def _down_dense(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, t, rows, dma
 def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
                  K, D, I, stride_ws, stride_wd, stride_ss, stride_sd, stride_ot,
                  HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_I: tl.constexpr, STAGES: tl.constexpr,
-                 BD: tl.constexpr, BI: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True):
+                 BD: tl.constexpr, BI: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True,
+                 NB: tl.constexpr = 1):
     t = tl.program_id(0)
     db = tl.program_id(1)
     rows = db * BD + tl.arange(0, BD)                     # [BD] output features d
     dmask = rows < D
-    if QF >= 2:
+    if QF == 4:
+        acc = _down_q4k(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, t, rows, dmask, K, I, stride_ws,
+                        stride_wd, HAS_MAP, STAGES, BD, NB)
+    elif QF >= 2:
         acc = tl.zeros([BD], dtype=tl.float32)
         for k in range(0, K):
             p = t * K + k
@@ -352,30 +423,42 @@ def _unpack(w) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     if fmt in ("int8g32", "int8g16"):
         zero = w.zero if w.zero is not None else w.scale
         return 3, w.q, w.scale, zero, {"GS": int(fmt[5:]), "HAS_Z": w.zero is not None}
+    if fmt == "q4_k":
+        return 4, w.q, w.q, w.q, {}
     raise ValueError(f"unsupported quantized format {fmt!r}")
 
 
 def _sstrides(qf: int, sc: torch.Tensor) -> tuple[int, int]:
-    return (sc.stride(0), sc.stride(1)) if qf else (0, 0)
+    return (sc.stride(0), sc.stride(1)) if qf in (1, 2, 3) else (0, 0)
 
 
 def _quant_config(w13, w2) -> dict:
     """Per-format decode blocks from the H200 sweeps (scripts/bench_gpu_moe.py --quant-sweep, Qwen3-30B-A3B
     layer, T=1): int4g32 8 warps (40.7 vs 46.4 us with 4, run 5); int8gG 4 warps and 8 gate/up rows per
     program (int8g32 30.8 vs 33.7 us, int8g16 with zero 33.4 vs 42.7 us with 8 warps and 16 rows, run 17).
-    Each kernel takes its own matrix's warps (w13 and w2 may differ, e.g. a Q4_K_M file)."""
+    Each kernel takes its own matrix's warps (w13 and w2 may differ, e.g. a Q4_K_M file).
+    q4_k (not measured on a GPU yet; the lead's sweep knobs: BN, NB_A, warps_a, BD, NB_B, warps_b, stages):
+    kernel A 16 gate + 16 up rows x 2 blocks per step (9.2 KB of weights per step, 384 programs at T=1),
+    8 warps; kernel B 8 rows x 4 blocks (one step per expert for I = 768; the 4th block is masked, no
+    traffic), 4 warps, 256 programs."""
     f13, f2 = getattr(w13, "fmt", None), getattr(w2, "fmt", None)
-    warps = {"int4g32": 8, "int8g32": 4, "int8g16": 4}
+    warps = {"int4g32": 8, "int8g32": 4, "int8g16": 4, "q4_k": 8}
     out = {"warps_a": warps[f13]} if f13 in warps else {}
     if f2 in warps:
-        out["warps_b"] = warps[f2]
+        out["warps_b"] = 4 if f2 == "q4_k" else warps[f2]
     if f13 in ("int8g32", "int8g16"):
         out["BN"] = 8
+    if f13 == "q4_k":
+        out["NB_A"] = 2
+    if f2 == "q4_k":
+        out["NB_B"] = 4
     return out
 
 
 def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
-    """GEMV path (small T*K); dense, int8, int4g32 or int8gG weights. See module docstring."""
+    """GEMV path (small T*K); dense, int8, int4g32, int8gG or q4_k weights. See module docstring.
+    cfg keys (decode_config, _quant_config): BN, BK, BD, BI, num_warps, stages, warps_a, warps_b, and for q4_k
+    NB_A / NB_B (Q4_K blocks of 256 columns per loop step of kernel A / B)."""
     T, K = ids.shape
     S, I2, D = w13.shape
     I = I2 // 2
@@ -388,6 +471,10 @@ def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | Non
     smap = slot_of if slot_of is not None else ids
     qa, q13, s13, z13, ka = _unpack(w13)
     qb, q2, s2, z2, kb = _unpack(w2)
+    if qa == 4:                                                          # q4_k: blocks per loop step
+        ka["NB"] = cfg.get("NB_A", 2)
+    if qb == 4:
+        kb["NB"] = cfg.get("NB_B", 4)
     bk = max(64, cfg["BK"] * 2) if qa == 2 else cfg["BK"]                # int4: same bytes per load
     bi = max(64, cfg["BI"] * 2) if qb == 2 else cfg["BI"]
     grid_a = (T * K, triton.cdiv(I, cfg["BN"]))
@@ -457,7 +544,8 @@ def uses_decode(T: int, K: int, S: int) -> bool:
 
 
 def supports(ids: torch.Tensor, w13, w2) -> bool:
-    """Quantized slots (int8, int4g32, int8gG) run on the decode path only; dense weights on both paths."""
+    """Quantized slots (int8, int4g32, int8gG, q4_k) run on the decode path only (prompt batches over them:
+    gpu_moe.dequant_chunks_moe); dense weights on both paths."""
     dense = getattr(w13, "fmt", None) is None and getattr(w2, "fmt", None) is None
     return dense or uses_decode(ids.shape[0], ids.shape[1], w13.shape[0])
 

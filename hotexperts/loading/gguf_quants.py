@@ -1,9 +1,10 @@
-"""GGML block formats <-> our weights: exact int4g32 (Q4_0/Q4_1/Q4_K) and int8gG (Q8_0, Q5_*, Q6_K, and
-the Q4 types when a matrix mixes them with those), dequantization for the rest.
+"""GGML block formats <-> our weights: Q4_K as is (q4_k), exact int4g32 (Q4_0/Q4_1, and Q4_K beside them) and
+int8gG (Q8_0, Q5_*, Q6_K, and the Q4 types when a matrix mixes them with those), dequantization for the rest.
 
 A GGUF matrix [..., N, K] is stored row by row, each row K/bs blocks of `bs` weights (32 or 256), as bytes
 `raw` uint8 [..., N, K/bs * block_bytes] (gguf's ReaderTensor.data for block types).
 
+    to_q4_k(raw)                    -> QuantizedWeight "q4_k": the Q4_K bytes [..., N, K/256 * 144] (a view)
     FAST_TYPES                      ggml types that map exactly onto int4g32 (experts stay 4-bit)
     to_int4g32(raw, qtype, scale_dtype=float16) -> QuantizedWeight "int4g32" (w = (q - 8) * scale + zero)
     INT8_TYPES, int8_spec(types) -> (group, zero?) of the int8gG format a set of types maps onto, or None
@@ -46,8 +47,16 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from hotexperts.errors import ModelLoadError
-from hotexperts.quant import int8g_from_int4g32
-from hotexperts.weights import QuantizedWeight
+from hotexperts.quant import (
+    fp16_bytes,
+    int8g_from_int4g32,
+    k_scales,
+    min_max_k,
+    pack_k_scales,
+    pack_q4_k,
+    scale_of,
+)
+from hotexperts.weights import Q4K_BYTES, QuantizedWeight
 
 Q = GGMLQuantizationType
 FAST_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
@@ -83,14 +92,6 @@ def _repack(qs: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat((first, second), -1).to(torch.uint8).flatten(-2)
 
 
-def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K packed bytes [..., 12] uint8 -> (sc, m) [..., 8] 6-bit ints (llama.cpp get_scale_min_k4)."""
-    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = torch.cat((lo_sc & 63, (hi & 15) | ((lo_sc >> 6) << 4)), -1)
-    m = torch.cat((lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)), -1)
-    return sc, m
-
-
 def _affine_q4_0(b):                     # b [..., nb, 18] -> packed [..., nb, 16], a, b [..., nb, 1]
     d = _half(b, 0)
     return _repack(b[..., 2:18], 32), d, -8.0 * d
@@ -106,6 +107,14 @@ def _affine_q4_k(b):                     # b [..., nb, 144] -> packed [..., nb, 
 
 
 _AFFINE = {Q.Q4_0: _affine_q4_0, Q.Q4_1: _affine_q4_1, Q.Q4_K: _affine_q4_k}
+
+
+def to_q4_k(raw: np.ndarray) -> QuantizedWeight:
+    """A Q4_K matrix raw [..., N, K/256 * 144] as our "q4_k" weight: the file's bytes, no conversion. The
+    tensor is a view of `raw` (e.g. of the memory map): concatenate or clone it before keeping it."""
+    if raw.dtype != np.uint8 or raw.shape[-1] % Q4K_BYTES:
+        raise ModelLoadError(f"Q4_K data must be uint8 rows of 144-byte blocks, got {raw.dtype} {raw.shape}")
+    return QuantizedWeight("q4_k", _tensor(raw), None)
 
 
 def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
@@ -260,58 +269,19 @@ def quantize(w: np.ndarray | torch.Tensor, qtype: Q) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(torch.as_tensor(w).float().cpu().numpy()), qtype)
 
 
-def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float32 [...] -> uint8 [..., 2] (fp16 bits)."""
-    return x.half().unsqueeze(-1).view(torch.uint8)
-
-
-def _scale_of(amax: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Super-block scale d (rounded to fp16) and its safe reciprocal for `levels` integer steps."""
-    d = (amax / levels).half().float()
-    return d, torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
-
-
-def _pack_k_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """(sc, m) [..., 8] 6-bit -> [..., 12] bytes (inverse of k_scales)."""
-    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
-    return torch.cat((sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
-                      (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)), -1)
-
-
-def _min_max_k(x: torch.Tensor, qmax: int):
-    """Q4_K/Q5_K grid of x [..., nb, 256]: (q [..., nb, 256] d, dmin [..., nb], sc, m [..., nb, 8])."""
-    g = x.unflatten(-1, (8, 32))                                   # [..., nb, 8, 32]
-    lo = g.amin(-1).clamp(max=0.0)                                 # w = d sc q - dmin m, m >= 0
-    step, off = (g.amax(-1) - lo) / qmax, -lo                      # [..., nb, 8]
-    d, inv_d = _scale_of(step.amax(-1), 63)
-    dmin, inv_dmin = _scale_of(off.amax(-1), 63)
-    sc = torch.round(step * inv_d[..., None]).clamp(0, 63)
-    m = torch.round(off * inv_dmin[..., None]).clamp(0, 63)
-    a, b = d[..., None] * sc, dmin[..., None] * m                  # [..., nb, 8]
-    q = torch.round((g + b[..., None]) / torch.where(a > 0, a, 1.0)[..., None]).clamp(0, qmax)
-    return q.to(torch.uint8).flatten(-2), d, dmin, sc, m
-
-
-def _pack_q4_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 144]
-    q, d, dmin, sc, m = _min_max_k(x, 15)
-    c = q.unflatten(-1, (4, 2, 32))                                # chunk, (low, high) sub-block, 32
-    qs = (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
-    return torch.cat((_fp16_bytes(d), _fp16_bytes(dmin), _pack_k_scales(sc, m), qs), -1)
-
-
 def _pack_q5_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 176]
-    q, d, dmin, sc, m = _min_max_k(x, 31)
+    q, d, dmin, sc, m = min_max_k(x, 31)
     c = q.unflatten(-1, (4, 2, 32))                                # chunk c, sub-block 2c + h, l
     qs = ((c[..., 0, :] & 15) | ((c[..., 1, :] & 15) << 4)).flatten(-2)
     bits = (c >> 4).flatten(-3, -2)                                # [..., nb, 8, 32]: high bit of sub-block j
     qh = sum(bits[..., j, :] << j for j in range(8)).to(torch.uint8)   # [..., nb, 32], bit j = sub-block j
-    return torch.cat((_fp16_bytes(d), _fp16_bytes(dmin), _pack_k_scales(sc, m), qh, qs), -1)
+    return torch.cat((fp16_bytes(d), fp16_bytes(dmin), pack_k_scales(sc, m), qh, qs), -1)
 
 
 def _pack_q6_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 256] -> [..., nb, 210]
     g = x.unflatten(-1, (16, 16))                                  # 16 groups of 16 (symmetric)
     step = g.abs().amax(-1) / 31.0                                 # [..., nb, 16]
-    d, inv_d = _scale_of(step.amax(-1), 127)
+    d, inv_d = scale_of(step.amax(-1), 127)
     sc = torch.round(step * inv_d[..., None]).clamp(0, 127)       # int8 scales >= 0
     a = d[..., None] * sc
     q = torch.round(g / torch.where(a > 0, a, 1.0)[..., None]).clamp(-32, 31) + 32
@@ -320,7 +290,7 @@ def _pack_q6_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 
                     (q[..., 1, :] & 15) | ((q[..., 3, :] & 15) << 4)), -1)          # [..., 2, 64]
     qh = sum((q[..., k, :] >> 4) << (2 * k) for k in range(4)).to(torch.uint8)     # [..., 2, 32]
     scales = sc.to(torch.int8).view(torch.uint8)
-    return torch.cat((ql.flatten(-2), qh.flatten(-2), scales, _fp16_bytes(d)), -1)
+    return torch.cat((ql.flatten(-2), qh.flatten(-2), scales, fp16_bytes(d)), -1)
 
 
-_PACKERS = {Q.Q4_K: _pack_q4_k, Q.Q5_K: _pack_q5_k, Q.Q6_K: _pack_q6_k}
+_PACKERS = {Q.Q4_K: pack_q4_k, Q.Q5_K: _pack_q5_k, Q.Q6_K: _pack_q6_k}

@@ -92,8 +92,8 @@ def test_mixtral_qk_rows_are_permuted_in_the_file(tmp_path):
     assert torch.equal(raw, want) and not torch.equal(raw, q)
 
 
-@pytest.mark.parametrize("quant,preset", [("q4_k", "tiny-qwen3-moe"), ("q4_0", "tiny-qwen2-moe"),
-                                          ("q4_1", "tiny-olmoe"), ("q4_k", "tiny-mixtral")])
+@pytest.mark.parametrize("quant,preset", [("q4_1", "tiny-qwen3-moe"), ("q4_0", "tiny-qwen2-moe"),
+                                          ("q4_1", "tiny-olmoe"), ("q4_0", "tiny-mixtral")])   # Q4_K: q4_k
 def test_q4_experts_stay_int4g32(tmp_path, quant, preset):
     lm = build(preset, wide=True)
     path = write_gguf(lm, tmp_path / "m.gguf", quant)[0]
@@ -165,7 +165,7 @@ def test_q4_k_m_overrides_follow_llama_cpp():
 
 def test_q4_k_m_mix_keeps_every_matrix_quantized(tmp_path):
     """Q4_K_M-like: Q6_K down in one layer, Q4_K elsewhere -> w2 is int8g16 (with zero) in every layer,
-    exact for both types; w13 stays int4g32."""
+    exact for both types; w13 (Q4_K in every layer) stays q4_k."""
     lm = build("tiny-qwen3-moe", wide=True)
     path = write_gguf(lm, tmp_path / "m.gguf", "q4_k_m")[0]             # 2 layers: layer 1's down is Q6_K
     f = GGUFFile(path)
@@ -174,7 +174,7 @@ def test_q4_k_m_mix_keeps_every_matrix_quantized(tmp_path):
     exact = load_gguf(path, dtype="float32", device="cpu", expert_scale_dtype="float32")
     for l in exact.store.layers:
         le = exact.store.layer(l)
-        assert le.w13.fmt == "int4g32" and le.w2.fmt == "int8g16" and le.w2.zero is not None
+        assert le.w13.fmt == "q4_k" and le.w2.fmt == "int8g16" and le.w2.zero is not None
     ref = logits(exact, reference_experts(path, exact.cfg))
     torch.testing.assert_close(logits(exact), ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(logits(load_gguf(path, dtype="float32", device="cpu")), ref, rtol=0, atol=2e-2)

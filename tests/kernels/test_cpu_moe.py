@@ -29,6 +29,7 @@ from hotexperts.quant import (
     quantize_int8,
     quantize_int8g,
     quantize_layer,
+    quantize_q4_k,
 )
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
@@ -63,7 +64,8 @@ def reference(x, ids, weights, experts: LayerExperts, act_quant: bool = False, d
 
 def make_layer(fmt: str, gen: torch.Generator) -> LayerExperts:
     E = int(torch.randint(TOP_K, 17, (1,), generator=gen))
-    D, I = (32 * int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(2))
+    unit = 256 if fmt == "q4_k" else 32                       # q4_k rows are whole 256-weight blocks
+    D, I = (unit * int(torch.randint(1, 5 if unit == 32 else 3, (1,), generator=gen)) for _ in range(2))
     w13, w2 = torch.randn(E, 2 * I, D, generator=gen), torch.randn(E, D, I, generator=gen)
     layer = LayerExperts(w13 * 0.2, w2 * 0.2)
     if fmt in ("bf16", "fp16"):
@@ -109,7 +111,7 @@ requires_ext = pytest.mark.skipif(cm.cpu_moe_backend() == "torch", reason="C++ e
 
 
 @requires_ext
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8", "int4g32", "int8g32", "int8g16"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8", "int4g32", "int8g32", "int8g16", "q4_k"])
 @pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
 def test_extension_matches_reference(T, fmt):
     check(cm.cpu_moe, T, fmt, seed=T * 31 + len(fmt), act_quant=False)
@@ -123,12 +125,14 @@ INT8G_INT = cm.cpu_moe_int_dot() == "avx512vnni"
 def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtype=torch.float16,
                 zero_dtype=None) -> LayerExperts:
     """A layer of a given shape; w13 and w2 in formats f13, f2 ("int8", "int4g32", "int8g32", "int8g16",
-    "int8gGz" = int8gG with a zero, from int4g32, "fp32"); int4 scale and zero dtypes may differ."""
+    "int8gGz" = int8gG with a zero, from int4g32, "q4_k", "fp32"); int4 scale and zero dtypes may differ."""
     gen = torch.Generator().manual_seed(seed)
 
     def q(w, fmt):
         if fmt == "int8":
             return quantize_int8(w)
+        if fmt == "q4_k":
+            return quantize_q4_k(w)
         if fmt.startswith("int8g"):
             g = int(fmt[5:7])
             return int8g_from_int4g32(quantize_int4g32(w, scale_dtype), g) if fmt.endswith("z") else \
@@ -149,7 +153,9 @@ def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtyp
 SHAPES = [("int4g32", "int4g32", 5, 544, 416), ("int8", "int8", 5, 544, 416), ("int4g32", "int8", 7, 544, 96),
           ("int8", "int4g32", 5, 96, 544), ("int4g32", "int4g32", 9, 2048, 768),
           ("int8", "int8", 9, 2048, 768), ("int8g16z", "int8g32", 5, 544, 416),
-          ("int8g32z", "int8g16", 5, 96, 544), ("int8g32", "int8g16z", 9, 2048, 768)]
+          ("int8g32z", "int8g16", 5, 96, 544), ("int8g32", "int8g16z", 9, 2048, 768),
+          ("q4_k", "q4_k", 9, 2048, 768), ("q4_k", "int8g16z", 5, 512, 768), ("int4g32", "q4_k", 5, 544, 512),
+          ("q4_k", "int8", 7, 1280, 256)]
 
 
 @requires_int
@@ -194,7 +200,7 @@ def test_prefetch_distance_does_not_change_results():
 
 
 @requires_int
-@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32", "int8g16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32", "int8g16", "q4_k"])
 @pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
 def test_int8_activation_path(T, fmt):
     if fmt.startswith("int8g") and not INT8G_INT:
@@ -218,14 +224,14 @@ def test_act_quant_default_and_switch():
     assert torch.equal(cm.cpu_moe(x, ids, w, bf, act_quant=True), cm.cpu_moe(x, ids, w, bf, act_quant=False))
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4g32", "int8g16"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4g32", "int8g16", "q4_k"])
 @pytest.mark.parametrize("T", [1, 16])
 def test_torch_fallback_matches_reference(T, fmt):
     check(cm.cpu_moe_torch, T, fmt, seed=T * 7 + len(fmt))
 
 
 @requires_ext
-@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32"])
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int8g32", "q4_k"])
 @pytest.mark.parametrize("act_quant", [False, True])
 def test_bf16_activations_and_output(fmt, act_quant):
     if act_quant and (cm.cpu_moe_int_dot() == "none" or (fmt == "int8g32" and not INT8G_INT)):
@@ -299,3 +305,51 @@ def test_thread_setting():
     assert KernelOptions(cpu_threads=3).threads(beside_gpu=True) == 3
     with pytest.raises(HotExpertsError, match="thread count must be >= 1"):
         KernelOptions(cpu_threads=0)
+
+
+# The AVX2 (-mno-avx512f: the 256-bit integer kernels, AVX-VNNI or vpmaddubsw) and scalar (-mno-avx: the fp32
+# path only) builds of the same source, on this machine; built on first use (~1-2 min each), then cached.
+@requires_ext
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("shape", [("q4_k", "q4_k", 5, 512, 768), ("int4g32", "q4_k", 4, 544, 256),
+                                   ("q4_k", "int8g16z", 4, 256, 512)], ids=lambda s: "-".join(map(str, s)))
+def test_other_isa_builds(isa, shape):
+    opt = KernelOptions(cpu_isa=isa)
+    if cm.cpu_moe_backend(isa) == "torch":
+        pytest.skip(f"the {isa} build is unavailable here")
+    assert cm.cpu_moe_backend(isa) == f"ext-{isa}"
+    f13, f2, E, D, I = shape
+    layer = sized_layer(f13, f2, E, D, I, seed=D + I)
+
+    def fn(x, ids, w, le, out, act_quant=None):
+        return cm.cpu_moe(x, ids, w, le, out, act_quant=act_quant, options=opt)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # no fallback
+        for T in (1, 6):
+            check(fn, T, f13, seed=T, act_quant=False, layer=layer)
+            if cm.cpu_moe_int_dot(isa) != "none" and "int8g" not in f2:   # AVX2: int8gG runs the fp32 path
+                check(fn, T, f13, seed=T, act_quant=True, layer=layer)
+
+
+@requires_ext
+def test_native_worker_serves_q4_k_experts():
+    """The decode mailbox's native thread (csrc/cpu_worker.cpp) takes q4_k weights (scale and zero None) and
+    a Q4_K_M-like mix, and gives the direct kernel call's result."""
+    from hotexperts.experts.mailbox import DecodeHandoff
+    from hotexperts.experts.store import ExpertStore
+
+    layers = {0: sized_layer("q4_k", "q4_k", 6, 256, 512, seed=1), 1: sized_layer("q4_k", "int8g16z", 6, 256,
+                                                                                   512, seed=2)}
+    store = ExpertStore(layers)
+    h = DecodeHandoff(store, [0, 1], 2, 256, torch.float32, "cpu")
+    try:
+        h.self_test(torch.float32)
+        x, ids, w = torch.randn(1, 256), torch.tensor([[4, 1]]), torch.tensor([[0.3, 0.7]])
+        h.post(1, x, ids, w, None)
+        got = h.collect(1, ids, None, None, torch.float32)
+        torch.testing.assert_close(got, cm.cpu_moe(x, ids, w, layers[1]))
+        h.take_step()
+    finally:
+        h.close()

@@ -269,3 +269,83 @@ def test_triton_dequant_matches_the_reference_bit_for_bit(triton_moe, fmt):
         else:                                     # the CPU interpreter's bf16 cast does not round to nearest
             torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
     assert dequant_slots(qw, idx[:0], torch.float32).shape == (0, 48, 96)
+
+
+# ------------------------------------------------------------------------- q4_k (GGUF Q4_K blocks in place)
+def _quant_q4k(w):
+    """q4_k of w [S, N, K] (K a multiple of 256) and its exact dequantization."""
+    from hotexperts.quant import dequantize, quantize_q4_k
+
+    qw = quantize_q4_k(w)
+    return qw, dequantize(qw)
+
+
+@needs_triton
+@pytest.mark.parametrize("T,K,D,I", [(1, 3, 512, 256), (2, 2, 256, 768)])
+@pytest.mark.parametrize("cfg", [None, {"BN": 16, "BK": 32, "BD": 16, "BI": 32, "num_warps": 4, "stages": 2,
+                                        "NB_A": 4, "NB_B": 2}], ids=["default", "masked-blocks"])
+def test_triton_decode_q4_k(triton_moe, T, K, D, I, cfg):
+    """Kernels A and B read q4_k slots in place; NB blocks per step past a row's end are masked (I = 768 is
+    3 blocks: NB_B = 2 and the default 4 both leave a masked block)."""
+    (x, ids, w, w13, w2, slot_of), _ = make_case(T, K, 6, 4, D, I, torch.float32, seed=9 + T)
+    (q13, d13), (q2, d2) = _quant_q4k(w13), _quant_q4k(w2)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    out = triton_moe.moe_decode(*(t.to(DEV) for t in (x, ids, w, q13, q2, slot_of)), cfg=cfg)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(gpu_moe(x, ids, w, q13, q2, slot_of), ref) < 1e-5   # torch fallback agrees
+
+
+@needs_triton
+def test_triton_decode_q4_k_beside_int8g16(triton_moe):
+    """A Q4_K_M file: w13 q4_k, w2 int8g16 with a zero (each kernel its own format)."""
+    (x, ids, w, w13, w2, slot_of), _ = make_case(1, 2, 6, 4, 256, 256, torch.float32, seed=12)
+    (q13, d13), (q2, d2) = _quant_q4k(w13), _quant_int8g(w2, "int8g16z")
+    out = triton_moe.moe_decode(*(t.to(DEV) for t in (x, ids, w, q13, q2, slot_of)))
+    assert rel_err(out, reference(x, ids, w, d13, d2, slot_of)) < 1e-5
+
+
+@needs_triton
+def test_triton_dequant_q4_k_bit_for_bit(triton_moe):
+    from hotexperts.kernels.triton_dequant import dequant_slots
+    from hotexperts.quant import dequantize
+
+    g = torch.Generator().manual_seed(4)
+    raw = torch.randint(0, 256, (5, 12, 3, 144), dtype=torch.uint8, generator=g)      # arbitrary blocks
+    raw[..., :4] = (torch.randn(5, 12, 3, 2, generator=g) * 0.01).half().view(torch.uint8)
+    for qw in (_quant_q4k(torch.randn(5, 48, 512, generator=g))[0], QuantizedWeight("q4_k", raw.flatten(-2),
+                                                                                     None)):
+        idx = torch.tensor([4, 0, 2], device=DEV)
+        want = dequantize(qw[idx.cpu()])
+        qd = QuantizedWeight("q4_k", qw.q.to(DEV), None)
+        for block in (None, (4, 256, 4), (16, 1024, 4)):              # 1, 2 (default), 4 blocks per step
+            assert torch.equal(dequant_slots(qd, idx, torch.float32, block=block).cpu(), want)
+        if DEV == "cuda":
+            assert torch.equal(dequant_slots(qd, idx, torch.bfloat16).cpu(), want.bfloat16())
+
+
+@needs_triton
+def test_quantized_prompt_batch_q4_k(triton_moe):
+    from hotexperts.kernels.gpu_moe import dequant_chunks_moe
+
+    (x, ids, w, w13, w2, slot_of), _ = make_case(9, 3, 6, 5, 256, 256, torch.float32, seed=13)
+    (q13, d13), (q2, d2) = _quant_q4k(w13), _quant_q4k(w2)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    x, ids, w, q13, q2, slot_of = (t.to(DEV) for t in (x, ids, w, q13, q2, slot_of))
+    out = dequant_chunks_moe(x, ids, w, q13, q2, slot_of, chunk=2)
+    assert rel_err(out, ref) < 5e-3                                   # tl.dot may use tf32 on GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T", [1, 2, 64])
+def test_gpu_moe_cuda_q4_k(T):
+    """q4_k slots of the Qwen3-30B-A3B expert shape on CUDA, bf16 activations: the auto path (T = 1: decode
+    GEMV; T = 64: slots dequantized in chunks for the grouped GEMM) and the decode kernels at T = 2."""
+    from hotexperts.kernels import triton_moe
+
+    (x, ids, w, w13, w2, slot_of), _ = make_case(T, 8, 32, 16, 2048, 768, torch.float32, seed=14)
+    (q13, d13), (q2, d2) = _quant_q4k(w13), _quant_q4k(w2)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    args = [t.to("cuda") for t in (x.bfloat16(), ids, w.bfloat16(), q13, q2, slot_of)]
+    assert rel_err(gpu_moe(*args), ref) < 2e-2
+    assert rel_err(triton_moe.moe_decode(*args), ref) < 2e-2

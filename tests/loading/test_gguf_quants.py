@@ -99,7 +99,7 @@ def test_int8_spec_picks_the_common_format():
 def test_k_scales_roundtrip():
     rng = np.random.default_rng(0)
     sc, m = torch.from_numpy(rng.integers(0, 64, (5, 8))), torch.from_numpy(rng.integers(0, 64, (5, 8)))
-    sc2, m2 = gq.k_scales(gq._pack_k_scales(sc, m))
+    sc2, m2 = gq.k_scales(gq.pack_k_scales(sc, m))
     assert torch.equal(sc2.long(), sc) and torch.equal(m2.long(), m)
 
 
@@ -129,3 +129,29 @@ def test_unsupported_type_is_one_clear_error():
         gq.dequantize(np.zeros((2, 32), np.int32), Q.I32, (2, 32), "blk.0.x")
     with pytest.raises(ModelLoadError, match="does not map onto int4g32"):
         gq.to_int4g32(np.zeros((2, 34), np.uint8), Q.Q8_0)
+
+
+# ---- q4_k: the file's Q4_K blocks kept as they are ----
+
+def test_q4_k_keeps_the_bytes_and_dequantizes_like_gguf():
+    raw = random_blocks(Q.Q4_K, rows=12, seed=4).reshape(3, 4, -1)          # [E, N, bytes], arbitrary bytes
+    w = gq.to_q4_k(raw)
+    assert w.fmt == "q4_k" and w.scale is None and w.q.shape == (3, 4, 3 * 144) and w.shape == (3, 4, 768)
+    assert np.shares_memory(w.q.numpy(), raw)                              # no conversion, no copy
+    want = quants.dequantize(raw.reshape(12, -1), Q.Q4_K).reshape(3, 4, 768)
+    np.testing.assert_array_equal(dequantize_int4(w).numpy(), want)        # bit for bit
+    np.testing.assert_array_equal(dequantize_int4(w[1]).numpy(), want[1])
+    with pytest.raises(ModelLoadError, match="144-byte blocks"):
+        gq.to_q4_k(np.zeros((2, 100), np.uint8))
+
+
+def test_q4_k_of_our_packer_equals_gguf_and_int4g32():
+    from hotexperts.quant import quantize_q4_k
+
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((6, 512)).astype(np.float32))
+    qw = quantize_q4_k(x)
+    raw = gq.quantize(x.numpy(), Q.Q4_K)
+    np.testing.assert_array_equal(qw.q.numpy(), raw)                       # the writers' packer
+    want = quants.dequantize(raw, Q.Q4_K)
+    np.testing.assert_array_equal(dequantize_int4(qw).numpy(), want)
+    np.testing.assert_array_equal(dequantize_int4(gq.to_int4g32(raw, Q.Q4_K, torch.float32)).numpy(), want)

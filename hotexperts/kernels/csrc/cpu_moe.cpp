@@ -5,7 +5,9 @@
 // Weights (contiguous, E experts stacked):  w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I].
 // Formats: f32, bf16, f16, int8 (per-row scale), int4g32 (q [N, K/2] uint8, low nibble = even column;
 // scale, zero [N, K/32]; w = (q - 8) * scale + zero), int8gG (q [N, K] int8; scale and optional zero
-// [N, K/G], G = 16 or 32; w = q * scale + zero). Activations and accumulation are fp32.
+// [N, K/G], G = 16 or 32; w = q * scale + zero), q4_k (q [N, K/256 * 144] uint8: GGUF Q4_K blocks as in the
+// file, no scale/zero tensors; w = d sc_j q - dmin m_j per sub-block j of 32). Activations and accumulation
+// are fp32.
 //
 // Plan: (0) group pairs by expert (counting sort); (1) h = silu(G x) * (U x) in parallel over
 // (active expert x block of I rows); (2) y in parallel over blocks of D output rows, each unit looping over
@@ -22,6 +24,8 @@
 //   int4g32: sum_j w_j x_j = (s sx) * sum_j q_j xq_j + (z - 8 s) * xsum     (q in 0..15 is the u8 operand)
 //   int8:    sum_j w_j x_j = sw * sum_g sx_g * sum_j |w_j| sign(xq_j, w_j)
 //   int8gG:  512-bit path only (qdot512.h); AVX2 builds run int8gG weights on the fp32 path.
+//   q4_k:    per sub-block j: (d sc_j sx) * sum_j q xq - dmin m_j xsum  (the block's 6-bit scales decoded once
+//            per block per row; q in 0..15 is the u8 operand, as for int4g32)
 // h is quantized by the stage-1 unit that computes it (units are one 32-group of I rows).
 // With AVX-512 BW/VL + VNNI the integer path runs the 512-bit kernels of qdot512.h instead (several rows x
 // tokens per step, int4 activations laid out per 4-group block, int8 via w ^ 0x80, L2 prefetch of the rows
@@ -48,7 +52,9 @@
 
 namespace {
 
-enum Fmt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4, I8G = 5 };
+enum Fmt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4, I8G = 5, Q4K = 6 };
+
+constexpr int64_t QK = 256, QKB = 144;   // q4_k: weights and bytes per block
 
 int float_code(at::ScalarType t) {
   switch (t) {
@@ -144,6 +150,49 @@ inline void dot_i8g(const WDesc& w, int64_t row, const float* const* xs, float* 
   for (int t = 0; t < NT; t++) res[t] = vsum(a[t]);
 }
 
+// Q4_K block header at p: d, dmin (fp32) and the decoded 6-bit scales (sm[0..7]) and mins (sm[8..15]).
+inline void q4k_header(const uint8_t* p, float& d, float& dmin, uint8_t* sm) {
+  uint16_t h[2];
+  std::memcpy(h, p, 4);
+  d = h2f(h[0]);
+  dmin = h2f(h[1]);
+  q4k_scales(p + 4, sm);
+}
+
+// q4_k row: per sub-block j, w = a_j q - b_j (a_j = d sc_j, b_j = dmin m_j; a_j q is exact in fp32, so the
+// FMA gives gguf's dequantized weight bit for bit). Chunk c's 32 bytes: low nibbles = sub-block 2c (columns
+// 64c .. 64c + 31 of the block), high = sub-block 2c + 1 (64c + 32 ..); xs in natural column order.
+template <int NT>
+inline void dot_q4k(const WDesc& w, int64_t row, const float* const* xs, float* res) {
+  const int64_t nb = w.K / QK;
+  const uint8_t* p = static_cast<const uint8_t*>(w.q) + row * nb * QKB;
+  V a0[NT], a1[NT];
+  for (int t = 0; t < NT; t++) a0[t] = a1[t] = vzero();
+  for (int64_t b = 0; b < nb; b++, p += QKB) {
+    float d, dmin;
+    uint8_t sm[16];
+    q4k_header(p, d, dmin, sm);
+    for (int c = 0; c < 4; c++) {
+      const uint8_t* qs = p + 16 + 32 * c;
+      const int64_t k = b * QK + 64 * c;
+      const V s0 = vset1(d * float(sm[2 * c])), z0 = vset1(-(dmin * float(sm[8 + 2 * c])));
+      const V s1 = vset1(d * float(sm[2 * c + 1])), z1 = vset1(-(dmin * float(sm[9 + 2 * c])));
+      V lo, hi;
+      vload_u4(qs, lo, hi);                             // columns 0..15 of sub-blocks 2c (lo), 2c + 1 (hi)
+      const V wl0 = vfma(lo, s0, z0), wh0 = vfma(hi, s1, z1);
+      vload_u4(qs + 16, lo, hi);                        // columns 16..31
+      const V wl1 = vfma(lo, s0, z0), wh1 = vfma(hi, s1, z1);
+      for (int t = 0; t < NT; t++) {
+        a0[t] = vfma(wl0, vload(xs[t] + k), a0[t]);
+        a1[t] = vfma(wl1, vload(xs[t] + k + 16), a1[t]);
+        a0[t] = vfma(wh0, vload(xs[t] + k + 32), a0[t]);
+        a1[t] = vfma(wh1, vload(xs[t] + k + 48), a1[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; t++) res[t] = vsum(vadd(a0[t], a1[t]));
+}
+
 template <int NT>
 inline void row_dot(const WDesc& w, int64_t e, int64_t r, const float* const* xs, float* res) {
   const int64_t row = e * w.N + r, K = w.K;
@@ -171,6 +220,7 @@ inline void row_dot(const WDesc& w, int64_t e, int64_t r, const float* const* xs
       break;
     }
     case I8G: dot_i8g<NT>(w, row, xs, res); break;
+    case Q4K: dot_q4k<NT>(w, row, xs, res); break;
     default: dot_i4<NT>(w, row, xs, res);
   }
 }
@@ -310,11 +360,53 @@ inline void i4_prepass(const WDesc& w, int64_t row, const Tile& x, float* comb, 
   }
 }
 
+// q4_k row (nb blocks at p) times int8 activations (natural column order): per block the 8 sub-blocks'
+// s_j = d sc_j sx_j in one vector (lane j) and the min term sum_j dmin m_j xsum_j FMA'd into corr; per chunk
+// of 32 bytes two dots (low nibbles: sub-block 2c, high: 2c + 1), each scaled by its lane of s.
+template <int NT>
+inline void qdot_q4k(const uint8_t* p, int64_t nb, const Tile& x, float* res, int64_t pf) {
+  __m256 a0[NT], a1[NT], corr[NT];
+  for (int t = 0; t < NT; t++) a0[t] = a1[t] = corr[t] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int64_t b = 0; b < nb; b++, p += QKB) {
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + pf), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + pf + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + pf + QKB - 1), _MM_HINT_T0);
+    }
+    float d, dmin;
+    alignas(16) uint8_t sm[16];
+    q4k_header(p, d, dmin, sm);
+    const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+    const __m256 a = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv)));
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(dmin),
+                                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8))));
+    __m256 cs[NT];
+    for (int t = 0; t < NT; t++) {
+      cs[t] = _mm256_mul_ps(a, _mm256_loadu_ps(x.s[t] + 8 * b));
+      corr[t] = _mm256_fnmadd_ps(z, _mm256_loadu_ps(x.sum[t] + 8 * b), corr[t]);
+    }
+    for (int c = 0; c < 4; c++) {
+      const __m256i qv = load_b32(p + 16 + 32 * c);
+      const __m256i lo = _mm256_and_si256(qv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4);
+      const __m256i il = _mm256_set1_epi32(2 * c), ih = _mm256_set1_epi32(2 * c + 1);
+      for (int t = 0; t < NT; t++) {
+        const int8_t* xq = x.q[t] + b * QK + 64 * c;
+        a0[t] = _mm256_fmadd_ps(gdot_u4(lo, xq), _mm256_permutevar8x32_ps(cs[t], il), a0[t]);
+        a1[t] = _mm256_fmadd_ps(gdot_u4(hi, xq + 32), _mm256_permutevar8x32_ps(cs[t], ih), a1[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; t++) res[t] = hsum8(_mm256_add_ps(_mm256_add_ps(a0[t], a1[t]), corr[t]));
+}
+
 template <int NT>
 inline void qrow_dot(const WDesc& w, int64_t e, int64_t r, const Tile& x, float* res) {
   const int64_t row = e * w.N + r, G = w.K / 32;
   const uint8_t* q = reinterpret_cast<const uint8_t*>(w.q);
-  if (w.fmt == I4) {
+  if (w.fmt == Q4K) {
+    qdot_q4k<NT>(q + row * (w.K / QK) * QKB, w.K / QK, x, res, w.pf);
+  } else if (w.fmt == I4) {
     float stack[4 * 256];                               // rows up to 8192 columns use the stack
     float* comb = NT * G <= 4 * 256 ? stack : scratch(0, NT * G);
     float corr[NT];
@@ -369,6 +461,10 @@ WDesc describe(int64_t fmt, const at::Tensor& q, const c10::optional<at::Tensor>
       w.zcode = float_code(z->scalar_type());
     }
   }
+  if (fmt == Q4K)
+    TORCH_CHECK(q.scalar_type() == at::kByte && K % QK == 0 && q.dim() == 3 && q.size(1) == N
+                    && q.size(2) == K / QK * QKB,
+                "cpu_moe: q4_k weight must be uint8 [E, N, K/256 * 144] with K a multiple of 256");
   if (fmt == I4) {
     TORCH_CHECK(z.has_value() && z->is_contiguous(), "cpu_moe: int4g32 weight needs a contiguous zero");
     w.z = z->data_ptr();
@@ -439,7 +535,10 @@ HX_INLINE q512::Rows<R> rows_of(const WDesc& w, const int64_t* rows) {
   q512::Rows<R> p;
   const int64_t G = w.K / 32, ssz = w.scode == F32 ? 4 : 2, zsz = w.zcode == F32 ? 4 : 2;
   for (int r = 0; r < R; r++) {
-    if (w.fmt == I4) {
+    if (w.fmt == Q4K) {
+      p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * (w.K / QK * QKB);
+      p.s[r] = p.z[r] = nullptr;
+    } else if (w.fmt == I4) {
       p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * (w.K / 2);
       p.s[r] = static_cast<const char*>(w.s) + rows[r] * G * ssz;
       p.z[r] = static_cast<const char*>(w.z) + rows[r] * G * zsz;
@@ -465,7 +564,9 @@ HX_INLINE void qrows_t(const WDesc& w, const int64_t* rows, const int64_t* prow,
   q512::Rows<R> rp;
   if (prow) rp = rows_of<R>(w, prow);
   const q512::Rows<R>* pp = prow ? &rp : nullptr;
-  if (w.fmt == I4) {
+  if (w.fmt == Q4K) {
+    q512::q4k_rows<R, NT>(rw, pp, w.K / QK, x, res);
+  } else if (w.fmt == I4) {
     q512::q4_rows<R, NT>(rw, pp, w.scode, w.zcode, w.K / 32, x, res);
   } else if (w.fmt == I8G) {
     if (w.G == 16) q512::q8g_rows<R, NT, true>(rw, pp, w.scode, w.zcode, w.K / 16, x, res);
@@ -507,13 +608,18 @@ inline __m512 load16x(const void* p, int code, int64_t i) {
 }
 
 // Group g of activation row `row` (32 fp32 values: v0 = columns 0..15, v1 = 16..31) -> int8 in the layout
-// that weights of format f read (int4: q4_group_pos; int8: natural, plus sxl).
+// that weights of format f read (int4: q4_group_pos; q4_k: q4k_act_pos; int8: natural, plus sxl).
 inline void qstore(const Acts& a, int f, int64_t row, int64_t g, __m512 v0, __m512 v1) {
   const int64_t G = a.K / 32;
   int8_t* base = a.q + row * a.K;
   float* s = a.s + row * G + g;
   float* sum = a.sum + row * G + g;
-  if (f == I4) {
+  if (f == Q4K) {                           // odd sub-blocks: q & 0xF0 = 16 q, so their scale carries 1/16
+    int64_t lo, hi;
+    q512::q4k_act_pos(g, lo, hi);
+    q512::quant32v(v0, v1, false, base + lo, base + hi, s, sum);
+    if (g & 1) *s *= 1.f / 16.f;
+  } else if (f == I4) {
     int64_t lo, hi;
     q512::q4_group_pos(g, G, lo, hi);
     q512::quant32v(v0, v1, true, base + lo, base + hi, s, sum);
@@ -681,12 +787,13 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && wts.is_contiguous(),
               "cpu_moe: ids must be contiguous int64, weights contiguous");
   const int64_t T = x.size(0), D = x.size(1), K = ids.size(1);
-  const int64_t I = (f2 == I4 ? q2.size(2) * 2 : q2.size(2));
+  const int64_t I = f2 == I4 ? q2.size(2) * 2 : f2 == Q4K ? q2.size(2) / QKB * QK : q2.size(2);
   TORCH_CHECK(D % 32 == 0 && I % 32 == 0, "cpu_moe: D and I must be multiples of 32");
   WDesc w13 = describe(f13, q13, s13, z13, 2 * I, D), w2 = describe(f2, q2, s2, z2, D, I);
   // 256-bit path: prefetch the same place prefetch_rows rows on (the 512-bit path: see pfd below)
-  w13.pf = HX_Q512 ? 0 : prefetch_rows * (f13 == I4 ? D / 2 : D);
-  w2.pf = HX_Q512 ? 0 : prefetch_rows * (f2 == I4 ? I / 2 : I);
+  auto row_bytes = [](int64_t f, int64_t K) { return f == I4 ? K / 2 : f == Q4K ? K / QK * QKB : K; };
+  w13.pf = HX_Q512 ? 0 : prefetch_rows * row_bytes(f13, D);
+  w2.pf = HX_Q512 ? 0 : prefetch_rows * row_bytes(f2, I);
   TORCH_CHECK(ids.size(0) == T && wts.size(0) == T && wts.size(1) == K && out.size(0) == T && out.size(1) == D,
               "cpu_moe: shape mismatch between x, ids, weights, out");
   thread_local CallBufs cb;
@@ -699,8 +806,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
     for (int64_t i = 0; i < T * D; i++) st(op, ocode, i, 0.f);
     return out;
   }
-  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4 || (HX_Q512 && f13 == I8G));
-  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4 || (HX_Q512 && f2 == I8G));
+  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4 || f13 == Q4K || (HX_Q512 && f13 == I8G));
+  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4 || f2 == Q4K || (HX_Q512 && f2 == I8G));
 
   // x -> int8 per 32-group for the integer path (in the layout w13's format reads), else fp32 (permuted per
   // 32-group when w13 is int4)

@@ -28,6 +28,19 @@
 // in one vector, spread over each 64-byte block's int32 lanes with vpermps (G = 32: 2 groups x 8 lanes,
 // kSpread8; G = 16: 4 groups x 4 lanes, kSpread), and the zero term FMA'd once per chunk as for int4.
 //
+// q4_k rows (GGUF Q4_K blocks of 256 weights, 144 bytes: d, dmin fp16, 12 bytes of 6-bit (sc, m) x 8,
+// 128 bytes of nibbles: chunk c of 32 bytes holds sub-block 2c in its low nibbles, 2c + 1 in its high ones):
+// one zmm q = chunks 2h, 2h + 1 (half h of the block) = 128-bit lanes [c0a c0b c1a c1b] (a, b: bytes 0..15 and
+// 16..31 of a chunk). A = [c0a c0a c1a c1a] & [0F F0 0F F0] and B = the same of the b lanes (one vshufi64x2 and
+// one and each) hold, per 128-bit lane, sub-blocks 4h, 4h + 1, 4h + 2, 4h + 3 (columns 0..15 in A, 16..31 in
+// B); the high nibbles stay in place (q & 0xF0 = 16 q_hi: the odd sub-blocks' activation scales carry 1/16).
+// The activations are stored to match (q4k_act_pos: per 4 groups their first halves, then their second
+// halves), so vpdpbusd(vpdpbusd(0, A, xa), B, xb) leaves sub-block 4h + k's sum in int32 lanes 4k..4k+3, as
+// int4g32's blocks do (kSpread). Per block the 4 rows' headers are decoded at once (q4k_dec4, one zmm) into
+// dm = [d sc_0..7 | dmin m_0..7] per row; per token dm * [sx_0..7 | xsum_0..7] gives d sc_j sx_j in lanes
+// 0..7 (spread 4 lanes per sub-block with one vpermps per half) and the min terms dmin m_j xsum_j in lanes
+// 8..15, subtracted from the accumulator (only its total is used). Lane sums <= 8 * 240 * 127: exact.
+//
 // Prefetch: the caller names the rows it reads a few steps later; they go to L2 (prefetcht1): into L1
 // (prefetcht0) they were evicted before use and measured no better than no prefetch (docs/cpu-kernel.md).
 #pragma once
@@ -35,6 +48,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#include "simd.h"
 
 namespace q512 {
 
@@ -54,6 +70,20 @@ alignas(64) inline constexpr int32_t kSpread8[8][16] = {
     {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
     {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
     {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+// q4_k: dwords 0, 4, 8, 12 (rows 0..3's d|dmin) to lanes 0..3
+alignas(64) inline constexpr int32_t kQ4kHdr[16] = {0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+// q4_k: [d_r x8 | dmin_r x8] from [d_0, dmin_0, d_1, dmin_1, ...]
+alignas(64) inline constexpr int32_t kQ4kDD[4][16] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
+// q4_k: byte 4i of the result <- byte 16 r + i of the decoded scales (row r's sc_0..7, m_0..7 as int32 lanes)
+#define HX_Q4K_ROW(r)                                                                                          \
+  {16 * r + 0, 0, 0, 0, 16 * r + 1, 0, 0, 0, 16 * r + 2, 0, 0, 0, 16 * r + 3, 0, 0, 0, 16 * r + 4, 0, 0, 0,     \
+   16 * r + 5, 0, 0, 0, 16 * r + 6, 0, 0, 0, 16 * r + 7, 0, 0, 0, 16 * r + 8, 0, 0, 0, 16 * r + 9, 0, 0, 0,     \
+   16 * r + 10, 0, 0, 0, 16 * r + 11, 0, 0, 0, 16 * r + 12, 0, 0, 0, 16 * r + 13, 0, 0, 0, 16 * r + 14, 0, 0, 0, \
+   16 * r + 15, 0, 0, 0}
+alignas(64) inline constexpr uint8_t kQ4kSm[4][64] = {HX_Q4K_ROW(0), HX_Q4K_ROW(1), HX_Q4K_ROW(2), HX_Q4K_ROW(3)};
+#undef HX_Q4K_ROW
 // lane i -> i / 2 (a 16-column weight group's activation 32-group)
 alignas(64) inline constexpr int32_t kDup2[16] = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7};
 
@@ -88,6 +118,13 @@ inline void q4_group_pos(int64_t g, int64_t G, int64_t& lo, int64_t& hi) {
   const int64_t blk = g / 4, nb = std::min<int64_t>(4, G - 4 * blk);
   lo = blk * 128 + (g % 4) * 16;
   hi = lo + nb * 16;
+}
+
+// Where 32-group g's first and last 16 bytes live in a q4_k-layout activation row: per 128 columns (4 groups),
+// the 4 groups' first halves (64 bytes), then their second halves.
+inline void q4k_act_pos(int64_t g, int64_t& lo, int64_t& hi) {
+  lo = (g / 4) * 128 + (g % 4) * 16;
+  hi = lo + 64;
 }
 
 // 16 scale/zero values (fp32 = 0, bf16 = 1, fp16 = 2; lanes outside mask m are 0) as fp32.
@@ -192,6 +229,85 @@ HX_INLINE void q4_rows(const Rows<R>& w, const Rows<R>* pf, int scode, int zcode
 #pragma GCC unroll 1
   for (; c + 16 <= G; c += 16) q4_chunk<R, NT, true>(w, pf, scode, zcode, c, 16, x, acc);
   if (c < G) q4_chunk<R, NT, false>(w, pf, scode, zcode, c, int(G - c), x, acc);
+  reduce<R * NT>(acc, res);
+}
+
+// Decode 4 rows' Q4_K headers at once: h lane r = bytes 0..15 of row r's block [d|dmin, s0-3, s4-7, s8-11] ->
+// lane r = [sc0-3, sc4-7, m0-3, m4-7] (llama.cpp's masks and shifts, per 32-bit lane).
+HX_INLINE __m512i q4k_dec4(__m512i h) {
+  const __m512i P = _mm512_shuffle_epi32(h, _MM_PERM_ENUM(_MM_SHUFFLE(3, 2, 3, 1)));      // s0-3, s8-11, s4-7, s8-11
+  const __m512i Q = _mm512_shuffle_epi32(h, _MM_PERM_ENUM(_MM_SHUFFLE(2, 2, 1, 1)));      // s0-3, s0-3, s4-7, s4-7
+  const __m512i lowp = _mm512_and_si512(_mm512_srlv_epi32(P, _mm512_set4_epi32(4, 0, 0, 0)),
+                                        _mm512_set4_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f));
+  const __m512i highp = _mm512_slli_epi32(
+      _mm512_and_si512(_mm512_srli_epi32(Q, 6), _mm512_set4_epi32(0x03030303, 0, 0x03030303, 0)), 4);
+  return _mm512_or_si512(lowp, highp);
+}
+
+// res[r * NT + t] = q4_k row r (NB blocks) . activation row t (q4k layout, see q4k_act_pos); pf: rows to prefetch.
+template <int R, int NT>
+HX_INLINE void q4k_rows(const Rows<R>& w, const Rows<R>* pf, int64_t NB, const QTile& x, float* res) {
+  constexpr int64_t QB = 144;
+  const int64_t lo4 = 0x0F0F0F0F0F0F0F0Fll, hi4 = int64_t(0xF0F0F0F0F0F0F0F0ull);
+  const __m512i mk = _mm512_set_epi64(hi4, hi4, lo4, lo4, hi4, hi4, lo4, lo4);   // 128-bit lanes 0F F0 0F F0
+  const __m512i hsel = _mm512_load_si512(kQ4kHdr);
+  __m512 acc[R * NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NT; i++) acc[i] = _mm512_setzero_ps();
+#pragma GCC unroll 1
+  for (int64_t b = 0; b < NB; b++) {
+    __m512 xs[NT];                                       // [sx_0..7 | xsum_0..7] of the block's sub-blocks
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++)
+      xs[t] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x.s[t] + 8 * b)),
+                                 _mm256_loadu_ps(x.sum[t] + 8 * b), 1);
+    __m512i h4 = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q[0] + b * QB)));
+    if constexpr (R > 1) h4 = _mm512_inserti32x4(h4, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q[1 % R] + b * QB)), 1);
+    if constexpr (R > 2) h4 = _mm512_inserti32x4(h4, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q[2 % R] + b * QB)), 2);
+    if constexpr (R > 3) h4 = _mm512_inserti32x4(h4, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q[3 % R] + b * QB)), 3);
+    const __m512i dec = q4k_dec4(h4);
+    const __m512 dd = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi32(hsel, h4)));   // d_r, dmin_r
+    __m512 cs[R * NT];                                   // lanes 0..7: d sc_j sx_j; 8..15: dmin m_j xsum_j
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      if (pf) {
+        const uint8_t* pb = pf->q[r] + b * QB;
+        prefetch(pb);
+        prefetch(pb + 64);
+        prefetch(pb + QB - 1);
+      }
+      const __m512 sm = _mm512_cvtepi32_ps(
+          _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, _mm512_load_si512(kQ4kSm[r]), dec));
+      const __m512 dm = _mm512_mul_ps(sm, _mm512_permutexvar_ps(_mm512_load_si512(kQ4kDD[r]), dd));
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; t++) {
+        cs[r * NT + t] = _mm512_mul_ps(dm, xs[t]);
+        acc[r * NT + t] = _mm512_mask_sub_ps(acc[r * NT + t], 0xFF00, acc[r * NT + t], cs[r * NT + t]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+      const __m512i sp = _mm512_load_si512(kSpread[h]);
+      __m512i xa[NT], xb[NT];
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; t++) {
+        xa[t] = _mm512_loadu_si512(x.q[t] + b * 256 + h * 128);
+        xb[t] = _mm512_loadu_si512(x.q[t] + b * 256 + h * 128 + 64);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) {
+        const __m512i q = _mm512_loadu_si512(w.q[r] + b * QB + 16 + 64 * h);
+        const __m512i A = _mm512_and_si512(_mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(2, 2, 0, 0)), mk);
+        const __m512i B = _mm512_and_si512(_mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(3, 3, 1, 1)), mk);
+#pragma GCC unroll 16
+        for (int t = 0; t < NT; t++) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), A, xa[t]), B, xb[t]);
+          acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
+                                            acc[r * NT + t]);
+        }
+      }
+    }
+  }
   reduce<R * NT>(acc, res);
 }
 

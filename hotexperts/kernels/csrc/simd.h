@@ -4,6 +4,7 @@
 // Loaders widen 16 stored weights to fp32: int8, bf16, fp16, and 16 bytes of packed int4 ->
 // (lo nibbles = even columns, hi nibbles = odd columns) as two vectors.
 // With AVX2 (and AVX-512), also integer dot products of 32-groups (HX_QDOT = 1, see the end of this file).
+// GGUF Q4_K block headers (every path): h2f (one fp16 -> fp32) and q4k_scales (the 6-bit scales and mins).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -96,6 +97,29 @@ static inline void vload_u4(const uint8_t* p, V& lo, V& hi) {
   for (int i = 0; i < 16; i++) { lo.f[i] = float(p[i] & 15); hi.f[i] = float(p[i] >> 4); }
 }
 #endif
+
+// ---------------------------------------------------------------- GGUF Q4_K block header
+// One fp16 value (bits) as fp32.
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// The 12 bytes of 6-bit (sc, m) x 8 of a Q4_K block (llama.cpp get_scale_min_k4) -> out[0..7] = sc[0..7],
+// out[8..15] = m[0..7], with llama.cpp's three 32-bit words of masks and shifts.
+static inline void q4k_scales(const uint8_t* s12, uint8_t* out) {
+  constexpr uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  uint32_t u[4];
+  std::memcpy(u, s12, 12);
+  const uint32_t m_hi = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+  const uint32_t m_lo = u[1] & k1;
+  const uint32_t sc_hi = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+  const uint32_t w[4] = {u[0] & k1, sc_hi, m_lo, m_hi};
+  std::memcpy(out, w, 16);
+}
 
 // ---------------------------------------------------------------- integer 32-group dot products
 // u: 32 unsigned bytes (int4 values 0..15, or |w| of int8 weights); s: 32 signed bytes (int8 activations,
