@@ -22,8 +22,8 @@ WORKSPACE_GIB = 0.5
 KV_GIB = 0.4                      # a 4096-token bf16 KV cache of the 30B-class shapes, rounded up
 FORMAT_BYTES = {"none": 2.0, "int8": 1.0 + 4 / 1024, "int4": 0.5 + 4 / 32, "int8g": 1.0 + 2 / 32,
                 "q4_k": 144 / 256}
-CPU_FORMAT = {"none": "bf16", "int8": "int8", "int4": "int4", "int8g": "int8", "q4_k": "int4"}   # int8g, q4_k:
-                                                                                 # the nearest measured CPU rate
+# the CPU rate the cost model has for each (int8g, q4_k: the nearest measured one)
+CPU_FORMAT = {"none": "bf16", "int8": "int8", "int4": "int4", "int8g": "int8", "q4_k": "int4"}
 
 
 def shape_for(preset: str, quant: str) -> ModelShape | None:
