@@ -142,12 +142,21 @@ step_kernels() {
 }
 
 step_model() {
-  if [ -s "$MODEL" ]; then echo "$MODEL exists ($(du -h "$MODEL" | cut -f1))"; return 0; fi
+  if [ -s "$MODEL" ]; then echo "$MODEL exists ($(du -h "$MODEL" | cut -f1))"; touch "$MODEL.done"; return 0; fi
   local s; s=$(date +%s)
   echo "free where it goes: $(df -h "$(dirname "$MODEL")" | awk 'NR==2 {print $4}')"
   guard 300 "$PY" -m hotexperts make-model --preset "$PRESET" --format gguf --quant "$QUANT" --out "$MODEL" \
     > "$RES/make_model.log" 2>&1
   echo "seconds=$(( $(date +%s) - s ))"; tail -n 2 "$RES/make_model.log"; ls -la "$MODEL"
+  [ -s "$MODEL" ] && touch "$MODEL.done"      # complete: a step in a parallel run may wait for it
+}
+
+wait_model() {      # the model step of a parallel invocation finished (MODEL_WAIT=1), or the file is there
+  local i
+  if [ "${MODEL_WAIT:-0}" = 1 ]; then
+    for i in $(seq 300); do [ -f "$MODEL.done" ] && break; sleep 2; done
+  fi
+  [ -s "$MODEL" ] || { echo "no $MODEL: run the model step first"; exit 1; }
 }
 
 step_routing() {
@@ -195,7 +204,7 @@ ensure_llama() {
 
 step_stock() {
   ensure_llama
-  [ -s "$MODEL" ] || { echo "no $MODEL: run the model step first"; exit 1; }
+  wait_model
   mkdir -p "$RES/stock/raw"
   local n raw t rc
   for n in ${NCMOE//,/ }; do
