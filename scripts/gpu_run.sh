@@ -255,7 +255,7 @@ step_ours_run() {
   budgets=$("$PY" -c 'import glob,json,sys
 ps = [json.load(open(f)) for f in glob.glob(sys.argv[1] + "/ncmoe_*.json")]
 want = [n for n in sys.argv[2].split(",") if n]
-print(",".join(f"{p[\"peak_mib\"]}MiB" for p in sorted(ps, key=lambda p: -p["ncmoe"])
+print(",".join(str(p["peak_mib"]) + "MiB" for p in sorted(ps, key=lambda p: -p["ncmoe"])
                if p.get("peak_mib") and (not want or str(p["ncmoe"]) in want)))' "$STOCK_DIR" "$OURS_NCMOE")
   [ -n "$budgets" ] || { echo "no stock peaks in $STOCK_DIR"; exit 1; }
   t=$(budget 540)
