@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hotexperts.kernels.optional import triton_module
 from hotexperts.quant import dequantize
 from hotexperts.weights import QuantizedWeight, Weight
 
@@ -30,19 +31,11 @@ DEQUANT_CHUNK_BYTES = 256 << 20     # quantized prompt batches: dequantized expe
 DEQUANT_CHUNK_MAX = 32              # ... and at most this many (Qwen3-30B-A3B: 27 fit; Mixtral: 1)
 GATHER_LIMIT_BYTES = 256 << 20       # torch fallback: gather the pairs' experts up to this many bytes
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TRITON: object | None = None        # cached module, or False when unavailable
 
 
 def _triton_module():
     """hotexperts.kernels.triton_moe, or None when triton cannot be imported."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from hotexperts.kernels import triton_moe
-            _TRITON = triton_moe
-        except Exception:  # noqa: BLE001 - any import failure means "no triton"
-            _TRITON = False
-    return _TRITON or None
+    return triton_module("triton_moe")
 
 
 def triton_available() -> bool:

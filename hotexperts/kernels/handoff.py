@@ -28,19 +28,12 @@ from __future__ import annotations
 import torch
 
 from hotexperts.kernels.handoff_codes import ERR_TIMEOUT, GPU_SHARE
-
-_TRITON = None          # the compiled kernels module, False when triton is unavailable
+from hotexperts.kernels.optional import triton_module
 
 
 def _kernels():
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from hotexperts.kernels import handoff_triton
-            _TRITON = handoff_triton
-        except Exception:  # noqa: BLE001 - no triton means no device handoff
-            _TRITON = False
-    return _TRITON or None
+    """handoff_triton, or None without Triton (no device handoff then)."""
+    return triton_module("handoff_triton")
 
 
 def device_handoff_available() -> bool:

@@ -15,24 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hotexperts.kernels.optional import triton_module
 from hotexperts.quant import dequantize
 from hotexperts.weights import QuantizedWeight
 
 GEMV_MAX_T = 4
 GEMV_FORMATS = ("int8g32", "int8g16")
-_TRITON: object | None = None
 
 
 def _triton_kernels():
     """kernels/triton_qlinear.py, or None when Triton cannot be imported (then: dequantize + F.linear)."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from hotexperts.kernels import triton_qlinear  # Triton: optional
-            _TRITON = triton_qlinear
-        except Exception:  # noqa: BLE001 - any import failure means "no triton"
-            _TRITON = False
-    return _TRITON or None
+    return triton_module("triton_qlinear")
 
 
 def qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
