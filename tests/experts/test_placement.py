@@ -141,3 +141,57 @@ def test_static_profile_without_hot_set_needs_a_size(tmp_path):
         build_executor(Placement.parse(f"static:{path}"), STORE, CFG, "cpu")
     ex = build_executor(Placement.parse(f"static:{path}", cache_slots=5), STORE, CFG, "cpu")
     assert ex.slots.num_slots == 5
+
+
+# ---- the placement grammar and the solved plan -----------------------------------------------------------
+def test_grammar_sugar_aliases_and_suffixes():
+    assert Placement.parse("cpu-moe") == Placement.parse("cpu")
+    assert Placement.parse("n-cpu-moe").n_cpu_layers is None and Placement.parse("hot").hot_k is None
+    p = Placement.parse("cache+z2")
+    assert (p.mode, p.cache_bytes, p.cache_slots, p.gpu_misses) == ("cache", None, None, 2)
+    e = Placement.parse("all=cpu,1-2=slots3@lru+z1")
+    assert e.mode == "explicit" and e.layer_map == ((None, None, "cpu"), (1, 2, "slots3"))
+    assert (e.policy, e.gpu_misses) == ("lru", 1)
+    assert Placement.parse(e.describe()) == e                                  # round trip
+    for bad in ("0-1=tpu", "2-1=cpu", "x=cpu", "0=slotsx"):
+        with pytest.raises(PlacementError):
+            Placement.parse(bad)
+
+
+def _plan(text, total=None, reserved=1000, staging=0):
+    from hotexperts.experts.solve import ModelSizes, solve
+
+    sizes = ModelSizes(tuple(CFG.moe_layers), E, SB, staging)
+    return solve(Placement.parse(text), sizes, Budget(total, reserved, SB))
+
+
+def test_flags_and_texts_solve_to_one_plan_per_layer():
+    assert _plan("layers:1").where == {0: "cpu", 1: "gpu", 2: "gpu"}
+    assert _plan("layers:1").text() == "0=cpu,1-2=gpu" == _plan("0=cpu,1-2=gpu").text()
+    assert _plan("hot:3").text() == "all=slots3@window-lfu" and _plan("hot:3").num_slots(E) == 9
+    auto = _plan("layers:auto", total=1000 + 2 * E * SB)                       # two GPU layers fit
+    assert auto.where == {0: "cpu", 1: "gpu", 2: "gpu"} and auto.vram["slots"] == 2 * E * SB
+    shared = _plan("0=gpu,1-2=shared", total=1000 + (E + 5) * SB)
+    assert shared.shared_slots == 5 and shared.managed == [1, 2] and shared.text() == "0=gpu,1-2=shared@auto"
+    assert "shared pool of 5 slots" in shared.describe()
+    with pytest.raises(PlacementError, match="mixes per-layer slots and a shared pool"):
+        _plan("0=slots2,1-2=shared")
+    with pytest.raises(PlacementError, match="without a place"):
+        _plan("0=cpu")
+
+
+def test_an_explicit_mixed_plan_runs_and_matches_the_reference():
+    from hotexperts.experts.reference import DenseExecutor
+
+    torch.manual_seed(0)
+    ex = build_executor(Placement.parse("0=cpu,1=gpu,2=slots2@lru"), STORE, CFG, "cpu")
+    ref = DenseExecutor({l: STORE.layer(l) for l in STORE.layers}, "cpu", torch.float32)
+    assert ex.plan.text() == "0=cpu,1=gpu,2=slots2@lru" and ex.planner.layers == [2]
+    for _ in range(4):
+        x = torch.randn(3, D)
+        ids = torch.stack([torch.randperm(E)[:2] for _ in range(3)])
+        w = torch.rand(3, 2)
+        for l in CFG.moe_layers:
+            torch.testing.assert_close(ex(l, x, ids, w), ref(l, x, ids, w), rtol=1e-5, atol=1e-5)
+        ex.end_step()
+    assert ex.slots.resident_count(1) == E and ex.slots.resident_count(2) <= 2
