@@ -73,3 +73,23 @@ def test_a_staged_row_is_read_only_inside_the_staged_context(gguf):
     with emb.staged():
         assert torch.equal(emb(torch.tensor([0])), emb.weight[3:4])            # the staged row
     assert torch.equal(emb(torch.tensor([0])), emb.weight[0:1])                # a 1-token prompt: gathered
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_with_quantized_projections_and_a_host_embedding(gguf):
+    """On CUDA: the Q8_0 GEMV and the staged host-embedding row inside one captured decode graph give the
+    tokens of the same model decoding eagerly with dequantized projections on the device."""
+    from hotexperts.experts.gpu_executor import GpuExecutor
+
+    fast = load_gguf(gguf, dtype="float32", device="cuda", host_embedding=True)
+    plain = load_gguf(gguf, dtype="float32", device="cuda", dense_quant="dequantize")
+    fuse_qkv(fast.model)
+    prompt, params = [9, 4, 250, 31], SamplingParams(max_tokens=8)
+    ref = DenseExecutor({l: plain.store.layer(l) for l in plain.store.layers}, "cuda", torch.float32)
+    want = list(Generator(plain.model, ref, plain.cfg, "cuda", 64).generate(prompt, params))
+    ex = GpuExecutor(fast.store, "cuda")
+    assert ex.graph_safe
+    gen = Generator(fast.model, ex, fast.cfg, "cuda", 64)
+    assert list(gen.generate(prompt, params)) == want
+    assert gen.decode_step.graphed                                    # the whole step was one graph
