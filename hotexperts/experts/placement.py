@@ -30,7 +30,7 @@ quantized reference.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import GiB, parse_cache
@@ -120,10 +120,6 @@ class Placement:
             return "static"
         per_layer = self.mode == "hot" or any(w.startswith("slots") for _, _, w in self.layer_map)
         return "window-lfu" if per_layer else "auto"
-
-    def with_budget(self, vram_budget, expert_quant: str | None = None) -> Placement:
-        return replace(self, vram_budget=vram_budget,
-                       expert_quant=self.expert_quant if expert_quant is None else expert_quant)
 
 
 def _suffix(text: str, mark: str) -> tuple[str, str]:

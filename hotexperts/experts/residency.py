@@ -55,10 +55,6 @@ class Residency:
                 held[i, np.fromiter(r, np.int64, len(r))] = True
         return held[np.arange(len(layers))[:, None], np.where(x >= 0, x, self.E)]
 
-    def hot_set(self) -> dict[int, list[int]]:
-        """Experts resident per layer now, ascending."""
-        return {l: sorted(self.resident[l]) for l in self.layers}
-
     # ---- writes (the owner's) -------------------------------------------------------------------------
     def evict(self, layer: int, expert: int) -> None:
         self.resident[layer].discard(expert)
