@@ -192,6 +192,6 @@ def test_an_explicit_mixed_plan_runs_and_matches_the_reference():
         ids = torch.stack([torch.randperm(E)[:2] for _ in range(3)])
         w = torch.rand(3, 2)
         for l in CFG.moe_layers:
-            torch.testing.assert_close(ex(l, x, ids, w), ref(l, x, ids, w), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ex(l, x, ids, w), ref(l, x, ids, w), rtol=1e-4, atol=1e-4)
         ex.end_step()
     assert ex.slots.resident_count(1) == E and ex.slots.resident_count(2) <= 2
