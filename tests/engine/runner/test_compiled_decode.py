@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import decode_steps
 
 from hotexperts.cli import main
 from hotexperts.engine.engine import Engine
@@ -52,17 +53,6 @@ def test_a_new_generator_over_the_same_model_does_not_recompile():
     assert stages.graphs == {"prepare": 1, "layer": 1, "head": 1} and not stages.failed
 
 
-def _decode(step, ex, first: int, n: int):
-    tok, toks, rows = first, [], []
-    for i in range(n):
-        logits = step(tok, 3 + i)
-        ex.end_step()
-        rows.append(logits.float().clone())
-        tok = int(logits.argmax())
-        toks.append(tok)
-    return toks, rows
-
-
 @pytest.mark.parametrize("preset, placement", [("tiny-qwen3-moe", "hot:4"), ("tiny-qwen2-moe", "cpu")])
 def test_piecewise_with_compiled_stages_matches_eager(preset, placement):
     lm = build_in_memory(preset, dtype="float32", device="cpu")
@@ -77,7 +67,7 @@ def test_piecewise_with_compiled_stages_matches_eager(preset, placement):
         make = PiecewiseDecodeStep if compiled else EagerDecodeStep
         step = make(lm.model, kv, ex, "cpu", capture=EagerCapture) if compiled else make(
             lm.model, kv, ex, torch.device("cpu"))
-        runs.append(_decode(step, ex, 9, 8))
+        runs.append(decode_steps(step, ex, 9, 8))
     assert step.stages is not None and not step.failed and step.st is stages and stages.ready
     assert stages.graphs["layer"] == len({l.is_moe for l in lm.model.model.layers})
     (ta, ra), (tb, rb) = runs
@@ -97,7 +87,7 @@ def test_piecewise_falls_back_to_plain_stages_when_compiling_fails():
     step = PiecewiseDecodeStep(lm.model, lm.model.new_kv_cache(32), ex, "cpu", capture=EagerCapture)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        toks, _ = _decode(step, ex, 9, 3)
+        toks, _ = decode_steps(step, ex, 9, 3)
     assert stages.failed and not step.failed and not step.st.compiled and len(toks) == 3
     assert any("capturing them uncompiled" in str(w.message) for w in caught)
 

@@ -3,23 +3,13 @@ per-layer host work give the same tokens and logits as the eager step, for hybri
 
 import pytest
 import torch
+from tiny_models import decode_steps
 
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.runner.cuda_graph import EagerDecodeStep
 from hotexperts.engine.runner.piecewise import EagerCapture, PiecewiseDecodeStep
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
-
-
-def _decode(step, ex, first: int, n: int):
-    tok, toks, rows = first, [], []
-    for i in range(n):
-        logits = step(tok, 3 + i)
-        ex.end_step()
-        rows.append(logits.float().clone())
-        tok = int(logits.argmax())
-        toks.append(tok)
-    return toks, rows
 
 
 @pytest.mark.parametrize("preset, placement", [("tiny-qwen3-moe", "hot:4"), ("tiny-qwen2-moe", "cpu"),
@@ -35,7 +25,7 @@ def test_piecewise_step_matches_eager(preset, placement):
             lm.model(torch.tensor([5, 6, 7]), torch.arange(3), kv, ex)        # prefill positions 0..2
             ex.end_step()
         step = make(lm.model, kv, ex)
-        runs.append(_decode(step, ex, 9, 8))
+        runs.append(decode_steps(step, ex, 9, 8))
     assert step.stages is not None and not step.failed                      # really ran the pieces
     assert len(step.stages) == lm.cfg.num_layers + 2
     (ta, ra), (tb, rb) = runs

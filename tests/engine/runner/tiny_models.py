@@ -56,3 +56,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def decode_steps(step, ex, first: int, n: int):
+    """n greedy decode steps through `step` from token `first` at positions 3..: (tokens, logits rows)."""
+    tok, toks, rows = first, [], []
+    for i in range(n):
+        logits = step(tok, 3 + i)
+        ex.end_step()
+        rows.append(logits.float().clone())
+        tok = int(logits.argmax())
+        toks.append(tok)
+    return toks, rows
