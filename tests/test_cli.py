@@ -93,3 +93,22 @@ def test_model_dir_without_tokenizer_is_a_clean_error(capsys, tmp_path):
                "--dtype", "float32"])
     err = capsys.readouterr().err
     assert rc == 2 and "has no tokenizer" in err and "Traceback" not in err
+
+
+def test_llama_cpp_habits_are_accepted(capsys):
+    rc, out, err = run_main(capsys, "-p", "Hello", "-n", "3", "-ngl", "99", "-fa", "--no-mmap", "--temp", "0",
+                            "-t", "1", "-c", "256")
+    assert rc == 0, err
+    assert SUMMARY.search(err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-ngl", "0"], "-ngl 0: for a CPU-only run use --device cpu"),
+    (["-ngl", "2"], "-ngl 2: hotexperts keeps all 4 dense layers on the GPU"),
+    (["-ngl", "x"], "-ngl/--n-gpu-layers: expected an integer"),
+    (["-fa", "off"], "-fa off: hotexperts has no non-fused attention path"),
+    (["-fa", "sometimes"], "-fa/--flash-attn: expected on, off or auto"),
+])
+def test_llama_cpp_flags_that_mean_nothing_here_are_one_clear_error(capsys, args, message):
+    rc, _, err = run_main(capsys, "-p", "x", "-n", "1", *args)
+    assert rc == 2 and message in err and "Traceback" not in err

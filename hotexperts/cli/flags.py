@@ -1,7 +1,9 @@
 """The flags every model-loading command shares (generate, serve, bench, trace), parsed in one place.
 
     add_model_arguments(parser, required=True)   --model/-m, --dtype, --device, --max-context/-c,
-                                                 --no-cuda-graph, --piecewise-graph, --compile
+                                                 --no-cuda-graph, --piecewise-graph, --compile, and the
+                                                 llama.cpp habits -ngl, -fa, --no-mmap, --mlock (accepted
+                                                 where they mean what they mean here, else one clear error)
     add_placement_arguments(parser)              where experts live (llama.cpp meanings) and the cache knobs
     add_kernel_arguments(parser)                 -t/--threads and the kernel backends
     placement_from_args(args) -> Placement       the flags as one request in the placement grammar
@@ -47,6 +49,47 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--piecewise-graph", action="store_true",
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
     add_compile_argument(p)
+    add_llama_compat_arguments(p)
+
+
+def add_llama_compat_arguments(p: argparse.ArgumentParser) -> None:
+    """llama.cpp flags a user types from habit, accepted where hotexperts does the same thing anyway."""
+    g = p.add_argument_group("llama.cpp compatibility (accepted; see each for what it means here)")
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", default=None, metavar="N",
+                   help="llama.cpp's dense layers on the GPU: here every dense layer is on the GPU whenever "
+                        "one is used, so any N >= the model's layers (99, all, auto) is accepted; experts "
+                        "are placed by --cpu-moe / --n-cpu-moe / --moe-cache")
+    g.add_argument("-fa", "--flash-attn", dest="flash_attn", nargs="?", const="on", default=None,
+                   metavar="on|off|auto",
+                   help="accepted: attention always runs torch's fused scaled-dot-product kernels (flash "
+                        "where the GPU has them); 'off' is refused")
+    g.add_argument("--no-mmap", action="store_true",
+                   help="accepted: experts are always read into (pinned) RAM, never served from a mapping")
+    g.add_argument("--mlock", action="store_true", help="accepted: pinned host memory is never swapped out")
+
+
+FLASH_ATTN = ("on", "off", "auto", "1", "0", "true", "false")
+
+
+def check_llama_compat(args: argparse.Namespace, num_layers: int | None = None) -> None:
+    """PlacementError for a llama.cpp flag whose value asks for something hotexperts does not do."""
+    fa = getattr(args, "flash_attn", None)
+    if fa is not None and str(fa).lower() not in FLASH_ATTN:
+        raise PlacementError(f"-fa/--flash-attn: expected on, off or auto, got {fa!r}")
+    if fa is not None and str(fa).lower() in ("off", "0", "false"):
+        raise PlacementError("-fa off: hotexperts has no non-fused attention path; leave -fa out")
+    ngl = getattr(args, "n_gpu_layers", None)
+    if ngl is None or str(ngl).lower() in ("all", "auto"):
+        return
+    n = _int(str(ngl), "-ngl/--n-gpu-layers")
+    if n < 0:
+        return                                         # llama.cpp: -1 = all
+    if n == 0:
+        raise PlacementError("-ngl 0: for a CPU-only run use --device cpu; with a GPU every dense layer "
+                             "is on it (place experts with --cpu-moe / --n-cpu-moe N)")
+    if num_layers is not None and n < num_layers:
+        raise PlacementError(f"-ngl {n}: hotexperts keeps all {num_layers} dense layers on the GPU "
+                             f"(they are small); to keep VRAM, move experts: --n-cpu-moe or --moe-cache")
 
 
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
@@ -193,8 +236,16 @@ def _budget_arg(v) -> int | str | None:
 
 def load_engine(args: argparse.Namespace, **kw) -> Engine:
     """Engine.load with the model, placement and kernel flags above (kw: Engine.load's other arguments)."""
-    return Engine.load(args.model, dtype=args.dtype, device=args.device, placement=placement_from_args(args),
-                       max_context=args.max_context, use_cuda_graph=not args.no_cuda_graph,
-                       piecewise_graph=args.piecewise_graph, compile_decode=args.compile,
-                       kernel_options=kernel_options_from_args(args), dense_quant=args.dense_quant,
-                       host_embedding=False if args.embedding_on_gpu else None, **kw)
+    check_llama_compat(args)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
+                         placement=placement_from_args(args), max_context=args.max_context,
+                         use_cuda_graph=not args.no_cuda_graph,
+                         piecewise_graph=args.piecewise_graph, compile_decode=args.compile,
+                         kernel_options=kernel_options_from_args(args), dense_quant=args.dense_quant,
+                         host_embedding=False if args.embedding_on_gpu else None, **kw)
+    try:
+        check_llama_compat(args, engine.config.num_layers)
+    except PlacementError:
+        engine.close()
+        raise
+    return engine
