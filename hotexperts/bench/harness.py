@@ -278,13 +278,25 @@ def _decode_stats(res: PlacementResult, d: DecodeCounts) -> None:
 def run_bench(lm, placements: list[str], budgets: list[float | None], tests: list[BenchTest], repeats: int,
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
               progress=None, labels: list[str] | None = None, piecewise: bool = False,
-              compile_decode: bool = False, options: KernelOptions = DEFAULT_KERNELS) -> dict:
+              compile_decode: bool = False, options: KernelOptions = DEFAULT_KERNELS,
+              checkpoint=None) -> dict:
+    """checkpoint(report): called with the report so far after each placement (a run cut short keeps
+    what it measured)."""
     max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1) + 8
     dtype = next(lm.model.parameters()).dtype
     reserved = sum(vram_reserved(lm, max_context, dtype, device).values())
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
                   options=options)
     results = []
+
+    def report() -> dict:
+        return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
+                "piecewise_graph": piecewise, "compile_decode": compile_decode,
+                "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
+                "reserved_gib": reserved / GiB, "expert_quant": quant, "results": list(results),
+                "expert_format": expert_format(lm.store, quant),
+                "distinct_experts": _distinct(source, lm.cfg)}
+
     for bi, b in enumerate(budgets):
         budget = None if b is None else int(b * GiB)
         for name, label in zip(placements, labels or placements, strict=True):
@@ -292,11 +304,9 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
                 continue                                   # the reference ignores the budget: run it once
             p = resolve(name, budget, quant, policy)
             results.append(measure(bench, label, p, p.vram_budget, tests, repeats, progress).to_dict())
-    return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
-            "piecewise_graph": piecewise, "compile_decode": compile_decode,
-            "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
-            "reserved_gib": reserved / GiB, "expert_quant": quant, "results": results,
-            "expert_format": expert_format(lm.store, quant), "distinct_experts": _distinct(source, lm.cfg)}
+            if checkpoint is not None:
+                checkpoint(report())
+    return report()
 
 
 def expert_format(store, quant: str = "none") -> str:

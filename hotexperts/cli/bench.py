@@ -91,7 +91,8 @@ def run(args) -> int:
         return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options)
     report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
                        policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
-                       compile_decode=args.compile, options=options)
+                       compile_decode=args.compile, options=options,
+                       checkpoint=(lambda r: rep.save_json(r, args.json)) if args.json else None)
     print()
     print(rep.table(report))
     if args.json:

@@ -18,7 +18,6 @@ from hotexperts.cli.flags import (
     load_engine,
 )
 from hotexperts.errors import HotExpertsError
-from hotexperts.server.app import ServerSettings, create_app
 
 log = logging.getLogger("hotexperts.server")
 
@@ -41,7 +40,9 @@ def add_parser(subparsers) -> None:
     add_kernel_arguments(p)
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:  # noqa: F821
+    from hotexperts.server.app import ServerSettings  # the server stack (fastapi) only when serving
+
     if args.max_queue < 0:
         raise HotExpertsError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.request_timeout < 0:
@@ -55,6 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the server's own dependency, loaded only to serve
+
+    from hotexperts.server.app import create_app
 
     settings = settings_from_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
