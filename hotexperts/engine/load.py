@@ -22,6 +22,7 @@ from tqdm import tqdm
 from hotexperts.config import ModelConfig
 from hotexperts.errors import ModelLoadError
 from hotexperts.experts.store import ExpertStore
+from hotexperts.loading import validate
 from hotexperts.loading.safetensors_dir import SafetensorsDir
 from hotexperts.models import get_arch, transforms
 from hotexperts.models.naming import ExpertRef
@@ -119,6 +120,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=N
     d = SafetensorsDir(path)
     arch = get_arch(d.config.get("model_type"))
     cfg = arch.config_from_hf(d.config)
+    validate.check_model_config(cfg, d.path / "config.json", d.nbytes(), "safetensors")
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
     host = {EMBEDDING} if host_embedding and not cfg.tie_word_embeddings else set()

@@ -48,6 +48,7 @@ from hotexperts.engine.load import (
 from hotexperts.errors import ModelLoadError
 from hotexperts.experts.store import ExpertStore
 from hotexperts.loading import gguf_quants as gq
+from hotexperts.loading import validate
 from hotexperts.loading.gguf_reader import GGUFFile
 from hotexperts.models import Architecture, get_gguf_arch
 from hotexperts.models.gguf_config import GGUFConfig
@@ -74,8 +75,10 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=No
         raise ModelLoadError(f"dense_quant must be one of {', '.join(DENSE_QUANT)}")
     f = GGUFFile(path)
     arch = get_gguf_arch(f.get("general.architecture"))
+    validate.check_gguf_model(f, arch.gguf_arch)
     d = arch.hf_from_gguf(GGUFConfig(f, arch.gguf_arch))
     cfg = arch.config_from_hf(d)
+    validate.check_model_config(cfg, f.path, f.nbytes, "gguf")
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
     quant = dense_formats(f, arch, model) if dense_quant == "keep" else {}
@@ -271,6 +274,17 @@ CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2
 
 
 def gguf_tokenizer(f: GGUFFile) -> Tokenizer | None:
+    """The file's tokenizer; a vocabulary the `tokenizers` builders refuse raises one ModelLoadError."""
+    try:
+        return _gguf_tokenizer(f)
+    except ModelLoadError:
+        raise
+    except Exception as e:          # tokenizers' own errors (merges out of the vocabulary, bad regexes)
+        raise ModelLoadError(f"{f.path}: tokenizer.ggml.* does not build a tokenizer "
+                             f"({type(e).__name__}: {e})") from None
+
+
+def _gguf_tokenizer(f: GGUFFile) -> Tokenizer | None:
     kind = f.get("tokenizer.ggml.model")
     if kind is None:
         return None
