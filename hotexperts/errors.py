@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -30,6 +31,18 @@ class PlacementError(HotExpertsError):
 class ExpertComputeError(HotExpertsError):
     """The CPU expert worker failed or did not answer during a step: the engine's fault, not the request's
     (the server answers 500, the CLI prints the message)."""
+
+
+@contextmanager
+def about(path: str | Path):
+    """Inside, a HotExpertsError whose message does not name `path` gets it as a prefix (same type): a
+    loader wraps its body so every error names the file it came from."""
+    try:
+        yield
+    except HotExpertsError as e:
+        if Path(path).name in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
 
 
 MAX_JSON_DEPTH = 64          # arrays/objects nested deeper are refused before parsing (no RecursionError)

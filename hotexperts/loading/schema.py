@@ -55,7 +55,6 @@ STR_RULE = Rule(("str",), None, "a string")
 POSITIVE_RULE = Rule(("float",), POSITIVE, "a finite number > 0")
 EPS_RULE = Rule(("float",), EPS, "a finite number in (0, 1]")
 PER_LAYER_SIZE = Rule(("int", "[int]"), SIZE, "an integer in [1, 2^31] (or one per layer)")
-PER_LAYER_COUNT0 = Rule(("int", "[int]"), COUNT0, "an integer in [0, 2^31] (or one per layer)")
 
 GGUF_KEYS: dict[str, Rule] = {
     "general.architecture": STR_RULE,
@@ -66,7 +65,7 @@ GGUF_KEYS: dict[str, Rule] = {
     "{arch}.embedding_length": SIZE_RULE,
     "{arch}.block_count": Rule(("int",), LAYERS, "an integer in [1, 4096]"),
     "{arch}.vocab_size": SIZE_RULE,
-    "{arch}.feed_forward_length": PER_LAYER_COUNT0,
+    "{arch}.feed_forward_length": COUNT0_RULE,          # per-layer arrays: not supported by the models
     "{arch}.expert_feed_forward_length": SIZE_RULE,
     "{arch}.expert_shared_feed_forward_length": COUNT0_RULE,
     "{arch}.expert_count": COUNT0_RULE,

@@ -56,10 +56,6 @@ def kind_of(v) -> str:
 
 def check_value(where, key: str, kind: str, value, rule: Rule) -> None:
     """`value` (of `kind`) follows `rule`; numbers (and numeric arrays' elements) pass rule.ok."""
-    if kind == "[int]" and "[float]" in rule.kinds:
-        kind = "[float]"                               # an empty or integral array of reals
-    if kind == "int" and "float" in rule.kinds:
-        kind = "float"
     if kind not in rule.kinds:
         shown = value if kind != "[str]" else kind
         raise fail(where, key, f"{rule.expect} ({' or '.join(rule.kinds)})", shown)
