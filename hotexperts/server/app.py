@@ -104,7 +104,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(Guard, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins,
-                       max_headers=settings.max_headers)
+                       max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes)
     app.add_middleware(_StatusMetrics, metrics=server.metrics)
     return app
 

@@ -1,10 +1,11 @@
 """Request guard (pure ASGI middleware): what a browser or hostile client may not do, refused before routing.
 
     app.add_middleware(Guard, allowed_hosts=("localhost", "127.0.0.1", "::1"), allowed_origins=(),
-                       max_headers=64)
+                       max_headers=64, max_header_bytes=16384)
 
 In order, each refusal an OpenAI-shaped JSON error with a stable code:
     more than max_headers request headers        431 too_many_headers
+    headers over max_header_bytes in all         431 headers_too_large  (h11 bounds incomplete ones)
     a Host not in allowed_hosts ("*" = any)      400 host_not_allowed     (DNS rebinding)
     an Origin other than the server's own and    403 origin_not_allowed   (cross-site requests; CORS
     not in allowed_origins ("*" = any)                                     answers only allowed ones)
@@ -36,8 +37,8 @@ def host_name(host: str) -> str:
 
 class Guard:
     def __init__(self, app, allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
-                 allowed_origins: tuple[str, ...] = (), max_headers: int = 64):
-        self.app, self.max_headers = app, max_headers
+                 allowed_origins: tuple[str, ...] = (), max_headers: int = 64, max_header_bytes: int = 16384):
+        self.app, self.max_headers, self.max_header_bytes = app, max_headers, max_header_bytes
         self.hosts = {h.lower().strip("[]") for h in allowed_hosts}
         self.origins = set(allowed_origins)
 
@@ -54,6 +55,9 @@ class Guard:
         raw = scope.get("headers") or []
         if len(raw) > self.max_headers:
             return APIError(431, f"more than {self.max_headers} request headers", code="too_many_headers")
+        if sum(len(k) + len(v) for k, v in raw) > self.max_header_bytes:
+            return APIError(431, f"request headers over {self.max_header_bytes} bytes",
+                            code="headers_too_large")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         host = headers.get("host", "")
         if "*" not in self.hosts and host_name(host) not in self.hosts:
