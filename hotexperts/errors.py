@@ -86,4 +86,7 @@ def read_json(path: str | Path, what: str, error: type[HotExpertsError] = HotExp
         raise error(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"{path} is not a readable {what} (JSON): {e}") from None
-    return loads_json(text, f"{path} ({what})", error)
+    try:
+        return loads_json(text, "the document", error)
+    except HotExpertsError as e:
+        raise error(f"{path} is not a readable {what} (JSON): {e}") from None
