@@ -28,7 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from hotexperts.errors import HotExpertsError, ModelLoadError
+from hotexperts.errors import HotExpertsError, ModelLoadError, loads_json
 
 ASSETS = resources.files("hotexperts") / "assets"
 
@@ -109,7 +109,9 @@ class Tokenizer:
         return self.tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; `tokenizers` releases the GIL while it works (encode_batch does, encode
+        does not), so a long text encoded in a worker thread does not stall the server's event loop."""
+        ids = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.config.get("add_bos_token") and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id, *ids]
@@ -181,9 +183,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"cannot parse {path}: {e}") from e
+    data = loads_json(text, f"cannot parse {path}", ModelLoadError)
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
 
 
 def chat_template(name: str) -> str:

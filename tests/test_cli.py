@@ -112,3 +112,12 @@ def test_llama_cpp_habits_are_accepted(capsys):
 def test_llama_cpp_flags_that_mean_nothing_here_are_one_clear_error(capsys, args, message):
     rc, _, err = run_main(capsys, "-p", "x", "-n", "1", *args)
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_commands_but_serve_need_no_server_stack():
+    """make-model, bench and generate run where fastapi/uvicorn are not installed (the GPU machine)."""
+    code = ("import sys; import hotexperts.cli as c; c.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', 'uvicorn', "
+            "'pydantic'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,15 +1,23 @@
 """`hotexperts serve`: the OpenAI-compatible HTTP server (server/app.py) over one Engine, with uvicorn.
 
     hotexperts serve --model DIR|FILE.gguf|preset:NAME [model flags] [placement flags] [kernel flags]
-        [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N] [--request-timeout S]
-        [--served-model-name NAME] [--allowed-origin ORIGIN ...]
+        [--host 127.0.0.1] [--port 8080] [--api-key-file FILE | $HOTEXPERTS_API_KEY | --api-key KEY]
+        [--max-queue N] [--request-timeout S] [--served-model-name NAME] [--cors-origin ORIGIN ...]
+        [--allowed-hosts HOST,...] [--max-connections N] [--keep-alive-timeout S]
+
+The API key is read from --api-key-file, else $HOTEXPERTS_API_KEY, else --api-key (visible to every user
+in the process list: a warning says so). Host names accepted: --allowed-hosts, else the loopback names and
+the bound address (with the machine's host name for a wildcard bind).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
+from pathlib import Path
 
 from hotexperts.cli.flags import (
     add_kernel_arguments,
@@ -20,6 +28,7 @@ from hotexperts.cli.flags import (
 from hotexperts.errors import HotExpertsError
 
 log = logging.getLogger("hotexperts.server")
+API_KEY_ENV = "HOTEXPERTS_API_KEY"
 
 
 def add_parser(subparsers) -> None:
@@ -28,13 +37,23 @@ def add_parser(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (visible in the process list: prefer "
+                        "--api-key-file or $HOTEXPERTS_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST...]",
+                   help="Host header names the server answers ('*' = any; default: loopback names and the "
+                        "bound address)")
+    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections (256)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (5)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait (32); more: 429")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds per request from arrival (default 600, 0 = none); then finish_reason length")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
-    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
-                   help="CORS: let browser pages on ORIGIN call the API ('*' = any)")
+    p.add_argument("--cors-origin", "--allowed-origin", dest="allowed_origin", action="append", default=[],
+                   metavar="ORIGIN", help="CORS: let browser pages on ORIGIN call the API ('*' = any); "
+                                          "other cross-origin requests are refused (403)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_placement_arguments(p)
     add_kernel_arguments(p)
@@ -49,15 +68,50 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:  # noqa: F82
         raise HotExpertsError(f"--request-timeout must be >= 0, got {args.request_timeout}")
     if not 0 <= args.port <= 65535:
         raise HotExpertsError(f"--port must be in [0, 65535], got {args.port}")
-    return ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+    if args.max_connections < 1 or args.keep_alive_timeout <= 0:
+        raise HotExpertsError("--max-connections must be >= 1 and --keep-alive-timeout > 0")
+    return ServerSettings(model_name=args.served_model_name or args.model, api_key=api_key(args),
                           max_queue=args.max_queue, request_timeout=args.request_timeout or None,
-                          allowed_origins=tuple(args.allowed_origin))
+                          allowed_origins=tuple(args.allowed_origin), allowed_hosts=allowed_hosts(args),
+                          max_connections=args.max_connections, keep_alive_s=args.keep_alive_timeout)
+
+
+def api_key(args: argparse.Namespace, env=os.environ) -> str | None:
+    """--api-key-file, else $HOTEXPERTS_API_KEY, else --api-key (with a warning: argv is public)."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HotExpertsError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        if not key:
+            raise HotExpertsError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    if env.get(API_KEY_ENV):
+        return env[API_KEY_ENV].strip()
+    if args.api_key:
+        log.warning("--api-key is visible to every user in the process list; use --api-key-file or $%s",
+                    API_KEY_ENV)
+    return args.api_key or None
+
+
+def allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    from hotexperts.server.guard import LOOPBACK_HOSTS  # fastapi: only when serving
+
+    named = tuple(h.strip() for a in args.allowed_hosts for h in a.split(",") if h.strip())
+    if named:
+        return named
+    bound = args.host.strip("[]").lower()
+    if bound in ("0.0.0.0", "::", ""):
+        log.warning("binding %s: answering only Host names %s and this machine's name; pass "
+                    "--allowed-hosts for the names clients use", args.host, ", ".join(LOOPBACK_HOSTS))
+        return (*LOOPBACK_HOSTS, socket.gethostname().lower(), socket.getfqdn().lower())
+    return tuple(dict.fromkeys((*LOOPBACK_HOSTS, bound)))
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the server's own dependency, loaded only to serve
 
-    from hotexperts.server.app import create_app
+    from hotexperts.server.app import create_app, uvicorn_limits
 
     settings = settings_from_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -68,5 +122,6 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         print(f"decode step compiled in {engine.warm_up():.1f}s", file=sys.stderr, flush=True)
     app = create_app(engine, settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,
+                **uvicorn_limits(settings))
     return 0

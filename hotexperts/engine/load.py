@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 from hotexperts.config import ModelConfig
-from hotexperts.errors import ModelLoadError
+from hotexperts.errors import ModelLoadError, about
 from hotexperts.experts.store import ExpertStore
+from hotexperts.loading import validate
 from hotexperts.loading.safetensors_dir import SafetensorsDir
 from hotexperts.models import get_arch, transforms
 from hotexperts.models.naming import ExpertRef
@@ -115,10 +116,17 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=None,
                progress: bool = True, host_embedding: bool = False) -> LoadedModel:
     """host_embedding: keep the token embedding in host memory (models/transforms.host_embedding) for an
-    untied model; it is read straight into host memory, never onto the device."""
+    untied model; it is read straight into host memory, never onto the device. Every error names the
+    directory."""
+    with about(path):
+        return _load_model(path, dtype, device, progress, host_embedding)
+
+
+def _load_model(path, dtype, device, progress: bool, host_embedding: bool) -> LoadedModel:
     d = SafetensorsDir(path)
     arch = get_arch(d.config.get("model_type"))
     cfg = arch.config_from_hf(d.config)
+    validate.check_model_config(cfg, d.path / "config.json", d.nbytes(), "safetensors")
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
     host = {EMBEDDING} if host_embedding and not cfg.tie_word_embeddings else set()

@@ -45,9 +45,10 @@ from hotexperts.engine.load import (
     materialize,
     parse_dtype,
 )
-from hotexperts.errors import ModelLoadError
+from hotexperts.errors import ModelLoadError, about
 from hotexperts.experts.store import ExpertStore
 from hotexperts.loading import gguf_quants as gq
+from hotexperts.loading import validate
 from hotexperts.loading.gguf_reader import GGUFFile
 from hotexperts.models import Architecture, get_gguf_arch
 from hotexperts.models.gguf_config import GGUFConfig
@@ -72,10 +73,18 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype = "bfloat16", device=No
         raise ModelLoadError(f"expert_scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
     if dense_quant not in DENSE_QUANT:
         raise ModelLoadError(f"dense_quant must be one of {', '.join(DENSE_QUANT)}")
+    with about(path):                                  # every error names the file
+        return _load_gguf(path, dtype, device, expert_scale_dtype, dense_quant, host_embedding)
+
+
+def _load_gguf(path, dtype, device, expert_scale_dtype: str, dense_quant: str,
+               host_embedding: bool) -> LoadedModel:
     f = GGUFFile(path)
     arch = get_gguf_arch(f.get("general.architecture"))
+    validate.check_gguf_model(f, arch.gguf_arch)
     d = arch.hf_from_gguf(GGUFConfig(f, arch.gguf_arch))
     cfg = arch.config_from_hf(d)
+    validate.check_model_config(cfg, f.path, f.nbytes, "gguf")
     dt, dev = parse_dtype(dtype), default_device(device)
     model = empty_model(cfg)
     quant = dense_formats(f, arch, model) if dense_quant == "keep" else {}
@@ -129,9 +138,9 @@ def _quantized(f: GGUFFile, arch: Architecture, cfg: ModelConfig, name: str, ref
 def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, dt: torch.dtype,
                dev: torch.device, quant: dict | None = None, host: set[str] = frozenset()) -> dict:
     """Every non-expert tensor on dev: the projections in `quant` ({module: (format, zero)}) quantized,
-    the rest dequantized to dt; names in `host` stay in (CPU) memory. Missing ones raise one
-    ModelLoadError."""
-    out, ignored, quant = {}, [], quant or {}
+    the rest dequantized to dt; names in `host` stay in (CPU) memory. Missing ones, and tensors the model
+    does not have, raise one ModelLoadError."""
+    out, quant = {}, quant or {}
     for name in f.names():
         ref = gguf_rename(name, arch.moe_block)
         if isinstance(ref, ExpertRef):
@@ -140,8 +149,8 @@ def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, 
             out.update(_quantized(f, arch, cfg, name, ref, quant[ref[:-7]], dev))
             continue
         if ref is None or ref not in shapes:
-            ignored.append(name)
-            continue
+            raise ModelLoadError(f"{f.path}: tensor {name!r} is not one this {arch.gguf_arch} model has "
+                                 "(llama.cpp refuses such files too: a corrupted name would go unused)")
         info = f.info(name)
         w = arch.from_gguf(cfg, ref, gq.dequantize(f.raw(name), info.qtype, info.shape, name))
         want = tuple(shapes[ref].shape)
@@ -154,9 +163,6 @@ def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, 
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ModelLoadError(f"{f.path.name} lacks tensor(s) for: {', '.join(missing[:5])}{more}")
-    if ignored:
-        warnings.warn(f"ignored {len(ignored)} GGUF tensor(s) not used by the model, e.g. {ignored[0]!r}",
-                      stacklevel=3)
     return out
 
 
@@ -271,6 +277,17 @@ CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2
 
 
 def gguf_tokenizer(f: GGUFFile) -> Tokenizer | None:
+    """The file's tokenizer; a vocabulary the `tokenizers` builders refuse raises one ModelLoadError."""
+    try:
+        return _gguf_tokenizer(f)
+    except ModelLoadError:
+        raise
+    except Exception as e:          # tokenizers' own errors (merges out of the vocabulary, bad regexes)
+        raise ModelLoadError(f"{f.path}: tokenizer.ggml.* does not build a tokenizer "
+                             f"({type(e).__name__}: {e})") from None
+
+
+def _gguf_tokenizer(f: GGUFFile) -> Tokenizer | None:
     kind = f.get("tokenizer.ggml.model")
     if kind is None:
         return None

@@ -1,10 +1,13 @@
 """Sampling: `SamplingParams` (frozen, validated) and `sample(logits, params, generator) -> token id`.
 
-temperature == 0 means greedy (argmax). Otherwise the logits are divided by the temperature and the
+temperature below MIN_TEMPERATURE (0 included) means greedy (argmax): a temperature too small to divide
+by is the limit it tends to. Otherwise the logits are divided by the temperature and the
 distribution is restricted, in this order, by top_k (keep the k largest), top_p (keep the smallest set of
 tokens whose probability mass reaches top_p) and min_p (drop tokens below min_p * the largest
 probability), then one token is drawn with the given torch.Generator. Everything runs on the logits'
-device; the only host synchronisation is reading the chosen token id at the end.
+device; the only host synchronisation is reading the chosen token id at the end. The most likely token is
+never filtered out (top_p 1e-300 keeps it), and a distribution with no finite mass left (NaN logits) falls
+back to argmax, so the probabilities handed to torch.multinomial are never NaN or all zero.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from hotexperts.errors import HotExpertsError
+
+MIN_TEMPERATURE = 1e-5        # below: greedy (vLLM's threshold); 1 / T then fits float32 with room
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -81,7 +86,8 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [V] -> probabilities [V] float32 after temperature, top_k, top_p and min_p."""
-    logits = logits.float() / params.temperature                        # [V]
+    logits = logits.float()
+    logits = (logits - logits.max()) / params.temperature               # [V], max 0: no overflow
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -89,7 +95,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)           # [V]
         mass_before = sorted_p.cumsum(-1) - sorted_p                    # mass of strictly better tokens
-        drop_sorted = mass_before >= params.top_p                       # the top token is always kept
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[0] = False                                          # the top token is always kept
         probs = probs.masked_fill(drop_sorted.scatter(0, order, drop_sorted), 0.0)
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
@@ -102,7 +109,11 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     probs = filtered_probs(logits, params)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    total = probs.sum()
+    ok = torch.isfinite(total) & (total > 0)
+    safe = torch.where(ok, torch.nan_to_num(probs, nan=0.0), torch.ones_like(probs))   # no host sync
+    drawn = torch.multinomial(safe, 1, generator=generator)[0]
+    return torch.where(ok, drawn, torch.argmax(torch.nan_to_num(logits.float(), nan=-math.inf), dim=-1))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:

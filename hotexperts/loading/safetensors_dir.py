@@ -8,7 +8,9 @@ Knows files, not models. Layout accepted:
     (no index: every *.safetensors file in the directory)
 
 Tensors are read lazily through `safetensors.safe_open` (memory-mapped; never pickle / torch.load).
-Every problem a user can cause raises one ModelLoadError naming the file and the cause.
+Every problem a user can cause raises one ModelLoadError naming the file and the cause: JSON nested too
+deep (errors.loads_json), config.json / generation_config.json values of the wrong type or range
+(loading/validate.py), index entries naming files outside the directory, weights not stored as floats.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hotexperts.errors import ModelLoadError
+from hotexperts.errors import ModelLoadError, loads_json
+from hotexperts.loading import validate
+from hotexperts.loading.schema import HF_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -33,9 +37,10 @@ def read_json(path: Path, required: bool = True) -> dict:
                                  "(is this a Hugging Face model directory?)")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"cannot parse {path}: {e}") from e
+    data = loads_json(text, f"cannot parse {path}", ModelLoadError)
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} does not hold a JSON object")
     return data
@@ -49,7 +54,9 @@ class SafetensorsDir:
         if not self.path.is_dir():
             raise ModelLoadError(f"model directory {self.path} does not exist")
         self.config = read_json(self.path / "config.json")
+        validate.check_hf_config(self.path / "config.json", self.config)
         self.generation_config = read_json(self.path / "generation_config.json", required=False)
+        validate.check_generation_config(self.path / "generation_config.json", self.generation_config)
         self._handles: dict[str, object] = {}         # shard file name -> safe_open handle
         self.weight_map = self._weight_map()          # tensor name -> shard file name
         for shard in sorted(set(self.weight_map.values())):
@@ -64,6 +71,8 @@ class SafetensorsDir:
             wm = read_json(index).get("weight_map")
             if not isinstance(wm, dict) or not wm:
                 raise ModelLoadError(f"{index} has no weight_map")
+            for name, f in wm.items():
+                self._check_shard_name(index, name, f)
             missing = sorted({f for f in wm.values() if not (self.path / f).is_file()})
             if missing:
                 raise ModelLoadError(f"shard(s) named in {INDEX_NAME} are missing from {self.path}: "
@@ -77,6 +86,15 @@ class SafetensorsDir:
             for name in self._open(f).keys():
                 wm[name] = f
         return wm
+
+    def _check_shard_name(self, index: Path, name: str, f) -> None:
+        """An index entry names a file inside the model directory (no absolute path, no '..', no link out)."""
+        inside = isinstance(f, str) and f and not Path(f).is_absolute() and ".." not in Path(f).parts
+        if inside and (self.path / f).exists():
+            inside = (self.path / f).resolve().is_relative_to(self.path.resolve())
+        if not inside:
+            raise ModelLoadError(f"{index}: weight_map[{name!r}] must be a file name inside {self.path}, "
+                                 f"got {f!r}")
 
     def _open(self, shard: str):
         if shard not in self._handles:
@@ -118,9 +136,15 @@ class SafetensorsDir:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor on the CPU (memory-mapped read; the caller converts dtype/device)."""
+        """The tensor on the CPU (memory-mapped read; the caller converts dtype/device). Weights are
+        floats: a tensor stored as another dtype (I32, U8, ...) raises ModelLoadError, never a cast."""
+        handle = self._handle(name)
+        dtype = handle.get_slice(name).get_dtype()
+        if dtype not in HF_DTYPES:
+            raise ModelLoadError(f"{self.path / self.weight_map[name]}: tensor {name!r} must be stored as "
+                                 f"{', '.join(HF_DTYPES)}, got {dtype}")
         try:
-            return self._handle(name).get_tensor(name)
+            return handle.get_tensor(name)
         except ModelLoadError:
             raise
         except Exception as e:

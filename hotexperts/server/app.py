@@ -6,6 +6,10 @@ with uvicorn.
 Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not: a non-streaming
 response is the folded stream), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics, GET / (a
 small chat page). With an API key, /v1/* and /metrics need `Authorization: Bearer KEY` (else 401).
+server/guard.py refuses foreign Host headers, cross-origin requests and non-JSON POST bodies first;
+uvicorn_limits(settings) gives uvicorn its header-size, idle-connection and connection-count limits.
+Parsing (JSON nesting bounded) and tokenizing (after a length cap) run in a thread pool; no user input
+makes a 500.
 Every error is OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}.
 The engine runs batch-1 in one worker thread (queue.EngineWorker); the event loop never waits on it.
 """
@@ -30,6 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from hotexperts.server import protocol
 from hotexperts.server.errors import APIError, bad_request
 from hotexperts.server.events import JobStreamingResponse, job_events
+from hotexperts.server.guard import LOOPBACK_HOSTS, Guard
 from hotexperts.server.metrics import Metrics
 from hotexperts.server.queue import EngineWorker, Job, QueueFull
 from hotexperts.server.stream import Meta, fold, make_chunks, sse_lines
@@ -47,6 +52,18 @@ class ServerSettings:
     request_timeout: float | None = 600.0  # seconds from arrival; None/0 = no limit
     max_body_bytes: int = 16 * 2**20
     allowed_origins: tuple[str, ...] = ()  # CORS: browser pages on these origins may call the API
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS   # Host header names accepted ("*" = any)
+    max_headers: int = 64                # request headers at most (431 beyond)
+    max_header_bytes: int = 16 * 2**10   # request line + headers (uvicorn's h11 refuses beyond)
+    keep_alive_s: float = 5.0            # an idle keep-alive connection is closed after this
+    max_connections: int = 256           # concurrent connections (uvicorn answers 503 beyond)
+    max_prompt_chars_per_token: int = 32  # text longer than max_context x this is refused untokenized
+
+
+def uvicorn_limits(settings: ServerSettings) -> dict:
+    """uvicorn.Config keywords for the header size, idle-connection and connection-count limits."""
+    return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes,
+            "timeout_keep_alive": settings.keep_alive_s, "limit_concurrency": settings.max_connections}
 
 
 class Server:
@@ -86,6 +103,8 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(Guard, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins,
+                       max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes)
     app.add_middleware(_StatusMetrics, metrics=server.metrics)
     return app
 
@@ -204,14 +223,27 @@ async def _read_body(server: Server, request: Request) -> bytes:
     return raw
 
 
+def _check_length(server: Server, chars: int) -> None:
+    """Text too long to fit the context whatever the tokenizer does is refused before tokenizing it."""
+    cap = server.engine.max_context * server.settings.max_prompt_chars_per_token
+    if chars > cap:
+        raise bad_request(f"the prompt has {chars} characters; this model's context is "
+                          f"{server.engine.max_context} tokens (at most {cap} characters are tokenized)",
+                          param="messages", code="context_length_exceeded")
+
+
 def _prompt_ids(server: Server, kind: str, req) -> list[int]:
-    """Tokenize (runs in a thread pool: chat templates and long prompts must not block the loop)."""
+    """Tokenize (runs in a thread pool: chat templates and long prompts must not block the loop; the
+    tokenizer releases the GIL, tokenizer.Tokenizer.encode), after the length cap."""
     tok = server.engine.tokenizer
     try:
         if kind == "chat":
-            return tok.encode_chat(protocol.chat_messages(req), **(req.chat_template_kwargs or {}))
+            messages = protocol.chat_messages(req)
+            _check_length(server, sum(len(m["content"]) for m in messages))
+            return tok.encode_chat(messages, **(req.chat_template_kwargs or {}))
         prompt = protocol.completion_prompt(req)
         if isinstance(prompt, str):
+            _check_length(server, len(prompt))
             return tok.encode(prompt)
         vocab = server.engine.config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt):
@@ -227,7 +259,7 @@ def _prompt_ids(server: Server, kind: str, req) -> list[int]:
 async def _complete(server: Server, request: Request, kind: str):
     arrived = time.monotonic()
     _authorize(server, request)
-    req = protocol.parse_request(kind, await _read_body(server, request))
+    req = await run_in_threadpool(protocol.parse_request, kind, await _read_body(server, request))
     _check_model(server, req.model)
     ids = await run_in_threadpool(_prompt_ids, server, kind, req)
     if not ids:

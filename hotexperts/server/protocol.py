@@ -16,13 +16,12 @@ The role "developer" is rendered as "system". A negative seed is passed to torch
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hotexperts.engine.sampling import SamplingParams
-from hotexperts.errors import HotExpertsError
+from hotexperts.errors import HotExpertsError, loads_json
 from hotexperts.server.errors import APIError, bad_request, unsupported
 
 Kind = Literal["chat", "completion"]
@@ -91,9 +90,9 @@ MODELS: dict[str, type[_Common]] = {"chat": ChatRequest, "completion": Completio
 
 def parse_request(kind: Kind, raw: bytes) -> ChatRequest | CompletionRequest:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        body = loads_json(raw, "the request body")
+    except HotExpertsError as e:
+        raise bad_request(str(e), code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
     try:

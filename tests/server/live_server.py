@@ -21,7 +21,7 @@ import torch
 import uvicorn
 
 from hotexperts.engine.engine import Engine
-from hotexperts.server.app import ServerSettings, create_app
+from hotexperts.server.app import ServerSettings, create_app, uvicorn_limits
 
 MODEL = "tiny"
 
@@ -64,7 +64,8 @@ def serve(engine, **settings):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                            **uvicorn_limits(app.state.server.settings))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn")
     thread.start()
