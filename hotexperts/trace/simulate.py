@@ -237,6 +237,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fit-fraction", type=float, default=0.5, help="share of the decode tokens that tunes "
                    "(warm state, static set); the rest is scored, every policy from the same warm state")
     p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--markdown", action="store_true", help="also print hit %% (÷ Belady) as a markdown grid")
     p.add_argument("--plot", default=None, help="write PNG plots into this folder")
     p.set_defaults(func=run)
 
@@ -290,6 +291,8 @@ def run(args) -> int:
         for r in rows:
             r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()
     print(format_table(rows, trace))
+    if args.markdown:
+        print("\n" + markdown_grid(rows, trace.num_experts))
     if args.json:
         Path(args.json).write_text(json.dumps({"trace": str(args.trace), "meta": trace.meta,
                                                "results": [r.to_dict() for r in rows]}, indent=1))
@@ -308,6 +311,20 @@ def fill_belady(row: list[SimResult]) -> None:
 
 
 _fill_belady = fill_belady
+
+
+def markdown_grid(rows: list[SimResult], num_experts: int) -> str:
+    """Capacity rows x policy columns: decode hit rate % (÷ Belady)."""
+    pols = list(dict.fromkeys(r.policy for r in rows))
+    caps = list(dict.fromkeys((r.slots, r.budget) for r in rows))
+    lines = ["| capacity | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
+    for s, b in caps:
+        cap = f"{s}/layer ({100 * s / num_experts:.1f}%)" if s is not None else f"{b} total"
+        cells = {r.policy: r for r in rows if (r.slots, r.budget) == (s, b)}
+        txt = [f"{100 * c.hit_rate:.1f}" + (f" ({c.vs_belady:.3f})" if c.vs_belady else "")
+               for c in (cells[p] for p in pols)]
+        lines.append(f"| {cap} | " + " | ".join(txt) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[SimResult], trace: RoutingTrace) -> str:
