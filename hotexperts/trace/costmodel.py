@@ -7,6 +7,8 @@
     placement: "gpu" | "cpu-moe" | "n-cpu-moe:N" | "hot:K" | "cache:SLOTS"  (hot/cache need a hit rate)
     predict_cache(shape, hw, sim_result)       a simulator row -> Prediction
     cpu_expert_seconds(shape, hw), copy_seconds(shape, hw)    per expert, one decode token
+    payback_shape(trace, name=None, expert_mb=None)   shape_for_trace, else one from the trace's metadata
+    payback_costs(shape, hw) -> {cpu_seconds_per_expert, copy_seconds_per_expert}   (auto's pay-back)
     miss_pmf(K, h), gpu_share_of(n, Z, share), cpu_call_seconds(shape, hw, n), hit_kernel_seconds(...)
 
 Decode is the engine's worker path (docs/cache.md): the whole step is one CUDA graph; per MoE layer the GPU
@@ -32,6 +34,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
+
+import numpy as np
 
 from hotexperts.errors import HotExpertsError
 from hotexperts.kernels.handoff_codes import GPU_SHARE, LARGE_EXPERT_BYTES  # the engine's GPU-miss rule
@@ -117,6 +121,44 @@ def shape_for_trace(trace, name: str | None = None, expert_mb: float | None = No
         inter = max(1, round(expert_mb * 1e6 / (3 * base.hidden_size * base.gpu_bytes_per_param)))
         shape = replace(base, moe_intermediate_size=inter)
     return shape
+
+
+FILE_BYTES_PER_PARAM = 4.5 / 8     # meta["expert_bytes"] without meta["expert_bytes_per_param"]: GGUF Q4_K
+NOMINAL_EXPERT = (1024, 512)       # D, I when the trace says nothing of the size (pay-back needs only ratios)
+
+
+def payback_shape(trace, name: str | None = None, expert_mb: float | None = None) -> ModelShape:
+    """The shape `auto`'s pay-back costs come from, for any trace: a named or recognised preset
+    (shape_for_trace), else one built from the trace's metadata: `hidden_size` and `moe_intermediate_size`
+    (a recorded model's config), `expert_params`, or `expert_bytes` (bytes of one expert in the recorded
+    file: a number or {layer: bytes}, mean taken) ÷ `expert_bytes_per_param` (default 4.5 bits: Q4_K);
+    else a nominal size. Slot format bf16, CPU copy int8 (the defaults of the live cache). The pay-back
+    rule compares CPU time with copy time of the same expert, so only the formats' bytes per parameter and
+    the profile's rates decide it; the expert's size cancels out."""
+    shape = shape_for_trace(trace, name, expert_mb)
+    if shape is not None:
+        return shape
+    meta = trace.meta
+    D, I = (int(meta.get("hidden_size") or 0), int(meta.get("moe_intermediate_size") or 0))
+    params = 3 * D * I if D and I else int(meta.get("expert_params") or 0)
+    eb = meta.get("expert_bytes")
+    if not params and eb:
+        vals = [float(v) for v in (eb.values() if isinstance(eb, dict) else [eb])]
+        params = int(np.mean(vals) / float(meta.get("expert_bytes_per_param", FILE_BYTES_PER_PARAM)))
+    D = D or NOMINAL_EXPERT[0]
+    I = max(1, round(params / (3 * D))) if params else NOMINAL_EXPERT[1]
+    return ModelShape(f"from-trace:{meta.get('model', 'unknown')}", trace.num_layers, trace.num_layers,
+                      trace.num_experts, trace.top_k, D, I, 0, 0)
+
+
+def payback_costs(shape: ModelShape | None, hw: HardwareProfile | None) -> dict:
+    """Pay-back inputs of the `auto` policy (seconds per expert, one decode token) from a shape and a
+    hardware profile: the CPU copy's bytes ÷ the profile's CPU rate for its format, the slot copy's bytes
+    ÷ H2D. Empty without both."""
+    if shape is None or hw is None:
+        return {}
+    return {"cpu_seconds_per_expert": cpu_expert_seconds(shape, hw),
+            "copy_seconds_per_expert": copy_seconds(shape, hw)}
 
 
 @dataclass

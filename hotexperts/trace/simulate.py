@@ -5,13 +5,20 @@
 
     simulate(trace, "lru", slots=16) -> SimResult          # per-layer capacity (`hot:K`)
     simulate(trace, "auto", budget=600)                    # one global slot budget (`cache:BUDGET`)
-    sweep(trace, policies, slots=[8, 16] | budgets=[...]) -> list[SimResult]   (each ÷ Belady filled in)
+    sweep(trace, policies, slots=[8, 16] | budgets=[...]) -> list[SimResult]   (held out, ÷ Belady filled in)
+
+`simulate` is one replay of the whole trace as the live cache runs it (the fidelity test). Every comparison
+of policies (`sweep`, the CLI, `hotexperts auto`) uses trace/heldout.py's rule instead: tuned on the first
+half of the decode tokens, scored on the second, every policy (Belady included) from the same warm state.
 
 Replay order, as in the live engine: one forward pass per iteration (`trace.iterations()`: a prompt batch
 or one decoded token); every MoE layer's lookup -> observe (hit flags counted; one lookup_step and one
 observe_step per pass, the same as per layer calls); then end_step -> commit at once. Prompt tokens are
 counted apart from decode tokens; prompt batches over `prompt_bypass` tokens are not shown to the policy.
-Hit rates count routed selections (token, k); cells with id -1 are skipped.
+Hit rates count routed selections (token, k); cells with id -1 are skipped. Each token's experts reach the
+planner by descending router weight where the trace has weights (stable: the recorded order where it has
+none, as the engine's torch.topk lists them); policies break ties by that order (LRU: with fewer slots than
+top-k it admits the highest-weighted misses).
 
 CLI: `hotexperts simulate TRACE [--policies ...] [--slots 8,16,32 | --budget 600,8GiB] [--profile HW]
 [--json OUT] [--plot DIR]`: a table of hit rates, ÷ Belady, swaps and bytes moved, and with a hardware
@@ -153,7 +160,7 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
         raise HotExpertsError("simulate needs exactly one of slots (per layer) or budget (global slots)")
     pol = policy if isinstance(policy, CachePolicy) else build_policy(
         policy, trace, profile=profile, prompt_bypass=prompt_bypass, **params)
-    layers = trace.moe_layers
+    layers, ranked = trace.moe_layers, by_weight(trace)
     ctl = SimulatedCache(pol, layers, trace.num_experts, slots, max_swaps_per_step, budget=budget,
                          prompt_bypass=prompt_bypass)
     if warm_start is not None:
@@ -162,11 +169,22 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
         ctl.commit(ctl.cold_start())
     decode_tokens = 0
     for step, prompt, rows in passes(trace):
-        ids = trace.ids[rows].transpose(1, 0, 2).reshape(len(layers), -1)     # [Lm, T*K]
+        ids = ranked[rows].transpose(1, 0, 2).reshape(len(layers), -1)     # [Lm, T*K]
         ctl.observe_step(step, layers, ids, ctl.lookup_step(layers, ids), prompt, tokens=rows.size)
         ctl.commit(ctl.end_step(step, prompt))
         decode_tokens += 0 if prompt else rows.size
     return _result(ctl, pol, slots, budget, decode_tokens, expert_nbytes)
+
+
+def by_weight(trace: RoutingTrace) -> np.ndarray:
+    """trace.ids [N, Lm, K] with each cell's experts by descending router weight; unknown weights (NaN) and
+    missing cells (-1) keep their recorded order, after the known ones."""
+    w = np.asarray(trace.weights, np.float64)
+    key = np.where(np.isfinite(w) & (trace.ids >= 0), -w, np.inf)
+    if not np.isfinite(key).any():
+        return trace.ids
+    order = np.argsort(key, axis=-1, kind="stable")
+    return np.take_along_axis(trace.ids, order, axis=-1)
 
 
 def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens, expert_nbytes) -> SimResult:
@@ -179,22 +197,22 @@ def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens,
                      [[s.hits, s.misses, s.prompt_hits, s.prompt_misses] for s in st])
 
 
-def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), **kw) -> list[SimResult]:
-    """Every policy at every capacity; `vs_belady` filled in when belady is among the policies."""
+def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), fit_fraction: float = 0.5,
+          params: dict | None = None, **kw) -> list[SimResult]:
+    """Every policy at every capacity, held out (trace/heldout.py: tuned on the first `fit_fraction` of
+    the decode tokens, scored on the rest, one shared warm state); `vs_belady` filled in when belady is
+    among the policies. params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs)."""
+    from hotexperts.trace.heldout import compare
+
     out = []
     for cap in [("slots", s) for s in slots] + [("budget", b) for b in budgets]:
-        row = [simulate(trace, p, **{cap[0]: cap[1]}, **kw) for p in policies]
-        _fill_belady(row)
-        out += row
+        out += compare(trace, policies, **{cap[0]: cap[1]}, fit_fraction=fit_fraction, params=params, **kw)
     return out
 
 
 def auto_cost_params(shape, hw) -> dict:
-    """Pay-back inputs of the `auto` policy (seconds per expert) from a model shape and hardware profile."""
-    if shape is None or hw is None:
-        return {}
-    return {"cpu_seconds_per_expert": costmodel.cpu_expert_seconds(shape, hw),
-            "copy_seconds_per_expert": costmodel.copy_seconds(shape, hw)}
+    """Pay-back inputs of the `auto` policy (costmodel.payback_costs)."""
+    return costmodel.payback_costs(shape, hw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,7 +234,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--expert-mb", type=float, default=None, help="bytes of one expert in MB (GPU format)")
     p.add_argument("--max-swaps", type=int, default=None, help="copies per decode step (default unbounded)")
     p.add_argument("--pp-bypass", type=int, default=64, help="prompt batches over this bypass the policy")
+    p.add_argument("--fit-fraction", type=float, default=0.5, help="share of the decode tokens that tunes "
+                   "(warm state, static set); the rest is scored, every policy from the same warm state")
     p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--markdown", action="store_true", help="also print hit %% (÷ Belady) as a markdown grid")
     p.add_argument("--plot", default=None, help="write PNG plots into this folder")
     p.set_defaults(func=run)
 
@@ -259,18 +280,19 @@ def run(args) -> int:
     slots, budgets = _capacities(args, trace, nbytes)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     static = load_profile(args.static_profile, trace.num_experts) if args.static_profile else None
-    auto = auto_cost_params(shape, hw or profiles.get_profile("h200"))
-    rows = []
-    for cap in [("slots", s) for s in slots] + [("budget", b) for b in budgets]:
-        row = [simulate(trace, p, **{cap[0]: cap[1]}, max_swaps_per_step=args.max_swaps,
-                        prompt_bypass=args.pp_bypass, expert_nbytes=nbytes, profile=static,
-                        **(auto if p in ("auto", "adaptive") else {})) for p in policies]
-        _fill_belady(row)
-        rows += row
+    cost = auto_cost_params(costmodel.payback_shape(trace, args.model_shape, args.expert_mb),
+                            hw or profiles.get_profile("h200"))
+    params = {p: cost for p in policies if p in ("auto", "adaptive")}
+    params.update({p: {"profile": static} for p in policies if p == "static" and static is not None})
+    rows = sweep(trace, policies, slots=slots, budgets=budgets, fit_fraction=args.fit_fraction,
+                 params=params, max_swaps_per_step=args.max_swaps, prompt_bypass=args.pp_bypass,
+                 expert_nbytes=nbytes)
     if hw is not None and shape is not None:
         for r in rows:
             r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()
     print(format_table(rows, trace))
+    if args.markdown:
+        print("\n" + markdown_grid(rows, trace.num_experts))
     if args.json:
         Path(args.json).write_text(json.dumps({"trace": str(args.trace), "meta": trace.meta,
                                                "results": [r.to_dict() for r in rows]}, indent=1))
@@ -281,16 +303,36 @@ def run(args) -> int:
     return 0
 
 
-def _fill_belady(row: list[SimResult]) -> None:
+def fill_belady(row: list[SimResult]) -> None:
+    """vs_belady of each result of one comparison (one capacity), when Belady is among them."""
     best = next((r.hit_rate for r in row if r.policy == "belady"), None)
     for r in row:
         r.vs_belady = r.hit_rate / best if best else None
 
 
+_fill_belady = fill_belady
+
+
+def markdown_grid(rows: list[SimResult], num_experts: int) -> str:
+    """Capacity rows x policy columns: decode hit rate % (÷ Belady)."""
+    pols = list(dict.fromkeys(r.policy for r in rows))
+    caps = list(dict.fromkeys((r.slots, r.budget) for r in rows))
+    lines = ["| capacity | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
+    for s, b in caps:
+        cap = f"{s}/layer ({100 * s / num_experts:.1f}%)" if s is not None else f"{b} total"
+        cells = {r.policy: r for r in rows if (r.slots, r.budget) == (s, b)}
+        txt = [f"{100 * c.hit_rate:.1f}" + (f" ({c.vs_belady:.3f})" if c.vs_belady else "")
+               for c in (cells[p] for p in pols)]
+        lines.append(f"| {cap} | " + " | ".join(txt) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[SimResult], trace: RoutingTrace) -> str:
     head = (f"{trace.meta.get('model')}: {trace.num_tokens} tokens ({int(trace.is_prompt.sum())} prompt), "
             f"{trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}")
-    lines = [head, f"{'policy':<11} {'capacity':>12} {'hit%':>6} {'/belady':>7} {'prompt%':>7} "
+    rule = ("held out: tuned on the first part of the decode tokens, scored on the rest; every policy "
+            "(Belady included) starts from the tuning part's hot set")
+    lines = [head, rule, f"{'policy':<11} {'capacity':>12} {'hit%':>6} {'/belady':>7} {'prompt%':>7} "
              f"{'swaps/tok':>9} {'GB moved':>9} {'pred tok/s':>10}"]
     for r in rows:
         cap = f"{r.slots}/layer" if r.slots is not None else f"{r.budget} total"

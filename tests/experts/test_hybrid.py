@@ -1,6 +1,7 @@
 """HybridExecutor == DenseExecutor (greedy tokens identical, logits close, fp32) for every placement;
 cache statistics consistent with the routing; prompt streaming path; profile round trip."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,7 +137,7 @@ def test_prompt_stream_path_and_bypass_keeps_decode_set():
         n_prompt_steps = 1 if chunk is None else 2
         last = ex.planner.policy.last                               # [Lm, E] step, -inf = never
         assert ((last >= 0) & (last < n_prompt_steps)).sum() == 0
-        assert ex.planner.policy.last.max() == n_prompt_steps + N_GEN - 1
+        assert np.floor(ex.planner.policy.last.max()) == n_prompt_steps + N_GEN - 1   # step + rank bonus
 
 
 def test_prompt_stream_copies_only_the_experts_without_a_slot():
