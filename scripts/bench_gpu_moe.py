@@ -29,7 +29,7 @@ from hotexperts.kernels import triton_moe as tm  # noqa: E402
 from hotexperts.kernels.gpu_moe import torch_moe  # noqa: E402
 from hotexperts.weights import QuantizedWeight  # noqa: E402
 
-HBM = 4.3e12
+HBM = 4.3e12        # the H200 machine's measured HBM (../shared/MACHINE.md); an H100 SXM: 3.35e12 spec
 DEV = "cpu" if DRY else "cuda"
 DT = torch.float32 if DRY else torch.bfloat16   # the interpreter mishandles bf16 loads
 SHAPES = {"qwen3-30b-a3b": dict(E=128, S=128, K=8, D=2048, I=768, L=8),
@@ -142,6 +142,8 @@ def quantize(w, fmt):
     symmetric per group, int8g16z: int8g16 with a zero, from int4g32 (a Q4_K_M down matrix))."""
     from hotexperts import quant as hq
 
+    if fmt == "q4_k":                                        # GGUF Q4_K blocks (4.5 bits), in place
+        return hq.quantize_q4_k(w)
     if fmt in ("int8g32", "int8g16"):
         return hq.quantize_int8g(w, int(fmt[5:]), torch.float32 if DRY else torch.float16)
     if fmt == "int8g16z":
@@ -230,9 +232,12 @@ def decode():
         torch.cuda.empty_cache()
 
 
-def quant_decode(name, sh, ls, bf16_bmm_us):
-    """T=1 decode with int8 / int4g32 slots: correctness vs the torch fallback, time, and the byte floor."""
-    for fmt in ("int8", "int4g32", "int8g32", "int8g16", "int8g16z"):
+QUANT_FORMATS = ("int8", "int4g32", "int8g32", "int8g16", "int8g16z", "q4_k")
+
+
+def quant_decode(name, sh, ls, bf16_bmm_us, fmts=QUANT_FORMATS):
+    """T=1 decode with quantized slots: correctness vs the torch fallback, time, and the byte floor."""
+    for fmt in fmts:
         try:
             qls = [(quantize(w13, fmt), quantize(w2, fmt), so) for w13, w2, so in ls]
             ids, w = routing(1, sh["E"], sh["K"])
@@ -354,10 +359,19 @@ def main():
         return 1
     import triton
     name = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
-    RESULTS["device"] = f"{name} torch {torch.__version__} triton {triton.__version__}"
+    global HBM
+    if "H100" in name:
+        HBM = 3.35e12                        # spec (the floor's bandwidth: printed % are of this)
+    RESULTS["device"] = (f"{name} torch {torch.__version__} triton {triton.__version__}, "
+                         f"floor at {HBM / 1e12} TB/s")
     print(RESULTS["device"])
     t0 = time.time()
-    if "--quant-sweep" in sys.argv:          # only the quantized decode block-size sweep [formats]
+    if "--quant-decode" in sys.argv:         # only the T=1 quantized decode, Qwen3-30B-A3B shape [formats]
+        i = sys.argv.index("--quant-decode")
+        fmts = sys.argv[i + 1].split(",") if len(sys.argv) > i + 1 else QUANT_FORMATS
+        sh = SHAPES["qwen3-30b-a3b"]
+        quant_decode("qwen3-30b-a3b", sh, layers(**sh), None, fmts)
+    elif "--quant-sweep" in sys.argv:          # only the quantized decode block-size sweep [formats]
         i = sys.argv.index("--quant-sweep")
         fmts = sys.argv[i + 1].split(",") if len(sys.argv) > i + 1 else ("int4g32",)
         quant_sweep(fmts)
