@@ -37,6 +37,7 @@ from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
 from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
+from hotexperts.models.cache import cache_bytes
 from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.weights import QuantizedWeight
 
@@ -203,7 +204,8 @@ def dense_bytes(model: torch.nn.Module) -> int:
 
 
 def kv_bytes(cfg, max_context: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * max_context * cfg.head_dim * dtype.itemsize
+    """The decode cache: K/V of attention layers, conv + recurrent state of linear ones (models/cache.py)."""
+    return cache_bytes(cfg, max_context, dtype)
 
 
 ALLOCATOR_SLACK = 128 * 2**20       # the caching allocator's rounding and fragmentation beyond live tensors

@@ -45,6 +45,8 @@ class FakeGGUF:
             self.shapes[f"blk.{l}.ffn_gate_exps.weight"] = (E, I, D)
             if cfg.shared_expert_intermediate_size:
                 self.shapes[f"blk.{l}.ffn_gate_shexp.weight"] = (cfg.shared_expert_intermediate_size, D)
+        for l in cfg.attention_layers:                       # hybrid models: layer kinds from the tensors
+            self.shapes[f"blk.{l}.attn_q.weight"] = (cfg.num_heads * cfg.head_dim, D)
         if cfg.attention_bias:
             self.shapes["blk.0.attn_q.bias"] = (cfg.num_heads * cfg.head_dim,)
 
