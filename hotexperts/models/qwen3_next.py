@@ -139,7 +139,7 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, int | float]:
             "ssm.conv_kernel": s.conv_kernel, "ssm.state_size": s.key_head_dim,
             "ssm.group_count": s.num_key_heads, "ssm.time_step_rank": s.num_value_heads,
             "ssm.inner_size": s.value_head_dim * s.num_value_heads,
-            "full_attention_interval": full_attention_interval(cfg), "rope.dimension_count": cfg.rotary_dim}
+            "full_attention_interval": full_attention_interval(cfg)}   # rope.dimension_count: the writer's
 
 
 def _shifted_norm(name: str) -> bool:
