@@ -175,7 +175,7 @@ PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (
                                                    pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
                             "Qwen3-30B-A3B shape: 48 layers x 128 experts, top-8 (~61 GB bf16)"),
     "qwen3.5-122b-a10b": Preset(QWEN35_122B_A10B, QWEN_TINY_TOK,
-                                "Qwen3.5-122B-A10B shape: 48 layers (36 DeltaNet) x 256 experts, top-8+shared"),
+                                "Qwen3.5-122B-A10B shape: 48 layers (36 DeltaNet) x 256 experts, top-8"),
     "qwen3.5-35b-a3b": Preset(QWEN35_35B_A3B, QWEN_TINY_TOK,
                               "Qwen3.5-35B-A3B shape: 40 layers (30 DeltaNet) x 256 experts, top-8 + shared"),
     "qwen3-next-80b-a3b": Preset(QWEN3_NEXT_80B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
