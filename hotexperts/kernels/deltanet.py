@@ -18,8 +18,6 @@ PyPI: CUDA only, optional, imported on first use), "auto" (fla for CUDA tensors 
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 
@@ -90,14 +88,20 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.
     return out.view(H, -1, v.shape[-1])[:, :T]                                     # [H, T, dv]
 
 
-@cache
+# [] until first asked, then [None] or [(chunk, fused_recurrent)]: a plain list, not an lru_cache, so a
+# torch.compile'd decode stage reads it without tracing an import
+_FLA: list = []
+
+
 def _fla():
     """flash-linear-attention's (chunk, fused_recurrent) gated delta rule, or None when not importable."""
-    try:  # optional dependency (GPU only): pip install flash-linear-attention
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-    except Exception:  # noqa: BLE001 - any import failure means "no fla here"
-        return None
-    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    if not _FLA:
+        try:  # optional dependency (GPU only): pip install flash-linear-attention
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+            _FLA.append((chunk_gated_delta_rule, fused_recurrent_gated_delta_rule))
+        except Exception:  # noqa: BLE001 - any import failure means "no fla here"
+            _FLA.append(None)
+    return _FLA[0]
 
 
 def use_fla(x: torch.Tensor, backend: str) -> bool:
