@@ -155,6 +155,14 @@ MINI_MIXTRAL = tiny_hf_config(
     rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192,
     router_aux_loss_coef=0.02, output_router_logits=False)
 
+MINI_QWEN35 = tiny_hf_config(   # Qwen3.5-122B-A10B's routing topology and layer kinds at tiny widths
+    "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", hidden_size=64, num_hidden_layers=48, head_dim=16,
+    num_attention_heads=4, num_key_value_heads=2, num_experts=256, num_experts_per_tok=8,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, full_attention_interval=4,
+    partial_rotary_factor=0.25, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=8192, bos_token_id=0,
+    eos_token_id=2, router_aux_loss_coef=0.001, output_router_logits=False)
+
 PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (models/<arch>.py)
     "tiny-qwen3-moe": Preset(get_arch("qwen3_moe").tiny, QWEN_TINY_TOK,
                              "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
@@ -169,6 +177,8 @@ PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (
                               "Qwen3-Next layout (fused DeltaNet projections), 16 experts + shared"),
     "qwen3-30b-a3b-mini": Preset(MINI_QWEN3, QWEN_TINY_TOK,
                                  "Qwen3-30B-A3B routing topology (48 x 128 experts, top-8), tiny widths"),
+    "qwen3.5-122b-a10b-mini": Preset(MINI_QWEN35, QWEN_TINY_TOK,
+                                     "Qwen3.5-122B-A10B topology (48 x 256 experts, top-8), tiny widths"),
     "mixtral-8x7b-mini": Preset(MINI_MIXTRAL, MISTRAL_TOK,
                                 "Mixtral-8x7B routing topology (32 layers x 8 experts, top-2), tiny widths"),
     "qwen3-30b-a3b": Preset(QWEN3_30B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",

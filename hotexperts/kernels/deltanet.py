@@ -2,6 +2,7 @@
 rule, chunked for prompts and recurrent for decode, with the caller's state buffers updated in place.
 
 Batch 1. T tokens; Hk query/key heads of dk, Hv value heads of dv (r = Hv / Hk); C conv channels, Kc taps:
+    chunk_workspace_bytes(T, Hv, dk, dv) -> bytes of the chunked form's temporaries (the VRAM budget)
     causal_conv(x [T, C], weight [C, Kc], state [C, Kc-1]) -> silu(conv(state ++ x)) [T, C]
         state <- the last Kc-1 inputs (in place)
     gated_delta(q, k [T, Hk, dk], v [T, Hv, dv], g [T, Hv], beta [T, Hv], state [Hv, dk, dv] float32,
@@ -86,6 +87,11 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.
         s = s * last[:, n, None, None] + k_out[:, n].transpose(-1, -2) @ v_new
     state.copy_(s)
     return out.view(H, -1, v.shape[-1])[:, :T]                                     # [H, T, dv]
+
+
+def chunk_workspace_bytes(T: int, Hv: int, dk: int, dv: int, chunk: int = CHUNK) -> int:
+    """Peak float32 temporaries of `chunked` for T tokens: ~10 [Hv, T, d] tensors and 3 [Hv, T, chunk]."""
+    return 4 * Hv * T * (10 * max(dk, dv) + 3 * chunk)
 
 
 # [] until first asked, then [None] or [(chunk, fused_recurrent)]: a plain list, not an lru_cache, so a
