@@ -227,8 +227,8 @@ def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.de
 def workspace_bytes(loaded, dtype: torch.dtype, chunk: int = Generator.prefill_chunk) -> int:
     """Transient GPU memory of one prompt chunk: activations (residual, norms, q/k/v, attention output, the
     MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked temporaries), last-token logits,
-    the bf16 chunk quantized experts are dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most DEQUANT_CHUNK_MAX experts) and the
-    allocator's slack."""
+    the bf16 chunk quantized experts are dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most
+    DEQUANT_CHUNK_MAX experts) and the allocator's slack."""
     cfg, a = loaded.cfg, dtype.itemsize
     T, D, K, I = chunk, cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size
     act = T * D * 4 * 12 + T * K * I * a * 3 + T * K * D * 4 + T * cfg.num_experts * 4 + cfg.vocab_size * 8
