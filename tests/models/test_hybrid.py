@@ -139,3 +139,31 @@ def test_unknown_layer_type_is_one_clear_error(hf_models, name):
     d["layer_types"] = [*d["layer_types"][:-1], "sliding_attention"]
     with pytest.raises(ModelLoadError, match=r"layer_types\[3\] = 'sliding_attention' is not supported"):
         get_arch(d["model_type"]).config_from_hf(d)
+
+
+@torch.no_grad()
+def test_qwen3_next_qkv_z_ba_layout_of_current_llama_cpp_files_is_the_same_model(hf_models):
+    """llama.cpp's current converter splits in_proj_qkvz (per key head: q | k | v group | z group) into
+    attn_qkv (all q, all k, all v) and attn_gate (all z): that layout gives the same logits."""
+    from dataclasses import replace
+
+    from hotexperts.models.transformer import MoETransformer
+
+    hf = hf_models("qwen3_next")
+    fused, ex = _ours(hf)
+    cfg = replace(fused.cfg, extra={**fused.cfg.extra, "linear_proj": "qkv_z_ba"})
+    s = cfg.linear
+    Hk, dk, rdv = s.num_key_heads, s.key_head_dim, s.num_value_heads // s.num_key_heads * s.value_head_dim
+    sd = {}
+    for name, t in fused.state_dict().items():
+        if name.endswith("in_proj_qkvz.weight"):
+            q, k, v, z = t.view(Hk, 2 * dk + 2 * rdv, -1).split([dk, dk, rdv, rdv], dim=1)
+            base = name.removesuffix("in_proj_qkvz.weight")
+            sd[base + "in_proj_qkv.weight"] = torch.cat([p.reshape(-1, t.shape[1]) for p in (q, k, v)])
+            sd[base + "in_proj_z.weight"] = z.reshape(-1, t.shape[1])
+        else:
+            sd[name] = t
+    split = MoETransformer(cfg).eval()
+    split.load_state_dict(sd, strict=True)
+    seq = torch.randint(1, 96, (20,), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_run(split, ex, seq, [19, 1]), _run(fused, ex, seq, [19, 1]))
