@@ -98,8 +98,15 @@ GGUF_NAMES = {   # GGUF "part.kind" in a block -> ours (llama.cpp's names for th
     "ssm_out.weight": "linear_attn.out_proj.weight"}
 
 
+SSM_KEYS = ("ssm.time_step_rank", "ssm.inner_size", "ssm.group_count", "ssm.state_size", "ssm.conv_kernel")
+
+
 def hybrid_hf_from_gguf(g: GGUFConfig) -> dict:
     """HF keys of the hybrid families from llama.cpp's metadata; layer kinds from the tensors present."""
+    need = [k for k in SSM_KEYS if g.key(k) is None]
+    if need:
+        keys = ", ".join(f"{g.arch}.{k}" for k in need)
+        raise ModelLoadError(f"{g.f.path.name} lacks GGUF metadata: {keys}")
     Hv, inner = int(g.key("ssm.time_step_rank")), int(g.key("ssm.inner_size"))
     types = ["full_attention" if g.has(f"blk.{i}.attn_q.weight") else "linear_attention"
              for i in range(g.layers)]
