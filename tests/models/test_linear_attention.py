@@ -16,7 +16,7 @@ from hotexperts.models.cache import LayerKindCache, cache_bytes
 
 HYBRID = ("qwen3_5_moe", "qwen3_next")
 # logits are ~8 in magnitude; the chunked and recurrent forms sum in different orders in fp32 (the kernels
-# alone agree with transformers' to ~1e-6, test_chunked_equals_recurrent_and_transformers)
+# alone agree with transformers' to ~1e-6, test_chunked_equals_recurrent_and_transformers in this file)
 ATOL, RTOL = 2e-3, 1e-3
 
 
