@@ -20,13 +20,15 @@ from hotexperts.loading import gguf_quants as gq
 from hotexperts.loading.gguf_reader import GGUFFile
 from hotexperts.models import get_arch
 
-HF = {"tiny-qwen3.5-moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
-      "tiny-qwen3-next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM)}
+# class names, resolved when a test runs: importing a transformers modeling module while this file is
+# collected (before tests/kernels sets TRITON_INTERPRET) breaks the Triton interpreter tests after it
+HF = {"tiny-qwen3.5-moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+      "tiny-qwen3-next": ("Qwen3NextConfig", "Qwen3NextForCausalLM")}
 PROMPT = torch.tensor([5, 17, 300, 2, 77, 900, 41, 8, 123, 64, 3, 1000])
 
 
 def hf_model(preset: str):
-    cfg_cls, model_cls = HF[preset]
+    cfg_cls, model_cls = (getattr(tf, n) for n in HF[preset])
     d = {k: v for k, v in presets.preset_config(preset).items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**d)).eval()
