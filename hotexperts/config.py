@@ -19,8 +19,25 @@ ExpertKey = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class LinearAttentionShape:
+    """A Gated DeltaNet layer's shape: Hk query/key heads of dk, Hv value heads of dv (Hv a multiple of
+    Hk), a depthwise causal conv1d of `conv_kernel` taps over the q|k|v channels."""
+
+    num_key_heads: int                  # Hk
+    num_value_heads: int                # Hv
+    key_head_dim: int                   # dk
+    value_head_dim: int                 # dv
+    conv_kernel: int                    # Kc
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv (q, k and v concatenated): 2 Hk dk + Hv dv."""
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    model_type: str                     # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe"
+    model_type: str                     # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "qwen3_5_moe" ...
     vocab_size: int
     hidden_size: int                    # D
     num_layers: int                     # L
@@ -44,7 +61,29 @@ class ModelConfig:
     clip_qkv: float | None = None       # olmoe
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # hybrid linear-attention models (Qwen3.5-MoE, Qwen3-Next); the defaults describe every other family
+    layer_types: tuple[str, ...] = ()   # per layer "full_attention" | "linear_attention"; () = all attention
+    linear: LinearAttentionShape | None = None   # the Gated DeltaNet layers' shape
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(hd * factor) dims of each head
+    attn_output_gate: bool = False      # q_proj also yields a per-head gate: o = attn * sigmoid(gate)
+    zero_centered_norm: bool = False    # RMSNorm scales by (1 + w) (weights stored zero-centred)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def is_linear(self, layer: int) -> bool:
+        """Is decoder layer `layer` a linear-attention (Gated DeltaNet) layer rather than attention?"""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if not self.is_linear(i))
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_linear(i))
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def expert_params(self) -> int:

@@ -36,7 +36,9 @@ from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
+from hotexperts.kernels.deltanet import chunk_workspace_bytes
 from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
+from hotexperts.models.cache import cache_bytes
 from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.weights import QuantizedWeight
 
@@ -203,7 +205,8 @@ def dense_bytes(model: torch.nn.Module) -> int:
 
 
 def kv_bytes(cfg, max_context: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * max_context * cfg.head_dim * dtype.itemsize
+    """The decode cache: K/V of attention layers, conv + recurrent state of linear ones (models/cache.py)."""
+    return cache_bytes(cfg, max_context, dtype)
 
 
 ALLOCATOR_SLACK = 128 * 2**20       # the caching allocator's rounding and fragmentation beyond live tensors
@@ -223,12 +226,16 @@ def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.de
 
 def workspace_bytes(loaded, dtype: torch.dtype, chunk: int = Generator.prefill_chunk) -> int:
     """Transient GPU memory of one prompt chunk: activations (residual, norms, q/k/v, attention output, the
-    MoE pass's per-pair buffers, router logits), last-token logits, the bf16 chunk quantized experts are
-    dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most DEQUANT_CHUNK_MAX experts) and the
-    allocator's slack."""
+    MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked temporaries), last-token logits,
+    the bf16 chunk quantized experts are dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most
+    DEQUANT_CHUNK_MAX experts) and the allocator's slack."""
     cfg, a = loaded.cfg, dtype.itemsize
     T, D, K, I = chunk, cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size
     act = T * D * 4 * 12 + T * K * I * a * 3 + T * K * D * 4 + T * cfg.num_experts * 4 + cfg.vocab_size * 8
+    if cfg.linear_layers:                          # a Gated DeltaNet layer's chunked form (and its q|k|v|z)
+        s = cfg.linear
+        act += chunk_workspace_bytes(T, s.num_value_heads, s.key_head_dim, s.value_head_dim)
+        act += T * (s.conv_dim + s.num_value_heads * s.value_head_dim) * a * 3
     quantized = isinstance(loaded.store.layer(loaded.store.layers[0]).w13, QuantizedWeight)
     expert = 3 * D * I * 2
     per_chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // expert))

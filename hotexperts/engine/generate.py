@@ -33,7 +33,6 @@ from hotexperts.config import ModelConfig
 from hotexperts.engine import runner
 from hotexperts.engine.sampling import SamplingParams, make_generator, sample
 from hotexperts.errors import ContextLengthError, HotExpertsError
-from hotexperts.models.layers import KVCache
 
 
 @dataclass
@@ -75,8 +74,7 @@ class Generator:
             runner.compile_decode(model)
         self.device, self.max_context = torch.device(device), int(max_context)
         dtype = dtype or next(model.parameters()).dtype
-        self.kv = KVCache(cfg.num_layers, self.max_context, cfg.num_kv_heads, cfg.head_dim, dtype,
-                          self.device)
+        self.kv = model.new_kv_cache(self.max_context, dtype, self.device)      # per layer kind if hybrid
         self.decode_step = runner.make_decode_step(model, self.kv, executor, self.device,
                                                    use_graph=use_cuda_graph, piecewise=piecewise_graph)
         self.last, self.total = Timings(), Timings()

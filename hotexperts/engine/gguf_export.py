@@ -94,14 +94,15 @@ def _write_config(w: GGUFWriter, lm: LoadedModel, arch: Architecture, qtype: Q) 
     w.add_head_count_kv(c.num_kv_heads)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(c.rotary_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.top_k)
     w.add_vocab_size(c.vocab_size)
     for key, value in arch.gguf_metadata(c).items():      # e.g. qwen: expert_feed_forward_length
-        add = w.add_uint32 if isinstance(value, int) else w.add_float32
+        add = (w.add_array if isinstance(value, list) else w.add_uint32 if isinstance(value, int)
+               else w.add_float32)
         add(f"{arch.gguf_arch}.{key}", value)
     w.add_file_type(int(qtype))
 
@@ -174,7 +175,8 @@ def _add(w: GGUFWriter, name: str, t: torch.Tensor, qtype: Q, chunk: int = 8) ->
 def _write_dense(w: GGUFWriter, lm: LoadedModel, arch: Architecture, qtype: Q) -> None:
     for name, t in lm.model.state_dict().items():
         t = arch.to_gguf(lm.cfg, name, t)
-        _add(w, gguf_name(name, arch.moe_block), t, qtype if "norm" not in name else Q.F32)
+        small = "norm" in name or "conv1d" in name                    # norms and conv taps stay F32
+        _add(w, gguf_name(name, arch.moe_block, arch.gguf_names), t, Q.F32 if small else qtype)
 
 
 def _write_experts(w: GGUFWriter, lm: LoadedModel, qtype: Q, overrides: dict[str, Q]) -> None:

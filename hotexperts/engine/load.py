@@ -145,13 +145,24 @@ def _load_model(path, dtype, device, progress: bool, host_embedding: bool) -> Lo
         filled.add(ref)
     _check_complete(cfg, dense, filled)
     if ignored:
-        warnings.warn(f"ignored {len(ignored)} tensor(s) not used by the model, e.g. {ignored[0]!r}",
-                      stacklevel=2)
+        warnings.warn(ignored_message(ignored), stacklevel=2)
     tok = _tokenizer(d)
     model = materialize(model, dense, dev)
     if host:
         transforms.host_embedding(model, dev)
     return LoadedModel(cfg, model, ExpertStore(experts), tok, d.generation_config, d.path, d.config)
+
+
+def ignored_message(names: list[str]) -> str:
+    """One warning for every checkpoint tensor the model does not use, counted by part (a VLM's vision
+    tower `model.visual`, an MTP block `mtp`, ...)."""
+    parts: dict[str, int] = {}
+    for n in names:
+        head = n.split(".")
+        part = ".".join(head[:2]) if head[0] == "model" and len(head) > 2 else head[0]
+        parts[part] = parts.get(part, 0) + 1
+    counts = ", ".join(f"{p}.*: {c}" for p, c in sorted(parts.items()))
+    return f"ignored {len(names)} tensor(s) not used by the model ({counts}), e.g. {names[0]!r}"
 
 
 def _check_complete(cfg: ModelConfig, dense: dict, filled: set) -> None:

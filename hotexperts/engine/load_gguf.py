@@ -108,7 +108,7 @@ def dense_formats(f: GGUFFile, arch: Architecture, model) -> dict[str, tuple[str
     names = set(quantizable_linears(model))
     out = {}
     for name in f.names():
-        ref = gguf_rename(name, arch.moe_block)
+        ref = gguf_rename(name, arch.moe_block, arch.gguf_names)
         if not isinstance(ref, str) or not ref.endswith(".weight") or ref[:-7] not in names:
             continue
         qtype = f.info(name).qtype
@@ -142,7 +142,7 @@ def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, 
     does not have, raise one ModelLoadError."""
     out, quant = {}, quant or {}
     for name in f.names():
-        ref = gguf_rename(name, arch.moe_block)
+        ref = gguf_rename(name, arch.moe_block, arch.gguf_names)
         if isinstance(ref, ExpertRef):
             continue
         if isinstance(ref, str) and ref.endswith(".weight") and ref[:-7] in quant:

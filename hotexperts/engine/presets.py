@@ -12,7 +12,7 @@
 Random init keeps routing diverse (see shared/MACHINE.md): embeddings N(0, 1) dominate the residual
 stream, output projections (o_proj, down_proj) are small, and every layer draws its own router.
 Same seed and same generation device type (CPU or CUDA) => same weights.
-Tokenizers: the real Qwen vocabulary for the Qwen shapes; a byte-level BPE trained on the embedded
+Tokenizers: the real Qwen vocabulary for the Qwen2/3 shapes; a byte-level BPE trained on the embedded
 corpus (special tokens at ids 0..) for the tiny presets and the other shapes.
 """
 
@@ -111,6 +111,35 @@ QWEN15_MOE_A27B = {  # Qwen/Qwen1.5-MoE-A2.7B config.json
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 151936}
 
+# Qwen3.5-MoE / Qwen3-Next at their real shapes (issue 17's facts, checked against transformers 5.24's
+# Qwen3_5MoeTextConfig / Qwen3NextConfig defaults): the text model's config (Qwen3_5MoeForCausalLM), not the
+# VLM wrapper's nested one. Values the issue does not list (context, eos ids) are marked "assumed".
+_HYBRID = {"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "head_dim": 256,
+           "num_key_value_heads": 2, "full_attention_interval": 4, "partial_rotary_factor": 0.25,
+           "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+           "linear_num_key_heads": 16, "rms_norm_eps": 1e-06, "initializer_range": 0.02,
+           "max_position_embeddings": 262144,                                            # assumed
+           "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                               "partial_rotary_factor": 0.25},
+           "router_aux_loss_coef": 0.001, "output_router_logits": False, "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16", "use_cache": True, "mtp_num_hidden_layers": 1}
+QWEN35_122B_A10B = {**_HYBRID, "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text",
+                    "hidden_size": 3072, "num_hidden_layers": 48, "num_attention_heads": 32,
+                    "linear_num_value_heads": 64, "num_experts": 256, "num_experts_per_tok": 8,
+                    "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024,
+                    "vocab_size": 248320}
+QWEN35_35B_A3B = {**_HYBRID, "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text",
+                  "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+                  "linear_num_value_heads": 32, "num_experts": 256, "num_experts_per_tok": 8,
+                  "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "vocab_size": 248320}
+QWEN3_NEXT_80B_A3B = {**_HYBRID, "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+                      "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 16,
+                      "linear_num_value_heads": 32, "num_experts": 512, "num_experts_per_tok": 10,
+                      "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                      "intermediate_size": 5120, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": [], "vocab_size": 151936,
+                      "bos_token_id": 151643, "eos_token_id": 151645}                     # assumed (Qwen3's)
+
 # The real routing topology (layers x experts x top-k) at tiny widths: the cache, its policies and routing
 # replay behave as on the full model, while compute stays small enough for a 2-core CPU (the README's demo).
 MINI_QWEN3 = tiny_hf_config(
@@ -126,6 +155,14 @@ MINI_MIXTRAL = tiny_hf_config(
     rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192,
     router_aux_loss_coef=0.02, output_router_logits=False)
 
+MINI_QWEN35 = tiny_hf_config(   # Qwen3.5-122B-A10B's routing topology and layer kinds at tiny widths
+    "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", hidden_size=64, num_hidden_layers=48, head_dim=16,
+    num_attention_heads=4, num_key_value_heads=2, num_experts=256, num_experts_per_tok=8,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, full_attention_interval=4,
+    partial_rotary_factor=0.25, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=8192, bos_token_id=0,
+    eos_token_id=2, router_aux_loss_coef=0.001, output_router_logits=False)
+
 PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (models/<arch>.py)
     "tiny-qwen3-moe": Preset(get_arch("qwen3_moe").tiny, QWEN_TINY_TOK,
                              "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
@@ -134,13 +171,26 @@ PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (
     "tiny-mixtral": Preset(get_arch("mixtral").tiny, MISTRAL_TOK, "Mixtral layout, 8 experts, top-2"),
     "tiny-olmoe": Preset(get_arch("olmoe").tiny, OLMOE_TOK,
                          "OLMoE layout (full q/k norm), 16 experts, top-4"),
+    "tiny-qwen3.5-moe": Preset(get_arch("qwen3_5_moe").tiny, QWEN_TINY_TOK,
+                               "Qwen3.5-MoE layout: 3 Gated DeltaNet + 1 gated-attention layer, 16 experts"),
+    "tiny-qwen3-next": Preset(get_arch("qwen3_next").tiny, QWEN_TINY_TOK,
+                              "Qwen3-Next layout (fused DeltaNet projections), 16 experts + shared"),
     "qwen3-30b-a3b-mini": Preset(MINI_QWEN3, QWEN_TINY_TOK,
                                  "Qwen3-30B-A3B routing topology (48 x 128 experts, top-8), tiny widths"),
+    "qwen3.5-122b-a10b-mini": Preset(MINI_QWEN35, QWEN_TINY_TOK,
+                                     "Qwen3.5-122B-A10B topology (48 x 256 experts, top-8), tiny widths"),
     "mixtral-8x7b-mini": Preset(MINI_MIXTRAL, MISTRAL_TOK,
                                 "Mixtral-8x7B routing topology (32 layers x 8 experts, top-2), tiny widths"),
     "qwen3-30b-a3b": Preset(QWEN3_30B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
                                                    pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
                             "Qwen3-30B-A3B shape: 48 layers x 128 experts, top-8 (~61 GB bf16)"),
+    "qwen3.5-122b-a10b": Preset(QWEN35_122B_A10B, QWEN_TINY_TOK,
+                                "Qwen3.5-122B-A10B shape: 48 layers (36 DeltaNet) x 256 experts, top-8"),
+    "qwen3.5-35b-a3b": Preset(QWEN35_35B_A3B, QWEN_TINY_TOK,
+                              "Qwen3.5-35B-A3B shape: 40 layers (30 DeltaNet) x 256 experts, top-8 + shared"),
+    "qwen3-next-80b-a3b": Preset(QWEN3_NEXT_80B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
+                                                             pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
+                                 "Qwen3-Next-80B-A3B shape: 48 layers (36 DeltaNet) x 512 experts, top-10"),
     "mixtral-8x7b": Preset(MIXTRAL_8X7B, MISTRAL_TOK,
                            "Mixtral-8x7B shape: 32 layers x 8 experts, top-2 (~93 GB)"),
     "olmoe-1b-7b": Preset(OLMOE_1B_7B, OLMOE_TOK,
@@ -195,7 +245,7 @@ def generation_config(hf_config: dict, tok: tk.Tokenizer) -> dict:
 def _std(name: str, shape: tuple[int, ...]) -> float | None:
     """Init std for a dense parameter; None = ones (norms), 0.0 = zeros (biases)."""
     if "norm" in name:
-        return None
+        return None                 # ones (a zero-centred norm's 1 + w then scales by 2: still diverse)
     if name.endswith(".bias"):
         return 0.0
     if "embed_tokens" in name:
@@ -255,7 +305,7 @@ def _cat(ws: list):
 
 
 def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:
-    if expert_dtype in (None, "int8", "int4", "int4g32", "int8g32", "int8g16"):
+    if expert_dtype in (None, "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"):
         return random_layer(cfg, gen, dtype, quant=expert_dtype)
     return random_layer(cfg, gen, parse_dtype(expert_dtype))
 
@@ -266,7 +316,7 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
     host_embedding: the token embedding moved to host memory after it is drawn (untied models).
 
     expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or (quantized) "int8"/"int4"/"int4g32"/
-    "int8g32"/"int8g16".
+    "int8g32"/"int8g16"/"q4_k" (Q4_K blocks: rows of 256-weight blocks).
     Random numbers are drawn on `device` (fast on a GPU), experts copied to host memory layer by layer.
     """
     p = get_preset(preset)

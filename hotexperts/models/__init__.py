@@ -1,6 +1,7 @@
 """Model definitions: one pure MoETransformer, one file per architecture, and the registry that picks one.
 
     ARCHITECTURES[model_type]      -> Architecture (models/architecture.py) declared by qwen3_moe.py, ...
+    ALIASES[model_type]            -> further HF model_types an Architecture serves (its `aliases`)
     GGUF_ARCHITECTURES[gguf_arch]  -> the same objects, keyed by GGUF general.architecture
     get_arch(model_type)           -> Architecture; unknown -> UnsupportedArchitectureError listing supported
     get_gguf_arch(gguf_arch)       -> Architecture; the same error for a GGUF architecture
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from hotexperts.config import ModelConfig
 from hotexperts.errors import UnsupportedArchitectureError
-from hotexperts.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from hotexperts.models import mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next
 from hotexperts.models.architecture import Architecture
 from hotexperts.models.naming import ExpertRef
 from hotexperts.models.split import assemble_layer, split_state_dict
@@ -21,12 +22,15 @@ from hotexperts.models.split import assemble_layer, split_state_dict
 __all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "Architecture", "ExpertRef", "assemble_layer",
            "config_from_hf", "get_arch", "get_gguf_arch", "split_state_dict"]
 
-_ALL = (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH)
+_ALL = (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH, qwen3_5_moe.ARCH, qwen3_next.ARCH)
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in _ALL}
+ALIASES: dict[str, Architecture] = {t: a for a in _ALL for t in a.aliases}
 GGUF_ARCHITECTURES: dict[str, Architecture] = {a.gguf_arch: a for a in _ALL}
 
 
 def get_arch(model_type: str | None) -> Architecture:
+    if model_type in ALIASES:
+        return ALIASES[model_type]
     return _lookup(ARCHITECTURES, model_type, "model_type")
 
 

@@ -14,6 +14,9 @@
     moe_block           our module name of the MoE block, HF's on-disk spelling: "mlp" (Mixtral:
                         "block_sparse_moe")
     hf_expert_names     the per-expert HF matrix names (gate, up, down), e.g. Mixtral's (w1, w3, w2)
+    gguf_names          the architecture's own per-layer GGUF names {GGUF "part.kind": our "module.param"}
+                        (models/gguf_names.py), looked up before the shared table
+    aliases             further HF model_types served (Qwen3.5-MoE: the text model's "qwen3_5_moe_text")
     tiny                the HF config dict of the architecture's tiny preset (a few MB: tests and the demo)
 
 The registry (models/__init__.py) keys these by model_type and by gguf_arch; no model, loader or writer
@@ -56,6 +59,8 @@ class Architecture:
     gguf_metadata: Callable[[ModelConfig], dict[str, int | float]] = no_metadata
     from_gguf: TensorHook = unchanged
     to_gguf: TensorHook = unchanged
+    gguf_names: dict = field(default_factory=dict, compare=False, hash=False)
+    aliases: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict, compare=False, hash=False)
 
     def config_from_gguf(self, g: GGUFConfig) -> ModelConfig:

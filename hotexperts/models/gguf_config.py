@@ -4,9 +4,11 @@
                                        and path (loading/gguf_reader.GGUFFile); models/ reads no files
     g.key("expert_used_count", default)   f.get("qwen3moe.expert_used_count", default)
     g.has(tensor), g.rows(tensor)      the tensor is present; its first dimension (torch order)
-    g.layers, g.moe_layers             blocks; those with a router (blk.N.ffn_gate_inp.weight)
+    g.layers, g.moe_layers             decoder blocks (block_count less the nextn_predict_layers MTP blocks
+                                       llama.cpp appends); those with a router (blk.N.ffn_gate_inp.weight)
     g.num_experts, g.expert_width      E (the router's rows), I (one expert's gate rows)
-    g.common() -> dict                 sizes, heads, vocab, context, norm eps, rope, bos/eos: HF key names
+    g.common(partial_rope=False)       sizes, heads, vocab, context, norm eps, rope, bos/eos: HF key names
+                                       (partial_rope: partial_rotary_factor = rope.dimension_count / hd)
 
 An architecture's hf_from_gguf(g) is g.common() plus its own keys (models/<arch>.py); its config_from_hf
 then builds the ModelConfig, the one path from any source to a ModelConfig. A key missing from the file is
@@ -33,7 +35,7 @@ class GGUFConfig:
         if need or not self.has("token_embd.weight"):
             raise ModelLoadError(f"{f.path.name} lacks GGUF metadata/tensors: "
                                  f"{', '.join(need) or 'token_embd'}")
-        self.layers = int(self.key("block_count"))
+        self.layers = int(self.key("block_count")) - int(self.key("nextn_predict_layers") or 0)
         self.moe_layers = [i for i in range(self.layers) if self.has(f"blk.{i}.ffn_gate_inp.weight")]
         if not self.moe_layers:
             raise ModelLoadError(f"{f.path.name} has no MoE layers (no blk.N.ffn_gate_inp.weight router)")
@@ -50,7 +52,7 @@ class GGUFConfig:
     def rows(self, tensor: str) -> int:
         return int(self.f.info(tensor).shape[0])
 
-    def common(self) -> dict:
+    def common(self, partial_rope: bool = False) -> dict:
         D, H = int(self.key("embedding_length")), one(self.key("attention.head_count"), "head_count")
         tok = lambda key: self.f.get(f"tokenizer.ggml.{key}")  # noqa: E731
         d = {"hidden_act": "silu", "hidden_size": D, "num_hidden_layers": self.layers,
@@ -65,10 +67,12 @@ class GGUFConfig:
              "bos_token_id": tok("bos_token_id"), "eos_token_id": tok("eos_token_id")}
         if self.key("rope.freq_base") is not None:
             d["rope_theta"] = float(self.key("rope.freq_base"))
-        return {**d, **self._rope(d["head_dim"])}
+        return {**d, **self._rope(d["head_dim"], partial_rope)}
 
-    def _rope(self, head_dim: int) -> dict:
+    def _rope(self, head_dim: int, partial: bool) -> dict:
         rot = self.key("rope.dimension_count")
+        if partial:
+            return {"partial_rotary_factor": int(rot if rot is not None else head_dim) / head_dim}
         if rot is not None and int(rot) != head_dim:
             raise ModelLoadError(f"partial rotary embedding (rope.dimension_count {rot} < head_dim "
                                  f"{head_dim}) is not supported")

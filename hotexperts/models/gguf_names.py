@@ -1,7 +1,10 @@
 """GGUF (llama.cpp) tensor names <-> ours, the same for every architecture but for its MoE block's name.
 
-    gguf_rename(gguf_name, moe_block="mlp") -> our dense name | ExpertRef (stacked: expert=None) | None
-    gguf_name(our_name, moe_block="mlp")    -> the GGUF name of one of our dense tensors
+    gguf_rename(gguf_name, moe_block="mlp", extra=None) -> our dense name | ExpertRef (stacked) | None
+    gguf_name(our_name, moe_block="mlp", extra=None)    -> the GGUF name of one of our dense tensors
+        extra: an architecture's own per-layer names, {GGUF "part.kind": our "module.param"} (e.g. qwen35moe's
+        "ssm_a": "linear_attn.A_log", "post_attention_norm.weight": "post_attention_layernorm.weight"),
+        looked up before the shared table (Architecture.gguf_names)
     expert_tensors(f, layer, which, E)      -> (names, stacked) of one MoE matrix ("gate" | "up" | "down")
 
 Experts are stacked `blk.N.ffn_{gate,up,down}_exps.weight` [E, N, K], or one tensor per expert
@@ -30,10 +33,16 @@ _EXPS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
 _PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")     # pre-2024 Mixtral files
 
 
-def gguf_rename(name: str, moe_block: str = "mlp") -> str | ExpertRef | None:
+_ANY_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_rename(name: str, moe_block: str = "mlp",
+                extra: dict[str, str] | None = None) -> str | ExpertRef | None:
     """GGUF tensor name -> our dense name, an ExpertRef (stacked: expert=None), or None (unknown)."""
     if name in _GLOBAL:
         return _GLOBAL[name]
+    if extra and (m := _ANY_BLK.match(name)) and m[2] in extra:
+        return f"model.layers.{m[1]}.{extra[m[2]]}"
     if m := _PER_EXPERT.match(name):
         return ExpertRef(int(m[1]), int(m[3]), m[2])
     m = _BLK.match(name)
@@ -47,12 +56,15 @@ def gguf_rename(name: str, moe_block: str = "mlp") -> str | ExpertRef | None:
     return f"model.layers.{layer}.{_LAYER[part].format(moe=moe_block)}.{kind}"
 
 
-def gguf_name(name: str, moe_block: str = "mlp") -> str:
+def gguf_name(name: str, moe_block: str = "mlp", extra: dict[str, str] | None = None) -> str:
     """Our dense name -> GGUF's (the inverse of gguf_rename)."""
     for gguf, ours in _GLOBAL.items():
         if name == ours:
             return gguf
     _, _, layer, rest = name.split(".", 3)
+    own = {ours: gguf for gguf, ours in (extra or {}).items()}
+    if rest in own:
+        return f"blk.{layer}.{own[rest]}"
     part, kind = rest.rsplit(".", 1)
     parts = {ours.format(moe=moe_block): gguf for gguf, ours in _LAYER.items()}
     if part not in parts:

@@ -1,5 +1,9 @@
 """Shared building blocks: RMSNorm, RoPE, attention over a static KV cache, SwiGLU MLP.
 
+Variants a config turns on: RMSNorm(zero_centered=True) scales by (1 + w) in float32 (Qwen3.5 / Qwen3-Next);
+Attention(output_gate=True) reads a per-head gate from q_proj (rows per head: hd query, hd gate) and returns
+o_proj(attn * sigmoid(gate)); Attention(rotary_dim=r < hd) rotates only the first r dims of each head.
+
 Batch 1; T tokens per forward (T=1 in decode). Shapes:
     x          [T, D]          hidden states
     input_pos  [T] int64       absolute positions of the T tokens (on the model's device)
@@ -20,12 +24,14 @@ from hotexperts.models.qlinear import QuantLinear, fused_rows
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, zero_centered: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+        self.eps, self.zero_centered = eps, zero_centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered:        # HF: (norm(x.float()) * (1 + w.float())).to(x.dtype): one rounding
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float() + 1.0, self.eps).to(x.dtype)
         # one fused kernel (fp32 math inside) instead of ~8 elementwise launches per norm in decode;
         # in bf16 it rounds once where HF rounds twice (weight * h.to(dtype)); fp32 is the same math
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -106,16 +112,19 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm: str = "none", eps: float = 1e-6,
-                 clip_qkv: float | None = None):
+                 clip_qkv: float | None = None, output_gate: bool = False, rotary_dim: int | None = None,
+                 zero_centered_norm: bool = False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.clip_qkv = heads, kv_heads, head_dim, clip_qkv
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        self.output_gate, self.rotary_dim = output_gate, rotary_dim or head_dim
+        self.q_proj = nn.Linear(dim, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+            zc = zero_centered_norm
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps, zc), RMSNorm(head_dim, eps, zc)
         elif qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
         elif qk_norm != "none":
@@ -168,9 +177,11 @@ class Attention(nn.Module):
         return self
 
     def _qkv_sizes(self) -> list[int]:
-        return [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        q = self.heads * self.head_dim * (2 if self.output_gate else 1)
+        return [q, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
 
     def _qkv(self, x: torch.Tensor):
+        """-> q [T, H, hd], k, v [T, Hkv, hd], gate [T, H*hd] (output_gate) or None."""
         T = x.shape[0]
         if self.qkv_quant is not None:                                      # one quantized GEMV / GEMM
             q, k, v = self.qkv_quant(x).split(self._qkv_sizes(), dim=-1)
@@ -182,12 +193,23 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(T, self.heads, self.head_dim)                            # [T, H, hd]
+        gate = None
+        if self.output_gate:                                                # per head: hd query, hd gate
+            q, gate = q.view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(T, self.heads * self.head_dim)
+        q = q.reshape(T, self.heads, self.head_dim)                         # [T, H, hd]
         k = k.view(T, self.kv_heads, self.head_dim)                         # [T, Hkv, hd]
         v = v.view(T, self.kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+        return q, k, v, gate
+
+    def _rope(self, qk: torch.Tensor, rope) -> torch.Tensor:
+        """RoPE over the first rotary_dim dims of each head of qk [T, n, hd] (rope: [T, rotary_dim])."""
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(qk, *rope)
+        r = self.rotary_dim
+        return torch.cat((apply_rope(qk[..., :r], *rope), qk[..., r:]), dim=-1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layer: int,
                 input_pos: torch.Tensor, kv: KVCache, mask: torch.Tensor) -> torch.Tensor:
@@ -198,8 +220,8 @@ class Attention(nn.Module):
         """forward with this layer's cache views kc, vc [Hkv, S, hd] (written in place at input_pos).
         Takes no layer index, so one compiled graph serves every layer (engine/runner/stages.py)."""
         T = x.shape[0]
-        q, k, v = self._qkv(x)
-        qk = apply_rope(torch.cat((q, k), dim=1), *rope)                    # [T, H + Hkv, hd], one pass
+        q, k, v, gate = self._qkv(x)
+        qk = self._rope(torch.cat((q, k), dim=1), rope)                     # [T, H + Hkv, hd], one pass
         q, k = qk[:, :self.heads], qk[:, self.heads:]
         kc, vc = write_kv(kc, vc, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
         S = mask.shape[-1]                       # the mask's width bounds the keys read (prefill: start + T)
@@ -210,7 +232,8 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], kc[None], vc[None], attn_mask=mask,
                 enable_gqa=self.heads != self.kv_heads)[0].transpose(0, 1)  # [T, H, hd]
-        return self.o_proj(o.reshape(T, self.heads * self.head_dim))
+        o = o.reshape(T, self.heads * self.head_dim)
+        return self.o_proj(o if gate is None else o * torch.sigmoid(gate))
 
 
 SMALL_T = 16     # decode-sized batches: grouped_attention over an additive bias; larger: SDPA

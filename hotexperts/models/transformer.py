@@ -15,6 +15,9 @@ block is the architecture's `moe_block` (`mlp`; Mixtral: `block_sparse_moe`) hol
 and, for qwen2_moe, `shared_expert` and `shared_expert_gate`. Routed experts are not parameters here: the
 MoE block hands `executor(layer, x [T,D], ids [T,K], weights [T,K])` the work (hotexperts/executor.py).
 Layers whose index is not in cfg.moe_layers get a dense SwiGLU `mlp` of cfg.intermediate_size.
+Hybrid models (cfg.layer_types: Qwen3.5-MoE, Qwen3-Next) mix tokens with `linear_attn` (models/deltanet.py)
+in "linear_attention" layers and `self_attn` in the others; a layer's cache views kv.layer(l) are K/V or
+(conv state, recurrent state) accordingly (models/cache.py), so every caller passes them on the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from torch import nn
 from hotexperts.config import ModelConfig
 from hotexperts.executor import ExpertExecutor
 from hotexperts.models import get_arch
+from hotexperts.models.cache import new_cache
+from hotexperts.models.deltanet import GatedDeltaNet
 from hotexperts.models.layers import (
     SMALL_T,
     Attention,
@@ -72,14 +77,19 @@ class MoEBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer = layer
-        eps = cfg.rms_norm_eps
-        self.self_attn = Attention(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
-            o_bias=bool(cfg.extra.get("o_proj_bias", False)), qk_norm=cfg.qk_norm, eps=eps,
-            clip_qkv=cfg.clip_qkv)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.layer, self.linear = layer, cfg.is_linear(layer)
+        eps, zc = cfg.rms_norm_eps, cfg.zero_centered_norm
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(cfg.hidden_size, cfg.linear, eps,
+                                             cfg.extra.get("linear_proj", "split"))
+        else:
+            self.self_attn = Attention(
+                cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
+                o_bias=bool(cfg.extra.get("o_proj_bias", False)), qk_norm=cfg.qk_norm, eps=eps,
+                clip_qkv=cfg.clip_qkv, output_gate=cfg.attn_output_gate, rotary_dim=cfg.rotary_dim,
+                zero_centered_norm=zc)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, zc)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, zc)
         self.is_moe = layer in cfg.moe_layers
         self.ffn_name = get_arch(cfg.model_type).moe_block if self.is_moe else "mlp"
         ffn = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
@@ -90,10 +100,15 @@ class DecoderLayer(nn.Module):
         h + executor(layer, a, ids, weights) for an MoE layer (a = xn [T, D], the executor's input; h holds
         the residual and any shared expert) and h + a for a dense one (a = mlp(xn); ids, weights None).
 
-        kc, vc [Hkv, S, hd]: this layer's cache views (written in place at input_pos). No layer index is
-        read, no host sync, fixed shapes: one compiled graph or CUDA graph serves every layer of a kind, and
+        kc, vc [Hkv, S, hd]: this layer's cache views (written in place at input_pos); for a linear-attention
+        layer its conv and recurrent state instead (updated in place; mask unused). No layer index is read,
+        no host sync, fixed shapes: one compiled graph or CUDA graph serves every layer of a kind, and
         the runner may defer the add of `a` into the next layer's graph (engine/runner/stages.py)."""
-        h = x + self.self_attn.attend(self.input_layernorm(x), rope, input_pos, kc, vc, mask)   # [T, D]
+        xn = self.input_layernorm(x)
+        if self.linear:
+            h = x + self.linear_attn(xn, input_pos, kc, vc)                                     # [T, D]
+        else:
+            h = x + self.self_attn.attend(xn, rope, input_pos, kc, vc, mask)                    # [T, D]
         xn = self.post_attention_layernorm(h)
         ffn = getattr(self, self.ffn_name)
         if not self.is_moe:
@@ -114,7 +129,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.zero_centered_norm)
 
 
 class MoETransformer(nn.Module):
@@ -122,16 +137,15 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DecoderStack(cfg)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_kv_cache(self, max_seq: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """A KVCache shaped for this model (dtype/device default to the final norm's: the embedding may live
-        in host memory)."""
+        """A KVCache shaped for this model, per layer kind for hybrid models (models/cache.py); dtype/device
+        default to the final norm's (the embedding may live in host memory)."""
         w = self.model.norm.weight
-        return KVCache(self.cfg.num_layers, max_seq, self.cfg.num_kv_heads, self.cfg.head_dim,
-                       dtype or w.dtype, device or w.device)
+        return new_cache(self.cfg, max_seq, dtype or w.dtype, device or w.device)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv: KVCache,
                 executor: ExpertExecutor, last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
@@ -147,7 +161,7 @@ class MoETransformer(nn.Module):
         kv_len (a host int, e.g. start + T in prefill): attend to the first kv_len cache entries only
         (S = kv_len); None = the whole static cache (fixed shapes, as CUDA graphs need)."""
         x = self.model.embed_tokens(tokens)                                 # [T, D]
-        rope = self.rotary(input_pos, x.dtype)
+        rope = self.rotary(input_pos, x.dtype)                              # [T, rotary_dim] each
         mask = kv.mask(input_pos, self.cfg.sliding_window)                  # [T, S] bool
         if kv_len is not None:
             mask = mask[:, :kv_len]

@@ -85,6 +85,18 @@ def _attn(d, heads, kv, hd) -> int:
     return d * heads * hd * 2 + d * kv * hd * 2
 
 
+def _hybrid(d, heads, kv, hd, hk, hv, dk, dv, every=4) -> int:
+    """Mean token-mixer params of a hybrid layer stack: 1 in `every` gated attention (q_proj doubled for
+    the gate), the rest Gated DeltaNet (in_proj_qkv, in_proj_z, in_proj_b/a, out_proj)."""
+    attn = d * heads * hd * 3 + d * kv * hd * 2
+    delta = d * (2 * hk * dk + hv * dv) + d * hv * dv * 2 + 2 * d * hv
+    return (attn + (every - 1) * delta) // every
+
+
+def _moe_extra(d, e, shared) -> int:
+    return d * e + 3 * d * shared + d          # router, shared expert and its gate
+
+
 SHAPES = {   # name: layers, MoE layers, E, K, D, I, dense params per layer (attention + router), lm_head
     "qwen3-30b-a3b": ModelShape("qwen3-30b-a3b", 48, 48, 128, 8, 2048, 768,
                                 _attn(2048, 32, 4, 128) + 2048 * 128, 151936 * 2048),
@@ -92,12 +104,26 @@ SHAPES = {   # name: layers, MoE layers, E, K, D, I, dense params per layer (att
                                _attn(4096, 32, 8, 128) + 4096 * 8, 32000 * 4096),
     "olmoe-1b-7b": ModelShape("olmoe-1b-7b", 16, 16, 64, 8, 2048, 1024,
                               _attn(2048, 16, 16, 128) + 2048 * 64, 50304 * 2048),
+    "qwen3.5-122b-a10b": ModelShape("qwen3.5-122b-a10b", 48, 48, 256, 8, 3072, 1024,
+                                    _hybrid(3072, 32, 2, 256, 16, 64, 128, 128) + _moe_extra(3072, 256, 1024),
+                                    248320 * 3072),
+    "qwen3.5-35b-a3b": ModelShape("qwen3.5-35b-a3b", 40, 40, 256, 8, 2048, 512,
+                                  _hybrid(2048, 16, 2, 256, 16, 32, 128, 128) + _moe_extra(2048, 256, 512),
+                                  248320 * 2048),
+    "qwen3-next-80b-a3b": ModelShape("qwen3-next-80b-a3b", 48, 48, 512, 10, 2048, 512,
+                                     _hybrid(2048, 16, 2, 256, 16, 32, 128, 128) + _moe_extra(2048, 512, 512),
+                                     151936 * 2048),
 }
 
 
 def shape_from_config(cfg, cpu_format: str = "int8") -> ModelShape:
     """From a hotexperts ModelConfig (duck-typed: no import of the engine)."""
     attn = _attn(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    s = getattr(cfg, "linear", None)
+    if s is not None and cfg.layer_types:                                # hybrid: mean over layer kinds
+        every = cfg.num_layers // max(1, len(cfg.attention_layers))
+        attn = _hybrid(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, s.num_key_heads,
+                       s.num_value_heads, s.key_head_dim, s.value_head_dim, every)
     shared = 3 * cfg.hidden_size * cfg.shared_expert_intermediate_size
     dense = attn + cfg.hidden_size * cfg.num_experts + shared
     return ModelShape(cfg.model_type, cfg.num_layers, len(cfg.moe_layers), cfg.num_experts, cfg.top_k,

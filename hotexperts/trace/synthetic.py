@@ -168,8 +168,27 @@ PRESETS: dict[str, Preset] = {
         {"static_cov": (0.08, 0.12)},
         "512-expert models route flatly: a static top-32 learned on half a workload covers ~10% of the "
         "other half"),
+    # Qwen3.5-MoE / Qwen3-Next: no routing trace of this family exists in ../shared, so these are
+    # assumptions, labelled as such: Qwen3.5 (E=256, top-8) is fitted with calibrate() at E=256 to the
+    # published Qwen3-30B-A3B statistics above (the nearest Qwen router with data, also top-8);
+    # Qwen3-Next (E=512, top-10, 48 layers) takes flat-512's parameters, fitted for 512-expert models.
+    "qwen3.5-122b-a10b": Preset(
+        SyntheticParams(num_experts=256, top_k=8, num_layers=48, zipf=1.3, p_repeat=0.3, p_recent=0.15,
+                        window=12, model="synthetic:qwen3.5-122b-a10b"),
+        {"reuse_median": (1.5, 2.5), "repeat": (0.40, 0.50), "lru@0.4": (0.90, 0.95)},
+        "ASSUMED (no trace of the family): Qwen3-30B-A3B's published statistics refitted at E=256"),
+    "qwen3.5-35b-a3b": Preset(
+        SyntheticParams(num_experts=256, top_k=8, num_layers=40, zipf=1.3, p_repeat=0.3, p_recent=0.15,
+                        window=12, model="synthetic:qwen3.5-35b-a3b"),
+        {"reuse_median": (1.5, 2.5), "repeat": (0.40, 0.50), "lru@0.4": (0.90, 0.95)},
+        "ASSUMED (no trace of the family): Qwen3-30B-A3B's published statistics refitted at E=256"),
+    "qwen3-next-80b-a3b": Preset(
+        SyntheticParams(num_experts=512, top_k=10, num_layers=48, zipf=0.6, p_repeat=0.15, p_recent=0.0,
+                        window=2, shift_every=256, shift_fraction=0.5, model="synthetic:qwen3-next-80b-a3b"),
+        {"static_cov": (0.08, 0.12)},
+        "ASSUMED (no trace of the family): flat-512's parameters (512-expert models route flatly)"),
 }
-STATIC_N = {"flat-512": 32}
+STATIC_N = {"flat-512": 32, "qwen3-next-80b-a3b": 32}
 
 
 def preset(name: str) -> SyntheticParams:

@@ -32,6 +32,16 @@ TINY = {
         sliding_window=5)),
     "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(
         num_hidden_layers=2, num_experts=8, num_experts_per_tok=3, intermediate_size=32, clip_qkv=0.8)),
+    # hybrid Gated DeltaNet + gated attention: 3 DeltaNet layers then attention; Hv = 2 Hk (grouped V heads)
+    "qwen3_5_moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM, dict(
+        num_hidden_layers=4, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
+    "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM, dict(
+        num_hidden_layers=4, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, intermediate_size=48,
+        mlp_only_layers=[1], norm_topk_prob=True)),
 }
 
 

@@ -34,6 +34,7 @@ class FakeGGUF:
             "expert_count": cfg.num_experts, "attention.head_count": cfg.num_heads,
             "attention.head_count_kv": cfg.num_kv_heads,
             "attention.key_length": cfg.head_dim, "expert_used_count": cfg.top_k,
+            "rope.dimension_count": cfg.rotary_dim,
             "context_length": cfg.max_position_embeddings, "rope.freq_base": cfg.rope_theta,
             "attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
             "feed_forward_length": cfg.intermediate_size,
@@ -45,6 +46,8 @@ class FakeGGUF:
             self.shapes[f"blk.{l}.ffn_gate_exps.weight"] = (E, I, D)
             if cfg.shared_expert_intermediate_size:
                 self.shapes[f"blk.{l}.ffn_gate_shexp.weight"] = (cfg.shared_expert_intermediate_size, D)
+        for l in cfg.attention_layers:                       # hybrid models: layer kinds from the tensors
+            self.shapes[f"blk.{l}.attn_q.weight"] = (cfg.num_heads * cfg.head_dim, D)
         if cfg.attention_bias:
             self.shapes["blk.0.attn_q.bias"] = (cfg.num_heads * cfg.head_dim,)
 
@@ -124,3 +127,24 @@ def test_gguf_names_round_trip(ours, moe_block):
     assert gguf_rename(gguf_name(ours, moe_block), moe_block) == ours
     assert gguf_rename("blk.2.ffn_down_exps.weight") == ExpertRef(2, None, "down")
     assert gguf_rename("blk.2.ffn_up.5.weight") == ExpertRef(2, 5, "up")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_next"])
+def test_hybrid_gguf_without_ssm_metadata_is_one_clear_error(model_type):
+    arch = get_arch(model_type)
+    cfg = arch.config_from_hf(arch.tiny)
+    fake = FakeGGUF(arch, cfg)
+    del fake.meta[f"{arch.gguf_arch}.ssm.time_step_rank"]
+    with pytest.raises(ModelLoadError, match="ssm.time_step_rank"):
+        arch.config_from_gguf(GGUFConfig(fake, arch.gguf_arch))
+
+
+def test_hybrid_gguf_mtp_blocks_are_not_decoder_layers():
+    arch = get_arch("qwen3_5_moe")
+    cfg = arch.config_from_hf(arch.tiny)
+    fake = FakeGGUF(arch, cfg, nextn_predict_layers=1)
+    fake.meta["qwen35moe.block_count"] = cfg.num_layers + 1
+    fake.shapes[f"blk.{cfg.num_layers}.ffn_gate_inp.weight"] = fake.shapes["blk.0.ffn_gate_inp.weight"]
+    g = GGUFConfig(fake, "qwen35moe")
+    assert g.layers == cfg.num_layers and g.moe_layers == list(cfg.moe_layers)
+    assert arch.config_from_gguf(g).layer_types == cfg.layer_types

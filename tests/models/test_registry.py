@@ -16,12 +16,16 @@ from hotexperts.models import (
     mixtral,
     olmoe,
     qwen2_moe,
+    qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
 )
 from hotexperts.models.transformer import MoETransformer
 
-FILES = {"qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe, "mixtral": mixtral, "olmoe": olmoe}
-GGUF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+FILES = {"qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe, "mixtral": mixtral, "olmoe": olmoe,
+         "qwen3_5_moe": qwen3_5_moe, "qwen3_next": qwen3_next}
+GGUF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe",
+        "qwen3_5_moe": "qwen35moe", "qwen3_next": "qwen3next"}
 
 
 def test_each_file_declares_one_architecture_found_by_both_keys():
@@ -31,6 +35,7 @@ def test_each_file_declares_one_architecture_found_by_both_keys():
         assert arch.model_type == model_type and arch.gguf_arch == GGUF[model_type]
         assert get_arch(model_type) is arch and get_gguf_arch(arch.gguf_arch) is arch
     assert GGUF_ARCHITECTURES == {a.gguf_arch: a for a in ARCHITECTURES.values()}
+    assert get_arch("qwen3_5_moe_text") is qwen3_5_moe.ARCH          # the text model's own model_type
     with pytest.raises(dataclasses.FrozenInstanceError):
         qwen3_moe.ARCH.moe_block = "ffn"
 

@@ -21,9 +21,11 @@ def test_fused_qkv_matches_hf_and_keeps_the_weights(hf_models, name):
     ex = DenseExecutor(experts, "cpu", torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert fuse_qkv(model) is model
-    attn = model.model.layers[0].self_attn
+    first = model.cfg.attention_layers[0]                           # hybrid models: layer 3 is attention
+    attn = model.model.layers[first].self_attn
+    q_rows = attn.q_proj.out_features                               # H hd, or 2 H hd with an output gate
     assert attn.qkv_weight is not None
-    assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[attn.heads * attn.head_dim:].data_ptr()
+    assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[q_rows:].data_ptr()
     sd = model.state_dict()
     assert sd.keys() == before.keys() and all(torch.equal(sd[k], v) for k, v in before.items())
     seq = torch.randint(1, hf.config.vocab_size, (PROMPT + 3,), generator=torch.Generator().manual_seed(5))
@@ -34,8 +36,8 @@ def test_fused_qkv_matches_hf_and_keeps_the_weights(hf_models, name):
     torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=1e-4)
     scaled = {k: 2 * v if "k_proj.weight" in k else v for k, v in before.items()}
     model.load_state_dict(scaled)                                             # a later load lands in it
-    assert torch.equal(attn.qkv_weight[attn.heads * attn.head_dim:][:attn.k_proj.out_features],
-                       2 * before["model.layers.0.self_attn.k_proj.weight"])
+    assert torch.equal(attn.qkv_weight[q_rows:][:attn.k_proj.out_features],
+                       2 * before[f"model.layers.{first}.self_attn.k_proj.weight"])
     fuse_qkv(model, False)
     assert attn.qkv_weight is None
 
