@@ -135,14 +135,25 @@ def _quantized(f: GGUFFile, arch: Architecture, cfg: ModelConfig, name: str, ref
     return {prefix + k: arch.from_gguf(cfg, ref, t).to(dev) for k, t in parts.items() if t is not None}
 
 
+def _mtp_block(name: str, cfg: ModelConfig) -> bool:
+    """A tensor of the MTP blocks llama.cpp appends after the decoder (blk.{L >= layers}: `block_count`
+    counts them, `nextn_predict_layers` says how many; validate.check_gguf_model bounds L): left out."""
+    head, _, rest = name.partition(".")
+    idx = rest.partition(".")[0]
+    return head == "blk" and idx.isdigit() and int(idx) >= cfg.num_layers
+
+
 def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, dt: torch.dtype,
                dev: torch.device, quant: dict | None = None, host: set[str] = frozenset()) -> dict:
     """Every non-expert tensor on dev: the projections in `quant` ({module: (format, zero)}) quantized,
     the rest dequantized to dt; names in `host` stay in (CPU) memory. Missing ones, and tensors the model
     does not have, raise one ModelLoadError."""
-    out, quant = {}, quant or {}
+    out, quant, mtp = {}, quant or {}, []
     for name in f.names():
         ref = gguf_rename(name, arch.moe_block, arch.gguf_names)
+        if _mtp_block(name, cfg):
+            mtp.append(name)
+            continue
         if isinstance(ref, ExpertRef):
             continue
         if isinstance(ref, str) and ref.endswith(".weight") and ref[:-7] in quant:
@@ -163,6 +174,9 @@ def load_dense(f: GGUFFile, arch: Architecture, cfg: ModelConfig, shapes: dict, 
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ModelLoadError(f"{f.path.name} lacks tensor(s) for: {', '.join(missing[:5])}{more}")
+    if mtp:
+        warnings.warn(f"ignored {len(mtp)} GGUF tensor(s) of the MTP block(s) after the decoder "
+                      f"(nextn_predict_layers), e.g. {mtp[0]!r}", stacklevel=3)
     return out
 
 
