@@ -155,6 +155,11 @@ class Engine:
         """Token ids after the prompt; stops on EOS / stop ids (not yielded) or after params.max_tokens."""
         return self.generator.generate(list(prompt_ids), params, stop_ids=self.eos_ids)
 
+    @property
+    def token_logprobs(self) -> list[tuple]:
+        """The latest request's per-token (id, logprob, top alternatives) when params.logprobs was set."""
+        return self.generator.token_logprobs
+
     def warm_up(self, steps: int = 2) -> float:
         """A 1-token prefill and `steps` decode steps outside any request (no timings counted): compiles the
         decode step (compile_decode) and captures its CUDA graph before the first real request. The cache

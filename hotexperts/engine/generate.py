@@ -11,6 +11,8 @@
   False turns both off, None leaves the model's as it is (e.g. runner.compile_decode(model, mode=...,
   options=...) set up by the caller);
 - `executor.end_step()` is called after every forward (each prompt chunk and each decode token);
+- each token is drawn by a sampling.Sampler (penalties over the tokens so far, the logprobs record
+  `token_logprobs`, entry i for the i-th yielded token);
 - generation stops after `max_tokens` sampled tokens or on a stop id (the model's EOS ids plus
   `params.stop_token_ids`); stop ids are not yielded. `finish_reason` is then "stop" or "length";
 - prompt + max_tokens beyond `max_context` raises ContextLengthError before any work;
@@ -31,7 +33,7 @@ import torch
 
 from hotexperts.config import ModelConfig
 from hotexperts.engine import runner
-from hotexperts.engine.sampling import SamplingParams, make_generator, sample
+from hotexperts.engine.sampling import Sampler, SamplingParams, make_generator
 from hotexperts.errors import ContextLengthError, HotExpertsError
 
 
@@ -79,6 +81,12 @@ class Generator:
                                                    use_graph=use_cuda_graph, piecewise=piecewise_graph)
         self.last, self.total = Timings(), Timings()
         self.finish_reason: str | None = None
+        self.sampler: Sampler | None = None     # the latest request's (penalty counts, logprobs record)
+
+    @property
+    def token_logprobs(self) -> list[tuple]:
+        """params.logprobs: per yielded token (id, logprob, top alternatives), see engine/sampling.py."""
+        return self.sampler.logprobs if self.sampler is not None else []
 
     # -- forward passes -------------------------------------------------------------------------
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -131,9 +139,9 @@ class Generator:
             self.total.add(self.last)
 
     def _loop(self, prompt_ids: list[int], params: SamplingParams, stops: frozenset[int]) -> Iterator[int]:
-        gen = make_generator(params, self.device)
+        self.sampler = sampler = Sampler(params, make_generator(params, self.device), prompt_ids)
         t0 = time.perf_counter()
-        token = sample(self.prefill(prompt_ids).float(), params, gen)
+        token = sampler(self.prefill(prompt_ids).float())
         self.last.prompt_tokens, self.last.prompt_seconds = len(prompt_ids), time.perf_counter() - t0
         self.last.gen_tokens = 1
         pos = len(prompt_ids)
@@ -146,7 +154,7 @@ class Generator:
                 self.finish_reason = "length"
                 return
             t0 = time.perf_counter()
-            token = sample(self.decode_one(token, pos).float(), params, gen)
+            token = sampler(self.decode_one(token, pos).float())
             self.executor.check_errors()     # a failed CPU expert step raises before its token is used
             self.last.decode_seconds += time.perf_counter() - t0
             self.last.decode_steps += 1

@@ -8,6 +8,17 @@ probability), then one token is drawn with the given torch.Generator. Everything
 device; the only host synchronisation is reading the chosen token id at the end. The most likely token is
 never filtered out (top_p 1e-300 keeps it), and a distribution with no finite mass left (NaN logits) falls
 back to argmax, so the probabilities handed to torch.multinomial are never NaN or all zero.
+
+Penalties (`Sampler`, one per request) change the logits before all of that, greedy included:
+repetition_penalty r (Hugging Face / CTRL: over the prompt and the generated tokens, a positive logit is
+divided by r, a negative one multiplied), then OpenAI's frequency_penalty f and presence_penalty p (over
+the generated tokens: logit -= f * count + p * (count > 0)). At their neutral values (1, 0, 0) the logits
+are not touched, so greedy decoding stays exactly argmax of the model's logits.
+logprobs=K (not None) makes the Sampler record, for each chosen token, its log-probability and the K most
+likely alternatives, from log_softmax of the logits the sampler saw (after penalties, before temperature,
+as vLLM's default): `Sampler.logprobs[i] = (token_id, logprob, ((id, logprob), ...))`.
+`generation_defaults(generation_config)` gives the sampling values a model ships with (Hugging Face's rule:
+greedy unless do_sample is true), the defaults of `generate`, the server and its chat page.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import torch
 from hotexperts.errors import HotExpertsError
 
 MIN_TEMPERATURE = 1e-5        # below: greedy (vLLM's threshold); 1 / T then fits float32 with room
+MAX_LOGPROBS = 20             # OpenAI's top_logprobs limit
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,10 @@ class SamplingParams:
     max_tokens: int = 256               # tokens to generate at most
     stop: tuple[str, ...] = ()          # stop strings (handled by engine/textstream.py)
     stop_token_ids: tuple[int, ...] = ()   # extra stop ids besides the model's EOS ids
+    presence_penalty: float = 0.0       # OpenAI's, in [-2, 2]; 0 = off
+    frequency_penalty: float = 0.0      # OpenAI's, in [-2, 2]; 0 = off
+    repetition_penalty: float = 1.0     # Hugging Face's, > 0; 1 = off
+    logprobs: int | None = None         # None = off; K >= 0: record the chosen token's logprob + K top ones
 
     def __post_init__(self):
         object.__setattr__(self, "stop", _tuple_of(self.stop, str, "stop"))
@@ -46,10 +63,21 @@ class SamplingParams:
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         _check(all(s for s in self.stop), "stop strings must not be empty")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(_is_real(v) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {v!r}")
+        _check(_is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        _check(self.logprobs is None or _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -119,3 +147,63 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams,
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """logits [V] float -> token id. Reading the id is the one host synchronisation."""
     return int(sample_tensor(logits, params, generator).item())
+
+
+def generation_defaults(generation_config: dict | None) -> dict:
+    """The sampling values a model's generation_config.json asks for, keyed as SamplingParams.
+    Hugging Face's rule: without do_sample true, decoding is greedy (temperature 0) whatever else it says."""
+    cfg = generation_config if isinstance(generation_config, dict) else {}
+    out = {k: cfg[k] for k in SAMPLING_KEYS if _is_real(cfg.get(k))}
+    if cfg.get("do_sample") is not True:
+        return {"temperature": 0.0} | ({"repetition_penalty": out["repetition_penalty"]}
+                                       if "repetition_penalty" in out else {})
+    return {"temperature": 1.0} | out
+
+
+class Sampler:
+    """One request's sampling: `sampler(logits [V]) -> token id`, with the penalties' token counts and the
+    logprobs record (module docstring). Without penalties or logprobs it is exactly `sample`."""
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None,
+                 prompt_ids: list[int] = ()):
+        self.params, self.generator = params, generator
+        self.prompt_ids = list(prompt_ids)
+        self.counts: torch.Tensor | None = None          # [V] float32, generated-token counts
+        self.seen: torch.Tensor | None = None            # [V] bool, prompt + generated tokens
+        self.logprobs: list[tuple] = []
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        p = self.params
+        if p.penalized:
+            logits = self._penalize(logits.float())
+        token = sample(logits, p, self.generator)
+        if p.logprobs is not None:
+            self.logprobs.append(token_logprobs(logits, token, p.logprobs))
+        if p.penalized:
+            self.counts[token] += 1
+            self.seen[token] = True
+        return token
+
+    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.counts is None:
+            self.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            ids = [t for t in self.prompt_ids if 0 <= t < logits.shape[-1]]
+            if ids:
+                self.seen[torch.tensor(ids, device=logits.device)] = True
+        if p.repetition_penalty != 1:
+            r = p.repetition_penalty
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        if p.frequency_penalty or p.presence_penalty:
+            present = (self.counts > 0).float()
+            logits = logits - self.counts * p.frequency_penalty - present * p.presence_penalty
+        return logits
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple:
+    """(token, its logprob, ((id, logprob) of the k most likely tokens, best first)) from logits [V]."""
+    lp = torch.log_softmax(torch.nan_to_num(logits.float(), nan=-math.inf), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    alts = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+    return int(token), float(lp[token]), alts
