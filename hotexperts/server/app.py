@@ -3,6 +3,10 @@ with uvicorn.
 
     app = create_app(engine, ServerSettings(model_name="m", api_key=None, max_queue=32, request_timeout=600))
 
+Any `model` name is accepted (llama-server's rule: one model is served): a response names the requested
+model when it is one of the served names (model_name + aliases, `--served-model-name A B`), else
+model_name. Sampling values a request leaves out come from the model's generation_config
+(sampling.generation_defaults), listed as "generation_defaults" in the /v1/models card (the chat page's).
 Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not: a non-streaming
 response is the folded stream), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics, GET / (a
 small chat page). With an API key, /v1/* and /metrics need `Authorization: Bearer KEY` (else 401).
@@ -31,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from hotexperts.engine.sampling import generation_defaults
 from hotexperts.server import protocol
 from hotexperts.server.errors import APIError, bad_request
 from hotexperts.server.events import JobStreamingResponse, job_events
@@ -47,6 +52,7 @@ ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/
 @dataclass
 class ServerSettings:
     model_name: str
+    aliases: tuple[str, ...] = ()        # more names /v1/models lists and responses may echo
     api_key: str | None = None
     max_queue: int = 32                  # requests waiting behind the running one
     request_timeout: float | None = 600.0  # seconds from arrival; None/0 = no limit
@@ -75,14 +81,22 @@ class Server:
         self.worker = EngineWorker(engine, settings.max_queue, on_finish=self._on_finish)
         self.metrics = Metrics(lambda: (self.worker.depth, self.worker.busy), lambda: self.stats,
                                getattr(engine, "device", "cpu"))
-        gen_cfg = getattr(getattr(engine, "loaded", None), "generation_config", None)
-        self.defaults = {k: gen_cfg.get(k) for k in ("temperature", "top_p", "top_k", "min_p")} \
-            if isinstance(gen_cfg, dict) else {}
+        self.defaults = generation_defaults(model_generation_config(engine))
+        self.names = tuple(dict.fromkeys((settings.model_name, *settings.aliases)))
 
     def _on_finish(self, job, ev) -> None:            # worker thread
         if ev.kind == "end" and job.first_token_s is not None:
             self.stats = self.engine.stats()
         self.metrics.finished(job, ev, self.stats, time.monotonic())
+
+
+def model_generation_config(engine) -> dict | None:
+    """The model's generation_config.json (the loaded source's, else the tokenizer's), None without one."""
+    for owner in (getattr(engine, "loaded", None), getattr(engine, "tokenizer", None)):
+        cfg = getattr(owner, "generation_config", None)
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return None
 
 
 def create_app(engine, settings: ServerSettings) -> FastAPI:
@@ -175,13 +189,16 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.get("/v1/models")
     async def models(request: Request):
         _authorize(server, request)
-        return {"object": "list", "data": [_model_card(server)]}
+        return {"object": "list", "data": [_model_card(server, name) for name in server.names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         _authorize(server, request)
-        _check_model(server, model_id, "model_id")
-        return _model_card(server)
+        if model_id not in server.names:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, server.names))}", param="model_id",
+                           code="model_not_found")
+        return _model_card(server, model_id)
 
     @app.get("/health")
     async def health():
@@ -202,15 +219,14 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         return HTMLResponse(page.read_text("utf-8"))
 
 
-def _model_card(server: Server) -> dict:
-    return {"id": server.settings.model_name, "object": "model", "created": 0, "owned_by": "hotexperts",
-            "max_model_len": server.engine.max_context}
+def _model_card(server: Server, name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "hotexperts",
+            "max_model_len": server.engine.max_context, "generation_defaults": server.defaults}
 
 
-def _check_model(server: Server, name: str, param: str = "model") -> None:
-    if name != server.settings.model_name:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                            f"{server.settings.model_name!r}", param=param, code="model_not_found")
+def answered_model(server: Server, requested: str | None) -> str:
+    """The name a response carries: the requested one if served under it, else the main name."""
+    return requested if requested in server.names else server.settings.model_name
 
 
 async def _read_body(server: Server, request: Request) -> bytes:
@@ -260,7 +276,6 @@ async def _complete(server: Server, request: Request, kind: str):
     arrived = time.monotonic()
     _authorize(server, request)
     req = await run_in_threadpool(protocol.parse_request, kind, await _read_body(server, request))
-    _check_model(server, req.model)
     ids = await run_in_threadpool(_prompt_ids, server, kind, req)
     if not ids:
         raise bad_request("the prompt is empty (0 tokens)", param="prompt", code="empty_prompt")
@@ -272,7 +287,7 @@ async def _complete(server: Server, request: Request, kind: str):
         return Response(status_code=499)
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     chunks = make_chunks(kind, events, Meta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()),
-                                            server.settings.model_name))
+                                            answered_model(server, req.model)))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return JobStreamingResponse(sse_lines(chunks, include_usage), events.close,

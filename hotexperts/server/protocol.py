@@ -5,10 +5,13 @@
     check_supported(req)                                           # APIError(400) for rejected parameters
     params = sampling_params(req, n_prompt, max_context, defaults) # SamplingParams, context checked
 
-Types are strict (no "1" for 1, no true for 1). Unknown fields are ignored. Rejected (400) when set to
-anything but their neutral value: n > 1, best_of > 1, presence/frequency_penalty != 0,
-repetition_penalty != 1, logit_bias, logprobs / top_logprobs, tools / functions / tool_choice other than
-"none", response_format other than text, echo, suffix, non-text content parts, batched prompts.
+Types are strict (no "1" for 1, no true for 1). Unknown fields are ignored. `model` may be any name or
+left out (llama-server's rule: one model is served; the response names it). Implemented: temperature,
+top_p, top_k, min_p, seed, stop, stop_token_ids, presence/frequency_penalty ([-2, 2]),
+repetition_penalty (> 0), logprobs (chat: logprobs true + top_logprobs 0..20; completions: logprobs
+0..20). Rejected (400) when set to anything but their neutral value: n > 1, best_of > 1, logit_bias,
+tools / functions / tool_choice other than "none", response_format other than text, echo, suffix,
+non-text content parts, batched prompts.
 Ignored: user, metadata, store, service_tier, parallel_tool_calls, stream_options when not streaming, and
 other unknown keys (message fields such as name or tool_calls go to the chat template as they are).
 The role "developer" is rendered as "system". A negative seed is passed to torch as is (deterministic).
@@ -46,7 +49,7 @@ class Message(_Strict):
 
 
 class _Common(_Strict):
-    model: str
+    model: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
@@ -119,16 +122,13 @@ def _is_type_tag(p) -> bool:
 def check_supported(req: ChatRequest | CompletionRequest) -> None:
     rules = [
         ("n", req.n not in (None, 1), "n > 1 (one choice per request)"),
-        ("presence_penalty", req.presence_penalty not in (None, 0), "presence_penalty"),
-        ("frequency_penalty", req.frequency_penalty not in (None, 0), "frequency_penalty"),
-        ("repetition_penalty", req.repetition_penalty not in (None, 1), "repetition_penalty"),
         ("logit_bias", bool(req.logit_bias), "logit_bias"),
-        ("logprobs", bool(req.logprobs), "logprobs"),
     ]
     if isinstance(req, ChatRequest):
         fmt = (req.response_format or {}).get("type", "text")
-        rules += [("top_logprobs", bool(req.top_logprobs), "top_logprobs"),
-                  ("tools", bool(req.tools), "tool calling"), ("functions", bool(req.functions), "functions"),
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        rules += [("tools", bool(req.tools), "tool calling"), ("functions", bool(req.functions), "functions"),
                   ("tool_choice", req.tool_choice not in (None, "none", "auto") or
                    (req.tool_choice == "auto" and bool(req.tools)), "tool_choice"),
                   ("response_format", fmt != "text", f"response_format {fmt!r}")]
@@ -177,6 +177,13 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     return p
 
 
+def requested_logprobs(req: ChatRequest | CompletionRequest) -> int | None:
+    """SamplingParams.logprobs: None = off, else the number of alternatives per token."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
 def requested_max_tokens(req: ChatRequest | CompletionRequest) -> tuple[int | None, str]:
     mct = getattr(req, "max_completion_tokens", None)
     return (mct, "max_completion_tokens") if mct is not None else (req.max_tokens, "max_tokens")
@@ -184,7 +191,8 @@ def requested_max_tokens(req: ChatRequest | CompletionRequest) -> tuple[int | No
 
 def sampling_params(req: ChatRequest | CompletionRequest, n_prompt: int, max_context: int,
                     defaults: dict | None = None) -> SamplingParams:
-    """SamplingParams from the request; the model's generation_config fills unset sampling values.
+    """SamplingParams from the request; `defaults` (sampling.generation_defaults of the model's
+    generation_config) fill unset sampling values, then OpenAI's (temperature 1, no filters).
     max_tokens unset = whatever the context leaves; prompt + max_tokens beyond the context -> 400."""
     defaults = defaults or {}
     max_tokens, mt_param = requested_max_tokens(req)
@@ -197,7 +205,11 @@ def sampling_params(req: ChatRequest | CompletionRequest, n_prompt: int, max_con
     values = dict(temperature=_pick(req.temperature, defaults.get("temperature"), 1.0),
                   top_p=_pick(req.top_p, defaults.get("top_p"), 1.0),
                   top_k=_pick(req.top_k, defaults.get("top_k"), 0),
-                  min_p=_pick(req.min_p, defaults.get("min_p"), 0.0))
+                  min_p=_pick(req.min_p, defaults.get("min_p"), 0.0),
+                  repetition_penalty=_pick(req.repetition_penalty, defaults.get("repetition_penalty"), 1.0),
+                  presence_penalty=_pick(req.presence_penalty, None, 0.0),
+                  frequency_penalty=_pick(req.frequency_penalty, None, 0.0),
+                  logprobs=requested_logprobs(req))
     if values["temperature"] > 2:
         raise bad_request("temperature must be in [0, 2]", param="temperature", code="invalid_value")
     if req.seed is not None and not -2**63 <= req.seed < 2**64:

@@ -4,7 +4,8 @@
     worker.start()
     job = Job(prompt_ids, params, loop=asyncio.get_running_loop(), deadline=time.monotonic() + 600)
     worker.submit(job)              # QueueFull when max_queue requests already wait
-    ev = await job.events.get()     # Event: start | delta (text) | end (finish_reason, usage) | error
+    ev = await job.events.get()     # Event: start | delta (text, logprobs) | end (finish_reason, usage)
+                                    #   | error
     worker.cancel(job)              # client gone: dropped from the queue, or stopped between two tokens
     worker.stop()                   # cancels everything, joins the thread
 
@@ -47,6 +48,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: APIError | None = None
+    logprobs: list[dict] | None = None  # delta: the tokens behind this text (request asked for logprobs)
 
 
 @dataclass(eq=False)
@@ -69,6 +71,12 @@ class Job:
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def logprob_entry(tokenizer, token: int, logprob: float) -> dict:
+    """{"token", "logprob", "bytes"} as OpenAI's; -inf (JSON has none) is reported as -9999.0 like theirs."""
+    text = tokenizer.decode([token])
+    return {"token": text, "logprob": max(float(logprob), -9999.0), "bytes": list(text.encode("utf-8"))}
 
 
 class EngineWorker:
@@ -185,12 +193,23 @@ class EngineWorker:
     def _generate(self, job: Job) -> Event:
         tokens = self.engine.generate(job.prompt_ids, job.params)     # ContextLengthError here
         job.emit(Event("start", prompt_tokens=len(job.prompt_ids)))
-        stream, cut = TextStream(self.engine.tokenizer, job.params.stop), []
+        stream, cut, sent = TextStream(self.engine.tokenizer, job.params.stop), [], 0
         for delta in stream.run(self._guard(job, tokens, cut)):
-            job.emit(Event("delta", text=delta))
+            job.emit(Event("delta", text=delta, logprobs=self._logprobs(job, sent, stream.tokens)))
+            sent = stream.tokens
+        if job.params.logprobs is not None and sent < stream.tokens and stream.finish_reason != "stop":
+            job.emit(Event("delta", logprobs=self._logprobs(job, sent, stream.tokens)))   # text-less tokens
         reason = (cut[0] if cut else None) or stream.finish_reason or self.engine.finish_reason or "stop"
         return Event("end", finish_reason=reason, prompt_tokens=len(job.prompt_ids),
                      completion_tokens=stream.tokens)
+
+    def _logprobs(self, job: Job, start: int, end: int) -> list[dict] | None:
+        """OpenAI chat-shaped entries of tokens start..end-1 (None when the request did not ask)."""
+        if job.params.logprobs is None:
+            return None
+        tok = self.engine.tokenizer
+        return [logprob_entry(tok, t, lp) | {"top_logprobs": [logprob_entry(tok, a, alp) for a, alp in alts]}
+                for t, lp, alts in getattr(self.engine, "token_logprobs", [])[start:end]]
 
     @staticmethod
     def _guard(job: Job, tokens: Iterator[int], cut: list) -> Iterator[int]:

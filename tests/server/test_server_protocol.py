@@ -34,7 +34,7 @@ def error_of(kind, raw) -> APIError:
     (b"{", None, "invalid_json"),
     (b"\xff\xfe", None, "invalid_json"),
     (b"[1, 2]", None, "invalid_json"),
-    (b'{"messages": []}', "model", "missing_parameter"),
+    (b'{"model": "m"}', "messages", "missing_parameter"),
     (chat(messages=[]), "messages", "empty_messages"),
     (chat(messages="hi"), "messages", "invalid_type"),
     (chat(messages=[{"role": "wizard", "content": "x"}]), "messages.0.role", "invalid_type"),
@@ -49,8 +49,7 @@ def error_of(kind, raw) -> APIError:
     (chat(n=2), "n", "unsupported_parameter"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "unsupported_parameter"),
     (chat(tool_choice="required"), "tool_choice", "unsupported_parameter"),
-    (chat(logprobs=True), "logprobs", "unsupported_parameter"),
-    (chat(presence_penalty=0.5), "presence_penalty", "unsupported_parameter"),
+    (chat(top_logprobs=2), "top_logprobs", "invalid_value"),
     (chat(logit_bias={"1": 5}), "logit_bias", "unsupported_parameter"),
     (chat(response_format={"type": "json_object"}), "response_format", "unsupported_parameter"),
 ])
@@ -104,7 +103,10 @@ def test_sampling_params_and_context():
                             ({"temperature": 3.0}, "temperature", "invalid_value"),
                             ({"top_p": 0.0}, "top_p", "invalid_value"),
                             ({"top_k": -1}, "top_k", "invalid_value"),
-                            ({"seed": 2**64}, "seed", "invalid_value")]:
+                            ({"seed": 2**64}, "seed", "invalid_value"),
+                            ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+                            ({"repetition_penalty": 0.0}, "repetition_penalty", "invalid_value"),
+                            ({"logprobs": True, "top_logprobs": 21}, "logprobs", "invalid_value")]:
         with pytest.raises(APIError) as e:
             protocol.sampling_params(protocol.parse_request("chat", chat(**kw)), 10, 100)
         assert (e.value.status, e.value.param, e.value.code) == (400, param, code), kw
@@ -138,3 +140,36 @@ def test_fold_is_the_stream():
     chunks = [json.loads(x[6:]) for x in lines[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello"
     assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"] == 6
+
+
+def test_penalties_logprobs_and_any_model():
+    req = protocol.parse_request("chat", json.dumps({"messages": MSG, "presence_penalty": 0.5,
+                                                     "frequency_penalty": -0.5, "repetition_penalty": 1.1,
+                                                     "logprobs": True, "top_logprobs": 3}).encode())
+    p = protocol.sampling_params(req, 10, 100)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.logprobs) == (0.5, -0.5, 1.1, 3)
+    assert protocol.sampling_params(protocol.parse_request("chat", chat(logprobs=True)), 1, 9).logprobs == 0
+    assert protocol.sampling_params(protocol.parse_request("chat", chat()), 1, 9).logprobs is None
+    req = protocol.parse_request("completion", b'{"prompt": "x", "logprobs": 2, "model": "anything"}')
+    assert protocol.sampling_params(req, 1, 9).logprobs == 2
+    req = protocol.parse_request("chat", chat())
+    p = protocol.sampling_params(req, 1, 9, defaults={"repetition_penalty": 1.05})
+    assert p.repetition_penalty == 1.05
+
+
+def test_logprobs_shapes_fold_like_stream():
+    entry = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [{"token": "a", "logprob": -0.5,
+                                                                             "bytes": [97]}]}
+    meta = Meta("x", 0, "m")
+
+    async def events():
+        yield Event("delta", text="a", logprobs=[entry])
+        yield Event("delta", text="a", logprobs=[entry])
+        yield Event("end", finish_reason="length", prompt_tokens=1, completion_tokens=2)
+
+    chat_full = asyncio.run(fold("chat", make_chunks("chat", events(), meta)))
+    assert chat_full["choices"][0]["logprobs"] == {"content": [entry, entry]}
+    text_full = asyncio.run(fold("completion", make_chunks("completion", events(), meta)))
+    assert text_full["choices"][0]["logprobs"] == {"tokens": ["a", "a"], "token_logprobs": [-0.5, -0.5],
+                                                   "top_logprobs": [{"a": -0.5}, {"a": -0.5}],
+                                                   "text_offset": [0, 1]}
