@@ -51,8 +51,9 @@ def test_stats_heatmap_and_profile_of_the_cache(capsys, tmp_path):
                           "--stats", "--heatmap", str(png), "--save-profile", str(prof))
     assert rc == 0, err
     assert "hits" in err and "misses" in err and png.stat().st_size > 0 and prof.stat().st_size > 0
-    rc, _, err = run_main(capsys, "--prompt", "x", "--max-tokens", "2", "--heatmap", str(png))
+    rc, out, err = run_main(capsys, "--prompt", "x", "--max-tokens", "2", "--heatmap", str(png))
     assert rc == 2 and "--heatmap needs an expert cache" in err
+    assert out == "" and "prompt:" not in err                     # refused before generating
 
 
 @pytest.mark.parametrize("args, message", [

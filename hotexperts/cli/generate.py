@@ -6,7 +6,8 @@
 
 Text goes to stdout as it is generated; the summary line
 "prompt: N tokens, X tok/s | generation: M tokens, Y tok/s" (and, with --stats, the engine's stats as
-JSON) goes to stderr, so stdout holds only the completion.
+JSON) goes to stderr, so stdout holds only the completion. Sampling flags left out take the model's
+generation_config values (sampling.generation_defaults: greedy unless it sets do_sample), as the server.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hotexperts.cli.flags import (
     load_engine,
 )
 from hotexperts.engine.engine import Engine
-from hotexperts.engine.sampling import SamplingParams
+from hotexperts.engine.sampling import SamplingParams, generation_defaults, model_generation_config
 from hotexperts.engine.textstream import TextStream
 from hotexperts.errors import HotExpertsError
 
@@ -36,12 +37,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--system", default=None, help="system message (implies --chat)")
     p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
                    help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0,
-                   help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config; greedy without one)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config's, else 0)")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off (default: generation_config's, else 1)")
+    p.add_argument("--min-p", type=float, default=None, help="0 = off (default: generation_config's, else 0)")
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty", type=float,
+                   default=None, help="penalize tokens already in the prompt or output (1 = off; default: "
+                                      "generation_config's, else 1)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random each run)")
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S", help="stop strings")
     p.add_argument("--stats", action="store_true",
                    help="print the cache per layer: hits, misses, swaps, bytes moved, CPU/GPU time")
@@ -53,9 +59,15 @@ def add_parser(subparsers) -> None:
     add_kernel_arguments(p)
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop))
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def sampling_params(args: argparse.Namespace, defaults: dict | None = None) -> SamplingParams:
+    """The flags; the ones left out from `defaults` (generation_defaults), else SamplingParams'."""
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    return SamplingParams(**{**(defaults or {}), **given}, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.seed,
+                          max_tokens=args.max_tokens, stop=tuple(args.stop))
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -74,11 +86,13 @@ def summary_line(stats: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = sampling_params(args)                     # validate flags before loading anything
+    sampling_params(args)                               # validate flags before loading anything
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = load_engine(args)
+    params = sampling_params(args, generation_defaults(model_generation_config(engine)))
     if engine.tokenizer is None:
         raise HotExpertsError(f"{args.model} has no tokenizer (tokenizer.json); generate needs one")
+    check_cache_flags(engine, args)                     # before generating, not after
     ids = encode_prompt(engine.tokenizer, prompt, args.chat, args.system)
     if args.compile:                                    # compile + capture outside the timed request
         print(f"compiled the decode step in {engine.warm_up():.1f}s", file=sys.stderr)
@@ -96,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_cache_flags(engine: Engine, args: argparse.Namespace) -> None:
+    """--heatmap and --save-profile need a hybrid cache: say so before any work."""
+    for flag, value in (("--heatmap", args.heatmap), ("--save-profile", args.save_profile)):
+        if value and engine.executor.cache_stats is None:
+            raise HotExpertsError(f"{flag} needs an expert cache (--n-cpu-moe, --moe-hot-k or --moe-cache)")
+
+
 def report_cache(engine: Engine, args: argparse.Namespace, stats: dict) -> None:
     """--stats table, --stats-json, --heatmap and --save-profile (the last two need a hybrid cache)."""
     cache = engine.executor.cache_stats
@@ -104,9 +125,7 @@ def report_cache(engine: Engine, args: argparse.Namespace, stats: dict) -> None:
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=2, default=str)
-    for flag, value in (("--heatmap", args.heatmap), ("--save-profile", args.save_profile)):
-        if value and cache is None:
-            raise HotExpertsError(f"{flag} needs an expert cache (--n-cpu-moe, --moe-hot-k or --moe-cache)")
+    check_cache_flags(engine, args)
     if args.heatmap:
         print(f"heatmap: {cache.heatmap(args.heatmap)}", file=sys.stderr)
     if args.save_profile:

@@ -2,8 +2,12 @@
 
     hotexperts serve --model DIR|FILE.gguf|preset:NAME [model flags] [placement flags] [kernel flags]
         [--host 127.0.0.1] [--port 8080] [--api-key-file FILE | $HOTEXPERTS_API_KEY | --api-key KEY]
-        [--max-queue N] [--request-timeout S] [--served-model-name NAME] [--cors-origin ORIGIN ...]
-        [--allowed-hosts HOST,...] [--max-connections N] [--keep-alive-timeout S]
+        [--max-queue N] [--request-timeout S] [--served-model-name NAME [NAME ...]]
+        [--cors-origin ORIGIN ...] [--allowed-hosts HOST,...] [--max-connections N] [--keep-alive-timeout S]
+        [-np/--parallel 1]
+
+One start-up line on stderr names the model, device, placement and URL. `-np/--parallel N` (llama-server's
+slots) is accepted for N = 1; N > 1 is refused with the reason (decoding is batch 1: requests queue).
 
 The API key is read from --api-key-file, else $HOTEXPERTS_API_KEY, else --api-key (visible to every user
 in the process list: a warning says so). Host names accepted: --allowed-hosts, else the loopback names and
@@ -50,7 +54,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait (32); more: 429")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds per request from arrival (default 600, 0 = none); then finish_reason length")
-    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    p.add_argument("--served-model-name", "--alias", "-a", dest="served_model_name", nargs="+", default=None,
+                   metavar="NAME", help="the model id(s) /v1/models lists (default: --model); a request may "
+                                        "name any model: it is answered by this one")
+    p.add_argument("-np", "--parallel", type=int, default=1, metavar="N",
+                   help="llama-server's parallel slots: only 1 (requests are decoded one at a time, in "
+                        "arrival order; --max-queue of them wait)")
     p.add_argument("--cors-origin", "--allowed-origin", dest="allowed_origin", action="append", default=[],
                    metavar="ORIGIN", help="CORS: let browser pages on ORIGIN call the API ('*' = any); "
                                           "other cross-origin requests are refused (403)")
@@ -70,10 +79,34 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:  # noqa: F82
         raise HotExpertsError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_connections < 1 or args.keep_alive_timeout <= 0:
         raise HotExpertsError("--max-connections must be >= 1 and --keep-alive-timeout > 0")
-    return ServerSettings(model_name=args.served_model_name or args.model, api_key=api_key(args),
+    check_parallel(args.parallel)
+    names = args.served_model_name or [args.model]
+    return ServerSettings(model_name=names[0], aliases=tuple(names[1:]), api_key=api_key(args),
                           max_queue=args.max_queue, request_timeout=args.request_timeout or None,
                           allowed_origins=tuple(args.allowed_origin), allowed_hosts=allowed_hosts(args),
                           max_connections=args.max_connections, keep_alive_s=args.keep_alive_timeout)
+
+
+def check_parallel(n: int) -> None:
+    if n < 1:
+        raise HotExpertsError(f"-np/--parallel must be >= 1, got {n}")
+    if n > 1:
+        raise HotExpertsError(f"-np {n}: hotexperts decodes one request at a time (batch 1; batched "
+                              f"decoding is not implemented yet); leave -np out: concurrent requests "
+                              f"wait in a queue (--max-queue, default 32)")
+
+
+def startup_line(settings, engine, host: str, port: int) -> str:
+    """'serving MODEL on DEVICE, placement ..., at http://HOST:PORT/v1 (chat page http://HOST:PORT/)'."""
+    plan = getattr(engine.executor, "plan", None)
+    where = plan.describe() if plan is not None else "placement: every expert with the dense weights"
+    if getattr(engine.device, "type", str(engine.device)) == "cpu":
+        where += " (no GPU: 'gpu' places mean this CPU)"
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    return (f"hotexperts serve: model {settings.model_name!r} ({engine.config.num_layers} layers, "
+            f"context {engine.max_context}) on {engine.device}; {where}; OpenAI API at {url}/v1, "
+            f"chat page at {url}/")
 
 
 def api_key(args: argparse.Namespace, env=os.environ) -> str | None:
@@ -122,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         print(f"decode step compiled in {engine.warm_up():.1f}s", file=sys.stderr, flush=True)
     app = create_app(engine, settings)
+    print(startup_line(settings, engine, args.host, args.port), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,
                 **uvicorn_limits(settings))
     return 0

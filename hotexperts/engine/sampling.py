@@ -149,6 +149,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(sample_tensor(logits, params, generator).item())
 
 
+def model_generation_config(engine) -> dict | None:
+    """The model's generation_config.json (the loaded source's, else the tokenizer's), None without one."""
+    for owner in (getattr(engine, "loaded", None), getattr(engine, "tokenizer", None)):
+        cfg = getattr(owner, "generation_config", None)
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return None
+
+
 def generation_defaults(generation_config: dict | None) -> dict:
     """The sampling values a model's generation_config.json asks for, keyed as SamplingParams.
     Hugging Face's rule: without do_sample true, decoding is greedy (temperature 0) whatever else it says."""

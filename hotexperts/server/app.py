@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from hotexperts.engine.sampling import generation_defaults
+from hotexperts.engine.sampling import generation_defaults, model_generation_config
 from hotexperts.server import protocol
 from hotexperts.server.errors import APIError, bad_request
 from hotexperts.server.events import JobStreamingResponse, job_events
@@ -88,15 +88,6 @@ class Server:
         if ev.kind == "end" and job.first_token_s is not None:
             self.stats = self.engine.stats()
         self.metrics.finished(job, ev, self.stats, time.monotonic())
-
-
-def model_generation_config(engine) -> dict | None:
-    """The model's generation_config.json (the loaded source's, else the tokenizer's), None without one."""
-    for owner in (getattr(engine, "loaded", None), getattr(engine, "tokenizer", None)):
-        cfg = getattr(owner, "generation_config", None)
-        if isinstance(cfg, dict) and cfg:
-            return cfg
-    return None
 
 
 def create_app(engine, settings: ServerSettings) -> FastAPI:

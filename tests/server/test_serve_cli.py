@@ -32,6 +32,10 @@ def test_flags_and_defaults():
                                  "--allowed-origin", "http://b"))
     assert (s.model_name, s.api_key, s.max_queue, s.request_timeout) == ("m", "k", 0, None)
     assert s.allowed_origins == ("http://a", "http://b")
+    s = settings_from_args(parse("--served-model-name", "a", "b", "-np", "1"))
+    assert (s.model_name, s.aliases) == ("a", ("b",))
+    with pytest.raises(HotExpertsError, match="one request at a time"):
+        settings_from_args(parse("-np", "4"))
     for bad in (["--max-queue", "-1"], ["--request-timeout", "-2"], ["--port", "70000"]):
         with pytest.raises(HotExpertsError):
             settings_from_args(parse(*bad))
@@ -71,4 +75,7 @@ def test_serve_subprocess():
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert rc in (0, 130), proc.stdout.read()
+    out = proc.stdout.read()
+    assert rc in (0, 130), out
+    line = next(x for x in out.splitlines() if x.startswith("hotexperts serve: model"))
+    assert "'t'" in line and " on cpu;" in line and f"http://127.0.0.1:{port}/v1" in line, line
