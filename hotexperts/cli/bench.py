@@ -4,8 +4,11 @@
     hotexperts bench [--model preset:NAME|DIR|FILE.gguf] [--placements gpu,cpu-moe,n-cpu-moe,hot,cache]
         [--vram-budget 16,24] [--tests pp512,tg128] [--repeats 3] [--route-trace FILE | --route-synthetic P]
         [--expert-quant int4] [--policy P] [--json FILE] [--plots DIR] [-t N] [--compile] [--predict HW]
-On a machine without CUDA it runs the real cache on the mini model with the slot counts the real shape gets
-at each budget and prints the cost model's PREDICTED speeds for a hardware profile, labelled as such.
+On a machine without CUDA it says so first (CPU_NOTE: what is emulated, what is measured, what to read),
+runs the real cache on the mini model with the slot counts the real shape gets at each budget and prints
+the cost model's PREDICTED speeds for a hardware profile, labelled as such (its all-GPU / layer-offload
+rows only where a published stock llama.cpp figure confirms them: bench/predict.py). `--predict none`, or
+a model with no known real shape, runs measured-only. Progress lines on CPU say "this CPU".
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ def add_parser(subparsers) -> None:
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
     add_compile_argument(p)
     add_kernel_arguments(p)
-    p.add_argument("--predict", default=None, metavar="PROFILE",
+    p.add_argument("--predict", "--profile", "--hardware", dest="predict", default=None,
+                   metavar="PROFILE|none",
                    help="CPU-only machines: run the cache with the slot counts the real shape gets at each "
-                        "budget on this hardware profile and print the cost model's PREDICTED speeds "
-                        "(default on a machine without CUDA: rtx4090-7950x)")
+                        "budget on this hardware profile (rtx4090-7950x, rtx3060-ddr4, h200, or a "
+                        "`calibrate` JSON) and print the cost model's PREDICTED speeds; none = measured "
+                        "only (default without CUDA: rtx4090-7950x when the model's real shape is known)")
 
 
 def run(args) -> int:
@@ -84,9 +89,12 @@ def run(args) -> int:
         print("note: routing comes from the model's own router; random weights make it unrealistic "
               "(use --route-trace or --route-synthetic for speed claims)")
     names = [s.strip() for s in args.placements.split(",") if s.strip()]
-    progress = lambda msg: print("  " + msg, flush=True)  # noqa: E731
+    where = "" if device.type == "cuda" else "this CPU, "
+    progress = lambda msg: print(f"  {where}{msg}", flush=True)  # noqa: E731
     options = kernel_options_from_args(args)
-    profile = args.predict or (None if device.type == "cuda" else "rtx4090-7950x")
+    profile = predict_profile(args.predict, args.model, args.expert_quant, device)
+    if device.type != "cuda":
+        print(cpu_note(profile, args.model), flush=True)
     if profile is not None:
         return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options)
     report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
@@ -97,10 +105,53 @@ def run(args) -> int:
     print(rep.table(report))
     if args.json:
         print(f"JSON: {rep.save_json(report, args.json)}")
-    if args.plots:
-        for path in rep.plots(report, args.plots):
-            print(f"plot: {path}")
+    _plots(report, args.plots)
     return 0
+
+
+def _plots(report: dict, out_dir: str | None) -> None:
+    if not out_dir:
+        return
+    try:
+        paths = rep.plots(report, out_dir)
+    except ImportError as e:
+        print(f"plots: not written ({e.name or 'matplotlib'} is not installed: pip install matplotlib)")
+        return
+    for path in paths:
+        print(f"plot: {path}")
+
+
+DEFAULT_PROFILE = "rtx4090-7950x"
+
+
+def predict_profile(asked: str | None, model: str, quant: str, device) -> str | None:
+    """The hardware profile to predict for, or None (measured only): --predict none, a CUDA machine
+    without --predict, or a model with no known real shape (then the CPU note says so)."""
+    if asked is not None and asked.lower() == "none":
+        return None
+    if asked is None and (device.type == "cuda" or pr.shape_for(model, quant) is None):
+        return None
+    if pr.shape_for(model, quant) is None:
+        raise HotExpertsError(f"--predict {asked}: {model!r} has no known real shape to predict for (the "
+                              f"qwen3-30b-a3b-mini and similar presets have one); use --predict none")
+    return asked or DEFAULT_PROFILE
+
+
+def cpu_note(profile: str | None, model: str) -> str:
+    """What a CPU-only run emulates, measures and predicts, printed before anything runs."""
+    lines = ["note: no CUDA GPU here. What this run does:",
+             "  - measured: every placement runs for real on this CPU, 'gpu' slots included (they are "
+             "emulated: an expert 'in VRAM' is computed by torch on the CPU), so the tok/s it prints are "
+             "this CPU's, not a GPU's; the cache's hits, misses and swaps are real",
+             f"  - model: {model} (tiny widths for the *-mini presets: speeds are not the real model's)"]
+    if profile is None:
+        lines.append("  - predicted: nothing (--predict none, or no known real shape for this model): read "
+                     "the hit rates and swaps, not the tok/s ratios between placements")
+    else:
+        lines.append(f"  - predicted: the cost model turns the measured hit and swap rates into tok/s for "
+                     f"the real shape on '{profile}'; read the PREDICTED table (its ratios), not the "
+                     f"measured one")
+    return "\n".join(lines)
 
 
 def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quant: str = "auto"):
@@ -122,10 +173,8 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
 def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options) -> int:
     """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
     shape = pr.shape_for(args.model, args.expert_quant)
-    if shape is None:
-        raise HotExpertsError("--predict needs a model with a known real shape (e.g. "
-                              f"preset:qwen3-30b-a3b-mini); {args.model!r} has none")
     hw = get_profile(profile)
+    pp = next((t.n for t in tests if t.kind == "pp"), 512)
     budgets = [b if b is not None else hw.vram_gb for b in budgets]
     out = {"predicted": [], "measured_on_this_machine": []}
     for b in budgets:
@@ -133,14 +182,18 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
                            quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
                            compile_decode=args.compile, options=options)
-        rows = pr.predictions(report, shape, hw, plan)
+        rows, notes = pr.checked(pr.predictions(report, shape, hw, plan, prompt_tokens=pp), hw)
         print()
-        print(pr.table(rows, shape, hw, plan))
-        print(f"\n(measured here, tiny widths, {report['device']}: cache behaviour is real, speeds are not "
-              f"those of the real model)\n")
+        print(pr.table(rows, shape, hw, plan, tests, notes))
+        print(f"\n(MEASURED on this machine, {report['device']}, tiny widths, 'gpu' slots emulated on the "
+              f"CPU: the cache's hit rates are real; tok/s are this CPU's, not the real model's on a GPU)\n")
         print(rep.table(report))
-        out["predicted"].append({"plan": plan, "rows": rows})
+        out["predicted"].append({"plan": plan, "rows": rows, "notes": notes})
         out["measured_on_this_machine"].append(report)
+    _plots({**out["measured_on_this_machine"][0],
+            "results": [r | {"budget_gib": b} for b, m in zip(budgets, out["measured_on_this_machine"],
+                                                               strict=True) for r in m["results"]]},
+           args.plots)
     if args.json:
         print(f"JSON: {rep.save_json(out | {'profile': hw.to_dict(), 'shape': shape.name}, args.json)}")
     return 0

@@ -4,6 +4,7 @@
     BUILTIN              name -> HardwareProfile ("rtx4090-7950x", "rtx3060-ddr4", "h200", "h200-run5")
     get_profile(name_or_path) -> HardwareProfile        (built-in name, or a JSON file from `calibrate`)
     save_hardware(path, hw) / load_hardware(path)
+    published(profile, placement) -> {"tg_tps", "what", "url"} | None   stock llama.cpp figures, cited
 
 The consumer profiles are estimates (vendor peaks derated; decode terms scaled from the h200 fit). The
 h200 is measured and fitted: bandwidths from ../shared/MACHINE.md, decode terms fitted on H200 run 7
@@ -186,3 +187,24 @@ def load_hardware(path: str | Path) -> HardwareProfile:
     known = {f.name for f in fields(HardwareProfile)}
     values = {k: v for k, v in doc.items() if k in known}
     return replace(base, **values)
+
+
+# Published stock llama.cpp decode speeds the predicted table's all-GPU / layer-offload rows are checked
+# against (bench/predict.py): profile name -> placement ("gpu", "n-cpu-moe") -> one figure with its source.
+# rtx4090-7950x, all-GPU: JohannesGaessler's llama-bench table in ggml-org/llama.cpp PR #15631
+# (https://github.com/ggml-org/llama.cpp/pull/15631): RTX 4090, qwen3moe 30B.A3B Q4_0, n_ubatch 1
+# (one token per forward pass, i.e. decode speed) over pp4096: 194.24 t/s before and 205.87 t/s after
+# the PR. No stock figure for layer offload (-ncmoe) on this card was found: that row is not printed.
+PUBLISHED = {
+    "rtx4090-7950x": {
+        "gpu": {"tg_tps": 200.0, "model": "qwen3-30b-a3b", "what": "stock llama.cpp, qwen3moe 30B.A3B Q4_0, "
+                "batch-1 decode over 4096 tokens: 194-206 t/s",
+                "url": "https://github.com/ggml-org/llama.cpp/pull/15631"},
+    },
+}
+CHECK_TOLERANCE = 1.5          # a prediction within [1/1.5, 1.5] x the published figure is printed
+
+
+def published(profile: str, placement: str) -> dict | None:
+    """The published stock llama.cpp figure for this profile and placement kind, or None."""
+    return PUBLISHED.get(profile, {}).get(placement)

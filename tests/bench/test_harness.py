@@ -123,7 +123,17 @@ def test_predicted_mode_plans_real_slot_counts():
     rows = pr.predictions({"results": results}, shape, get_profile("rtx4090-7950x"), plan)
     by = {r["label"]: r["decode_tps"] for r in rows}
     assert by["cpu-moe"] < by["n-cpu-moe"] < by["cache"]
-    assert "PREDICTED" in pr.table(rows, shape, get_profile("rtx4090-7950x"), plan)
+    hw = get_profile("rtx4090-7950x")
+    shown, notes = pr.checked(rows, hw)
+    assert [r["label"] for r in shown] == ["cpu-moe", "cache"]        # no stock figure for layer offload
+    assert any("layer offload row not printed" in n for n in notes)
+    text = pr.table(shown, shape, hw, plan, parse_tests("pp128,tg64"), notes)
+    assert "PREDICTED" in text and "predicted tg64 tok/s" in text and "predicted pp128 tok/s" in text
+    assert "VRAM GB" not in text
+    gpu = pr.predictions({"results": [{"label": "gpu", "placement": "gpu", "error": None, "hit_rate": None}]},
+                         shape, hw, plan)
+    kept, notes = pr.checked(gpu, hw)
+    assert not kept and "llama.cpp/pull/15631" in notes[0]          # 56 tok/s vs published ~200: hidden
 
 
 def test_placement_names_take_a_gpu_misses_suffix():
