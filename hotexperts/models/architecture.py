@@ -10,6 +10,9 @@
     gguf_metadata(cfg)  -> {key: int | float}: the architecture's own `{gguf_arch}.*` keys a GGUF writer adds
     from_gguf(cfg, name, w) / to_gguf(cfg, name, t)   one dense tensor (our name) as read from / written to
                            a GGUF: Mixtral undoes / applies llama.cpp's Q/K row permutation
+    from_hf(cfg, hf_name, t)  one HF checkpoint tensor as our layout wants it, before it is copied (GPT-OSS:
+                           its [E, D, 2I] gate_up with interleaved gate/up columns -> [E, 2I, D] gate rows
+                           then up rows); default unchanged
     rename(hf_name)     -> str | ExpertRef | None: HF tensor names -> ours (models/naming.py)
     moe_block           our module name of the MoE block, HF's on-disk spelling: "mlp" (Mixtral:
                         "block_sparse_moe")
@@ -59,6 +62,7 @@ class Architecture:
     gguf_metadata: Callable[[ModelConfig], dict[str, int | float]] = no_metadata
     from_gguf: TensorHook = unchanged
     to_gguf: TensorHook = unchanged
+    from_hf: TensorHook = unchanged
     gguf_names: dict = field(default_factory=dict, compare=False, hash=False)
     aliases: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict, compare=False, hash=False)
