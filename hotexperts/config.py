@@ -89,7 +89,7 @@ class ModelConfig:
     n_group: int = 1                    # sigmoid_group: expert groups, the topk_group best of them kept
     topk_group: int = 1
     routed_scaling_factor: float = 1.0  # sigmoid_group: the top-k weights are multiplied by it
-    shared_expert_gated: bool = True    # qwen2_moe's sigmoid gate on the shared expert; False: GLM's plain one
+    shared_expert_gated: bool = True    # qwen2_moe's sigmoid gate on the shared expert; False: GLM's
     expert_act: str = "silu"            # weights.ExpertAct kind: "silu" | "swiglu_oai" (GPT-OSS)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -97,7 +97,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def is_sliding(self, layer: int) -> bool:
-        """Does decoder layer `layer` attend within cfg.sliding_window only (layer_types "sliding_attention")?"""
+        """Does layer `layer` attend within cfg.sliding_window only (layer_types "sliding_attention")?"""
         return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
 
     @property

@@ -4,9 +4,9 @@
 HF model_type "glm4_moe" (Glm4MoeForCausalLM), GGUF architecture "glm4moe"; MoE block `mlp`. Facts from
 transformers 5.24 (models/glm4_moe) and gguf 0.19's constants / llama.cpp's converter:
     router      `mlp.gate.weight` [E, D] (float32 math), `mlp.gate.e_score_correction_bias` [E]: scores =
-                sigmoid(logits); experts chosen on scores + bias, top-k within the `topk_group` best of `n_group`
-                groups (a group scored by its two best); weights = the chosen plain scores, renormalised if
-                norm_topk_prob (+1e-20), times routed_scaling_factor (layers.SigmoidGroupRouter)
+                sigmoid(logits); experts chosen on scores + bias, top-k within the `topk_group` best of
+                `n_group` groups (a group scored by its two best); weights = the chosen plain scores,
+                renormalised if norm_topk_prob (+1e-20), times routed_scaling_factor (layers.SigmoidGroupRouter)
     shared      `mlp.shared_experts` (ours: `mlp.shared_expert`): a SwiGLU of moe_intermediate_size *
                 n_shared_experts, added without a gate (transformers' Glm4MoeMLP)
     layers      the first `first_k_dense_replace` layers are a dense SwiGLU `mlp` of intermediate_size; the
@@ -57,7 +57,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         shared_expert_intermediate_size=I * int(d.get("n_shared_experts", 1) or 0), shared_expert_gated=False,
         router="sigmoid_group", n_group=int(d.get("n_group") or 1), topk_group=int(d.get("topk_group") or 1),
         routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-        qk_norm="head" if d.get("use_qk_norm") else "none", attention_bias=bool(d.get("attention_bias", False)),
+        qk_norm="head" if d.get("use_qk_norm") else "none",
+        attention_bias=bool(d.get("attention_bias", False)),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)), rope_theta=naming.rope_theta(d, 10000.0),
         partial_rotary_factor=partial_rotary(d), extra={"o_proj_bias": False})
 
@@ -77,15 +78,18 @@ def hf_from_gguf(g: GGUFConfig) -> dict:
             "n_shared_experts": shared // g.expert_width if shared else 0,
             "norm_topk_prob": bool(g.key("expert_weights_norm", True)),
             "routed_scaling_factor": float(g.key("expert_weights_scale", 1.0)),
-            "n_group": int(g.key("expert_group_count") or 1), "topk_group": int(g.key("expert_group_used_count") or 1),
+            "n_group": int(g.key("expert_group_count") or 1),
+            "topk_group": int(g.key("expert_group_used_count") or 1),
             "attention_bias": g.has("blk.0.attn_q.bias"), "use_qk_norm": g.has("blk.0.attn_q_norm.weight")}
 
 
 def gguf_metadata(cfg: ModelConfig) -> dict:
-    return {"expert_feed_forward_length": cfg.moe_intermediate_size, "leading_dense_block_count": cfg.moe_layers[0],
+    return {"expert_feed_forward_length": cfg.moe_intermediate_size,
+            "leading_dense_block_count": cfg.moe_layers[0],
             "expert_shared_count": cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size,
             "expert_weights_scale": cfg.routed_scaling_factor, "expert_weights_norm": cfg.norm_topk_prob,
-            "expert_gating_func": 2, "expert_group_count": cfg.n_group, "expert_group_used_count": cfg.topk_group,
+            "expert_gating_func": 2, "expert_group_count": cfg.n_group,
+            "expert_group_used_count": cfg.topk_group,
             "rope.dimension_count": cfg.rotary_dim}
 
 
@@ -94,7 +98,8 @@ TINY = tiny_hf_config(MODEL_TYPE, "Glm4MoeForCausalLM", n_routed_experts=16, num
                       topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
                       attention_bias=True, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
                       num_nextn_predict_layers=0, output_router_logits=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "partial_rotary_factor": 0.5})
 TINY.pop("rope_theta")
 
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="glm4moe", config_from_hf=config_from_hf,

@@ -7,8 +7,8 @@ transformers 5.24 (models/gpt_oss) and llama.cpp's converter (conversion GptOssM
                 softmax, dropped after it; layer_types "sliding_attention" (window `sliding_window`, 128) /
                 "full_attention", default alternating from a sliding layer 0; RoPE YaRN (factor 32,
                 original 4096, beta 32 / 1, truncate false, theta 150000), cos/sin scaled by 0.1 ln(32) + 1
-    router      `mlp.router` Linear with bias [E, D] + [E] (ours: `mlp.gate`); top-k of the logits, softmax over
-                the k selected (= our norm_topk_prob path)
+    router      `mlp.router` Linear with bias [E, D] + [E] (ours: `mlp.gate`); top-k of the logits, softmax
+                over the k selected (= our norm_topk_prob path)
     experts     `mlp.experts.gate_up_proj` [E, D, 2I], gate/up INTERLEAVED along 2I (gate = [..., ::2],
                 up = [..., 1::2]), `gate_up_proj_bias` [E, 2I] likewise; `down_proj` [E, I, D] (x @ W),
                 `down_proj_bias` [E, D]; h = (clamp(u, -7, 7) + 1) * g' sigmoid(1.702 g'), g' = min(g, 7)
@@ -35,7 +35,8 @@ from hotexperts.models.naming import ExpertRef, WeightRef
 
 MODEL_TYPE = "gpt_oss"
 REQUIRED = (*naming.BASE_REQUIRED, "intermediate_size")
-GGUF_NAMES = {"attn_sinks.weight": "self_attn.sinks", "post_attention_norm.weight": "post_attention_layernorm.weight",
+GGUF_NAMES = {"attn_sinks.weight": "self_attn.sinks",
+              "post_attention_norm.weight": "post_attention_layernorm.weight",
               "ffn_down_exps.bias": "mlp.down_bias"}
 _rename = naming.make_rename("mlp")
 
@@ -43,7 +44,8 @@ _rename = naming.make_rename("mlp")
 def layer_types(d: dict) -> tuple[str, ...]:
     """HF's layer_types, or its default: sliding on even layers, full on odd ones."""
     n = int(d["num_hidden_layers"])
-    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    alternating = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    types = d.get("layer_types") or alternating
     if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
         raise ModelLoadError(f"gpt_oss layer_types must be {n} of sliding_attention / full_attention")
     return tuple(types)
@@ -124,7 +126,8 @@ def hf_from_gguf(g: GGUFConfig) -> dict:
 
 def gguf_metadata(cfg: ModelConfig) -> dict:
     y = cfg.rope_yarn
-    meta = {"attention.sliding_window": cfg.sliding_window, "expert_feed_forward_length": cfg.moe_intermediate_size}
+    meta = {"attention.sliding_window": cfg.sliding_window,
+            "expert_feed_forward_length": cfg.moe_intermediate_size}
     if y is not None:
         meta |= {"rope.scaling.type": "yarn", "rope.scaling.factor": y.factor,
                  "rope.scaling.original_context_length": y.original_max_position_embeddings}
@@ -136,9 +139,9 @@ TINY = tiny_hf_config(MODEL_TYPE, "GptOssForCausalLM", num_local_experts=16, num
                       layer_types=["sliding_attention", "full_attention"] * 2, swiglu_alpha=1.702,
                       swiglu_limit=7.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
                       router_aux_loss_coef=0.001, output_router_logits=False,
-                      rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                       "truncate": False, "original_max_position_embeddings": 64,
-                                       "rope_theta": 150000.0})
+                      rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                       "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                       "original_max_position_embeddings": 64})
 TINY.pop("rope_theta")
 
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="gpt-oss", config_from_hf=config_from_hf,

@@ -2,10 +2,10 @@
 
 Variants a config turns on: RMSNorm(zero_centered=True) scales by (1 + w) in float32 (Qwen3.5 / Qwen3-Next);
 Attention(output_gate=True) reads a per-head gate from q_proj (rows per head: hd query, hd gate) and returns
-o_proj(attn * sigmoid(gate)); Attention(rotary_dim=r < hd) rotates only the first r dims of each head; Attention(sinks=True) holds a
-learned per-head logit `sinks` [H] that joins every softmax as one more column and is dropped after it
-(GPT-OSS); RotaryEmbedding(yarn=YarnRope) is YaRN-scaled RoPE. group_limited_topk / SigmoidGroupRouter: the
-sigmoid router with a score-correction bias and group-limited top-k (GLM-4.5, DeepSeek-V3 style).
+o_proj(attn * sigmoid(gate)); Attention(rotary_dim=r < hd) rotates only the first r dims of each head;
+Attention(sinks=True) holds a learned per-head logit `sinks` [H] that joins every softmax as one more
+column and is dropped after it (GPT-OSS); RotaryEmbedding(yarn=YarnRope) is YaRN-scaled RoPE.
+group_limited_topk / SigmoidGroupRouter: the sigmoid router with a score-correction bias and group-limited top-k (GLM-4.5, DeepSeek-V3 style).
 
 Batch 1; T tokens per forward (T=1 in decode). Shapes:
     x          [T, D]          hidden states
@@ -46,7 +46,8 @@ class RMSNorm(nn.Module):
 def yarn_inv_freq(dim: int, theta: float, y: YarnRope) -> tuple[torch.Tensor, float]:
     """YaRN's inv_freq [dim/2] and cos/sin scale (transformers' _compute_yarn_parameters, same numerics)."""
     def correction_dim(rotations: float) -> float:
-        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        turns = y.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return dim * math.log(turns) / (2 * math.log(theta))
 
     low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
     if y.truncate:

@@ -65,7 +65,9 @@ class MoEBlock(nn.Module):
             self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             if cfg.shared_expert_gated:
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
-        self.down_bias = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size)) if cfg.expert_bias else None
+        self.down_bias = None                       # expert down biases [E, D] (GPT-OSS)
+        if cfg.expert_bias:
+            self.down_bias = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> ids [T, K] int64, weights [T, K] x.dtype.
