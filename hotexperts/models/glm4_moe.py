@@ -6,7 +6,8 @@ transformers 5.24 (models/glm4_moe) and gguf 0.19's constants / llama.cpp's conv
     router      `mlp.gate.weight` [E, D] (float32 math), `mlp.gate.e_score_correction_bias` [E]: scores =
                 sigmoid(logits); experts chosen on scores + bias, top-k within the `topk_group` best of
                 `n_group` groups (a group scored by its two best); weights = the chosen plain scores,
-                renormalised if norm_topk_prob (+1e-20), times routed_scaling_factor (layers.SigmoidGroupRouter)
+                renormalised if norm_topk_prob (+1e-20), times routed_scaling_factor
+                (layers.SigmoidGroupRouter)
     shared      `mlp.shared_experts` (ours: `mlp.shared_expert`): a SwiGLU of moe_intermediate_size *
                 n_shared_experts, added without a gate (transformers' Glm4MoeMLP)
     layers      the first `first_k_dense_replace` layers are a dense SwiGLU `mlp` of intermediate_size; the

@@ -5,7 +5,8 @@ Attention(output_gate=True) reads a per-head gate from q_proj (rows per head: hd
 o_proj(attn * sigmoid(gate)); Attention(rotary_dim=r < hd) rotates only the first r dims of each head;
 Attention(sinks=True) holds a learned per-head logit `sinks` [H] that joins every softmax as one more
 column and is dropped after it (GPT-OSS); RotaryEmbedding(yarn=YarnRope) is YaRN-scaled RoPE.
-group_limited_topk / SigmoidGroupRouter: the sigmoid router with a score-correction bias and group-limited top-k (GLM-4.5, DeepSeek-V3 style).
+group_limited_topk / SigmoidGroupRouter: the sigmoid router with a score-correction bias and
+group-limited top-k (GLM-4.5, DeepSeek-V3 style).
 
 Batch 1; T tokens per forward (T=1 in decode). Shapes:
     x          [T, D]          hidden states
