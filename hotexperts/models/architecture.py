@@ -7,7 +7,8 @@
     config_from_hf(d)   -> ModelConfig: the one constructor of a ModelConfig, whatever the source
     hf_from_gguf(g)     -> HF-style config dict from GGUF metadata (g: models/gguf_config.GGUFConfig), so
                            config_from_gguf(g) = config_from_hf(hf_from_gguf(g))
-    gguf_metadata(cfg)  -> {key: int | float}: the architecture's own `{gguf_arch}.*` keys a GGUF writer adds
+    gguf_metadata(cfg)  -> {key: int | float | bool | str | list}: the architecture's own `{gguf_arch}.*` keys
+                           a GGUF writer adds
     from_gguf(cfg, name, w) / to_gguf(cfg, name, t)   one dense tensor (our name) as read from / written to
                            a GGUF: Mixtral undoes / applies llama.cpp's Q/K row permutation
     from_hf(cfg, hf_name, t)  one HF checkpoint tensor as our layout wants it, before it is copied (GPT-OSS:

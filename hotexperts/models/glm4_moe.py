@@ -90,8 +90,7 @@ def gguf_metadata(cfg: ModelConfig) -> dict:
             "expert_shared_count": cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size,
             "expert_weights_scale": cfg.routed_scaling_factor, "expert_weights_norm": cfg.norm_topk_prob,
             "expert_gating_func": 2, "expert_group_count": cfg.n_group,
-            "expert_group_used_count": cfg.topk_group,
-            "rope.dimension_count": cfg.rotary_dim}
+            "expert_group_used_count": cfg.topk_group}
 
 
 TINY = tiny_hf_config(MODEL_TYPE, "Glm4MoeForCausalLM", n_routed_experts=16, num_experts_per_tok=4,
