@@ -36,6 +36,20 @@ class LinearAttentionShape:
 
 
 @dataclass(frozen=True)
+class YarnRope:
+    """YaRN RoPE scaling (transformers' _compute_yarn_parameters): inv_freq blends interpolated (/ factor)
+    and extrapolated frequencies over a linear ramp between the beta_fast / beta_slow correction dims;
+    cos and sin are scaled by attention_factor (None: 0.1 ln(factor) + 1)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str                     # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "qwen3_5_moe" ...
     vocab_size: int
@@ -67,7 +81,29 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # RoPE on the first int(hd * factor) dims of each head
     attn_output_gate: bool = False      # q_proj also yields a per-head gate: o = attn * sigmoid(gate)
     zero_centered_norm: bool = False    # RMSNorm scales by (1 + w) (weights stored zero-centred)
+    # GPT-OSS / GLM-4.5 variants; the defaults describe every other family
+    rope_yarn: YarnRope | None = None   # YaRN-scaled RoPE (GPT-OSS)
+    attention_sinks: bool = False       # a learned per-head logit in every softmax (GPT-OSS `sinks` [H])
+    router: str = "softmax"             # "softmax" (top-k of softmax) | "sigmoid_group" (GLM / DeepSeek-V3)
+    router_bias: bool = False           # the router Linear has a bias (GPT-OSS)
+    n_group: int = 1                    # sigmoid_group: expert groups, the topk_group best of them kept
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # sigmoid_group: the top-k weights are multiplied by it
+    shared_expert_gated: bool = True    # qwen2_moe's sigmoid gate on the shared expert; False: GLM's
+    expert_act: str = "silu"            # weights.ExpertAct kind: "silu" | "swiglu_oai" (GPT-OSS)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False           # routed experts carry gate/up and down biases (GPT-OSS)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Does layer `layer` attend within cfg.sliding_window only (layer_types "sliding_attention")?"""
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Some layers slide and some attend fully (GPT-OSS): the model builds both masks."""
+        return any(self.is_sliding(i) for i in range(self.num_layers))
 
     def is_linear(self, layer: int) -> bool:
         """Is decoder layer `layer` a linear-attention (Gated DeltaNet) layer rather than attention?"""

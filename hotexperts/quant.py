@@ -20,6 +20,8 @@ between one value per byte and our nibble layout (GGUF's own layout differs: low
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from hotexperts.weights import Q4K_BLOCK, Q4K_BYTES, LayerExperts, QuantizedWeight, Weight, cat
@@ -154,7 +156,7 @@ def quantize_layer(layer: LayerExperts, fmt: str) -> LayerExperts:
     """Quantize both stacked matrices of a layer ("none" returns it unchanged)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown expert quantization {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return LayerExperts(_quantize(layer.w13, fmt), _quantize(layer.w2, fmt))
+    return dataclasses.replace(layer, w13=_quantize(layer.w13, fmt), w2=_quantize(layer.w2, fmt))
 
 
 # ---- the K-quant block packers (GGUF's layouts; loading/gguf_quants.py writes files with them) ----

@@ -22,13 +22,22 @@ A weight is either a plain tensor (bf16/fp16/fp32) or a QuantizedWeight:
   same scale and zero), so a matrix whose layers mix Q4_K and Q6_K (llama.cpp's Q4_K_M) is int8g16 in every
   layer (loading/gguf_quants.py).
 cat(ws, dim) concatenates weights of one format (tensors, or QuantizedWeight part by part; None stays None).
+
+Activation variants (ExpertAct, the one compute here: every expert path's torch form and the oracle's):
+    "silu"        h = silu(g) * u                                            (every family but GPT-OSS)
+    "swiglu_oai"  g' = min(g, limit), u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha g')
+                  (GPT-OSS: limit 7.0, alpha 1.702; transformers' GptOssExperts._apply_gate)
+with g, u = split(w13 @ x + b13): LayerExperts.b13 [E, 2I] (gate then up, as w13's rows) is the optional
+gate/up bias. A down-projection bias is not here: it is an expert-id-indexed table the model adds itself
+(models/transformer.py MoEBlock.down_bias), so no expert path carries it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 Q4K_BLOCK, Q4K_BYTES = 256, 144          # q4_k: weights and bytes per block
 
@@ -93,12 +102,50 @@ def cat(ws: list[Weight], dim: int = 0) -> Weight:
     return QuantizedWeight(ws[0].fmt, part("q"), part("scale"), part("zero"))
 
 
+ACT_KINDS = ("silu", "swiglu_oai")
+
+
+@dataclass(frozen=True)
+class ExpertAct:
+    """The experts' activation (see the module doc); alpha and limit are read by "swiglu_oai" only."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.kind not in ACT_KINDS:
+            raise ValueError(f"unknown expert activation {self.kind!r}; known: {', '.join(ACT_KINDS)}")
+
+    @property
+    def plain(self) -> bool:
+        return self.kind == "silu"
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate, up [..., I] -> h [..., I] in their dtype."""
+        if self.kind == "silu":
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+SILU = ExpertAct()
+
+
 @dataclass
 class LayerExperts:
     """All routed experts of one MoE layer, stacked on the leading dimension."""
 
     w13: Weight   # [E, 2I, D]
     w2: Weight    # [E, D, I]
+    b13: torch.Tensor | None = None                  # [E, 2I] gate/up bias (GPT-OSS), float; None = none
+    act: ExpertAct = field(default=SILU)
+
+    @property
+    def plain(self) -> bool:
+        """silu(g) * u without biases: the form every native kernel computes."""
+        return self.act.plain and self.b13 is None
 
     @property
     def num_experts(self) -> int:

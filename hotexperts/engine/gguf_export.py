@@ -101,7 +101,8 @@ def _write_config(w: GGUFWriter, lm: LoadedModel, arch: Architecture, qtype: Q) 
     w.add_expert_used_count(c.top_k)
     w.add_vocab_size(c.vocab_size)
     for key, value in arch.gguf_metadata(c).items():      # e.g. qwen: expert_feed_forward_length
-        add = (w.add_array if isinstance(value, list) else w.add_uint32 if isinstance(value, int)
+        add = (w.add_array if isinstance(value, list) else w.add_bool if isinstance(value, bool)
+               else w.add_uint32 if isinstance(value, int) else w.add_string if isinstance(value, str)
                else w.add_float32)
         add(f"{arch.gguf_arch}.{key}", value)
     w.add_file_type(int(qtype))
@@ -187,3 +188,6 @@ def _write_experts(w: GGUFWriter, lm: LoadedModel, qtype: Q, overrides: dict[str
         for which, t in (("gate", w13[:, :I]), ("up", w13[:, I:]), ("down", dequantize_weight(le.w2))):
             name = f"blk.{l}.ffn_{which}_exps.weight"
             _add(w, name, t, overrides.get(name, qtype))
+        if le.b13 is not None:                                                 # GPT-OSS gate/up biases, F32
+            _add(w, f"blk.{l}.ffn_gate_exps.bias", le.b13[:, :I], Q.F32)
+            _add(w, f"blk.{l}.ffn_up_exps.bias", le.b13[:, I:], Q.F32)

@@ -26,6 +26,7 @@ from hotexperts.loading import validate
 from hotexperts.loading.safetensors_dir import SafetensorsDir
 from hotexperts.models import get_arch, transforms
 from hotexperts.models.naming import ExpertRef
+from hotexperts.models.split import expert_act
 from hotexperts.models.transformer import MoETransformer
 from hotexperts.tokenizer import Tokenizer
 from hotexperts.weights import LayerExperts
@@ -85,9 +86,13 @@ def materialize(model: MoETransformer, tensors: dict[str, torch.Tensor], device:
 
 
 def empty_experts(cfg: ModelConfig, dtype: torch.dtype) -> dict[int, LayerExperts]:
+    """Stacked host tensors per MoE layer (and b13 [E, 2I] for experts with biases), the config's act."""
     E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    return {l: LayerExperts(torch.empty(E, 2 * I, D, dtype=dtype), torch.empty(E, D, I, dtype=dtype))
-            for l in cfg.moe_layers}
+    def bias():
+        return torch.empty(E, 2 * I, dtype=dtype) if cfg.expert_bias else None
+
+    return {l: LayerExperts(torch.empty(E, 2 * I, D, dtype=dtype), torch.empty(E, D, I, dtype=dtype), bias(),
+                            expert_act(cfg)) for l in cfg.moe_layers}
 
 
 def expert_target(cfg: ModelConfig, experts: dict[int, LayerExperts], ref: ExpertRef) -> torch.Tensor:
@@ -99,8 +104,12 @@ def expert_target(cfg: ModelConfig, experts: dict[int, LayerExperts], ref: Exper
                              f"(config has {cfg.num_experts} experts)")
     le, I = experts[ref.layer], cfg.moe_intermediate_size
     idx = slice(None) if ref.expert is None else ref.expert
+    if ref.which.endswith("_bias") and le.b13 is None:
+        raise ModelLoadError(f"expert biases found for layer {ref.layer}, whose config has none")
     return {"gate": lambda: le.w13[idx, ..., :I, :], "up": lambda: le.w13[idx, ..., I:, :],
-            "gate_up": lambda: le.w13[idx], "down": lambda: le.w2[idx]}[ref.which]()
+            "gate_up": lambda: le.w13[idx], "down": lambda: le.w2[idx],
+            "gate_up_bias": lambda: le.b13[idx], "gate_bias": lambda: le.b13[idx, ..., :I],
+            "up_bias": lambda: le.b13[idx, ..., I:]}[ref.which]()
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -137,11 +146,12 @@ def _load_model(path, dtype, device, progress: bool, host_embedding: bool) -> Lo
     ignored: list[str] = []
     for name in tqdm(d.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
         ref = arch.rename(name)
-        if ref is None or (isinstance(ref, str) and ref not in dense):
+        beyond = isinstance(ref, ExpertRef) and ref.layer >= cfg.num_layers       # an MTP block's experts
+        if ref is None or beyond or (isinstance(ref, str) and ref not in dense):
             ignored.append(name)
             continue
         dst = expert_target(cfg, experts, ref) if isinstance(ref, ExpertRef) else dense[ref]
-        copy_checked(dst, d.get(name), name)
+        copy_checked(dst, arch.from_hf(cfg, name, d.get(name)), name)
         filled.add(ref)
     _check_complete(cfg, dense, filled)
     if ignored:
@@ -180,7 +190,8 @@ def _layer_complete(cfg: ModelConfig, l: int, filled: set) -> bool:
         return ExpertRef(l, None, which) in filled or all(
             ExpertRef(l, e, which) in filled for e in range(cfg.num_experts))
 
-    return (have("gate_up") or (have("gate") and have("up"))) and have("down")
+    bias = not cfg.expert_bias or have("gate_up_bias") or (have("gate_bias") and have("up_bias"))
+    return (have("gate_up") or (have("gate") and have("up"))) and have("down") and bias
 
 
 def _tokenizer(d: SafetensorsDir) -> Tokenizer | None:

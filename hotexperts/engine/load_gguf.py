@@ -55,6 +55,7 @@ from hotexperts.models.gguf_config import GGUFConfig
 from hotexperts.models.gguf_names import expert_tensors, gguf_rename
 from hotexperts.models.naming import ExpertRef
 from hotexperts.models.qlinear import quantizable_linears, quantize_linears
+from hotexperts.models.split import expert_act
 from hotexperts.models.transforms import host_embedding as model_host_embedding
 from hotexperts.tokenizer import QWEN_PAT, Tokenizer, _bytes_to_unicode
 from hotexperts.weights import LayerExperts, QuantizedWeight
@@ -276,8 +277,23 @@ def load_experts(f: GGUFFile, cfg: ModelConfig, dt: torch.dtype, sdt: torch.dtyp
     out = {}
     for l in cfg.moe_layers:
         gate, up = (_convert(f, cfg, l, w, fmt["w13"], dt, sdt, view=True) for w in ("gate", "up"))
-        out[l] = LayerExperts(_cat([gate, up], 1), _convert(f, cfg, l, "down", fmt["w2"], dt, sdt))
+        out[l] = LayerExperts(_cat([gate, up], 1), _convert(f, cfg, l, "down", fmt["w2"], dt, sdt),
+                              _gate_up_bias(f, cfg, l, dt), expert_act(cfg))
     return out
+
+
+def _gate_up_bias(f: GGUFFile, cfg: ModelConfig, layer: int, dt: torch.dtype) -> torch.Tensor | None:
+    """b13 [E, 2I] from `ffn_gate_exps.bias` and `ffn_up_exps.bias` [E, I] (GPT-OSS), or None."""
+    if not cfg.expert_bias:
+        return None
+    parts = []
+    for which in ("gate", "up"):
+        name = f"blk.{layer}.ffn_{which}_exps.bias"
+        if name not in f:
+            raise ModelLoadError(f"{f.path.name} lacks {name} (expert biases of MoE layer {layer})")
+        info = f.info(name)
+        parts.append(gq.dequantize(f.raw(name), info.qtype, info.shape, name).to(dt))
+    return torch.cat(parts, -1)
 
 
 # ---- tokenizer ----

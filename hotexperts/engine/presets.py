@@ -35,6 +35,7 @@ from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
 from hotexperts.models import get_arch, transforms
 from hotexperts.models.architecture import TINY_VOCAB, tiny_hf_config
+from hotexperts.models.split import expert_act
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
 SHARD_BYTES = 2 * 1024 ** 3
@@ -163,6 +164,34 @@ MINI_QWEN35 = tiny_hf_config(   # Qwen3.5-122B-A10B's routing topology and layer
     linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=8192, bos_token_id=0,
     eos_token_id=2, router_aux_loss_coef=0.001, output_router_logits=False)
 
+# GPT-OSS and GLM-4.5-Air at their real shapes (issue 20's facts; published config.json values, checked
+# against transformers 5.24's GptOssConfig / Glm4MoeConfig defaults). "assumed": values not in the issue.
+_GPT_OSS = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_act": "silu",
+            "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "sliding_window": 128, "attention_bias": True, "attention_dropout": 0.0,
+            "rms_norm_eps": 1e-05, "max_position_embeddings": 131072, "swiglu_limit": 7.0,
+            "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 4096,
+                                "rope_theta": 150000.0},
+            "tie_word_embeddings": False, "vocab_size": 201088, "eos_token_id": 200002,       # eos: assumed
+            "pad_token_id": 199999, "torch_dtype": "bfloat16", "use_cache": True,
+            "router_aux_loss_coef": 0.9, "output_router_logits": False, "initializer_range": 0.02}
+GPT_OSS_120B = {**_GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4}
+GPT_OSS_20B = {**_GPT_OSS, "num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4}
+GLM45_AIR = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_act": "silu",
+             "hidden_size": 4096, "num_hidden_layers": 46, "num_attention_heads": 96,
+             "num_key_value_heads": 8,
+             "head_dim": 128, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+             "n_routed_experts": 128, "num_experts_per_tok": 8, "n_shared_experts": 1,
+             "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+             "norm_topk_prob": True, "attention_bias": True, "use_qk_norm": False,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                 "partial_rotary_factor": 0.5},
+             "rms_norm_eps": 1e-05, "max_position_embeddings": 131072, "vocab_size": 151552,
+             "num_nextn_predict_layers": 1, "eos_token_id": [151329, 151336, 151338],             # assumed
+             "pad_token_id": 151329, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+             "use_cache": True, "attention_dropout": 0.0, "initializer_range": 0.02}
+
 PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (models/<arch>.py)
     "tiny-qwen3-moe": Preset(get_arch("qwen3_moe").tiny, QWEN_TINY_TOK,
                              "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
@@ -175,6 +204,16 @@ PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (
                                "Qwen3.5-MoE layout: 3 Gated DeltaNet + 1 gated-attention layer, 16 experts"),
     "tiny-qwen3-next": Preset(get_arch("qwen3_next").tiny, QWEN_TINY_TOK,
                               "Qwen3-Next layout (fused DeltaNet projections), 16 experts + shared"),
+    "tiny-gpt-oss": Preset(get_arch("gpt_oss").tiny, QWEN_TINY_TOK,
+                           "GPT-OSS layout: sinks, sliding window on alternate layers, YaRN, biased experts"),
+    "tiny-glm4-moe": Preset(get_arch("glm4_moe").tiny, QWEN_TINY_TOK,
+                            "GLM-4.5 layout: sigmoid group router, plain shared expert, 1 dense layer"),
+    "gpt-oss-120b": Preset(GPT_OSS_120B, QWEN_TINY_TOK,
+                           "GPT-OSS-120B shape: 36 layers x 128 experts, top-4, D 2880 (~229 GB bf16)"),
+    "gpt-oss-20b": Preset(GPT_OSS_20B, QWEN_TINY_TOK,
+                          "GPT-OSS-20B shape: 24 layers x 32 experts, top-4, D 2880"),
+    "glm-4.5-air": Preset(GLM45_AIR, QWEN_TINY_TOK,
+                          "GLM-4.5-Air shape: 46 layers (1 dense) x 128 experts, top-8 + shared, D 4096"),
     "qwen3-30b-a3b-mini": Preset(MINI_QWEN3, QWEN_TINY_TOK,
                                  "Qwen3-30B-A3B routing topology (48 x 128 experts, top-8), tiny widths"),
     "qwen3.5-122b-a10b-mini": Preset(MINI_QWEN35, QWEN_TINY_TOK,
@@ -290,7 +329,8 @@ def random_layer(cfg: ModelConfig, gen: torch.Generator, dtype: torch.dtype, chu
         if quant is not None:
             le = quantize_layer(le, quant)
         parts.append(LayerExperts(_to_cpu(le.w13), _to_cpu(le.w2)))
-    return LayerExperts(_cat([p.w13 for p in parts]), _cat([p.w2 for p in parts]))
+    b13 = _randn((E, 2 * I), 0.1, gen, dtype).cpu() if cfg.expert_bias else None     # GPT-OSS gate/up bias
+    return LayerExperts(_cat([p.w13 for p in parts]), _cat([p.w2 for p in parts]), b13, expert_act(cfg))
 
 
 def _to_cpu(w):

@@ -8,6 +8,8 @@
     cache.count(layer, hits, misses)         per-layer routing counts (no-op without stats)
     cache.observe(step, layer, ids, prompt, tokens, hits)   the planner's observe, managed layers only
     cache.rebalance(step, prompt)            publish completed fills, then issue the planner's swaps
+    cache.variant(layer) -> dict             gpu_moe's act / b13 keywords for the layer's expert variant
+                                             ({} for plain experts; b13 [E, 2I] kept whole on the device)
 
 Only the slot cache changes residency; the planner reads it (experts/residency.py).
 """
@@ -22,6 +24,13 @@ import torch
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.kernels.cpu_moe import cpu_moe
 from hotexperts.kernels.gpu_moe import gpu_moe
+
+
+def expert_variant(le, device) -> dict:
+    """gpu_moe's keywords for one layer's experts (weights.LayerExperts): {} when plain silu(g) * u."""
+    if le.plain:
+        return {}
+    return {"act": le.act, "b13": None if le.b13 is None else le.b13.to(device)}
 
 
 def pinned_threads(options: KernelOptions, beside_gpu: bool) -> KernelOptions:
@@ -44,6 +53,10 @@ class ExpertCache:
         self.E = store.num_experts
         self.managed = set(planner.layers) if planner is not None else set()
         self.time_gpu = False                       # per-layer GPU timing with CUDA events (--stats)
+        self._variants = {l: expert_variant(store.layer(l), self.device) for l in self.moe_layers}
+
+    def variant(self, layer: int) -> dict:
+        return self._variants[layer]
 
     def has_slots(self, layer: int) -> bool:
         return self.slots is not None and layer in self.slots.row

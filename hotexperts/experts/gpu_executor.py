@@ -14,6 +14,7 @@ import torch
 
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.executor import ExpertExecutor
+from hotexperts.experts.cache import expert_variant
 from hotexperts.kernels.gpu_moe import gpu_moe, triton_available
 
 
@@ -25,9 +26,11 @@ class GpuExecutor(ExpertExecutor):
         self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=options.gpu_moe)
         self.graph_safe = self.device.type == "cuda" and triton_available()
         self._all = list(range(store.num_experts))
+        self.variant = {l: expert_variant(store.layer(l), self.device) for l in store.layers}
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.on_route is not None:
             self.on_route(layer, ids, weights)
         used = self._all if x.shape[0] > 1 else None             # prompt: every slot may be read, no sync
-        return self.gpu_moe(x, ids, weights, self.w13[layer], self.w2[layer], used=used)
+        return self.gpu_moe(x, ids, weights, self.w13[layer], self.w2[layer], used=used,
+                            **self.variant[layer])

@@ -93,6 +93,9 @@ class CpuExpertWorker:
             p13, p2 = cm._parts(le.w13), cm._parts(le.w2)
             if p13 is None or p2 is None or le.w2.shape[1] % 32 or le.w2.shape[-1] % 32:
                 raise HandoffUnavailable("the CPU kernel cannot read these experts (format or shape)")
+            if not le.plain:
+                raise HandoffUnavailable("the native CPU worker computes plain silu(g) * u only (these "
+                                         "experts have an activation/bias variant)")
             for key, v in zip(("f13", "q13", "s13", "z13"), p13, strict=True):
                 cols[key].append(v)
             for key, v in zip(("f2", "q2", "s2", "z2"), p2, strict=True):

@@ -71,7 +71,7 @@ class PromptStream:
         if missing is not None:                                   # the resident part, from the slots
             pools.append((s.w13, s.w2, s.slot_of(layer), s.used_slots(layer)))
         (w13, w2, table, used), more = pools[0], tuple(pools[1:])
-        y = c.gpu_moe(x, ids, weights, w13, w2, table, used=used, more=more)
+        y = c.gpu_moe(x, ids, weights, w13, w2, table, used=used, more=more, **c.variant(layer))
         if missing is None or missing:
             self.stage.release(layer)
         if missing is not None:

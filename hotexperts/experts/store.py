@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -82,7 +83,7 @@ class ExpertStore:
             if self._pinned[l]:
                 continue
             try:
-                self._layers[l] = LayerExperts(pin_weight(le.w13), pin_weight(le.w2))
+                self._layers[l] = dataclasses.replace(le, w13=pin_weight(le.w13), w2=pin_weight(le.w2))
             except RuntimeError:
                 warnings.warn(f"pinning failed after {done / GiB:.1f} GiB; copies will be staged through a "
                               "pinned buffer", RuntimeWarning, stacklevel=2)

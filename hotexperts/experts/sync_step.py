@@ -110,7 +110,7 @@ class SyncStep:
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        y = c.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))        # [T, D]
+        y = c.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer), **c.variant(layer))   # [T, D]
         s.mark_read(layer)
         if timed:
             end.record()

@@ -77,13 +77,13 @@ class WorkerDecode:
         c, s = self.cache, self.cache.slots
         kind = self._kind(layer)
         if kind == "gpu":
-            return c.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer))
+            return c.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer), **c.variant(layer))
         row = s.slot_of(layer) if kind == "split" else None
         z = self.gpu_misses
         zc = self.handoff.post(layer, x, ids, weights, row, z)     # the CPU starts on its misses now
         y = y2 = None
         if kind == "split":                                        # hits, while the CPU works; fp32 sum
-            y = c.gpu_moe(x, ids, weights, s.w13, s.w2, row, out=_fp32(x))
+            y = c.gpu_moe(x, ids, weights, s.w13, s.w2, row, out=_fp32(x), **c.variant(layer))
         if zc is not None:                                         # the GPU's own misses, over PCIe
             y2 = self._host_moe(layer, x, zc, weights)
         return self.handoff.collect(layer, ids, row, y, x.dtype, y2, z)
@@ -92,11 +92,11 @@ class WorkerDecode:
         """The GPU computes experts straight from the pinned host store (UVA reads over PCIe): fp32 [1, D]."""
         c = self.cache
         le = c.store.layer(layer)
-        if c.cuda:
+        if c.cuda and not c.variant(layer):
             from hotexperts.kernels.triton_moe import moe_decode  # Triton: imported only on CUDA
 
             return moe_decode(x, ids, weights, le.w13, le.w2, None, _fp32(x))
-        return c.gpu_moe(x, ids, weights, le.w13, le.w2, None, out=_fp32(x))
+        return c.gpu_moe(x, ids, weights, le.w13, le.w2, None, out=_fp32(x), **c.variant(layer))
 
     def _kind(self, layer: int) -> str:
         """gpu: every expert resident, unmanaged; cpu: no slot can hold one; split: the hybrid step."""

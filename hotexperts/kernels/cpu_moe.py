@@ -8,6 +8,10 @@ cpu_moe(x [T, D], ids [T, K] int64, weights [T, K], experts: LayerExperts, out [
     multiple of 256), on the CPU. x is bf16/fp16/fp32; accumulation is fp32.
     `out` (x's shape; any float dtype, may be pinned) is written, not accumulated.
 
+Expert variants (weights.LayerExperts.act / .b13: GPT-OSS's clamped SwiGLU with gate/up biases): the C++
+extension computes the plain silu(g) * u only, so such layers run the torch path (exact fp32, warned once:
+"activation/bias variant"); the native variant is not written yet.
+
 Backends (`cpu_moe_backend(isa)`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on
 first use for `options.cpu_isa`; threaded with OpenMP, GIL released during the call) — or "torch", a grouped
 pass of torch ops (`_weight_int8pack_mm` for int8, dequantize for int4) used when the extension cannot be
@@ -31,7 +35,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.kernels.cpu_build import load_error, load_extension
@@ -80,6 +83,8 @@ def _ext_reason(x: torch.Tensor, experts: LayerExperts, parts, isa: str) -> str 
         return f"C++ extension unavailable ({load_error(isa)})"
     if x.dtype not in _FMT or x.device.type != "cpu":
         return f"input dtype/device {x.dtype}/{x.device} unsupported"
+    if not experts.plain:
+        return "expert activation/bias variant (the extension computes plain silu(g) * u)"
     if x.shape[1] % 32 or experts.w2.shape[-1] % 32:
         return "hidden or intermediate size is not a multiple of 32"
     if parts[0] is None or parts[1] is None:
@@ -141,9 +146,12 @@ def cpu_moe_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
     uniq, counts = torch.unique_consecutive(exp, return_counts=True)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf, y = x.to(acc), torch.zeros(x.shape, dtype=acc)
+    b13, act = experts.b13, experts.act
     for e, tk, wk in zip(uniq.tolist(), tok.split(counts.tolist()), wt.split(counts.tolist()), strict=True):
-        gate, up = _expert_matmul(xf[tk], experts.w13, e).chunk(2, dim=-1)       # [n, I] each
-        y.index_add_(0, tk, _expert_matmul(F.silu(gate) * up, experts.w2, e) * wk[:, None])
+        gu = _expert_matmul(xf[tk], experts.w13, e)                               # [n, 2I]
+        if b13 is not None:
+            gu = gu + b13[e].to(acc)
+        y.index_add_(0, tk, _expert_matmul(act(*gu.chunk(2, dim=-1)), experts.w2, e) * wk[:, None])
     if out is None:
         return y.to(x.dtype)
     return out.copy_(y)

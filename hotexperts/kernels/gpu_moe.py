@@ -6,6 +6,10 @@ Contract (docs/architecture.md, "Kernel contracts"):
     out[t] = sum over k with s = slot_of[ids[t,k]] >= 0 of weights[t,k] * w2[s] @ (silu(g) * u),
              g, u = split(w13[s] @ x[t]) (first I rows gate, last I rows up).
     slot_of None = identity (S == E). ids == -1 or slot -1 contribute 0 (even if the slot holds NaNs).
+    Variants (keywords): act (weights.ExpertAct, default silu(g) * u; GPT-OSS "swiglu_oai") and b13 [E, 2I]
+    (gate/up bias, indexed by the expert id, not the slot: the whole table stays on the device, so slots and
+    staging copy weights only). The Triton kernels compute the plain form only: a variant runs the torch
+    path here (the Triton epilogue variant is not written yet).
     out is written, not accumulated. Result dtype = x.dtype; accumulation in fp32 (fp64 for fp64 inputs).
     w13 / w2 may be dense tensors or QuantizedWeight (int8, int4g32, int8gG, q4_k; the fallback dequantizes
     the slots used).
@@ -21,11 +25,10 @@ Backends ("auto" picks the first that applies):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hotexperts.kernels.optional import triton_module
 from hotexperts.quant import dequantize
-from hotexperts.weights import QuantizedWeight, Weight
+from hotexperts.weights import SILU, ExpertAct, QuantizedWeight, Weight
 
 DEQUANT_CHUNK_BYTES = 256 << 20     # quantized prompt batches: dequantized experts held at a time (bf16)
 DEQUANT_CHUNK_MAX = 32              # ... and at most this many (Qwen3-30B-A3B: 27 fit; Mixtral: 1)
@@ -44,13 +47,19 @@ def triton_available() -> bool:
 
 def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight,
             slot_of: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            *, backend: str = "auto", used: list[int] | None = None, more: tuple = ()) -> torch.Tensor:
+            *, backend: str = "auto", used: list[int] | None = None, more: tuple = (),
+            act: ExpertAct = SILU, b13: torch.Tensor | None = None) -> torch.Tensor:
     """See module docstring. backend: "auto" | "triton" | "torch" (KernelOptions.gpu_moe).
     used: host list of the slots this call may read (prompt batches over quantized slots then need no host
     sync to find them); None = find them on the device. more: further pools (w13, w2, slot_of, used) whose
     pairs are added: one pass on the quantized prompt path, else one call per pool summed in fp32. The
     pools must hold disjoint experts (e.g. staged beside resident): the one-pass path counts a pair in its
     first pool only, the summing path in every pool that maps it."""
+    if not act.plain or b13 is not None:                       # variants: the torch path (see module doc)
+        y = torch_moe(x, ids, weights, w13, w2, slot_of, act=act, b13=b13).float()
+        for a, b, so, _ in more:
+            y += torch_moe(x, ids, weights, a, b, so, act=act, b13=b13).float()
+        return y.to(x.dtype) if out is None else out.copy_(y)
     if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2) and all(
             _quantized_prefill(x, ids, a, b) for a, b, _, _ in more):
         return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used, more=more)
@@ -174,7 +183,8 @@ def _pair_slots(ids: torch.Tensor, slot_of: torch.Tensor | None) -> torch.Tensor
     return torch.where(ids >= 0, s, -1)
 
 
-def torch_moe(x, ids, weights, w13: Weight, w2: Weight, slot_of=None, out=None, mode: str = "auto"):
+def torch_moe(x, ids, weights, w13: Weight, w2: Weight, slot_of=None, out=None, mode: str = "auto",
+              act: ExpertAct = SILU, b13: torch.Tensor | None = None):
     """Reference-exact torch implementation of the contract. mode: "auto" | "gather" | "loop"."""
     T, K = ids.shape
     slots = _pair_slots(ids, slot_of)                                  # [T, K]
@@ -182,7 +192,8 @@ def torch_moe(x, ids, weights, w13: Weight, w2: Weight, slot_of=None, out=None, 
         per_expert = _nbytes(w13) // w13.shape[0] + _nbytes(w2) // w2.shape[0]
         mode = "gather" if T * K * per_expert * 2 <= GATHER_LIMIT_BYTES else "loop"
     fn = _moe_gather if mode == "gather" else _moe_loop
-    res = fn(x, slots, weights, w13, w2)                               # [T, D] accumulation dtype
+    bias = None if b13 is None else b13[ids.clamp(min=0)]              # [T, K, 2I] by expert id
+    res = fn(x, slots, weights, w13, w2, act, bias)                    # [T, D] accumulation dtype
     if out is None:
         return res.to(x.dtype)
     return out.copy_(res)
@@ -192,27 +203,30 @@ def _nbytes(w: Weight) -> int:
     return w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
 
 
-def _expert(w13d: torch.Tensor, w2d: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Batched SwiGLU expert: w13d [N,2I,D], w2d [N,D,I], xs [N,M,D] -> [N,M,D]."""
+def _expert(w13d: torch.Tensor, w2d: torch.Tensor, xs: torch.Tensor, act: ExpertAct = SILU,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched SwiGLU expert: w13d [N,2I,D], w2d [N,D,I], xs [N,M,D], bias [N,M,2I] | None -> [N,M,D]."""
     gu = torch.bmm(xs, w13d.transpose(1, 2))                           # [N, M, 2I]
-    g, u = gu.chunk(2, dim=-1)
-    return torch.bmm(F.silu(g) * u, w2d.transpose(1, 2))
+    if bias is not None:
+        gu = gu + bias.to(gu.dtype)
+    return torch.bmm(act(*gu.chunk(2, dim=-1)), w2d.transpose(1, 2))
 
 
-def _moe_gather(x, slots, weights, w13, w2):
+def _moe_gather(x, slots, weights, w13, w2, act=SILU, bias=None):
     """index_select + bmm over all pairs (no host sync)."""
     T, K = slots.shape
     acc = _acc_dtype(x)
     flat = slots.reshape(-1)                                           # [P]
     idx = flat.clamp(min=0)
     xs = x.to(acc).repeat_interleave(K, dim=0).unsqueeze(1)            # [P, 1, D]
-    y = _expert(_take(w13, idx, acc), _take(w2, idx, acc), xs).squeeze(1)   # [P, D]
+    pb = None if bias is None else bias.reshape(T * K, 1, -1)         # [P, 1, 2I]
+    y = _expert(_take(w13, idx, acc), _take(w2, idx, acc), xs, act, pb).squeeze(1)   # [P, D]
     y = y * weights.reshape(-1, 1).to(acc)
     y = torch.where((flat >= 0).unsqueeze(1), y, 0.0)
     return y.view(T, K, -1).sum(1)
 
 
-def _moe_loop(x, slots, weights, w13, w2):
+def _moe_loop(x, slots, weights, w13, w2, act=SILU, bias=None):
     """One batched matmul per distinct slot (host sync for the slot list); weights read once each."""
     T, K = slots.shape
     acc = _acc_dtype(x)
@@ -223,6 +237,7 @@ def _moe_loop(x, slots, weights, w13, w2):
         pairs = (flat == s).nonzero().squeeze(1)                       # [M]
         tok = pairs // K
         sid = torch.tensor([s], device=x.device)
-        y = _expert(_take(w13, sid, acc), _take(w2, sid, acc), x[tok].to(acc).unsqueeze(0))[0]   # [M, D]
+        pb = None if bias is None else bias.reshape(T * K, -1)[pairs].unsqueeze(0)       # [1, M, 2I]
+        y = _expert(_take(w13, sid, acc), _take(w2, sid, acc), x[tok].to(acc).unsqueeze(0), act, pb)[0]
         res.index_add_(0, tok, y * wflat[pairs].unsqueeze(1))
     return res

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from hotexperts.config import ModelConfig
 from hotexperts.errors import UnsupportedArchitectureError
-from hotexperts.models import mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next
+from hotexperts.models import glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next
 from hotexperts.models.architecture import Architecture
 from hotexperts.models.naming import ExpertRef
 from hotexperts.models.split import assemble_layer, split_state_dict
@@ -22,7 +22,8 @@ from hotexperts.models.split import assemble_layer, split_state_dict
 __all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "Architecture", "ExpertRef", "assemble_layer",
            "config_from_hf", "get_arch", "get_gguf_arch", "split_state_dict"]
 
-_ALL = (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH, qwen3_5_moe.ARCH, qwen3_next.ARCH)
+_ALL = (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH, qwen3_5_moe.ARCH, qwen3_next.ARCH,
+        gpt_oss.ARCH, glm4_moe.ARCH)
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in _ALL}
 ALIASES: dict[str, Architecture] = {t: a for a in _ALL for t in a.aliases}
 GGUF_ARCHITECTURES: dict[str, Architecture] = {a.gguf_arch: a for a in _ALL}

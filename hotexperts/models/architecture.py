@@ -7,9 +7,13 @@
     config_from_hf(d)   -> ModelConfig: the one constructor of a ModelConfig, whatever the source
     hf_from_gguf(g)     -> HF-style config dict from GGUF metadata (g: models/gguf_config.GGUFConfig), so
                            config_from_gguf(g) = config_from_hf(hf_from_gguf(g))
-    gguf_metadata(cfg)  -> {key: int | float}: the architecture's own `{gguf_arch}.*` keys a GGUF writer adds
+    gguf_metadata(cfg)  -> {key: int | float | bool | str | list}: the architecture's own `{gguf_arch}.*` keys
+                           a GGUF writer adds
     from_gguf(cfg, name, w) / to_gguf(cfg, name, t)   one dense tensor (our name) as read from / written to
                            a GGUF: Mixtral undoes / applies llama.cpp's Q/K row permutation
+    from_hf(cfg, hf_name, t)  one HF checkpoint tensor as our layout wants it, before it is copied (GPT-OSS:
+                           its [E, D, 2I] gate_up with interleaved gate/up columns -> [E, 2I, D] gate rows
+                           then up rows); default unchanged
     rename(hf_name)     -> str | ExpertRef | None: HF tensor names -> ours (models/naming.py)
     moe_block           our module name of the MoE block, HF's on-disk spelling: "mlp" (Mixtral:
                         "block_sparse_moe")
@@ -59,6 +63,7 @@ class Architecture:
     gguf_metadata: Callable[[ModelConfig], dict[str, int | float]] = no_metadata
     from_gguf: TensorHook = unchanged
     to_gguf: TensorHook = unchanged
+    from_hf: TensorHook = unchanged
     gguf_names: dict = field(default_factory=dict, compare=False, hash=False)
     aliases: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict, compare=False, hash=False)

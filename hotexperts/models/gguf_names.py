@@ -7,7 +7,8 @@
         looked up before the shared table (Architecture.gguf_names)
     expert_tensors(f, layer, which, E)      -> (names, stacked) of one MoE matrix ("gate" | "up" | "down")
 
-Experts are stacked `blk.N.ffn_{gate,up,down}_exps.weight` [E, N, K], or one tensor per expert
+Experts are stacked `blk.N.ffn_{gate,up,down}_exps.weight` [E, N, K] (GPT-OSS: `.bias` [E, N] beside them;
+the down bias is a dense tensor of ours, declared by the architecture's own names), or one tensor per expert
 `blk.N.ffn_{gate,up,down}.E.weight` [N, K] in Mixtral files converted before llama.cpp stacked them (2024).
 `f` is anything with `name in f` and a `path` (loading/gguf_reader.GGUFFile): models/ reads no files.
 """
@@ -49,8 +50,8 @@ def gguf_rename(name: str, moe_block: str = "mlp",
     if not m:
         return None
     layer, part, kind = int(m[1]), m[2], m[3]
-    if part in _EXPS and kind == "weight":
-        return ExpertRef(layer, None, _EXPS[part])
+    if part in _EXPS:                                   # .bias: GPT-OSS's expert gate/up (and down) biases
+        return ExpertRef(layer, None, _EXPS[part] + ("" if kind == "weight" else "_bias"))
     if part not in _LAYER:
         return None
     return f"model.layers.{layer}.{_LAYER[part].format(moe=moe_block)}.{kind}"

@@ -2,7 +2,11 @@
 
 Variants a config turns on: RMSNorm(zero_centered=True) scales by (1 + w) in float32 (Qwen3.5 / Qwen3-Next);
 Attention(output_gate=True) reads a per-head gate from q_proj (rows per head: hd query, hd gate) and returns
-o_proj(attn * sigmoid(gate)); Attention(rotary_dim=r < hd) rotates only the first r dims of each head.
+o_proj(attn * sigmoid(gate)); Attention(rotary_dim=r < hd) rotates only the first r dims of each head;
+Attention(sinks=True) holds a learned per-head logit `sinks` [H] that joins every softmax as one more
+column and is dropped after it (GPT-OSS); RotaryEmbedding(yarn=YarnRope) is YaRN-scaled RoPE.
+group_limited_topk / SigmoidGroupRouter: the sigmoid router with a score-correction bias and
+group-limited top-k (GLM-4.5, DeepSeek-V3 style).
 
 Batch 1; T tokens per forward (T=1 in decode). Shapes:
     x          [T, D]          hidden states
@@ -16,10 +20,13 @@ rotate_half convention; SDPA with scale hd**-0.5.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hotexperts.config import YarnRope
 from hotexperts.models.qlinear import QuantLinear, fused_rows
 
 
@@ -37,19 +44,48 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-class RotaryEmbedding(nn.Module):
-    """Default RoPE (no scaling). inv_freq is a non-persistent buffer, built on the CPU."""
+def yarn_inv_freq(dim: int, theta: float, y: YarnRope) -> tuple[torch.Tensor, float]:
+    """YaRN's inv_freq [dim/2] and cos/sin scale (transformers' _compute_yarn_parameters, same numerics)."""
+    def correction_dim(rotations: float) -> float:
+        turns = y.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return dim * math.log(turns) / (2 * math.log(theta))
 
-    def __init__(self, head_dim: int, theta: float):
+    low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (y.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    scale = y.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(y.factor) + 1.0 if y.factor > 1 else 1.0
+    return inv_freq, float(scale)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE, default or YaRN-scaled. inv_freq is a non-persistent buffer, built on the CPU."""
+
+    def __init__(self, head_dim: int, theta: float, yarn: YarnRope | None = None):
         super().__init__()
-        exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-        self.register_buffer("inv_freq", 1.0 / (theta ** exps), persistent=False)
+        self.scale = 1.0
+        if yarn is not None:
+            inv_freq, self.scale = yarn_inv_freq(head_dim, theta, yarn)
+        else:
+            exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+            inv_freq = 1.0 / (theta ** exps)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> cos [T, hd], signed sin [T, hd] = (-sin, +sin) over the two halves (see apply_rope)."""
         freqs = input_pos.float()[:, None] * self.inv_freq[None, :]     # [T, hd/2]
-        sin = freqs.sin()
-        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+        cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), freqs.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +149,9 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm: str = "none", eps: float = 1e-6,
                  clip_qkv: float | None = None, output_gate: bool = False, rotary_dim: int | None = None,
-                 zero_centered_norm: bool = False):
+                 zero_centered_norm: bool = False, sinks: bool = False):
         super().__init__()
+        self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
         self.heads, self.kv_heads, self.head_dim, self.clip_qkv = heads, kv_heads, head_dim, clip_qkv
         self.output_gate, self.rotary_dim = output_gate, rotary_dim or head_dim
         self.q_proj = nn.Linear(dim, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
@@ -226,8 +263,10 @@ class Attention(nn.Module):
         kc, vc = write_kv(kc, vc, input_pos, k.transpose(0, 1), v.transpose(0, 1))   # [Hkv, S, hd]
         S = mask.shape[-1]                       # the mask's width bounds the keys read (prefill: start + T)
         kc, vc = kc[:, :S], vc[:, :S]
-        if mask.dtype != torch.bool:                                        # decode: additive bias
-            o = grouped_attention(q, kc, vc, mask)                          # [T, H, hd]
+        if mask.dtype != torch.bool or self.sinks is not None:             # decode / sinks: additive bias
+            if mask.dtype == torch.bool:
+                mask = decode_bias(mask, self.heads // self.kv_heads, q.dtype)
+            o = grouped_attention(q, kc, vc, mask, self.sinks)              # [T, H, hd]
         else:
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], kc[None], vc[None], attn_mask=mask,
@@ -240,24 +279,30 @@ SMALL_T = 16     # decode-sized batches: grouped_attention over an additive bias
 
 
 def decode_bias(mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T, S] bool mask -> [T*G, S] additive bias (0 / -inf), rows in grouped_attention's (token, group)
-    order. Built once per forward and shared by every layer."""
+    """[..., T, S] bool mask -> [..., T*G, S] additive bias (0 / -inf), rows in grouped_attention's (token,
+    group) order. Built once per forward and shared by every layer (a leading [2]: full and sliding masks)."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return bias.repeat_interleave(group, dim=0)
+    return bias.repeat_interleave(group, dim=-2)
 
 
 def grouped_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                      bias: torch.Tensor) -> torch.Tensor:
+                      bias: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """GQA for a few query tokens, reading K/V once per KV head, in ~6 launches.
 
     q [T, H, hd]; kc, vc [Hkv, S, hd]; bias [T*G, S] (decode_bias) -> [T, H, hd]. SDPA with a mask and
     enable_gqa falls back to its math path (K/V repeated per query head, ~10 launches): far slower in decode.
+    sinks [H] (GPT-OSS): one more logit per head in the softmax, dropped after it (also serves prompts:
+    scores are [Hkv, T*G, S], fine for the prompt chunks the generator feeds).
     """
     T, H, hd = q.shape
     Hkv = kc.shape[0]
     G = H // Hkv
     qg = q.reshape(T, Hkv, G, hd).transpose(0, 1).reshape(Hkv, T * G, hd)           # [Hkv, T*G, hd]
     scores = torch.baddbmm(bias.expand(Hkv, -1, -1), qg, kc.transpose(1, 2), alpha=hd ** -0.5)
+    if sinks is not None:                                            # [Hkv, T*G, 1]: head kv*G + g per row
+        sink = sinks.to(scores.dtype).view(Hkv, 1, G, 1).expand(Hkv, T, G, 1).reshape(Hkv, T * G, 1)
+        probs = torch.cat((scores, sink), -1).softmax(-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+        return torch.bmm(probs, vc).view(Hkv, T, G, hd).transpose(0, 1).reshape(T, H, hd)
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)                      # [Hkv, T*G, S]
     out = torch.bmm(probs, vc)                                                       # [Hkv, T*G, hd]
     return out.view(Hkv, T, G, hd).transpose(0, 1).reshape(T, H, hd)
@@ -274,6 +319,43 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def group_limited_topk(choice: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """choice [T, E] float -> ids [T, K]: the K best experts within the topk_group best of n_group equal
+    groups, a group scored by the sum of its two best choices (transformers' Glm4MoeTopkRouter)."""
+    T, E = choice.shape
+    if n_group > 1:
+        groups = choice.view(T, n_group, E // n_group)
+        group_scores = groups.topk(2, dim=-1)[0].sum(dim=-1)                             # [T, n_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1], True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    return torch.topk(choice, top_k, dim=-1, sorted=False)[1]
+
+
+class SigmoidGroupRouter(nn.Module):
+    """Sigmoid router: scores = sigmoid(W x) in float32, experts chosen on scores + e_score_correction_bias
+    with group-limited top-k, weighted by their plain scores (renormalised if norm_topk_prob) times
+    routed_scaling_factor. HF names: `gate.weight` [E, D], `gate.e_score_correction_bias` [E]."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
+                 norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, dim))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.scale = norm_topk_prob, routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> ids [T, K] int64, weights [T, K] x.dtype."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()                      # [T, E]
+        choice = scores + self.e_score_correction_bias.float()
+        ids = group_limited_topk(choice, self.top_k, self.n_group, self.topk_group)      # [T, K]
+        w = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, (w * self.scale).to(x.dtype)
 
 
 class HostEmbedding(nn.Module):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from hotexperts.errors import ModelLoadError
 
-WHICH = ("gate", "up", "down", "gate_up")
+WHICH = ("gate", "up", "down", "gate_up", "gate_bias", "up_bias", "gate_up_bias")   # *_bias: LayerExperts.b13
 BASE_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "num_experts|num_local_experts", "num_experts_per_tok")
 
@@ -31,7 +31,7 @@ BASE_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 class ExpertRef:
     layer: int
     expert: int | None       # None: a stacked 3-D tensor holding all experts of the layer
-    which: str               # "gate" | "up" | "down" | "gate_up"
+    which: str               # "gate" | "up" | "down" | "gate_up" | "gate_bias" | "up_bias" | "gate_up_bias"
 
 
 WeightRef = str | ExpertRef | None

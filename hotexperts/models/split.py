@@ -3,7 +3,10 @@
     split_state_dict(arch, cfg, hf_sd) -> (dense_sd, {layer: LayerExperts})  (w13 [E,2I,D], w2 [E,D,I])
     assemble_layer(cfg, layer, pieces) -> LayerExperts   (pieces: {(expert|None, which): tensor})
 dense_sd loads into MoETransformer(cfg) with load_state_dict(strict=True). Expert tensors may come per
-expert or stacked, [out, in] or transposed [in, out] (see models/naming.py).
+expert or stacked, [out, in] or transposed [in, out] (see models/naming.py), after the architecture's
+from_hf hook (GPT-OSS: its interleaved gate/up). Gate/up biases ("gate_up_bias", or "gate_bias" + "up_bias")
+become LayerExperts.b13 and the activation is the config's (expert_act). Expert tensors of layers past
+the decoder's (an MTP block after the last layer) are left out.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from hotexperts.config import ModelConfig
 from hotexperts.errors import ModelLoadError
 from hotexperts.models.architecture import Architecture
 from hotexperts.models.naming import ExpertRef
-from hotexperts.weights import LayerExperts
+from hotexperts.weights import ExpertAct, LayerExperts
 
 Pieces = dict[tuple[int | None, str], torch.Tensor]
 
@@ -70,7 +73,24 @@ def assemble_layer(cfg: ModelConfig, layer: int, pieces: Pieces) -> LayerExperts
     rows = 2 * I if fused is not None else I
     t = _layout(where, ("down", w2, D, I), *((n, p, rows, D) for n, p in zip(names, parts, strict=True)))
     w13 = torch.cat([p.transpose(1, 2) if t else p for p in parts], dim=1)             # gate rows, up rows
-    return LayerExperts(w13.contiguous(), (w2.transpose(1, 2) if t else w2).contiguous())
+    return LayerExperts(w13.contiguous(), (w2.transpose(1, 2) if t else w2).contiguous(),
+                        _bias(cfg, pieces, layer), expert_act(cfg))
+
+
+def expert_act(cfg: ModelConfig) -> ExpertAct:
+    return ExpertAct(cfg.expert_act, cfg.swiglu_alpha, cfg.swiglu_limit)
+
+
+def _bias(cfg: ModelConfig, pieces: Pieces, layer: int) -> torch.Tensor | None:
+    """b13 [E, 2I] from "gate_up_bias" or "gate_bias" + "up_bias"; None without expert biases."""
+    if not cfg.expert_bias:
+        return None
+    E = cfg.num_experts
+    fused = _stacked(pieces, "gate_up_bias", E, layer)
+    if fused is not None:
+        return fused.contiguous()
+    parts = [_need(_stacked(pieces, w, E, layer), f"layer {layer}", w) for w in ("gate_bias", "up_bias")]
+    return torch.cat(parts, dim=-1).contiguous()
 
 
 def split_state_dict(arch: Architecture, cfg: ModelConfig, hf_state_dict: dict[str, torch.Tensor]):
@@ -79,6 +99,9 @@ def split_state_dict(arch: Architecture, cfg: ModelConfig, hf_state_dict: dict[s
     pieces: dict[int, Pieces] = {}
     for name, t in hf_state_dict.items():
         ref = arch.rename(name)
+        t = arch.from_hf(cfg, name, t)
+        if isinstance(ref, ExpertRef) and ref.layer >= cfg.num_layers:        # an MTP block's experts
+            continue
         if isinstance(ref, ExpertRef):
             pieces.setdefault(ref.layer, {})[(ref.expert, ref.which)] = t
         elif ref is not None:

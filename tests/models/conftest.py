@@ -42,6 +42,17 @@ TINY = {
         shared_expert_intermediate_size=40, linear_num_key_heads=2, linear_num_value_heads=4,
         linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, intermediate_size=48,
         mlp_only_layers=[1], norm_topk_prob=True)),
+    # sinks, sliding window 5 on even layers, YaRN, biases, clamped SwiGLU experts (2I != D: unambiguous)
+    "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, dict(
+        num_hidden_layers=3, head_dim=16, num_local_experts=8, num_experts_per_tok=2, intermediate_size=48,
+        sliding_window=5, rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+                                           "beta_slow": 1.0, "truncate": False,
+                                           "original_max_position_embeddings": 32, "rope_theta": 150000.0})),
+    # sigmoid group router (4 groups, 2 kept), plain shared expert, 1 dense layer, partial rope, q/k norm
+    "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, dict(
+        num_hidden_layers=3, head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        intermediate_size=48, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        use_qk_norm=True, attention_bias=True)),
 }
 
 
@@ -55,6 +66,9 @@ def _spread_init(model: torch.nn.Module, seed: int) -> None:
             else:
                 std = 1.0 if "embed" in name else 0.5 / p.shape[-1] ** 0.5 * 2
                 p.copy_(std * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):                 # GLM's router bias: not zero
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def build_hf(name: str, seed: int = 0) -> torch.nn.Module:
