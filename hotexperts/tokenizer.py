@@ -59,6 +59,8 @@ class Tokenizer:
             self.bos_id = int(self.generation_config["bos_token_id"])
         eos = [self._id_or_none(self.eos_token)] + _int_list(self.generation_config.get("eos_token_id"))
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos if i is not None))
+        # ids that decode to nothing (GGUF token_type UNUSED, e.g. "[PAD1002]" fillers, as llama.cpp does)
+        self.unused_ids: frozenset[int] = frozenset(_int_list(self.config.get("unused_token_ids")))
 
     # ---- construction ----
 
@@ -118,7 +120,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self.tok.decode([i for i in ids if i not in self.unused_ids],
+                               skip_special_tokens=skip_special_tokens)
 
     def stream(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
@@ -150,6 +153,8 @@ class StreamDecoder:
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
+        if int(token_id) in self.tokenizer.unused_ids:
+            return ""
         return self._stream.step(self.tokenizer.tok, int(token_id)) or ""
 
     def feed(self, ids) -> str:

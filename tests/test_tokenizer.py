@@ -118,3 +118,17 @@ def test_real_qwen_vocabulary_matches_tiktoken():
     assert tok.get_vocab_size() == 151669
     assert tok.encode(TEXT).ids == ref.encode(TEXT)
     assert tok.token_to_id("<|im_end|>") == 151645 and tok.token_to_id("</think>") == 151668
+
+
+def test_unused_tokens_decode_to_nothing():
+    """GGUF token_type UNUSED ('[PAD1002]' fillers) decode to nothing, as in llama.cpp (issue 19)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from hotexperts.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.WordLevel({"a": 0, "[PAD1002]": 1, "b": 2}, unk_token="a"))
+    tok = Tokenizer(hf, {"unused_token_ids": [1]})
+    assert tok.decode([0, 1, 2]) == tok.decode([0, 2])
+    assert "PAD" not in tok.stream().feed([0, 1, 2])
+    assert Tokenizer(hf).decode([1]) == "[PAD1002]"

@@ -116,7 +116,9 @@ class Generator:
             raise ContextLengthError(
                 f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{n_prompt + params.max_tokens} tokens exceeds the context of {self.max_context} tokens; "
-                f"shorten the prompt or lower max_tokens to at most {max(self.max_context - n_prompt, 0)}")
+                + (f"shorten the prompt or lower max_tokens to at most {self.max_context - n_prompt}"
+                   if n_prompt < self.max_context else
+                   "the prompt alone fills the context: shorten it or raise the context (--max-context)"))
 
     def stop_ids(self, params: SamplingParams, extra: Iterable[int] = ()) -> frozenset[int]:
         return frozenset(self.cfg.eos_token_ids) | frozenset(params.stop_token_ids) | frozenset(extra)

@@ -303,7 +303,7 @@ LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 PRE_SPLITS = {"qwen2": QWEN_PAT, "deepseek-r1-qwen": QWEN_PAT, "llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT,
               "llama-v3": LLAMA3_PAT, "dbrx": LLAMA3_PAT, "smaug-bpe": LLAMA3_PAT}
 GPT2_PRE = ("default", "gpt-2", "gpt2", "olmo")            # GPT-2's own split regex (ByteLevel's)
-CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2
+CONTROL, USER_DEFINED, UNKNOWN, UNUSED = 3, 4, 2, 5
 
 
 def gguf_tokenizer(f: GGUFFile) -> Tokenizer | None:
@@ -334,7 +334,8 @@ def _gguf_tokenizer(f: GGUFFile) -> Tokenizer | None:
     name = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else None  # noqa: E731
     cfg = {"bos_token": name(tid("bos")), "eos_token": name(tid("eos")), "pad_token": name(tid("padding")),
            "unk_token": name(tid("unknown")), "chat_template": f.get("tokenizer.chat_template"),
-           "add_bos_token": bool(f.get("tokenizer.ggml.add_bos_token", kind == "llama"))}
+           "add_bos_token": bool(f.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+           "unused_token_ids": [i for i, k in enumerate(types) if k == UNUSED]}   # decode to nothing
     eos = [i for i in (tid("eos"), tid("eot")) if i is not None]
     return Tokenizer(hf, cfg, {"eos_token_id": eos, "bos_token_id": tid("bos")})
 

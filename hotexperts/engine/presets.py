@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,6 +412,13 @@ def _shards(items, limit: int):
         yield shard
 
 
+def _umask_mode(path: Path) -> None:
+    """chmod `path` to what open() gives a new file under the current umask (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_weights(lm: LoadedModel, out: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger than shard_bytes."""
     meta = {"format": "pt"}
@@ -418,6 +426,7 @@ def write_weights(lm: LoadedModel, out: Path, shard_bytes: int = SHARD_BYTES) ->
     for i, shard in enumerate(_shards(hf_tensors(lm), shard_bytes)):
         fname = f"model-{i + 1:05d}.safetensors.tmp"
         save_file(shard, str(out / fname), metadata=meta)
+        _umask_mode(out / fname)            # safetensors writes 0600; a model file is as readable as the rest
         names.append(fname)
         for k, t in shard.items():
             weight_map[k] = fname

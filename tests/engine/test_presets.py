@@ -111,3 +111,13 @@ def test_make_model_unknown_preset(tmp_path):
     with pytest.raises(HotExpertsError, match="unknown preset"):
         run(args)
     assert not (tmp_path / "m").exists()
+
+
+def test_make_model_files_follow_the_umask(tmp_path):
+    """model.safetensors is written as readable as config.json (safetensors itself writes 0600)."""
+    import os
+
+    from hotexperts.engine.presets import write_hf_dir
+    out = write_hf_dir("tiny-qwen3-moe", tmp_path / "m", dtype="float32")
+    mode = lambda name: os.stat(out / name).st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")

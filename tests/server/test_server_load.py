@@ -22,7 +22,7 @@ STREAM_TOKENS, DISCONNECT_TOKENS = 8, 300
 X = [{"role": "user", "content": "x"}]
 MALFORMED = [b"{", b"", b"null", b"[]", b'{"model": "tiny"}'] + [json.dumps(b).encode() for b in (
     {"model": MODEL, "messages": []},
-    {"model": "nope", "messages": X},
+    {"model": 5, "messages": X},                      # any model name is served; a number is not one
     {"model": MODEL, "messages": X, "max_tokens": -1},
     {"model": MODEL, "messages": X, "max_tokens": 10**8},
     {"model": MODEL, "messages": [{"role": "user"}], "temperature": "hot"},
