@@ -18,7 +18,8 @@ KW = {"gpt_oss": dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_
                       sliding_window=5),
       "glm4_moe": dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                        moe_intermediate_size=32, intermediate_size=48, n_group=4, topk_group=2,
-                       routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True)}
+                       routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True,
+                       attention_bias=True)}
 
 
 def _hf(kind: str):
