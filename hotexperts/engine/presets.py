@@ -286,7 +286,7 @@ def _std(name: str, shape: tuple[int, ...]) -> float | None:
     """Init std for a dense parameter; None = ones (norms), 0.0 = zeros (biases)."""
     if "norm" in name:
         return None                 # ones (a zero-centred norm's 1 + w then scales by 2: still diverse)
-    if name.endswith(".bias"):
+    if name.endswith((".bias", "e_score_correction_bias")):    # GLM's router bias 0: as trained from
         return 0.0
     if "embed_tokens" in name:
         return 1.0

@@ -246,7 +246,8 @@ def _metadata_only(path, arch, **ints):
 
 
 def test_unsupported_architecture(tmp_path):
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama, "):
+    supported = "'gpt2' is not supported; supported: glm4moe, gpt-oss, llama, "
+    with pytest.raises(UnsupportedArchitectureError, match=supported):
         load_gguf(_metadata_only(tmp_path / "a.gguf", "gpt2", block_count=1), device="cpu")
     with pytest.raises(UnsupportedArchitectureError, match="without experts"):
         load_gguf(_metadata_only(tmp_path / "b.gguf", "llama", block_count=1), device="cpu")

@@ -24,7 +24,8 @@ KEYS = {"tiny-gpt-oss": ("gpt-oss", ["attention.sliding_window", "expert_feed_fo
                           "blk.0.post_attention_norm.weight"]),
         "tiny-glm4-moe": ("glm4moe", ["leading_dense_block_count", "expert_weights_scale",
                                       "expert_weights_norm", "expert_group_count",
-                                      "expert_group_used_count", "expert_shared_count", "rope.dimension_count"],
+                                      "expert_group_used_count", "expert_shared_count",
+                                      "rope.dimension_count"],
                           ["blk.1.exp_probs_b.bias", "blk.1.ffn_gate_shexp.weight", "blk.0.ffn_gate.weight",
                            "blk.1.attn_q_norm.weight", "blk.1.post_attention_norm.weight"])}
 

@@ -50,6 +50,8 @@ class FakeGGUF:
             self.shapes[f"blk.{l}.attn_q.weight"] = (cfg.num_heads * cfg.head_dim, D)
         if cfg.attention_bias:
             self.shapes["blk.0.attn_q.bias"] = (cfg.num_heads * cfg.head_dim,)
+        if cfg.qk_norm == "head":                            # GLM reads use_qk_norm from the tensors
+            self.shapes["blk.0.attn_q_norm.weight"] = (cfg.head_dim,)
 
     def get(self, key, default=None):
         return self.meta.get(key, default)

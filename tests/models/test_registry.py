@@ -13,6 +13,8 @@ from hotexperts.models import (
     config_from_hf,
     get_arch,
     get_gguf_arch,
+    glm4_moe,
+    gpt_oss,
     mixtral,
     olmoe,
     qwen2_moe,
@@ -23,9 +25,9 @@ from hotexperts.models import (
 from hotexperts.models.transformer import MoETransformer
 
 FILES = {"qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe, "mixtral": mixtral, "olmoe": olmoe,
-         "qwen3_5_moe": qwen3_5_moe, "qwen3_next": qwen3_next}
+         "qwen3_5_moe": qwen3_5_moe, "qwen3_next": qwen3_next, "gpt_oss": gpt_oss, "glm4_moe": glm4_moe}
 GGUF = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe",
-        "qwen3_5_moe": "qwen35moe", "qwen3_next": "qwen3next"}
+        "qwen3_5_moe": "qwen35moe", "qwen3_next": "qwen3next", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe"}
 
 
 def test_each_file_declares_one_architecture_found_by_both_keys():
