@@ -8,12 +8,11 @@ from __future__ import annotations
 import collections
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_mutations import GGUFParts, mutations  # noqa: E402
-from worker import FAILURES, OUTCOMES, Loader, classify  # noqa: E402
+from worker import FAILURES, Loader, check_suite, classify, main  # noqa: E402
 
 SEED = 18
 
@@ -43,32 +42,9 @@ def run(tmp: Path, seed: int = SEED):
     return table, findings
 
 
-def report(table) -> str:
-    rows = [f"{'class':<14}" + "".join(f"{o:>22}" for o in OUTCOMES)]
-    for cls, counts in table.items():
-        rows.append(f"{cls:<14}" + "".join(f"{counts[o]:>22}" for o in OUTCOMES))
-    total = collections.Counter()
-    for counts in table.values():
-        total.update(counts)
-    rows.append(f"{'total':<14}" + "".join(f"{total[o]:>22}" for o in OUTCOMES)
-                + f"   ({sum(total.values())})")
-    return "\n".join(rows)
-
-
 def test_fuzz_gguf(tmp_path):
-    table, findings = run(tmp_path)
-    print(report(table))
-    assert sum(sum(c.values()) for c in table.values()) >= 1000
-    assert not findings, "\n".join(map(str, findings[:20]))
+    check_suite(*run(tmp_path), at_least=1000)
 
 
 if __name__ == "__main__":
-    import tempfile
-
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        table, findings = run(Path(d))
-    print(report(table))
-    for f in findings:
-        print(*f, sep="  |  ")
-    print(f"{time.monotonic() - t0:.1f} s")
+    main(run)

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_fuzz_gguf import report  # noqa: E402
-from worker import FAILURES, Loader, classify  # noqa: E402
+from worker import FAILURES, Loader, check_suite, classify, main  # noqa: E402
 
 BAD_VALUES = ["abc", -1, 0, 1e12, 10**12, True, [], {}, "false", 1.5, 2**31 + 1]
 KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -143,20 +142,8 @@ def run(tmp: Path, seed: int = 18):
 
 
 def test_fuzz_hf(tmp_path):
-    table, findings = run(tmp_path)
-    print(report(table))
-    assert sum(sum(c.values()) for c in table.values()) >= 300
-    assert not findings, "\n".join(map(str, findings[:20]))
+    check_suite(*run(tmp_path), at_least=300)
 
 
 if __name__ == "__main__":
-    import tempfile
-    import time
-
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        table, findings = run(Path(d))
-    print(report(table))
-    for f in findings:
-        print(*f, sep="  |  ")
-    print(f"{time.monotonic() - t0:.1f} s")
+    main(run)

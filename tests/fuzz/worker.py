@@ -6,12 +6,19 @@
 outcome: "error" (a HotExpertsError: detail is its message), "loaded" (detail: the logits of FIXED_IDS as
 bytes), "traceback" (any other exception: detail is the traceback), "blow-up" (MemoryError, an allocator
 failure, or the worker killed), "hang" (no answer within the timeout: the worker is killed and restarted).
+
+    check_suite(table, findings, at_least)    the suites' pass condition: enough mutations, no failure class
+    main(run)                                 a suite run by hand: its table, findings and time
 """
 
 from __future__ import annotations
 
+import collections
 import multiprocessing as mp
+import tempfile
+import time
 import traceback
+from pathlib import Path
 
 FIXED_IDS = [1, 5, 9, 300, 1000, 7, 8, 9, 77, 512]
 MEMORY_CAP = 3 * 2**30          # bytes of address space the worker may add to what it holds after imports
@@ -123,3 +130,31 @@ class Loader:
         self._stop()
         self._start()
         return outcome
+
+
+def report(table) -> str:
+    rows = [f"{'class':<14}" + "".join(f"{o:>22}" for o in OUTCOMES)]
+    for cls, counts in table.items():
+        rows.append(f"{cls:<14}" + "".join(f"{counts[o]:>22}" for o in OUTCOMES))
+    total = collections.Counter()
+    for counts in table.values():
+        total.update(counts)
+    rows.append(f"{'total':<14}" + "".join(f"{total[o]:>22}" for o in OUTCOMES)
+                + f"   ({sum(total.values())})")
+    return "\n".join(rows)
+
+
+def check_suite(table, findings, at_least: int) -> None:
+    print(report(table))
+    assert sum(sum(c.values()) for c in table.values()) >= at_least
+    assert not findings, "\n".join(map(str, findings[:20]))
+
+
+def main(run) -> None:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as d:
+        table, findings = run(Path(d))
+    print(report(table))
+    for f in findings:
+        print(*f, sep="  |  ")
+    print(f"{time.monotonic() - t0:.1f} s")
