@@ -288,14 +288,14 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
                   options=options)
     results = []
+    fmt, distinct = expert_format(lm.store, quant), _distinct(source, lm.cfg)      # once, not per checkpoint
 
     def report() -> dict:
         return {"model": lm.cfg.model_type, "routing": source.name, "routing_kind": source.kind,
                 "piecewise_graph": piecewise, "compile_decode": compile_decode,
                 "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
                 "reserved_gib": reserved / GiB, "expert_quant": quant, "results": list(results),
-                "expert_format": expert_format(lm.store, quant),
-                "distinct_experts": _distinct(source, lm.cfg)}
+                "expert_format": fmt, "distinct_experts": distinct}
 
     for bi, b in enumerate(budgets):
         budget = None if b is None else int(b * GiB)
