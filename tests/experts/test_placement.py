@@ -77,6 +77,8 @@ def test_parse_strings():
     for bad in ("fast", "hot:x", "gpu:3", "static:"):
         with pytest.raises(PlacementError):
             Placement.parse(bad)
+    with pytest.raises(PlacementError, match="ends the whole placement.*'2=slots4,3=cpu@lru'"):
+        Placement.parse("2=slots4@lru,3=cpu")
 
 
 def test_sizes():
