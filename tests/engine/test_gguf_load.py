@@ -1,6 +1,7 @@
 """load_gguf / write_gguf: round trips for the four architectures, experts kept as exact int4g32, logits equal
 to the same (independently dequantized) weights on the reference path, split files, one clear error each."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -78,6 +79,13 @@ def test_roundtrip_every_arch(tmp_path, preset):
     assert g.tokenizer.chat_template == lm.tokenizer.chat_template
     assert g.tokenizer.eos_ids == lm.tokenizer.eos_ids
     torch.testing.assert_close(logits(g), logits(g, reference_experts(path, g.cfg)), rtol=0, atol=1e-5)
+
+
+def test_mixtral_sliding_window_survives_the_file(tmp_path):
+    lm = build("tiny-mixtral")
+    lm.cfg = dataclasses.replace(lm.cfg, sliding_window=5)
+    g = load_gguf(write_gguf(lm, tmp_path / "m.gguf", "q8_0")[0], dtype="float32", device="cpu")
+    assert g.cfg.sliding_window == 5 and g.cfg == lm.cfg
 
 
 def test_mixtral_qk_rows_are_permuted_in_the_file(tmp_path):
