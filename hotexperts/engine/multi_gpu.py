@@ -201,10 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     gen = torch.Generator().manual_seed(a.seed)
     prompt = tuple(torch.randint(0, 1000, (a.prompt_tokens,), generator=gen).tolist())
-    run = CardRun(a.model, a.cards, parse_card_budgets(a.vram_budget, a.cards), tuple(a.modes.split(",")),
-                  (prompt,), a.n, a.dtype, a.backend, a.ctx_size, a.seed, a.expert_quant, a.moe_profile,
-                  timeout_s=a.timeout)
     try:
+        run = CardRun(a.model, a.cards, parse_card_budgets(a.vram_budget, a.cards), tuple(a.modes.split(",")),
+                      (prompt,), a.n, a.dtype, a.backend, a.ctx_size, a.seed, a.expert_quant, a.moe_profile,
+                      timeout_s=a.timeout)
         results = run_on_cards(run)
     except HotExpertsError as e:
         print(f"error: {e}")
