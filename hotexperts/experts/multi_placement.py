@@ -125,10 +125,11 @@ class CardPart:
     def describe(self, intermediate: int) -> str:
         lo, hi = self.rows
         per = sorted({len(ids) for ids in self.experts.values()}) or [0]
+        rows = "whole experts" if (lo, hi) == (0, intermediate) else f"rows {lo}-{hi - 1} of {intermediate}"
         budget = "unlimited" if self.budget is None else _size(self.budget)
         return (f"card {self.card}: budget {budget}: dense+KV+workspace {_size(self.reserved)} + experts "
                 f"{_size(self.expert_total)} ({self.slots} slots x {_size(self.slice_bytes)}, "
-                f"{'/'.join(map(str, per))} per layer, rows {lo}-{hi - 1} of {intermediate})")
+                f"{'/'.join(map(str, per))} per layer, {rows})")
 
 
 @dataclass(frozen=True)

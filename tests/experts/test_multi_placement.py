@@ -121,4 +121,6 @@ def test_decode_seconds_counts_the_cpu_and_the_cards():
 def test_describe_prints_every_card():
     text = plan_cards(SIZES, budgets(24, 12), RESERVED).describe()
     assert "card 0: budget" in text and "card 1: budget" in text and "predicted decode" in text
-    assert "rows 0-" in text and "on the CPU" in text
+    assert "on the CPU" in text
+    assert "rows 0-" in plan_cards(SIZES, budgets(24, 12), RESERVED, mode="sharded").describe()
+    assert "whole experts" in plan_cards(SIZES, budgets(24, 12), RESERVED, mode="pools").describe()
