@@ -68,7 +68,7 @@ class CardRun:
     profile: str | None = None            # routing counts (a routing profile) choose the resident experts
     prefill_chunk: int | None = None
     cost: CostInputs = field(default_factory=CostInputs)
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0              # the whole run's limit (and so each collective's)
 
     def __post_init__(self):
         if self.cards < 1 or len(self.budgets) != self.cards:
@@ -192,7 +192,7 @@ def run_on_cards(run: CardRun) -> list[dict]:
         store_dir, out_dir = Path(tmp, "store"), Path(tmp, "out")
         store_dir.mkdir()
         out_dir.mkdir()
-        launch(card_main, run.cards, (run, str(store_dir), str(out_dir)), run.timeout_s + 60)
+        launch(card_main, run.cards, (run, str(store_dir), str(out_dir)), run.timeout_s)
         return [torch.load(out_dir / f"card{r}.pt", weights_only=False) for r in range(run.cards)]
 
 

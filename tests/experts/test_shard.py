@@ -4,6 +4,7 @@ and the cards' partial outputs (summed, as the all-reduce does) equal the refere
 import pytest
 import torch
 
+from hotexperts.config import KernelOptions
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import PlacementError
 from hotexperts.experts.multi_placement import ShardSizes, plan_cards
@@ -42,15 +43,20 @@ def test_slice_experts_refuses_a_cut_inside_a_group():
         slice_experts(le, [0], 0, 96)
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen3-moe", "tiny-gpt-oss"])
+@pytest.fixture(scope="module", params=["tiny-qwen3-moe", "tiny-gpt-oss", "tiny-qwen3-moe:int4g32"])
 def store_cfg(request):
-    lm = build_in_memory(request.param, dtype="float32", device="cpu")
-    return lm.store, lm.cfg
+    preset, _, quant = request.param.partition(":")
+    lm = build_in_memory(preset, dtype="float32", device="cpu")
+    return (lm.store.quantize(quant) if quant else lm.store), lm.cfg
+
+
+EXACT = KernelOptions(act_quant=False)          # the CPU kernel's fp32 path (its int8 activations round)
 
 
 def plan_for(store, cfg, mode, per_card=(24, 12)):
-    eb = store.expert_nbytes
-    sizes = ShardSizes(tuple(store.layers), store.num_experts, cfg.moe_intermediate_size, eb, cfg.top_k)
+    eb, group = store.expert_nbytes, column_granularity(store.layer(store.layers[0]).w2)
+    sizes = ShardSizes(tuple(store.layers), store.num_experts, cfg.moe_intermediate_size, eb, cfg.top_k,
+                       group)
     return plan_cards(sizes, tuple(n * eb + 10 for n in per_card), (10, 10), mode=mode)
 
 
@@ -59,8 +65,10 @@ def test_partials_sum_to_the_reference(store_cfg, mode):
     store, cfg = store_cfg
     plan = plan_for(store, cfg, mode)
     assert any(plan.cpu_experts(l) for l in store.layers) and any(plan.resident(l) for l in store.layers)
+    if mode == "sharded":
+        assert all(0 < c.rows[1] - c.rows[0] < cfg.moe_intermediate_size for c in plan.cards)
     reduced = []
-    cards = [ShardExecutor(plan, c, store, "cpu", all_reduce=reduced.append) for c in range(2)]
+    cards = [ShardExecutor(plan, c, store, "cpu", all_reduce=reduced.append, options=EXACT) for c in range(2)]
     ref = DenseExecutor({l: store.layer(l) for l in store.layers})
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, cfg.hidden_size, generator=gen)
@@ -81,7 +89,7 @@ def test_only_the_cpu_card_computes_the_cpu_experts(store_cfg):
     l = store.layers[0]
     other = ShardExecutor(plan, 1, store, "cpu", all_reduce=lambda t: None)
     assert torch.count_nonzero(other(l, x, ids, w)) == 0
-    cpu = ShardExecutor(plan, 0, store, "cpu", all_reduce=lambda t: None)
+    cpu = ShardExecutor(plan, 0, store, "cpu", all_reduce=lambda t: None, options=EXACT)
     ref = DenseExecutor({l: store.layer(l)})
     torch.testing.assert_close(cpu(l, x, ids, w), ref(l, x, ids, w), atol=1e-5, rtol=1e-5)
     with pytest.raises(PlacementError, match="card 2"):
