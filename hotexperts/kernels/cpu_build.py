@@ -48,10 +48,12 @@ def _cpu_flags() -> str:
 
 
 def build_key(isa: str = "native") -> str:
+    """The build directory's key: sources, torch, Python, CPU flags, cflags and the sources' directory (two
+    checkouts of the same sources would otherwise rewrite each other's build.ninja and rebuild in turn)."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags(isa)}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags(isa)}|{CSRC}".encode())
     return h.hexdigest()[:16]
 
 
