@@ -41,6 +41,17 @@
 // 0..7 (spread 4 lanes per sub-block with one vpermps per half) and the min terms dmin m_j xsum_j in lanes
 // 8..15, subtracted from the accumulator (only its total is used). Lane sums <= 8 * 240 * 127: exact.
 //
+// LUT4 rows (lut4.h: MXFP4 / IQ4_NL / IQ4_XS blocks, 16 index bytes + one scale per 32-group): per block of
+// 4 groups one zmm b holds the 4 groups' index bytes (128-bit lane k = group g0 + k; IQ4_XS: one 64-byte load,
+// else 4 unaligned 16-byte loads). lo = b & 15 indexes columns 0..15, hi = b >> 4 columns 16..31; the 16-entry
+// table, offset to u8 (t + 128: 1..255) and broadcast to every 128-bit lane, is looked up with one vpshufb
+// each (the 16 entries fit one lane, as llama.cpp does for IQ4_NL). The activations are stored in the int4
+// block layout without the even/odd split (q4_group_pos: per 4 groups their first halves, then their second
+// halves), so vpdpbusd(vpdpbusd(0, T[lo], x_lo), T[hi], x_hi) leaves group g0 + k's sum in lanes 4k..4k+3.
+// Per group: sum_j w_j x_j = s_g sx_g sum_j (t_j + 128) xq_j - 128 s_g xsum_g; the first term is FMA'd with
+// s_g sx_g spread over its 4 lanes (kSpread), the second once per 16 groups into the same accumulator (only
+// its total is used). Lane sums <= 8 * 255 * 127 < 2^31: exact.
+//
 // Prefetch: the caller names the rows it reads a few steps later; they go to L2 (prefetcht1): into L1
 // (prefetcht0) they were evicted before use and measured no better than no prefetch (docs/cpu-kernel.md).
 #pragma once
@@ -50,6 +61,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lut4.h"
 #include "simd.h"
 
 namespace q512 {
@@ -431,6 +443,80 @@ HX_INLINE void q8g_rows(const Rows<R>& w, const Rows<R>* pf, int scode, int zcod
 #pragma GCC unroll 1
   for (; c + 16 <= NG; c += 16) q8g_chunk<R, NT, G16, true>(w, pf, scode, zcode, c, 16, x, acc);
   if (c < NG) q8g_chunk<R, NT, G16, false>(w, pf, scode, zcode, c, int(NG - c), x, acc);
+  reduce<R * NT>(acc, res);
+}
+
+// The index bytes of LUT4 groups g0 .. g0 + nb - 1 (nb <= 4; g0 a multiple of 4), one group per 128-bit lane.
+HX_INLINE __m512i lut_indices4(const uint8_t* row, int kind, int64_t g0, int nb) {
+  if (kind == lut4::IQ4XS && nb == 4) return _mm512_loadu_si512(lut4::indices(row, kind, g0));   // one super-block
+  auto ld = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut4::indices(row, kind, g0 + k))); };
+  __m512i b = _mm512_castsi128_si512(ld(0));
+  b = _mm512_inserti32x4(b, nb > 1 ? ld(1) : _mm_setzero_si128(), 1);
+  b = _mm512_inserti32x4(b, nb > 2 ? ld(2) : _mm_setzero_si128(), 2);
+  return _mm512_inserti32x4(b, nb > 3 ? ld(3) : _mm_setzero_si128(), 3);
+}
+
+// One chunk of up to 16 groups from group c on of LUT4 rows (FULL: exactly 16); tab: the u8 table in every lane.
+template <int R, int NT, bool FULL>
+HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t c, int ng, const QTile& x,
+                         __m512i tab, __m512* acc) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  const __mmask16 gm = FULL ? __mmask16(0xFFFF) : __mmask16((1u << ng) - 1);
+  __m512 cs[R * NT];                                     // s_g * sx_g of the chunk's 16 groups
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++) {
+    alignas(64) float sb[16] = {};
+    for (int i = 0; i < ng; i++) sb[i] = lut4::scale(w.q[r], kind, c + i);
+    const __m512 sv = _mm512_load_ps(sb);
+    const __m512 zc = _mm512_mul_ps(sv, _mm512_set1_ps(-128.f));
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) {
+      cs[r * NT + t] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, x.s[t] + c));
+      acc[r * NT + t] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(gm, x.sum[t] + c), acc[r * NT + t]);
+    }
+  }
+  const int nblk = FULL ? 4 : (ng + 3) / 4;
+#pragma GCC unroll 4
+  for (int j = 0; j < nblk; j++) {
+    const int nb = FULL ? 4 : std::min(4, ng - 4 * j);
+    const int64_t g0 = c + 4 * j;
+    const __mmask64 bm = nb == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nb)) - 1;
+    const __m512i sp = _mm512_load_si512(kSpread[j]);
+    __m512i xl[NT], xh[NT];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) {
+      xl[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32);
+      xh[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32 + 16 * nb);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      if (pf) prefetch(lut4::indices(pf->q[r], kind, g0));
+      const __m512i b = lut_indices4(w.q[r], kind, g0, nb);
+      const __m512i lo = _mm512_shuffle_epi8(tab, _mm512_and_si512(b, m4));
+      const __m512i hi = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(b, 4), m4));
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; t++) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[t]), hi, xh[t]);
+        acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
+                                          acc[r * NT + t]);
+      }
+    }
+  }
+}
+
+// res[r * NT + t] = LUT4 row r (G groups, format kind) . activation row t (q4_group_pos layout, unsplit).
+template <int R, int NT>
+HX_INLINE void lut_rows(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t G, const QTile& x, float* res) {
+  const __m512i tab = _mm512_xor_si512(
+      _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut4::kValues[kind]))),
+      _mm512_set1_epi8(char(0x80)));                     // t + 128 as u8
+  __m512 acc[R * NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NT; i++) acc[i] = _mm512_setzero_ps();
+  int64_t c = 0;
+#pragma GCC unroll 1
+  for (; c + 16 <= G; c += 16) lut_chunk<R, NT, true>(w, pf, kind, c, 16, x, tab, acc);
+  if (c < G) lut_chunk<R, NT, false>(w, pf, kind, c, int(G - c), x, tab, acc);
   reduce<R * NT>(acc, res);
 }
 
