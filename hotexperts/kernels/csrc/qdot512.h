@@ -456,6 +456,36 @@ HX_INLINE __m512i lut_indices4(const uint8_t* row, int kind, int64_t g0, int nb)
   return _mm512_inserti32x4(b, nb > 3 ? ld(3) : _mm_setzero_si128(), 3);
 }
 
+// The fp32 scales of LUT4 groups c .. c + 15 (lanes outside gm: 0), lut4::scale's values, gathered: MXFP4 the
+// e8m0 byte (2^(e - 128) built as bits), IQ4_NL the fp16 d, IQ4_XS d and the 6-bit ls of each sub-block (c is a
+// multiple of 16: two super-blocks).
+HX_INLINE __m512 lut_scales16(const uint8_t* row, int kind, int64_t c, __mmask16 gm) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i zero = _mm512_setzero_si512();
+  if (kind == lut4::IQ4XS) {
+    const __m512i ib = _mm512_and_si512(lane, _mm512_set1_epi32(7));
+    const __m512i off = _mm512_mullo_epi32(_mm512_srli_epi32(lane, 3), _mm512_set1_epi32(136));
+    const uint8_t* base = row + (c >> 3) * 136;
+    const __m512i dsh = _mm512_mask_i32gather_epi32(zero, gm, off, base, 1);          // d | scales_h << 16
+    const __m512i sl4 = _mm512_mask_i32gather_epi32(zero, gm, off, base + 4, 1);      // scales_l[0..3]
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(sl4, _mm512_slli_epi32(ib, 2)), _mm512_set1_epi32(15));
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_srli_epi32(dsh, 16), _mm512_slli_epi32(ib, 1)),
+                                        _mm512_set1_epi32(3));
+    const __m512i ls = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(dsh, _mm512_set1_epi32(0xFFFF))));
+    return _mm512_maskz_mul_ps(gm, d, _mm512_cvtepi32_ps(ls));
+  }
+  const int bb = kind == lut4::MXFP4 ? 17 : 18;
+  const __m512i off = _mm512_mullo_epi32(lane, _mm512_set1_epi32(bb));
+  const __m512i v = _mm512_mask_i32gather_epi32(zero, gm, off, row + c * bb, 1);
+  if (kind == lut4::IQ4NL) return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF))));
+  const __m512i e = _mm512_and_si512(v, _mm512_set1_epi32(0xFF));                     // e8m0 / 2 as fp32 bits
+  const __m512i big = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+  const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+  const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), big, sub);
+  return _mm512_maskz_mov_ps(gm, _mm512_castsi512_ps(bits));
+}
+
 // One chunk of up to 16 groups from group c on of LUT4 rows (FULL: exactly 16); tab: the u8 table in every lane.
 template <int R, int NT, bool FULL>
 HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t c, int ng, const QTile& x,
@@ -465,9 +495,7 @@ HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t 
   __m512 cs[R * NT];                                     // s_g * sx_g of the chunk's 16 groups
 #pragma GCC unroll 16
   for (int r = 0; r < R; r++) {
-    alignas(64) float sb[16] = {};
-    for (int i = 0; i < ng; i++) sb[i] = lut4::scale(w.q[r], kind, c + i);
-    const __m512 sv = _mm512_load_ps(sb);
+    const __m512 sv = lut_scales16(w.q[r], kind, c, gm);
     const __m512 zc = _mm512_mul_ps(sv, _mm512_set1_ps(-128.f));
 #pragma GCC unroll 16
     for (int t = 0; t < NT; t++) {
