@@ -253,7 +253,7 @@ def iq4_xs_ls(b: torch.Tensor) -> torch.Tensor:
 
 
 def lut4_parts(q: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """LUT4 bytes [..., N, nb * bytes] -> (scale fp32 [..., N, G], index uint8 [..., N, G, 32]), G = K / 32."""
+    """LUT4 bytes [..., N, nb * bytes] -> (scale fp32 [..., N, G], index uint8 [..., N, G, 32]), G = K/32."""
     bw, bb = LUT4_BLOCKS[fmt]
     b = q.unflatten(-1, (-1, bb))                                   # [..., N, nb, bb]
     if fmt == "iq4_xs":
@@ -265,7 +265,7 @@ def lut4_parts(q: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _nearest(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Index of the table value nearest x / scale: x [..., 32], scale [..., 1] -> [..., 32] (first on ties)."""
+    """Index of the table value nearest x / scale: x [..., 32], scale [..., 1] -> [..., 32] (first if tie)."""
     table = torch.tensor(LUT4_VALUES[fmt], dtype=torch.float32, device=x.device)
     return (scale.unsqueeze(-1) * table - x.unsqueeze(-1)).abs().argmin(-1)
 

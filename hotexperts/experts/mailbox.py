@@ -87,7 +87,8 @@ class CpuExpertWorker:
         mod = load_extension(options.cpu_isa)
         if mod is None:
             raise HandoffUnavailable(f"the CPU extension is unavailable ({load_error(options.cpu_isa)})")
-        cols = {k: [] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2", "act", "alpha", "limit", "b13")}
+        keys = ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2", "act", "alpha", "limit", "b13")
+        cols = {k: [] for k in keys}
         for l in layers:
             le = store.layer(l)
             p13, p2 = cm._parts(le.w13), cm._parts(le.w2)
@@ -100,8 +101,7 @@ class CpuExpertWorker:
             for key, v in zip(("act", "alpha", "limit", "b13"), cm.act_args(le), strict=True):   # variant
                 cols[key].append(v)
         self.impl = mod.CpuWorker(mb.seq, mb.done, mb.miss, mb.w, mb.x, mb.out, mb.cpu_ns, mb.err,
-                                  *(cols[k] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2", "act",
-                                                      "alpha", "limit", "b13")),
+                                  *(cols[k] for k in keys),
                                   options.threads(), options.use_act_quant(), options.prefetch_rows, idle_ms,
                                   sleep_us)
 

@@ -136,7 +136,8 @@ def to_lut4(raw: np.ndarray, qtype: Q) -> QuantizedWeight:
     conversion (a view of `raw`: concatenate or clone it before keeping it)."""
     fmt = LUT4_TYPES.get(qtype)
     if fmt is None:
-        raise ModelLoadError(f"{qtype.name} is not a 4-bit lookup type ({', '.join(t.name for t in LUT4_TYPES)})")
+        names = ", ".join(t.name for t in LUT4_TYPES)
+        raise ModelLoadError(f"{qtype.name} is not a 4-bit lookup type ({names})")
     bb = LUT4_BLOCKS[fmt][1]
     if raw.dtype != np.uint8 or raw.shape[-1] % bb:
         raise ModelLoadError(f"{qtype.name} data must be uint8 rows of {bb}-byte blocks, got {raw.dtype} "

@@ -365,8 +365,9 @@ def test_native_worker_serves_q4_k_experts():
 # LUT4 shapes: 90 groups (gpt-oss's 2880 = 5 full 16-group chunks + a 10-group tail whose last block holds 2),
 # 3 and 5 groups (a tail only), IQ4_XS rows of 256-weight blocks (24 groups: a chunk + an 8-group tail),
 # LUT4 beside other formats.
-LUT4_SHAPES = [("mxfp4", "mxfp4", 5, 2880, 160), ("mxfp4", "mxfp4", 4, 96, 2880), ("iq4_nl", "iq4_nl", 5, 544, 416),
-               ("iq4_xs", "iq4_xs", 5, 768, 512), ("iq4_xs", "mxfp4", 4, 256, 96), ("int4g32", "iq4_nl", 4, 160, 544),
+LUT4_SHAPES = [("mxfp4", "mxfp4", 5, 2880, 160), ("mxfp4", "mxfp4", 4, 96, 2880),
+               ("iq4_nl", "iq4_nl", 5, 544, 416), ("iq4_xs", "iq4_xs", 5, 768, 512),
+               ("iq4_xs", "mxfp4", 4, 256, 96), ("int4g32", "iq4_nl", 4, 160, 544),
                ("mxfp4", "q4_k", 4, 160, 256)]
 VARIANTS = [ExpertAct("swiglu_oai"), ExpertAct("gelu_tanh"), ExpertAct("swiglu_oai", alpha=1.2, limit=0.5)]
 
@@ -416,9 +417,10 @@ def test_variants_match_reference(act, fmt, act_quant):
 def test_variant_without_bias_and_bias_matters():
     layer = sized_layer("int4g32", "int4g32", 4, 256, 256, seed=5)
     x, ids, w = torch.randn(3, 256), torch.tensor([[0, 1], [2, 3], [1, -1]]), torch.rand(3, 2)
-    plain = cm.cpu_moe(x, ids, w, with_variant(layer, ExpertAct("swiglu_oai"), 1, bias=False), act_quant=False)
+    unbiased = with_variant(layer, ExpertAct("swiglu_oai"), 1, bias=False)
+    plain = cm.cpu_moe(x, ids, w, unbiased, act_quant=False)
     biased = cm.cpu_moe(x, ids, w, with_variant(layer, ExpertAct("swiglu_oai"), 1), act_quant=False)
-    ref = reference(x, ids, w, with_variant(layer, ExpertAct("swiglu_oai"), 1, bias=False))
+    ref = reference(x, ids, w, unbiased)
     torch.testing.assert_close(plain.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
     assert (plain - biased).abs().max() > 1e-2
 
@@ -444,8 +446,9 @@ def test_native_worker_serves_variants_and_lut4():
     from hotexperts.experts.mailbox import DecodeHandoff
     from hotexperts.experts.store import ExpertStore
 
-    layers = {0: with_variant(sized_layer("mxfp4", "mxfp4", 6, 2880, 160, seed=1), ExpertAct("swiglu_oai"), 2),
-              1: with_variant(sized_layer("iq4_nl", "mxfp4", 6, 2880, 160, seed=3), ExpertAct("gelu_tanh"), 4)}
+    oai, gelu = ExpertAct("swiglu_oai"), ExpertAct("gelu_tanh")
+    layers = {0: with_variant(sized_layer("mxfp4", "mxfp4", 6, 2880, 160, seed=1), oai, 2),
+              1: with_variant(sized_layer("iq4_nl", "mxfp4", 6, 2880, 160, seed=3), gelu, 4)}
     h = DecodeHandoff(ExpertStore(layers), [0, 1], 2, 2880, torch.float32, "cpu")
     try:
         h.self_test(torch.float32)

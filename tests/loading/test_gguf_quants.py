@@ -168,7 +168,7 @@ def lut4_blocks(qtype, rows=4, blocks=3, seed=0):
 
 
 def numpy_lut4(raw: np.ndarray, qtype) -> np.ndarray:
-    """An independent reference from ggml's C (dequantize_row_mxfp4 / _iq4_nl / _iq4_xs), one block at a time."""
+    """An independent reference after ggml's C (dequantize_row_mxfp4 / _iq4_nl / _iq4_xs), block by block."""
     bw, bb = gq.block_bytes(qtype)
     table = np.array(gq.MXFP4_VALUES if qtype == Q.MXFP4 else gq.KVALUES, dtype=np.float32)
     out = []
