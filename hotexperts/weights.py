@@ -20,7 +20,8 @@ A weight is either a plain tensor (bf16/fp16/fp32) or a QuantizedWeight:
     4-bit lookup formats (LUT4: "mxfp4", "iq4_nl", "iq4_xs"): q uint8 [..., N, Kin/B * bytes], each row the
                    GGUF blocks as in the file, scale = zero = None. Every 32-group is 16 bytes of 4-bit
                    indices (byte j: column j in the low nibble, column j + 16 in the high one) into a
-                   16-entry int8 table (LUT4_VALUES) times one fp32 scale per 32-group:   w = scale_g * table[index]
+                   16-entry int8 table (LUT4_VALUES) times one fp32 scale per 32-group:
+                                                                       w = scale_g * table[index]
                    "mxfp4"  (B 32, 17 bytes): e8m0 e @0, indices @1; table = e2m1 doubled (0, 1, 2, 3, 4, 6,
                             8, 12, then negated), scale = 2^(e - 128) (the halving folded in).  4.25 bits
                    "iq4_nl" (B 32, 18 bytes): d fp16 @0, indices @2; table kvalues_iq4nl, scale = d. 4.5 bits
