@@ -25,8 +25,8 @@ prefetch distance, ISA build. Nothing here is process-wide state.
 Activation quantization: for int8 / int4g32 / q4_k weights (and int8gG, LUT4 on AVX-512 VNNI builds) the
 extension quantizes x and h = act(g, u) to int8 with one fp32 scale per 32-group and uses integer dot
 products (AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization tolerance").
-Auto (None) = on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32 weights always take the
-exact fp32 path, and so does everything with act_quant=False.
+Auto (None) = on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32 weights
+always take the exact fp32 path, and so does everything with act_quant=False.
 `options.prefetch_rows`: the integer path prefetches weights n steps ahead (default 2, 0 = off; 512-bit
 path: a step is 4 rows of 4 streams, prefetched into L2 across unit and expert boundaries; 256-bit path:
 n rows).
