@@ -45,7 +45,7 @@
 // 4 groups one zmm b holds the 4 groups' index bytes (128-bit lane k = group g0 + k; IQ4_XS: one 64-byte load,
 // else 4 unaligned 16-byte loads). lo = b & 15 indexes columns 0..15, hi = b >> 4 columns 16..31; the 16-entry
 // table, offset to u8 (t + 128: 1..255) and broadcast to every 128-bit lane, is looked up with one vpshufb
-// each (the 16 entries fit one lane, as llama.cpp does for IQ4_NL). The activations are stored in the int4
+// each (the 16 entries fit one lane, as llama.cpp does for IQ4_NL; with VBMI one vpermb each, no mask). The activations are stored in the int4
 // block layout without the even/odd split (q4_group_pos: per 4 groups their first halves, then their second
 // halves), so vpdpbusd(vpdpbusd(0, T[lo], x_lo), T[hi], x_hi) leaves group g0 + k's sum in lanes 4k..4k+3.
 // Per group: sum_j w_j x_j = s_g sx_g sum_j (t_j + 128) xq_j - 128 s_g xsum_g; the first term is FMA'd with
@@ -446,14 +446,52 @@ HX_INLINE void q8g_rows(const Rows<R>& w, const Rows<R>* pf, int scode, int zcod
   reduce<R * NT>(acc, res);
 }
 
-// The index bytes of LUT4 groups g0 .. g0 + nb - 1 (nb <= 4; g0 a multiple of 4), one group per 128-bit lane.
+#if defined(__AVX512VBMI__)
+// vpermt2b indices: byte 16 k + i <- byte k bb + i of a span of 4 blocks of bb bytes (group k's indices)
+template <int BB>
+struct SpanIdx {
+  alignas(64) uint8_t v[64];
+  constexpr SpanIdx() : v() {
+    for (int k = 0; k < 4; k++)
+      for (int i = 0; i < 16; i++) v[16 * k + i] = uint8_t(k * BB + i);
+  }
+};
+inline constexpr SpanIdx<17> kSpan17{};
+inline constexpr SpanIdx<18> kSpan18{};
+
+HX_INLINE __mmask64 low_bytes(int n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+#endif
+
+// The index bytes of LUT4 groups g0 .. g0 + nb - 1 (nb <= 4; g0 a multiple of 4), one group per 128-bit lane
+// (lanes past nb: any bytes; their activations are 0). IQ4_XS: one 64-byte load (the 4 groups of one
+// super-block); MXFP4 / IQ4_NL with VBMI: the span of 4 blocks in two loads (the second, and a short span,
+// masked: no read past the row) and one vpermt2b; without VBMI 4 loads of 16 bytes.
 HX_INLINE __m512i lut_indices4(const uint8_t* row, int kind, int64_t g0, int nb) {
-  if (kind == lut4::IQ4XS && nb == 4) return _mm512_loadu_si512(lut4::indices(row, kind, g0));   // one super-block
+  const uint8_t* p = lut4::indices(row, kind, g0);
+  if (kind == lut4::IQ4XS && nb == 4) return _mm512_loadu_si512(p);
+#if defined(__AVX512VBMI__)
+  const int bb = kind == lut4::MXFP4 ? 17 : 18, span = (nb - 1) * bb + 16;
+  const __m512i a = _mm512_maskz_loadu_epi8(low_bytes(span), p);
+  const __m512i b = span > 64 ? _mm512_maskz_loadu_epi8(low_bytes(span - 64), p + 64) : _mm512_setzero_si512();
+  const __m512i idx = _mm512_load_si512(bb == 17 ? kSpan17.v : kSpan18.v);
+  return _mm512_permutex2var_epi8(a, idx, b);
+#else
   auto ld = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut4::indices(row, kind, g0 + k))); };
   __m512i b = _mm512_castsi128_si512(ld(0));
   b = _mm512_inserti32x4(b, nb > 1 ? ld(1) : _mm_setzero_si128(), 1);
   b = _mm512_inserti32x4(b, nb > 2 ? ld(2) : _mm_setzero_si128(), 2);
   return _mm512_inserti32x4(b, nb > 3 ? ld(3) : _mm_setzero_si128(), 3);
+#endif
+}
+
+// The u8 table (t + 128) of 4 nibble values looked up per byte: vpermb reads the low 6 bits of each index and
+// the table repeats every 16 bytes, so no mask is needed (without VBMI: vpshufb after & 15).
+HX_INLINE __m512i lut_lookup(__m512i tab, __m512i nib) {
+#if defined(__AVX512VBMI__)
+  return _mm512_permutexvar_epi8(nib, tab);
+#else
+  return _mm512_shuffle_epi8(tab, _mm512_and_si512(nib, _mm512_set1_epi8(15)));
+#endif
 }
 
 // The fp32 scales of LUT4 groups c .. c + 15 (lanes outside gm: 0), lut4::scale's values, gathered: MXFP4 the
@@ -490,7 +528,6 @@ HX_INLINE __m512 lut_scales16(const uint8_t* row, int kind, int64_t c, __mmask16
 template <int R, int NT, bool FULL>
 HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t c, int ng, const QTile& x,
                          __m512i tab, __m512* acc) {
-  const __m512i m4 = _mm512_set1_epi8(15);
   const __mmask16 gm = FULL ? __mmask16(0xFFFF) : __mmask16((1u << ng) - 1);
   __m512 cs[R * NT];                                     // s_g * sx_g of the chunk's 16 groups
 #pragma GCC unroll 16
@@ -520,8 +557,7 @@ HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t 
     for (int r = 0; r < R; r++) {
       if (pf) prefetch(lut4::indices(pf->q[r], kind, g0));
       const __m512i b = lut_indices4(w.q[r], kind, g0, nb);
-      const __m512i lo = _mm512_shuffle_epi8(tab, _mm512_and_si512(b, m4));
-      const __m512i hi = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(b, 4), m4));
+      const __m512i lo = lut_lookup(tab, b), hi = lut_lookup(tab, _mm512_srli_epi16(b, 4));
 #pragma GCC unroll 16
       for (int t = 0; t < NT; t++) {
         const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[t]), hi, xh[t]);
