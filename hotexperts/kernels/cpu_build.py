@@ -25,7 +25,7 @@ import torch
 from hotexperts.config import CPU_ISAS
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h", "qdot512.h")
+SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h", "qdot512.h", "lut4.h")
 UNITS = ("cpu_moe.cpp", "cpu_worker.cpp")   # translation units (the rest are headers)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _mods: dict[str, object] = {}          # isa -> module (None: the build failed)
