@@ -186,7 +186,7 @@ class Generator:
                         drafter.append(token)
                 t0 = time.perf_counter()
                 pending = self._step(pending[-1], pos, drafter, params.max_tokens - self.last.gen_tokens)
-                self.executor.check_errors()         # a failed CPU expert step raises before its tokens go out
+                self.executor.check_errors()         # a failed CPU expert step raises here, before its tokens
                 self.last.decode_seconds += time.perf_counter() - t0
                 self.last.decode_steps += 1
                 self.last.decode_tokens += len(pending)
