@@ -21,9 +21,10 @@ latest earlier occurrence. An index of n-gram -> latest end position is kept up 
 a lookup costs O(ngram_max), not a scan of the history.
 
 The off-switch (AutoSwitch) compares measured tokens/s of drafting steps with plain T=1 steps over the last
-`window` steps of each kind; when drafting is slower it turns drafting off for `cooldown` steps, then
-measures again (acceptance changes with the text). Without enough plain steps measured it runs `window`
-plain steps to measure them (at the start and after every cooldown's probe).
+`window` steps of each kind, once `window` drafting steps have run since its last decision; when drafting is
+slower it turns drafting off for `cooldown` steps, then measures again (acceptance changes with the text).
+Without `window` plain steps measured it first runs that many plain steps (drafting found nothing, or the
+switch probes).
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ class AutoSwitch:
             return
         if len(self.plain) < self.window:
             self.probe = self.window - len(self.plain)          # measure plain decoding first
+            self.spec.clear()                                   # then `window` fresh drafting steps
         elif self.rate(self.spec) < self.rate(self.plain):
             self.off_steps, self.switched_off = self.cooldown, self.switched_off + 1
             self.spec.clear()
