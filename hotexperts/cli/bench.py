@@ -4,6 +4,7 @@
     hotexperts bench [--model preset:NAME|DIR|FILE.gguf] [--placements gpu,cpu-moe,n-cpu-moe,hot,cache]
         [--vram-budget 16,24] [--tests pp512,tg128] [--repeats 3] [--route-trace FILE | --route-synthetic P]
         [--expert-quant int4] [--policy P] [--json FILE] [--plots DIR] [-t N] [--compile] [--predict HW]
+        [--verify-t 1,2,4,8]   (speculative decoding's verify step: bench/verify.py)
 On a machine without CUDA it says so first (CPU_NOTE: what is emulated, what is measured, what to read),
 runs the real cache on the mini model with the slot counts the real shape gets at each budget and prints
 the cost model's PREDICTED speeds for a hardware profile, labelled as such (its all-GPU / layer-offload
@@ -19,6 +20,8 @@ from hotexperts.bench import predict as pr
 from hotexperts.bench import report as rep
 from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
 from hotexperts.bench.harness import __doc__ as HARNESS_DOC
+from hotexperts.bench.verify import parse_verify_ts
+from hotexperts.bench.verify import table as verify_table
 from hotexperts.bench.workload import parse_tests, routing_source
 from hotexperts.cli.flags import (
     EXPERT_QUANTS,
@@ -64,6 +67,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--piecewise-graph", action="store_true",
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    p.add_argument("--verify-t", default=None, metavar="T[,T...]",
+                   help="also time a T-token speculative verify step against 1-token steps per placement "
+                        "(e.g. 1,2,4,8; T <= 16): cost ratios and speed per accepted tokens per step")
     add_compile_argument(p)
     add_kernel_arguments(p)
     p.add_argument("--predict", "--profile", "--hardware", dest="predict", default=None,
@@ -78,6 +84,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tests = parse_tests(args.tests)
+    verify_ts = parse_verify_ts(args.verify_t)
     sizes = str(args.vram_budget).split(",") if args.vram_budget else []
     budgets = [parse_bytes(b) / GiB for b in sizes] or [None]
     lm = load_quantized(args.model, dtype, device, args.seed, args.expert_quant, args.dense_quant)
@@ -96,17 +103,25 @@ def run(args) -> int:
     if device.type != "cuda":
         print(cpu_note(profile, args.model), flush=True)
     if profile is not None:
-        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options)
+        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options,
+                              verify_ts)
     report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
                        policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
-                       compile_decode=args.compile, options=options,
+                       compile_decode=args.compile, options=options, verify_ts=verify_ts,
                        checkpoint=(lambda r: rep.save_json(r, args.json)) if args.json else None)
     print()
     print(rep.table(report))
+    _verify_table(report)
     if args.json:
         print(f"JSON: {rep.save_json(report, args.json)}")
     _plots(report, args.plots)
     return 0
+
+
+def _verify_table(report: dict) -> None:
+    if any(r.get("verify") for r in report["results"]):
+        print()
+        print(verify_table(report["results"]))
 
 
 def _plots(report: dict, out_dir: str | None) -> None:
@@ -170,7 +185,8 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
     return lm
 
 
-def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options) -> int:
+def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options,
+                   verify_ts=()) -> int:
     """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
     shape = pr.shape_for(args.model, args.expert_quant)
     hw = get_profile(profile)
@@ -181,13 +197,14 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
         plan = pr.real_plan(shape, b)
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
                            quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
-                           compile_decode=args.compile, options=options)
+                           compile_decode=args.compile, options=options, verify_ts=verify_ts)
         rows, notes = pr.checked(pr.predictions(report, shape, hw, plan, prompt_tokens=pp), hw)
         print()
         print(pr.table(rows, shape, hw, plan, tests, notes))
         print(f"\n(MEASURED on this machine, {report['device']}, tiny widths, 'gpu' slots emulated on the "
               f"CPU: the cache's hit rates are real; tok/s are this CPU's, not the real model's on a GPU)\n")
         print(rep.table(report))
+        _verify_table(report)
         out["predicted"].append({"plan": plan, "rows": rows, "notes": notes})
         out["measured_on_this_machine"].append(report)
     _plots({**out["measured_on_this_machine"][0],

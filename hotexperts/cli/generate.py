@@ -2,6 +2,7 @@
 
     hotexperts generate --model DIR|FILE.gguf|preset:NAME --prompt "..." [--chat] [--system S]
         [--max-tokens N] [--temperature T --top-k K --top-p P --min-p M --seed S] [--stop S ...]
+        [--draft ngram|mtp|none --draft-max N --draft-min N --draft-always]   (speculative decoding)
         [model flags] [placement flags] [kernel flags] [--stats]     (the shared flags: cli/flags.py)
 
 Text goes to stdout as it is generated; the summary line
@@ -24,6 +25,7 @@ from hotexperts.cli.flags import (
 )
 from hotexperts.engine.engine import Engine
 from hotexperts.engine.sampling import SamplingParams, generation_defaults, model_generation_config
+from hotexperts.engine.speculative import SpecConfig
 from hotexperts.engine.textstream import TextStream
 from hotexperts.errors import HotExpertsError
 
@@ -55,8 +57,33 @@ def add_parser(subparsers) -> None:
     p.add_argument("--heatmap", default=None, metavar="PNG", help="per-layer hit-rate heatmap of the cache")
     p.add_argument("--save-profile", default=None, metavar="FILE",
                    help="write the cache's current hot set as a routing profile (--moe-profile FILE)")
+    add_draft_arguments(p)
     add_placement_arguments(p)
     add_kernel_arguments(p)
+
+
+def add_draft_arguments(p) -> None:
+    """Speculative decoding (engine/speculative.py); llama.cpp's --draft-max / --draft-min where the meaning
+    matches (llama.cpp's `--draft N` is --draft-max N here: --draft names the drafter)."""
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", default="none", metavar="ngram|mtp|none",
+                   help="drafter: ngram (prompt lookup, any model), mtp (not written yet), none (default)")
+    g.add_argument("--draft-max", "--draft-n", dest="draft_max", type=int, default=SpecConfig.draft_max,
+                   help=f"tokens to draft at most per step, 1..15 (default {SpecConfig.draft_max})")
+    g.add_argument("--draft-min", type=int, default=SpecConfig.draft_min,
+                   help=f"fewer drafted tokens than this: a plain step (default {SpecConfig.draft_min})")
+    g.add_argument("--draft-always", action="store_true",
+                   help="keep drafting even when it measures slower than plain decoding (no off-switch)")
+
+
+def spec_config(args: argparse.Namespace) -> SpecConfig:
+    """The drafting flags as a SpecConfig (its checks give the error messages)."""
+    method = str(args.draft)
+    if method.isdigit():
+        raise HotExpertsError(f"--draft names the drafter (ngram, mtp, none); llama.cpp's --draft {method} "
+                              f"is --draft-max {method} here")
+    return SpecConfig(method, draft_max=args.draft_max, draft_min=args.draft_min,
+                      auto_off=not args.draft_always)
 
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -81,14 +108,22 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None
 
 def summary_line(stats: dict) -> str:
     last = stats["last"]
-    return (f"prompt: {last['prompt_tokens']} tokens, {last['prompt_tok_per_s']:.1f} tok/s | "
+    line = (f"prompt: {last['prompt_tokens']} tokens, {last['prompt_tok_per_s']:.1f} tok/s | "
             f"generation: {last['gen_tokens']} tokens, {last['gen_tok_per_s']:.1f} tok/s")
+    spec = stats.get("speculative") or {}
+    if spec.get("method", "none") != "none":
+        s = spec["last"]
+        line += (f" | draft {spec['method']}: {s['accepted']}/{s['drafted']} accepted, "
+                 f"{s['tokens_per_step']:.2f} tokens per verify step ({s['verify_steps']} steps), "
+                 f"switch {spec['switch']}")
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
     sampling_params(args)                               # validate flags before loading anything
+    spec = spec_config(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = load_engine(args)
+    engine = load_engine(args, speculative=spec)
     params = sampling_params(args, generation_defaults(model_generation_config(engine)))
     if engine.tokenizer is None:
         raise HotExpertsError(f"{args.model} has no tokenizer (tokenizer.json); generate needs one")
