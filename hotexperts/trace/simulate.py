@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,16 +201,26 @@ def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens,
 
 
 def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), fit_fraction: float = 0.5,
-          params: dict | None = None, **kw) -> list[SimResult]:
+          params: dict | None = None, progress=None, **kw) -> list[SimResult]:
     """Every policy at every capacity, held out (trace/heldout.py: tuned on the first `fit_fraction` of
     the decode tokens, scored on the rest, one shared warm state); `vs_belady` filled in when belady is
-    among the policies. params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs)."""
+    among the policies. params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs).
+    progress(done, total, what): called after each capacity (the CLI prints a line: long traces take
+    minutes)."""
     from hotexperts.trace.heldout import compare
 
     out = []
-    for cap in [("slots", s) for s in slots] + [("budget", b) for b in budgets]:
+    caps = [("slots", s) for s in slots] + [("budget", b) for b in budgets]
+    for i, cap in enumerate(caps, 1):
         out += compare(trace, policies, **{cap[0]: cap[1]}, fit_fraction=fit_fraction, params=params, **kw)
+        if progress is not None:
+            progress(i, len(caps), f"{cap[1]} {'slots per layer' if cap[0] == 'slots' else 'slots in all'}")
     return out
+
+
+def print_progress(done: int, total: int, what: str) -> None:
+    """sweep's progress as one stderr line per capacity."""
+    print(f"simulate: {done}/{total} capacities done ({what})", file=sys.stderr, flush=True)
 
 
 def auto_cost_params(shape, hw) -> dict:
@@ -266,7 +277,7 @@ def run(args) -> int:
     params.update({p: {"profile": static} for p in policies if p == "static" and static is not None})
     rows = sweep(trace, policies, slots=slots, budgets=budgets, fit_fraction=args.fit_fraction,
                  params=params, max_swaps_per_step=args.max_swaps, prompt_bypass=args.pp_bypass,
-                 expert_nbytes=nbytes)
+                 expert_nbytes=nbytes, progress=print_progress)
     if hw is not None and shape is not None:
         for r in rows:
             r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()
