@@ -46,7 +46,8 @@ from hotexperts.experts.placement import DECODE, Placement
 POLICY_CHOICES = ("lru", "window-lfu", "decay", "static", "auto")
 POLICY_HELP = ("cache policy: lru (least recently used), window-lfu (most used over --moe-window tokens), "
                "decay (exponentially decayed use counts), static (the --moe-profile hot set, never changed), "
-               "auto (decay with a pay-back rule: swap only when the expected hits repay the copy)")
+               "auto (decayed use counts mixed with recency; a swap only where the CPU time it saves repays "
+               "the copy)")
 EXPERT_QUANTS = ("none", "int8", "int4", "int8g", "q4_k")
 DTYPE_CANONICAL = {name: str(dt).removeprefix("torch.") for name, dt in DTYPES.items()}
 DTYPE_CHOICES = tuple(dict.fromkeys(DTYPE_CANONICAL.values()))   # bfloat16 float16 float32 (+ bf16 fp16 fp32)
@@ -58,11 +59,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if (default in (None, False, argparse.SUPPRESS, [], ()) or "default" in text.lower()
-                or not action.option_strings):
+        if not shows_default(action) or "default" in text.lower():
             return text
-        return f"{text} (default: {default})" if text else f"default: {default}"
+        return f"{text} (default: {action.default})" if text else f"default: {action.default}"
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """An option with a value of its own by default (0 counts; None, a switch's False and [] do not)."""
+    d = action.default
+    nothing = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list | tuple) and not d)
+    return bool(action.option_strings) and not nothing
 
 
 def warn(message: str) -> None:
@@ -348,7 +354,7 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
     _check_knobs(a, mode)
     p = Placement.parse(a.placement if mode == "--placement" else _mode_text(a, mode))
     over = dict(pp_bypass=a.moe_pp_bypass, window=a.moe_window, rebalance_interval=a.moe_rebalance_interval,
-                vram_budget=_budget_arg(a.vram_budget, getattr(a, 'device', None)),
+                vram_budget=_budget_arg(a.vram_budget, getattr(a, "device", None)),
                 expert_quant=a.expert_quant,
                 max_swaps_per_step=a.moe_max_swaps, decode=a.moe_decode)
     for key, value in (("policy", a.moe_policy), ("profile", a.moe_profile),

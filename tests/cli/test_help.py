@@ -1,13 +1,12 @@
 """Help written for users (issue 19, must-have 4): no internal docstrings, every default shown, presets listed
 where --model is taken, --moe-policy and --seed explained."""
 
-import argparse
 import re
 
 import pytest
 
 from hotexperts.cli import build_parser
-from hotexperts.cli.flags import HelpFormatter
+from hotexperts.cli.flags import HelpFormatter, shows_default
 from hotexperts.engine.presets import PRESETS
 
 SUBPARSERS = next(a for a in build_parser()._actions if a.dest == "command").choices
@@ -34,7 +33,7 @@ def test_every_option_has_help_and_shows_its_default(command):
             continue
         text = formatter._get_help_string(action)
         assert action.help, f"{command} {action.option_strings[0]} has no help"
-        if action.default not in (None, False, [], argparse.SUPPRESS):
+        if shows_default(action):
             assert "default" in text.lower(), f"{command} {action.option_strings[0]}: {text}"
 
 
@@ -54,7 +53,8 @@ def test_moe_policy_and_seed_are_explained():
     for policy in ("lru (least recently used)", "window-lfu (most used", "decay (", "static (", "auto ("):
         assert policy in gen
     assert "random seed of sampling" in gen
-    assert "random seed of the random weights" in re.sub(r"\s+", " ", help_of("bench"))
+    bench = re.sub(r"\s+", " ", help_of("bench"))
+    assert "random seed of the random weights and the synthetic routing (default: 0)" in bench
 
 
 def test_bench_help_leads_with_what_a_cpu_run_does():
