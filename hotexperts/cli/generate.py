@@ -16,11 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hotexperts.cli.flags import (
+    HelpFormatter,
+    add_json_argument,
     add_kernel_arguments,
+    add_max_tokens_argument,
     add_model_arguments,
     add_placement_arguments,
+    add_plots_argument,
+    add_seed_argument,
     load_engine,
 )
 from hotexperts.engine.engine import Engine
@@ -29,16 +35,23 @@ from hotexperts.engine.speculative import SpecConfig
 from hotexperts.engine.textstream import TextStream
 from hotexperts.errors import HotExpertsError
 
+GENERATE_DESCRIPTION = """\
+Stream a completion of one prompt to stdout; the speed summary (and --stats) go to stderr.
+
+examples:
+  hotexperts generate -m preset:tiny-qwen3-moe -p "Hello"
+  hotexperts generate -m model.gguf -p "Why is the sky blue?" --chat -n 200 --moe-cache 8GiB
+"""
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a prompt",
-                              description="Stream a completion of one prompt.")
+                              description=GENERATE_DESCRIPTION, formatter_class=HelpFormatter)
     add_model_arguments(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (implies --chat)")
-    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
-                   help="tokens to generate at most (default 256)")
+    add_max_tokens_argument(p, 256)
     p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=None,
                    help="0 = greedy (default: the model's generation_config; greedy without one)")
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config's, else 0)")
@@ -49,12 +62,14 @@ def add_parser(subparsers) -> None:
                                       "generation_config's, else 1)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (default 0)")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random each run)")
+    add_seed_argument(p, "sampling (default: a new one each run)", default=None)
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S", help="stop strings")
     p.add_argument("--stats", action="store_true",
                    help="print the cache per layer: hits, misses, swaps, bytes moved, CPU/GPU time")
-    p.add_argument("--stats-json", default=None, metavar="FILE", help="write the engine's stats as JSON")
-    p.add_argument("--heatmap", default=None, metavar="PNG", help="per-layer hit-rate heatmap of the cache")
+    add_json_argument(p, "the engine's statistics", legacy=("--stats-json",))
+    add_plots_argument(p, "the cache's per-layer hit-rate heatmap, layer_heatmap.png")
+    p.add_argument("--heatmap", default=None, metavar="PNG",
+                   help="the same heatmap as --plots, written to the file PNG")
     p.add_argument("--save-profile", default=None, metavar="FILE",
                    help="write the cache's current hot set as a routing profile (--moe-profile FILE)")
     add_draft_arguments(p)
@@ -147,21 +162,31 @@ def run(args: argparse.Namespace) -> int:
 
 def check_cache_flags(engine: Engine, args: argparse.Namespace) -> None:
     """--heatmap and --save-profile need a hybrid cache: say so before any work."""
-    for flag, value in (("--heatmap", args.heatmap), ("--save-profile", args.save_profile)):
+    flags = (("--heatmap", args.heatmap), ("--plots", args.plots), ("--save-profile", args.save_profile))
+    for flag, value in flags:
         if value and engine.executor.cache_stats is None:
             raise HotExpertsError(f"{flag} needs an expert cache (--n-cpu-moe, --moe-hot-k or --moe-cache)")
 
 
+def heatmap_paths(args: argparse.Namespace) -> list[str]:
+    """--heatmap PNG and --plots DIR (DIR/layer_heatmap.png, the name simulate --plots uses)."""
+    paths = [args.heatmap] if args.heatmap else []
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        paths.append(str(Path(args.plots) / "layer_heatmap.png"))
+    return paths
+
+
 def report_cache(engine: Engine, args: argparse.Namespace, stats: dict) -> None:
-    """--stats table, --stats-json, --heatmap and --save-profile (the last two need a hybrid cache)."""
+    """--stats table, --json, --heatmap / --plots and --save-profile (the last ones need a hybrid cache)."""
     cache = engine.executor.cache_stats
     if args.stats:
         print(cache.table() if cache is not None else "no expert cache in this placement", file=sys.stderr)
-    if args.stats_json:
-        with open(args.stats_json, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(stats, f, indent=2, default=str)
     check_cache_flags(engine, args)
-    if args.heatmap:
-        print(f"heatmap: {cache.heatmap(args.heatmap)}", file=sys.stderr)
+    for png in heatmap_paths(args):
+        print(f"heatmap: {cache.heatmap(png)}", file=sys.stderr)
     if args.save_profile:
         print(f"profile: {engine.executor.export_profile(args.save_profile)}", file=sys.stderr)

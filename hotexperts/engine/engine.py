@@ -33,6 +33,7 @@ from hotexperts.engine import runner
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.load import load_model, parse_dtype
 from hotexperts.engine.load_gguf import load_gguf
+from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.engine.speculative import SpecConfig
@@ -124,6 +125,9 @@ class Engine:
         compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py);
         dense_quant, host_embedding: load_source's; speculative: drafting (engine/speculative.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        if executor is None:                          # RAM / VRAM need vs available, before any allocation
+            check_before_load(str(source), dt, dev, placement, max_context=max_context,
+                              default_context=DEFAULT_MAX_CONTEXT)
         loaded = load_source(str(source), dt, dev, seed, host_embedding, dense_quant)
         return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
                                executor=executor, piecewise_graph=piecewise_graph,
