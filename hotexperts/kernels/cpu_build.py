@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import torch
@@ -73,6 +74,7 @@ def load_extension(isa: str = "native"):
         d = build_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         name = f"hotexperts_cpu_moe_{key}"
+        _clear_stale_lock(d)
         if ce.is_ninja_available():
             mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=_cflags(isa),
                           extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
@@ -83,6 +85,22 @@ def load_extension(isa: str = "native"):
         _errors[isa] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
     _mods[isa] = mod
     return mod
+
+
+STALE_LOCK_S = 30 * 60   # a build on 2 cores takes a few minutes; a lock this old was left by a killed one
+
+
+def _clear_stale_lock(d: Path) -> None:
+    """Remove torch's build lock when it is older than STALE_LOCK_S: a build killed mid-way leaves it, and
+    every later load would wait on it forever."""
+    lock = d / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"hotexperts: removing a stale build lock ({age / 60:.0f} min old): {lock}", file=sys.stderr)
+        lock.unlink(missing_ok=True)
 
 
 def _build_direct(name: str, d: Path, isa: str):
