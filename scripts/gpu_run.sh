@@ -278,7 +278,7 @@ step_proof() {
     [ -d ".carry/trees/$name" ] || { echo "no .carry/trees/$name"; continue; }
     echo "--- $name"
     # shellcheck disable=SC2086
-    guard 240 env -C ".carry/trees/$name" PYTHONPATH=. "$PY" -m hotexperts bench --model "$MODEL" $PROOF_ARGS \
+    guard 240 env -C ".carry/trees/$name" PYTHONPATH=".:${PYTHONPATH:-}" "$PY" -m hotexperts bench --model "$MODEL" $PROOF_ARGS \
       --json "$RES/proof_$name.json" > "$RES/proof_$name.log" 2>&1     # its own package first on sys.path
     grep -E "^\||^device:" "$RES/proof_$name.log" | grep -v -- "---" || true
   done

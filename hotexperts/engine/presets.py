@@ -341,7 +341,8 @@ def _cat(ws: list):
     if not isinstance(ws[0], QuantizedWeight):
         return torch.cat(ws)
     z = None if ws[0].zero is None else torch.cat([w.zero for w in ws])
-    return QuantizedWeight(ws[0].fmt, torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]), z)
+    s = None if ws[0].scale is None else torch.cat([w.scale for w in ws])   # GGUF blocks carry their scales
+    return QuantizedWeight(ws[0].fmt, torch.cat([w.q for w in ws]), s, z)
 
 
 def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:

@@ -121,3 +121,17 @@ def test_make_model_files_follow_the_umask(tmp_path):
     out = write_hf_dir("tiny-qwen3-moe", tmp_path / "m", dtype="float32")
     mode = lambda name: os.stat(out / name).st_mode & 0o777  # noqa: E731
     assert mode("model.safetensors") == mode("config.json")
+
+
+def test_cat_of_gguf_block_weights_keeps_no_scale():
+    """Q4_K parts carry their scales inside the blocks (scale None): concatenating them must not fail (the
+    qwen3.5-122b-a10b preset with --expert-quant q4_k crashed here on an H100)."""
+    import torch
+
+    from hotexperts.engine.presets import _cat
+    from hotexperts.quant import quantize_q4_k
+
+    parts = [quantize_q4_k(torch.randn(2, 4, 256)) for _ in range(2)]
+    assert parts[0].scale is None
+    out = _cat(parts)
+    assert out.scale is None and out.q.shape[0] == 4
