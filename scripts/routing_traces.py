@@ -21,10 +21,14 @@ from pathlib import Path
 import torch
 
 from hotexperts.experts.predict import NextLayerPredictor
+from hotexperts.experts.store import ExpertStore
+from hotexperts.models.split import expert_act
+from hotexperts.models.transformer import MoETransformer
 from hotexperts.trace import stats
 from hotexperts.trace.corpora import DOMAINS, corpus
 from hotexperts.trace.learned import domain_requests, prediction_recall, record, switch_requests
-from hotexperts.trace.train import TrainSpec, train
+from hotexperts.trace.train import Trained, TrainSpec, model_config, train
+from hotexperts.weights import LayerExperts
 
 MODELS = {"e64k4": TrainSpec(num_experts=64, top_k=4, seq_len=128),
           "e128k8": TrainSpec(num_experts=128, top_k=8, seq_len=128)}
@@ -39,34 +43,28 @@ def main() -> None:
     ap.add_argument("--corpus-bytes", type=int, default=400_000)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=768)
-    ap.add_argument("--checkpoints", default=None)
+    ap.add_argument("--checkpoints", default=None,
+                    help="keep trained weights here; reuse them when present")
+    ap.add_argument("--record-threads", type=int, default=1,
+                    help="torch threads while recording (many tiny ops: 1 avoids thread contention)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = corpus(args.corpus_bytes)
-    summary = {"corpus": {d: {"train_bytes": len(t), "heldout_bytes": len(h)} for d, (t, h) in text.items()},
-               "models": {}}
+    corpus_sizes = {d: {"train_bytes": len(t), "heldout_bytes": len(h)} for d, (t, h) in text.items()}
     for name in args.models.split(","):
-        summary["models"][name] = one_model(name, text, args, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary = {"corpus": corpus_sizes, "model": one_model(name, text, args, out)}
+        (out / f"{name}-summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def one_model(name: str, text: dict, args, out: Path) -> dict:
     base = MODELS[name]
     spec = TrainSpec(**{**base.__dict__, "steps": args.steps, "max_seconds": args.seconds})
     t0 = time.perf_counter()
-    def progress(step, lm, aux):
-        print(f"{name} step {step} lm {lm:.3f} aux {aux:.3f}", flush=True)
-
-    trained = train(spec, text, progress=progress)
-    if args.checkpoints:
-        Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
-        torch.save({"spec": spec.__dict__, "model": trained.model.state_dict(),
-                    "experts": {l: (le.w13, le.w2) for l in trained.store.layers
-                                for le in [trained.store.layer(l)]}},
-                   Path(args.checkpoints) / f"{name}.pt")
+    trained = trained_model(name, spec, text, args.checkpoints)
     res = {"spec": spec.__dict__, "train_seconds": round(trained.seconds, 1), "log": trained.log,
            "steps_run": trained.log[-1][0] + 1, "traces": {}}
+    torch.set_num_threads(args.record_threads)
     predictor = NextLayerPredictor.from_model(trained.model, extra=2)
     reqs = {d: domain_requests(text, d, 2, args.prompt, args.decode) for d in DOMAINS}
     reqs["switch"] = switch_requests(text, args.prompt, args.decode // 2)
@@ -77,6 +75,33 @@ def one_model(name: str, text: dict, args, out: Path) -> dict:
         print(name, dom, json.dumps(res["traces"][dom]["recall"]), flush=True)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def trained_model(name: str, spec: TrainSpec, text: dict, checkpoints: str | None) -> Trained:
+    """Train `spec`, or load `checkpoints`/<name>.pt when it exists (the weights, log and time of a run)."""
+    path = Path(checkpoints) / f"{name}.pt" if checkpoints else None
+    if path is not None and path.exists():
+        ck = torch.load(path, weights_only=False)
+        cfg = model_config(spec)
+        model = MoETransformer(cfg)
+        model.load_state_dict(ck["model"])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        store = ExpertStore({int(l): LayerExperts(w13, w2, None, expert_act(cfg)) for l, (w13, w2) in
+                             ck["experts"].items()})
+        return Trained(spec, cfg, model.eval(), store, ck.get("log", []), ck.get("seconds", 0.0))
+
+    def progress(step, lm, aux):
+        print(f"{name} step {step} lm {lm:.3f} aux {aux:.3f}", flush=True)
+
+    trained = train(spec, text, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"spec": spec.__dict__, "model": trained.model.state_dict(), "log": trained.log,
+                    "seconds": trained.seconds,
+                    "experts": {l: (trained.store.layer(l).w13, trained.store.layer(l).w2)
+                                for l in trained.store.layers}}, path)
+    return trained
 
 
 def trace_summary(rec, k: int) -> dict:
