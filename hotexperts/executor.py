@@ -12,7 +12,8 @@ each MoE layer to the executor it was given; it never knows where experts live (
 Everything else is a hook with a no-op default here, so callers (the decode runner, the generator, the CLI,
 the bench) call it directly and never probe for attributes:
     end_step()          after every forward pass (a prompt chunk or one decode token)
-    before_step()       right before a T=1 decode forward is launched (a graph replay)
+    before_step()       right before a decode forward is launched (T=1, or a T-token verify step: then a
+                        T > 1 call is a decode step over the union of the tokens' experts, not a prompt)
     flush()             finish deferred bookkeeping now (stats, profiles and prompts need it current)
     check_errors()      raise now if a step run so far failed (cheap; after the host synchronised)
     close()             stop background threads; the executor cannot run afterwards
@@ -22,6 +23,7 @@ the bench) call it directly and never probe for attributes:
     wait_for_fills()    block until issued expert copies landed (benchmark warm-up)
     set_gpu_timing(on)  per-layer GPU time with CUDA events (`--stats`)
     graph_safe          True: a T=1 forward has no host synchronisation: capture it as one CUDA graph
+    verify_graph_safe   True: a T-token decode (verify) forward has none either (engine/runner/verify.py)
     on_route            None, or a callable(layer, ids, weights) called first in every __call__ (tracing)
     plan                the placement plan it executes (experts/placement.py), or None
 """
@@ -39,6 +41,7 @@ RouteCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, ids
 
 class ExpertExecutor:
     graph_safe: bool = False
+    verify_graph_safe: bool = False
     on_route: RouteCallback | None = None
     cache_stats = None
     plan = None

@@ -7,8 +7,13 @@ quantize_int8g(w[..., N, K], group=32) -> "int8gG": q int8 [..., N, K], scale [.
                                    fp16 by default; zero None), w = q * scale
 int8g_from_int4g32(qw, group)    -> the same weights as "int8gG" (q - 8, scale and zero repeated): exact
 quantize_q4_k(w[..., N, K])     -> "q4_k": GGUF Q4_K blocks (K a multiple of 256; the GGUF writers' packer)
-dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default); q4_k bit for bit
-                                   as gguf.quants.dequantize: w = (d * sc) * q - dmin * m in fp32
+quantize_lut4(w[..., N, K], fmt) -> a 4-bit lookup weight (weights.py LUT4: "mxfp4" as gguf's quantizer
+                                   does it, "iq4_nl" / "iq4_xs" with the largest |w| of a 32-group on
+                                   kvalue -127 and nearest-value indices; K a multiple of 32, 256 for iq4_xs)
+dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 by default); q4_k and LUT4 bit
+                                   for bit as gguf.quants.dequantize: w = (d * sc) * q - dmin * m in fp32;
+                                   LUT4 w = scale * table[index]
+lut4_parts(q bytes, fmt)        -> (scale fp32 [..., N, K/32], index uint8 [..., N, K/32, 32]) of LUT4 blocks
 k_scales(bytes [..., 12])       -> Q4_K/Q5_K 6-bit (sc, m) [..., 8] (llama.cpp get_scale_min_k4)
 quantize_layer(LayerExperts, fmt), fmt in {"none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"}
 
@@ -24,9 +29,18 @@ import dataclasses
 
 import torch
 
-from hotexperts.weights import Q4K_BLOCK, Q4K_BYTES, LayerExperts, QuantizedWeight, Weight, cat
+from hotexperts.weights import (
+    LUT4_BLOCKS,
+    LUT4_VALUES,
+    Q4K_BLOCK,
+    Q4K_BYTES,
+    LayerExperts,
+    QuantizedWeight,
+    Weight,
+    cat,
+)
 
-FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k")
+FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k", *LUT4_BLOCKS)
 INT8G = {"int8g32": 32, "int8g16": 16}
 
 
@@ -139,6 +153,10 @@ def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return w.flatten(-2).to(dtype)
     if qw.fmt == "q4_k":
         return _dequantize_q4_k(qw.q).to(dtype)
+    if qw.fmt in LUT4_BLOCKS:
+        scale, idx = lut4_parts(qw.q, qw.fmt)
+        table = torch.tensor(LUT4_VALUES[qw.fmt], dtype=torch.float32, device=idx.device)
+        return (scale.unsqueeze(-1) * table[idx.long()]).flatten(-2).to(dtype)
     raise ValueError(f"unknown quantized format {qw.fmt!r}")
 
 
@@ -147,6 +165,8 @@ def _quantize(w: Weight, fmt: str, chunk: int = 8) -> Weight:
         return w
     if fmt in INT8G:
         fn = lambda t: quantize_int8g(t, INT8G[fmt])  # noqa: E731
+    elif fmt in LUT4_BLOCKS:
+        fn = lambda t: quantize_lut4(t, fmt)  # noqa: E731
     else:
         fn = {"int8": quantize_int8, "q4_k": quantize_q4_k}.get(fmt, quantize_int4g32)
     return cat([fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)])  # bounded fp32 temporaries
@@ -198,3 +218,97 @@ def pack_q4_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 2
     c = q.unflatten(-1, (4, 2, 32))                                # chunk, (low, high) sub-block, 32
     qs = (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
     return torch.cat((fp16_bytes(d), fp16_bytes(dmin), pack_k_scales(sc, m), qs), -1)
+
+
+# ---- the 4-bit lookup formats (weights.py LUT4: GGUF MXFP4, IQ4_NL, IQ4_XS blocks) ----
+
+def _ggml_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16] bytes (byte j: index j low, j + 16 high) -> [..., 32] uint8 indices."""
+    return torch.cat((qs & 15, qs >> 4), -1)
+
+
+def _pack_ggml_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """[..., 32] indices 0..15 -> [..., 16] bytes (inverse of _ggml_nibbles)."""
+    idx = idx.to(torch.uint8)
+    return idx[..., :16] | (idx[..., 16:] << 4)
+
+
+def _half_at(b: torch.Tensor, at: int) -> torch.Tensor:
+    """fp16 at byte `at` of blocks b [..., nb, bytes] -> fp32 [..., nb]."""
+    return b[..., at:at + 2].contiguous().view(torch.float16).float().squeeze(-1)
+
+
+def e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """e8m0 exponents (uint8) -> 2^(e - 128) fp32, exactly (ggml_e8m0_to_fp32_half; e < 2: subnormals)."""
+    e = e.to(torch.int32)
+    return torch.where(e < 2, 0x00200000 << e, (e - 1) << 23).view(torch.float32)
+
+
+def iq4_xs_ls(b: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS blocks [..., nb, 136] -> the 6-bit sub-block scales ls [..., nb, 8] (int32, 0..63)."""
+    hi = b[..., 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF       # [..., nb, 1]
+    lo = b[..., 4:8].to(torch.int32)                                                # [..., nb, 4]
+    i = torch.arange(8, device=b.device)
+    return ((lo[..., i // 2] >> (4 * (i % 2))) & 15) | (((hi >> (2 * i)) & 3) << 4)
+
+
+def lut4_parts(q: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """LUT4 bytes [..., N, nb * bytes] -> (scale fp32 [..., N, G], index uint8 [..., N, G, 32]), G = K/32."""
+    bw, bb = LUT4_BLOCKS[fmt]
+    b = q.unflatten(-1, (-1, bb))                                   # [..., N, nb, bb]
+    if fmt == "iq4_xs":
+        scale = _half_at(b, 0).unsqueeze(-1) * (iq4_xs_ls(b) - 32).float()        # [..., N, nb, 8]
+        idx = _ggml_nibbles(b[..., 8:].unflatten(-1, (8, 16)))                      # [..., N, nb, 8, 32]
+        return scale.flatten(-2), idx.flatten(-3, -2)
+    scale = e8m0_half(b[..., 0]) if fmt == "mxfp4" else _half_at(b, 0)             # [..., N, nb]
+    return scale, _ggml_nibbles(b[..., bb - 16:])
+
+
+def _nearest(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Index of the table value nearest x / scale: x [..., 32], scale [..., 1] -> [..., 32] (first if tie)."""
+    table = torch.tensor(LUT4_VALUES[fmt], dtype=torch.float32, device=x.device)
+    return (scale.unsqueeze(-1) * table - x.unsqueeze(-1)).abs().argmin(-1)
+
+
+def _peak(g: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude per 32-group g [..., 32] -> [...]."""
+    return g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _pack_mxfp4(g: torch.Tensor) -> torch.Tensor:                   # g [..., nb, 32] -> [..., nb, 17]
+    amax = g.abs().amax(-1)
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2 + 127, 0.0).clamp(0, 254).to(torch.uint8)
+    idx = _nearest(g, e8m0_half(e).unsqueeze(-1), "mxfp4")
+    return torch.cat((e.unsqueeze(-1), _pack_ggml_nibbles(idx)), -1)
+
+
+def _pack_iq4_nl(g: torch.Tensor) -> torch.Tensor:                  # g [..., nb, 32] -> [..., nb, 18]
+    d = (_peak(g) / -127.0).half().float()
+    return torch.cat((fp16_bytes(d), _pack_ggml_nibbles(_nearest(g, d.unsqueeze(-1), "iq4_nl"))), -1)
+
+
+def _pack_iq4_xs(g: torch.Tensor) -> torch.Tensor:                  # g [..., nb, 256] -> [..., nb, 136]
+    sub = g.unflatten(-1, (8, 32))                                  # [..., nb, 8, 32]
+    dsub = _peak(sub) / -127.0                                      # [..., nb, 8]
+    d = (_peak(dsub) / -32.0).half().float()                        # [..., nb]
+    safe = torch.where(d != 0, d, 1.0).unsqueeze(-1)
+    ls = torch.round(dsub / safe).clamp(-32, 31).to(torch.int32) + 32              # [..., nb, 8]
+    dl = d.unsqueeze(-1) * (ls - 32).float()
+    idx = _nearest(sub, dl.unsqueeze(-1), "iq4_xs")                 # [..., nb, 8, 32]
+    scales_l = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)  # [..., nb, 4]
+    scales_h = sum(((ls[..., i] >> 4) & 3) << (2 * i) for i in range(8))          # [..., nb]
+    h = torch.stack((scales_h & 0xFF, scales_h >> 8), -1)
+    return torch.cat((fp16_bytes(d), h.to(torch.uint8), scales_l.to(torch.uint8),
+                      _pack_ggml_nibbles(idx).flatten(-2)), -1)
+
+
+LUT4_PACKERS = {"mxfp4": _pack_mxfp4, "iq4_nl": _pack_iq4_nl, "iq4_xs": _pack_iq4_xs}
+
+
+def quantize_lut4(w: torch.Tensor, fmt: str) -> QuantizedWeight:
+    """w [..., N, K] -> LUT4 weight `fmt` (see the module doc); the GGUF writers' packer for these types."""
+    bw = LUT4_BLOCKS[fmt][0]
+    if w.shape[-1] % bw:
+        raise ValueError(f"{fmt} needs the last dimension to be a multiple of {bw}, got {w.shape[-1]}")
+    blocks = LUT4_PACKERS[fmt](w.float().unflatten(-1, (-1, bw)))  # [..., N, K/bw, bytes]
+    return QuantizedWeight(fmt, blocks.flatten(-2).contiguous(), None)

@@ -14,6 +14,7 @@ Qwen3-30B-A3B expert shape (D=2048, I=768), one format at a time, weights random
     python scripts/bench_cpu_micro.py                          # all modes, int4g32 and int8, act q8
     python scripts/bench_cpu_micro.py --modes hot --formats int4g32 --hot-experts 8
     python scripts/bench_cpu_micro.py --act fp32               # the exact fp32 path instead
+    python scripts/bench_cpu_micro.py --formats int4g32,mxfp4,iq4_nl,iq4_xs --dim 2880 --inter 2880   # LUT4
 Prints one JSON line per measurement (and writes them to $OUT/cpu_micro.json when $OUT is set). Kernel
 settings (threads, prefetch distance, integer path) go in as hotexperts.config.KernelOptions.
 """
@@ -33,13 +34,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hotexperts.config import KernelOptions  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
-from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
+from hotexperts.weights import LUT4_BLOCKS, LayerExperts, QuantizedWeight  # noqa: E402
 
 D, I, TOP_K = 2048, 768, 8
 
 
+def lut4_random(fmt: str, E: int, N: int, K: int, gen: torch.Generator) -> QuantizedWeight:
+    """Random LUT4 blocks (indices anywhere, scales of a realistic size: e8m0 120 / fp16 1e-3)."""
+    bw, bb = LUT4_BLOCKS[fmt]
+    b = torch.randint(0, 256, (E, N, K // bw, bb), dtype=torch.uint8, generator=gen)
+    if fmt == "mxfp4":
+        b[..., 0] = 120
+    else:
+        b[..., 0:2] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
+    return QuantizedWeight(fmt, b.flatten(-2), None)
+
+
 def layer(fmt: str, E: int, gen: torch.Generator, D: int = D, I: int = I) -> LayerExperts:
     def mat(N: int, K: int):
+        if fmt in LUT4_BLOCKS:
+            return lut4_random(fmt, E, N, K, gen)
         if fmt == "int4g32":
             q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen)
             s = (torch.rand(E, N, K // 32, generator=gen) * 0.02 + 0.005).half()
@@ -87,8 +101,8 @@ def dram_layers(fmt: str, a) -> list[LayerExperts]:
     def clone(w):
         if not isinstance(w, QuantizedWeight):
             return w.clone()
-        z = None if w.zero is None else w.zero.clone()
-        return QuantizedWeight(w.fmt, w.q.clone(), w.scale.clone(), z)
+        s, z = (None if t is None else t.clone() for t in (w.scale, w.zero))   # q4_k / LUT4: None
+        return QuantizedWeight(w.fmt, w.q.clone(), s, z)
 
     return [base] + [LayerExperts(clone(base.w13), clone(base.w2)) for _ in range(n - 1)]
 

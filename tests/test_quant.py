@@ -160,3 +160,18 @@ def test_cat_keeps_missing_parts_none():
     assert cat([a, a], 1).shape == (2, 6, 256)
     i = quant.quantize_int8g(torch.randn(2, 3, 64))
     assert cat([i, i]).zero is None and cat([i, i]).scale.shape == (4, 3, 2)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "iq4_nl", "iq4_xs"])
+def test_lut4_round_trip_and_layer(fmt):
+    w = torch.randn(2, 3, 256, generator=gen(3))
+    qw = quant.quantize_lut4(w, fmt)
+    assert qw.shape == (2, 3, 256) and qw.group == (256 if fmt == "iq4_xs" else 32)
+    assert qw.nbytes * 8 / w.numel() == {"mxfp4": 4.25, "iq4_nl": 4.5, "iq4_xs": 4.25}[fmt]
+    # values already on the grid come back exactly (scale . table[index] is what dequantize computes)
+    again = quant.quantize_lut4(quant.dequantize(qw), fmt)
+    torch.testing.assert_close(quant.dequantize(again), quant.dequantize(qw), rtol=0, atol=0)
+    le = quant.quantize_layer(LayerExperts(w, torch.randn(2, 8, 256, generator=gen(4))), fmt)
+    assert le.w13.fmt == fmt and le.w2.fmt == fmt
+    with pytest.raises(ValueError, match="multiple of"):
+        quant.quantize_lut4(torch.randn(2, 48), fmt)

@@ -42,3 +42,34 @@ def test_readme_bench_command_tells_the_truth_on_cpu():
 def test_readme_test_command_is_the_suite():
     argv = readme_command("pytest")
     assert argv[-3:] == ["-m", "pytest", "-q"]
+
+
+def usage_lines() -> list[str]:
+    """The `hotexperts ...` lines of the README's Usage block, comments cut."""
+    block = README.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [x.split("  #")[0].strip() for x in block.splitlines() if x.startswith("hotexperts ")]
+
+
+def test_readme_lists_every_command_and_docs_cli_describes_it():
+    from hotexperts.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    listed = {x.split()[1] for x in usage_lines()}
+    assert set(commands) <= listed, set(commands) - listed
+    cli_doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert all(f"| `{c}` |" in cli_doc for c in commands)
+
+
+def test_every_readme_usage_line_parses_as_typed(capsys):
+    """Each line's flags exist and take the values shown (parsing only: nothing is loaded or run)."""
+    import shlex
+
+    from hotexperts.cli import build_parser
+
+    for line in usage_lines():
+        argv = shlex.split(line)[1:]
+        if argv == ["--help"]:
+            continue
+        args = build_parser().parse_args(argv)
+        assert callable(args._run), line
+    assert "warning" not in capsys.readouterr().err              # no deprecated spelling in the README

@@ -13,6 +13,8 @@ uses) and the cache's hit rate. Placements are texts of the placement grammar (e
     cache       one slot budget shared by all layers, adaptive policy (--policy to change)
     and anything else the grammar reads (layers:12, hot:16, cache:8GiB:lru, 0-11=cpu,12-47=gpu, ...); any
     may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0: the CPU).
+With verify_ts (`--verify-t 1,2,4,8`) each placement also times T-token verify steps against 1-token steps
+(bench/verify.py: speculative decoding's cost, as speed per accepted tokens per step).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 
 from hotexperts.bench.replay import RoutingReplay
+from hotexperts.bench.verify import context_needed as verify_context
+from hotexperts.bench.verify import verify_cost
 from hotexperts.bench.workload import BenchTest, RoutingSource
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.engine.engine import Engine, vram_reserved
@@ -62,6 +66,7 @@ class PlacementResult:
     gpu_misses: int | None = None            # worker decode: most misses per layer the GPU reads from RAM
     gpu_share: int | None = None             # ... taking one per this many misses of a layer
     gpu_miss_count: int | None = None        # misses the GPU computed from host memory (whole placement)
+    verify: dict | None = None               # --verify-t: the T-token verify step's cost (bench/verify.py)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -180,7 +185,8 @@ def summarize(runs: list[float]) -> dict:
 
 
 def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
-            tests: list[BenchTest], repeats: int, progress=None) -> PlacementResult:
+            tests: list[BenchTest], repeats: int, progress=None,
+            verify_ts: list[int] = ()) -> PlacementResult:
     res = PlacementResult(label, placement.describe(), None if budget is None else budget / GiB)
     start = time.time()
     gc.collect()                    # the previous placement's slot pools sit in reference cycles
@@ -203,6 +209,8 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
                     progress(f"{label} {test.name}: {runs[-1]:.1f} tok/s")
             res.tests[test.name] = summarize(runs)
         _decode_stats(res, decode)
+        if verify_ts:
+            res.verify = _verify(bench, engine, verify_ts, repeats, progress, label)
         res.trace_wraps = ex.wraps if isinstance(ex, RoutingReplay) else 0
         res.n_cpu_layers = _cpu_layers(ex)
         res.decode_mode = _decode_mode(engine)
@@ -230,6 +238,15 @@ def warm_up(bench: Bench, engine: Engine) -> None:
     bench.run_test(engine, BenchTest("warmup", "pp", WARMUP_PROMPT))
     bench.run_test(engine, BenchTest("warmup", "tg", 4))
     engine.executor.wait_for_fills()
+
+
+def _verify(bench: Bench, engine: Engine, ts: list[int], repeats: int, progress, label: str) -> dict:
+    trace = bench.source.trace
+    v = verify_cost(engine, bench.tokens, ts, repeats=repeats, sync=bench._sync,
+                    trace_ids=None if trace is None else np.asarray(trace.ids))
+    if progress:
+        progress(f"{label} verify: " + ", ".join(f"T={r['T']} {r['cost_vs_1']:.2f}x" for r in v["rows"]))
+    return v
 
 
 def _plan_stats(res: PlacementResult, plan) -> None:
@@ -279,10 +296,11 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
               progress=None, labels: list[str] | None = None, piecewise: bool = False,
               compile_decode: bool = False, options: KernelOptions = DEFAULT_KERNELS,
-              checkpoint=None) -> dict:
+              checkpoint=None, verify_ts: list[int] = ()) -> dict:
     """checkpoint(report): called with the report so far after each placement (a run cut short keeps
-    what it measured)."""
-    max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1) + 8
+    what it measured). verify_ts: also time T-token verify steps for these T (bench/verify.py)."""
+    max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1,
+                      verify_context(verify_ts, repeats=repeats) if verify_ts else 0) + 8
     dtype = next(lm.model.parameters()).dtype
     reserved = sum(vram_reserved(lm, max_context, dtype, device).values())
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
@@ -303,7 +321,8 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
             if name == "gpu" and bi > 0:
                 continue                                   # the reference ignores the budget: run it once
             p = resolve(name, budget, quant, policy)
-            results.append(measure(bench, label, p, p.vram_budget, tests, repeats, progress).to_dict())
+            results.append(measure(bench, label, p, p.vram_budget, tests, repeats, progress,
+                                   verify_ts).to_dict())
             if checkpoint is not None:
                 checkpoint(report())
     return report()

@@ -1,12 +1,13 @@
-"""`hotexperts` command line: dispatch only. Each subcommand is a module exposing `add_parser(subparsers)`
-(registers its sub-parser and arguments) and `run(args) -> int`:
+"""`hotexperts` command line: dispatch only. Each subcommand is a module of this package exposing
+`add_parser(subparsers)` (registers its sub-parser and arguments, built from cli/flags.py's one vocabulary)
+and `run(args) -> int`:
 
-    generate  cli/generate.py         serve   cli/serve.py        bench   cli/bench.py
-    trace     cli/trace.py            make-model  engine/presets.py
-    simulate  trace/simulate.py       calibrate   trace/calibrate.py      auto  trace/auto.py
-The commands that load a model live in this package and share cli/flags.py; the ones over files (traces,
-profiles, presets) keep their add_parser/run beside their code. HotExpertsError -> "error: <message>" on
-stderr, exit code 2, no traceback.
+    generate  cli/generate.py         serve      cli/serve.py        bench  cli/bench.py
+    trace     cli/trace.py            make-model cli/make_model.py   (run: engine/presets.py)
+    simulate  cli/simulate.py (run: trace/simulate.py)    calibrate  cli/calibrate.py (trace/calibrate.py)
+    auto      cli/auto.py (run: trace/auto.py)
+Every sub-parser prints its help with cli/flags.HelpFormatter (defaults shown). HotExpertsError ->
+"error: <message>" on stderr, exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ import argparse
 import sys
 
 from hotexperts import __version__
-from hotexperts.cli import bench, generate, serve, trace
-from hotexperts.engine import presets
+from hotexperts.cli import auto, bench, calibrate, generate, make_model, serve, simulate, trace
+from hotexperts.cli.flags import HelpFormatter
 from hotexperts.errors import HotExpertsError
-from hotexperts.trace import auto, calibrate, simulate
 
-COMMANDS = (generate, presets, trace, simulate, calibrate, auto, bench, serve)
+COMMANDS = (generate, make_model, trace, simulate, calibrate, auto, bench, serve)
 
 
 def _register(subparsers, module) -> None:
-    """module.add_parser(subparsers), then route every sub-parser it added to module.run."""
+    """module.add_parser(subparsers), then route every sub-parser it added to module.run, with help written
+    for users (cli/flags.HelpFormatter: descriptions as written, defaults shown)."""
     before = set(subparsers.choices)
     module.add_parser(subparsers)
     for name in set(subparsers.choices) - before:
         subparsers.choices[name].set_defaults(_run=module.run)
+        subparsers.choices[name].formatter_class = HelpFormatter
 
 
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:

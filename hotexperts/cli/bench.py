@@ -3,83 +3,116 @@
 
     hotexperts bench [--model preset:NAME|DIR|FILE.gguf] [--placements gpu,cpu-moe,n-cpu-moe,hot,cache]
         [--vram-budget 16,24] [--tests pp512,tg128] [--repeats 3] [--route-trace FILE | --route-synthetic P]
-        [--expert-quant int4] [--policy P] [--json FILE] [--plots DIR] [-t N] [--compile] [--predict HW]
+        [--expert-quant int4] [--moe-policy P] [--json FILE] [--plots DIR] [-t N] [--compile] [--hardware HW]
+        [--verify-t 1,2,4,8]   (speculative decoding's verify step: bench/verify.py)
 On a machine without CUDA it says so first (CPU_NOTE: what is emulated, what is measured, what to read),
 runs the real cache on the mini model with the slot counts the real shape gets at each budget and prints
 the cost model's PREDICTED speeds for a hardware profile, labelled as such (its all-GPU / layer-offload
-rows only where a published stock llama.cpp figure confirms them: bench/predict.py). `--predict none`, or
+rows only where a published stock llama.cpp figure confirms them: bench/predict.py). `--hardware none`, or
 a model with no known real shape, runs measured-only. Progress lines on CPU say "this CPU".
 """
 
 from __future__ import annotations
 
-import argparse
-
 from hotexperts.bench import predict as pr
 from hotexperts.bench import report as rep
 from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
-from hotexperts.bench.harness import __doc__ as HARNESS_DOC
+from hotexperts.bench.verify import parse_verify_ts
+from hotexperts.bench.verify import table as verify_table
 from hotexperts.bench.workload import parse_tests, routing_source
 from hotexperts.cli.flags import (
     EXPERT_QUANTS,
+    POLICY_CHOICES,
+    POLICY_HELP,
+    HelpFormatter,
     add_compile_argument,
+    add_device_argument,
+    add_dtype_argument,
+    add_hardware_argument,
+    add_json_argument,
     add_kernel_arguments,
+    add_model_argument,
+    add_plots_argument,
+    add_seed_argument,
     kernel_options_from_args,
+    vram_budgets,
 )
 from hotexperts.engine.engine import DENSE_QUANT, PRESET_PREFIX, load_source, resolve_device, resolve_dtype
+from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
-from hotexperts.experts.budget import GiB, parse_bytes
 from hotexperts.experts.build import quantized_store
-from hotexperts.experts.placement import QUANT
+from hotexperts.experts.placement import QUANT, Placement
 from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.trace.profiles import get_profile
+
+BENCH_DESCRIPTION = """\
+Run expert placements side by side on one model, llama-bench style: every placement (all experts on the CPU,
+llama.cpp's layer offload, the per-layer hot cache, the shared adaptive cache, all on the GPU) runs the same
+tests (ppN = a prompt of N tokens, tgN = N generated tokens) at each --vram-budget; one table compares them.
+
+On a machine without a CUDA GPU it says so first: every placement runs on this CPU (the 'GPU' slots are
+emulated, so tok/s are this CPU's), the cache's hits, misses and swaps are real, and for models whose real
+shape is known (the *-mini presets) the cost model prints PREDICTED speeds for --hardware; read that table.
+
+examples:
+  hotexperts bench --route-synthetic qwen3-30b-a3b --vram-budget 16 --expert-quant int4 --tests pp128,tg64
+  hotexperts bench --model q30.gguf --route-synthetic qwen3-30b-a3b --vram-budget 5015MiB --placements cache
+"""
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="placements side by side at one VRAM budget (llama-bench style)",
-                              description=HARNESS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", default="preset:qwen3-30b-a3b-mini", help="HF dir, .gguf or preset:NAME")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (default on CPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--placements", default=",".join(NAMED), help=f"comma list (default {','.join(NAMED)})")
-    p.add_argument("--vram-budget", default=None, metavar="SIZE[,SIZE...]",
+                              description=BENCH_DESCRIPTION, formatter_class=HelpFormatter)
+    add_model_argument(p, required=False, default="preset:qwen3-30b-a3b-mini")
+    add_dtype_argument(p, default=None, help="weights' float type (default: bfloat16 on CUDA, float32 "
+                                             "on CPU)")
+    add_device_argument(p)
+    p.add_argument("--placements", default=",".join(NAMED), metavar="NAME[,NAME...]",
+                   help=f"placements to compare, from {', '.join(NAMED)}")
+    p.add_argument("--vram-budget", default=None, metavar="SIZE[,SIZE...]|auto",
                    help="the process's whole GPU memory (CUDA context included) to compare at: GiB "
-                        "(16,24) or with a unit (5015MiB); default: unlimited")
-    p.add_argument("--tests", default="pp512,tg128",
-                   help="ppN, tgN, tgN@dD (e.g. pp512,pp4096,tg128,tg128@d4096)")
-    p.add_argument("--repeats", type=int, default=3)
+                        "(16,24) or with a unit (5015MiB); auto: the GPU's free memory, on CPU the "
+                        "--hardware profile's card (default: unlimited; on CPU the profile's card)")
+    p.add_argument("--tests", default="pp512,tg128", metavar="TEST[,TEST...]",
+                   help="ppN (prompt of N tokens), tgN (N generated), tgN@dD (after a D-token context)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each test")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--route-trace", metavar="FILE",
-                     help="replay routing from a trace (.npz or a shared raw file)")
-    src.add_argument("--route-synthetic", metavar="PRESET", help="replay calibrated synthetic routing")
-    p.add_argument("--route-tokens", type=int, default=None,
+                     help="replay routing from a trace (.npz, .route.csv, *_routing.jsonl or a folder)")
+    src.add_argument("--route-synthetic", metavar="PRESET",
+                     help="replay calibrated synthetic routing: qwen3-30b-a3b | mixtral-8x7b | flat-512")
+    p.add_argument("--route-tokens", type=int, default=None, metavar="N",
                    help="synthetic routing length (default: what one placement consumes: it never wraps)")
-    p.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS)
+    p.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS,
+                   help="experts' format: int8 per row, int4 (int4g32), int8g (int8 per 32), q4_k (GGUF "
+                        "Q4_K)")
     p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
                    help="dense projections: auto (a GGUF's own quantized form), q8 (int8 per 32), none")
-    p.add_argument("--policy", default=None, help="policy of the 'cache' placement (default auto)")
-    p.add_argument("--json", default=None, metavar="FILE")
-    p.add_argument("--plots", default=None, metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe-policy", "--policy", dest="policy", default=None, choices=POLICY_CHOICES,
+                   help="policy of the 'cache' placement (default: auto). " + POLICY_HELP)
+    add_json_argument(p, "the report")
+    add_plots_argument(p, "speed per placement and budget")
+    add_seed_argument(p, "the random weights and the synthetic routing")
     p.add_argument("--piecewise-graph", action="store_true",
                    help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    p.add_argument("--verify-t", default=None, metavar="T[,T...]",
+                   help="also time a T-token speculative verify step against 1-token steps per placement "
+                        "(e.g. 1,2,4,8; T <= 16): cost ratios and speed per accepted tokens per step")
     add_compile_argument(p)
     add_kernel_arguments(p)
-    p.add_argument("--predict", "--profile", "--hardware", dest="predict", default=None,
-                   metavar="PROFILE|none",
-                   help="CPU-only machines: run the cache with the slot counts the real shape gets at each "
-                        "budget on this hardware profile (rtx4090-7950x, rtx3060-ddr4, h200, or a "
-                        "`calibrate` JSON) and print the cost model's PREDICTED speeds; none = measured "
-                        "only (default without CUDA: rtx4090-7950x when the model's real shape is known)")
+    add_hardware_argument(p, "predict", None, aliases=("--predict", "--profile"),
+                          extra="CPU-only machines run the cache with the slot counts the real shape gets at "
+                                "each budget on this card and print PREDICTED speeds; none = measured only "
+                                "(default without CUDA: rtx4090-7950x when the model's real shape is known)")
 
 
 def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tests = parse_tests(args.tests)
-    sizes = str(args.vram_budget).split(",") if args.vram_budget else []
-    budgets = [parse_bytes(b) / GiB for b in sizes] or [None]
+    verify_ts = parse_verify_ts(args.verify_t)
+    budgets = vram_budgets(args.vram_budget, device)
     lm = load_quantized(args.model, dtype, device, args.seed, args.expert_quant, args.dense_quant)
     kind, arg = ("trace", args.route_trace) if args.route_trace else (
         ("synthetic", args.route_synthetic) if args.route_synthetic else ("router", None))
@@ -96,17 +129,25 @@ def run(args) -> int:
     if device.type != "cuda":
         print(cpu_note(profile, args.model), flush=True)
     if profile is not None:
-        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options)
+        return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options,
+                              verify_ts)
     report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
                        policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
-                       compile_decode=args.compile, options=options,
+                       compile_decode=args.compile, options=options, verify_ts=verify_ts,
                        checkpoint=(lambda r: rep.save_json(r, args.json)) if args.json else None)
     print()
     print(rep.table(report))
+    _verify_table(report)
     if args.json:
         print(f"JSON: {rep.save_json(report, args.json)}")
     _plots(report, args.plots)
     return 0
+
+
+def _verify_table(report: dict) -> None:
+    if any(r.get("verify") for r in report["results"]):
+        print()
+        print(verify_table(report["results"]))
 
 
 def _plots(report: dict, out_dir: str | None) -> None:
@@ -125,15 +166,15 @@ DEFAULT_PROFILE = "rtx4090-7950x"
 
 
 def predict_profile(asked: str | None, model: str, quant: str, device) -> str | None:
-    """The hardware profile to predict for, or None (measured only): --predict none, a CUDA machine
-    without --predict, or a model with no known real shape (then the CPU note says so)."""
+    """The hardware profile to predict for, or None (measured only): --hardware none, a CUDA machine
+    without --hardware, or a model with no known real shape (then the CPU note says so)."""
     if asked is not None and asked.lower() == "none":
         return None
     if asked is None and (device.type == "cuda" or pr.shape_for(model, quant) is None):
         return None
     if pr.shape_for(model, quant) is None:
-        raise HotExpertsError(f"--predict {asked}: {model!r} has no known real shape to predict for (the "
-                              f"qwen3-30b-a3b-mini and similar presets have one); use --predict none")
+        raise HotExpertsError(f"--hardware {asked}: {model!r} has no known real shape to predict for (the "
+                              f"qwen3-30b-a3b-mini and similar presets have one); use --hardware none")
     return asked or DEFAULT_PROFILE
 
 
@@ -145,7 +186,7 @@ def cpu_note(profile: str | None, model: str) -> str:
              "this CPU's, not a GPU's; the cache's hits, misses and swaps are real",
              f"  - model: {model} (tiny widths for the *-mini presets: speeds are not the real model's)"]
     if profile is None:
-        lines.append("  - predicted: nothing (--predict none, or no known real shape for this model): read "
+        lines.append("  - predicted: nothing (--hardware none, or no known real shape for this model): read "
                      "the hit rates and swaps, not the tok/s ratios between placements")
     else:
         lines.append(f"  - predicted: the cost model turns the measured hit and swap rates into tok/s for "
@@ -159,7 +200,10 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
     directly: no bf16 copy of a 30B model's experts in RAM), not once per placement. The token embedding
     lives in host memory on CUDA; dense_quant as Engine.load's."""
     host = device.type == "cuda"
-    if QUANT.get(quant) and source.startswith(PRESET_PREFIX):
+    direct = bool(QUANT.get(quant)) and source.startswith(PRESET_PREFIX)
+    check_before_load(source, dtype, device, Placement(mode="cpu"),       # RAM / VRAM before any allocation
+                      expert_format=QUANT[quant] if direct else None)
+    if direct:
         lm = build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
                              expert_dtype=QUANT[quant], host_embedding=host)
         if dense_quant == "q8":
@@ -170,7 +214,8 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
     return lm
 
 
-def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options) -> int:
+def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options,
+                   verify_ts=()) -> int:
     """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
     shape = pr.shape_for(args.model, args.expert_quant)
     hw = get_profile(profile)
@@ -181,13 +226,14 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
         plan = pr.real_plan(shape, b)
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
                            quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
-                           compile_decode=args.compile, options=options)
+                           compile_decode=args.compile, options=options, verify_ts=verify_ts)
         rows, notes = pr.checked(pr.predictions(report, shape, hw, plan, prompt_tokens=pp), hw)
         print()
         print(pr.table(rows, shape, hw, plan, tests, notes))
         print(f"\n(MEASURED on this machine, {report['device']}, tiny widths, 'gpu' slots emulated on the "
               f"CPU: the cache's hit rates are real; tok/s are this CPU's, not the real model's on a GPU)\n")
         print(rep.table(report))
+        _verify_table(report)
         out["predicted"].append({"plan": plan, "rows": rows, "notes": notes})
         out["measured_on_this_machine"].append(report)
     _plots({**out["measured_on_this_machine"][0],

@@ -1,15 +1,26 @@
-"""The flags every model-loading command shares (generate, serve, bench, trace), parsed in one place.
+"""The one flag vocabulary of the `hotexperts` commands: every flag two commands share is defined here, once,
+with the same name, meaning, value syntax and help in each (docs/cli.md lists them).
 
+    HelpFormatter                                help for users: the description as written, every
+                                                 option's default shown
     add_model_arguments(parser, required=True)   --model/-m, --dtype, --device, --max-context/-c,
                                                  --no-cuda-graph, --piecewise-graph, --compile, and the
                                                  llama.cpp habits -ngl, -fa, --no-mmap, --mlock (accepted
                                                  where they mean what they mean here, else one clear error)
+    add_model_argument, add_dtype_argument, add_device_argument, add_seed_argument, add_max_tokens_argument
+    add_json_argument / add_plots_argument       --json FILE (alias --stats-json), --plots DIR (alias --plot)
+    add_hardware_argument                        --hardware NAME|FILE (aliases --profile, --predict)
+    add_cache_budget_arguments                   --moe-cache SIZE[,SIZE] (legacy --budget: bare = slots),
+                                                 --moe-max-swaps, --moe-pp-bypass (simulate, auto)
+    add_chat_arguments                           trace: --chat (the template switch, as in generate),
+                                                 --chat-file FILE.jsonl (legacy: --chat FILE, warned)
     add_placement_arguments(parser)              where experts live (llama.cpp meanings) and the cache knobs
     add_kernel_arguments(parser)                 -t/--threads and the kernel backends
     placement_from_args(args) -> Placement       the flags as one request in the placement grammar
                                                  (experts/placement.py): --placement TEXT is the grammar
                                                  itself; --cpu-moe, --n-cpu-moe, --moe-hot-k, --moe-cache,
                                                  --moe-profile and --vram-budget alone are sugar for it
+    vram_budgets(text, device) -> [GiB | None]   bench's --vram-budget list ('auto' on CPU: None + a note)
     kernel_options_from_args(args) -> KernelOptions
     load_engine(args) -> Engine                  the model, placement and kernels these flags name
 
@@ -19,26 +30,207 @@ Contradictory flags raise PlacementError (the CLI prints `error: ...`, exit 2).
 from __future__ import annotations
 
 import argparse
+import sys
+import textwrap
 from dataclasses import replace
 
 from hotexperts.config import GPU_MOE_BACKENDS, STAGE_COPY_MODES, KernelOptions
-from hotexperts.engine.engine import DENSE_QUANT, Engine
+from hotexperts.engine.engine import DENSE_QUANT, Engine, resolve_device
 from hotexperts.engine.load import DTYPES
+from hotexperts.engine.presets import PRESETS
 from hotexperts.errors import PlacementError
-from hotexperts.experts.budget import parse_bytes, parse_cache
+from hotexperts.experts.budget import GiB, parse_bytes, parse_cache
+from hotexperts.experts.build import auto_budget
 from hotexperts.experts.placement import DECODE, Placement
 
 POLICY_CHOICES = ("lru", "window-lfu", "decay", "static", "auto")
+POLICY_HELP = ("cache policy: lru (least recently used), window-lfu (most used over --moe-window tokens), "
+               "decay (exponentially decayed use counts), static (the --moe-profile hot set, never changed), "
+               "auto (decayed use counts mixed with recency; a swap only where the CPU time it saves repays "
+               "the copy)")
 EXPERT_QUANTS = ("none", "int8", "int4", "int8g", "q4_k")
+DTYPE_CANONICAL = {name: str(dt).removeprefix("torch.") for name, dt in DTYPES.items()}
+DTYPE_CHOICES = tuple(dict.fromkeys(DTYPE_CANONICAL.values()))   # bfloat16 float16 float32 (+ bf16 fp16 fp32)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option that has a default shows it (unless its help
+    already says 'default'); switches and options without a default show nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not shows_default(action) or "default" in text.lower():
+            return text
+        return f"{text} (default: {action.default})" if text else f"default: {action.default}"
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """An option with a value of its own by default (0 counts; None, a switch's False and [] do not)."""
+    d = action.default
+    nothing = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list | tuple) and not d)
+    return bool(action.option_strings) and not nothing
+
+
+def warn(message: str) -> None:
+    """One 'warning: ...' line on stderr (deprecated spellings, flags that mean nothing on this machine)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class LegacySpelling(argparse.Action):
+    """An option whose old spellings still work: a spelling in `legacy` (old -> note) prints the note as a
+    warning; `convert` (spelling, value) -> value rewrites what an old spelling meant into the new syntax."""
+
+    def __init__(self, option_strings, dest, legacy: dict | None = None, convert=None, **kw):
+        self.legacy, self.convert = legacy or {}, convert
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.legacy:
+            warn(self.legacy[option_string])
+        if self.convert is not None:
+            values = self.convert(option_string, values)
+        setattr(namespace, self.dest, values)
+
+
+def preset_names() -> str:
+    return ", ".join(PRESETS)
+
+
+def presets_epilog() -> str:
+    """The preset list every command that takes --model shows under its options."""
+    wrapped = textwrap.fill(preset_names(), width=100, initial_indent="  ", subsequent_indent="  ",
+                            break_on_hyphens=False)
+    return ("presets (--model preset:NAME builds one with seeded random weights in memory, no download;\n"
+            "`hotexperts make-model --help` describes each):\n" + wrapped)
+
+
+def add_model_argument(p, required: bool = True, default: str | None = None, group=None) -> None:
+    """-m/--model: a Hugging Face directory, a .gguf file or preset:NAME (the presets in the epilog)."""
+    (group or p).add_argument("-m", "--model", required=required, default=default,
+                              metavar="DIR|FILE|preset:NAME",
+                              help="model: a Hugging Face directory (safetensors), a .gguf file, or "
+                                   "preset:NAME (listed below)")
+    if isinstance(p, argparse.ArgumentParser) and "presets (" not in (p.epilog or ""):
+        p.epilog = "\n\n".join(x for x in (p.epilog, presets_epilog()) if x)
+
+
+def canonical_dtype(text: str) -> str:
+    """bf16/fp16/fp32 and the full names -> the full name (one set of choices in every command)."""
+    key = str(text).strip().lower()
+    if key not in DTYPE_CANONICAL:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}: choose {', '.join(DTYPE_CANONICAL)}")
+    return DTYPE_CANONICAL[key]
+
+
+def add_dtype_argument(p, default: str | None = "bfloat16", help: str | None = None) -> None:
+    p.add_argument("--dtype", type=canonical_dtype, default=default, metavar="DTYPE",
+                   help=help or "weights' float type: bfloat16, float16 or float32 (or bf16, fp16, fp32)")
+
+
+def add_device_argument(p, help: str | None = None) -> None:
+    p.add_argument("--device", default=None,
+                   help=help or "cuda, cuda:1 or cpu (default: cuda when a GPU is visible, else cpu)")
+
+
+def add_seed_argument(p, what: str, default: int | None = 0) -> None:
+    """--seed N: `what` says what it seeds in this command."""
+    p.add_argument("--seed", type=int, default=default, metavar="N", help=f"random seed of {what}")
+
+
+def add_max_tokens_argument(p, default: int, what: str = "tokens to generate at most") -> None:
+    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=default,
+                   metavar="N", help=what)
+
+
+def add_json_argument(p, what: str, legacy: tuple[str, ...] = ()) -> None:
+    """--json FILE (every command that writes its results as JSON; `legacy`: old spellings kept)."""
+    p.add_argument("--json", *legacy, dest="json", default=None, metavar="FILE", help=f"write {what} as JSON")
+
+
+def add_plots_argument(p, what: str) -> None:
+    """--plots DIR (alias --plot): PNG plots written into DIR."""
+    p.add_argument("--plots", "--plot", dest="plots", default=None, metavar="DIR",
+                   help=f"write PNG plots ({what}) into DIR (needs matplotlib)")
+
+
+HARDWARE_HELP = ("hardware profile for the cost model's predicted tok/s: rtx4090-7950x, rtx3060-ddr4, h200, "
+                 "or a JSON written by `hotexperts calibrate`")
+
+
+def add_hardware_argument(p, dest: str, default: str | None, extra: str = "",
+                          aliases: tuple[str, ...] = ("--profile",)) -> None:
+    """--hardware NAME|FILE (aliases: --profile and, in bench, --predict)."""
+    p.add_argument("--hardware", *aliases, dest=dest, default=default, metavar="NAME|FILE",
+                   help=HARDWARE_HELP + (f"; {extra}" if extra else ""))
+
+
+def _legacy_budget(option: str, value: str) -> str:
+    """--budget's old syntax (a bare number = slots) in --moe-cache's (a bare number = GiB)."""
+    if option != "--budget":
+        return value
+    return ",".join(f"{v.strip()}slots" if v.strip().isdigit() else v.strip() for v in str(value).split(","))
+
+
+def add_cache_budget_arguments(p, sweep: bool, max_swaps_default: int | None = None) -> None:
+    """simulate / auto: the cache's slot budget and knobs under generate's names (--moe-cache, ...)."""
+    many = "[,SIZE...]" if sweep else ""
+    p.add_argument("--moe-cache", "--budget", dest="moe_cache", default=None, metavar=f"SIZE{many}",
+                   action=LegacySpelling, convert=_legacy_budget,
+                   legacy={"--budget": "--budget is now --moe-cache (as in generate); its bare numbers "
+                                       "still mean slots there, write them as '600slots'"},
+                   help="one slot budget shared by all MoE layers, as generate's --moe-cache: GiB ('8GiB', "
+                        "'8', needs the expert size: --model-shape or --expert-mb) or slots ('600slots')"
+                        + ("; a comma list sweeps" if sweep else ""))
+    p.add_argument("--moe-max-swaps", "--max-swaps", dest="max_swaps", type=int, default=max_swaps_default,
+                   metavar="N", help="expert copies per decode step (default: unbounded)"
+                   if max_swaps_default is None else "expert copies per decode step")
+    p.add_argument("--moe-pp-bypass", "--pp-bypass", dest="pp_bypass", type=int, default=64, metavar="T",
+                   help="prompt batches over T tokens bypass the cache policy")
+
+
+def budget_for_simulator(value: str | None) -> str | None:
+    """--moe-cache's syntax -> the simulator's (trace/simulate.py, trace/auto.py: a bare number = slots,
+    a size with a unit = bytes): '600slots' -> '600', '8' -> '8GiB', '8GiB' -> '8GiB'."""
+    if value is None:
+        return None
+    out = []
+    for item in str(value).split(","):
+        bytes_, slots = parse_cache(item.strip())
+        out.append(str(slots) if slots is not None else f"{bytes_ / 1024}KiB")
+    return ",".join(out)
+
+
+def add_chat_arguments(p, group) -> None:
+    """trace: --chat as in generate (the chat template on, the default for --prompts) and --chat-file."""
+    group.add_argument("--chat-file", dest="chat_file", default=None, metavar="FILE.jsonl",
+                       help="one JSON chat transcript per line ({\"messages\": [...]} or a bare list)")
+    p.add_argument("--chat", dest="chat", nargs="?", const=True, default=False, action=_ChatFlag,
+                   metavar="FILE.jsonl",
+                   help="wrap each --prompts line in the chat template, as generate --chat (the default "
+                        "for --prompts; --raw turns it off). The old form --chat FILE.jsonl still reads "
+                        "transcripts (deprecated: --chat-file)")
+
+
+class _ChatFlag(argparse.Action):
+    """--chat alone: the template switch; --chat FILE: the deprecated spelling of --chat-file (warned)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is True:
+            namespace.chat = True
+            return
+        warn("--chat FILE.jsonl is now --chat-file FILE.jsonl (--chat alone means the chat template, as in "
+             "generate)")
+        if getattr(namespace, "chat_file", None):
+            parser.error("--chat FILE and --chat-file both given: keep --chat-file")
+        namespace.chat_file = values
 
 
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("-m", "--model", required=required,
-                   help="model directory (Hugging Face layout), a .gguf file, or preset:NAME")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    add_model_argument(p, required)
+    add_dtype_argument(p)
+    add_device_argument(p)
     p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=int, default=None,
-                   help="KV cache length (default: <= 4096)")
+                   metavar="N", help="KV cache length in tokens (default: the model's, at most 4096)")
     p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
                    help="dense projections: auto keeps a GGUF's quantized ones (Q8_0 & co., exact) and float "
                         "ones as they are; q8 quantizes float ones to int8 per 32 (Q8_0 layout, not exact); "
@@ -131,16 +323,19 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-rebalance-interval", type=int, default=None, metavar="R",
                    help="rebalance every R generated tokens")
     g.add_argument("--moe-pp-bypass", type=int, default=64, metavar="T",
-                   help="prompt batches over T tokens bypass the cache (default 64)")
+                   help="prompt batches over T tokens bypass the cache")
     g.add_argument("--moe-cache", default=None, metavar="BUDGET",
-                   help="one slot budget for all layers: GiB ('8GiB', '8'), slots ('2000slots') or auto")
-    g.add_argument("--moe-policy", default=None, choices=POLICY_CHOICES)
+                   help="one slot budget for all layers' experts: GiB ('8GiB', '8'), slots ('2000slots') or "
+                        "auto (what --vram-budget leaves)")
+    g.add_argument("--moe-policy", default=None, choices=POLICY_CHOICES,
+                   help=POLICY_HELP + " (default: auto for --moe-cache, window-lfu for --moe-hot-k)")
     g.add_argument("--moe-profile", default=None, metavar="FILE",
                    help="routing profile: static placement alone, warm start with --moe-hot-k/--moe-cache")
-    g.add_argument("--moe-max-swaps", type=int, default=4, metavar="N", help="expert copies per step (4)")
+    g.add_argument("--moe-max-swaps", type=int, default=4, metavar="N", help="expert copies per decode step")
     g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
                    help="the process's whole GPU memory, CUDA context included (context + dense + KV + "
-                        "workspace + staging + slots)")
+                        "workspace + staging + slots); auto: what the GPU has free (without a GPU: no "
+                        "limit, and a note says so). Not --moe-cache, which is the experts' share alone")
     g.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS,
                    help="int8: per-row int8; int4: int4g32 (Q4_0-like); int8g: int8 per 32 (Q8_0-like); "
                         "q4_k: GGUF Q4_K blocks (4.5 bits)")
@@ -159,7 +354,8 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
     _check_knobs(a, mode)
     p = Placement.parse(a.placement if mode == "--placement" else _mode_text(a, mode))
     over = dict(pp_bypass=a.moe_pp_bypass, window=a.moe_window, rebalance_interval=a.moe_rebalance_interval,
-                vram_budget=_budget_arg(a.vram_budget), expert_quant=a.expert_quant,
+                vram_budget=_budget_arg(a.vram_budget, getattr(a, "device", None)),
+                expert_quant=a.expert_quant,
                 max_swaps_per_step=a.moe_max_swaps, decode=a.moe_decode)
     for key, value in (("policy", a.moe_policy), ("profile", a.moe_profile),
                        ("gpu_misses", _gpu_misses_arg(a.moe_gpu_misses))):
@@ -228,10 +424,39 @@ def _gpu_misses_arg(v) -> int | None:
     return None if v is None or str(v) == "auto" else _int(v, "--moe-gpu-misses")
 
 
-def _budget_arg(v) -> int | str | None:
-    if v is None or str(v).lower() == "auto":
-        return None if v is None else "auto"
+VRAM_AUTO_ON_CPU = ("--vram-budget auto on a machine without a CUDA GPU: there is no card to measure, so "
+                    "no VRAM limit applies (the 'gpu' places are emulated in this CPU's RAM); give a size "
+                    "such as --vram-budget 16 to emulate that card")
+
+
+def _budget_arg(v, device=None) -> int | str | None:
+    if v is None:
+        return None
+    if str(v).lower() == "auto":
+        if resolve_device(device).type != "cuda":
+            warn(VRAM_AUTO_ON_CPU)
+            return None
+        return "auto"
     return parse_bytes(v)
+
+
+def vram_budgets(text: str | None, device) -> list[float | None]:
+    """bench's --vram-budget: '16,24' / '5015MiB' / 'auto' -> GiB each ([None]: unlimited). 'auto' is the
+    GPU's free memory on CUDA; without one it is None, which bench's predicted mode reads as the --hardware
+    profile's card (a note says so)."""
+    if not text:
+        return [None]
+    out: list[float | None] = []
+    for item in str(text).split(","):
+        if item.strip().lower() != "auto":
+            out.append(parse_bytes(item) / GiB)
+        elif resolve_device(device).type == "cuda":
+            out.append(auto_budget(resolve_device(device)) / GiB)
+        else:
+            warn("--vram-budget auto without a CUDA GPU: the card of the --hardware profile when speeds are "
+                 "predicted, else no limit")
+            out.append(None)
+    return out
 
 
 def load_engine(args: argparse.Namespace, **kw) -> Engine:

@@ -37,10 +37,11 @@ API_KEY_ENV = "HOTEXPERTS_API_KEY"
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
-                              description="Serve a model over an OpenAI-compatible HTTP API.")
+                              description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/"
+                                          "completions, /v1/completions, /v1/models) and a chat page at /.")
     add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (visible in the process list: prefer "
                         "--api-key-file or $HOTEXPERTS_API_KEY)")
@@ -48,10 +49,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST...]",
                    help="Host header names the server answers ('*' = any; default: loopback names and the "
                         "bound address)")
-    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections (256)")
+    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                   help="seconds an idle keep-alive connection stays open (5)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait (32); more: 429")
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 429")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds per request from arrival (default 600, 0 = none); then finish_reason length")
     p.add_argument("--served-model-name", "--alias", "-a", dest="served_model_name", nargs="+", default=None,
@@ -63,7 +64,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cors-origin", "--allowed-origin", dest="allowed_origin", action="append", default=[],
                    metavar="ORIGIN", help="CORS: let browser pages on ORIGIN call the API ('*' = any); "
                                           "other cross-origin requests are refused (403)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log detail")
     add_placement_arguments(p)
     add_kernel_arguments(p)
 

@@ -10,6 +10,8 @@
     engine.stats()            # {"last": {...}, "total": {...}, "cache": executor stats or None, ...}
 
     engine.prefill(ids) -> logits [V];  engine.decode_one(token, pos) -> logits [V]   (bench: timed passes)
+    engine.verify(tokens, pos) -> logits [T, V]        a T-token verify step (speculative decoding)
+    Engine.load(..., speculative=SpecConfig(method="ngram", draft_max=8))   drafting (engine/speculative.py)
     engine.close()            # stop the executor's background threads
 
 device None = "cuda" when available, else "cpu". placement None = `Placement()` (every expert on the GPU);
@@ -31,8 +33,10 @@ from hotexperts.engine import runner
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.load import load_model, parse_dtype
 from hotexperts.engine.load_gguf import load_gguf
+from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
+from hotexperts.engine.speculative import SpecConfig
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
@@ -100,13 +104,14 @@ def _ids(value) -> set[int]:
 
 class Engine:
     def __init__(self, loaded, executor, device: torch.device, max_context: int, *,
-                 use_cuda_graph: bool = True, piecewise_graph: bool = False, compile_decode: bool = False):
+                 use_cuda_graph: bool = True, piecewise_graph: bool = False, compile_decode: bool = False,
+                 speculative: SpecConfig | None = None):
         self.loaded, self.executor, self.device = loaded, executor, device
         self.config, self.tokenizer, self.model = loaded.cfg, loaded.tokenizer, loaded.model
         self.max_context = max_context
         self.generator = Generator(self.model, executor, self.config, device, max_context,
                                    use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph,
-                                   compile_decode=compile_decode)
+                                   compile_decode=compile_decode, speculative=speculative)
         self.eos_ids = self._eos_ids()
 
     @classmethod
@@ -115,21 +120,25 @@ class Engine:
              seed: int = 0, use_cuda_graph: bool = True, executor=None,
              piecewise_graph: bool = False, compile_decode: bool = False,
              kernel_options: KernelOptions | None = None, dense_quant: str = "auto",
-             host_embedding: bool | None = None) -> Engine:
+             host_embedding: bool | None = None, speculative: SpecConfig | None = None) -> Engine:
         """Load a model dir, .gguf or 'preset:NAME' and build its executor (`executor` overrides placement).
         compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py);
-        dense_quant, host_embedding: load_source's."""
+        dense_quant, host_embedding: load_source's; speculative: drafting (engine/speculative.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        if executor is None:                          # RAM / VRAM need vs available, before any allocation
+            check_before_load(str(source), dt, dev, placement, max_context=max_context,
+                              default_context=DEFAULT_MAX_CONTEXT)
         loaded = load_source(str(source), dt, dev, seed, host_embedding, dense_quant)
         return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
                                executor=executor, piecewise_graph=piecewise_graph,
-                               compile_decode=compile_decode, kernel_options=kernel_options)
+                               compile_decode=compile_decode, kernel_options=kernel_options,
+                               speculative=speculative)
 
     @classmethod
     def from_loaded(cls, loaded, device: torch.device, placement=None, *, max_context: int | None = None,
                     use_cuda_graph: bool = True, executor=None, piecewise_graph: bool = False,
                     compile_decode: bool = False, kernel_options: KernelOptions | None = None,
-                    wrap_executor=None) -> Engine:
+                    wrap_executor=None, speculative: SpecConfig | None = None) -> Engine:
         """An engine over an already loaded model (the bench builds one per placement over one model).
         wrap_executor: executor -> executor applied to the built one (the bench's routing replay)."""
         cfg, dt = loaded.cfg, next(loaded.model.parameters()).dtype
@@ -142,7 +151,7 @@ class Engine:
             if wrap_executor is not None:
                 executor = wrap_executor(executor)
         return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
-                   piecewise_graph=piecewise_graph, compile_decode=compile_decode)
+                   piecewise_graph=piecewise_graph, compile_decode=compile_decode, speculative=speculative)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = _ids(self.config.eos_token_ids) | _ids(getattr(self.tokenizer, "eos_ids", None))
@@ -183,6 +192,11 @@ class Engine:
         with torch.no_grad():
             return self.generator.decode_one(token, pos)
 
+    def verify(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """One T-token verify step (2..16 tokens at pos..pos+T-1, speculative decoding's): logits [T, V]."""
+        with torch.no_grad():
+            return self.generator.verify(list(tokens), pos)
+
     def close(self) -> None:
         """Stop the executor's background threads (the native CPU worker); the engine cannot run after."""
         self.executor.close()
@@ -198,6 +212,8 @@ class Engine:
             "device": str(self.device),
             "max_context": self.max_context,
             "cuda_graph": bool(self.generator.decode_step.graphed),
+            "verify_graphs": sorted(self.generator.verify_step.graphed_sizes),
+            "speculative": self.generator.spec_stats(),
             "compiled_decode": None if (st := runner.compiled_stages(self.model)) is None else st.stats(),
             "cache": self.executor.stats(),
         }

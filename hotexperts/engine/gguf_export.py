@@ -41,9 +41,11 @@ from hotexperts.tokenizer import QWEN_PAT
 
 Q = GGMLQuantizationType
 QUANTS = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k": Q.Q5_K,
-          "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+          "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4, "iq4_nl": Q.IQ4_NL, "iq4_xs": Q.IQ4_XS,
+          "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
 DENSE = ("f32", "f16", "bf16", "q8_0")
-FALLBACK = {Q.Q4_K: Q.Q4_1, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}   # rows not a multiple of 256 (llama.cpp: Q5_0..)
+# rows not a multiple of 256 (llama.cpp: Q5_0..)
+FALLBACK = {Q.Q4_K: Q.Q4_1, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
 
 
 def q4_k_m_overrides(n_layers: int) -> dict[str, str]:

@@ -144,15 +144,10 @@ def _load_model(path, dtype, device, progress: bool, host_embedding: bool) -> Lo
     experts = empty_experts(cfg, dt)
     filled: set = set()
     ignored: list[str] = []
-    for name in tqdm(d.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
-        ref = arch.rename(name)
-        beyond = isinstance(ref, ExpertRef) and ref.layer >= cfg.num_layers       # an MTP block's experts
-        if ref is None or beyond or (isinstance(ref, str) and ref not in dense):
-            ignored.append(name)
-            continue
-        dst = expert_target(cfg, experts, ref) if isinstance(ref, ExpertRef) else dense[ref]
-        copy_checked(dst, arch.from_hf(cfg, name, d.get(name)), name)
-        filled.add(ref)
+    # the bar only on a terminal (disable=None), closed on an error too: no stale 'loading: 0%' in logs
+    shown = None if progress else True
+    with tqdm(d.names(), desc="loading", unit="tensor", disable=shown, leave=False) as bar:
+        _fill(cfg, arch, d, bar, dense, experts, filled, ignored)
     _check_complete(cfg, dense, filled)
     if ignored:
         warnings.warn(ignored_message(ignored), stacklevel=2)
@@ -161,6 +156,19 @@ def _load_model(path, dtype, device, progress: bool, host_embedding: bool) -> Lo
     if host:
         transforms.host_embedding(model, dev)
     return LoadedModel(cfg, model, ExpertStore(experts), tok, d.generation_config, d.path, d.config)
+
+
+def _fill(cfg, arch, d, names, dense: dict, experts: dict, filled: set, ignored: list) -> None:
+    """Copy every checkpoint tensor into its dense or expert target (unused ones into `ignored`)."""
+    for name in names:
+        ref = arch.rename(name)
+        beyond = isinstance(ref, ExpertRef) and ref.layer >= cfg.num_layers       # an MTP block's experts
+        if ref is None or beyond or (isinstance(ref, str) and ref not in dense):
+            ignored.append(name)
+            continue
+        dst = expert_target(cfg, experts, ref) if isinstance(ref, ExpertRef) else dense[ref]
+        copy_checked(dst, arch.from_hf(cfg, name, d.get(name)), name)
+        filled.add(ref)
 
 
 def ignored_message(names: list[str]) -> str:

@@ -58,7 +58,7 @@ from hotexperts.models.qlinear import quantizable_linears, quantize_linears
 from hotexperts.models.split import expert_act
 from hotexperts.models.transforms import host_embedding as model_host_embedding
 from hotexperts.tokenizer import QWEN_PAT, Tokenizer, _bytes_to_unicode
-from hotexperts.weights import LayerExperts, QuantizedWeight
+from hotexperts.weights import LUT4_BLOCKS, LayerExperts, QuantizedWeight
 
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 EXPERT_CHUNK = 16          # experts converted at a time (bounds float temporaries)
@@ -214,6 +214,8 @@ def expert_formats(f: GGUFFile, cfg: ModelConfig) -> dict[str, str | None]:
 def _format_of(matrix: str, kinds: set) -> str | None:
     if kinds == {gq.Q.Q4_K}:
         return "q4_k"
+    if gq.native_format(kinds):                 # MXFP4 / IQ4_NL / IQ4_XS in every layer: the file's blocks
+        return gq.native_format(kinds)
     if kinds <= set(gq.FAST_TYPES):
         return "int4g32"
     spec = gq.int8_spec(kinds) if gq.Q.MXFP4 not in kinds or len(kinds) == 1 else None   # see _scale_dtype
@@ -239,8 +241,9 @@ def _convert(f: GGUFFile, cfg: ModelConfig, layer: int, which: str, fmt: str | N
     map (for a caller that concatenates it, i.e. copies it, next)."""
     names, stacked = expert_tensors(f, layer, which, cfg.num_experts)
     info = f.info(names[0])
-    if fmt == "q4_k":                           # the file's bytes: no conversion, no chunks
-        w = gq.to_q4_k(f.raw(names[0]) if stacked else np.stack([f.raw(n) for n in names]))
+    if fmt == "q4_k" or fmt in LUT4_BLOCKS:     # the file's bytes: no conversion, no chunks
+        raw = f.raw(names[0]) if stacked else np.stack([f.raw(n) for n in names])
+        w = gq.to_q4_k(raw) if fmt == "q4_k" else gq.to_lut4(raw, info.qtype)
         return w if view else _cat([w], 0)
     rows = info.shape[1:] if stacked else info.shape                   # [N, K]
     parts = []

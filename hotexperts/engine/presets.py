@@ -7,7 +7,7 @@
         generation_config.json, model.safetensors (shards + index past ~2 GB; per-expert HF names),
         tokenizer.json, tokenizer_config.json — loadable by load_model and by transformers
     routing_diversity(lm, num_tokens=256) -> {layer: (experts used, largest share of one expert)}
-    add_parser(subparsers) / run(args)      the `hotexperts make-model` subcommand
+    run(args)                               the `hotexperts make-model` subcommand (flags: cli/make_model.py)
 
 Random init keeps routing diverse (see shared/MACHINE.md): embeddings N(0, 1) dominate the residual
 stream, output projections (o_proj, down_proj) are small, and every layer draws its own router.
@@ -18,7 +18,6 @@ corpus (special tokens at ids 0..) for the tiny presets and the other shapes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from tokenizers import processors
 
 from hotexperts import tokenizer as tk
 from hotexperts.config import ModelConfig
-from hotexperts.engine.gguf_export import DENSE, write_gguf
+from hotexperts.engine.gguf_export import write_gguf
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
@@ -479,27 +478,6 @@ def routing_diversity(lm: LoadedModel, num_tokens: int = 256, seed: int = 0) -> 
 
 
 # ---- CLI: hotexperts make-model ----
-
-def add_parser(subparsers) -> None:
-    lines = "\n".join(f"  {n:<20} {p.description}" for n, p in PRESETS.items())
-    p = subparsers.add_parser(
-        "make-model", help="write a preset model with random weights as an HF directory",
-        description=f"Write a Hugging Face model directory with seeded random weights.\n\npresets:\n{lines}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, help="preset name (see the list above)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default=None, help="where random numbers are drawn (default: cuda if present)")
-    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
-                   help="hf: safetensors directory (default); gguf: a GGUF file (--out FILE.gguf or DIR)")
-    p.add_argument("--dense", default="q8_0", choices=DENSE,
-                   help="GGUF type of the dense weights (default q8_0: what llama.cpp users keep on the GPU)")
-    p.add_argument("--quant", default="q4_k",
-                   help="GGUF expert type: q4_k q4_k_m q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 mxfp4 bf16 f16 f32 "
-                        "(default q4_k; q4_k_m: Q6_K down matrices in some layers, as llama.cpp's Q4_K_M)")
-    p.set_defaults(func=run)
-
 
 def run(args) -> int:
     get_preset(args.preset)

@@ -17,6 +17,9 @@ are not touched, so greedy decoding stays exactly argmax of the model's logits.
 logprobs=K (not None) makes the Sampler record, for each chosen token, its log-probability and the K most
 likely alternatives, from log_softmax of the logits the sampler saw (after penalties, before temperature,
 as vLLM's default): `Sampler.logprobs[i] = (token_id, logprob, ((id, logprob), ...))`.
+`Sampler.accept(logits, draft)` is one row of a speculative verify step (engine/speculative.py): greedy
+takes the argmax as __call__ does; sampling accepts the draft with probability p(draft) and otherwise draws
+from p without it, renormalised (`accept_draft`), so the tokens follow p exactly as __call__'s would.
 `generation_defaults(generation_config)` gives the sampling values a model ships with (Hugging Face's rule:
 greedy unless do_sample is true), the defaults of `generate`, the server and its chat page.
 """
@@ -144,6 +147,25 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams,
     return torch.where(ok, drawn, torch.argmax(torch.nan_to_num(logits.float(), nan=-math.inf), dim=-1))
 
 
+def accept_draft(probs: torch.Tensor, draft: int,
+                 generator: torch.Generator | None = None) -> tuple[int | None, bool]:
+    """probs [V] (filtered_probs) and a drafted token -> (token, accepted): the draft with probability
+    probs[draft] / sum(probs), else a draw from probs without the draft (renormalised). (None, False) when
+    probs has no finite positive mass. Two host reads: the uniform draw and, on rejection, the token."""
+    total = float(probs.sum())
+    if not math.isfinite(total) or total <= 0:
+        return None, False
+    u = float(torch.rand((), generator=generator, device=probs.device))
+    if 0 <= draft < probs.shape[-1] and u * total < float(probs[draft]):
+        return int(draft), True
+    rest = probs.clone()
+    if 0 <= draft < rest.shape[-1]:
+        rest[draft] = 0.0
+    if not float(rest.sum()) > 0:                           # all the mass was on the draft
+        return int(draft), True
+    return int(torch.multinomial(rest, 1, generator=generator)[0]), False
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """logits [V] float -> token id. Reading the id is the one host synchronisation."""
     return int(sample_tensor(logits, params, generator).item())
@@ -182,10 +204,27 @@ class Sampler:
         self.logprobs: list[tuple] = []
 
     def __call__(self, logits: torch.Tensor) -> int:
+        logits = self._penalize(logits.float()) if self.params.penalized else logits
+        return self._chose(logits, sample(logits, self.params, self.generator))
+
+    def accept(self, logits: torch.Tensor, draft: int) -> tuple[int, bool]:
+        """One verify row: logits [V] against the drafted token -> (token, accepted). Greedy: the argmax
+        (accepted when it is the draft), exactly what __call__ returns. Sampling: the speculative acceptance
+        rule for a one-hot draft distribution: accept with probability p(draft) (p: the filtered
+        distribution __call__ samples from), else draw from p with the draft removed, renormalised."""
         p = self.params
-        if p.penalized:
-            logits = self._penalize(logits.float())
-        token = sample(logits, p, self.generator)
+        logits = self._penalize(logits.float()) if p.penalized else logits
+        if p.greedy:
+            token = sample(logits, p, self.generator)
+            return self._chose(logits, token), token == draft
+        token, accepted = accept_draft(filtered_probs(logits, p), draft, self.generator)
+        if token is None:                                   # no finite mass (NaN logits): as sample()
+            token = sample(logits, p, self.generator)
+        return self._chose(logits, token), accepted
+
+    def _chose(self, logits: torch.Tensor, token: int) -> int:
+        """Record the chosen token: its logprobs entry and the penalties' counts."""
+        p = self.params
         if p.logprobs is not None:
             self.logprobs.append(token_logprobs(logits, token, p.logprobs))
         if p.penalized:

@@ -114,7 +114,13 @@ def quantized_store(store, quant: str):
         kept = ", ".join(k for k in kinds if k)
         warnings.warn(f"--expert-quant {quant}: only the dense expert matrices ({', '.join(names)}) become "
                       f"{fmt}; the others keep {kept}", RuntimeWarning, stacklevel=3)
-    return store.quantize(fmt)                      # quantizes the dense matrices, keeps quantized ones
+    try:
+        return store.quantize(fmt)                  # quantizes the dense matrices, keeps quantized ones
+    except ValueError as e:                         # a block size the experts' shapes do not divide
+        w13, w2 = le.w13.shape, le.w2.shape
+        raise PlacementError(f"--expert-quant {quant}: {e} (the experts are [{w13[-2]}, {w13[-1]}] and "
+                             f"[{w2[-2]}, {w2[-1]}]); choose a format whose block divides both, e.g. "
+                             "int8 (per row)") from None
 
 
 def _store_dtype(store, dev) -> torch.dtype:

@@ -25,6 +25,7 @@ class GpuExecutor(ExpertExecutor):
         self.w2 = {l: store.layer(l).w2.to(self.device) for l in store.layers}       # [E, D, I]
         self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=options.gpu_moe)
         self.graph_safe = self.device.type == "cuda" and triton_available()
+        self.verify_graph_safe = self.graph_safe                 # T > 1 calls read every slot: no sync
         self._all = list(range(store.num_experts))
         self.variant = {l: expert_variant(store.layer(l), self.device) for l in store.layers}
 

@@ -11,13 +11,14 @@ Step bookkeeping (here): after every forward pass, `end_step()` accounts the ste
 mailbox, streamed prompt routing, stats), publishes completed fills and issues the planner's swaps. With the
 worker on CUDA it is deferred by one step (`defer`): end_step records an event and the step's rows are taken
 in the next `before_step()` (called right before the next step is launched), so the previous step's
-bookkeeping runs while the new one computes; `flush()` finishes it at once.
+bookkeeping runs while the new one computes; `flush()` finishes it at once. A T > 1 forward announced by
+before_step() is a verify step (engine/runner/verify.py): SyncStep over the union of its tokens' experts,
+observed and planned as a decode step (prompt=False), accounted at once.
 Next-layer prefetch (`enable_prediction`, off by default; experts/predict.py): synchronous decode steps
 (T = 1 without the worker) guess the next layer's experts and queue fills of guessed misses while the link
 is idle; outputs stay exact. The worker's graphed step has no host work between layers and ignores it.
-Prompt chunks (T > 1) are
-observed with prompt=True: the planner keeps batches over its prompt_bypass from the policy (no flush of the
-decode working set) and seeds free slots from them.
+Prompt chunks (T > 1, not announced) are observed with prompt=True: the planner keeps batches over its
+prompt_bypass from the policy (no flush of the decode working set) and seeds free slots from them.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class HybridExecutor(ExpertExecutor):
         self._pending_step: int | None = None                # deferred: a step whose rows are not taken yet
         self._stash = None                                   # deferred: (step, prompt, rows) to account
         self._announced = False                              # before_step() ran for the current forward
+        self._verify = False                                 # the current forward is a T > 1 decode step
         self.defer = self.cuda                               # worker decode: bookkeeping one step late
         self.prefetch: NextLayerPrefetch | None = None       # next-layer prefetch (enable_prediction)
 
@@ -109,13 +111,14 @@ class HybridExecutor(ExpertExecutor):
         if self.worker is not None and self.worker.closed:
             raise HotExpertsError("this executor was closed (its CPU worker is stopped)")
         T = x.shape[0]
-        prompt = T > 1                                       # a prompt chunk (decode steps have T == 1)
-        self._prompt = self._prompt or prompt
+        verify = T > 1 and self._announced                   # a T-token decode (verify) step: not a prompt
+        prompt = T > 1 and not verify                        # a prompt chunk
+        self._prompt, self._verify = self._prompt or prompt, self._verify or verify
         if T == 1 and self.worker is not None:
             if self._pending_step is not None:               # an eager T=1 forward without before_step
                 self._take_pending()
             return self.worker(layer, x, ids, weights)
-        if prompt and (self._pending_step is not None or self._stash is not None):
+        if T > 1 and (self._pending_step is not None or self._stash is not None):
             self.flush()                                     # the last decode step's bookkeeping first
         if T > self.pp_bypass and self.stream is not None and self.stream.wants(layer, ids):
             return self.stream(layer, x, ids, weights)
@@ -136,7 +139,7 @@ class HybridExecutor(ExpertExecutor):
 
     def end_step(self) -> None:
         t0 = time.perf_counter()
-        decode = self.worker is not None and not self._prompt
+        decode = self.worker is not None and not self._prompt and not self._verify   # routing in the mailbox
         if decode and self.defer and self._announced:        # deferred: record now, account next step
             self._record_step()
             self._pending_step = self.step
@@ -150,7 +153,7 @@ class HybridExecutor(ExpertExecutor):
         self.step += 1
         if self.prefetch is not None:
             self.prefetch.end_step()
-        self._prompt, self._announced = False, False
+        self._prompt, self._announced, self._verify = False, False, False
         self.host_s += time.perf_counter() - t0 - self._wait_s
         self._flush_wait()
 

@@ -87,21 +87,21 @@ class CpuExpertWorker:
         mod = load_extension(options.cpu_isa)
         if mod is None:
             raise HandoffUnavailable(f"the CPU extension is unavailable ({load_error(options.cpu_isa)})")
-        cols = {k: [] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2")}
+        keys = ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2", "act", "alpha", "limit", "b13")
+        cols = {k: [] for k in keys}
         for l in layers:
             le = store.layer(l)
             p13, p2 = cm._parts(le.w13), cm._parts(le.w2)
             if p13 is None or p2 is None or le.w2.shape[1] % 32 or le.w2.shape[-1] % 32:
                 raise HandoffUnavailable("the CPU kernel cannot read these experts (format or shape)")
-            if not le.plain:
-                raise HandoffUnavailable("the native CPU worker computes plain silu(g) * u only (these "
-                                         "experts have an activation/bias variant)")
             for key, v in zip(("f13", "q13", "s13", "z13"), p13, strict=True):
                 cols[key].append(v)
             for key, v in zip(("f2", "q2", "s2", "z2"), p2, strict=True):
                 cols[key].append(v)
+            for key, v in zip(("act", "alpha", "limit", "b13"), cm.act_args(le), strict=True):   # variant
+                cols[key].append(v)
         self.impl = mod.CpuWorker(mb.seq, mb.done, mb.miss, mb.w, mb.x, mb.out, mb.cpu_ns, mb.err,
-                                  *(cols[k] for k in ("f13", "q13", "s13", "z13", "f2", "q2", "s2", "z2")),
+                                  *(cols[k] for k in keys),
                                   options.threads(), options.use_act_quant(), options.prefetch_rows, idle_ms,
                                   sleep_us)
 

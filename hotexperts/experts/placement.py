@@ -85,6 +85,9 @@ class Placement:
         """The grammar in the module doc -> a Placement (overrides: any other field, e.g. pp_bypass=4)."""
         body, z = _suffix(str(text).strip(), "+z")
         body, pol = _suffix(body, "@")
+        if any(c in pol for c in ",=:"):
+            raise PlacementError(f"cannot read the placement {text!r}: '@POLICY' ends the whole placement "
+                                 f"(one policy for every managed layer), e.g. {_policy_last(text)!r}")
         body = ALIASES.get(body.lower(), body)
         kw = _mode_fields(body, text)
         if pol:
@@ -120,6 +123,13 @@ class Placement:
             return "static"
         per_layer = self.mode == "hot" or any(w.startswith("slots") for _, _, w in self.layer_map)
         return "window-lfu" if per_layer else "auto"
+
+
+def _policy_last(text: str) -> str:
+    """'2=slots4@lru,3=cpu' -> '2=slots4,3=cpu@lru' (the form the grammar reads)."""
+    head, _, tail = text.partition("@")
+    pol, sep, rest = tail.partition(",")
+    return f"{head}{sep}{rest}@{pol}"
 
 
 def _suffix(text: str, mark: str) -> tuple[str, str]:

@@ -64,10 +64,10 @@ class _Scratch:
     """One plan's working view of a Residency: the swaps chosen so far applied to copies made on first use
     (the residency itself is only read; its owner applies the returned swaps)."""
 
-    def __init__(self, res: Residency):
+    def __init__(self, res: Residency, layers: Sequence[int]):
         self.resident = _Copies(res.resident)
         self.occ = _Occupied(self.resident, res.pending)
-        self.total = res.total()
+        self.total = res.total(layers)
 
 
 @dataclass
@@ -187,7 +187,7 @@ class CachePlanner:
         if self._ph_any and self.decode_steps % 64 == 0:
             self._ph_any = bool(self._ph.any())                    # every placeholder routed or evicted
         if self.decode_steps % self.policy.interval == 0:
-            self.backlog = self.policy.plan(step, res.occupied(), self.capacity)
+            self.backlog = self.policy.plan(step, res.occupied(self.layers), self.capacity)
         self.decode_steps += 1
         issued, self.backlog = self._issue(self.backlog, res)
         return issued
@@ -197,7 +197,7 @@ class CachePlanner:
         placeholders no routing has chosen yet (cold_start). An expert any prompt or decode step routed is
         never evicted here, so prompt routing never flushes the decode working set. Not bounded: it runs
         once per prompt chunk."""
-        work = _Scratch(res)
+        work = _Scratch(res, self.layers)
         occ, total = work.occ, work.total
         rows = sorted(range(len(self.layers)), key=lambda i: self.layers[i])
         counts = self._prompt[rows]
@@ -255,7 +255,7 @@ class CachePlanner:
         -> (issued, backlog)."""
         if not swaps:
             return [], []
-        work = _Scratch(res)
+        work = _Scratch(res, self.layers)
         occ, resident, issued, held, loads, fills = work.occ, work.resident, [], [], 0, 0
         for i, (l, c, v) in enumerate(swaps):
             free = self._free(l, occ, work.total) if v is None else self.is_placeholder(l, v)
@@ -306,7 +306,7 @@ class CachePlanner:
         allows), so no slot idles until the first prompt. They are placeholders until routing chooses
         them: the policy gets no counts, a prompt's fill may replace them, and a decode swap that evicts
         one counts as a fill (max_fills, not max_swaps). Issue, then commit."""
-        occ = res.occupied()
+        occ = res.occupied(self.layers)
         total, out = sum(len(s) for s in occ.values()), []
         for e in range(self.E):
             for i, l in enumerate(self.layers):
@@ -324,7 +324,7 @@ class CachePlanner:
         ranked = sorted(((c[e], l, e) for l, hot in profile.hot.items() if l in self._index
                          for e, c in ((e, profile.counts.get(l, [1.0] * self.E)) for e in hot)),
                         key=lambda t: -t[0])
-        occ = res.occupied()
+        occ = res.occupied(self.layers)
         total, out = sum(len(s) for s in occ.values()), []
         for _, l, e in ranked:
             if 0 <= e < self.E and e not in occ[l] and self._free(l, occ, total):

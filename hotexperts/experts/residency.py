@@ -3,7 +3,8 @@
     res = Residency(layers, num_experts)
     res.resident[l]     set of experts whose slot is filled and usable (the GPU may read them)
     res.pending[l]      set of experts whose fill was issued and has not completed
-    res.occupied() -> {l: resident | pending}  (copies)
+    res.occupied(layers=None) -> {l: resident | pending}  (copies; every layer, or those named)
+    res.total(layers=None) -> slots occupied over every layer, or over those named
     res.lookup(l, experts) -> [bool]; res.lookup_step(layers, experts[n, M]) -> bool [n, M]  (no side effects)
     res.start(swaps)    issue: an evicted expert leaves `resident` at once (its slot is being overwritten), a
                         loaded one becomes `pending`
@@ -31,14 +32,18 @@ class Residency:
         self.pending: dict[int, set[int]] = {l: set() for l in self.layers}
 
     # ---- reads ----------------------------------------------------------------------------------------
-    def occupied(self) -> dict[int, set[int]]:
-        """layer -> resident | pending (fresh sets)."""
-        return {l: self.resident[l] | self.pending[l] for l in self.layers}
+    def occupied(self, layers: Sequence[int] | None = None) -> dict[int, set[int]]:
+        """layer -> resident | pending (fresh sets), for every layer or for `layers` (a planner's own: a
+        plan that also holds fixed all-GPU layers manages only some of the slot layers)."""
+        return {l: self.resident[l] | self.pending[l] for l in (self.layers if layers is None else layers)}
 
-    def total(self) -> int:
-        """Slots occupied over all layers (resident or pending)."""
-        return sum(len(r) + len(p) - (len(p & r) if p else 0)
-                   for r, p in zip(self.resident.values(), self.pending.values(), strict=True))
+    def total(self, layers: Sequence[int] | None = None) -> int:
+        """Slots occupied (resident or pending) over every layer, or over `layers`."""
+        total = 0
+        for l in self.layers if layers is None else layers:
+            r, p = self.resident[l], self.pending[l]
+            total += len(r) + len(p) - len(p & r) if p else len(r)
+        return total
 
     def lookup(self, layer: int, experts) -> list[bool]:
         res = self.resident[layer]

@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from hotexperts.config import CPU_ISAS
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h", "qdot512.h")
+SOURCES = ("cpu_moe.cpp", "cpu_worker.cpp", "cpu_moe.h", "simd.h", "qdot512.h", "lut4.h")
 UNITS = ("cpu_moe.cpp", "cpu_worker.cpp")   # translation units (the rest are headers)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _mods: dict[str, object] = {}          # isa -> module (None: the build failed)
@@ -48,10 +49,12 @@ def _cpu_flags() -> str:
 
 
 def build_key(isa: str = "native") -> str:
+    """The build directory's key: sources, torch, Python, CPU flags, cflags and the sources' directory (two
+    checkouts of the same sources would otherwise rewrite each other's build.ninja and rebuild in turn)."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags(isa)}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_cpu_flags()}|{_cflags(isa)}|{CSRC}".encode())
     return h.hexdigest()[:16]
 
 
@@ -71,6 +74,7 @@ def load_extension(isa: str = "native"):
         d = build_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         name = f"hotexperts_cpu_moe_{key}"
+        _clear_stale_lock(d)
         if ce.is_ninja_available():
             mod = ce.load(name=name, sources=[str(CSRC / u) for u in UNITS], extra_cflags=_cflags(isa),
                           extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
@@ -81,6 +85,22 @@ def load_extension(isa: str = "native"):
         _errors[isa] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
     _mods[isa] = mod
     return mod
+
+
+STALE_LOCK_S = 30 * 60   # a build on 2 cores takes a few minutes; a lock this old was left by a killed one
+
+
+def _clear_stale_lock(d: Path) -> None:
+    """Remove torch's build lock when it is older than STALE_LOCK_S: a build killed mid-way leaves it, and
+    every later load would wait on it forever."""
+    lock = d / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"hotexperts: removing a stale build lock ({age / 60:.0f} min old): {lock}", file=sys.stderr)
+        lock.unlink(missing_ok=True)
 
 
 def _build_direct(name: str, d: Path, isa: str):

@@ -2,15 +2,17 @@
 
 cpu_moe(x [T, D], ids [T, K] int64, weights [T, K], experts: LayerExperts, out [T, D] | None,
         act_quant: bool | None = None) -> out
-    y[t] = sum_k weights[t, k] * W2_e (silu(G_e x_t) * (U_e x_t)), e = ids[t, k]; ids == -1 is skipped.
-    experts.w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]: fp32/bf16/fp16 tensors or
+    y[t] = sum_k weights[t, k] * W2_e act(G_e x_t + bg_e, U_e x_t + bu_e), e = ids[t, k]; ids == -1 is
+    skipped. experts.w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]: fp32/bf16/fp16 tensors or
     QuantizedWeight ("int8", "int4g32", "int8g32", "int8g16", "q4_k": GGUF Q4_K blocks read as they are; K a
-    multiple of 256), on the CPU. x is bf16/fp16/fp32; accumulation is fp32.
+    multiple of 256; LUT4 "mxfp4" / "iq4_nl" / "iq4_xs": GGUF blocks read as they are, table lookup), on the
+    CPU. x is bf16/fp16/fp32; accumulation is fp32.
     `out` (x's shape; any float dtype, may be pinned) is written, not accumulated.
 
-Expert variants (weights.LayerExperts.act / .b13: GPT-OSS's clamped SwiGLU with gate/up biases): the C++
-extension computes the plain silu(g) * u only, so such layers run the torch path (exact fp32, warned once:
-"activation/bias variant"); the native variant is not written yet.
+Expert variants (weights.LayerExperts.act / .b13): act is silu (default), GPT-OSS's clamped SwiGLU
+"swiglu_oai" (alpha, limit) or "gelu_tanh"; b13 [E, 2I] the optional gate/up bias (by expert id). Every
+backend computes every variant: the extension gets act_args(experts) (weights.ACT_CODES, alpha, limit, b13
+as fp32), the torch path calls experts.act. A down bias is the model's (weights.py).
 
 Backends (`cpu_moe_backend(isa)`): "ext-<simd>" — the project's C++ extension (csrc/cpu_moe.cpp, built on
 first use for `options.cpu_isa`; threaded with OpenMP, GIL released during the call) — or "torch", a grouped
@@ -20,11 +22,11 @@ Every knob comes from `options` (config.KernelOptions, frozen; default DEFAULT_K
 (`options.threads()`), the integer path (`act_quant`; the call's own `act_quant` argument overrides it),
 prefetch distance, ISA build. Nothing here is process-wide state.
 
-Activation quantization: for int8 / int4g32 / q4_k weights (and int8gG on AVX-512 VNNI builds) the extension
-quantizes x and h = silu(g) * u to int8 with one fp32 scale per 32-group and uses integer dot products
-(AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization tolerance"). Auto (None) =
-on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32 weights always take the
-exact fp32 path, and so does everything with act_quant=False.
+Activation quantization: for int8 / int4g32 / q4_k weights (and int8gG, LUT4 on AVX-512 VNNI builds) the
+extension quantizes x and h = act(g, u) to int8 with one fp32 scale per 32-group and uses integer dot
+products (AVX-512 VNNI / AVX2); error ~0.3-1% relative per output ("within quantization tolerance").
+Auto (None) = on when the extension has an integer dot (`cpu_moe_int_dot() != "none"`); bf16/fp32 weights
+always take the exact fp32 path, and so does everything with act_quant=False.
 `options.prefetch_rows`: the integer path prefetches weights n steps ahead (default 2, 0 = off; 512-bit
 path: a step is 4 rows of 4 streams, prefetched into L2 across unit and expert boundaries; 256-bit path:
 n rows).
@@ -37,12 +39,13 @@ import warnings
 import torch
 
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
+from hotexperts.errors import HotExpertsError
 from hotexperts.kernels.cpu_build import load_error, load_extension
 from hotexperts.quant import dequantize
 from hotexperts.weights import LayerExperts, QuantizedWeight, Weight
 
 _FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "int4g32": 4, "int8g32": 5,
-        "int8g16": 5, "q4_k": 6}
+        "int8g16": 5, "q4_k": 6, "mxfp4": 7, "iq4_nl": 8, "iq4_xs": 9}
 _warned: set[str] = set()
 
 
@@ -77,14 +80,23 @@ def _parts(w: Weight):
     return _FMT[w.dtype], w.contiguous(), None, None
 
 
+def act_args(experts: LayerExperts) -> tuple[int, float, float, torch.Tensor | None]:
+    """The extension's (activation code, alpha, limit, b13 float32 contiguous [E, 2I] | None) of a layer."""
+    b13 = experts.b13
+    if b13 is not None:
+        E, I2 = experts.w13.shape[0], experts.w13.shape[1]
+        if tuple(b13.shape) != (E, I2):
+            raise HotExpertsError(f"cpu_moe: expert gate/up bias must be [{E}, {I2}], got {list(b13.shape)}")
+        b13 = b13.to(device="cpu", dtype=torch.float32).contiguous()
+    return experts.act.code, float(experts.act.alpha), float(experts.act.limit), b13
+
+
 def _ext_reason(x: torch.Tensor, experts: LayerExperts, parts, isa: str) -> str | None:
     """Why the extension cannot run this call (None = it can)."""
     if load_extension(isa) is None:
         return f"C++ extension unavailable ({load_error(isa)})"
     if x.dtype not in _FMT or x.device.type != "cpu":
         return f"input dtype/device {x.dtype}/{x.device} unsupported"
-    if not experts.plain:
-        return "expert activation/bias variant (the extension computes plain silu(g) * u)"
     if x.shape[1] % 32 or experts.w2.shape[-1] % 32:
         return "hidden or intermediate size is not a multiple of 32"
     if parts[0] is None or parts[1] is None:
@@ -110,7 +122,7 @@ def cpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: 
     _check_ids(ids, experts.w13.shape[0])
     err = load_extension(options.cpu_isa).forward(
         x.contiguous(), ids.contiguous(), weights.contiguous(), *parts[0], *parts[1], dst, options.threads(),
-        bool(act_quant), options.prefetch_rows)
+        bool(act_quant), options.prefetch_rows, *act_args(experts))
     if err:                                  # the C++ side reports instead of throwing (GIL released)
         raise RuntimeError(err)
     if dst is not out:

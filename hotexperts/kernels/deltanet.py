@@ -10,7 +10,8 @@ Batch 1. T tokens; Hk query/key heads of dk, Hv value heads of dv (r = Hv / Hk);
         g: log decay (<= 0): the state is multiplied by exp(g_t) before token t's update
         q, k are L2-normalised here and q scaled by dk^-0.5 (transformers' use_qk_l2norm_in_kernel=True);
         value head h reads key head h // r (transformers' grouped order, repeat_interleave)
-T == 1 takes the recurrent step (fixed shapes, no host sync: the decode step stays one CUDA graph); T > 1 the
+T <= RECURRENT_MAX_T takes the recurrent steps (fixed shapes, no host sync: the decode step stays one CUDA
+graph; a T-token verify step, engine/runner/verify.py, computes exactly the T single steps); longer inputs the
 chunked form (CHUNK tokens per block: a unit-triangular solve for the in-chunk delta-rule updates, then a
 scan over chunks), starting from `state`. Everything runs in float32.
 backend: "torch" (runs everywhere; the test oracle), "fla" (flash-linear-attention's Triton kernels from
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64
+RECURRENT_MAX_T = 16        # decode and verify sizes: token by token, the numerics of T single decode steps
 BACKENDS = ("auto", "torch", "fla")
 
 
@@ -127,7 +129,7 @@ def _gated_delta_fla(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     chunk_fn, recurrent_fn = _fla()
     r = v.shape[1] // q.shape[1]
     q, k = (t.repeat_interleave(r, dim=1) for t in (q, k))                         # [T, Hv, dk]
-    fn = recurrent_fn if q.shape[0] == 1 else chunk_fn
+    fn = recurrent_fn if q.shape[0] <= RECURRENT_MAX_T else chunk_fn
     o, final = fn(q[None], k[None], v[None], g.float()[None], beta.to(v.dtype)[None],    # as transformers
                   initial_state=state[None], output_final_state=True, use_qk_l2norm_in_kernel=True)
     state.copy_(final[0])
@@ -138,5 +140,5 @@ def gated_delta(q, k, v, g, beta, state: torch.Tensor, backend: str = "auto") ->
     if use_fla(q, backend):
         return _gated_delta_fla(q, k, v, g, beta, state)
     hq, hk, hv, hg, hb = _heads_first(q, k, v, g, beta)
-    fn = recurrent if q.shape[0] == 1 else chunked
+    fn = recurrent if q.shape[0] <= RECURRENT_MAX_T else chunked
     return fn(hq, hk, hv, hg, hb, state).transpose(0, 1).to(v.dtype)              # [T, Hv, dv]

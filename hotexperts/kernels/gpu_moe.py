@@ -6,13 +6,13 @@ Contract (docs/architecture.md, "Kernel contracts"):
     out[t] = sum over k with s = slot_of[ids[t,k]] >= 0 of weights[t,k] * w2[s] @ (silu(g) * u),
              g, u = split(w13[s] @ x[t]) (first I rows gate, last I rows up).
     slot_of None = identity (S == E). ids == -1 or slot -1 contribute 0 (even if the slot holds NaNs).
-    Variants (keywords): act (weights.ExpertAct, default silu(g) * u; GPT-OSS "swiglu_oai") and b13 [E, 2I]
-    (gate/up bias, indexed by the expert id, not the slot: the whole table stays on the device, so slots and
-    staging copy weights only). The Triton kernels compute the plain form only: a variant runs the torch
-    path here (the Triton epilogue variant is not written yet).
+    Variants (keywords): act (weights.ExpertAct, default silu(g) * u; GPT-OSS "swiglu_oai", "gelu_tanh") and
+    b13 [E, 2I] (gate/up bias, indexed by the expert id, not the slot: the whole table stays on the device, so
+    slots and staging copy weights only). Every backend computes them: the Triton gate/up kernels (decode
+    GEMV and grouped prompt GEMM, also over dequantized chunks) in their epilogue, the torch path with act.
     out is written, not accumulated. Result dtype = x.dtype; accumulation in fp32 (fp64 for fp64 inputs).
-    w13 / w2 may be dense tensors or QuantizedWeight (int8, int4g32, int8gG, q4_k; the fallback dequantizes
-    the slots used).
+    w13 / w2 may be dense tensors or QuantizedWeight (int8, int4g32, int8gG, q4_k, LUT4 mxfp4 / iq4_nl /
+    iq4_xs: GGUF blocks in the slots at native size; the fallback dequantizes the slots used).
 
 Backends ("auto" picks the first that applies):
     triton: CUDA tensors, contiguous weights, triton importable; dense bf16/fp16/fp32 weights on both
@@ -55,18 +55,14 @@ def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weig
     pairs are added: one pass on the quantized prompt path, else one call per pool summed in fp32. The
     pools must hold disjoint experts (e.g. staged beside resident): the one-pass path counts a pair in its
     first pool only, the summing path in every pool that maps it."""
-    if not act.plain or b13 is not None:                       # variants: the torch path (see module doc)
-        y = torch_moe(x, ids, weights, w13, w2, slot_of, act=act, b13=b13).float()
-        for a, b, so, _ in more:
-            y += torch_moe(x, ids, weights, a, b, so, act=act, b13=b13).float()
-        return y.to(x.dtype) if out is None else out.copy_(y)
+    var = {"act": act, "b13": b13}
     if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2) and all(
             _quantized_prefill(x, ids, a, b) for a, b, _, _ in more):
-        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used, more=more)
+        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used, more=more, **var)
     if more:
-        y = gpu_moe(x, ids, weights, w13, w2, slot_of, backend=backend, used=used).float()
+        y = gpu_moe(x, ids, weights, w13, w2, slot_of, backend=backend, used=used, **var).float()
         for a, b, so, u in more:
-            y += gpu_moe(x, ids, weights, a, b, so, backend=backend, used=u).float()
+            y += gpu_moe(x, ids, weights, a, b, so, backend=backend, used=u, **var).float()
         return y.to(x.dtype) if out is None else out.copy_(y)
     if backend == "auto":
         backend = "triton" if _triton_ok(x, ids, w13, w2) else "torch"
@@ -74,8 +70,8 @@ def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weig
         mod = _triton_module()
         if mod is None:
             raise RuntimeError("gpu_moe: backend 'triton' requested but triton cannot be imported")
-        return mod.moe_triton(x, ids, weights, w13, w2, slot_of, out)
-    return torch_moe(x, ids, weights, w13, w2, slot_of, out)
+        return mod.moe_triton(x, ids, weights, w13, w2, slot_of, out, **var)
+    return torch_moe(x, ids, weights, w13, w2, slot_of, out, **var)
 
 
 def _quantized_prefill(x, ids, w13, w2) -> bool:
@@ -85,7 +81,8 @@ def _quantized_prefill(x, ids, w13, w2) -> bool:
 
 
 def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeight, slot_of=None, out=None,
-                       chunk: int | None = None, used: list[int] | None = None, more: tuple = ()):
+                       chunk: int | None = None, used: list[int] | None = None, more: tuple = (),
+                       act: ExpertAct = SILU, b13: torch.Tensor | None = None):
     """Prompt batches over quantized slots: the slots this call routes to get consecutive ranks, the pairs
     are sorted by rank once (triton_moe.GroupedPass), and each chunk of `chunk` ranks (default: as many
     experts as DEQUANT_CHUNK_BYTES hold, at most DEQUANT_CHUNK_MAX) is dequantized into a bf16 buffer and
@@ -104,23 +101,23 @@ def dequant_chunks_moe(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeigh
     U = sum(int(li.numel()) for li in lists)
     I = w2.shape[2]                                                  # logical shapes
     wdt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    gp = mod.GroupedPass(x, ranks, weights, max(U, 1), I, wdt)
+    gp = mod.GroupedPass(x, ranks, weights, max(U, 1), I, wdt, ids=ids, act=act, b13=b13)
     if chunk is None:
         per = (w13.shape[1] * w13.shape[2] + w2.shape[1] * I) * torch.finfo(wdt).bits // 8
         chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // per))
     C = min(chunk, max(U, 1))
-    b13 = torch.empty((C, *w13.shape[1:]), dtype=wdt, device=x.device)       # [C, 2I, D]
-    b2 = torch.empty((C, w2.shape[1], I), dtype=wdt, device=x.device)       # [C, D, I]
+    d13 = torch.empty((C, *w13.shape[1:]), dtype=wdt, device=x.device)       # [C, 2I, D] dequantized
+    d2 = torch.empty((C, w2.shape[1], I), dtype=wdt, device=x.device)        # [C, D, I]
     for c0 in range(0, U, chunk):
         c1, off = min(U, c0 + chunk), 0
         for (p13, p2, _, _), li in zip(pools, lists, strict=True):
             a, b = max(c0, off), min(c1, off + li.numel())                  # this pool's part of the chunk
             if a < b:
                 idx = li[a - off:b - off]
-                dequant_slots(p13, idx, wdt, out=b13[a - c0:b - c0])
-                dequant_slots(p2, idx, wdt, out=b2[a - c0:b - c0])
+                dequant_slots(p13, idx, wdt, out=d13[a - c0:b - c0])
+                dequant_slots(p2, idx, wdt, out=d2[a - c0:b - c0])
             off += li.numel()
-        gp.run(c0, b13[:c1 - c0], b2[:c1 - c0])
+        gp.run(c0, d13[:c1 - c0], d2[:c1 - c0])
     return gp.result(out)
 
 

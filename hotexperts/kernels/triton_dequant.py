@@ -3,13 +3,16 @@
     dequant_slots(w: QuantizedWeight [S, N, Kc], idx [C] int64, dtype, out=None) -> [C, N, Kc] dtype
     int4g32: w = (q - 8) * scale + zero per 32 columns; int8: w = q * scale per row;
     int8gG: w = q * scale (+ zero) per G = 16 or 32 columns;
-    q4_k (q [S, N, Kc/256 * 144], GGUF Q4_K blocks): w = (d * sc_j) * q - dmin * m_j per sub-block j of 32.
+    q4_k (q [S, N, Kc/256 * 144], GGUF Q4_K blocks): w = (d * sc_j) * q - dmin * m_j per sub-block j of 32;
+    LUT4 mxfp4 / iq4_nl / iq4_xs (q [S, N, Kc/B * bytes], GGUF blocks, weights.py): w = scale_g * table[index]
+    per 32-group g (the 16-entry fp32 table read through L1, lut4_table).
 The math is fp32 and rounds once to `dtype`, like experts/quant.dequantize(w[idx], float32).to(dtype)
 (the product (q - 8) * scale is exact in fp32, so a fused multiply-add gives the same bits). Prompt batches
 over quantized slots (kernels/gpu_moe.dequant_chunks_moe) use it: the torch-op version wrote fp32
 temporaries several times over (~2-3 ms per 16 Qwen3-30B-A3B experts on the H200).
 Grid (C, cdiv(N, BR)); each program walks its rows' columns in blocks of BK (a multiple of 32); q4_k: NB
-Q4_K blocks (256 columns each) at a time. q4k_scales is shared with the decode GEMV (triton_moe._rowdot_q4k).
+Q4_K blocks (256 columns each) at a time; LUT4: BK / 32 groups at a time. q4k_scales and lut4_groups are
+shared with the decode GEMV (triton_moe).
 """
 
 from __future__ import annotations
@@ -18,7 +21,75 @@ import torch
 import triton
 import triton.language as tl
 
+from hotexperts.weights import LUT4_VALUES
+
 Q4K_BLOCK = (8, 512, 4)     # q4_k dequantize: rows, columns (2 blocks), warps per program (not yet swept)
+LUT4_KIND = {"mxfp4": 0, "iq4_nl": 1, "iq4_xs": 2}    # the kernels' LK constexpr
+_TABLES: dict = {}
+
+
+def lut4_table(fmt: str, device) -> torch.Tensor:
+    """The format's 16 table values as fp32 on `device`, made once per (format, device): no copy per call, so
+    a call inside a CUDA graph capture reads a tensor made before it."""
+    key = (fmt, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(LUT4_VALUES[fmt], dtype=torch.float32).to(device)
+    return _TABLES[key]
+
+
+@triton.jit
+def lut4_groups(q_ptr, roff, gi, m, LK: tl.constexpr):
+    """LUT4 rows at byte offsets roff [BR], 32-groups gi [G] (mask m [BR, G]) -> (scale fp32 [BR, G], byte
+    offset of the group's 16 index bytes [BR, G]). LK 0 MXFP4 (17-byte blocks: e8m0 e, scale 2^(e - 128) built
+    as fp32 bits), 1 IQ4_NL (18 bytes: fp16 d), 2 IQ4_XS (136 bytes per 8 groups: d, scales_h, scales_l, the
+    groups' indices; scale d (ls - 32))."""
+    r = roff[:, None]
+    if LK == 0:
+        boff = r + gi[None, :].to(tl.int64) * 17
+        e = tl.load(q_ptr + boff, mask=m, other=0).to(tl.int32)
+        scale = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
+        qoff = boff + 1
+    elif LK == 1:
+        boff = r + gi[None, :].to(tl.int64) * 18
+        lo = tl.load(q_ptr + boff, mask=m, other=0).to(tl.int32)
+        hi = tl.load(q_ptr + boff + 1, mask=m, other=0).to(tl.int32)
+        scale = (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        qoff = boff + 2
+    else:
+        ib = gi[None, :] % 8
+        boff = r + (gi[None, :] // 8).to(tl.int64) * 136
+        b0 = tl.load(q_ptr + boff, mask=m, other=0).to(tl.int32)
+        b1 = tl.load(q_ptr + boff + 1, mask=m, other=0).to(tl.int32)
+        sh = tl.load(q_ptr + boff + 2, mask=m, other=0).to(tl.int32) | (
+            tl.load(q_ptr + boff + 3, mask=m, other=0).to(tl.int32) << 8)
+        sl = tl.load(q_ptr + boff + 4 + ib // 2, mask=m, other=0).to(tl.int32)
+        ls = ((sl >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+        d = (b0 | (b1 << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        scale = d * (ls - 32).to(tl.float32)
+        qoff = boff + 8 + ib * 16
+    return scale, qoff
+
+
+@triton.jit
+def _lut4_kernel(q_ptr, tab_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, so_e, so_n, LK: tl.constexpr,
+                 BR: tl.constexpr, BG: tl.constexpr):
+    c = tl.program_id(0)
+    e = tl.load(idx_ptr + c).to(tl.int64)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    jj = tl.arange(0, 16)[None, None, :]
+    for g0 in range(0, KC // 32, BG):
+        gi = g0 + tl.arange(0, BG)                                    # [BG]
+        m = rmask[:, None] & (gi < KC // 32)[None, :]                 # [BR, BG]
+        sc, qoff = lut4_groups(q_ptr, e * sq_e + r64 * sq_n, gi, m, LK)
+        m3 = m[:, :, None]
+        q = tl.load(q_ptr + qoff[:, :, None] + jj, mask=m3, other=0)    # [BR, BG, 16]
+        lo = sc[:, :, None] * tl.load(tab_ptr + (q & 15).to(tl.int32))
+        hi = sc[:, :, None] * tl.load(tab_ptr + (q >> 4).to(tl.int32))
+        optr = out_ptr + c * so_e + r64[:, None, None] * so_n + gi[None, :, None].to(tl.int64) * 32 + jj
+        tl.store(optr, lo.to(out_ptr.dtype.element_ty), mask=m3)
+        tl.store(optr + 16, hi.to(out_ptr.dtype.element_ty), mask=m3)
 
 
 @triton.jit
@@ -154,6 +225,13 @@ def dequant_slots(w, idx: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | 
     if C == 0:
         return out
     idx = idx.to(torch.int64).contiguous()
+    if w.fmt in LUT4_KIND:
+        q = w.q.contiguous()
+        BR, BK, warps = block or (8, 256, 4)
+        _lut4_kernel[(C, triton.cdiv(N, BR))](q, lut4_table(w.fmt, q.device), idx, out, N, KC, q.stride(0),
+                                             q.stride(1), out.stride(0), out.stride(1), LK=LUT4_KIND[w.fmt],
+                                             BR=BR, BG=max(1, BK // 32), num_warps=warps)
+        return out
     if w.fmt == "q4_k":
         q = w.q.contiguous()
         BR, BK, warps = block or Q4K_BLOCK

@@ -3,7 +3,10 @@
 Contract (same as kernels/gpu_moe.py; quantized weights on the decode path only):
     moe_triton(x [T,D], ids [T,K] int64, weights [T,K], w13 [S,2I,D], w2 [S,D,I], slot_of [E] int32 | None,
                out [T,D] | None) -> out [T,D]
-    out[t] = sum_k weights[t,k] * w2[s] @ (silu(w13[s,:I] @ x[t]) * (w13[s,I:] @ x[t])), s = slot_of[ids[t,k]]
+    out[t] = sum_k weights[t,k] * w2[s] @ act(w13[s,:I] @ x[t] + bg[e], w13[s,I:] @ x[t] + bu[e]),
+    s = slot_of[ids[t,k]], e = ids[t,k]; act (keyword, weights.ExpertAct: silu, GPT-OSS's clamped SwiGLU
+    "swiglu_oai", "gelu_tanh"; the ACT constexpr) and the gate/up bias b13 [E, 2I] (keyword, by expert id,
+    optional) are applied in the gate/up kernels' epilogue on both paths.
     pairs with ids == -1 or s == -1 contribute 0. out is written (not accumulated). fp32 accumulation.
 No host synchronisation: every shape depends only on (T, K, S, D, I), so a call is CUDA-graph capturable.
 
@@ -11,7 +14,9 @@ Two paths, chosen from static shapes (pairs P = T*K, slots S):
   decode  (T == 1 or P <= min(DECODE_MAX_PAIRS, S // 4)): GEMV kernels; each pair reads its expert.
       Weights dense (bf16/fp16/fp32) or QuantizedWeight int8 (per-row scale) / int4g32 / int8gG (scale and
       optional zero per G = 16 or 32 columns) / q4_k (GGUF Q4_K blocks read in place: per block the 6-bit
-      scales are unpacked once, per 32-column sub-block w = d sc q - dmin m), dequantized in-kernel.
+      scales are unpacked once, per 32-column sub-block w = d sc q - dmin m) / LUT4 mxfp4, iq4_nl, iq4_xs
+      (GGUF blocks read in place: per 32-group one scale, 16 index bytes, the values looked up in the
+      format's 16-entry fp32 table, an L1-resident gather: triton_dequant.lut4_groups), dequantized in-kernel.
       A: grid (P, cdiv(I, BN)): h[p, n] = silu(x.G[s,n]) * (x.U[s,n]) for a block of rows n, fp32.
       B: grid (T, cdiv(D, BD)): out[t, d] = sum_k w[t,k] * W2[s, d, :] . h[t*K+k]  (one flat loop over
          (k, I-chunk) so loads of different experts overlap; no atomics, deterministic).
@@ -30,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hotexperts.kernels.triton_dequant import q4k_scales
+from hotexperts.kernels.triton_dequant import LUT4_KIND, lut4_groups, lut4_table, q4k_scales
+from hotexperts.weights import SILU, ExpertAct
 
 DECODE_MAX_PAIRS = 32
 
@@ -46,6 +52,45 @@ def _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP: tl.constexpr):
     else:
         s = e.to(tl.int64)
     return s
+
+
+@triton.jit
+def _act(g, u, ACT: tl.constexpr, alpha, limit):
+    """h from fp32 gate and up (weights.ACT_CODES): 0 silu(g) u; 1 GPT-OSS's clamped SwiGLU
+    (u' + 1) g' sigmoid(alpha g'), g' = min(g, limit), u' = clamp(u, -limit, limit); 2 gelu_tanh(g) u with
+    1 + tanh(z) = 2 sigmoid(2 z)."""
+    if ACT == 1:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        h = (uc + 1.0) * (gc / (1.0 + tl.exp(-alpha * gc)))
+    elif ACT == 2:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        h = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z))) * u
+    else:
+        h = g / (1.0 + tl.exp(-g)) * u
+    return h
+
+
+@triton.jit
+def _rowdot_lut4(q_ptr, tab_ptr, roff, rmask, v_ptr, n, LK: tl.constexpr, STAGES: tl.constexpr,
+                 BR: tl.constexpr, BK: tl.constexpr):
+    """[BR] fp32 dots of LUT4 rows (byte offsets roff) with v[0:n] (n a multiple of 32; BK columns a step):
+    per group sum_j table[index_j] v_j, times the group's scale."""
+    acc = tl.zeros([BR, BK // 32], dtype=tl.float32)
+    jj = tl.arange(0, 16)
+    for k0 in tl.range(0, n, BK, num_stages=STAGES):
+        gi = k0 // 32 + tl.arange(0, BK // 32)                         # [G]
+        gmask = gi < n // 32
+        m = rmask[:, None] & gmask[None, :]
+        sc, qoff = lut4_groups(q_ptr, roff, gi, m, LK)                 # [BR, G]
+        q = tl.load(q_ptr + qoff[:, :, None] + jj[None, None, :], mask=m[:, :, None], other=0)   # [BR, G, 16]
+        col = gi[:, None] * 32 + jj[None, :]                           # [G, 16]
+        vl = tl.load(v_ptr + col, mask=gmask[:, None], other=0.0).to(tl.float32)
+        vh = tl.load(v_ptr + col + 16, mask=gmask[:, None], other=0.0).to(tl.float32)
+        wl = tl.load(tab_ptr + (q & 15).to(tl.int32))
+        wh = tl.load(tab_ptr + (q >> 4).to(tl.int32))
+        acc += sc * tl.sum(wl * vl[None] + wh * vh[None], axis=2)
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -185,11 +230,12 @@ def _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, n,
 
 
 @triton.jit
-def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
+def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr, b_ptr, alpha, limit,
                     K, D, I, stride_xt, stride_ws, stride_wn, stride_ss, stride_sn,
                     HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True,
-                    NB: tl.constexpr = 1):
+                    NB: tl.constexpr = 1, LK: tl.constexpr = 0, ACT: tl.constexpr = 0,
+                    HAS_B: tl.constexpr = False):
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = p // K
@@ -210,10 +256,17 @@ def _decode_gate_up(x_ptr, ids_ptr, slot_of_ptr, q_ptr, s_ptr, z_ptr, h_ptr,
         u = _rowdot_int8g(q_ptr, s_ptr, z_ptr, uoff, usoff, rmask, v_ptr, D, GS, HAS_Z, STAGES, BN, BK)
     elif QF == 4:
         g, u = _gate_up_q4k(q_ptr, roff, uoff, rmask, v_ptr, D, STAGES, BN, NB)
+    elif QF == 5:                                          # LUT4: s_ptr is the format's table
+        g = _rowdot_lut4(q_ptr, s_ptr, roff, rmask, v_ptr, D, LK, STAGES, BN, BK)
+        u = _rowdot_lut4(q_ptr, s_ptr, uoff, rmask, v_ptr, D, LK, STAGES, BN, BK)
     else:
         g, u = _gate_up_dense(q_ptr, s_ptr, roff, soff, uoff, usoff, rmask, v_ptr, D,
                               QF == 1, EVEN_D, STAGES, BN, BK)
-    h = g / (1.0 + tl.exp(-g)) * u
+    if HAS_B:                                              # gate/up bias of the expert id (not the slot)
+        boff = tl.maximum(tl.load(ids_ptr + p), 0).to(tl.int64) * (2 * I) + rows
+        g += tl.load(b_ptr + boff, mask=rows < I, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + boff + I, mask=rows < I, other=0.0).to(tl.float32)
+    h = _act(g, u, ACT, alpha, limit)
     tl.store(h_ptr + p * I + rows, h, mask=rows < I)
 
 
@@ -256,7 +309,7 @@ def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_
                  K, D, I, stride_ws, stride_wd, stride_ss, stride_sd, stride_ot,
                  HAS_MAP: tl.constexpr, QF: tl.constexpr, EVEN_I: tl.constexpr, STAGES: tl.constexpr,
                  BD: tl.constexpr, BI: tl.constexpr, GS: tl.constexpr = 32, HAS_Z: tl.constexpr = True,
-                 NB: tl.constexpr = 1):
+                 NB: tl.constexpr = 1, LK: tl.constexpr = 0):
     t = tl.program_id(0)
     db = tl.program_id(1)
     rows = db * BD + tl.arange(0, BD)                     # [BD] output features d
@@ -275,6 +328,8 @@ def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_
             soff = s0 * stride_ss + rows.to(tl.int64) * stride_sd
             if QF == 2:
                 r = _rowdot_int4(q_ptr, s_ptr, z_ptr, roff, soff, vmask, h_ptr + p * I, I, STAGES, BD, BI)
+            elif QF == 5:
+                r = _rowdot_lut4(q_ptr, s_ptr, roff, vmask, h_ptr + p * I, I, LK, STAGES, BD, BI)
             else:
                 r = _rowdot_int8g(q_ptr, s_ptr, z_ptr, roff, soff, vmask, h_ptr + p * I, I, GS, HAS_Z,
                                   STAGES, BD, BI)
@@ -288,9 +343,10 @@ def _decode_down(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, z_ptr, out_
 
 
 @triton.jit
-def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
+def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr, ids_ptr, b_ptr, alpha, limit,
                      P, K, D, I, stride_xt, stride_ws, stride_wn, LO, NW,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                     ACT: tl.constexpr = 0, HAS_B: tl.constexpr = False):
     b = tl.program_id(0)
     nb = tl.program_id(1)
     s = tl.load(block_slot_ptr + b).to(tl.int64) - LO     # the window [LO, LO + NW) of slots is w13_ptr's
@@ -316,7 +372,13 @@ def _grouped_gate_up(x_ptr, pair_ptr, block_slot_ptr, w13_ptr, h_ptr,
         a = a.to(wg.dtype)
         acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)
         acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    if HAS_B:                                             # gate/up bias of each pair's expert id
+        e = tl.maximum(tl.load(ids_ptr + tl.where(mmask, pair, 0)), 0).to(tl.int64)
+        boff = e[:, None] * (2 * I) + n[None, :]
+        bm = mmask[:, None] & nmask[None, :]
+        acc_g += tl.load(b_ptr + boff, mask=bm, other=0.0).to(tl.float32)
+        acc_u += tl.load(b_ptr + boff + I, mask=bm, other=0.0).to(tl.float32)
+    h = _act(acc_g, acc_u, ACT, alpha, limit)
     tl.store(h_ptr + pair[:, None].to(tl.int64) * I + n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
@@ -425,6 +487,8 @@ def _unpack(w) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         return 3, w.q, w.scale, zero, {"GS": int(fmt[5:]), "HAS_Z": w.zero is not None}
     if fmt == "q4_k":
         return 4, w.q, w.q, w.q, {}
+    if fmt in LUT4_KIND:                                  # the scale slot carries the format's table
+        return 5, w.q, lut4_table(fmt, w.q.device), w.q, {"LK": LUT4_KIND[fmt]}
     raise ValueError(f"unsupported quantized format {fmt!r}")
 
 
@@ -442,7 +506,7 @@ def _quant_config(w13, w2) -> dict:
     8 warps; kernel B 8 rows x 4 blocks (one step per expert for I = 768; the 4th block is masked, no
     traffic), 4 warps, 256 programs."""
     f13, f2 = getattr(w13, "fmt", None), getattr(w2, "fmt", None)
-    warps = {"int4g32": 8, "int8g32": 4, "int8g16": 4, "q4_k": 8}
+    warps = {"int4g32": 8, "int8g32": 4, "int8g16": 4, "q4_k": 8, "mxfp4": 8, "iq4_nl": 8, "iq4_xs": 8}
     out = {"warps_a": warps[f13]} if f13 in warps else {}
     if f2 in warps:
         out["warps_b"] = 4 if f2 == "q4_k" else warps[f2]
@@ -455,7 +519,14 @@ def _quant_config(w13, w2) -> dict:
     return out
 
 
-def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
+def _variant(act: ExpertAct, b13, like: torch.Tensor) -> tuple[tuple, dict]:
+    """(b_ptr, alpha, limit) arguments and the ACT / HAS_B constexprs of a variant; b13 [E, 2I] or None."""
+    b = like if b13 is None else b13.contiguous()
+    return (b, float(act.alpha), float(act.limit)), {"ACT": act.code, "HAS_B": b13 is not None}
+
+
+def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None,
+               act: ExpertAct = SILU, b13: torch.Tensor | None = None):
     """GEMV path (small T*K); dense, int8, int4g32, int8gG or q4_k weights. See module docstring.
     cfg keys (decode_config, _quant_config): BN, BK, BD, BI, num_warps, stages, warps_a, warps_b, and for q4_k
     NB_A / NB_B (Q4_K blocks of 256 columns per loop step of kernel A / B)."""
@@ -475,13 +546,14 @@ def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | Non
         ka["NB"] = cfg.get("NB_A", 2)
     if qb == 4:
         kb["NB"] = cfg.get("NB_B", 4)
-    bk = max(64, cfg["BK"] * 2) if qa == 2 else cfg["BK"]                # int4: same bytes per load
-    bi = max(64, cfg["BI"] * 2) if qb == 2 else cfg["BI"]
+    bk = max(64, cfg["BK"] * 2) if qa in (2, 5) else cfg["BK"]           # 4-bit: same bytes per load
+    bi = max(64, cfg["BI"] * 2) if qb in (2, 5) else cfg["BI"]
     grid_a = (T * K, triton.cdiv(I, cfg["BN"]))
-    _decode_gate_up[grid_a](x, ids, smap, q13, s13, z13, h, K, D, I, x.stride(0), q13.stride(0),
+    vargs, vk = _variant(act, b13, h)
+    _decode_gate_up[grid_a](x, ids, smap, q13, s13, z13, h, *vargs, K, D, I, x.stride(0), q13.stride(0),
                             q13.stride(1), *_sstrides(qa, s13),
                             HAS_MAP=slot_of is not None, QF=qa, EVEN_D=D % bk == 0, STAGES=cfg["stages"],
-                            BN=cfg["BN"], BK=bk, num_warps=cfg.get("warps_a", cfg["num_warps"]), **ka)
+                            BN=cfg["BN"], BK=bk, num_warps=cfg.get("warps_a", cfg["num_warps"]), **ka, **vk)
     grid_b = (T, triton.cdiv(D, cfg["BD"]))
     _decode_down[grid_b](h, ids, smap, weights, q2, s2, z2, out, K, D, I, q2.stride(0), q2.stride(1),
                          *_sstrides(qb, s2), out.stride(0),
@@ -490,10 +562,12 @@ def moe_decode(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | Non
     return out
 
 
-def moe_prefill(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None):
+def moe_prefill(x, ids, weights, w13, w2, slot_of=None, out=None, cfg: dict | None = None,
+                act: ExpertAct = SILU, b13: torch.Tensor | None = None):
     """Sorted grouped-GEMM path (large T*K). See module docstring."""
     S, I2, _ = w13.shape
-    gp = GroupedPass(x, _slots(ids, slot_of).view(ids.shape), weights, S, I2 // 2, w13.dtype, cfg)
+    gp = GroupedPass(x, _slots(ids, slot_of).view(ids.shape), weights, S, I2 // 2, w13.dtype, cfg,
+                     ids=ids, act=act, b13=b13)
     gp.run(0, w13, w2)
     return gp.result(out)
 
@@ -503,9 +577,11 @@ class GroupedPass:
     `run(lo, w13, w2)` computes the pairs of slots [lo, lo + len(w13)) with those weights (w13[j] is slot
     lo + j). Each pair is computed by the one window holding its slot; `result()` sums them per token. The
     chunked dequantized path (gpu_moe.dequant_chunks_moe) runs one window per chunk: one sort per layer
-    instead of one per chunk, and four launches per chunk."""
+    instead of one per chunk, and four launches per chunk. act / b13 (with the pairs' expert ids [T, K]): the
+    variant, applied in the gate/up kernel's epilogue."""
 
-    def __init__(self, x, ranks, weights, U: int, I: int, wdtype: torch.dtype, cfg: dict | None = None):
+    def __init__(self, x, ranks, weights, U: int, I: int, wdtype: torch.dtype, cfg: dict | None = None, *,
+                 ids: torch.Tensor | None = None, act: ExpertAct = SILU, b13: torch.Tensor | None = None):
         self.x = x if x.stride(-1) == 1 else x.contiguous()
         self.T, self.K = ranks.shape
         P, D = self.T * self.K, x.shape[1]
@@ -515,6 +591,10 @@ class GroupedPass:
         self.weights = weights.contiguous()
         self.h = torch.empty(P, I, dtype=wdtype, device=x.device)            # [P, I]
         self.y = torch.zeros(P, D, dtype=torch.float32, device=x.device)     # [P, D]; skipped pairs stay 0
+        if b13 is not None and ids is None:
+            raise ValueError("GroupedPass: a gate/up bias needs the pairs' expert ids")
+        self.ids = (ids if ids is not None else ranks).reshape(-1).contiguous()
+        self.vargs, self.vk = _variant(act, b13, self.y)
 
     def run(self, lo: int, w13, w2) -> None:
         cfg, nb, P, D, I = self.cfg, self.block_slot.numel(), self.P, self.D, self.I
@@ -523,9 +603,10 @@ class GroupedPass:
         kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
               "PREC": "ieee" if w13.dtype == torch.float32 else "tf32"}
         nw = w13.shape[0]
-        _grouped_gate_up[(nb, triton.cdiv(I, BN))](self.x, self.pair_ids, self.block_slot, w13, self.h, P,
-                                                   self.K, D, I, self.x.stride(0), w13.stride(0),
-                                                   w13.stride(1), lo, nw, BM=BM, BN=BN, BK=BK, **kw)
+        _grouped_gate_up[(nb, triton.cdiv(I, BN))](self.x, self.pair_ids, self.block_slot, w13, self.h,
+                                                   self.ids, *self.vargs, P, self.K, D, I, self.x.stride(0),
+                                                   w13.stride(0), w13.stride(1), lo, nw, BM=BM, BN=BN, BK=BK,
+                                                   **kw, **self.vk)
         _grouped_down[(nb, triton.cdiv(D, BN))](self.h, self.pair_ids, self.block_slot, w2, self.weights,
                                                 self.y, P, D, I, w2.stride(0), w2.stride(1), lo, nw,
                                                 BM=BM, BN=BN, BK=BK, **kw)
@@ -544,20 +625,22 @@ def uses_decode(T: int, K: int, S: int) -> bool:
 
 
 def supports(ids: torch.Tensor, w13, w2) -> bool:
-    """Quantized slots (int8, int4g32, int8gG, q4_k) run on the decode path only (prompt batches over them:
+    """Quantized slots (int8, int4g32, int8gG, q4_k, LUT4) run on the decode path only (prompt batches over
+    them:
     gpu_moe.dequant_chunks_moe); dense weights on both paths."""
     dense = getattr(w13, "fmt", None) is None and getattr(w2, "fmt", None) is None
     return dense or uses_decode(ids.shape[0], ids.shape[1], w13.shape[0])
 
 
-def moe_triton(x, ids, weights, w13, w2, slot_of=None, out=None):
+def moe_triton(x, ids, weights, w13, w2, slot_of=None, out=None, *, act: ExpertAct = SILU,
+               b13: torch.Tensor | None = None):
     """Pick the path from static shapes (see uses_decode)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is not None and out.stride(-1) != 1:
-        return out.copy_(moe_triton(x, ids, weights, w13, w2, slot_of))
+        return out.copy_(moe_triton(x, ids, weights, w13, w2, slot_of, act=act, b13=b13))
     if uses_decode(ids.shape[0], ids.shape[1], w13.shape[0]):
-        return moe_decode(x, ids, weights, w13, w2, slot_of, out)
+        return moe_decode(x, ids, weights, w13, w2, slot_of, out, act=act, b13=b13)
     if not supports(ids, w13, w2):
         raise NotImplementedError("grouped Triton MoE path needs dense weights")
-    return moe_prefill(x, ids, weights, w13, w2, slot_of, out)
+    return moe_prefill(x, ids, weights, w13, w2, slot_of, out, act=act, b13=b13)

@@ -5,13 +5,17 @@ A GGUF matrix [..., N, K] is stored row by row, each row K/bs blocks of `bs` wei
 `raw` uint8 [..., N, K/bs * block_bytes] (gguf's ReaderTensor.data for block types).
 
     to_q4_k(raw)                    -> QuantizedWeight "q4_k": the Q4_K bytes [..., N, K/256 * 144] (a view)
+    LUT4_TYPES, native_format(types) -> the LUT4 format ("mxfp4", "iq4_nl", "iq4_xs") a matrix whose layers
+                                       are all of one of those types keeps, else None
+    to_lut4(raw, qtype)             -> QuantizedWeight of that format: the file's blocks (a view), native size
     FAST_TYPES                      ggml types that map exactly onto int4g32 (experts stay 4-bit)
     to_int4g32(raw, qtype, scale_dtype=float16) -> QuantizedWeight "int4g32" (w = (q - 8) * scale + zero)
     INT8_TYPES, int8_spec(types) -> (group, zero?) of the int8gG format a set of types maps onto, or None
     to_int8g(raw, qtype, group, zero, scale_dtype=float16) -> QuantizedWeight "int8gG" (w = q * scale + zero)
     dequantize(raw, qtype, shape, name) -> float32 tensor [..., N, K]   (SUPPORTED: what gguf.quants reads)
     check_supported(qtype, name)    one ModelLoadError naming the tensor for other types (I32, Q8_K, ...)
-    quantize(w[..., N, K] float32, qtype) -> raw uint8 [..., N, bytes]  (writers; Q4_K/Q5_K/Q6_K packed here)
+    quantize(w[..., N, K] float32, qtype) -> raw uint8 [..., N, bytes]  (writers; Q4_K/Q5_K/Q6_K and
+                                       MXFP4/IQ4_NL/IQ4_XS packed here, quant.quantize_lut4)
 
 Exact mapping: every GGML 4-bit block of 32 is w = a * q + b with q in 0..15:
     Q4_0  (18 B / 32):  d fp16, 16 B nibbles                      a = d,       b = -8 d
@@ -48,6 +52,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from hotexperts.errors import ModelLoadError
 from hotexperts.quant import (
+    LUT4_PACKERS,
     fp16_bytes,
     int8g_from_int4g32,
     k_scales,
@@ -56,7 +61,7 @@ from hotexperts.quant import (
     pack_q4_k,
     scale_of,
 )
-from hotexperts.weights import Q4K_BYTES, QuantizedWeight
+from hotexperts.weights import KVALUES_IQ4NL, LUT4_BLOCKS, MXFP4_VALUES, Q4K_BYTES, QuantizedWeight
 
 Q = GGMLQuantizationType
 FAST_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
@@ -117,6 +122,29 @@ def to_q4_k(raw: np.ndarray) -> QuantizedWeight:
     return QuantizedWeight("q4_k", _tensor(raw), None)
 
 
+LUT4_TYPES = {Q.MXFP4: "mxfp4", Q.IQ4_NL: "iq4_nl", Q.IQ4_XS: "iq4_xs"}   # kept at native size
+
+
+def native_format(types) -> str | None:
+    """The LUT4 format a matrix keeps when every layer's tensors are one LUT4 type, else None."""
+    types = set(types)
+    return LUT4_TYPES.get(next(iter(types))) if len(types) == 1 else None
+
+
+def to_lut4(raw: np.ndarray, qtype: Q) -> QuantizedWeight:
+    """An MXFP4 / IQ4_NL / IQ4_XS matrix raw [..., N, K/B * bytes] as our LUT4 weight: the file's blocks, no
+    conversion (a view of `raw`: concatenate or clone it before keeping it)."""
+    fmt = LUT4_TYPES.get(qtype)
+    if fmt is None:
+        names = ", ".join(t.name for t in LUT4_TYPES)
+        raise ModelLoadError(f"{qtype.name} is not a 4-bit lookup type ({names})")
+    bb = LUT4_BLOCKS[fmt][1]
+    if raw.dtype != np.uint8 or raw.shape[-1] % bb:
+        raise ModelLoadError(f"{qtype.name} data must be uint8 rows of {bb}-byte blocks, got {raw.dtype} "
+                             f"{raw.shape}")
+    return QuantizedWeight(fmt, _tensor(raw), None)
+
+
 def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Exact int4g32 of a Q4_0/Q4_1/Q4_K matrix raw [..., N, bytes]: byte-level repacking with torch ops
     (vectorised, multi-threaded; no loop over blocks and no unpacked one-value-per-byte temporary)."""
@@ -132,8 +160,7 @@ def to_int4g32(raw: np.ndarray, qtype: Q, scale_dtype: torch.dtype = torch.float
 
 INT8_TYPES = {Q.Q8_0: (32, False), Q.Q5_0: (32, False), Q.Q5_1: (32, True), Q.Q5_K: (32, True),
               Q.Q6_K: (16, False), Q.IQ4_NL: (32, False), Q.IQ4_XS: (32, False), Q.MXFP4: (32, False)}
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)   # IQ4_NL / IQ4_XS
-MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)             # e2m1, doubled
+KVALUES = KVALUES_IQ4NL                                                              # IQ4_NL / IQ4_XS
 _Q4_AS_INT8 = {Q.Q4_0: (32, True), Q.Q4_1: (32, True), Q.Q4_K: (32, True)}   # through int4g32 (zero = b + 8a)
 
 
@@ -264,7 +291,7 @@ def quantize(w: np.ndarray | torch.Tensor, qtype: Q) -> np.ndarray:
     Our packers run where w lives (a CUDA tensor packs on the GPU); gguf's run in numpy."""
     if qtype in _PACKERS:
         x = torch.as_tensor(w).float()
-        blocks = _PACKERS[qtype](x.unflatten(-1, (-1, 256)))      # [..., N, nb, block_bytes]
+        blocks = _PACKERS[qtype](x.unflatten(-1, (-1, block_bytes(qtype)[0])))   # [..., N, nb, block_bytes]
         return blocks.flatten(-2).cpu().numpy()
     return quants.quantize(np.ascontiguousarray(torch.as_tensor(w).float().cpu().numpy()), qtype)
 
@@ -293,4 +320,5 @@ def _pack_q6_k(x: torch.Tensor) -> torch.Tensor:                  # x [..., nb, 
     return torch.cat((ql.flatten(-2), qh.flatten(-2), scales, fp16_bytes(d)), -1)
 
 
-_PACKERS = {Q.Q4_K: pack_q4_k, Q.Q5_K: _pack_q5_k, Q.Q6_K: _pack_q6_k}
+_PACKERS = {Q.Q4_K: pack_q4_k, Q.Q5_K: _pack_q5_k, Q.Q6_K: _pack_q6_k,
+            **{t: LUT4_PACKERS[f] for t, f in LUT4_TYPES.items()}}

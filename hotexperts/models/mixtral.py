@@ -40,6 +40,11 @@ def hf_from_gguf(g: GGUFConfig) -> dict:
             "intermediate_size": g.expert_width, "sliding_window": g.key("attention.sliding_window")}
 
 
+def gguf_metadata(cfg: ModelConfig) -> dict[str, int]:
+    """The sliding window, when the config has one (Mistral-style; llama.cpp reads the same key)."""
+    return {"attention.sliding_window": cfg.sliding_window} if cfg.sliding_window else {}
+
+
 def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
     """Heads of a Q or K projection (our name), None for every other tensor."""
     if ".self_attn.q_proj." in name:
@@ -68,4 +73,4 @@ TINY = tiny_hf_config(MODEL_TYPE, "MixtralForCausalLM", num_local_experts=8, num
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="llama", config_from_hf=config_from_hf,
                     hf_from_gguf=hf_from_gguf, rename=naming.make_rename(MOE_BLOCK, naming.MIXTRAL_WHICH),
                     moe_block=MOE_BLOCK, hf_expert_names=("w1", "w3", "w2"), from_gguf=from_gguf,
-                    to_gguf=to_gguf, tiny=TINY)
+                    to_gguf=to_gguf, gguf_metadata=gguf_metadata, tiny=TINY)

@@ -13,7 +13,8 @@ rate breaks ties). `auto`'s pay-back costs come from the shape (costmodel.paybac
 trace's metadata) and the hardware profile. The written profile holds counts over the whole trace, the hot
 set for the capacity, and the winner's name and params.
 
-CLI: `hotexperts auto TRACE (--slots K | --budget B) [--profile HW] [--model-shape S] [--out FILE]`.
+CLI (flags: cli/auto.py): `hotexperts auto TRACE (--slots K | --moe-cache SIZE) [--hardware HW]
+[--model-shape S] [--out FILE]`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hotexperts.experts.profile import Profile, profile_from_counts, save_profil
 from hotexperts.trace import costmodel, profiles
 from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.heldout import split, warm_profile
+from hotexperts.trace.import_shared import import_trace
 from hotexperts.trace.simulate import SimResult, auto_cost_params, parse_bytes, simulate, trace_profile
 
 GRID = {
@@ -113,23 +115,9 @@ def write(choice: Choice, path: str | Path) -> Path:
     return save_profile(path, choice.profile)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("auto", help="choose the cache policy for a model from a routing trace",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("trace", help="routing trace .npz")
-    p.add_argument("--slots", type=int, default=None, help="slots per layer (hot:K)")
-    p.add_argument("--budget", default=None, help="global budget: slots (600) or bytes (8GiB)")
-    p.add_argument("--profile", "--hardware", dest="profile", default="h200",
-                   help="hardware profile name or calibrated JSON")
-    p.add_argument("--model-shape", default=None, help="model shape preset (default: from the trace)")
-    p.add_argument("--expert-mb", type=float, default=None, help="bytes of one expert in MB (GPU format)")
-    p.add_argument("--max-swaps", type=int, default=None, help="copies per decode step (default unbounded)")
-    p.add_argument("--out", default="moe-profile.json", help="routing profile to write")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
-    trace = RoutingTrace.load(args.trace)
+    """`hotexperts auto` (flags: cli/auto.py): the trace may be any file import_trace reads."""
+    trace = import_trace(args.trace)
     shape = costmodel.shape_for_trace(trace, args.model_shape, args.expert_mb)
     hw = profiles.get_profile(args.profile)
     if (args.slots is None) == (args.budget is None):

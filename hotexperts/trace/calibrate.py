@@ -371,22 +371,6 @@ def measure(base: str = "h200", mib: int = 1024, h2d_mib: int = 256, formats=("b
                    notes="; ".join(notes), sources=dict(hw.sources) | sources, **figures)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("calibrate", help="measure this machine into a hardware profile JSON",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="hardware-profile.json", help="profile JSON to write")
-    p.add_argument("--base", default="h200", choices=sorted(BUILTIN), help="profile for unmeasured figures")
-    p.add_argument("--size-mib", type=int, default=1024, help="host memory per CPU measurement")
-    p.add_argument("--h2d-mib", type=int, default=256, help="bytes per H2D measurement (CUDA)")
-    p.add_argument("--gap-us", type=float, default=300.0, help="pause before each timed CPU call")
-    p.add_argument("--bench", action="append", default=[], help="a `hotexperts bench --json` report of this "
-                   "machine: fit the decode terms on it (repeatable)")
-    p.add_argument("--engine", default=None, metavar="current|ENGINE.json",
-                   help="the engine that measured --bench (default: the engine.json beside each report, else "
-                        "current; see hotexperts/trace/fit.py)")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
     hw = measure(args.base, args.size_mib, args.h2d_mib, gap_s=args.gap_us * 1e-6)
     if args.bench:

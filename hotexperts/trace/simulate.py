@@ -20,15 +20,17 @@ planner by descending router weight where the trace has weights (stable: the rec
 none, as the engine's torch.topk lists them); policies break ties by that order (LRU: with fewer slots than
 top-k it admits the highest-weighted misses).
 
-CLI: `hotexperts simulate TRACE [--policies ...] [--slots 8,16,32 | --budget 600,8GiB] [--profile HW]
-[--json OUT] [--plot DIR]`: a table of hit rates, ÷ Belady, swaps and bytes moved, and with a hardware
-profile the cost model's predicted decode tokens/s.
+CLI (flags: cli/simulate.py): `hotexperts simulate TRACE [--policies ...] [--slots 8,16,32 | --moe-cache
+600slots,8GiB] [--hardware HW] [--json OUT] [--plots DIR]`: a table of hit rates, ÷ Belady, swaps and bytes
+moved, and with a hardware profile the cost model's predicted decode tokens/s. TRACE: any file
+import_trace reads (.npz, .route.csv, *_routing.jsonl, a folder), as bench --route-trace.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from hotexperts.experts.profile import Profile, load_profile
 from hotexperts.experts.residency import Residency
 from hotexperts.trace import costmodel, profiles
 from hotexperts.trace.format import RoutingTrace
+from hotexperts.trace.import_shared import import_trace
 
 ALL_POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
 
@@ -198,16 +201,26 @@ def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens,
 
 
 def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), fit_fraction: float = 0.5,
-          params: dict | None = None, **kw) -> list[SimResult]:
+          params: dict | None = None, progress=None, **kw) -> list[SimResult]:
     """Every policy at every capacity, held out (trace/heldout.py: tuned on the first `fit_fraction` of
     the decode tokens, scored on the rest, one shared warm state); `vs_belady` filled in when belady is
-    among the policies. params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs)."""
+    among the policies. params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs).
+    progress(done, total, what): called after each capacity (the CLI prints a line: long traces take
+    minutes)."""
     from hotexperts.trace.heldout import compare
 
     out = []
-    for cap in [("slots", s) for s in slots] + [("budget", b) for b in budgets]:
+    caps = [("slots", s) for s in slots] + [("budget", b) for b in budgets]
+    for i, cap in enumerate(caps, 1):
         out += compare(trace, policies, **{cap[0]: cap[1]}, fit_fraction=fit_fraction, params=params, **kw)
+        if progress is not None:
+            progress(i, len(caps), f"{cap[1]} {'slots per layer' if cap[0] == 'slots' else 'slots in all'}")
     return out
+
+
+def print_progress(done: int, total: int, what: str) -> None:
+    """sweep's progress as one stderr line per capacity."""
+    print(f"simulate: {done}/{total} capacities done ({what})", file=sys.stderr, flush=True)
 
 
 def auto_cost_params(shape, hw) -> dict:
@@ -218,29 +231,6 @@ def auto_cost_params(shape, hw) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("simulate", help="replay a routing trace through the cache policies",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("trace", help="routing trace .npz (hotexperts trace / synthetic / imported)")
-    p.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma list (default: all)")
-    p.add_argument("--slots", default=None, help="per-layer slot counts to sweep, e.g. 8,16,32")
-    p.add_argument("--budget", default=None, help="global budgets to sweep: slots (600) or bytes (8GiB)")
-    p.add_argument("--profile", "--hardware", dest="profile", default=None,
-                   help="hardware profile name or calibrated JSON: predict tok/s")
-    p.add_argument("--static-profile", default=None, help="routing profile JSON for the static policy")
-    p.add_argument("--model-shape", default=None, help="model shape preset for the cost model "
-                   "(default: from the trace's meta)")
-    p.add_argument("--expert-mb", type=float, default=None, help="bytes of one expert in MB (GPU format)")
-    p.add_argument("--max-swaps", type=int, default=None, help="copies per decode step (default unbounded)")
-    p.add_argument("--pp-bypass", type=int, default=64, help="prompt batches over this bypass the policy")
-    p.add_argument("--fit-fraction", type=float, default=0.5, help="share of the decode tokens that tunes "
-                   "(warm state, static set); the rest is scored, every policy from the same warm state")
-    p.add_argument("--json", default=None, help="write results as JSON here")
-    p.add_argument("--markdown", action="store_true", help="also print hit %% (÷ Belady) as a markdown grid")
-    p.add_argument("--plot", default=None, help="write PNG plots into this folder")
-    p.set_defaults(func=run)
-
 
 def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
@@ -273,7 +263,8 @@ def _capacities(args, trace, expert_nbytes) -> tuple[list[int], list[int]]:
 
 
 def run(args) -> int:
-    trace = RoutingTrace.load(args.trace)
+    """`hotexperts simulate` (flags: cli/simulate.py): the trace may be any file import_trace reads."""
+    trace = import_trace(args.trace)
     shape = costmodel.shape_for_trace(trace, args.model_shape, args.expert_mb)
     hw = profiles.get_profile(args.profile) if args.profile else None
     nbytes = shape.expert_bytes_gpu if shape else 0
@@ -286,7 +277,7 @@ def run(args) -> int:
     params.update({p: {"profile": static} for p in policies if p == "static" and static is not None})
     rows = sweep(trace, policies, slots=slots, budgets=budgets, fit_fraction=args.fit_fraction,
                  params=params, max_swaps_per_step=args.max_swaps, prompt_bypass=args.pp_bypass,
-                 expert_nbytes=nbytes)
+                 expert_nbytes=nbytes, progress=print_progress)
     if hw is not None and shape is not None:
         for r in rows:
             r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()

@@ -1,6 +1,7 @@
 """load_gguf / write_gguf: round trips for the four architectures, experts kept as exact int4g32, logits equal
 to the same (independently dequantized) weights on the reference path, split files, one clear error each."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -80,6 +81,13 @@ def test_roundtrip_every_arch(tmp_path, preset):
     torch.testing.assert_close(logits(g), logits(g, reference_experts(path, g.cfg)), rtol=0, atol=1e-5)
 
 
+def test_mixtral_sliding_window_survives_the_file(tmp_path):
+    lm = build("tiny-mixtral")
+    lm.cfg = dataclasses.replace(lm.cfg, sliding_window=5)
+    g = load_gguf(write_gguf(lm, tmp_path / "m.gguf", "q8_0")[0], dtype="float32", device="cpu")
+    assert g.cfg.sliding_window == 5 and g.cfg == lm.cfg
+
+
 def test_mixtral_qk_rows_are_permuted_in_the_file(tmp_path):
     lm = build("tiny-mixtral")
     path = write_gguf(lm, tmp_path / "m.gguf", "q8_0")[0]
@@ -128,7 +136,7 @@ def test_cpu_kernel_runs_the_quantized_experts(tmp_path):
 
 @pytest.mark.parametrize("quant,fmt,zero", [("q8_0", "int8g32", False), ("q6_k", "int8g16", False),
                                             ("q5_k", "int8g32", True), ("q5_0", "int8g32", False),
-                                            ("q5_1", "int8g32", True), ("mxfp4", "int8g32", False)])
+                                            ("q5_1", "int8g32", True)])   # mxfp4: native LUT4 (tests/loading)
 def test_5_6_8_bit_experts_stay_int8g(tmp_path, quant, fmt, zero):
     lm = build("tiny-qwen2-moe", wide=True)
     path = write_gguf(lm, tmp_path / "m.gguf", quant)[0]
@@ -141,7 +149,7 @@ def test_5_6_8_bit_experts_stay_int8g(tmp_path, quant, fmt, zero):
     assert le.w13.fmt == fmt and le.w2.fmt == fmt and (le.w2.zero is not None) == zero
     assert le.w13.q.shape == (E, 2 * I, D) and le.w13.q.dtype == torch.int8
     assert g.store.expert_nbytes == 3 * I * D + 3 * I * D // G * 2 * (2 if zero else 1)
-    assert le.w2.scale.dtype == (torch.bfloat16 if quant == "mxfp4" else torch.float16)
+    assert le.w2.scale.dtype == torch.float16
     ref = logits(exact, reference_experts(path, exact.cfg))
     torch.testing.assert_close(logits(exact), ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(logits(g), ref, rtol=0, atol=2e-2)

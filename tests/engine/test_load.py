@@ -189,3 +189,11 @@ def test_store_rejects_unequal_layers():
     with pytest.raises(ValueError):
         ExpertStore({0: LayerExperts(torch.zeros(2, 4, 4), torch.zeros(2, 4, 2)),
                      1: LayerExperts(torch.zeros(3, 4, 4), torch.zeros(3, 4, 2))})
+
+
+def test_no_stale_loading_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Issue 19: logs and pipes got a 'loading: 0%' bar that was never cleared; the bar is a terminal's."""
+    write_hf_dir("tiny-qwen3-moe", tmp_path / "m", dtype="float32", device="cpu")
+    capsys.readouterr()
+    load_model(tmp_path / "m", "float32", "cpu")
+    assert "loading" not in capsys.readouterr().err

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from hotexperts.cli.make_model import add_parser
 from hotexperts.engine.presets import (
     PRESETS,
-    add_parser,
     build_in_memory,
     preset_config,
     routing_diversity,

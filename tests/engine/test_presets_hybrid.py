@@ -11,10 +11,11 @@ import torch
 import transformers as tf
 from gguf import GGUFWriter
 
+from hotexperts.cli.make_model import add_parser
 from hotexperts.engine.gguf_export import write_gguf
 from hotexperts.engine.load import load_model
 from hotexperts.engine.load_gguf import load_gguf
-from hotexperts.engine.presets import add_parser, build_in_memory, preset_config
+from hotexperts.engine.presets import build_in_memory, preset_config
 from hotexperts.errors import ModelLoadError
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.loading import gguf_quants as gq

@@ -226,6 +226,8 @@ def test_expert_quant_on_a_mixed_store_quantizes_only_its_dense_matrices(exact_c
     assert quantized_store(q, "int8") is q               # a second call (bench: load, then placement)
     with pytest.raises(PlacementError, match="already int4g32"):
         quantized_store(ExpertStore({l: LayerExperts(le.w13, le.w13) for l in q.layers}), "int8")
+    with pytest.raises(PlacementError, match="q4_k: q4_k needs .* multiple of 256.*int8 \\(per row\\)"):
+        quantized_store(STORE, "q4_k")                   # hidden 32: no 256-blocks
 
 
 @pytest.mark.parametrize("quant, fmt", [("int8", "int8"), ("int4", "int4g32"), ("int8g", "int8g32")])

@@ -44,7 +44,8 @@ def test_flags_map_to_placements():
     assert flags("--moe-cache", "8", "--moe-profile", "p.json").profile == "p.json"     # warm start
     p = flags("--vram-budget", "16")
     assert p.mode == "layers" and p.n_cpu_layers is None and p.vram_budget == 16 * GiB
-    assert flags("--vram-budget", "auto", "--cpu-moe").vram_budget == "auto"
+    auto = flags("--vram-budget", "auto", "--cpu-moe").vram_budget
+    assert auto == ("auto" if torch.cuda.is_available() else None)     # on CPU: no limit, said in a warning
     assert flags("--expert-quant", "int4", "--cpu-moe").expert_quant == "int4"
 
 
@@ -77,6 +78,8 @@ def test_parse_strings():
     for bad in ("fast", "hot:x", "gpu:3", "static:"):
         with pytest.raises(PlacementError):
             Placement.parse(bad)
+    with pytest.raises(PlacementError, match="ends the whole placement.*'2=slots4,3=cpu@lru'"):
+        Placement.parse("2=slots4@lru,3=cpu")
 
 
 def test_sizes():

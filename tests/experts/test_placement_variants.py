@@ -10,7 +10,7 @@ from tests.experts.placement_parity import assert_placement_matches, reference_r
 
 PRESETS = ("tiny-gpt-oss", "tiny-glm4-moe")
 PLACEMENTS = ["gpu", "cpu", "layers:2", "hot:5", "cache:20slots:lru", "cache:24slots:auto",
-              "0-1=cpu,2-3=slots4@lru", "0-1=gpu,2-3=cpu"]
+              "0-1=cpu,2-3=slots4@lru", "0-1=gpu,2-3=cpu", "0=gpu,1-3=slots4", "0=gpu,1=cpu,2-3=shared"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)

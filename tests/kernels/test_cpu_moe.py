@@ -29,9 +29,10 @@ from hotexperts.quant import (
     quantize_int8,
     quantize_int8g,
     quantize_layer,
+    quantize_lut4,
     quantize_q4_k,
 )
-from hotexperts.weights import LayerExperts, QuantizedWeight
+from hotexperts.weights import LUT4_BLOCKS, ExpertAct, LayerExperts, QuantizedWeight
 
 TOP_K = 4
 
@@ -57,7 +58,9 @@ def reference(x, ids, weights, experts: LayerExperts, act_quant: bool = False, d
             if e < 0:
                 continue
             gu = w13[e] @ aq(x[t].float()).double()
-            h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+            if experts.b13 is not None:
+                gu = gu + experts.b13[e].double()
+            h = experts.act(gu[:I], gu[I:])                         # silu(g) * u unless a variant
             y[t] += float(weights[t, k]) * (w2[e] @ aq(h.float()).double())
     return y
 
@@ -125,7 +128,8 @@ INT8G_INT = cm.cpu_moe_int_dot() == "avx512vnni"
 def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtype=torch.float16,
                 zero_dtype=None) -> LayerExperts:
     """A layer of a given shape; w13 and w2 in formats f13, f2 ("int8", "int4g32", "int8g32", "int8g16",
-    "int8gGz" = int8gG with a zero, from int4g32, "q4_k", "fp32"); int4 scale and zero dtypes may differ."""
+    "int8gGz" = int8gG with a zero, from int4g32, "q4_k", LUT4 "mxfp4" / "iq4_nl" / "iq4_xs", "fp32"); int4
+    scale and zero dtypes may differ."""
     gen = torch.Generator().manual_seed(seed)
 
     def q(w, fmt):
@@ -133,6 +137,8 @@ def sized_layer(f13: str, f2: str, E: int, D: int, I: int, seed: int, scale_dtyp
             return quantize_int8(w)
         if fmt == "q4_k":
             return quantize_q4_k(w)
+        if fmt in LUT4_BLOCKS:
+            return quantize_lut4(w, fmt)
         if fmt.startswith("int8g"):
             g = int(fmt[5:7])
             return int8g_from_int4g32(quantize_int4g32(w, scale_dtype), g) if fmt.endswith("z") else \
@@ -350,6 +356,107 @@ def test_native_worker_serves_q4_k_experts():
         h.post(1, x, ids, w, None)
         got = h.collect(1, ids, None, None, torch.float32)
         torch.testing.assert_close(got, cm.cpu_moe(x, ids, w, layers[1]))
+        h.take_step()
+    finally:
+        h.close()
+
+
+# ---- 4-bit lookup formats (LUT4) and the activation / bias variants, on every extension path ----
+# LUT4 shapes: 90 groups (gpt-oss's 2880 = 5 full 16-group chunks + a 10-group tail whose last block holds 2),
+# 3 and 5 groups (a tail only), IQ4_XS rows of 256-weight blocks (24 groups: a chunk + an 8-group tail),
+# LUT4 beside other formats.
+LUT4_SHAPES = [("mxfp4", "mxfp4", 5, 2880, 160), ("mxfp4", "mxfp4", 4, 96, 2880),
+               ("iq4_nl", "iq4_nl", 5, 544, 416), ("iq4_xs", "iq4_xs", 5, 768, 512),
+               ("iq4_xs", "mxfp4", 4, 256, 96), ("int4g32", "iq4_nl", 4, 160, 544),
+               ("mxfp4", "q4_k", 4, 160, 256)]
+VARIANTS = [ExpertAct("swiglu_oai"), ExpertAct("gelu_tanh"), ExpertAct("swiglu_oai", alpha=1.2, limit=0.5)]
+
+
+def with_variant(layer: LayerExperts, act: ExpertAct, seed: int, bias: bool = True) -> LayerExperts:
+    b13 = torch.randn(layer.num_experts, layer.w13.shape[1], generator=torch.Generator().manual_seed(seed))
+    return LayerExperts(layer.w13, layer.w2, b13 * 0.5 if bias else None, act)
+
+
+@requires_ext
+@pytest.mark.parametrize("shape", LUT4_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("T", [1, 6])
+def test_lut4_exact_path(shape, T):
+    f13, f2, E, D, I = shape
+    layer = sized_layer(f13, f2, E, D, I, seed=D + I)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # the extension, no fallback
+        check(cm.cpu_moe, T, f13, seed=T, act_quant=False, layer=layer)
+
+
+@pytest.mark.skipif(not INT8G_INT, reason="the LUT4 integer path needs AVX-512 VNNI")
+@pytest.mark.parametrize("shape", LUT4_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_lut4_int8_activation_path(shape, T):
+    f13, f2, E, D, I = shape
+    layer = sized_layer(f13, f2, E, D, I, seed=D + I + 1)
+    check(cm.cpu_moe, T, f13, seed=T, act_quant=True, layer=layer)
+
+
+@requires_ext
+@pytest.mark.parametrize("act", VARIANTS, ids=lambda a: f"{a.kind}-{a.limit}")
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int4g32", "q4_k", "mxfp4", "int8g32"])
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_variants_match_reference(act, fmt, act_quant):
+    """Clamped SwiGLU (limit 0.5 clamps most values: a missing clamp fails), GeLU-tanh, gate/up biases, on the
+    exact and the integer paths: the extension itself (no fallback warning)."""
+    layer = sized_layer(fmt, fmt, 6, 256, 512, seed=len(fmt)) if fmt != "bf16" else make_layer(
+        "bf16", torch.Generator().manual_seed(2))
+    layer = with_variant(layer, act, seed=3)
+    quantized = isinstance(layer.w13, QuantizedWeight) and (fmt != "int8g32" or INT8G_INT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(cm.cpu_moe, 5, fmt, seed=7, act_quant=act_quant and quantized, layer=layer)
+
+
+@requires_ext
+def test_variant_without_bias_and_bias_matters():
+    layer = sized_layer("int4g32", "int4g32", 4, 256, 256, seed=5)
+    x, ids, w = torch.randn(3, 256), torch.tensor([[0, 1], [2, 3], [1, -1]]), torch.rand(3, 2)
+    unbiased = with_variant(layer, ExpertAct("swiglu_oai"), 1, bias=False)
+    plain = cm.cpu_moe(x, ids, w, unbiased, act_quant=False)
+    biased = cm.cpu_moe(x, ids, w, with_variant(layer, ExpertAct("swiglu_oai"), 1), act_quant=False)
+    ref = reference(x, ids, w, unbiased)
+    torch.testing.assert_close(plain.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+    assert (plain - biased).abs().max() > 1e-2
+
+
+def test_bad_bias_shape_is_a_clear_error():
+    layer = sized_layer("fp32", "fp32", 4, 32, 32, seed=1)
+    bad = LayerExperts(layer.w13, layer.w2, torch.zeros(4, 32), ExpertAct("swiglu_oai"))
+    with pytest.raises(HotExpertsError, match=r"gate/up bias must be \[4, 64\]"):
+        cm.act_args(bad)
+
+
+def test_activation_aliases_and_codes():
+    assert ExpertAct("clamped_swiglu").kind == "swiglu_oai" and ExpertAct("silu_glu").code == 0
+    assert ExpertAct("gelu_tanh_glu").code == 2 and ExpertAct("swiglu_oai").code == 1
+    with pytest.raises(ValueError, match="unknown expert activation"):
+        ExpertAct("relu")
+
+
+@requires_ext
+def test_native_worker_serves_variants_and_lut4():
+    """The decode mailbox's native thread takes GPT-OSS-style experts (MXFP4, clamped SwiGLU, biases): no
+    HandoffUnavailable, the direct kernel call's result."""
+    from hotexperts.experts.mailbox import DecodeHandoff
+    from hotexperts.experts.store import ExpertStore
+
+    oai, gelu = ExpertAct("swiglu_oai"), ExpertAct("gelu_tanh")
+    layers = {0: with_variant(sized_layer("mxfp4", "mxfp4", 6, 2880, 160, seed=1), oai, 2),
+              1: with_variant(sized_layer("iq4_nl", "mxfp4", 6, 2880, 160, seed=3), gelu, 4)}
+    h = DecodeHandoff(ExpertStore(layers), [0, 1], 2, 2880, torch.float32, "cpu")
+    try:
+        h.self_test(torch.float32)
+        for row, le in layers.items():
+            x, ids, w = torch.randn(1, 2880), torch.tensor([[4, 1]]), torch.tensor([[0.3, 0.7]])
+            h.post(row, x, ids, w, None)
+            got = h.collect(row, ids, None, None, torch.float32)
+            torch.testing.assert_close(got, cm.cpu_moe(x, ids, w, le))
         h.take_step()
     finally:
         h.close()

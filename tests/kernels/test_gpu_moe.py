@@ -12,14 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first triton import
 
 from hotexperts.kernels.gpu_moe import gpu_moe, torch_moe  # noqa: E402
-from hotexperts.weights import QuantizedWeight  # noqa: E402
+from hotexperts.weights import SILU, ExpertAct, QuantizedWeight  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference(x, ids, weights, w13, w2, slot_of):
-    """Float64 loop over (t, k): the contract, written plainly."""
+def reference(x, ids, weights, w13, w2, slot_of, act=SILU, b13=None):
+    """Float64 loop over (t, k): the contract, written plainly (act, b13 [E, 2I] by expert id: a variant)."""
     T, K = ids.shape
     I = w13.shape[1] // 2
     out = torch.zeros(T, x.shape[1], dtype=torch.float64)
@@ -30,7 +30,9 @@ def reference(x, ids, weights, w13, w2, slot_of):
             if s < 0:
                 continue
             gu = w13[s].double() @ x[t].double()
-            h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+            if b13 is not None:
+                gu = gu + b13[e].double()
+            h = act(gu[:I], gu[I:])
             out[t] += float(weights[t, k]) * (w2[s].double() @ h)
     return out
 
@@ -349,3 +351,107 @@ def test_gpu_moe_cuda_q4_k(T):
     args = [t.to("cuda") for t in (x.bfloat16(), ids, w.bfloat16(), q13, q2, slot_of)]
     assert rel_err(gpu_moe(*args), ref) < 2e-2
     assert rel_err(triton_moe.moe_decode(*args), ref) < 2e-2
+
+
+
+# ---------------------------------------------------------------- LUT4 slots and activation / bias variants
+def _quant_lut4(w, fmt):
+    from hotexperts.quant import dequantize, quantize_lut4
+
+    qw = quantize_lut4(w, fmt)
+    return qw, dequantize(qw)
+
+
+VARIANTS = [ExpertAct("swiglu_oai"), ExpertAct("gelu_tanh"), ExpertAct("swiglu_oai", alpha=1.2, limit=0.5)]
+
+
+def _bias(E, I, seed):
+    return torch.randn(E, 2 * I, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt,D,I", [("mxfp4", 96, 64), ("iq4_nl", 64, 160), ("iq4_xs", 256, 256)])
+@pytest.mark.parametrize("T,K", [(1, 3), (2, 2)])
+def test_triton_decode_lut4(triton_moe, fmt, D, I, T, K):
+    """LUT4 slots read in place by the decode GEMV (tails: 3 and 5 groups, one IQ4_XS super-block)."""
+    (x, ids, w, w13, w2, slot_of), _ = make_case(T, K, 6, 5, D, I, torch.float32, seed=D + T)
+    (q13, d13), (q2, d2) = _quant_lut4(w13, fmt), _quant_lut4(w2, fmt)
+    ref = reference(x, ids, w, d13, d2, slot_of)
+    args = [t.to(DEV) for t in (x, ids, w, q13, q2, slot_of)]
+    cfg = {"BN": 16, "BK": 64, "BD": 16, "BI": 64, "num_warps": 4, "stages": 2}
+    assert rel_err(triton_moe.moe_decode(*args, cfg=cfg), ref) < 1e-5
+    assert rel_err(triton_moe.moe_decode(*args), ref) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["mxfp4", "iq4_nl", "iq4_xs"])
+def test_triton_dequant_lut4_bit_for_bit(triton_moe, fmt):
+    from hotexperts.kernels.triton_dequant import dequant_slots
+    from hotexperts.quant import dequantize
+
+    w = torch.randn(5, 24, 512, generator=torch.Generator().manual_seed(2))
+    qw = _quant_lut4(w, fmt)[0].to(DEV)
+    idx = torch.tensor([4, 0, 2], device=DEV)
+    want = dequantize(qw.to("cpu")[idx.cpu()])
+    for block in (None, (8, 64, 4)):
+        assert torch.equal(dequant_slots(qw, idx, torch.float32, block=block).cpu(), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("act", VARIANTS, ids=lambda a: f"{a.kind}-{a.limit}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_variants_decode_and_prefill(triton_moe, act, bias):
+    """Clamped SwiGLU (limit 0.5 clamps most values), GeLU-tanh and gate/up biases (by expert id, not slot)
+    in the epilogue of the decode GEMV and of the grouped prompt GEMM."""
+    (x, ids, w, w13, w2, slot_of), _ = make_case(9, 3, 6, 5, 48, 24, torch.float32, seed=3)
+    b13 = _bias(6, 24, 4) if bias else None
+    dev = [t.to(DEV) for t in (x, ids, w, w13, w2, slot_of)]
+    db = None if b13 is None else b13.to(DEV)
+    for T in (1, 9):
+        ref = reference(x[:T], ids[:T], w[:T], w13, w2, slot_of, act, b13)
+        args = [dev[0][:T], dev[1][:T], dev[2][:T], *dev[3:]]
+        got = triton_moe.moe_decode(*args, act=act, b13=db)
+        assert rel_err(got, ref) < 1e-5
+        cfg = {"BM": 16, "BN": 16, "BK": 16, "num_warps": 4, "num_stages": 1}
+        assert rel_err(triton_moe.moe_prefill(*args, cfg=cfg, act=act, b13=db), ref) < 5e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4g32"])
+def test_variant_prompt_batch_over_quantized_slots(triton_moe, fmt):
+    """GPT-OSS-style experts (clamped SwiGLU + biases) over quantized slots: dequantized chunks + grouped
+    GEMM,
+    and gpu_moe on the Triton backend (no torch fallback for variants any more)."""
+    from hotexperts.kernels.gpu_moe import dequant_chunks_moe
+
+    (x, ids, w, w13, w2, slot_of), _ = make_case(9, 3, 6, 5, 64, 64, torch.float32, seed=8)
+    (q13, d13), (q2, d2) = _quant_lut4(w13, fmt) if fmt != "int4g32" else _quant_int4(w13), \
+        _quant_lut4(w2, fmt) if fmt != "int4g32" else _quant_int4(w2)
+    act, b13 = ExpertAct("swiglu_oai", limit=1.0), _bias(6, 64, 9)
+    ref = reference(x, ids, w, d13, d2, slot_of, act, b13)
+    x, ids, w, q13, q2, slot_of, b13 = (t.to(DEV) for t in (x, ids, w, q13, q2, slot_of, b13))
+    out = dequant_chunks_moe(x, ids, w, q13, q2, slot_of, chunk=2, act=act, b13=b13)
+    assert rel_err(out, ref) < 5e-3
+    dec = gpu_moe(x[:1], ids[:1], w[:1], q13, q2, slot_of, backend="triton", act=act, b13=b13)
+    assert rel_err(dec, reference(*(t.cpu() if t is not None else None for t in (x[:1], ids[:1], w[:1])),
+                                  d13, d2, slot_of.cpu(), act, b13.cpu())) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["mxfp4", "iq4_nl"])
+@pytest.mark.parametrize("T", [1, 2, 64])
+def test_gpu_moe_cuda_gpt_oss_shape_lut4(fmt, T):
+    """The gpt-oss expert shape (D = I = 2880, top-4) in LUT4 slots with the clamped SwiGLU and biases on
+    CUDA,
+    bf16 activations: decode GEMV (T = 1, 2) and dequantized chunks + grouped GEMM (T = 64)."""
+    from hotexperts.kernels import triton_moe
+
+    (x, ids, w, w13, w2, slot_of), _ = make_case(T, 4, 32, 16, 2880, 2880, torch.float32, seed=15)
+    (q13, d13), (q2, d2) = _quant_lut4(w13, fmt), _quant_lut4(w2, fmt)
+    act, b13 = ExpertAct("swiglu_oai"), _bias(32, 2880, 16)
+    ref = reference(x, ids, w, d13, d2, slot_of, act, b13)
+    args = [t.to("cuda") for t in (x.bfloat16(), ids, w.bfloat16(), q13, q2, slot_of)]
+    kw = {"act": act, "b13": b13.cuda()}
+    assert rel_err(gpu_moe(*args, **kw), ref) < 2e-2
+    assert rel_err(triton_moe.moe_decode(*args, **kw), ref) < 2e-2

@@ -155,3 +155,71 @@ def test_q4_k_of_our_packer_equals_gguf_and_int4g32():
     want = quants.dequantize(raw, Q.Q4_K)
     np.testing.assert_array_equal(dequantize_int4(qw).numpy(), want)
     np.testing.assert_array_equal(dequantize_int4(gq.to_int4g32(raw, Q.Q4_K, torch.float32)).numpy(), want)
+
+
+# ---- 4-bit lookup types kept at native size (weights.py LUT4) ----
+
+def lut4_blocks(qtype, rows=4, blocks=3, seed=0):
+    """Arbitrary valid LUT4 bytes; MXFP4 exponents cover subnormal (0, 1) to large scales."""
+    raw = random_blocks(qtype, rows, blocks, seed).reshape(rows, blocks, -1)
+    if qtype == Q.MXFP4:
+        raw[..., 0] = np.random.default_rng(seed).choice([0, 1, 2, 100, 120, 127, 130, 200], (rows, blocks))
+    return raw.reshape(rows, -1)
+
+
+def numpy_lut4(raw: np.ndarray, qtype) -> np.ndarray:
+    """An independent reference after ggml's C (dequantize_row_mxfp4 / _iq4_nl / _iq4_xs), block by block."""
+    bw, bb = gq.block_bytes(qtype)
+    table = np.array(gq.MXFP4_VALUES if qtype == Q.MXFP4 else gq.KVALUES, dtype=np.float32)
+    out = []
+    for blk in raw.reshape(-1, bb):
+        if qtype == Q.IQ4_XS:
+            d = np.float32(blk[0:2].view(np.float16)[0])
+            sh = int(blk[2:4].view(np.uint16)[0])
+            for ib in range(8):
+                ls = ((int(blk[4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+                qs = blk[8 + 16 * ib: 24 + 16 * ib]
+                dl = np.float32(d * np.float32(ls - 32))
+                out += [dl * table[qs & 15], dl * table[qs >> 4]]
+            continue
+        if qtype == Q.MXFP4:
+            d = np.float32(np.ldexp(np.float64(1.0), int(blk[0]) - 128))
+        else:
+            d = np.float32(blk[0:2].view(np.float16)[0])
+        qs = blk[bb - 16:]
+        out += [d * table[qs & 15], d * table[qs >> 4]]
+    return np.concatenate(out).reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.IQ4_NL, Q.IQ4_XS])
+def test_lut4_keeps_the_file_blocks_and_dequantizes_exactly(qtype):
+    raw = lut4_blocks(qtype)
+    w = gq.to_lut4(raw, qtype)
+    assert w.fmt == gq.LUT4_TYPES[qtype] and w.scale is None and w.zero is None
+    assert w.q.data_ptr() == torch.from_numpy(raw).data_ptr()           # a view: native size, no copy
+    assert w.shape == (4, 3 * gq.block_bytes(qtype)[0])
+    ours = dequantize_int4(w).numpy()
+    np.testing.assert_array_equal(ours, numpy_lut4(raw, qtype))
+    np.testing.assert_array_equal(ours, quants.dequantize(raw, qtype))
+
+
+@pytest.mark.parametrize("qtype, bits", [(Q.MXFP4, 4.25), (Q.IQ4_NL, 4.5), (Q.IQ4_XS, 4.25)])
+def test_lut4_packers_write_what_gguf_reads(qtype, bits):
+    w = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    raw = gq.quantize(w, qtype)
+    assert raw.dtype == np.uint8 and raw.nbytes * 8 / w.numel() == bits
+    back = quants.dequantize(raw, qtype)
+    np.testing.assert_array_equal(dequantize_int4(gq.to_lut4(raw, qtype)).numpy(), back)
+    rel = float(np.linalg.norm(back - w.numpy()) / np.linalg.norm(w.numpy()))
+    assert rel < (0.13 if qtype == Q.MXFP4 else 0.09)
+    if qtype == Q.MXFP4:                                                   # gguf's own quantizer: same bytes
+        np.testing.assert_array_equal(raw, quants.quantize(w.numpy(), qtype))
+
+
+def test_native_format_only_for_one_lut4_type():
+    assert gq.native_format({Q.MXFP4}) == "mxfp4" and gq.native_format({Q.IQ4_XS}) == "iq4_xs"
+    assert gq.native_format({Q.MXFP4, Q.IQ4_NL}) is None and gq.native_format({Q.Q4_K}) is None
+    with pytest.raises(ModelLoadError, match="not a 4-bit lookup type"):
+        gq.to_lut4(random_blocks(Q.Q4_0), Q.Q4_0)
+    with pytest.raises(ModelLoadError, match="17-byte blocks"):
+        gq.to_lut4(np.zeros((2, 20), np.uint8), Q.MXFP4)

@@ -5,10 +5,11 @@ import argparse
 import numpy as np
 import pytest
 
+from hotexperts.cli.auto import add_parser, run
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.policies import policy_from_profile
 from hotexperts.experts.profile import load_profile
-from hotexperts.trace.auto import add_parser, choose, run, split, write
+from hotexperts.trace.auto import choose, split, write
 from hotexperts.trace.costmodel import SHAPES
 from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.profiles import BUILTIN

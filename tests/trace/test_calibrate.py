@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("torch")
 
 from hotexperts.bench.predict import shape_for  # noqa: E402
+from hotexperts.cli.calibrate import add_parser  # noqa: E402
 from hotexperts.trace import calibrate as cal  # noqa: E402
 from hotexperts.trace import fit as F  # noqa: E402
 from hotexperts.trace.costmodel import SHAPES, predict  # noqa: E402
@@ -155,7 +156,7 @@ def test_cli_with_bench(tmp_path, monkeypatch):
     monkeypatch.setattr(cal, "measure", lambda *a, **k: BUILTIN["h200"])
     path = _bench_json(tmp_path, BUILTIN["h200"])
     parser = argparse.ArgumentParser()
-    cal.add_parser(parser.add_subparsers())
+    add_parser(parser.add_subparsers())
     out = tmp_path / "hw.json"
     args = parser.parse_args(["calibrate", "--out", str(out), "--bench", str(path),
                               "--engine", str(RUN5_ENGINE)])

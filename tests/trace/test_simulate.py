@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from hotexperts.cli.simulate import add_parser, run
 from hotexperts.errors import HotExpertsError
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.simulate import add_parser, passes, run, simulate, sweep
+from hotexperts.trace.simulate import passes, simulate, sweep
 
 CLASSIC = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
 

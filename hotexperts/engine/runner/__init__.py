@@ -1,4 +1,4 @@
-"""The engine's runner: how one T=1 decode step runs over a pure model (models/ knows none of this).
+"""The engine's runner: how one decode step runs over a pure model (models/ knows none of this).
 
     make_decode_step(model, kv, executor, device, *, use_graph=True, piecewise=False) -> step
         step(token, pos) -> logits [V]; step.graphed
@@ -9,6 +9,8 @@
     compiled.py    which models run compiled stages; decode_forward (one step, compiled or not)
     cuda_graph.py  EagerDecodeStep; GraphDecodeStep (the whole step as one CUDA graph, graph-safe executors)
     piecewise.py   PiecewiseDecodeStep: CUDA graphs around an executor that needs the host between layers
+    verify.py      make_verify_step: the T-token (2..16) decode step of speculative decoding, a CUDA graph
+                   per T bucket for executors whose T > 1 calls are sync-free
 
 The runner reads the executor's optional hooks as it always did: `graph_safe` (getattr, default False),
 `on_route` (set: run eagerly, a replay runs no Python) and `before_step()` (right before a step launches).
@@ -21,9 +23,10 @@ import torch
 from hotexperts.engine.runner.compiled import compile_decode, compiled_stages
 from hotexperts.engine.runner.cuda_graph import EagerDecodeStep, GraphDecodeStep
 from hotexperts.engine.runner.piecewise import PiecewiseDecodeStep
+from hotexperts.engine.runner.verify import make_verify_step
 
 __all__ = ["EagerDecodeStep", "GraphDecodeStep", "PiecewiseDecodeStep", "compile_decode", "compiled_stages",
-           "make_decode_step"]
+           "make_decode_step", "make_verify_step"]
 
 
 def make_decode_step(model, kv, executor, device: torch.device | str, *, use_graph: bool = True,

@@ -1,13 +1,17 @@
 // Fused CPU MoE for one layer: every routed (token, expert) pair of the call in ONE call.
 //
-//   y[t] = sum_k w[t,k] * W2_e (silu(G_e x_t) * (U_e x_t)),  e = ids[t,k]; ids == -1 is skipped.
+//   y[t] = sum_k w[t,k] * W2_e act(G_e x_t + bg_e, U_e x_t + bu_e),  e = ids[t,k]; ids == -1 is skipped.
+//   act (ActSpec, weights.ACT_CODES): 0 silu(g) u; 1 GPT-OSS's clamped SwiGLU (g' = min(g, limit),
+//   u' = clamp(u, -limit, limit), (u' + 1) g' sigmoid(alpha g')); 2 gelu_tanh(g) u. The gate/up bias b13
+//   [E, 2I] fp32 (gate then up, by expert id) is optional; a down bias is the model's (weights.py).
 //
 // Weights (contiguous, E experts stacked):  w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I].
 // Formats: f32, bf16, f16, int8 (per-row scale), int4g32 (q [N, K/2] uint8, low nibble = even column;
 // scale, zero [N, K/32]; w = (q - 8) * scale + zero), int8gG (q [N, K] int8; scale and optional zero
 // [N, K/G], G = 16 or 32; w = q * scale + zero), q4_k (q [N, K/256 * 144] uint8: GGUF Q4_K blocks as in the
-// file, no scale/zero tensors; w = d sc_j q - dmin m_j per sub-block j of 32). Activations and accumulation
-// are fp32.
+// file, no scale/zero tensors; w = d sc_j q - dmin m_j per sub-block j of 32), LUT4 mxfp4 / iq4_nl / iq4_xs
+// (q [N, K/B * bytes] uint8: GGUF blocks as in the file; w = scale_g table[index] per 32-group, lut4.h).
+// Activations and accumulation are fp32.
 //
 // Plan: (0) group pairs by expert (counting sort); (1) h = silu(G x) * (U x) in parallel over
 // (active expert x block of I rows); (2) y in parallel over blocks of D output rows, each unit looping over
@@ -26,6 +30,8 @@
 //   int8gG:  512-bit path only (qdot512.h); AVX2 builds run int8gG weights on the fp32 path.
 //   q4_k:    per sub-block j: (d sc_j sx) * sum_j q xq - dmin m_j xsum  (the block's 6-bit scales decoded once
 //            per block per row; q in 0..15 is the u8 operand, as for int4g32)
+//   LUT4:    512-bit path only (qdot512.h lut_rows: table lookup with vpshufb, then vpdpbusd); other builds
+//            run LUT4 weights on the fp32 path (lut4.h group_weights).
 // h is quantized by the stage-1 unit that computes it (units are one 32-group of I rows).
 // With AVX-512 BW/VL + VNNI the integer path runs the 512-bit kernels of qdot512.h instead (several rows x
 // tokens per step, int4 activations laid out per 4-group block, int8 via w ^ 0x80, L2 prefetch of the rows
@@ -40,6 +46,7 @@
 #include <cmath>
 #include <vector>
 
+#include "lut4.h"
 #include "simd.h"
 
 // The 512-bit integer path (qdot512.h) replaces the 256-bit one where AVX-512 BW/VL + VNNI exist.
@@ -52,7 +59,28 @@
 
 namespace {
 
-enum Fmt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4, I8G = 5, Q4K = 6 };
+enum Fmt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, I4 = 4, I8G = 5, Q4K = 6, MXF4 = 7, IQ4NL = 8, IQ4XS = 9 };
+
+inline bool is_lut(int64_t f) { return f >= MXF4 && f <= IQ4XS; }
+
+// The experts' activation and optional gate/up bias (see the header).
+struct ActSpec {
+  int code = 0;
+  float alpha = 1.702f, limit = 7.f;
+  const float* b13 = nullptr;        // [E, 2I] fp32 or nullptr
+
+  inline float operator()(float g, float u) const {
+    switch (code) {
+      case 1: {
+        g = std::min(g, limit);
+        u = std::max(-limit, std::min(u, limit));
+        return (u + 1.f) * (g / (1.f + std::exp(-alpha * g)));
+      }
+      case 2: return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
+      default: return g / (1.f + std::exp(-g)) * u;
+    }
+  }
+};
 
 constexpr int64_t QK = 256, QKB = 144;   // q4_k: weights and bytes per block
 
@@ -193,6 +221,25 @@ inline void dot_q4k(const WDesc& w, int64_t row, const float* const* xs, float* 
   for (int t = 0; t < NT; t++) res[t] = vsum(vadd(a0[t], a1[t]));
 }
 
+// LUT4 row: per 32-group, the 32 weights looked up and scaled (lut4.h), then fp32 FMAs; xs in natural order.
+template <int NT>
+inline void dot_lut(const WDesc& w, int64_t row, const float* const* xs, float* res) {
+  const int kind = w.fmt - MXF4;
+  const uint8_t* p = static_cast<const uint8_t*>(w.q) + row * lut4::row_bytes(kind, w.K);
+  V a0[NT], a1[NT];
+  for (int t = 0; t < NT; t++) a0[t] = a1[t] = vzero();
+  alignas(64) float wv[32];
+  for (int64_t g = 0; g < w.K / 32; g++) {
+    lut4::group_weights(p, kind, g, wv);
+    const V w0 = vload(wv), w1 = vload(wv + 16);
+    for (int t = 0; t < NT; t++) {
+      a0[t] = vfma(w0, vload(xs[t] + g * 32), a0[t]);
+      a1[t] = vfma(w1, vload(xs[t] + g * 32 + 16), a1[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) res[t] = vsum(vadd(a0[t], a1[t]));
+}
+
 template <int NT>
 inline void row_dot(const WDesc& w, int64_t e, int64_t r, const float* const* xs, float* res) {
   const int64_t row = e * w.N + r, K = w.K;
@@ -221,6 +268,7 @@ inline void row_dot(const WDesc& w, int64_t e, int64_t r, const float* const* xs
     }
     case I8G: dot_i8g<NT>(w, row, xs, res); break;
     case Q4K: dot_q4k<NT>(w, row, xs, res); break;
+    case MXF4: case IQ4NL: case IQ4XS: dot_lut<NT>(w, row, xs, res); break;
     default: dot_i4<NT>(w, row, xs, res);
   }
 }
@@ -465,6 +513,12 @@ WDesc describe(int64_t fmt, const at::Tensor& q, const c10::optional<at::Tensor>
     TORCH_CHECK(q.scalar_type() == at::kByte && K % QK == 0 && q.dim() == 3 && q.size(1) == N
                     && q.size(2) == K / QK * QKB,
                 "cpu_moe: q4_k weight must be uint8 [E, N, K/256 * 144] with K a multiple of 256");
+  if (is_lut(fmt)) {
+    const int kind = int(fmt) - MXF4;
+    TORCH_CHECK(q.scalar_type() == at::kByte && K % lut4::kBlockW[kind] == 0 && q.dim() == 3 && q.size(1) == N
+                    && q.size(2) == lut4::row_bytes(kind, K),
+                "cpu_moe: LUT4 weight must be uint8 [E, N, K/B * bytes] with K a multiple of its block B");
+  }
   if (fmt == I4) {
     TORCH_CHECK(z.has_value() && z->is_contiguous(), "cpu_moe: int4g32 weight needs a contiguous zero");
     w.z = z->data_ptr();
@@ -535,8 +589,9 @@ HX_INLINE q512::Rows<R> rows_of(const WDesc& w, const int64_t* rows) {
   q512::Rows<R> p;
   const int64_t G = w.K / 32, ssz = w.scode == F32 ? 4 : 2, zsz = w.zcode == F32 ? 4 : 2;
   for (int r = 0; r < R; r++) {
-    if (w.fmt == Q4K) {
-      p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * (w.K / QK * QKB);
+    if (w.fmt == Q4K || is_lut(w.fmt)) {
+      const int64_t rb = w.fmt == Q4K ? w.K / QK * QKB : lut4::row_bytes(w.fmt - MXF4, w.K);
+      p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * rb;
       p.s[r] = p.z[r] = nullptr;
     } else if (w.fmt == I4) {
       p.q[r] = static_cast<const uint8_t*>(w.q) + rows[r] * (w.K / 2);
@@ -566,6 +621,8 @@ HX_INLINE void qrows_t(const WDesc& w, const int64_t* rows, const int64_t* prow,
   const q512::Rows<R>* pp = prow ? &rp : nullptr;
   if (w.fmt == Q4K) {
     q512::q4k_rows<R, NT>(rw, pp, w.K / QK, x, res);
+  } else if (is_lut(w.fmt)) {
+    q512::lut_rows<R, NT>(rw, pp, w.fmt - MXF4, w.K / 32, x, res);
   } else if (w.fmt == I4) {
     q512::q4_rows<R, NT>(rw, pp, w.scode, w.zcode, w.K / 32, x, res);
   } else if (w.fmt == I8G) {
@@ -619,10 +676,10 @@ inline void qstore(const Acts& a, int f, int64_t row, int64_t g, __m512 v0, __m5
     q512::q4k_act_pos(g, lo, hi);
     q512::quant32v(v0, v1, false, base + lo, base + hi, s, sum);
     if (g & 1) *s *= 1.f / 16.f;
-  } else if (f == I4) {
+  } else if (f == I4 || is_lut(f)) {       // int4: even/odd split; LUT4: first/second halves
     int64_t lo, hi;
     q512::q4_group_pos(g, G, lo, hi);
-    q512::quant32v(v0, v1, true, base + lo, base + hi, s, sum);
+    q512::quant32v(v0, v1, f == I4, base + lo, base + hi, s, sum);
   } else {
     float* s16 = a.sum16 ? a.sum16 + row * (a.K / 16) + 2 * g : nullptr;
     q512::quant32v(v0, v1, false, base + g * 32, base + g * 32 + 16, s, sum, s16);
@@ -637,7 +694,7 @@ inline void qstore(const Acts& a, int f, int64_t row, int64_t g, __m512 v0, __m5
 // r + 16 (four sequential streams, which the hardware prefetchers follow better than 4 adjacent rows of one
 // page), prefetching the rows pfd steps later: in this unit, or in unit (na, nr0) (na < 0: none) next.
 void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64_t na, int64_t nr0,
-                  const Acts& x, const Acts& h, int f2, int64_t pfd) {
+                  const Acts& x, const Acts& h, int f2, int64_t pfd, const ActSpec& act) {
   const int64_t r1 = r0 + RB1;
   const int64_t e = p.expert[a], b = p.start[a], n = p.start[a + 1] - b, I = h.K;
   const bool perm_h = f2 == I4;
@@ -645,8 +702,10 @@ void gate_up_unit(const WDesc& w13, const Pairs& p, int64_t a, int64_t r0, int64
   for (int64_t t0 = 0; t0 < n; t0 += 4) {
     const int nt = int(std::min<int64_t>(4, n - t0));
     float hl[4][32];
+    const float* bias = act.b13 ? act.b13 + e * 2 * I : nullptr;
     auto put = [&](int64_t r, int j, float g, float u) {
-      const float v = g / (1.f + std::exp(-g)) * u;
+      if (bias) g += bias[r], u += bias[I + r];
+      const float v = act(g, u);
       if (h.q) hl[j][(perm_hl ? perm_col(r) : r) - r0] = v;
       else h.f[(b + t0 + j) * I + (perm_h ? perm_col(r) : r)] = v;
     };
@@ -782,16 +841,21 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
                    const at::Tensor& q13, const c10::optional<at::Tensor>& s13,
                    const c10::optional<at::Tensor>& z13, int64_t f2, const at::Tensor& q2,
                    const c10::optional<at::Tensor>& s2, const c10::optional<at::Tensor>& z2, at::Tensor out,
-                   int64_t nthreads, bool act_quant, int64_t prefetch_rows) {
+                   int64_t nthreads, bool act_quant, int64_t prefetch_rows, const ExpertAct& ea) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous(), "cpu_moe: x, out must be contiguous [T, D]");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && wts.is_contiguous(),
               "cpu_moe: ids must be contiguous int64, weights contiguous");
   const int64_t T = x.size(0), D = x.size(1), K = ids.size(1);
-  const int64_t I = f2 == I4 ? q2.size(2) * 2 : f2 == Q4K ? q2.size(2) / QKB * QK : q2.size(2);
+  const int64_t I = f2 == I4    ? q2.size(2) * 2
+                    : f2 == Q4K ? q2.size(2) / QKB * QK
+                    : is_lut(f2) ? q2.size(2) / lut4::kBlockB[f2 - MXF4] * lut4::kBlockW[f2 - MXF4]
+                                 : q2.size(2);
   TORCH_CHECK(D % 32 == 0 && I % 32 == 0, "cpu_moe: D and I must be multiples of 32");
   WDesc w13 = describe(f13, q13, s13, z13, 2 * I, D), w2 = describe(f2, q2, s2, z2, D, I);
   // 256-bit path: prefetch the same place prefetch_rows rows on (the 512-bit path: see pfd below)
-  auto row_bytes = [](int64_t f, int64_t K) { return f == I4 ? K / 2 : f == Q4K ? K / QK * QKB : K; };
+  auto row_bytes = [](int64_t f, int64_t K) {
+    return f == I4 ? K / 2 : f == Q4K ? K / QK * QKB : is_lut(f) ? lut4::row_bytes(int(f) - MXF4, K) : K;
+  };
   w13.pf = HX_Q512 ? 0 : prefetch_rows * row_bytes(f13, D);
   w2.pf = HX_Q512 ? 0 : prefetch_rows * row_bytes(f2, I);
   TORCH_CHECK(ids.size(0) == T && wts.size(0) == T && wts.size(1) == K && out.size(0) == T && out.size(1) == D,
@@ -806,8 +870,18 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
     for (int64_t i = 0; i < T * D; i++) st(op, ocode, i, 0.f);
     return out;
   }
-  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4 || f13 == Q4K || (HX_Q512 && f13 == I8G));
-  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4 || f2 == Q4K || (HX_Q512 && f2 == I8G));
+  const bool q13a = HX_QDOT && act_quant && (f13 == I8 || f13 == I4 || f13 == Q4K || (HX_Q512 && (f13 == I8G || is_lut(f13))));
+  const bool q2a = HX_QDOT && act_quant && (f2 == I8 || f2 == I4 || f2 == Q4K || (HX_Q512 && (f2 == I8G || is_lut(f2))));
+  ActSpec act;
+  act.code = int(ea.code);
+  act.alpha = float(ea.alpha);
+  act.limit = float(ea.limit);
+  TORCH_CHECK(act.code >= 0 && act.code <= 2, "cpu_moe: unknown activation code ", ea.code);
+  if (ea.b13.has_value()) {
+    TORCH_CHECK(ea.b13->scalar_type() == at::kFloat && ea.b13->is_contiguous() && ea.b13->numel() == w13.E * 2 * I,
+                "cpu_moe: b13 must be a contiguous float32 [E, 2I]");
+    act.b13 = ea.b13->data_ptr<float>();
+  }
 
   // x -> int8 per 32-group for the integer path (in the layout w13's format reads), else fp32 (permuted per
   // 32-group when w13 is int4)
@@ -861,7 +935,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
     while (claim(next1, n1, nth, n1, u0, u1))
       for (int64_t u = u0; u < u1; u++) {
         const int64_t na = u + 1 < u1 ? (u + 1) / nb1 : -1, nr0 = ((u + 1) % nb1) * RB1;
-        gate_up_unit(w13, p, u / nb1, (u % nb1) * RB1, na, nr0, xa, ha, int(f2), pfd);
+        gate_up_unit(w13, p, u / nb1, (u % nb1) * RB1, na, nr0, xa, ha, int(f2), pfd, act);
       }
 #pragma omp barrier
     while (claim(next2, nb2, nth, max2, u0, u1)) {
@@ -882,9 +956,10 @@ std::string forward_checked(const at::Tensor& x, const at::Tensor& ids, const at
                             const at::Tensor& q13, const c10::optional<at::Tensor>& s13,
                             const c10::optional<at::Tensor>& z13, int64_t f2, const at::Tensor& q2,
                             const c10::optional<at::Tensor>& s2, const c10::optional<at::Tensor>& z2,
-                            at::Tensor out, int64_t nthreads, bool act_quant, int64_t prefetch_rows) {
+                            at::Tensor out, int64_t nthreads, bool act_quant, int64_t prefetch_rows,
+                            const ExpertAct& act) {
   try {
-    forward(x, ids, wts, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, prefetch_rows);
+    forward(x, ids, wts, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, prefetch_rows, act);
   } catch (const c10::Error& e) {
     return e.what_without_backtrace();
   } catch (const std::exception& e) {
@@ -894,8 +969,19 @@ std::string forward_checked(const at::Tensor& x, const at::Tensor& ids, const at
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward_checked, py::call_guard<py::gil_scoped_release>(),
-        "fused MoE layer: forward(x, ids, weights, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, prefetch_rows)");
+  m.def(
+      "forward",
+      [](const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wts, int64_t f13, const at::Tensor& q13,
+         const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& z13, int64_t f2,
+         const at::Tensor& q2, const c10::optional<at::Tensor>& s2, const c10::optional<at::Tensor>& z2,
+         at::Tensor out, int64_t nthreads, bool act_quant, int64_t prefetch_rows, int64_t act, double alpha,
+         double limit, const c10::optional<at::Tensor>& b13) {
+        return forward_checked(x, ids, wts, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant,
+                               prefetch_rows, ExpertAct{act, alpha, limit, b13});
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "fused MoE layer: forward(x, ids, weights, f13, q13, s13, z13, f2, q2, s2, z2, out, nthreads, act_quant, "
+      "prefetch_rows, act, alpha, limit, b13)");
   m.def("int_dot", []() { return std::string(HX_QDOT_KIND); });
   m.def("simd", []() { return std::string(HX_SIMD); });
   m.def("max_threads", []() { return omp_get_max_threads(); });

@@ -51,6 +51,7 @@ struct LayerWeights {
   int64_t f13, f2;
   at::Tensor q13, q2;
   c10::optional<at::Tensor> s13, z13, s2, z2;
+  ExpertAct act;
 };
 
 class CpuWorker {
@@ -59,8 +60,9 @@ class CpuWorker {
             at::Tensor cpu_ns, at::Tensor err, std::vector<int64_t> f13, std::vector<at::Tensor> q13,
             std::vector<c10::optional<at::Tensor>> s13, std::vector<c10::optional<at::Tensor>> z13,
             std::vector<int64_t> f2, std::vector<at::Tensor> q2, std::vector<c10::optional<at::Tensor>> s2,
-            std::vector<c10::optional<at::Tensor>> z2, int64_t nthreads, bool act_quant, int64_t prefetch_rows,
-            double idle_ms, double sleep_us)
+            std::vector<c10::optional<at::Tensor>> z2, std::vector<int64_t> act, std::vector<double> alpha,
+            std::vector<double> limit, std::vector<c10::optional<at::Tensor>> b13, int64_t nthreads, bool act_quant,
+            int64_t prefetch_rows, double idle_ms, double sleep_us)
       : seq_(seq), done_(done), miss_(miss), w_(w), x_(x), out_(out), cpu_ns_(cpu_ns), err_(err),
         nthreads_(nthreads), act_quant_(act_quant), prefetch_(prefetch_rows),
         idle_ns_(int64_t(idle_ms * 1e6)), sleep_us_(int64_t(sleep_us)) {
@@ -73,14 +75,18 @@ class CpuWorker {
                 "cpu worker: seq, done, miss, cpu_ns, err must be int64");
     TORCH_CHECK(w.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "cpu worker: w, out must be float32");
     TORCH_CHECK(done.size(0) == Lm && miss.size(0) == Lm && w.size(0) == Lm && x.size(0) == Lm && out.size(0) == Lm
-                    && cpu_ns.size(0) == Lm && int64_t(q13.size()) == Lm && int64_t(q2.size()) == Lm,
+                    && cpu_ns.size(0) == Lm && int64_t(q13.size()) == Lm && int64_t(q2.size()) == Lm
+                    && int64_t(act.size()) == Lm && int64_t(alpha.size()) == Lm && int64_t(limit.size()) == Lm
+                    && int64_t(b13.size()) == Lm,
                 "cpu worker: every mailbox tensor and weight list needs one row per MoE layer");
     K_ = miss.size(1);
     D_ = x.size(1);
     ids_.resize(K_);
     w_copy_.resize(K_);
     x_copy_.resize(size_t(D_) * x.element_size());
-    for (int64_t r = 0; r < Lm; r++) layers_.push_back({f13[r], f2[r], q13[r], q2[r], s13[r], z13[r], s2[r], z2[r]});
+    for (int64_t r = 0; r < Lm; r++)
+      layers_.push_back({f13[r], f2[r], q13[r], q2[r], s13[r], z13[r], s2[r], z2[r],
+                         ExpertAct{act[r], alpha[r], limit[r], b13[r]}});
     thread_ = std::thread([this] { run(); });
   }
 
@@ -175,7 +181,7 @@ class CpuWorker {
     at::Tensor wt = at::from_blob(w_copy_.data(), {1, K_}, w_.options());
     at::Tensor o = at::from_blob(out, {1, D_}, out_.options());
     std::string msg = forward_checked(x, id, wt, L.f13, L.q13, L.s13, L.z13, L.f2, L.q2, L.s2, L.z2, o,
-                                      nthreads_, act_quant_, prefetch_);
+                                      nthreads_, act_quant_, prefetch_, L.act);
     if (!msg.empty()) fail(r, msg, out);
     cpu_ns_.data_ptr<int64_t>()[r] += now_ns() - t0;
   }
@@ -210,8 +216,9 @@ void register_worker(pybind11::module_& m) {
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     std::vector<int64_t>, std::vector<at::Tensor>, std::vector<c10::optional<at::Tensor>>,
                     std::vector<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<at::Tensor>,
-                    std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>, int64_t, bool,
-                    int64_t, double, double>())
+                    std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>,
+                    std::vector<int64_t>, std::vector<double>, std::vector<double>,
+                    std::vector<c10::optional<at::Tensor>>, int64_t, bool, int64_t, double, double>())
       .def("wait", &CpuWorker::wait, py::call_guard<py::gil_scoped_release>(),
            "wait(row, value, timeout_s) -> bool: spin until done[row] >= value")
       .def("close", &CpuWorker::close, py::call_guard<py::gil_scoped_release>())

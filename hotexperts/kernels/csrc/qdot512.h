@@ -41,6 +41,17 @@
 // 0..7 (spread 4 lanes per sub-block with one vpermps per half) and the min terms dmin m_j xsum_j in lanes
 // 8..15, subtracted from the accumulator (only its total is used). Lane sums <= 8 * 240 * 127: exact.
 //
+// LUT4 rows (lut4.h: MXFP4 / IQ4_NL / IQ4_XS blocks, 16 index bytes + one scale per 32-group): per block of
+// 4 groups one zmm b holds the 4 groups' index bytes (128-bit lane k = group g0 + k; IQ4_XS: one 64-byte load,
+// else 4 unaligned 16-byte loads). lo = b & 15 indexes columns 0..15, hi = b >> 4 columns 16..31; the 16-entry
+// table, offset to u8 (t + 128: 1..255) and broadcast to every 128-bit lane, is looked up with one vpshufb
+// each (the 16 entries fit one lane, as llama.cpp does for IQ4_NL; with VBMI one vpermb each, no mask). The activations are stored in the int4
+// block layout without the even/odd split (q4_group_pos: per 4 groups their first halves, then their second
+// halves), so vpdpbusd(vpdpbusd(0, T[lo], x_lo), T[hi], x_hi) leaves group g0 + k's sum in lanes 4k..4k+3.
+// Per group: sum_j w_j x_j = s_g sx_g sum_j (t_j + 128) xq_j - 128 s_g xsum_g; the first term is FMA'd with
+// s_g sx_g spread over its 4 lanes (kSpread), the second once per 16 groups into the same accumulator (only
+// its total is used). Lane sums <= 8 * 255 * 127 < 2^31: exact.
+//
 // Prefetch: the caller names the rows it reads a few steps later; they go to L2 (prefetcht1): into L1
 // (prefetcht0) they were evicted before use and measured no better than no prefetch (docs/cpu-kernel.md).
 #pragma once
@@ -50,6 +61,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lut4.h"
 #include "simd.h"
 
 namespace q512 {
@@ -431,6 +443,144 @@ HX_INLINE void q8g_rows(const Rows<R>& w, const Rows<R>* pf, int scode, int zcod
 #pragma GCC unroll 1
   for (; c + 16 <= NG; c += 16) q8g_chunk<R, NT, G16, true>(w, pf, scode, zcode, c, 16, x, acc);
   if (c < NG) q8g_chunk<R, NT, G16, false>(w, pf, scode, zcode, c, int(NG - c), x, acc);
+  reduce<R * NT>(acc, res);
+}
+
+#if defined(__AVX512VBMI__)
+// vpermt2b indices: byte 16 k + i <- byte k bb + i of a span of 4 blocks of bb bytes (group k's indices)
+template <int BB>
+struct SpanIdx {
+  alignas(64) uint8_t v[64];
+  constexpr SpanIdx() : v() {
+    for (int k = 0; k < 4; k++)
+      for (int i = 0; i < 16; i++) v[16 * k + i] = uint8_t(k * BB + i);
+  }
+};
+inline constexpr SpanIdx<17> kSpan17{};
+inline constexpr SpanIdx<18> kSpan18{};
+
+HX_INLINE __mmask64 low_bytes(int n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+#endif
+
+// The index bytes of LUT4 groups g0 .. g0 + nb - 1 (nb <= 4; g0 a multiple of 4), one group per 128-bit lane
+// (lanes past nb: any bytes; their activations are 0). IQ4_XS: one 64-byte load (the 4 groups of one
+// super-block); MXFP4 / IQ4_NL with VBMI: the span of 4 blocks in two loads (the second, and a short span,
+// masked: no read past the row) and one vpermt2b; without VBMI 4 loads of 16 bytes.
+HX_INLINE __m512i lut_indices4(const uint8_t* row, int kind, int64_t g0, int nb) {
+  const uint8_t* p = lut4::indices(row, kind, g0);
+  if (kind == lut4::IQ4XS && nb == 4) return _mm512_loadu_si512(p);
+#if defined(__AVX512VBMI__)
+  const int bb = kind == lut4::MXFP4 ? 17 : 18, span = (nb - 1) * bb + 16;
+  const __m512i a = _mm512_maskz_loadu_epi8(low_bytes(span), p);
+  const __m512i b = span > 64 ? _mm512_maskz_loadu_epi8(low_bytes(span - 64), p + 64) : _mm512_setzero_si512();
+  const __m512i idx = _mm512_load_si512(bb == 17 ? kSpan17.v : kSpan18.v);
+  return _mm512_permutex2var_epi8(a, idx, b);
+#else
+  auto ld = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut4::indices(row, kind, g0 + k))); };
+  __m512i b = _mm512_castsi128_si512(ld(0));
+  b = _mm512_inserti32x4(b, nb > 1 ? ld(1) : _mm_setzero_si128(), 1);
+  b = _mm512_inserti32x4(b, nb > 2 ? ld(2) : _mm_setzero_si128(), 2);
+  return _mm512_inserti32x4(b, nb > 3 ? ld(3) : _mm_setzero_si128(), 3);
+#endif
+}
+
+// The u8 table (t + 128) of 4 nibble values looked up per byte: vpermb reads the low 6 bits of each index and
+// the table repeats every 16 bytes, so no mask is needed (without VBMI: vpshufb after & 15).
+HX_INLINE __m512i lut_lookup(__m512i tab, __m512i nib) {
+#if defined(__AVX512VBMI__)
+  return _mm512_permutexvar_epi8(nib, tab);
+#else
+  return _mm512_shuffle_epi8(tab, _mm512_and_si512(nib, _mm512_set1_epi8(15)));
+#endif
+}
+
+// The fp32 scales of LUT4 groups c .. c + 15 (lanes outside gm: 0), lut4::scale's values, gathered: MXFP4 the
+// e8m0 byte (2^(e - 128) built as bits), IQ4_NL the fp16 d, IQ4_XS d and the 6-bit ls of each sub-block (c is a
+// multiple of 16: two super-blocks).
+HX_INLINE __m512 lut_scales16(const uint8_t* row, int kind, int64_t c, __mmask16 gm) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i zero = _mm512_setzero_si512();
+  if (kind == lut4::IQ4XS) {
+    const __m512i ib = _mm512_and_si512(lane, _mm512_set1_epi32(7));
+    const __m512i off = _mm512_mullo_epi32(_mm512_srli_epi32(lane, 3), _mm512_set1_epi32(136));
+    const uint8_t* base = row + (c >> 3) * 136;
+    const __m512i dsh = _mm512_mask_i32gather_epi32(zero, gm, off, base, 1);          // d | scales_h << 16
+    const __m512i sl4 = _mm512_mask_i32gather_epi32(zero, gm, off, base + 4, 1);      // scales_l[0..3]
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(sl4, _mm512_slli_epi32(ib, 2)), _mm512_set1_epi32(15));
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_srli_epi32(dsh, 16), _mm512_slli_epi32(ib, 1)),
+                                        _mm512_set1_epi32(3));
+    const __m512i ls = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(dsh, _mm512_set1_epi32(0xFFFF))));
+    return _mm512_maskz_mul_ps(gm, d, _mm512_cvtepi32_ps(ls));
+  }
+  const int bb = kind == lut4::MXFP4 ? 17 : 18;
+  const __m512i off = _mm512_mullo_epi32(lane, _mm512_set1_epi32(bb));
+  const __m512i v = _mm512_mask_i32gather_epi32(zero, gm, off, row + c * bb, 1);
+  if (kind == lut4::IQ4NL) return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF))));
+  const __m512i e = _mm512_and_si512(v, _mm512_set1_epi32(0xFF));                     // e8m0 / 2 as fp32 bits
+  const __m512i big = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+  const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+  const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), big, sub);
+  return _mm512_maskz_mov_ps(gm, _mm512_castsi512_ps(bits));
+}
+
+// One chunk of up to 16 groups from group c on of LUT4 rows (FULL: exactly 16); tab: the u8 table in every lane.
+template <int R, int NT, bool FULL>
+HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t c, int ng, const QTile& x,
+                         __m512i tab, __m512* acc) {
+  const __mmask16 gm = FULL ? __mmask16(0xFFFF) : __mmask16((1u << ng) - 1);
+  __m512 cs[R * NT];                                     // s_g * sx_g of the chunk's 16 groups
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++) {
+    const __m512 sv = lut_scales16(w.q[r], kind, c, gm);
+    const __m512 zc = _mm512_mul_ps(sv, _mm512_set1_ps(-128.f));
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) {
+      cs[r * NT + t] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, x.s[t] + c));
+      acc[r * NT + t] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(gm, x.sum[t] + c), acc[r * NT + t]);
+    }
+  }
+  const int nblk = FULL ? 4 : (ng + 3) / 4;
+#pragma GCC unroll 4
+  for (int j = 0; j < nblk; j++) {
+    const int nb = FULL ? 4 : std::min(4, ng - 4 * j);
+    const int64_t g0 = c + 4 * j;
+    const __mmask64 bm = nb == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nb)) - 1;
+    const __m512i sp = _mm512_load_si512(kSpread[j]);
+    __m512i xl[NT], xh[NT];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) {
+      xl[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32);
+      xh[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32 + 16 * nb);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      if (pf) prefetch(lut4::indices(pf->q[r], kind, g0));
+      const __m512i b = lut_indices4(w.q[r], kind, g0, nb);
+      const __m512i lo = lut_lookup(tab, b), hi = lut_lookup(tab, _mm512_srli_epi16(b, 4));
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; t++) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[t]), hi, xh[t]);
+        acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
+                                          acc[r * NT + t]);
+      }
+    }
+  }
+}
+
+// res[r * NT + t] = LUT4 row r (G groups, format kind) . activation row t (q4_group_pos layout, unsplit).
+template <int R, int NT>
+HX_INLINE void lut_rows(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t G, const QTile& x, float* res) {
+  const __m512i tab = _mm512_xor_si512(
+      _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut4::kValues[kind]))),
+      _mm512_set1_epi8(char(0x80)));                     // t + 128 as u8
+  __m512 acc[R * NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NT; i++) acc[i] = _mm512_setzero_ps();
+  int64_t c = 0;
+#pragma GCC unroll 1
+  for (; c + 16 <= G; c += 16) lut_chunk<R, NT, true>(w, pf, kind, c, 16, x, tab, acc);
+  if (c < G) lut_chunk<R, NT, false>(w, pf, kind, c, int(G - c), x, tab, acc);
   reduce<R * NT>(acc, res);
 }
 
