@@ -13,9 +13,12 @@ worker on CUDA it is deferred by one step (`defer`): end_step records an event a
 in the next `before_step()` (called right before the next step is launched), so the previous step's
 bookkeeping runs while the new one computes; `flush()` finishes it at once. A T > 1 forward announced by
 before_step() is a verify step (engine/runner/verify.py): SyncStep over the union of its tokens' experts,
-observed and planned as a decode step (prompt=False), accounted at once. Prompt chunks (T > 1, not
-announced) are observed with prompt=True: the planner keeps batches over its prompt_bypass from the policy
-(no flush of the decode working set) and seeds free slots from them.
+observed and planned as a decode step (prompt=False), accounted at once.
+Next-layer prefetch (`enable_prediction`, off by default; experts/predict.py): synchronous decode steps
+(T = 1 without the worker) guess the next layer's experts and queue fills of guessed misses while the link
+is idle; outputs stay exact. The worker's graphed step has no host work between layers and ignores it.
+Prompt chunks (T > 1, not announced) are observed with prompt=True: the planner keeps batches over its
+prompt_bypass from the policy (no flush of the decode working set) and seeds free slots from them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.errors import HotExpertsError
 from hotexperts.executor import ExpertExecutor
 from hotexperts.experts.cache import ExpertCache
+from hotexperts.experts.predict import NextLayerPredictor, NextLayerPrefetch
 from hotexperts.experts.profile import Profile, save_profile
 from hotexperts.experts.prompt_stream import PromptStream
 from hotexperts.experts.slots import DoneEvent
@@ -59,6 +63,7 @@ class HybridExecutor(ExpertExecutor):
         self._announced = False                              # before_step() ran for the current forward
         self._verify = False                                 # the current forward is a T > 1 decode step
         self.defer = self.cuda                               # worker decode: bookkeeping one step late
+        self.prefetch: NextLayerPrefetch | None = None       # next-layer prefetch (enable_prediction)
 
     @property
     def graph_safe(self) -> bool:
@@ -75,6 +80,12 @@ class HybridExecutor(ExpertExecutor):
         here; decode then keeps the synchronous per-layer round trip."""
         self.worker = WorkerDecode.start(self.cache, top_k, hidden, dtype, self_test, gpu_misses)
         return self.worker is not None
+
+    def enable_prediction(self, predictor: NextLayerPredictor, **kw) -> None:
+        """Prefetch the next layer's guessed misses in synchronous decode steps (kw: NextLayerPrefetch's)."""
+        if self.slots is None:
+            raise HotExpertsError("next-layer prefetch needs expert slots (a cache placement)")
+        self.prefetch = NextLayerPrefetch(predictor, self.slots, self.cache.managed, **kw)
 
     def close(self) -> None:
         """Stop the native worker thread (also done when collected or at exit); the executor cannot run
@@ -111,6 +122,9 @@ class HybridExecutor(ExpertExecutor):
             self.flush()                                     # the last decode step's bookkeeping first
         if T > self.pp_bypass and self.stream is not None and self.stream.wants(layer, ids):
             return self.stream(layer, x, ids, weights)
+        if self.prefetch is not None and T == 1:             # before this layer's CPU work: fills overlap it
+            self.prefetch.before_layer(layer)
+            self.prefetch.after_route(layer, x, ids)
         return self.sync(layer, x, ids, weights, self.step, prompt)
 
     # ---- step bookkeeping -------------------------------------------------------------------------------
@@ -137,6 +151,8 @@ class HybridExecutor(ExpertExecutor):
             got = self._take_now() if decode else None
             self._close(self.step, self._prompt, got)
         self.step += 1
+        if self.prefetch is not None:
+            self.prefetch.end_step()
         self._prompt, self._announced, self._verify = False, False, False
         self.host_s += time.perf_counter() - t0 - self._wait_s
         self._flush_wait()

@@ -252,6 +252,10 @@ class SlotCache:
                 f.event.synchronize()
         return self.poll()
 
+    def in_flight(self) -> bool:
+        """A fill is issued and not complete (the host-to-device link is busy); never blocks."""
+        return any(f.event is None or not f.event.query() for f in self.fills)
+
     def fill_now(self, assign: dict[int, list[int]]) -> list[Swap]:
         """Load `assign[layer]` experts into free slots and wait (static placements, warm starts)."""
         self.issue([(l, e, None) for l, es in assign.items() for e in es])

@@ -11,6 +11,7 @@ missing cells (id -1) are skipped. Definitions:
   lru_hit_rate(f)         per-layer LRU cache of round(f*E) experts (at least 1), cold start, shared across
                           requests; per token all K lookups happen before the K updates (touch in slot
                           order). Hits / lookups.
+  lru_hits(f)             the same cache's outcome per cell, [N, Lm, K] bool (what a prefetcher must cover).
   distinct_experts        number of experts selected at least once, per layer.
   top_share(q)            share of selections going to the q most-used fraction of experts (uniform: q).
   static_coverage(n)      top-n experts per layer counted on the first half of tokens; share of the
@@ -67,11 +68,18 @@ def repeat_share(trace: RoutingTrace) -> np.ndarray:
 
 def lru_hit_rate(trace: RoutingTrace, fraction: float) -> np.ndarray:
     """[Lm] LRU hit rate with round(fraction * E) experts resident per layer (see module docstring)."""
+    hits, valid = lru_hits(trace, fraction), trace.ids >= 0
+    with np.errstate(invalid="ignore"):
+        return hits.sum((0, 2)) / valid.sum((0, 2))
+
+
+def lru_hits(trace: RoutingTrace, fraction: float) -> np.ndarray:
+    """[N, Lm, K] bool: the cell hit the per-layer LRU of round(fraction * E) experts (lru_hit_rate's cache;
+    missing cells are False)."""
     e, (n, lm, k) = trace.num_experts, trace.ids.shape
     cap = min(e, max(1, round(fraction * e)))
     last = np.full((lm, e + 1), -1, np.int64)                             # last-touch stamp; -1 never
-    hits = np.zeros(lm, np.int64)
-    looks = np.zeros(lm, np.int64)
+    out = np.zeros((n, lm, k), bool)
     rows = np.arange(lm)[:, None]
     stamp = np.arange(k, dtype=np.int64)
     for t in range(n):
@@ -80,12 +88,9 @@ def lru_hit_rate(trace: RoutingTrace, fraction: float) -> np.ndarray:
         ids = np.where(valid, ids, e)
         kth = np.partition(last[:, :e], e - cap, axis=1)[:, e - cap]      # [Lm] cap-th most recent stamp
         stamps = last[rows, ids]
-        hit = valid & (stamps >= 0) & (stamps >= kth[:, None])
-        hits += hit.sum(1)
-        looks += valid.sum(1)
+        out[t] = valid & (stamps >= 0) & (stamps >= kth[:, None])
         last[rows, ids] = np.where(valid, t * k + stamp, -1)
-    with np.errstate(invalid="ignore"):
-        return hits / looks
+    return out
 
 
 def distinct_experts(trace: RoutingTrace) -> np.ndarray:
