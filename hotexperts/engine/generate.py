@@ -88,8 +88,8 @@ class Generator:
         self.kv = model.new_kv_cache(self.max_context, dtype, self.device)      # per layer kind if hybrid
         self.decode_step = runner.make_decode_step(model, self.kv, executor, self.device,
                                                    use_graph=use_cuda_graph, piecewise=piecewise_graph)
-        # eager: the per-T graph replay gave logits unlike the eager step's on an H100 (run 20, test_verify)
-        self.verify_step = runner.make_verify_step(model, self.kv, executor, self.device, use_graph=False)
+        self.verify_step = runner.make_verify_step(model, self.kv, executor, self.device,
+                                                   use_graph=use_cuda_graph)
         self.speculative = speculative or SpecConfig()
         self.switch = AutoSwitch(enabled=self.speculative.auto_off)
         self.spec_last, self.spec_total = SpecStats(), SpecStats()

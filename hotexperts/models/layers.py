@@ -380,6 +380,7 @@ class HostEmbedding(nn.Module):
         D = self.weight.shape[1]
         self.host_row = torch.empty(1, D, dtype=self.weight.dtype, pin_memory=pin)     # [1, D]
         self.dev_row = torch.empty(1, D, dtype=self.weight.dtype, device=self.device)  # [1, D]
+        self._copied = torch.cuda.Event() if pin else None     # the last host_row -> dev_row copy
         self._staged = False
 
     @property
@@ -390,8 +391,15 @@ class HostEmbedding(nn.Module):
         return self                               # host memory by design (see the class doc)
 
     def stage(self, token: int) -> None:
+        """Write token's row to dev_row, stream-ordered. The async copy reads host_row when the stream reaches
+        it, so the previous copy must have run before host_row is overwritten: back-to-back steps without a
+        host read between them (a caller feeding known tokens) would otherwise embed the later token twice."""
+        if self._copied is not None:
+            self._copied.synchronize()
         self.host_row.copy_(self.weight[int(token)])
         self.dev_row.copy_(self.host_row, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def staged(self):
         return _Staged(self)

@@ -8,7 +8,7 @@ import transformers as tf
 from conftest import COMMON, TINY, _spread_init, ours_from_hf
 
 from hotexperts.experts.reference import DenseExecutor
-from hotexperts.models.layers import KVCache, RotaryEmbedding, apply_rope, rotate_half
+from hotexperts.models.layers import HostEmbedding, KVCache, RotaryEmbedding, apply_rope, rotate_half
 from hotexperts.models.transformer import MoETransformer
 
 
@@ -80,3 +80,18 @@ def test_meta_construction_and_last_only(hf_models):
     last = lazy(seq, torch.arange(8), lazy.new_kv_cache(16), DenseExecutor(experts), last_only=True)
     assert last.shape == (1, model.cfg.vocab_size)
     torch.testing.assert_close(last, full[-1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_embedding_stage_waits_for_the_previous_copy():
+    """Back-to-back stage() calls with a busy stream (no host read between them) keep each token's row: the
+    async copy of the previous row has run before host_row is overwritten (H100 run 22: without the wait,
+    decode steps fed known tokens embedded a later token; the verify test's reference was wrong)."""
+    emb = HostEmbedding(torch.randn(16, 64), "cuda")
+    rows = []
+    for t in range(16):
+        torch.cuda._sleep(2_000_000)                     # keep the stream busy so the copy is queued
+        emb.stage(t)
+        rows.append(emb.dev_row.clone())
+    assert all(torch.equal(r.cpu(), emb.weight[t:t + 1]) for t, r in enumerate(rows))

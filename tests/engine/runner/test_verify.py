@@ -112,8 +112,6 @@ def test_cpu_gets_the_eager_step():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3.5-moe"])
-@pytest.mark.xfail(reason="H100 run 20: the graph replay's logits differ from eager (max 4.4); the engine "
-                          "verifies eagerly until this passes", strict=False)
 def test_graph_per_bucket_matches_eager(preset):
     """The all-GPU placement (GpuExecutor + Triton) captures one graph per T and replays the eager logits;
     the capture's warm-up forwards leave a linear layer's state as it was."""
