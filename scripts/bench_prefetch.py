@@ -70,7 +70,7 @@ def agreement(a: list[int], b: list[int]) -> str:
     rounding difference in bf16 on a GPU, which a random model's near-ties can turn into another token."""
     if a == b:
         return f"identical ({len(a)} tokens)"
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return f"differ from token {first} of {len(a)} / {len(b)}"
 
 
