@@ -21,8 +21,9 @@
   (the standard acceptance rule); a hybrid model's linear-attention state is rolled back after a rejection
   (restored from a snapshot, the kept tokens recomputed); `spec_stats()` holds the counters;
 - prompt + max_tokens beyond `max_context` raises ContextLengthError before any work;
-- the KV cache is allocated once and reused: every request overwrites positions from 0 and the causal
-  mask over absolute positions hides whatever a previous request left beyond them.
+- the KV cache is allocated once (or handed in: `kv`, one slot of a models/cache.SlotKVCache) and
+  reused: every request overwrites positions from 0 and the causal mask over absolute positions hides
+  whatever a previous request left beyond them.
 Timing counters (`last` for the latest request, `total` summed) count only time spent inside the
 generator (not the consumer's time between tokens). Prompt time covers prefill and the first sample
 (time to first token); decode time covers the later steps.
@@ -77,7 +78,7 @@ class Generator:
     def __init__(self, model, executor, cfg: ModelConfig, device: torch.device | str, max_context: int,
                  *, dtype: torch.dtype | None = None, use_cuda_graph: bool = True,
                  piecewise_graph: bool = False, compile_decode: bool | None = None,
-                 speculative: SpecConfig | None = None):
+                 speculative: SpecConfig | None = None, kv=None):
         self.model, self.executor, self.cfg = model, executor, cfg
         if compile_decode is not None and not compile_decode:
             runner.compile_decode(model, False)
@@ -85,7 +86,9 @@ class Generator:
             runner.compile_decode(model)
         self.device, self.max_context = torch.device(device), int(max_context)
         dtype = dtype or next(model.parameters()).dtype
-        self.kv = model.new_kv_cache(self.max_context, dtype, self.device)      # per layer kind if hybrid
+        if kv is None:                                                           # per layer kind if hybrid
+            kv = model.new_kv_cache(self.max_context, dtype, self.device)
+        self.kv = kv        # or the caller's (engine.py: slot 0 of the batch decoder's SlotKVCache)
         self.decode_step = runner.make_decode_step(model, self.kv, executor, self.device,
                                                    use_graph=use_cuda_graph, piecewise=piecewise_graph)
         # eager: the per-T graph replay gave logits unlike the eager step's on an H100 (run 20, test_verify)
