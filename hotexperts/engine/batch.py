@@ -147,12 +147,15 @@ class BatchDecoder:
         return seq
 
     def release(self, seq: Sequence, reason: str = "cancelled") -> None:
-        """Stop `seq` (if still running) and free its slot. Idempotent."""
+        """Stop `seq` while it runs (finish_reason `reason`, nothing more to hand out) and free its slot.
+        A finished sequence has freed its slot already. Idempotent."""
         if seq in self.running:
-            self.running.remove(seq)
-            self.free_slots.append(seq.slot)
-            seq.finish_reason = seq.finish_reason or reason
-            seq.token = None
+            seq.finish_reason, seq.token = reason, None
+            self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
 
     def _prefill(self, prompt_ids: list[int], kv) -> torch.Tensor:
         """The prompt at positions 0..P-1 into one slot, in chunks (as Generator.prefill): logits [V]."""
@@ -187,8 +190,8 @@ class BatchDecoder:
         for seq, row in zip(rows, logits, strict=True):
             seq.pos += 1
             seq.take(seq.sampler(row))
-            if seq.finished:
-                self.release(seq, seq.finish_reason)
+            if seq.finished:                           # its last token is still handed out
+                self._free(seq)
         t = self.timings
         t.steps, t.rows, t.seconds = t.steps + 1, t.rows + len(rows), t.seconds + time.perf_counter() - t0
         return rows

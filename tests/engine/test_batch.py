@@ -106,10 +106,14 @@ def test_stop_ids_end_one_row_and_are_not_handed_out():
     eng = load("tiny-qwen3-moe", parallel=2)
     a = eng.batch.add(PROMPTS[0], SamplingParams(max_tokens=12, stop_token_ids=(stop,)))
     b = eng.batch.add(PROMPTS[1], SamplingParams(max_tokens=12))
+    handed_out = {id(a): [a.token], id(b): [b.token]}
     while eng.batch.running:
-        eng.batch.step()
+        for seq in eng.batch.step():
+            handed_out[id(seq)].append(seq.token)
     assert a.tokens == tokens[:tokens.index(stop)] and a.finish_reason == "stop"
+    assert handed_out[id(a)] == a.tokens + [None]              # the stop id itself is not handed out
     assert len(b.tokens) == 12 and b.finish_reason == "length"
+    assert handed_out[id(b)] == b.tokens                       # the last token is handed out too
     eng.close()
 
 
