@@ -119,13 +119,16 @@ class BatchDecoder:
                 f"{n_prompt + params.max_tokens} tokens exceeds the context of {self.max_context} tokens "
                 f"per slot; shorten the prompt or lower max_tokens")
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, stop_ids: Iterable[int] = ()) -> Sequence:
-        """Admit a request into a free slot: prefill it there (batch-1) and sample its first token."""
+    def add(self, prompt_ids: list[int], params: SamplingParams, stop_ids: Iterable[int] = (), *,
+            ignore_eos: bool = False) -> Sequence:
+        """Admit a request into a free slot: prefill it there (batch-1) and sample its first token.
+        ignore_eos: the model's EOS ids do not stop it (the bench's fixed-length runs)."""
         prompt_ids = [int(t) for t in prompt_ids]
         self.check_fits(len(prompt_ids), params)
         if not self.free_slots:
             raise HotExpertsError(f"all {self.num_slots} slots are busy; release a sequence first")
-        stops = frozenset(self.cfg.eos_token_ids) | frozenset(params.stop_token_ids) | frozenset(stop_ids)
+        eos = frozenset() if ignore_eos else frozenset(self.cfg.eos_token_ids)
+        stops = eos | frozenset(params.stop_token_ids) | frozenset(stop_ids)
         sampler = Sampler(params, make_generator(params, self.device), prompt_ids)
         seq = Sequence(self.free_slots.pop(0), len(prompt_ids), sampler, stops, params.max_tokens,
                        pos=len(prompt_ids))
