@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hotexperts.config import ModelConfig
+from hotexperts.engine.generate import prefill
 from hotexperts.engine.sampling import Sampler, SamplingParams, make_generator
 from hotexperts.errors import ContextLengthError, HotExpertsError
 from hotexperts.models.cache import MAX_SLOTS, SlotKVCache
@@ -134,7 +135,8 @@ class BatchDecoder:
                        pos=len(prompt_ids))
         try:
             t0 = time.perf_counter()
-            logits = self._prefill(prompt_ids, self.slot_views[seq.slot])
+            logits = prefill(self.model, self.executor, self.slot_views[seq.slot], prompt_ids, self.device,
+                             self.prefill_chunk)
             seq.take(sampler(logits.float()))
             self.executor.check_errors()
         except BaseException:
@@ -159,19 +161,6 @@ class BatchDecoder:
     def _free(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.free_slots.append(seq.slot)
-
-    def _prefill(self, prompt_ids: list[int], kv) -> torch.Tensor:
-        """The prompt at positions 0..P-1 into one slot, in chunks (as Generator.prefill): logits [V]."""
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)                  # [P]
-        logits = None
-        with torch.no_grad():
-            for start in range(0, len(prompt_ids), self.prefill_chunk):
-                tok = ids[start:start + self.prefill_chunk]                                       # [T]
-                pos = torch.arange(start, start + tok.shape[0], device=self.device)
-                logits = self.model(tok, pos, kv, self.executor, last_only=True,
-                                    kv_len=start + tok.shape[0])[0]                                # [V]
-                self.executor.end_step()
-        return logits
 
     # -- the batched step --------------------------------------------------------------------------
     def step(self) -> list[Sequence]:

@@ -45,6 +45,20 @@ from hotexperts.engine.speculative import AutoSwitch, NgramDrafter, SpecConfig, 
 from hotexperts.errors import ContextLengthError, HotExpertsError
 
 
+def prefill(model, executor, kv, prompt_ids: list[int], device: torch.device, chunk: int) -> torch.Tensor:
+    """The prompt at positions 0..P-1 into the one-sequence cache `kv`, `chunk` tokens per forward
+    (executor.end_step() after each); returns the last position's logits [V]."""
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)            # [P]
+    logits = None
+    with torch.no_grad():
+        for start in range(0, len(prompt_ids), chunk):
+            tok = ids[start:start + chunk]                                         # [T]
+            pos = torch.arange(start, start + tok.shape[0], device=device)
+            logits = model(tok, pos, kv, executor, last_only=True, kv_len=start + tok.shape[0])[0]   # [V]
+            executor.end_step()
+    return logits
+
+
 @dataclass
 class Timings:
     prompt_tokens: int = 0
@@ -108,16 +122,7 @@ class Generator:
     # -- forward passes -------------------------------------------------------------------------
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         """Run the whole prompt (positions 0..P-1) in chunks; returns the last position's logits [V]."""
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)    # [P]
-        logits = None
-        with torch.no_grad():
-            for start in range(0, len(prompt_ids), self.prefill_chunk):
-                tok = ids[start:start + self.prefill_chunk]                        # [T]
-                pos = torch.arange(start, start + tok.shape[0], device=self.device)
-                logits = self.model(tok, pos, self.kv, self.executor, last_only=True,
-                                    kv_len=start + tok.shape[0])[0]                 # [V]
-                self.executor.end_step()
-        return logits
+        return prefill(self.model, self.executor, self.kv, prompt_ids, self.device, self.prefill_chunk)
 
     def decode_one(self, token: int, pos: int) -> torch.Tensor:
         """One T=1 forward of `token` at position `pos`; returns logits [V]."""

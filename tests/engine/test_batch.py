@@ -154,3 +154,23 @@ def test_bad_input_is_refused_clearly():
     for bad in (0, 17):
         with pytest.raises(HotExpertsError, match="parallel"):
             load("tiny-qwen3-moe", parallel=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset,placement", [("tiny-qwen3-moe", "gpu"), ("tiny-qwen3-moe", "cache:6"),
+                                              ("tiny-qwen3.5-moe", "cache:6")])
+def test_batched_greedy_equals_the_graphed_one_request_path_on_cuda(preset, placement):
+    """On the GPU the one-request reference runs its CUDA graph (and the hybrid cache its worker decode);
+    the batched steps run eagerly through the T-token paths: the same greedy tokens."""
+    def engine(parallel):
+        return Engine.load(f"preset:{preset}", dtype="float32", device="cuda",
+                           placement=Placement.parse(placement), max_context=CONTEXT, parallel=parallel)
+    ref = engine(1)
+    expected = alone(ref, {})
+    ref.close()
+    eng = engine(4)
+    try:
+        assert [s.tokens for s in together(eng.batch, {})] == expected
+    finally:
+        eng.close()

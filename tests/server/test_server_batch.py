@@ -138,3 +138,29 @@ def test_a_time_limit_ends_the_request_with_length():
         assert s.wait_idle(10)
     assert long["finish"] == "length" and len(long["text"]) < len(alone(PROMPTS[0], 450))
     assert short["text"] == alone(PROMPTS[1], 4)
+
+
+def test_logprobs_of_a_batched_request_are_its_own():
+    messages = [{"role": "user", "content": "Name a color."}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+
+    async def main(s):
+        async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+            lp, _ = await asyncio.gather(c.post("/v1/chat/completions", json=body),
+                                         complete(c, PROMPTS[3], 12, True))
+            return lp.json()
+
+    with serve(parallel_engine(2)) as s:
+        out = asyncio.run(main(s))
+    content = out["choices"][0]["logprobs"]["content"]
+    text = out["choices"][0]["message"]["content"]
+    assert len(content) == out["usage"]["completion_tokens"] == 6
+    assert "".join(e["token"] for e in content) == text
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6
+               for e in content)
+    eng = tiny_engine()
+    ids = eng.tokenizer.encode_chat(messages)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    want = "".join(TextStream(eng.tokenizer).run(eng.generate(ids, greedy)))
+    assert text == want
