@@ -15,6 +15,9 @@ uses) and the cache's hit rate. Placements are texts of the placement grammar (e
     may end in "+zN": the GPU computes up to N misses per layer itself from pinned RAM (0: the CPU).
 With verify_ts (`--verify-t 1,2,4,8`) each placement also times T-token verify steps against 1-token steps
 (bench/verify.py: speculative decoding's cost, as speed per accepted tokens per step).
+With parallel_ns (`--parallel 1,2,4,8`) each placement's engine gets max(parallel_ns) sequence slots (their
+KV cache reserved in its VRAM budget) and also runs the concurrency test (bench/concurrency.py: aggregate and
+per-request tok/s with N requests batched into one decode step); the other tests use slot 0 as before.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from hotexperts.bench.concurrency import concurrency
+from hotexperts.bench.concurrency import context_needed as concurrency_context
 from hotexperts.bench.replay import RoutingReplay
 from hotexperts.bench.verify import context_needed as verify_context
 from hotexperts.bench.verify import verify_cost
@@ -67,6 +72,7 @@ class PlacementResult:
     gpu_share: int | None = None             # ... taking one per this many misses of a layer
     gpu_miss_count: int | None = None        # misses the GPU computed from host memory (whole placement)
     verify: dict | None = None               # --verify-t: the T-token verify step's cost (bench/verify.py)
+    concurrency: dict | None = None          # --parallel: batched decode throughput (bench/concurrency.py)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -88,8 +94,9 @@ class Bench:
 
     def __init__(self, lm, device: torch.device, max_context: int, source: RoutingSource, seed: int = 0,
                  piecewise: bool = False, compile_decode: bool = False,
-                 options: KernelOptions = DEFAULT_KERNELS):
+                 options: KernelOptions = DEFAULT_KERNELS, parallel: int = 1):
         self.lm, self.device, self.max_context, self.source = lm, device, max_context, source
+        self.parallel = parallel                          # sequence slots of every placement's engine
         self.piecewise, self.compile_decode, self.options = piecewise, compile_decode, options
         dtype = next(lm.model.parameters()).dtype
         self.context = vram_reserved(lm, max_context, dtype, device).get("context", 0)   # CUDA context
@@ -101,7 +108,7 @@ class Bench:
         """The placement's engine over the shared model; replayed routing wraps its executor."""
         engine = Engine.from_loaded(self.lm, self.device, placement, max_context=self.max_context,
                                     piecewise_graph=self.piecewise, compile_decode=self.compile_decode,
-                                    kernel_options=self.options,
+                                    kernel_options=self.options, parallel=self.parallel,
                                     wrap_executor=self._replay)
         if isinstance(engine.executor, RoutingReplay):
             engine.executor.seek(0)  # every placement replays the same routing, forward through the tests
@@ -186,7 +193,7 @@ def summarize(runs: list[float]) -> dict:
 
 def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
             tests: list[BenchTest], repeats: int, progress=None,
-            verify_ts: list[int] = ()) -> PlacementResult:
+            verify_ts: list[int] = (), parallel_ns: list[int] = ()) -> PlacementResult:
     res = PlacementResult(label, placement.describe(), None if budget is None else budget / GiB)
     start = time.time()
     gc.collect()                    # the previous placement's slot pools sit in reference cycles
@@ -211,6 +218,8 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
         _decode_stats(res, decode)
         if verify_ts:
             res.verify = _verify(bench, engine, verify_ts, repeats, progress, label)
+        if parallel_ns:
+            res.concurrency = _concurrency(bench, engine, parallel_ns, repeats, progress, label)
         res.trace_wraps = ex.wraps if isinstance(ex, RoutingReplay) else 0
         res.n_cpu_layers = _cpu_layers(ex)
         res.decode_mode = _decode_mode(engine)
@@ -247,6 +256,15 @@ def _verify(bench: Bench, engine: Engine, ts: list[int], repeats: int, progress,
     if progress:
         progress(f"{label} verify: " + ", ".join(f"T={r['T']} {r['cost_vs_1']:.2f}x" for r in v["rows"]))
     return v
+
+
+def _concurrency(bench: Bench, engine: Engine, ns: list[int], repeats: int, progress, label: str) -> dict:
+    c = concurrency(engine, bench.tokens, ns, repeats=repeats, sync=bench._sync)
+    if progress:
+        rows = (f"N={r['N']} {r['aggregate_tok_per_s']:.1f} tok/s ({r['vs_one_request']:.2f}x)"
+                for r in c["rows"])
+        progress(f"{label} concurrency: " + ", ".join(rows))
+    return c
 
 
 def _plan_stats(res: PlacementResult, plan) -> None:
@@ -296,15 +314,18 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
               source: RoutingSource, device: torch.device, *, quant: str = "none", policy: str | None = None,
               progress=None, labels: list[str] | None = None, piecewise: bool = False,
               compile_decode: bool = False, options: KernelOptions = DEFAULT_KERNELS,
-              checkpoint=None, verify_ts: list[int] = ()) -> dict:
+              checkpoint=None, verify_ts: list[int] = (), parallel_ns: list[int] = ()) -> dict:
     """checkpoint(report): called with the report so far after each placement (a run cut short keeps
-    what it measured). verify_ts: also time T-token verify steps for these T (bench/verify.py)."""
+    what it measured). verify_ts: also time T-token verify steps for these T (bench/verify.py);
+    parallel_ns: also run the concurrency test for these N (bench/concurrency.py)."""
     max_context = max(max(t.context_needed for t in tests), WARMUP_PROMPT + 1,
-                      verify_context(verify_ts, repeats=repeats) if verify_ts else 0) + 8
+                      verify_context(verify_ts, repeats=repeats) if verify_ts else 0,
+                      concurrency_context(parallel_ns, repeats=repeats) if parallel_ns else 0) + 8
     dtype = next(lm.model.parameters()).dtype
-    reserved = sum(vram_reserved(lm, max_context, dtype, device).values())
+    parallel = max(parallel_ns, default=1)
+    reserved = sum(vram_reserved(lm, max_context, dtype, device, parallel).values())
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
-                  options=options)
+                  options=options, parallel=parallel)
     results = []
     fmt, distinct = expert_format(lm.store, quant), _distinct(source, lm.cfg)      # once, not per checkpoint
 
@@ -313,7 +334,7 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
                 "piecewise_graph": piecewise, "compile_decode": compile_decode,
                 "tests": [t.name for t in tests], "repeats": repeats, "device": _device_name(device),
                 "reserved_gib": reserved / GiB, "expert_quant": quant, "results": list(results),
-                "expert_format": fmt, "distinct_experts": distinct}
+                "expert_format": fmt, "distinct_experts": distinct, "parallel_slots": parallel}
 
     for bi, b in enumerate(budgets):
         budget = None if b is None else int(b * GiB)
@@ -322,7 +343,7 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
                 continue                                   # the reference ignores the budget: run it once
             p = resolve(name, budget, quant, policy)
             results.append(measure(bench, label, p, p.vram_budget, tests, repeats, progress,
-                                   verify_ts).to_dict())
+                                   verify_ts, parallel_ns).to_dict())
             if checkpoint is not None:
                 checkpoint(report())
     return report()

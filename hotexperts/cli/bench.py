@@ -5,6 +5,7 @@
         [--vram-budget 16,24] [--tests pp512,tg128] [--repeats 3] [--route-trace FILE | --route-synthetic P]
         [--expert-quant int4] [--moe-policy P] [--json FILE] [--plots DIR] [-t N] [--compile] [--hardware HW]
         [--verify-t 1,2,4,8]   (speculative decoding's verify step: bench/verify.py)
+        [--parallel 1,2,4,8]   (N requests batched into one decode step: bench/concurrency.py)
 On a machine without CUDA it says so first (CPU_NOTE: what is emulated, what is measured, what to read),
 runs the real cache on the mini model with the slot counts the real shape gets at each budget and prints
 the cost model's PREDICTED speeds for a hardware profile, labelled as such (its all-GPU / layer-offload
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from hotexperts.bench import predict as pr
 from hotexperts.bench import report as rep
+from hotexperts.bench.concurrency import parse_parallel
+from hotexperts.bench.concurrency import table as concurrency_table
 from hotexperts.bench.harness import NAMED, run_bench, tokens_needed
 from hotexperts.bench.verify import parse_verify_ts
 from hotexperts.bench.verify import table as verify_table
@@ -99,6 +102,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--verify-t", default=None, metavar="T[,T...]",
                    help="also time a T-token speculative verify step against 1-token steps per placement "
                         "(e.g. 1,2,4,8; T <= 16): cost ratios and speed per accepted tokens per step")
+    p.add_argument("--parallel", "-np", dest="parallel", default=None, metavar="N[,N...]",
+                   help="also run the concurrency test per placement: N requests batched into one decode "
+                        "step (e.g. 1,2,4,8; N <= 16): aggregate and per-request tok/s (the engine then "
+                        "holds max N sequence slots)")
     add_compile_argument(p)
     add_kernel_arguments(p)
     add_hardware_argument(p, "predict", None, aliases=("--predict", "--profile"),
@@ -112,6 +119,7 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tests = parse_tests(args.tests)
     verify_ts = parse_verify_ts(args.verify_t)
+    parallel_ns = parse_parallel(args.parallel)
     budgets = vram_budgets(args.vram_budget, device)
     lm = load_quantized(args.model, dtype, device, args.seed, args.expert_quant, args.dense_quant)
     kind, arg = ("trace", args.route_trace) if args.route_trace else (
@@ -130,10 +138,11 @@ def run(args) -> int:
         print(cpu_note(profile, args.model), flush=True)
     if profile is not None:
         return _run_predicted(args, lm, names, budgets, tests, source, device, profile, progress, options,
-                              verify_ts)
+                              verify_ts, parallel_ns)
     report = run_bench(lm, names, budgets, tests, args.repeats, source, device, quant=args.expert_quant,
                        policy=args.policy, progress=progress, piecewise=args.piecewise_graph,
                        compile_decode=args.compile, options=options, verify_ts=verify_ts,
+                       parallel_ns=parallel_ns,
                        checkpoint=(lambda r: rep.save_json(r, args.json)) if args.json else None)
     print()
     print(rep.table(report))
@@ -148,6 +157,9 @@ def _verify_table(report: dict) -> None:
     if any(r.get("verify") for r in report["results"]):
         print()
         print(verify_table(report["results"]))
+    if any(r.get("concurrency") for r in report["results"]):
+        print()
+        print(concurrency_table(report["results"]))
 
 
 def _plots(report: dict, out_dir: str | None) -> None:
@@ -215,7 +227,7 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
 
 
 def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str, progress, options,
-                   verify_ts=()) -> int:
+                   verify_ts=(), parallel_ns=()) -> int:
     """CPU-only: real cache behaviour on the mini model, predicted speeds for the real shape (labelled)."""
     shape = pr.shape_for(args.model, args.expert_quant)
     hw = get_profile(profile)
@@ -226,7 +238,8 @@ def _run_predicted(args, lm, names, budgets, tests, source, device, profile: str
         plan = pr.real_plan(shape, b)
         report = run_bench(lm, pr.placements_for(plan, names), [None], tests, args.repeats, source, device,
                            quant=args.expert_quant, policy=args.policy, progress=progress, labels=names,
-                           compile_decode=args.compile, options=options, verify_ts=verify_ts)
+                           compile_decode=args.compile, options=options, verify_ts=verify_ts,
+                           parallel_ns=parallel_ns)
         rows, notes = pr.checked(pr.predictions(report, shape, hw, plan, prompt_tokens=pp), hw)
         print()
         print(pr.table(rows, shape, hw, plan, tests, notes))

@@ -4,10 +4,13 @@
         [--host 127.0.0.1] [--port 8080] [--api-key-file FILE | $HOTEXPERTS_API_KEY | --api-key KEY]
         [--max-queue N] [--request-timeout S] [--served-model-name NAME [NAME ...]]
         [--cors-origin ORIGIN ...] [--allowed-hosts HOST,...] [--max-connections N] [--keep-alive-timeout S]
-        [-np/--parallel 1]
+        [-np/--parallel N]
 
 One start-up line on stderr names the model, device, placement and URL. `-np/--parallel N` (llama-server's
-slots) is accepted for N = 1; N > 1 is refused with the reason (decoding is batch 1: requests queue).
+slots, 1..16): up to N requests decode together, one batched step for all (continuous batching,
+engine/batch.py, server/batch_worker.py); each slot holds --max-context positions, so the KV cache is N
+times one request's; more requests wait in the queue (FIFO). N = 1 (default): one request at a time through
+the one-request decode path (its CUDA graph). Batched steps run eagerly.
 
 The API key is read from --api-key-file, else $HOTEXPERTS_API_KEY, else --api-key (visible to every user
 in the process list: a warning says so). Host names accepted: --allowed-hosts, else the loopback names and
@@ -29,6 +32,7 @@ from hotexperts.cli.flags import (
     add_placement_arguments,
     load_engine,
 )
+from hotexperts.engine.engine import check_parallel
 from hotexperts.errors import HotExpertsError
 
 log = logging.getLogger("hotexperts.server")
@@ -59,8 +63,8 @@ def add_parser(subparsers) -> None:
                    metavar="NAME", help="the model id(s) /v1/models lists (default: --model); a request may "
                                         "name any model: it is answered by this one")
     p.add_argument("-np", "--parallel", type=int, default=1, metavar="N",
-                   help="llama-server's parallel slots: only 1 (requests are decoded one at a time, in "
-                        "arrival order; --max-queue of them wait)")
+                   help="requests decoded together in one batched step (1..16; each slot holds "
+                        "--max-context positions); more wait in arrival order (--max-queue)")
     p.add_argument("--cors-origin", "--allowed-origin", dest="allowed_origin", action="append", default=[],
                    metavar="ORIGIN", help="CORS: let browser pages on ORIGIN call the API ('*' = any); "
                                           "other cross-origin requests are refused (403)")
@@ -89,13 +93,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:  # noqa: F82
                           max_connections=args.max_connections, keep_alive_s=args.keep_alive_timeout)
 
 
-def check_parallel(n: int) -> None:
-    if n < 1:
-        raise HotExpertsError(f"-np/--parallel must be >= 1, got {n}")
-    if n > 1:
-        raise HotExpertsError(f"-np {n}: hotexperts decodes one request at a time (batch 1; batched "
-                              f"decoding is not implemented yet); leave -np out: concurrent requests "
-                              f"wait in a queue (--max-queue, default 32)")
 
 
 def startup_line(settings, engine, host: str, port: int) -> str:
@@ -151,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("binding %s without --api-key: anyone who can reach it can use the model", args.host)
-    engine = load_engine(args)
+    engine = load_engine(args, parallel=args.parallel)
     if args.compile:
         print("compiling the decode step (the first time: up to minutes; then cached on disk)",
               file=sys.stderr, flush=True)

@@ -11,6 +11,8 @@
 
     engine.prefill(ids) -> logits [V];  engine.decode_one(token, pos) -> logits [V]   (bench: timed passes)
     engine.verify(tokens, pos) -> logits [T, V]        a T-token verify step (speculative decoding)
+    Engine.load(..., parallel=N)    engine.batch: a BatchDecoder of N sequence slots (engine/batch.py, the
+                              server's continuous batching); engine.generate then decodes in slot 0
     Engine.load(..., speculative=SpecConfig(method="ngram", draft_max=8))   drafting (engine/speculative.py)
     engine.close()            # stop the executor's background threads
 
@@ -30,6 +32,7 @@ import torch
 
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.engine import runner
+from hotexperts.engine.batch import BatchDecoder
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.load import load_model, parse_dtype
 from hotexperts.engine.load_gguf import load_gguf
@@ -42,7 +45,7 @@ from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
 from hotexperts.kernels.deltanet import chunk_workspace_bytes
 from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
-from hotexperts.models.cache import cache_bytes
+from hotexperts.models.cache import MAX_SLOTS, cache_bytes
 from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.weights import QuantizedWeight
 
@@ -105,13 +108,16 @@ def _ids(value) -> set[int]:
 class Engine:
     def __init__(self, loaded, executor, device: torch.device, max_context: int, *,
                  use_cuda_graph: bool = True, piecewise_graph: bool = False, compile_decode: bool = False,
-                 speculative: SpecConfig | None = None):
+                 speculative: SpecConfig | None = None, parallel: int = 1):
         self.loaded, self.executor, self.device = loaded, executor, device
         self.config, self.tokenizer, self.model = loaded.cfg, loaded.tokenizer, loaded.model
-        self.max_context = max_context
+        self.max_context, self.parallel = max_context, parallel
+        self.batch = BatchDecoder(self.model, executor, self.config, device, max_context, parallel) \
+            if parallel > 1 else None
         self.generator = Generator(self.model, executor, self.config, device, max_context,
                                    use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph,
-                                   compile_decode=compile_decode, speculative=speculative)
+                                   compile_decode=compile_decode, speculative=speculative,
+                                   kv=self.batch.slot_views[0] if self.batch is not None else None)
         self.eos_ids = self._eos_ids()
 
     @classmethod
@@ -120,7 +126,8 @@ class Engine:
              seed: int = 0, use_cuda_graph: bool = True, executor=None,
              piecewise_graph: bool = False, compile_decode: bool = False,
              kernel_options: KernelOptions | None = None, dense_quant: str = "auto",
-             host_embedding: bool | None = None, speculative: SpecConfig | None = None) -> Engine:
+             host_embedding: bool | None = None, speculative: SpecConfig | None = None,
+             parallel: int = 1) -> Engine:
         """Load a model dir, .gguf or 'preset:NAME' and build its executor (`executor` overrides placement).
         compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py);
         dense_quant, host_embedding: load_source's; speculative: drafting (engine/speculative.py)."""
@@ -132,26 +139,29 @@ class Engine:
         return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
                                executor=executor, piecewise_graph=piecewise_graph,
                                compile_decode=compile_decode, kernel_options=kernel_options,
-                               speculative=speculative)
+                               speculative=speculative, parallel=parallel)
 
     @classmethod
     def from_loaded(cls, loaded, device: torch.device, placement=None, *, max_context: int | None = None,
                     use_cuda_graph: bool = True, executor=None, piecewise_graph: bool = False,
                     compile_decode: bool = False, kernel_options: KernelOptions | None = None,
-                    wrap_executor=None, speculative: SpecConfig | None = None) -> Engine:
+                    wrap_executor=None, speculative: SpecConfig | None = None, parallel: int = 1) -> Engine:
         """An engine over an already loaded model (the bench builds one per placement over one model).
-        wrap_executor: executor -> executor applied to the built one (the bench's routing replay)."""
+        wrap_executor: executor -> executor applied to the built one (the bench's routing replay).
+        parallel: sequence slots of the batch decoder (1: none, the one-request path only)."""
+        check_parallel(parallel)
         cfg, dt = loaded.cfg, next(loaded.model.parameters()).dtype
         ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if ctx < 1 or ctx > cfg.max_position_embeddings:
             raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
         if executor is None:
-            parts = vram_reserved(loaded, ctx, dt, device)
+            parts = vram_reserved(loaded, ctx, dt, device, parallel)
             executor = default_executor(placement, loaded.store, cfg, device, dt, parts, kernel_options)
             if wrap_executor is not None:
                 executor = wrap_executor(executor)
         return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
-                   piecewise_graph=piecewise_graph, compile_decode=compile_decode, speculative=speculative)
+                   piecewise_graph=piecewise_graph, compile_decode=compile_decode, speculative=speculative,
+                   parallel=parallel)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = _ids(self.config.eos_token_ids) | _ids(getattr(self.tokenizer, "eos_ids", None))
@@ -216,6 +226,7 @@ class Engine:
             "speculative": self.generator.spec_stats(),
             "compiled_decode": None if (st := runner.compiled_stages(self.model)) is None else st.stats(),
             "cache": self.executor.stats(),
+            "batch": self.batch.stats() if self.batch is not None else None,
         }
 
 
@@ -225,19 +236,27 @@ def dense_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def kv_bytes(cfg, max_context: int, dtype: torch.dtype) -> int:
-    """The decode cache: K/V of attention layers, conv + recurrent state of linear ones (models/cache.py)."""
-    return cache_bytes(cfg, max_context, dtype)
+def kv_bytes(cfg, max_context: int, dtype: torch.dtype, parallel: int = 1) -> int:
+    """The decode cache: K/V of attention layers, conv + recurrent state of linear ones (models/cache.py),
+    for `parallel` sequence slots of max_context positions each."""
+    return cache_bytes(cfg, max_context, dtype, parallel)
+
+
+def check_parallel(parallel: int) -> None:
+    if not isinstance(parallel, int) or not 1 <= parallel <= MAX_SLOTS:
+        raise HotExpertsError(f"-np/--parallel must be an integer in 1..{MAX_SLOTS} (sequences decoded "
+                              f"together in one step), got {parallel!r}")
 
 
 ALLOCATOR_SLACK = 128 * 2**20       # the caching allocator's rounding and fragmentation beyond live tensors
 
 
-def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device) -> dict:
+def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device,
+                  parallel: int = 1) -> dict:
     """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes.
     context (CUDA only) = the device's used memory that torch's allocator does not hold (on a card shared
     with other programs their memory counts too, so the engine stays within what is left for it)."""
-    parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype),
+    parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype, parallel),
              "workspace": workspace_bytes(loaded, dtype)}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)

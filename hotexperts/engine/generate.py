@@ -21,8 +21,9 @@
   (the standard acceptance rule); a hybrid model's linear-attention state is rolled back after a rejection
   (restored from a snapshot, the kept tokens recomputed); `spec_stats()` holds the counters;
 - prompt + max_tokens beyond `max_context` raises ContextLengthError before any work;
-- the KV cache is allocated once and reused: every request overwrites positions from 0 and the causal
-  mask over absolute positions hides whatever a previous request left beyond them.
+- the KV cache is allocated once (or handed in: `kv`, one slot of a models/cache.SlotKVCache) and
+  reused: every request overwrites positions from 0 and the causal mask over absolute positions hides
+  whatever a previous request left beyond them.
 Timing counters (`last` for the latest request, `total` summed) count only time spent inside the
 generator (not the consumer's time between tokens). Prompt time covers prefill and the first sample
 (time to first token); decode time covers the later steps.
@@ -42,6 +43,20 @@ from hotexperts.engine.runner.verify import recurrent_buffers
 from hotexperts.engine.sampling import Sampler, SamplingParams, make_generator
 from hotexperts.engine.speculative import AutoSwitch, NgramDrafter, SpecConfig, SpecStats
 from hotexperts.errors import ContextLengthError, HotExpertsError
+
+
+def prefill(model, executor, kv, prompt_ids: list[int], device: torch.device, chunk: int) -> torch.Tensor:
+    """The prompt at positions 0..P-1 into the one-sequence cache `kv`, `chunk` tokens per forward
+    (executor.end_step() after each); returns the last position's logits [V]."""
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)            # [P]
+    logits = None
+    with torch.no_grad():
+        for start in range(0, len(prompt_ids), chunk):
+            tok = ids[start:start + chunk]                                         # [T]
+            pos = torch.arange(start, start + tok.shape[0], device=device)
+            logits = model(tok, pos, kv, executor, last_only=True, kv_len=start + tok.shape[0])[0]   # [V]
+            executor.end_step()
+    return logits
 
 
 @dataclass
@@ -77,7 +92,7 @@ class Generator:
     def __init__(self, model, executor, cfg: ModelConfig, device: torch.device | str, max_context: int,
                  *, dtype: torch.dtype | None = None, use_cuda_graph: bool = True,
                  piecewise_graph: bool = False, compile_decode: bool | None = None,
-                 speculative: SpecConfig | None = None):
+                 speculative: SpecConfig | None = None, kv=None):
         self.model, self.executor, self.cfg = model, executor, cfg
         if compile_decode is not None and not compile_decode:
             runner.compile_decode(model, False)
@@ -85,7 +100,9 @@ class Generator:
             runner.compile_decode(model)
         self.device, self.max_context = torch.device(device), int(max_context)
         dtype = dtype or next(model.parameters()).dtype
-        self.kv = model.new_kv_cache(self.max_context, dtype, self.device)      # per layer kind if hybrid
+        if kv is None:                                                           # per layer kind if hybrid
+            kv = model.new_kv_cache(self.max_context, dtype, self.device)
+        self.kv = kv        # or the caller's (engine.py: slot 0 of the batch decoder's SlotKVCache)
         self.decode_step = runner.make_decode_step(model, self.kv, executor, self.device,
                                                    use_graph=use_cuda_graph, piecewise=piecewise_graph)
         self.verify_step = runner.make_verify_step(model, self.kv, executor, self.device,
@@ -105,16 +122,7 @@ class Generator:
     # -- forward passes -------------------------------------------------------------------------
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         """Run the whole prompt (positions 0..P-1) in chunks; returns the last position's logits [V]."""
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)    # [P]
-        logits = None
-        with torch.no_grad():
-            for start in range(0, len(prompt_ids), self.prefill_chunk):
-                tok = ids[start:start + self.prefill_chunk]                        # [T]
-                pos = torch.arange(start, start + tok.shape[0], device=self.device)
-                logits = self.model(tok, pos, self.kv, self.executor, last_only=True,
-                                    kv_len=start + tok.shape[0])[0]                 # [V]
-                self.executor.end_step()
-        return logits
+        return prefill(self.model, self.executor, self.kv, prompt_ids, self.device, self.prefill_chunk)
 
     def decode_one(self, token: int, pos: int) -> torch.Tensor:
         """One T=1 forward of `token` at position `pos`; returns logits [V]."""

@@ -119,6 +119,18 @@ class KVCache(nn.Module):
         self.register_buffer("positions", torch.arange(max_seq, device=device), persistent=False)
         self.max_seq = max_seq
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache over existing buffers k, v [L, Hkv, S, hd] (no copy: e.g. one slot of
+        models/cache.SlotKVCache, written in place through this view)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.register_buffer("positions", torch.arange(k.shape[2], device=k.device), persistent=False)
+        self.max_seq = k.shape[2]
+        return self
+
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [Hkv, T, hd] -> full cache k, v of this layer [Hkv, S, hd]."""
         return write_kv(self.k[layer], self.v[layer], input_pos, k, v)

@@ -15,7 +15,9 @@ uvicorn_limits(settings) gives uvicorn its header-size, idle-connection and conn
 Parsing (JSON nesting bounded) and tokenizing (after a length cap) run in a thread pool; no user input
 makes a 500.
 Every error is OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}.
-The engine runs batch-1 in one worker thread (queue.EngineWorker); the event loop never waits on it.
+The engine runs in one worker thread: queue.EngineWorker (one request at a time) or, when the engine has N > 1
+sequence slots (`--parallel N`, engine.batch), batch_worker.BatchWorker (up to N requests decoded together
+in one step); the event loop never waits on it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from hotexperts.engine.sampling import generation_defaults, model_generation_config
 from hotexperts.server import protocol
+from hotexperts.server.batch_worker import BatchWorker
 from hotexperts.server.errors import APIError, bad_request
 from hotexperts.server.events import JobStreamingResponse, job_events
 from hotexperts.server.guard import LOOPBACK_HOSTS, Guard
@@ -78,8 +81,9 @@ class Server:
     def __init__(self, engine, settings: ServerSettings):
         self.engine, self.settings = engine, settings
         self.stats: dict | None = None
-        self.worker = EngineWorker(engine, settings.max_queue, on_finish=self._on_finish)
-        self.metrics = Metrics(lambda: (self.worker.depth, self.worker.busy), lambda: self.stats,
+        worker = BatchWorker if getattr(engine, "batch", None) is not None else EngineWorker
+        self.worker = worker(engine, settings.max_queue, on_finish=self._on_finish)
+        self.metrics = Metrics(lambda: (self.worker.depth, self.worker.running_count), lambda: self.stats,
                                getattr(engine, "device", "cpu"))
         self.defaults = generation_defaults(model_generation_config(engine))
         self.names = tuple(dict.fromkeys((settings.model_name, *settings.aliases)))
@@ -195,7 +199,8 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def health():
         w = server.worker
         body = {"status": "ok" if w.alive else "error", "model": server.settings.model_name,
-                "queue_depth": w.depth, "running": w.busy}
+                "queue_depth": w.depth, "running": w.busy,
+                "slots": getattr(getattr(server.engine, "batch", None), "num_slots", 1)}
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.get("/metrics")

@@ -78,7 +78,8 @@ class JobEvents:
             if await request.is_disconnected():
                 self.close()                           # the worker answers with end(cancelled)
                 self._request = request = None
-            elif waiting and self.job.expired() and self.worker.running is not self.job:
+            elif waiting and self.job.expired() and self.worker.running is not self.job \
+                    and self.job.started is None:
                 raise APIError(503, "the request timed out while waiting in the queue", code="queue_timeout",
                                type="timeout_error", headers={"Retry-After": str(self.worker.retry_after())})
 

@@ -48,7 +48,7 @@ class Metrics:
                                   buckets=DURATION_BUCKETS, registry=r)
         self.tps = Gauge(P + "generation_tokens_per_second", "decode speed of the latest request", registry=r)
         Gauge(P + "queue_depth", "requests waiting", registry=r).set_function(lambda: worker_info()[0])
-        Gauge(P + "requests_running", "requests generating (0 or 1)", registry=r).set_function(
+        Gauge(P + "requests_running", "requests generating (at most --parallel)", registry=r).set_function(
             lambda: float(worker_info()[1]))
         r.register(_EngineCollector(engine_stats, torch.device(device)))
 

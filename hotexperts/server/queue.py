@@ -9,10 +9,12 @@
     worker.cancel(job)              # client gone: dropped from the queue, or stopped between two tokens
     worker.stop()                   # cancels everything, joins the thread
 
-The engine is batch-1 and not thread-safe, so requests are decoded sequentially in arrival order (fair
-FIFO). Every job that was submitted gets exactly one terminal event ("end" or "error"), cancelled ones
-included (finish_reason "cancelled"). A job whose deadline passes while it waits gets a 503 error; one
-whose deadline passes while it generates ends normally with finish_reason "length".
+This worker decodes requests one at a time in arrival order (fair FIFO): the engine is not thread-safe.
+With `--parallel N` > 1 the server uses server/batch_worker.BatchWorker instead (the same interface and
+events): up to N requests decoded together in one step. Every job that was submitted gets exactly one
+terminal event ("end" or "error"), cancelled ones included (finish_reason "cancelled"). A job whose
+deadline passes while it waits gets a 503 error; one whose deadline passes while it generates ends
+normally with finish_reason "length".
 The worker thread talks to the event loop only through `loop.call_soon_threadsafe`.
 """
 
@@ -61,6 +63,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_s: float | None = None             # time to first token, from arrival
+    started: float | None = None                   # time.monotonic() its generation began (BatchWorker)
     done: bool = False
 
     def emit(self, ev: Event) -> None:
@@ -129,6 +132,10 @@ class EngineWorker:
         return self.running is not None
 
     @property
+    def running_count(self) -> int:
+        return int(self.running is not None)
+
+    @property
     def alive(self) -> bool:
         return self.thread.is_alive()
 
@@ -176,7 +183,7 @@ class EngineWorker:
         if job.expired():
             return Event("error", error=APIError(503, "the request timed out while waiting in the queue",
                                                  code="queue_timeout", type="timeout_error"))
-        t0 = time.monotonic()
+        t0 = job.started = time.monotonic()
         try:
             return self._generate(job)
         except ExpertComputeError as e:

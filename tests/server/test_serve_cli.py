@@ -34,8 +34,10 @@ def test_flags_and_defaults():
     assert s.allowed_origins == ("http://a", "http://b")
     s = settings_from_args(parse("--served-model-name", "a", "b", "-np", "1"))
     assert (s.model_name, s.aliases) == ("a", ("b",))
-    with pytest.raises(HotExpertsError, match="one request at a time"):
-        settings_from_args(parse("-np", "4"))
+    assert settings_from_args(parse("-np", "4")).model_name == "preset:tiny-qwen3-moe"
+    for bad in ("0", "17"):
+        with pytest.raises(HotExpertsError, match="parallel must be an integer in 1..16"):
+            settings_from_args(parse("-np", bad))
     for bad in (["--max-queue", "-1"], ["--request-timeout", "-2"], ["--port", "70000"]):
         with pytest.raises(HotExpertsError):
             settings_from_args(parse(*bad))

@@ -118,7 +118,7 @@ def test_models_health_and_not_found(server, client):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other")
     h = httpx.get(server.url + "/health").json()
-    assert h == {"status": "ok", "model": MODEL, "queue_depth": 0, "running": False}
+    assert h == {"status": "ok", "model": MODEL, "queue_depth": 0, "running": False, "slots": 1}
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
