@@ -432,6 +432,11 @@ VRAM_AUTO_ON_CPU = ("--vram-budget auto on a machine without a CUDA GPU: there i
 def _budget_arg(v, device=None) -> int | str | None:
     if v is None:
         return None
+    if "," in str(v):
+        raise PlacementError(f"--vram-budget {v} lists one budget per card, and this command runs on one "
+                             "card: give one budget (e.g. --vram-budget 24); `hotexperts generate "
+                             f"--vram-budget {v}` and `python -m hotexperts.engine.multi_gpu` run over "
+                             "several cards (docs/multi-gpu.md)")
     if str(v).lower() == "auto":
         if resolve_device(device).type != "cuda":
             warn(VRAM_AUTO_ON_CPU)

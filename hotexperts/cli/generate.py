@@ -4,6 +4,8 @@
         [--max-tokens N] [--temperature T --top-k K --top-p P --min-p M --seed S] [--stop S ...]
         [--draft ngram|mtp|none --draft-max N --draft-min N --draft-always]   (speculative decoding)
         [model flags] [placement flags] [kernel flags] [--stats]     (the shared flags: cli/flags.py)
+    hotexperts generate ... --vram-budget 24,12     one budget per card: one greedy request over the cards
+                                                    (cli/cards.py, engine/multi_gpu.py; printed when done)
 
 Text goes to stdout as it is generated; the summary line
 "prompt: N tokens, X tok/s | generation: M tokens, Y tok/s" (and, with --stats, the engine's stats as
@@ -18,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from hotexperts.cli.cards import as_card_prompt, card_budgets, generate_on_cards
 from hotexperts.cli.flags import (
     HelpFormatter,
     add_json_argument,
@@ -112,13 +115,19 @@ def sampling_params(args: argparse.Namespace, defaults: dict | None = None) -> S
                           max_tokens=args.max_tokens, stop=tuple(args.stop))
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-    """Plain prompts are encoded with the tokenizer's special tokens; chat prompts via the chat template."""
+def prompt_messages(prompt: str, chat: bool = False, system: str | None = None) -> str | list[dict]:
+    """The prompt as given (plain), or as chat messages (--chat / --system) for the chat template."""
     if not (chat or system):
-        return tokenizer.encode(prompt)
+        return prompt
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    return tokenizer.encode_chat(messages)
+    return messages
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """Plain prompts are encoded with the tokenizer's special tokens; chat prompts via the chat template."""
+    text = prompt_messages(prompt, chat, system)
+    return tokenizer.encode(text) if isinstance(text, str) else tokenizer.encode_chat(text)
 
 
 def summary_line(stats: dict) -> str:
@@ -138,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     sampling_params(args)                               # validate flags before loading anything
     spec = spec_config(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    budgets = card_budgets(args)                        # --vram-budget 24,12: one budget per card
+    if budgets is not None:
+        messages = prompt_messages(prompt, args.chat, args.system)
+        return generate_on_cards(args, budgets, as_card_prompt(messages))
     engine = load_engine(args, speculative=spec)
     params = sampling_params(args, generation_defaults(model_generation_config(engine)))
     if engine.tokenizer is None:

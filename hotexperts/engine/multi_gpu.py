@@ -4,8 +4,10 @@ its ShardExecutor (experts/shard.py) of one MultiPlan (experts/multi_placement.p
     run = CardRun("preset:tiny-qwen3-moe", cards=2, budgets=parse_card_budgets("24,12", 2),
                   modes=("auto",), prompts=((5, 17, 300),), max_tokens=16)
     results = run_on_cards(run)     # [per card] {"device", "modes": {mode: {"plan", "requests": [...]}}}
-    # each request: {"prompt", "tokens" (greedy ids), "logits" [V] (the prompt's last position, fp32),
-    #                "prompt_tps", "decode_tps"}
+    # each request: {"prompt" (ids), "tokens" (greedy ids), "text" (their decoding, None without a
+    #                tokenizer), "logits" [V] (the prompt's last position, fp32), "prompt_tps", "decode_tps"}
+A prompt is token ids, a text (encoded by the model's tokenizer) or chat messages ([{"role", "content"}],
+through its chat template): `hotexperts generate --vram-budget 24,12` sends its prompt as text.
 
 Backends: "gloo" with every card's process on the CPU ("cards" emulated: the CI path) or "nccl" with card r
 on cuda:r (NVLink multicast off: NCCL_NVLS_ENABLE=0 unless set); None picks nccl when CUDA has enough
@@ -58,7 +60,7 @@ class CardRun:
     cards: int
     budgets: tuple[int | None, ...]
     modes: tuple[str, ...] = ("auto",)
-    prompts: tuple[tuple[int, ...], ...] = ()
+    prompts: tuple[tuple[int, ...] | str | tuple[dict, ...], ...] = ()   # ids, text or chat messages
     max_tokens: int = 16
     dtype: str = "float32"
     backend: str | None = None
@@ -156,12 +158,23 @@ def shared_plan(run: CardRun, rank: int, cfg, store, reserved: Sequence[int], mo
     return box[0]
 
 
-def request(engine: Engine, prompt: Sequence[int], max_tokens: int) -> dict:
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A CardRun prompt as token ids: ids as they are, a text encoded, chat messages through the template."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+        if tokenizer is None:
+            raise HotExpertsError("this model has no tokenizer: give the prompt as token ids")
+        return tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.encode_chat(list(prompt))
+    return list(prompt)
+
+
+def request(engine: Engine, prompt, max_tokens: int) -> dict:
     """One greedy request: the prompt's last logits (a separate prefill) and the generated ids, timed."""
-    logits = engine.prefill(list(prompt)).float().cpu()
-    tokens = list(engine.generate(list(prompt), SamplingParams(max_tokens=max_tokens)))
+    ids = prompt_ids(engine.tokenizer, prompt)
+    logits = engine.prefill(ids).float().cpu()
+    tokens = list(engine.generate(ids, SamplingParams(max_tokens=max_tokens)))
     last = engine.stats()["last"]
-    return {"prompt": tuple(prompt), "tokens": tokens, "logits": logits,
+    text = None if engine.tokenizer is None else engine.tokenizer.decode(tokens)
+    return {"prompt": tuple(ids), "tokens": tokens, "text": text, "logits": logits,
             "prompt_tps": last["prompt_tok_per_s"], "decode_tps": last["gen_tok_per_s"]}
 
 

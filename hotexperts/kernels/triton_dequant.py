@@ -38,6 +38,16 @@ def lut4_table(fmt: str, device) -> torch.Tensor:
 
 
 @triton.jit
+def _program_rows(idx_ptr, N, BR: tl.constexpr):
+    """This program's place in a dequantize grid (C, cdiv(N, BR)): (c, the output expert index; e = idx[c],
+    the slot it reads, int64; its BR rows as int64 [BR]; their mask rows < N [BR])."""
+    c = tl.program_id(0)
+    e = tl.load(idx_ptr + c).to(tl.int64)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    return c, e, rows.to(tl.int64), rows < N
+
+
+@triton.jit
 def lut4_groups(q_ptr, roff, gi, m, LK: tl.constexpr):
     """LUT4 rows at byte offsets roff [BR], 32-groups gi [G] (mask m [BR, G]) -> (scale fp32 [BR, G], byte
     offset of the group's 16 index bytes [BR, G]). LK 0 MXFP4 (17-byte blocks: e8m0 e, scale 2^(e - 128) built
@@ -73,11 +83,7 @@ def lut4_groups(q_ptr, roff, gi, m, LK: tl.constexpr):
 @triton.jit
 def _lut4_kernel(q_ptr, tab_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, so_e, so_n, LK: tl.constexpr,
                  BR: tl.constexpr, BG: tl.constexpr):
-    c = tl.program_id(0)
-    e = tl.load(idx_ptr + c).to(tl.int64)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    rmask = rows < N
-    r64 = rows.to(tl.int64)
+    c, e, r64, rmask = _program_rows(idx_ptr, N, BR)                 # [BR] rows of slot e
     jj = tl.arange(0, 16)[None, None, :]
     for g0 in range(0, KC // 32, BG):
         gi = g0 + tl.arange(0, BG)                                    # [BG]
@@ -123,11 +129,7 @@ def q4k_scales(q_ptr, boff, m):
 
 @triton.jit
 def _q4k_kernel(q_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, so_e, so_n, BR: tl.constexpr, NB: tl.constexpr):
-    c = tl.program_id(0)
-    e = tl.load(idx_ptr + c).to(tl.int64)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    rmask = rows < N
-    r64 = rows.to(tl.int64)
+    c, e, r64, rmask = _program_rows(idx_ptr, N, BR)                 # [BR] rows of slot e
     nblk = KC // 256
     cc = tl.arange(0, 4)[None, None, :, None]                         # chunk
     ll = tl.arange(0, 32)[None, None, None, :]                        # byte in the chunk
@@ -149,11 +151,7 @@ def _q4k_kernel(q_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, so_e, so_n, BR: tl.c
 @triton.jit
 def _int4_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, ss_n, so_e, so_n,
                  BR: tl.constexpr, BK: tl.constexpr):
-    c = tl.program_id(0)
-    e = tl.load(idx_ptr + c).to(tl.int64)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)                   # [BR]
-    rmask = rows < N
-    r64 = rows.to(tl.int64)
+    c, e, r64, rmask = _program_rows(idx_ptr, N, BR)                 # [BR] rows of slot e
     for k0 in range(0, KC, BK):
         j = tl.arange(0, BK // 2)                                     # byte j holds columns 2j, 2j+1
         cm = k0 + 2 * j < KC
@@ -174,11 +172,7 @@ def _int4_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e,
 @triton.jit
 def _int8_kernel(q_ptr, s_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, so_e, so_n,
                  BR: tl.constexpr, BK: tl.constexpr):
-    c = tl.program_id(0)
-    e = tl.load(idx_ptr + c).to(tl.int64)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    rmask = rows < N
-    r64 = rows.to(tl.int64)
+    c, e, r64, rmask = _program_rows(idx_ptr, N, BR)                 # [BR] rows of slot e
     sc = tl.load(s_ptr + e * ss_e + r64, mask=rmask, other=0.0).to(tl.float32)     # [BR]
     for k0 in range(0, KC, BK):
         col = k0 + tl.arange(0, BK)
@@ -191,11 +185,7 @@ def _int8_kernel(q_ptr, s_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, so_e, 
 @triton.jit
 def _int8g_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, out_ptr, N, KC, sq_e, sq_n, ss_e, ss_n, so_e, so_n,
                   GS: tl.constexpr, HAS_Z: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    c = tl.program_id(0)
-    e = tl.load(idx_ptr + c).to(tl.int64)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    rmask = rows < N
-    r64 = rows.to(tl.int64)
+    c, e, r64, rmask = _program_rows(idx_ptr, N, BR)                 # [BR] rows of slot e
     for k0 in range(0, KC, BK):
         col = k0 + tl.arange(0, BK)
         m = rmask[:, None] & (col < KC)[None, :]

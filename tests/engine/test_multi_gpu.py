@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hotexperts.engine.engine import Engine, vram_reserved
-from hotexperts.engine.multi_gpu import CardRun, launch, main, run_on_cards
+from hotexperts.engine.multi_gpu import CardRun, launch, main, prompt_ids, run_on_cards
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import ExpertComputeError, HotExpertsError
@@ -120,3 +120,14 @@ def _card_process_of_us(pid: int) -> bool:
             return parent == os.getpid() and "spawn_main" in f.read()
     except (OSError, ValueError, IndexError):
         return False
+
+
+def test_a_prompt_is_ids_a_text_or_chat_messages():
+    tok = build_in_memory(PRESET, dtype="float32", device="cpu").tokenizer
+    chat = ({"role": "user", "content": "Hello"},)
+    assert prompt_ids(tok, (5, 17, 300)) == [5, 17, 300]
+    assert prompt_ids(tok, "Hello") == tok.encode("Hello")
+    assert prompt_ids(tok, chat) == tok.encode_chat(list(chat)) != tok.encode("Hello")
+    assert prompt_ids(None, (5, 17)) == [5, 17]
+    with pytest.raises(HotExpertsError, match="no tokenizer"):
+        prompt_ids(None, "Hello")

@@ -16,14 +16,7 @@ from hotexperts.experts.placement import Placement
 
 PROMPT = [5, 17, 300, 2, 77, 900, 41, 8, 123, 64]
 N = 24
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")          # tests/conftest.py
 
 
 class ScriptedDrafter:

@@ -103,9 +103,5 @@ def hf_models():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread avoids oversubscription on shared CI cores (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _every_module_one_thread(one_thread):
+    """Every module here runs on one torch thread (tests/conftest.py one_thread: tiny matmuls)."""

@@ -171,6 +171,20 @@ HX_INLINE void reduce(const __m512 (&acc)[N], float* out) {
   for (int i = N / 4 * 4; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+// One weight row's 4-group block times NT activation rows, the step int4g32, q4_k and LUT4 rows share:
+// acc[t] += float(lo . xl[t] + hi . xh[t]) * spread(cs[t]), two vpdpbusd (u8 weights lo/hi x s8 activations)
+// leaving group k's partial sums in int32 lanes 4k..4k+3, and sp (kSpread[j]) spreading the groups' scales
+// cs[t] (s_g sx_g of a 16-group chunk) over those lanes. acc and cs point at the row's NT entries.
+template <int NT>
+HX_INLINE void dot2_spread(__m512i lo, __m512i hi, const __m512i* xl, const __m512i* xh, __m512i sp,
+                           const __m512* cs, __m512* acc) {
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; t++) {
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[t]), hi, xh[t]);
+    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[t]), acc[t]);
+  }
+}
+
 // One chunk of up to 16 groups from group c on (FULL: exactly 16, no masks; else ng < 16, masked loads).
 template <int R, int NT, bool FULL>
 HX_INLINE void q4_chunk(const Rows<R>& w, const Rows<R>* pf, int scode, int zcode, int64_t c, int ng, const QTile& x,
@@ -220,12 +234,7 @@ HX_INLINE void q4_chunk(const Rows<R>& w, const Rows<R>* pf, int scode, int zcod
       const uint8_t* qp = w.q[r] + g0 * 16;
       const __m512i b = FULL ? _mm512_loadu_si512(qp) : _mm512_maskz_loadu_epi8(bm, qp);
       const __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
-#pragma GCC unroll 16
-      for (int t = 0; t < NT; t++) {
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[t]), hi, xh[t]);
-        acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
-                                          acc[r * NT + t]);
-      }
+      dot2_spread<NT>(lo, hi, xl, xh, sp, cs + r * NT, acc + r * NT);
     }
   }
 }
@@ -311,12 +320,7 @@ HX_INLINE void q4k_rows(const Rows<R>& w, const Rows<R>* pf, int64_t NB, const Q
         const __m512i q = _mm512_loadu_si512(w.q[r] + b * QB + 16 + 64 * h);
         const __m512i A = _mm512_and_si512(_mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(2, 2, 0, 0)), mk);
         const __m512i B = _mm512_and_si512(_mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(3, 3, 1, 1)), mk);
-#pragma GCC unroll 16
-        for (int t = 0; t < NT; t++) {
-          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), A, xa[t]), B, xb[t]);
-          acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
-                                            acc[r * NT + t]);
-        }
+        dot2_spread<NT>(A, B, xa, xb, sp, cs + r * NT, acc + r * NT);
       }
     }
   }
@@ -558,12 +562,7 @@ HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t 
       if (pf) prefetch(lut4::indices(pf->q[r], kind, g0));
       const __m512i b = lut_indices4(w.q[r], kind, g0, nb);
       const __m512i lo = lut_lookup(tab, b), hi = lut_lookup(tab, _mm512_srli_epi16(b, 4));
-#pragma GCC unroll 16
-      for (int t = 0; t < NT; t++) {
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[t]), hi, xh[t]);
-        acc[r * NT + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(sp, cs[r * NT + t]),
-                                          acc[r * NT + t]);
-      }
+      dot2_spread<NT>(lo, hi, xl, xh, sp, cs + r * NT, acc + r * NT);
     }
   }
 }

@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import build_tiny, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny_models import build_tiny
 
 from hotexperts.engine.runner import compile_decode
 from hotexperts.engine.runner.cuda_graph import EagerDecodeStep, GraphDecodeStep
 from hotexperts.executor import ExpertExecutor
 from hotexperts.experts.reference import DenseExecutor
 
+pytestmark = pytest.mark.usefixtures("one_thread")          # tests/conftest.py
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral_swa", "olmoe"]
 PROMPT, DECODE = 5, 6

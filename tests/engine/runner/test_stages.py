@@ -14,12 +14,13 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import VARIANTS, build_tiny, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny_models import VARIANTS, build_tiny
 
 from hotexperts.engine.runner.compiled import compile_decode, compiled_stages, decode_forward, decode_stages
 from hotexperts.engine.runner.stages import DecodeStages
 from hotexperts.experts.reference import DenseExecutor
 
+pytestmark = pytest.mark.usefixtures("one_thread")          # tests/conftest.py
 PROMPT, DECODE = 5, 6
 
 

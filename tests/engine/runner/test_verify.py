@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from hotexperts.engine.engine import Engine
 from hotexperts.engine.runner.verify import (
@@ -20,6 +19,7 @@ from hotexperts.engine.runner.verify import (
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.placement import Placement
 
+pytestmark = pytest.mark.usefixtures("one_thread")          # tests/conftest.py
 PROMPT = [5, 17, 300, 2, 77, 900, 41, 8]
 DRAFT = [11, 400, 23, 9, 70, 5, 61]
 PRESETS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-gpt-oss"]

@@ -1,6 +1,6 @@
 """Test helpers: tiny random models of every architecture and layer layout the runner must handle.
 
-    from tiny_models import VARIANTS, build_tiny, one_thread   # noqa: F401  (imported = autouse fixture)
+    from tiny_models import VARIANTS, build_tiny
     build_tiny(name, seed=0) -> (MoETransformer fp32 eval, {layer: LayerExperts})
 names: qwen3_moe (a dense layer), qwen2_moe (shared expert, a dense layer), qwen2_moe_sparse_step (every
 other layer dense), mixtral, mixtral_swa (sliding window), olmoe (clip_qkv). Built from each architecture's
@@ -10,7 +10,6 @@ and a second conftest module could shadow it.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from hotexperts.engine.presets import random_dense, random_layer
@@ -47,15 +46,6 @@ def build_tiny(name: str, seed: int = 0):
     model.load_state_dict(random_dense(model, gen, torch.float32, torch.device("cpu")))
     experts = {l: random_layer(cfg, gen, torch.float32) for l in cfg.moe_layers}
     return model.eval(), experts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread avoids oversubscription on shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def decode_steps(step, ex, first: int, n: int):
