@@ -41,10 +41,8 @@ from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
 from hotexperts.kernels.deltanet import chunk_workspace_bytes
-from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
 from hotexperts.models.cache import cache_bytes
 from hotexperts.models.qlinear import quantize_dense_weights
-from hotexperts.weights import QuantizedWeight
 
 PRESET_PREFIX = "preset:"
 DEFAULT_MAX_CONTEXT = 4096
@@ -230,35 +228,64 @@ def kv_bytes(cfg, max_context: int, dtype: torch.dtype) -> int:
     return cache_bytes(cfg, max_context, dtype)
 
 
-ALLOCATOR_SLACK = 128 * 2**20       # the caching allocator's rounding and fragmentation beyond live tensors
+# The caching allocator's slack beyond live tensors: it rounds blocks of 1 MiB and more up to 2 MiB and keeps
+# small tensors in 2 MiB segments, and a freed block serves a later request only if that one fits in it.
+# Not cut below 128 MiB: run 20 (docs/benchmarks.md) measured our process 0.2-0.3 GiB over the budget with
+# it; the bench prints the measured slack (torch's reserved peak - allocated peak) and the context after the
+# tests per placement, which say which of the two to change.
+ALLOCATOR_SLACK = 128 * 2**20
 
 
-def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes.
-    context (CUDA only) = the device's used memory that torch's allocator does not hold (on a card shared
-    with other programs their memory counts too, so the engine stays within what is left for it)."""
+def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device,
+                  chunk: int | None = None) -> dict:
+    """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes
+    (the dequantize chunk of quantized experts is the plan's, experts/solve.py). chunk: the prompt chunk
+    the run uses (None: the generator's, at most max_context). context (CUDA only) = cuda_context_bytes."""
+    chunk = min(chunk or Generator.prefill_chunk, max_context)
     parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype),
-             "workspace": workspace_bytes(loaded, dtype)}
+             "workspace": workspace_bytes(loaded.cfg, dtype, chunk, max_context)}
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {"context": max(0, total - free - torch.cuda.memory_reserved(device)), **parts}
+        return {"context": cuda_context_bytes(device, dtype), **parts}
     return parts
 
 
-def workspace_bytes(loaded, dtype: torch.dtype, chunk: int = Generator.prefill_chunk) -> int:
-    """Transient GPU memory of one prompt chunk: activations (residual, norms, q/k/v, attention output, the
-    MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked temporaries), last-token logits,
-    the bf16 chunk quantized experts are dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most
-    DEQUANT_CHUNK_MAX experts) and the allocator's slack."""
-    cfg, a = loaded.cfg, dtype.itemsize
-    T, D, K, I = chunk, cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size
-    act = T * D * 4 * 12 + T * K * I * a * 3 + T * K * D * 4 + T * cfg.num_experts * 4 + cfg.vocab_size * 8
+def cuda_context_bytes(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+    """What the process holds on the device beyond our tensors, measured: the device's used memory that
+    torch's allocator does not hold (CUDA context, loaded kernel modules; on a card shared with other
+    programs their memory too, so the engine stays within what is left), plus the cuBLAS / cuBLASLt
+    workspaces torch keeps allocated once a matmul ran (one small matmul and addmm are run first, so the
+    handles exist). Kernels loaded later (Triton, the first CUDA graph) are not in it: the bench prints the
+    context measured again after each placement (bench/harness.py)."""
+    before = torch.cuda.memory_allocated(device)
+    a = torch.ones(64, 64, device=device, dtype=dtype)
+    torch.addmm(a, a, a)
+    del a
+    torch.cuda.synchronize(device)
+    held = max(0, torch.cuda.memory_allocated(device) - before)
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device)) + held
+
+
+def workspace_bytes(cfg, dtype: torch.dtype, chunk: int, max_context: int) -> int:
+    """A bound on the transient GPU memory of one prompt chunk of `chunk` tokens over a `max_context` cache
+    (the dequantize chunk of quantized experts aside: the plan's): the residual stream and norms (12 fp32
+    [T, D]), q/k/v and their roped copy, the attention scores of SDPA's math fallback ([H, T, S] fp32 +
+    two copies in the dtype, and K, V repeated to H heads for GQA; the fused backends need none), the
+    largest dense projection dequantized for
+    a prompt (kernels/qlinear), the MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked
+    temporaries, last-token logits, and the allocator's slack."""
+    a, T, S = dtype.itemsize, chunk, max_context
+    D, K, I, E = cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size, cfg.num_experts
+    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hidden = T * D * 4 * 12
+    scores = H * T * S * (4 + 2 * a) + (2 * H * S * hd * a if H != Hkv else 0)     # + GQA's repeated K, V
+    attention = T * (H + 2 * Hkv) * hd * a * 3 + scores
+    widest = max((H + 2 * Hkv) * hd, 2 * cfg.intermediate_size, 2 * cfg.shared_expert_intermediate_size)
+    dense = widest * D * a
+    moe = T * K * I * a * 3 + T * K * D * 4 + T * E * 4
+    act = hidden + attention + dense + moe + cfg.vocab_size * 8
     if cfg.linear_layers:                          # a Gated DeltaNet layer's chunked form (and its q|k|v|z)
         s = cfg.linear
         act += chunk_workspace_bytes(T, s.num_value_heads, s.key_head_dim, s.value_head_dim)
         act += T * (s.conv_dim + s.num_value_heads * s.value_head_dim) * a * 3
-    quantized = isinstance(loaded.store.layer(loaded.store.layers[0]).w13, QuantizedWeight)
-    expert = 3 * D * I * 2
-    per_chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // expert))
-    return act + (per_chunk * expert if quantized else 0) + ALLOCATOR_SLACK
-
+    return act + ALLOCATOR_SLACK

@@ -12,8 +12,8 @@ unlimited). It pays, in this order:
   1. the dequantize chunk (quantized experts computed on the GPU in a prompt batch are dequantized
      `dequant_chunk` experts at a time): the asked chunk when it takes at most 1/DEQUANT_SHARE of free,
      else fewer, at least MIN_DEQUANT_CHUNK; the MIN_DEQUANT_CHUNK plan is taken instead whenever it keeps
-     every expert resident and the bigger chunk does not. Not counted in a plan that computes no expert on
-     the GPU (cpu without staging).
+     every expert resident and the bigger chunk does not, or the asked slots fit only with it. Not
+     counted in a plan that computes no expert on the GPU (cpu without staging).
   2. the expert slots of the mode (below),
   3. the prompt staging pools from what is left (`_staging`): none when every expert is resident, when no
      staging is wanted (no CUDA, prompt mode hybrid) or when fewer than E / MIN_STAGE_PART experts per pool
@@ -77,8 +77,13 @@ def solve(p: Placement, sizes: ModelSizes, budget: Budget) -> PlacementPlan:
     budget.check_dense_fits()
     free = budget.free_for_experts
     chunk = _dequant_chunk(sizes, free)
-    plan = _solve_with(p, sizes, budget, chunk)
     small = min(chunk, MIN_DEQUANT_CHUNK)
+    try:
+        plan = _solve_with(p, sizes, budget, chunk)
+    except PlacementError:
+        if small == chunk:
+            raise
+        return _solve_with(p, sizes, budget, small)        # the asked slots fit with the smallest chunk
     if free is not None and small < chunk and not _all_resident(plan, sizes):
         try:
             tight = _solve_with(p, sizes, budget, small)
