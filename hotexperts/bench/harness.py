@@ -51,6 +51,7 @@ class PlacementResult:
                                                    # staging, slots; total None = no budget)
     staging: str | None = None                     # the plan's prompt staging (pools x experts, or why none)
     dequant_chunk: int | None = None               # experts a quantized prompt batch dequantizes at a time
+    prefill_chunk: int | None = None               # the prompt chunk the engine runs (and planned for)
     window: list | None = None                     # [start, end] unix s: per-placement nvidia-smi peaks
     tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
     peak_vram_gib: float | None = None
@@ -205,6 +206,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
         engine = bench.engine(placement)
         ex = engine.executor
         _plan_stats(res, ex.plan)
+        res.prefill_chunk = engine.generator.prefill_chunk
         warm_up(bench, engine)
         decode = DecodeCounts()
         for test in tests:

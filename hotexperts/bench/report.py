@@ -87,6 +87,8 @@ def _plans(results: list[dict]) -> str:
 def _vram_text(r: dict) -> str:
     vram = r.get("vram_plan_gib") or {}
     text = f"; {r['staging']}" if r.get("staging") else ""
+    if r.get("prefill_chunk"):
+        text += f"; prompt chunk {r['prefill_chunk']}"
     if r.get("dequant_chunk"):
         text += f"; dequantize chunk {r['dequant_chunk']} experts"
     if vram:

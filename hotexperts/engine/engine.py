@@ -15,10 +15,11 @@
     engine.close()            # stop the executor's background threads
 
 device None = "cuda" when available, else "cpu". placement None = `Placement()` (every expert on the GPU);
-the executor comes from `experts.build.build_executor` with the VRAM already taken by dense weights, the KV
-cache and `workspace_bytes` as `reserved_bytes`. max_context None = min(the model's
-max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS ids + tokenizer EOS ids +
-generation_config EOS ids + params.stop_token_ids.
+the executor comes from `experts.build.build_executor` with the VRAM already taken by the CUDA context,
+dense weights, the KV cache and `workspace_bytes` as `reserved_bytes`, at the prompt chunk
+`plan_prefill_chunk` picks (a tight budget halves it so that prompt staging fits).
+max_context None = min(the model's max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS
+ids + tokenizer EOS ids + generation_config EOS ids + params.stop_token_ids.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.engine.speculative import SpecConfig
-from hotexperts.errors import HotExpertsError
-from hotexperts.experts.build import build_executor
+from hotexperts.errors import HotExpertsError, PlacementError
+from hotexperts.experts.build import build_executor, plan_placement
 from hotexperts.experts.placement import Placement
 from hotexperts.kernels.deltanet import chunk_workspace_bytes
 from hotexperts.models.cache import cache_bytes
@@ -83,6 +84,52 @@ def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int
     return lm
 
 
+MIN_PREFILL_CHUNK = 128        # the smallest prompt chunk a tight budget shrinks to (over pp_bypass's 64)
+
+
+def plan_prefill_chunk(loaded, placement, max_context: int, dtype: torch.dtype, device: torch.device):
+    """-> (prompt chunk, reserved parts at it, the store in the placement's format): the generator's chunk
+    (at most max_context), or under a VRAM budget the one `pick_prefill_chunk` picks."""
+    chunk = min(Generator.prefill_chunk, max_context)
+    parts = vram_reserved(loaded, max_context, dtype, device, chunk)
+    p = placement if placement is not None else Placement()
+    if p.vram_budget is None:
+        return chunk, parts, loaded.store
+    held = {"store": loaded.store}
+
+    def plan_at(c: int):
+        reserved = {**parts, "workspace": workspace_bytes(loaded.cfg, dtype, c, max_context)}
+        plan, held["store"] = plan_placement(p, held["store"], device, sum(reserved.values()), reserved,
+                                             dtype)
+        return plan, reserved
+
+    chunk, (_, parts) = pick_prefill_chunk(chunk, plan_at)
+    return chunk, parts, held["store"]
+
+
+def pick_prefill_chunk(chunk: int, plan_at):
+    """The prompt chunk for a budget: `chunk`, or under a budget too tight for prompt staging the first of
+    its halves down to MIN_PREFILL_CHUNK whose smaller workspace leaves the pools room (prompt batches then
+    run on the GPU, not the hybrid path); failing that the first chunk that plans at all. plan_at(chunk) ->
+    (PlacementPlan, anything) or PlacementError. -> (chunk, plan_at's result); the first error when none
+    plans."""
+    planned, error = [], None
+    while True:
+        try:
+            got = plan_at(chunk)
+            planned.append((chunk, got))
+            if not got[0].staging.tight:
+                return chunk, got
+        except PlacementError as e:
+            error = error or e
+        if chunk // 2 < MIN_PREFILL_CHUNK:
+            break
+        chunk //= 2
+    if not planned:
+        raise error
+    return planned[0]
+
+
 def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved: dict,
                      kernel_options: KernelOptions | None = None):
     """build_executor(placement or Placement(), ...) with the kernel options (default: KernelOptions()) and
@@ -103,13 +150,15 @@ def _ids(value) -> set[int]:
 class Engine:
     def __init__(self, loaded, executor, device: torch.device, max_context: int, *,
                  use_cuda_graph: bool = True, piecewise_graph: bool = False, compile_decode: bool = False,
-                 speculative: SpecConfig | None = None):
+                 speculative: SpecConfig | None = None, prefill_chunk: int | None = None):
         self.loaded, self.executor, self.device = loaded, executor, device
         self.config, self.tokenizer, self.model = loaded.cfg, loaded.tokenizer, loaded.model
         self.max_context = max_context
         self.generator = Generator(self.model, executor, self.config, device, max_context,
                                    use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph,
                                    compile_decode=compile_decode, speculative=speculative)
+        if prefill_chunk:                             # the chunk the VRAM plan was made for
+            self.generator.prefill_chunk = prefill_chunk
         self.eos_ids = self._eos_ids()
 
     @classmethod
@@ -143,13 +192,15 @@ class Engine:
         ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if ctx < 1 or ctx > cfg.max_position_embeddings:
             raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
+        chunk = None
         if executor is None:
-            parts = vram_reserved(loaded, ctx, dt, device)
-            executor = default_executor(placement, loaded.store, cfg, device, dt, parts, kernel_options)
+            chunk, parts, store = plan_prefill_chunk(loaded, placement, ctx, dt, device)
+            executor = default_executor(placement, store, cfg, device, dt, parts, kernel_options)
             if wrap_executor is not None:
                 executor = wrap_executor(executor)
         return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
-                   piecewise_graph=piecewise_graph, compile_decode=compile_decode, speculative=speculative)
+                   piecewise_graph=piecewise_graph, compile_decode=compile_decode, speculative=speculative,
+                   prefill_chunk=chunk)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = _ids(self.config.eos_token_ids) | _ids(getattr(self.tokenizer, "eos_ids", None))

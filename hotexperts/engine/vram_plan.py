@@ -4,6 +4,7 @@ the mini presets.
 
     plan = shape_plan("qwen3-30b-a3b", "cpu", budget=2.2 * GiB, context=0.5 * GiB, max_context=640)
     plan.vram      -> {"total", "context", "dense", "kv", "workspace", "staging", "slots"} bytes
+    plan.prefill_chunk   the prompt chunk it was made for (engine.pick_prefill_chunk, as the engine picks)
     dense_gpu_bytes(cfg, dtype, dense_format="int8g32", host_embedding=True) -> bytes
 
 dense = the model built on the meta device (no memory), the parameters and buffers it keeps on the GPU:
@@ -18,10 +19,11 @@ context measured on the GPU machine (given: it cannot be known without one).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from hotexperts.engine.engine import kv_bytes, workspace_bytes
+from hotexperts.engine.engine import kv_bytes, pick_prefill_chunk, workspace_bytes
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.memcheck import FORMAT_BYTES
 from hotexperts.engine.presets import preset_config
@@ -46,15 +48,19 @@ def shape_plan(preset: str, placement: str | Placement, *, budget: int | None, c
                               f"got {expert_format!r}")
     hf = preset_config(preset.removeprefix("preset:"))
     cfg = get_arch(hf["model_type"]).config_from_hf(hf)
-    chunk = min(Generator.prefill_chunk, max_context)
-    parts = {"context": context, "dense": dense_gpu_bytes(cfg, dtype, dense_format),
-             "kv": kv_bytes(cfg, max_context, dtype),
-             "workspace": workspace_bytes(cfg, dtype, chunk, max_context)}
+    fixed = {"context": context, "dense": dense_gpu_bytes(cfg, dtype, dense_format),
+             "kv": kv_bytes(cfg, max_context, dtype)}
     slot = math.ceil(cfg.expert_params * FORMAT_BYTES[expert_format])
     sizes = expert_sizes(tuple(cfg.moe_layers), cfg.num_experts, slot, cfg.expert_params, cuda=True,
                          quantized=True, dtype_bytes=dtype.itemsize)
     p = Placement.parse(placement) if isinstance(placement, str) else placement
-    return solve(p, sizes, Budget(budget, sum(parts.values()), slot, parts))
+
+    def plan_at(chunk: int):
+        parts = {**fixed, "workspace": workspace_bytes(cfg, dtype, chunk, max_context)}
+        return solve(p, sizes, Budget(budget, sum(parts.values()), slot, parts)), parts
+
+    chunk, (plan, _) = pick_prefill_chunk(min(Generator.prefill_chunk, max_context), plan_at)
+    return replace(plan, prefill_chunk=chunk)
 
 
 def dense_gpu_bytes(cfg, dtype: torch.dtype = torch.bfloat16, dense_format: str = "int8g32",

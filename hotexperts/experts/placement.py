@@ -200,11 +200,13 @@ def _int(text: str, what: str) -> int:
 class Staging:
     """The prompt staging pools a plan keeps: `pools` device pools (0 or 2, the double buffer) of `experts`
     experts each (a whole layer when experts == E; fewer: a layer streams in ceil(missing / experts) parts).
-    No pools: prompt batches take the hybrid path (CPU experts), and `why` says why."""
+    No pools: prompt batches take the hybrid path (CPU experts), and `why` says why; `tight`: because the
+    budget left too little (a smaller workspace may give them room)."""
 
     pools: int = 0
     experts: int = 0
     why: str = ""
+    tight: bool = False
 
     def __bool__(self) -> bool:
         return self.pools > 0 and self.experts > 0
@@ -225,6 +227,7 @@ class PlacementPlan:
     (none), an int K (K slots of its own, managed by the policy) or "shared" (a share of one pool of
     `shared_slots`, managed). staging: the prompt staging pools kept (Staging; falsy = none).
     dequant_chunk: experts a quantized prompt batch dequantizes at a time (0 = the kernel's default).
+    prefill_chunk: the prompt chunk the workspace was sized for, where the caller records it.
     vram: the breakdown in bytes (experts/solve.py: context, dense, kv, workspace (the dequantize chunk
     included), staging, slots; total None when unlimited)."""
 
@@ -235,6 +238,7 @@ class PlacementPlan:
     slot_bytes: int = 0
     vram: dict = field(default_factory=dict)
     dequant_chunk: int = 0
+    prefill_chunk: int = 0        # the prompt chunk its workspace was sized for (0 = not recorded)
 
     def layers(self, kind: str) -> list[int]:
         """MoE layers whose value is `kind` ("gpu", "cpu", "shared", or "slots" for the int ones)."""

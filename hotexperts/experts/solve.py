@@ -20,7 +20,8 @@ unlimited). It pays, in this order:
      fit (then prompt batches take the hybrid path and the plan says so); else two pools (double buffer)
      of as many experts as fit, at most a whole layer each: a layer whose missing experts exceed a pool
      streams in parts. Where slots are sized by the budget (hot:auto, cache:auto, static / shared without a
-     size) staging takes at most 1/STAGING_SHARE of free unless two whole layers fit in that share.
+     size) staging takes at most 1/STAGING_SHARE of free (but never less than its least, E / MIN_STAGE_PART
+     experts per pool, while that fits).
 
 Per mode:
     gpu          every expert resident; PlacementError when they do not fit
@@ -151,9 +152,12 @@ def _staging(sizes: ModelSizes, room: int | None, can_miss: bool, share: int = 1
     if room is None:
         return Staging(2, E)
     per = min(E, max(0, room) // share // (2 * sb))
+    if per < sizes.min_stage <= max(0, room) // (2 * sb):
+        per = sizes.min_stage                        # the share never pushes the pools below their least
     if per < sizes.min_stage:
-        return Staging(why=f"the budget is too tight: prompt batches use the hybrid path (a pool of "
-                           f"{sizes.min_stage} experts needs {2 * sizes.min_stage * sb / GiB:.2f} GiB)")
+        return Staging(why=f"the budget is too tight: prompt batches use the hybrid path (two pools of "
+                           f"{sizes.min_stage} experts need {2 * sizes.min_stage * sb / GiB:.2f} GiB)",
+                       tight=True)
     return Staging(2, per)
 
 

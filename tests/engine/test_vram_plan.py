@@ -43,8 +43,17 @@ def test_stock_cpu_moe_vram_gives_a_plan_under_the_budget(text, budget):
     assert plan.vram["context"] == CONTEXT
     if text == "cpu":
         assert plan.layers("cpu") == list(_cfg().moe_layers) and plan.vram["slots"] == 0
-    if not plan.staging:                                       # too tight for pools: said in the plan
-        assert "hybrid path" in plan.describe()
+    # prompt batches still run on the GPU: smaller prompt chunks leave two pools of a part of a layer room
+    assert plan.staging.pools == 2 and 16 <= plan.staging.experts < 128 and plan.prefill_chunk in (128, 256)
+    assert plan.dequant_chunk >= 4
+
+
+def test_a_bigger_context_leaves_no_staging_and_the_plan_says_prompts_take_the_hybrid_path():
+    plan = shape_plan(SHAPE, "cpu", budget=int(2.2 * GiB), context=int(0.65 * GiB), max_context=CTX)
+    assert not plan.staging and plan.staging.tight and "hybrid path" in plan.describe()
+    assert _parts_sum(plan) <= plan.vram["total"] and plan.prefill_chunk in (128, 256)   # 512: no plan
+    with pytest.raises(HotExpertsError, match="smaller than the CUDA context, dense weights"):
+        shape_plan(SHAPE, "cpu", budget=int(2.2 * GiB), context=int(0.8 * GiB), max_context=CTX)
 
 
 def test_a_budget_that_holds_every_expert_is_all_gpu_without_staging():
