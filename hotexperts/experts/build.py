@@ -10,7 +10,9 @@ oracle, elsewhere);
 anything else -> HybridExecutor over one SlotCache covering the plan's non-CPU layers ("gpu" layers filled
 with every expert, fixed; "slots K" / "shared" layers managed by a CachePlanner: placeholders at load, or a
 profile's hot set), with the native decode worker on CUDA (`decode` auto) or when asked (`worker`).
-reserved_bytes: VRAM of dense weights + KV + workspace (assumed already allocated when --vram-budget auto).
+reserved_bytes: VRAM of the CUDA context, dense weights, KV and workspace (assumed already allocated when
+--vram-budget auto). model_sizes / expert_sizes: what the solver knows of the experts (slot bytes, the
+staging it may want, the dequantize chunk of quantized experts on CUDA), from a store or from numbers.
 """
 
 from __future__ import annotations
