@@ -7,6 +7,8 @@
 #   env          versions, GPU, CPU flags, cores, RAM
 #   tests        pytest -m gpu over $TESTS_PATHS (default: tests)
 #   bench        python -m hotexperts bench $BENCH_ARGS --json run/bench.json
+#   context      scripts/vram_context.py: what the process holds outside torch's allocator, per stage (init,
+#                cuBLAS, cuBLASLt, Triton, CUDA graph, an Engine over $CONTEXT_MODEL) and setting -> run/context.json
 #   kernels      micro-benchmarks named in $KERNELS (gpu_moe, quant_sweep, dequant, cpu_moe, cpu_pages, profile)
 #   model        the comparison GGUF at $MODEL unless it exists: hotexperts make-model --preset $PRESET
 #                --format gguf --quant $QUANT (~2 min, ~21 GB for qwen3-30b-a3b)
@@ -118,6 +120,12 @@ step_tests() {
 step_bench() {
   guard 560 "$PY" -m hotexperts bench $BENCH_ARGS --json "$RES/bench.json" > "$RES/bench.log" 2>&1
   grep -E "^\||^device:|[Ee]rror" "$RES/bench.log" | grep -v -- "---" || true
+}
+
+step_context() {
+  guard 300 "$PY" scripts/vram_context.py --model "${CONTEXT_MODEL:-preset:tiny-qwen3-moe}" \
+    --json "$RES/context.json" > "$RES/context.log" 2>&1
+  cat "$RES/context.log"
 }
 
 step_kernels() {

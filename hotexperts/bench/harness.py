@@ -52,11 +52,18 @@ class PlacementResult:
     placement: str
     budget_gib: float | None
     plan: str | None = None                        # the solved plan (PlacementPlan.text())
-    vram_plan_gib: dict | None = None              # its VRAM breakdown (reserved, staging, slots)
+    vram_plan_gib: dict | None = None              # its VRAM breakdown (context, dense, kv, workspace,
+                                                   # staging, slots; total None = no budget)
+    staging: str | None = None                     # the plan's prompt staging (pools x experts, or why none)
+    dequant_chunk: int | None = None               # experts a quantized prompt batch dequantizes at a time
+    prefill_chunk: int | None = None               # the prompt chunk the engine runs (and planned for)
     window: list | None = None                     # [start, end] unix s: per-placement nvidia-smi peaks
     tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
     peak_vram_gib: float | None = None
     peak_process_gib: float | None = None     # CUDA context + torch's reserved peak (~ nvidia-smi's)
+    context_after_gib: float | None = None    # device used - torch reserved after the tests (the context
+                                              # measured again: cuBLAS handles, Triton modules, graphs)
+    allocator_slack_gib: float | None = None  # torch's reserved peak - allocated peak (the plan's slack)
     hit_rate: float | None = None
     layer_hit: list | None = None
     swaps: int = 0
@@ -206,6 +213,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
         engine = bench.engine(placement)
         ex = engine.executor
         _plan_stats(res, ex.plan)
+        res.prefill_chunk = engine.generator.prefill_chunk
         warm_up(bench, engine)
         decode = DecodeCounts()
         for test in tests:
@@ -228,8 +236,7 @@ def measure(bench: Bench, label: str, placement: Placement, budget: int | None,
         res.error = f"{type(e).__name__}: {e}"
     finally:
         if bench.device.type == "cuda":
-            res.peak_vram_gib = torch.cuda.max_memory_allocated(bench.device) / GiB
-            res.peak_process_gib = (bench.context + torch.cuda.max_memory_reserved(bench.device)) / GiB
+            _measured_vram(res, bench)
         if engine is not None:
             engine.close()          # stop the placement's CPU worker thread now, not at collection
         engine = None
@@ -270,7 +277,20 @@ def _concurrency(bench: Bench, engine: Engine, ns: list[int], repeats: int, prog
 def _plan_stats(res: PlacementResult, plan) -> None:
     if plan is not None:
         res.plan = plan.text()
-        res.vram_plan_gib = {k: v / GiB for k, v in plan.vram.items()} or None
+        res.vram_plan_gib = {k: None if v is None else v / GiB for k, v in plan.vram.items()} or None
+        res.staging, res.dequant_chunk = plan.staging.describe(), plan.dequant_chunk
+
+
+def _measured_vram(res: PlacementResult, bench: Bench) -> None:
+    """What the device measured for this placement (CUDA): torch's peaks, the process peak with the
+    context measured at the bench's start, the context measured again now, and the allocator's slack."""
+    dev = bench.device
+    allocated, reserved = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+    free, total = torch.cuda.mem_get_info(dev)
+    res.peak_vram_gib = allocated / GiB
+    res.peak_process_gib = (bench.context + reserved) / GiB
+    res.context_after_gib = max(0, total - free - torch.cuda.memory_reserved(dev)) / GiB
+    res.allocator_slack_gib = (reserved - allocated) / GiB
 
 
 def _worker_stats(res: PlacementResult, stats: dict | None) -> None:
@@ -323,7 +343,7 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
                       concurrency_context(parallel_ns, repeats=repeats) if parallel_ns else 0) + 8
     dtype = next(lm.model.parameters()).dtype
     parallel = max(parallel_ns, default=1)
-    reserved = sum(vram_reserved(lm, max_context, dtype, device, parallel).values())
+    reserved = sum(vram_reserved(lm, max_context, dtype, device, parallel=parallel).values())
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
                   options=options, parallel=parallel)
     results = []

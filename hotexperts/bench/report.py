@@ -74,16 +74,35 @@ def table(report: dict) -> str:
 
 
 def _plans(results: list[dict]) -> str:
-    """Each placement's solved plan and where its VRAM budget goes (GiB), under the table."""
+    """Each placement's solved plan, its prompt staging and where its VRAM goes (GiB: context, dense, kv,
+    workspace, staging, slots), and what the device measured, under the table."""
     out = []
     for r in results:
         if r.get("plan") is None:
             continue
-        vram = r.get("vram_plan_gib") or {}
-        parts = " + ".join(f"{k} {v:.2f}" for k, v in vram.items() if k != "total")
-        where = f"; VRAM {vram['total']:.2f} = {parts}" if vram else ""
-        out.append(f"- {r['label']}: {r['plan']}{where}")
+        out.append(f"- {r['label']}: {r['plan']}{_vram_text(r)}")
     return "\n\nplans (experts/solve.py):\n" + "\n".join(out) if out else ""
+
+
+def _vram_text(r: dict) -> str:
+    vram = r.get("vram_plan_gib") or {}
+    text = f"; {r['staging']}" if r.get("staging") else ""
+    if r.get("prefill_chunk"):
+        text += f"; prompt chunk {r['prefill_chunk']}"
+    if r.get("dequant_chunk"):
+        text += f"; dequantize chunk {r['dequant_chunk']} experts"
+    if vram:
+        total = vram.get("total")
+        parts = " + ".join(f"{k} {v:.2f}" for k, v in vram.items() if k != "total")
+        used = sum(v for k, v in vram.items() if k != "total")
+        head = f"{total:.2f}" if total is not None else f"(no budget) {used:.2f}"
+        text += f"; VRAM GiB {head} = {parts}"
+    measured = [(name, r.get(key)) for name, key in (("process peak", "peak_process_gib"),
+                                                    ("context after", "context_after_gib"),
+                                                    ("allocator slack", "allocator_slack_gib"))]
+    if any(v is not None for _, v in measured):
+        text += "; measured GiB: " + ", ".join(f"{n} {v:.2f}" for n, v in measured if v is not None)
+    return text
 
 
 def save_json(report: dict, path: str | Path) -> Path:

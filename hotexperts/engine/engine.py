@@ -17,10 +17,11 @@
     engine.close()            # stop the executor's background threads
 
 device None = "cuda" when available, else "cpu". placement None = `Placement()` (every expert on the GPU);
-the executor comes from `experts.build.build_executor` with the VRAM already taken by dense weights, the KV
-cache and `workspace_bytes` as `reserved_bytes`. max_context None = min(the model's
-max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS ids + tokenizer EOS ids +
-generation_config EOS ids + params.stop_token_ids.
+the executor comes from `experts.build.build_executor` with the VRAM already taken by the CUDA context,
+dense weights, the KV cache and `workspace_bytes` as `reserved_bytes`, at the prompt chunk
+`plan_prefill_chunk` picks (a tight budget halves it so that prompt staging fits).
+max_context None = min(the model's max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS
+ids + tokenizer EOS ids + generation_config EOS ids + params.stop_token_ids.
 """
 
 from __future__ import annotations
@@ -40,14 +41,12 @@ from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.engine.speculative import SpecConfig
-from hotexperts.errors import HotExpertsError
-from hotexperts.experts.build import build_executor
+from hotexperts.errors import HotExpertsError, PlacementError
+from hotexperts.experts.build import build_executor, plan_placement
 from hotexperts.experts.placement import Placement
 from hotexperts.kernels.deltanet import chunk_workspace_bytes
-from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
 from hotexperts.models.cache import MAX_SLOTS, cache_bytes
 from hotexperts.models.qlinear import quantize_dense_weights
-from hotexperts.weights import QuantizedWeight
 
 PRESET_PREFIX = "preset:"
 DEFAULT_MAX_CONTEXT = 4096
@@ -88,6 +87,54 @@ def load_source(source: str, dtype: torch.dtype, device: torch.device, seed: int
     return lm
 
 
+MIN_PREFILL_CHUNK = 128        # the smallest prompt chunk a tight budget shrinks to (over pp_bypass's 64)
+
+
+def plan_prefill_chunk(loaded, placement, max_context: int, dtype: torch.dtype, device: torch.device,
+                       parallel: int = 1):
+    """-> (prompt chunk, reserved parts at it, the store in the placement's format): the generator's chunk
+    (at most max_context), or under a VRAM budget the one `pick_prefill_chunk` picks (parallel: the KV
+    cache's sequence slots)."""
+    chunk = min(Generator.prefill_chunk, max_context)
+    parts = vram_reserved(loaded, max_context, dtype, device, chunk, parallel)
+    p = placement if placement is not None else Placement()
+    if p.vram_budget is None:
+        return chunk, parts, loaded.store
+    held = {"store": loaded.store}
+
+    def plan_at(c: int):
+        reserved = {**parts, "workspace": workspace_bytes(loaded.cfg, dtype, c, max_context)}
+        plan, held["store"] = plan_placement(p, held["store"], device, sum(reserved.values()), reserved,
+                                             dtype)
+        return plan, reserved
+
+    chunk, (_, parts) = pick_prefill_chunk(chunk, plan_at)
+    return chunk, parts, held["store"]
+
+
+def pick_prefill_chunk(chunk: int, plan_at):
+    """The prompt chunk for a budget: `chunk`, or under a budget too tight for prompt staging the first of
+    its halves down to MIN_PREFILL_CHUNK whose smaller workspace leaves the pools room (prompt batches then
+    run on the GPU, not the hybrid path); failing that the first chunk that plans at all. plan_at(chunk) ->
+    (PlacementPlan, anything) or PlacementError. -> (chunk, plan_at's result); the first error when none
+    plans."""
+    planned, error = [], None
+    while True:
+        try:
+            got = plan_at(chunk)
+            planned.append((chunk, got))
+            if not got[0].staging.tight:
+                return chunk, got
+        except PlacementError as e:
+            error = error or e
+        if chunk // 2 < MIN_PREFILL_CHUNK:
+            break
+        chunk //= 2
+    if not planned:
+        raise error
+    return planned[0]
+
+
 def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved: dict,
                      kernel_options: KernelOptions | None = None):
     """build_executor(placement or Placement(), ...) with the kernel options (default: KernelOptions()) and
@@ -108,7 +155,8 @@ def _ids(value) -> set[int]:
 class Engine:
     def __init__(self, loaded, executor, device: torch.device, max_context: int, *,
                  use_cuda_graph: bool = True, piecewise_graph: bool = False, compile_decode: bool = False,
-                 speculative: SpecConfig | None = None, parallel: int = 1):
+                 speculative: SpecConfig | None = None, parallel: int = 1,
+                 prefill_chunk: int | None = None):
         self.loaded, self.executor, self.device = loaded, executor, device
         self.config, self.tokenizer, self.model = loaded.cfg, loaded.tokenizer, loaded.model
         self.max_context, self.parallel = max_context, parallel
@@ -118,6 +166,8 @@ class Engine:
                                    use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph,
                                    compile_decode=compile_decode, speculative=speculative,
                                    kv=self.batch.slot_views[0] if self.batch is not None else None)
+        if prefill_chunk:                             # the chunk the VRAM plan was made for
+            self.generator.prefill_chunk = prefill_chunk
         self.eos_ids = self._eos_ids()
 
     @classmethod
@@ -154,14 +204,15 @@ class Engine:
         ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if ctx < 1 or ctx > cfg.max_position_embeddings:
             raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
+        chunk = None
         if executor is None:
-            parts = vram_reserved(loaded, ctx, dt, device, parallel)
-            executor = default_executor(placement, loaded.store, cfg, device, dt, parts, kernel_options)
+            chunk, parts, store = plan_prefill_chunk(loaded, placement, ctx, dt, device, parallel)
+            executor = default_executor(placement, store, cfg, device, dt, parts, kernel_options)
             if wrap_executor is not None:
                 executor = wrap_executor(executor)
         return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
                    piecewise_graph=piecewise_graph, compile_decode=compile_decode, speculative=speculative,
-                   parallel=parallel)
+                   parallel=parallel, prefill_chunk=chunk)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = _ids(self.config.eos_token_ids) | _ids(getattr(self.tokenizer, "eos_ids", None))
@@ -248,36 +299,65 @@ def check_parallel(parallel: int) -> None:
                               f"together in one step), got {parallel!r}")
 
 
-ALLOCATOR_SLACK = 128 * 2**20       # the caching allocator's rounding and fragmentation beyond live tensors
+# The caching allocator's slack beyond live tensors: it rounds blocks of 1 MiB and more up to 2 MiB and keeps
+# small tensors in 2 MiB segments, and a freed block serves a later request only if that one fits in it.
+# Not cut below 128 MiB: run 20 (docs/benchmarks.md) measured our process 0.2-0.3 GiB over the budget with
+# it; the bench prints the measured slack (torch's reserved peak - allocated peak) and the context after the
+# tests per placement, which say which of the two to change.
+ALLOCATOR_SLACK = 128 * 2**20
 
 
 def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device,
-                  parallel: int = 1) -> dict:
-    """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes.
-    context (CUDA only) = the device's used memory that torch's allocator does not hold (on a card shared
-    with other programs their memory counts too, so the engine stays within what is left for it)."""
+                  chunk: int | None = None, parallel: int = 1) -> dict:
+    """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes
+    (the dequantize chunk of quantized experts is the plan's, experts/solve.py). chunk: the prompt chunk
+    the run uses (None: the generator's, at most max_context); parallel: the batch decoder's sequence slots
+    (the KV cache holds that many). context (CUDA only) = cuda_context_bytes."""
+    chunk = min(chunk or Generator.prefill_chunk, max_context)
     parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype, parallel),
-             "workspace": workspace_bytes(loaded, dtype)}
+             "workspace": workspace_bytes(loaded.cfg, dtype, chunk, max_context)}
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {"context": max(0, total - free - torch.cuda.memory_reserved(device)), **parts}
+        return {"context": cuda_context_bytes(device, dtype), **parts}
     return parts
 
 
-def workspace_bytes(loaded, dtype: torch.dtype, chunk: int = Generator.prefill_chunk) -> int:
-    """Transient GPU memory of one prompt chunk: activations (residual, norms, q/k/v, attention output, the
-    MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked temporaries), last-token logits,
-    the bf16 chunk quantized experts are dequantized into (kernels/gpu_moe.DEQUANT_CHUNK_BYTES, at most
-    DEQUANT_CHUNK_MAX experts) and the allocator's slack."""
-    cfg, a = loaded.cfg, dtype.itemsize
-    T, D, K, I = chunk, cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size
-    act = T * D * 4 * 12 + T * K * I * a * 3 + T * K * D * 4 + T * cfg.num_experts * 4 + cfg.vocab_size * 8
+def cuda_context_bytes(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+    """What the process holds on the device beyond our tensors, measured: the device's used memory that
+    torch's allocator does not hold (CUDA context, loaded kernel modules; on a card shared with other
+    programs their memory too, so the engine stays within what is left), plus the cuBLAS / cuBLASLt
+    workspaces torch keeps allocated once a matmul ran (one small matmul and addmm are run first, so the
+    handles exist). Kernels loaded later (Triton, the first CUDA graph) are not in it: the bench prints the
+    context measured again after each placement (bench/harness.py)."""
+    before = torch.cuda.memory_allocated(device)
+    a = torch.ones(64, 64, device=device, dtype=dtype)
+    torch.addmm(a, a, a)
+    del a
+    torch.cuda.synchronize(device)
+    held = max(0, torch.cuda.memory_allocated(device) - before)
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device)) + held
+
+
+def workspace_bytes(cfg, dtype: torch.dtype, chunk: int, max_context: int) -> int:
+    """A bound on the transient GPU memory of one prompt chunk of `chunk` tokens over a `max_context` cache
+    (the dequantize chunk of quantized experts aside: the plan's): the residual stream and norms (12 fp32
+    [T, D]), q/k/v and their roped copy, the attention scores of SDPA's math fallback ([H, T, S] fp32 +
+    two copies in the dtype, and K, V repeated to H heads for GQA; the fused backends need none), the
+    largest dense projection dequantized for
+    a prompt (kernels/qlinear), the MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked
+    temporaries, last-token logits, and the allocator's slack."""
+    a, T, S = dtype.itemsize, chunk, max_context
+    D, K, I, E = cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size, cfg.num_experts
+    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hidden = T * D * 4 * 12
+    scores = H * T * S * (4 + 2 * a) + (2 * H * S * hd * a if H != Hkv else 0)     # + GQA's repeated K, V
+    attention = T * (H + 2 * Hkv) * hd * a * 3 + scores
+    widest = max((H + 2 * Hkv) * hd, 2 * cfg.intermediate_size, 2 * cfg.shared_expert_intermediate_size)
+    dense = widest * D * a
+    moe = T * K * I * a * 3 + T * K * D * 4 + T * E * 4
+    act = hidden + attention + dense + moe + cfg.vocab_size * 8
     if cfg.linear_layers:                          # a Gated DeltaNet layer's chunked form (and its q|k|v|z)
         s = cfg.linear
         act += chunk_workspace_bytes(T, s.num_value_heads, s.key_head_dim, s.value_head_dim)
         act += T * (s.conv_dim + s.num_value_heads * s.value_head_dim) * a * 3
-    quantized = isinstance(loaded.store.layer(loaded.store.layers[0]).w13, QuantizedWeight)
-    expert = 3 * D * I * 2
-    per_chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // expert))
-    return act + (per_chunk * expert if quantized else 0) + ALLOCATOR_SLACK
-
+    return act + ALLOCATOR_SLACK

@@ -1,8 +1,9 @@
 """VRAM accounting: what the dense part, KV cache and workspace take, and how many expert slots are left.
 
 One budget covers everything the process holds on the GPU, as a user's card counts it:
-    total = reserved (CUDA context + dense weights + KV cache + workspace) + staging (prompt streaming)
-            + slots * slot_bytes
+    total = reserved (CUDA context + dense weights + KV cache + activation workspace)
+            + dequantize chunk + staging (prompt streaming) + slots * slot_bytes   (experts/solve.py sizes
+              the last three)
 `parse_bytes("8GiB" | "8" | "512MiB")` -> bytes (a bare number means GiB);
 `parse_cache("2000slots")` -> slots. Torch-free: the cost model and the simulator size real models with it;
 `auto_budget` (free VRAM of a device) is in experts/build.py and `solve` (the plan) in experts/solve.py.

@@ -10,7 +10,9 @@ oracle, elsewhere);
 anything else -> HybridExecutor over one SlotCache covering the plan's non-CPU layers ("gpu" layers filled
 with every expert, fixed; "slots K" / "shared" layers managed by a CachePlanner: placeholders at load, or a
 profile's hot set), with the native decode worker on CUDA (`decode` auto) or when asked (`worker`).
-reserved_bytes: VRAM of dense weights + KV + workspace (assumed already allocated when --vram-budget auto).
+reserved_bytes: VRAM of the CUDA context, dense weights, KV and workspace (assumed already allocated when
+--vram-budget auto). model_sizes / expert_sizes: what the solver knows of the experts (slot bytes, the
+staging it may want, the dequantize chunk of quantized experts on CUDA), from a store or from numbers.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from hotexperts.experts.profile import load_profile
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.slots import SlotCache
 from hotexperts.experts.solve import ModelSizes, solve
-from hotexperts.experts.staging import StagingPools
 from hotexperts.experts.stats import CacheStats
+from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
 from hotexperts.weights import QuantizedWeight
 
 AUTO_MARGIN = 1 * GiB             # --vram-budget auto: kept free for the allocator, cuBLAS and fragmentation
@@ -47,7 +49,7 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
     """The executor for `placement` (module doc). dtype: the model's dtype (default: the store's);
     reserved_parts: reserved_bytes' breakdown (context, dense, kv, workspace), for the plan's report."""
     dev = torch.device(device)
-    plan, store = plan_placement(placement, store, dev, reserved_bytes, reserved_parts)
+    plan, store = plan_placement(placement, store, dev, reserved_bytes, reserved_parts, dtype)
     dtype = dtype or _store_dtype(store, dev)
     if plan.dense:
         return _all_gpu(plan, store, dev, dtype, options)
@@ -58,7 +60,8 @@ def build_executor(placement: Placement, store, cfg, device, *, reserved_bytes: 
     return ex
 
 
-def plan_placement(placement: Placement, store, device, reserved_bytes: int = 0, reserved_parts=None):
+def plan_placement(placement: Placement, store, device, reserved_bytes: int = 0, reserved_parts=None,
+                   dtype: torch.dtype | None = None):
     """-> (the solved PlacementPlan, the store in the placement's expert format, pinned on CUDA)."""
     dev = torch.device(device)
     store = quantized_store(store, placement.expert_quant)
@@ -66,16 +69,34 @@ def plan_placement(placement: Placement, store, device, reserved_bytes: int = 0,
         store.pin()
     total = auto_budget(dev, reserved_bytes) if placement.vram_budget == "auto" else placement.vram_budget
     budget = Budget(total, reserved_bytes, store.expert_nbytes, dict(reserved_parts or {}))
-    return solve(placement, model_sizes(store, placement, dev), budget), store
+    sizes = model_sizes(store, placement, dev, dtype or _store_dtype(store, dev))
+    return solve(placement, sizes, budget), store
 
 
-def model_sizes(store, placement: Placement, device: torch.device) -> ModelSizes:
-    """What the solver needs to know of the store: shapes, slot bytes, the staging pools' bytes (kept only
-    where prompt chunks stream: on CUDA, or with prompt_mode "stream")."""
-    mode = placement.prompt_mode
-    stream = mode != "hybrid" and (device.type == "cuda" or mode == "stream")
-    return ModelSizes(tuple(store.layers), store.num_experts, store.expert_nbytes,
-                      StagingPools.nbytes(store) if stream else 0, store.nbytes)
+def model_sizes(store, placement: Placement, device: torch.device, dtype: torch.dtype) -> ModelSizes:
+    """What the solver needs to know of the store (expert_sizes' numbers)."""
+    le = store.layer(store.layers[0])
+    params = le.w13.shape[1] * le.w13.shape[2] + le.w2.shape[1] * le.w2.shape[2]      # logical shapes
+    return expert_sizes(tuple(store.layers), store.num_experts, store.expert_nbytes, params,
+                        placement.prompt_mode,
+                        cuda=device.type == "cuda", quantized=isinstance(le.w13, QuantizedWeight),
+                        dtype_bytes=dtype.itemsize,
+                        expert_bytes=store.nbytes)
+
+
+def expert_sizes(moe_layers: tuple[int, ...], num_experts: int, slot_bytes: int, expert_params: int,
+                 prompt_mode: str = "auto", *, cuda: bool, quantized: bool, dtype_bytes: int = 2,
+                 expert_bytes: int = 0) -> ModelSizes:
+    """ModelSizes from numbers (a store's, or a real model's shape for a plan without weights):
+    the staging pools are wanted where prompt chunks stream (on CUDA, or with prompt_mode "stream"); the
+    dequantize chunk where quantized experts run the GPU's prompt path (CUDA): kernels/gpu_moe's
+    DEQUANT_CHUNK_BYTES worth of experts in the model's dtype (fp32 unless bf16/fp16), at most
+    DEQUANT_CHUNK_MAX."""
+    stream = prompt_mode != "hybrid" and (cuda or prompt_mode == "stream")
+    staging = 2 * num_experts * slot_bytes if stream else 0
+    per = expert_params * (dtype_bytes if dtype_bytes == 2 else 4) if cuda and quantized else 0
+    chunk = max(1, min(DEQUANT_CHUNK_MAX, DEQUANT_CHUNK_BYTES // per)) if per else 0
+    return ModelSizes(moe_layers, num_experts, slot_bytes, staging, expert_bytes, per, chunk)
 
 
 def gpu_misses(p: Placement) -> int:

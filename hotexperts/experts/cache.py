@@ -1,6 +1,7 @@
 """ExpertCache: the parts of one hybrid placement that the executor's modes share (experts/hybrid.py).
 
-    cache = ExpertCache(store, device, slots, planner, stats, options)
+    cache = ExpertCache(store, device, slots, planner, stats, options, dequant_chunk=None)
+                                            (dequant_chunk: the VRAM plan's, experts/solve.py)
     cache.store, .device, .cuda, .slots (SlotCache | None), .planner (CachePlanner | None),
     cache.stats (CacheStats | None), .options (KernelOptions, CPU threads fixed), .cpu_moe, .gpu_moe (the
     kernels with those options bound), .moe_layers, .E, .managed (layers the planner manages)
@@ -42,13 +43,15 @@ def pinned_threads(options: KernelOptions, beside_gpu: bool) -> KernelOptions:
 
 class ExpertCache:
     def __init__(self, store, device, slots=None, planner=None, stats=None,
-                 options: KernelOptions = DEFAULT_KERNELS, cpu_kernel=None, gpu_kernel=None):
+                 options: KernelOptions = DEFAULT_KERNELS, cpu_kernel=None, gpu_kernel=None,
+                 dequant_chunk: int | None = None):
         self.store, self.device = store, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.slots, self.planner, self.stats = slots, planner, stats
         self.options = pinned_threads(options, beside_gpu=self.cuda)
         self.cpu_moe = cpu_kernel or functools.partial(cpu_moe, options=self.options)
-        self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=self.options.gpu_moe)
+        self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=self.options.gpu_moe,
+                                                       dequant_chunk=dequant_chunk or None)
         self.moe_layers = list(store.layers)
         self.E = store.num_experts
         self.managed = set(planner.layers) if planner is not None else set()

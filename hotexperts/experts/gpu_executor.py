@@ -23,7 +23,8 @@ class GpuExecutor(ExpertExecutor):
         self.device, self.plan = torch.device(device), plan
         self.w13 = {l: store.layer(l).w13.to(self.device) for l in store.layers}     # [E, 2I, D]
         self.w2 = {l: store.layer(l).w2.to(self.device) for l in store.layers}       # [E, D, I]
-        self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=options.gpu_moe)
+        chunk = (plan.dequant_chunk or None) if plan is not None else None     # the VRAM plan's chunk
+        self.gpu_moe = gpu_kernel or functools.partial(gpu_moe, backend=options.gpu_moe, dequant_chunk=chunk)
         self.graph_safe = self.device.type == "cuda" and triton_available()
         self.verify_graph_safe = self.graph_safe                 # T > 1 calls read every slot: no sync
         self._all = list(range(store.num_experts))

@@ -31,6 +31,7 @@ from hotexperts.config import DEFAULT_KERNELS, KernelOptions
 from hotexperts.errors import HotExpertsError
 from hotexperts.executor import ExpertExecutor
 from hotexperts.experts.cache import ExpertCache
+from hotexperts.experts.placement import Staging
 from hotexperts.experts.predict import NextLayerPredictor, NextLayerPrefetch
 from hotexperts.experts.profile import Profile, save_profile
 from hotexperts.experts.prompt_stream import PromptStream
@@ -42,14 +43,16 @@ from hotexperts.experts.worker_decode import WorkerDecode
 
 class HybridExecutor(ExpertExecutor):
     def __init__(self, store, device, *, slots=None, planner=None, stats=None, pp_bypass: int = 64,
-                 prompt_mode: str = "auto", prompt_cost: PromptCost | None = None, staging: bool = False,
-                 cpu_kernel=None, gpu_kernel=None, options: KernelOptions = DEFAULT_KERNELS, plan=None):
-        self.cache = ExpertCache(store, device, slots, planner, stats, options, cpu_kernel, gpu_kernel)
+                 prompt_mode: str = "auto", prompt_cost: PromptCost | None = None,
+                 staging: Staging | None = None, cpu_kernel=None, gpu_kernel=None,
+                 options: KernelOptions = DEFAULT_KERNELS, plan=None):
+        chunk = plan.dequant_chunk if plan is not None else None        # the VRAM plan's dequantize chunk
+        self.cache = ExpertCache(store, device, slots, planner, stats, options, cpu_kernel, gpu_kernel, chunk)
         c = self.cache
         self.store, self.device, self.cuda = store, c.device, c.cuda
         self.slots, self.planner, self.cache_stats = slots, planner, stats
         self.pp_bypass, self.plan = pp_bypass, plan
-        stage = staging_or_none(store, c.device, c.options.stage_copy) if staging else None
+        stage = staging_or_none(store, c.device, c.options.stage_copy, staging) if staging else None
         self.stream = PromptStream(c, stage, prompt_mode, prompt_cost) if stage is not None else None
         self.sync = SyncStep(c)
         self.worker: WorkerDecode | None = None              # once enable_worker() succeeded

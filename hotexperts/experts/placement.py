@@ -197,18 +197,48 @@ def _int(text: str, what: str) -> int:
 
 # ---- the solved plan -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Staging:
+    """The prompt staging pools a plan keeps: `pools` device pools (0 or 2, the double buffer) of `experts`
+    experts each (a whole layer when experts == E; fewer: a layer streams in ceil(missing / experts) parts).
+    No pools: prompt batches take the hybrid path (CPU experts), and `why` says why; `tight`: because the
+    budget left too little (a smaller workspace may give them room)."""
+
+    pools: int = 0
+    experts: int = 0
+    why: str = ""
+    tight: bool = False
+
+    def __bool__(self) -> bool:
+        return self.pools > 0 and self.experts > 0
+
+    def nbytes(self, slot_bytes: int) -> int:
+        return self.pools * self.experts * slot_bytes if self else 0
+
+    def describe(self, num_experts: int | None = None) -> str:
+        if not self:
+            return f"no prompt staging ({self.why})" if self.why else "no prompt staging"
+        whole = num_experts is not None and self.experts >= num_experts
+        return f"staging {self.pools} pools x {'a whole layer' if whole else f'{self.experts} experts'}"
+
+
+@dataclass(frozen=True)
 class PlacementPlan:
     """Where each MoE layer's experts live: where[layer] is "gpu" (every expert in a slot, fixed), "cpu"
     (none), an int K (K slots of its own, managed by the policy) or "shared" (a share of one pool of
-    `shared_slots`, managed). staging: the prompt staging pools fit and are kept. vram: the budget's
-    breakdown in bytes (experts/solve.py), {} when unlimited."""
+    `shared_slots`, managed). staging: the prompt staging pools kept (Staging; falsy = none).
+    dequant_chunk: experts a quantized prompt batch dequantizes at a time (0 = the kernel's default).
+    prefill_chunk: the prompt chunk the workspace was sized for, where the caller records it.
+    vram: the breakdown in bytes (experts/solve.py: context, dense, kv, workspace (the dequantize chunk
+    included), staging, slots; total None when unlimited)."""
 
     where: dict[int, int | str]
     placement: Placement = field(default_factory=Placement)
     shared_slots: int = 0
-    staging: bool = False
+    staging: Staging = field(default_factory=Staging)
     slot_bytes: int = 0
     vram: dict = field(default_factory=dict)
+    dequant_chunk: int = 0
+    prefill_chunk: int = 0        # the prompt chunk its workspace was sized for (0 = not recorded)
 
     def layers(self, kind: str) -> list[int]:
         """MoE layers whose value is `kind` ("gpu", "cpu", "shared", or "slots" for the int ones)."""
@@ -261,11 +291,13 @@ class PlacementPlan:
         return text + (f"@{self.policy}" if self.policy else "")
 
     def describe(self) -> str:
-        """One line: the plan, its slot count, and the VRAM breakdown when a budget applies."""
+        """One line: the plan, its slot count, the prompt staging and the VRAM breakdown."""
         line = f"placement {self.text()}"
         if self.shared_slots:
             line += f" (shared pool of {self.shared_slots} slots)"
+        line += f"; {self.staging.describe()}"
         if self.vram:
             parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.vram.items() if k != "total")
-            line += f"; VRAM GiB: total {self.vram['total'] / GiB:.2f} = {parts}"
+            total = self.vram.get("total")
+            line += f"; VRAM GiB: total {'unlimited' if total is None else f'{total / GiB:.2f}'} = {parts}"
         return line

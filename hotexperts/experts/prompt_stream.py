@@ -6,12 +6,15 @@ experts into a staging pool (experts/staging.py) while the previous layer comput
                                                the missing experts (PromptCost.stream_s) beats computing the
                                                chunk's misses on the CPU (PromptCost.cpu_s); measured once)
     y = stream(layer, x [T,D], ids, weights)   resident experts from their slots, the others from a pool
-                                               that received only them, both in ONE gpu_moe pass; no host sync
+                                               that received only them, both in ONE gpu_moe pass; no host
+                                               sync. Pools smaller than the missing experts (a tight VRAM
+                                               plan): one pass per part, summed in fp32
     stream.observe(step)                       after the forward: the streamed layers' routing to the planner
                                                (one device read per run of layers with the same chunk size)
     stream.end_step()                          the pools are free for the next forward
 
-The next MoE layer's copy is queued before this layer computes, so copies overlap compute. The planner sees
+The next part's copy (this layer's next part, else the next MoE layer's first) is queued before this
+part computes, so copies overlap compute. The planner sees
 the routing at end_step in layer order, as the synchronous path would have shown it.
 """
 
@@ -61,25 +64,43 @@ class PromptStream:
         c = self.cache
         T, K = ids.shape
         missing = self._not_resident(layer)
-        pools, s = [], c.slots
-        if missing is None or missing:
-            w13, w2, table = self.stage.acquire(layer, missing)
-            nxt = self.next_layer.get(layer)
-            if nxt is not None:
-                self.stage.prefetch(nxt, self._not_resident(nxt))   # copies while this layer computes
-            pools.append((w13, w2, table, list(range(c.E)) if missing is None else missing))
-        if missing is not None:                                   # the resident part, from the slots
-            pools.append((s.w13, s.w2, s.slot_of(layer), s.used_slots(layer)))
-        (w13, w2, table, used), more = pools[0], tuple(pools[1:])
-        y = c.gpu_moe(x, ids, weights, w13, w2, table, used=used, more=more, **c.variant(layer))
-        if missing is None or missing:
-            self.stage.release(layer)
-        if missing is not None:
-            s.mark_read(layer)
+        staged = self.stage.split(missing)                        # parts a pool holds ([] = all resident)
+        resident = None if missing is None else (c.slots.w13, c.slots.w2, c.slots.slot_of(layer),
+                                                 c.slots.used_slots(layer))
+        y = None
+        for j, part in enumerate(staged):
+            w13, w2, table = self.stage.acquire(layer, part, j)
+            self._prefetch_after(layer, staged, j)                # copies while this part computes
+            more = (resident,) if resident is not None and j == 0 else ()
+            out = c.gpu_moe(x, ids, weights, w13, w2, table, used=self._pool_used(part), more=more,
+                            **c.variant(layer))
+            self.stage.release(layer, j)
+            y = out if len(staged) == 1 else (out.float() if y is None else y + out.float())
+        if not staged:                                            # every expert resident: the slots only
+            y = c.gpu_moe(x, ids, weights, *resident[:3], used=resident[3], **c.variant(layer))
+        if resident is not None:
+            c.slots.mark_read(layer)
         c.count(layer, T * K, 0)
         if layer in c.managed:
             self._routes.append((layer, ids.clone(), T))         # observed at end_step (one sync)
-        return y
+        return y.to(x.dtype)
+
+    def _prefetch_after(self, layer: int, staged: list, j: int) -> None:
+        """Queue the next part's copy: this layer's part j + 1, else the next MoE layer's first part."""
+        if j + 1 < len(staged):
+            self.stage.prefetch(layer, staged[j + 1], j + 1)
+            return
+        nxt = self.next_layer.get(layer)
+        if nxt is not None:
+            first = self.stage.split(self._not_resident(nxt))
+            if first:
+                self.stage.prefetch(nxt, first[0], 0)
+
+    def _pool_used(self, part: list[int] | None) -> list[int]:
+        """The pool indices a staged part occupies (gpu_moe's `used`)."""
+        if part is None:
+            return list(range(self.cache.E))
+        return list(part) if self.stage.whole else list(range(len(part)))
 
     def has_routes(self) -> bool:
         return bool(self._routes)

@@ -48,8 +48,11 @@ def triton_available() -> bool:
 def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight,
             slot_of: torch.Tensor | None = None, out: torch.Tensor | None = None,
             *, backend: str = "auto", used: list[int] | None = None, more: tuple = (),
-            act: ExpertAct = SILU, b13: torch.Tensor | None = None) -> torch.Tensor:
+            act: ExpertAct = SILU, b13: torch.Tensor | None = None,
+            dequant_chunk: int | None = None) -> torch.Tensor:
     """See module docstring. backend: "auto" | "triton" | "torch" (KernelOptions.gpu_moe).
+    dequant_chunk: experts a quantized prompt batch dequantizes at a time (None: dequant_chunks_moe's
+    default; the VRAM plan passes the chunk it budgeted, experts/solve.py).
     used: host list of the slots this call may read (prompt batches over quantized slots then need no host
     sync to find them); None = find them on the device. more: further pools (w13, w2, slot_of, used) whose
     pairs are added: one pass on the quantized prompt path, else one call per pool summed in fp32. The
@@ -58,11 +61,13 @@ def gpu_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weig
     var = {"act": act, "b13": b13}
     if backend == "auto" and _quantized_prefill(x, ids, w13, w2) and not _triton_ok(x, ids, w13, w2) and all(
             _quantized_prefill(x, ids, a, b) for a, b, _, _ in more):
-        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, used=used, more=more, **var)
+        return dequant_chunks_moe(x, ids, weights, w13, w2, slot_of, out, chunk=dequant_chunk, used=used,
+                                  more=more, **var)
     if more:
-        y = gpu_moe(x, ids, weights, w13, w2, slot_of, backend=backend, used=used, **var).float()
+        kw = {"backend": backend, "dequant_chunk": dequant_chunk, **var}
+        y = gpu_moe(x, ids, weights, w13, w2, slot_of, used=used, **kw).float()
         for a, b, so, u in more:
-            y += gpu_moe(x, ids, weights, a, b, so, backend=backend, used=u, **var).float()
+            y += gpu_moe(x, ids, weights, a, b, so, used=u, **kw).float()
         return y.to(x.dtype) if out is None else out.copy_(y)
     if backend == "auto":
         backend = "triton" if _triton_ok(x, ids, w13, w2) else "torch"

@@ -147,7 +147,8 @@ def test_prompt_stream_copies_only_the_experts_without_a_slot():
     check_same(ex)                                                    # from load-time placeholders
     staged = []
     real = ex.stream.stage.acquire
-    ex.stream.stage.acquire = lambda layer, missing=None, r=real: staged.append(missing) or r(layer, missing)
+    ex.stream.stage.acquire = lambda layer, missing=None, index=0, r=real: (staged.append(missing)
+                                                                          or r(layer, missing, index))
     toks, rows = run(ex)                                              # now warm: the same tokens
     assert toks == REF_TOKS
     for a, b in zip(rows, REF_ROWS, strict=True):
@@ -157,6 +158,30 @@ def test_prompt_stream_copies_only_the_experts_without_a_slot():
         assert missing is not None and len(missing) < E               # some experts came from the slots
     for layer, missing in zip(STORE.layers, staged, strict=False):
         assert set(missing).isdisjoint(ex.slots.resident(layer))
+
+
+@pytest.mark.parametrize("text, slots, per_pool", [("cpu", 0, 3), ("cpu", 0, 1), (f"hot:{E // 4}", 4, 3),
+                                                    ("cache:5slots:lru", 5, 2)])
+def test_prompt_stream_through_pools_of_a_part_of_a_layer(text, slots, per_pool):
+    """A budget too tight for two whole-layer pools: two pools of `per_pool` experts; a layer's missing
+    experts stream in parts (one pass each, summed) and the tokens stay the reference's."""
+    SB = STORE.expert_nbytes
+    total = (slots + 2 * per_pool) * SB                       # slots first, the pools get exactly the rest
+    p = Placement.parse(text, pp_bypass=4, prompt_mode="stream", vram_budget=total)
+    ex = build_executor(p, STORE, CFG, "cpu")
+    assert (ex.plan.staging.pools, ex.plan.staging.experts) == (2, per_pool)
+    assert ex.stream.stage.capacity == per_pool and ex.plan.vram["staging"] == 2 * per_pool * SB
+    parts = []
+    real = ex.stream.stage.acquire
+    ex.stream.stage.acquire = lambda layer, part=None, index=0, r=real: (parts.append((layer, index, part))
+                                                                         or r(layer, part, index))
+    check_same(ex)
+    most = -(-E // per_pool)                                  # ceil(E / pool) parts: a layer with no slot
+    for layer in STORE.layers:                                # (one streamed prompt chunk per run)
+        got = [part for l, _, part in parts if l == layer]
+        assert got and all(len(part) <= per_pool for part in got)
+        assert len(got) == most if text == "cpu" else len(got) <= most
+        assert sorted(e for part in got for e in part) == sorted(set(e for part in got for e in part))
 
 
 @pytest.mark.parametrize("text", [f"hot:{E // 2}", "cache:6slots:lru", "cache:6slots:auto"])

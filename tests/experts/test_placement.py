@@ -114,11 +114,17 @@ def test_budget_drives_slots_and_layers():
     assert ex.slots.num_slots == 6 and ex.planner.capacity == {0: 2, 1: 2, 2: 2}
 
 
-def test_auto_cache_keeps_the_prompt_staging_pools_first():
-    reserved, staging = 1000, 2 * E * SB                # two layers' experts (the double buffer)
-    p = Placement.parse("cache:auto", vram_budget=reserved + staging + 5 * SB, prompt_mode="stream")
+def test_auto_cache_trades_staging_against_slots():
+    """Every expert fits: no staging pools. A tight budget: staging takes at most a quarter, slots the rest
+    (experts/solve.py; tests/experts/test_solve.py covers the rules)."""
+    reserved = 1000
+    p = Placement.parse("cache:auto", vram_budget=reserved + 13 * SB, prompt_mode="stream")
     ex = build_executor(p, STORE, CFG, "cpu", reserved_bytes=reserved)
-    assert ex.slots.num_slots == 5 and ex.stream is not None
+    assert ex.slots.num_slots == 3 * E and ex.stream is None and not ex.plan.staging
+    p = Placement.parse("cache:auto", vram_budget=reserved + 8 * SB, prompt_mode="stream")
+    ex = build_executor(p, STORE, CFG, "cpu", reserved_bytes=reserved)
+    assert ex.plan.staging.pools == 2 and ex.plan.staging.experts == 1         # 2 of 8 slots' bytes
+    assert ex.slots.num_slots == 6 and ex.stream is not None and ex.stream.stage.capacity == 1
 
 
 def test_budget_errors():
