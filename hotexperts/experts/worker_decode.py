@@ -91,35 +91,16 @@ class WorkerDecode:
         s = self.cache.slots
         kind = self._kind(layer)
         if kind == "gpu":
-            return self._slot_moe(layer, x, ids, weights, s.slot_of(layer))
+            return step_moe(self.cache, layer, x, ids, weights, s.slot_of(layer))
         row = s.slot_of(layer) if kind == "split" else None
         z = self.gpu_misses if x.shape[0] == 1 else 0
         zc = self.handoff.post(layer, x, ids, weights, row, z)     # the CPU starts on its misses now
         y = y2 = None
         if kind == "split":                                        # hits, while the CPU works; fp32 sum
-            y = self._slot_moe(layer, x, ids, weights, row, out=_fp32(x))
+            y = step_moe(self.cache, layer, x, ids, weights, row, out=_fp32(x))
         if zc is not None:                                         # the GPU's own misses, over PCIe
             y2 = self._host_moe(layer, x, zc, weights)
         return self.handoff.collect(layer, ids, row, y, x.dtype, y2, z)
-
-    def _slot_moe(self, layer, x, ids, weights, slot_row, out=None) -> torch.Tensor:
-        """The hits of the step's T tokens over the slots, one call. T = 1, or off CUDA: the cache's
-        gpu_moe; T > 1 on CUDA: the T = 1 step's GEMV kernels when they apply (gpu_moe would take its grouped
-        prompt path, which syncs on quantized slots to find them)."""
-        c, s = self.cache, self.cache.slots
-        if x.shape[0] > 1 and self._gemv:
-            from hotexperts.kernels.triton_moe import moe_decode  # Triton: imported only on CUDA
-
-            return moe_decode(x, ids, weights, s.w13, s.w2, slot_row, out, **c.variant(layer))
-        return c.gpu_moe(x, ids, weights, s.w13, s.w2, slot_row, out=out, **c.variant(layer))
-
-    @functools.cached_property
-    def _gemv(self) -> bool:
-        """T > 1 steps take the Triton GEMV kernels: CUDA slots, the default kernel, Triton allowed."""
-        c = self.cache
-        default = isinstance(c.gpu_moe, functools.partial) and c.gpu_moe.func is gpu_moe
-        return (c.cuda and c.slots is not None and default and c.options.gpu_moe in ("auto", "triton")
-                and triton_available())
 
     def _host_moe(self, layer, x, ids, weights) -> torch.Tensor:
         """The GPU computes experts straight from the pinned host store (UVA reads over PCIe): fp32 [1, D]."""
@@ -162,6 +143,26 @@ class WorkerDecode:
                                    tokens=got.tokens)
         if c.slots is not None:
             c.slots.mark_read_all()                                # fills wait for the queued steps' reads
+
+
+def step_moe(cache: ExpertCache, layer: int, x, ids, weights, slot_row, out=None) -> torch.Tensor:
+    """A decode or verify step's hits over the slots: x [T, D], ids / weights [T, K] -> [T, D] (into `out`).
+    T = 1, or off CUDA: the cache's gpu_moe. T > 1 on CUDA: the T = 1 step's Triton GEMV kernels whenever
+    the default kernel runs (gpu_moe would take its grouped prompt path, another kernel family, which syncs
+    with the host on quantized slots to find them): no host sync, so the step stays one CUDA graph."""
+    s = cache.slots
+    if x.shape[0] > 1 and _gemv_applies(cache):
+        from hotexperts.kernels.triton_moe import moe_decode  # Triton: imported only on CUDA
+
+        return moe_decode(x, ids, weights, s.w13, s.w2, slot_row, out, **cache.variant(layer))
+    return cache.gpu_moe(x, ids, weights, s.w13, s.w2, slot_row, out=out, **cache.variant(layer))
+
+
+def _gemv_applies(cache: ExpertCache) -> bool:
+    """CUDA slots, the default GPU kernel (not a caller's), its Triton backend allowed and importable."""
+    default = isinstance(cache.gpu_moe, functools.partial) and cache.gpu_moe.func is gpu_moe
+    return (cache.cuda and cache.slots is not None and default and cache.options.gpu_moe in ("auto", "triton")
+            and triton_available())
 
 
 def _host_readable(cache: ExpertCache) -> bool:

@@ -476,3 +476,42 @@ def test_a_closed_executor_refuses_to_run():
     ex.close()
     with pytest.raises(HotExpertsError, match="closed"):
         ex(STORE.layers[0], torch.randn(1, CFG.hidden_size), torch.tensor([[1, 2]]), torch.ones(1, 2))
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_cuda_mailbox_round_trip_of_t_tokens(T):
+    """The Triton post / collect kernels with a step of T tokens: the kernel's result over the misses plus
+    the GPU part, inside a CUDA graph as in a replayed verify step."""
+    from hotexperts.experts.store import ExpertStore
+    from hotexperts.kernels.cpu_moe import cpu_moe
+
+    store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
+    h = DecodeHandoff(store, list(store.layers), CFG.top_k, CFG.hidden_size, torch.float32, "cuda")
+    try:
+        h.self_test(torch.float32)
+        layer, D = store.layers[1], CFG.hidden_size
+        g = torch.Generator().manual_seed(T)
+        x, w = torch.randn(T, D, generator=g), torch.rand(T, CFG.top_k, generator=g)
+        ids = torch.randint(0, E, (T, CFG.top_k), generator=g)
+        slot_row = torch.full((E,), -1, dtype=torch.int32)
+        slot_row[int(ids[0, 0])] = 0
+        dev = [t.cuda() for t in (x, ids, w, slot_row)]
+        y = torch.full((T, D), 0.5, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        h.post(layer, *dev[:3], dev[3])                          # warm-up: compiles the T-token kernels
+        h.collect(layer, dev[1], dev[3], y, torch.float32)
+        with torch.cuda.graph(graph):
+            h.post(layer, *dev[:3], dev[3])
+            out = h.collect(layer, dev[1], dev[3], y, torch.float32)
+        graph.replay()
+        torch.cuda.synchronize()
+        h.check()
+        cpu_ids = torch.where(slot_row[ids] >= 0, -1, ids)
+        torch.testing.assert_close(out.cpu(), 0.5 + cpu_moe(x, cpu_ids, w, store.layer(layer)),
+                                   rtol=1e-4, atol=1e-4)
+        step = h.take_step()
+        assert step.tokens == T and (step.ids[0] == ids.numpy()).all()
+    finally:
+        h.close()
