@@ -19,10 +19,11 @@ tokens (1 <= T <= TM: a decode step's 1, a verify step's 2..TM):
         0). A wait over timeout_s sets mb.err[0] = ERR_TIMEOUT and returns the GPU's part (the host raises).
 
 CUDA tensors use two Triton kernels: post is one program (stores to host memory, a system-scope fence and a
-barrier, then the flag: PTX `fence.acq_rel.sys`, `st.relaxed.sys`; T a constexpr, so the T = 1 kernel is the
-decode step's as before); collect is one program per token, each waiting with `ld.acquire.sys` polls and a
-%globaltimer deadline, then reading its token's row. CPU tensors (tests, CI) use torch ops and the worker's
-own `wait` (GIL released). `counter` lives on the compute device, so its increments replay with a CUDA graph.
+barrier, then the flag: PTX `fence.acq_rel.sys`, `st.relaxed.sys`; one compile for T = 1, the decode step's
+kernel as before, one for every T > 1); collect is one program per token, each waiting with `ld.acquire.sys`
+polls and a %globaltimer deadline, then reading its token's row. CPU tensors (tests, CI) use torch ops and the
+worker's own `wait` (GIL released). `counter` lives on the compute device, so its increments replay with a
+CUDA graph.
 """
 
 from __future__ import annotations
