@@ -3,6 +3,8 @@ small dispatcher over three modes that share one ExpertCache (experts/cache.py):
 
     decode, T = 1, native worker on  -> WorkerDecode  (experts/worker_decode.py): no host work between
                                         layers; the decode step is one CUDA graph (`graph_safe`)
+    verify, T = 2..16, worker on     -> WorkerDecode too: the T tokens in one mailbox row; the verify step
+                                        is a CUDA graph per T (`verify_graph_safe`)
     prompt chunk, T > pp_bypass      -> PromptStream  (experts/prompt_stream.py) when it wants the layer:
                                         missing experts streamed to a staging pool, all on the GPU
     otherwise                        -> SyncStep      (experts/sync_step.py): one host round trip per layer
@@ -12,8 +14,10 @@ mailbox, streamed prompt routing, stats), publishes completed fills and issues t
 worker on CUDA it is deferred by one step (`defer`): end_step records an event and the step's rows are taken
 in the next `before_step()` (called right before the next step is launched), so the previous step's
 bookkeeping runs while the new one computes; `flush()` finishes it at once. A T > 1 forward announced by
-before_step() is a verify step (engine/runner/verify.py): SyncStep over the union of its tokens' experts,
-observed and planned as a decode step (prompt=False), accounted at once.
+before_step() is a verify step (engine/runner/verify.py), observed and planned as a decode step over the
+union of its tokens' experts (prompt=False): with the worker it runs and is accounted like a T = 1 step (its
+routing in the mailbox, deferred on CUDA); without it (or past the mailbox's tokens) SyncStep runs it and it
+is accounted at once.
 Next-layer prefetch (`enable_prediction`, off by default; experts/predict.py): synchronous decode steps
 (T = 1 without the worker) guess the next layer's experts and queue fills of guessed misses while the link
 is idle; outputs stay exact. The worker's graphed step has no host work between layers and ignores it.
@@ -64,7 +68,7 @@ class HybridExecutor(ExpertExecutor):
         self._pending_step: int | None = None                # deferred: a step whose rows are not taken yet
         self._stash = None                                   # deferred: (step, prompt, rows) to account
         self._announced = False                              # before_step() ran for the current forward
-        self._verify = False                                 # the current forward is a T > 1 decode step
+        self._verify = False                                 # the current forward is a SyncStep verify step
         self.defer = self.cuda                               # worker decode: bookkeeping one step late
         self.prefetch: NextLayerPrefetch | None = None       # next-layer prefetch (enable_prediction)
 
@@ -72,6 +76,11 @@ class HybridExecutor(ExpertExecutor):
     def graph_safe(self) -> bool:
         """With the worker, a T=1 call has no host synchronisation: the decode step can be a CUDA graph."""
         return self.worker is not None and self.cuda
+
+    @property
+    def verify_graph_safe(self) -> bool:
+        """With the worker, a verify step's calls (T <= worker.max_tokens) have none either."""
+        return self.graph_safe
 
     @property
     def gpu_misses(self) -> int:
@@ -114,13 +123,13 @@ class HybridExecutor(ExpertExecutor):
         if self.worker is not None and self.worker.closed:
             raise HotExpertsError("this executor was closed (its CPU worker is stopped)")
         T = x.shape[0]
-        verify = T > 1 and self._announced                   # a T-token decode (verify) step: not a prompt
-        prompt = T > 1 and not verify                        # a prompt chunk
-        self._prompt, self._verify = self._prompt or prompt, self._verify or verify
-        if T == 1 and self.worker is not None:
+        if self._worker_takes(T):                            # a decode or verify step, routing in the mailbox
             if self._pending_step is not None:               # an eager T=1 forward without before_step
                 self._take_pending()
             return self.worker(layer, x, ids, weights)
+        verify = T > 1 and self._announced                   # a T-token decode (verify) step: not a prompt
+        prompt = T > 1 and not verify                        # a prompt chunk
+        self._prompt, self._verify = self._prompt or prompt, self._verify or verify
         if T > 1 and (self._pending_step is not None or self._stash is not None):
             self.flush()                                     # the last decode step's bookkeeping first
         if T > self.pp_bypass and self.stream is not None and self.stream.wants(layer, ids):
@@ -129,6 +138,13 @@ class HybridExecutor(ExpertExecutor):
             self.prefetch.before_layer(layer)
             self.prefetch.after_route(layer, x, ids)
         return self.sync(layer, x, ids, weights, self.step, prompt)
+
+    def _worker_takes(self, T: int) -> bool:
+        """The worker runs decode steps (T = 1) and verify steps (T > 1 announced by before_step()) that fit
+        its mailbox; prompt chunks keep their own paths."""
+        if self.worker is None:
+            return False
+        return T == 1 or (self._announced and T <= self.worker.max_tokens)
 
     # ---- step bookkeeping -------------------------------------------------------------------------------
     def before_step(self) -> None:

@@ -5,7 +5,9 @@ misses on the CPU (one call for the whole layer), at the same time; the two part
 
     1. D2H of ids [T,K], weights [T,K] and x [T,D] into pinned buffers (skipped when the layer cannot miss
        and is not managed by the planner), queued BEFORE the GPU part so it does not wait for it
-    2. GPU part: gpu_moe(x, ids, weights, slots.w13, slots.w2, slot_of) -> misses contribute 0 (async)
+    2. GPU part: gpu_moe(x, ids, weights, slots.w13, slots.w2, slot_of) -> misses contribute 0 (async); a
+       verify step (T > 1, not a prompt) on CUDA: the T = 1 step's GEMV kernels (worker_decode.step_moe),
+       so draft and verify share one kernel family
     3. wait for the D2H only; hits per the slot table's host mirror; ids of hits masked to -1; ONE cpu_moe
        call for all misses into a pinned output (GIL released while the GPU works)
     4. H2D of the CPU partial (non_blocking) and add        -> the exact sum of the same experts
@@ -22,6 +24,7 @@ import warnings
 import torch
 
 from hotexperts.experts.cache import ExpertCache
+from hotexperts.experts.worker_decode import step_moe
 
 
 class HostBuffers:
@@ -67,7 +70,7 @@ class SyncStep:
         host = self._to_host(x, ids, weights, with_x=can_miss) if (can_miss or managed) else None
         y = None
         if n_res > 0:
-            y = self._gpu_part(layer, x, ids, weights)
+            y = self._gpu_part(layer, x, ids, weights, prompt)
         if host is None:
             c.count(layer, T * K, 0)
             return y
@@ -104,13 +107,16 @@ class SyncStep:
         self._d2h_done.record()
         return h_ids, h_w, h_x, self._d2h_done
 
-    def _gpu_part(self, layer, x, ids, weights) -> torch.Tensor:
+    def _gpu_part(self, layer, x, ids, weights, prompt: bool) -> torch.Tensor:
         c, s = self.cache, self.cache.slots
         timed = c.time_gpu and c.cuda and c.stats is not None
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        y = c.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer), **c.variant(layer))   # [T, D]
+        if prompt:
+            y = c.gpu_moe(x, ids, weights, s.w13, s.w2, s.slot_of(layer), **c.variant(layer))   # [T, D]
+        else:                                                 # a decode or verify step
+            y = step_moe(c, layer, x, ids, weights, s.slot_of(layer))
         s.mark_read(layer)
         if timed:
             end.record()

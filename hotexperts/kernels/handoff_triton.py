@@ -1,10 +1,12 @@
-"""Triton kernels of kernels/handoff.py (CUDA): post a layer's misses to a pinned host mailbox, collect the
-CPU worker's result. One program each, no host synchronisation: CUDA-graph capturable.
+"""Triton kernels of kernels/handoff.py (CUDA): post a layer's misses of T tokens to a pinned host mailbox
+row, collect the CPU worker's result. No host synchronisation: CUDA-graph capturable.
 
 Host memory is reached through pinned tensors (UVA: their host address is valid on the device). Ordering:
-    post:    row stores -> fence.acq_rel.sys (every thread) -> barrier -> st.relaxed.sys of seq
-    collect: one lane's ld.acquire.sys of done per poll (nanosleep between polls, deadline from
-             %globaltimer) -> barrier -> volatile loads of out
+    post:    one program: every token's row stores and ntok -> fence.acq_rel.sys (every thread) -> barrier
+             -> st.relaxed.sys of seq. MULTI (constexpr, T > 1) loops over the T tokens, one compile for
+             every T; the T = 1 kernel has no loop (the decode step's kernel as before)
+    collect: one program per token: one lane's ld.acquire.sys of done per poll (nanosleep between polls,
+             deadline from %globaltimer) -> barrier -> volatile loads of its token's out
 The worker side (kernels/csrc/cpu_worker.cpp) pairs them with an acquire load of seq and a release store of
 done. No atomics touch host memory (PCIe atomics are not needed).
 """
@@ -78,26 +80,43 @@ def _misses(ids_ptr, slot_ptr, k, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: 
     return e, miss, tl.full([KB], -1, tl.int64)
 
 
-@triton.jit(do_not_specialize=["r"])
-def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, mb_seq,
-                 r, k, K, D, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr, EVEN: tl.constexpr,
-                 Z: tl.constexpr, SHARE: tl.constexpr):
-    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
+@triton.jit
+def _post_token(t, x_ptr, ids_ptr, w_ptr, slot_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, row, k, K, D,
+                TM, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr, EVEN: tl.constexpr,
+                Z: tl.constexpr, SHARE: tl.constexpr):
+    """Token t's cells (row, t) of the mailbox: ids, CPU / GPU misses, weights (fp32), x."""
     kk = tl.arange(0, KB)
-    w = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
-    row = r.to(tl.int64)
-    tl.store(mb_ids + row * K + kk, e, mask=kk < K)
-    tl.store(mb_miss + row * K + kk, miss, mask=kk < K)
-    tl.store(mb_zc + row * K + kk, zc, mask=kk < K)
-    tl.store(mb_w + row * K + kk, w, mask=kk < K)
+    e, miss, zc = _misses(ids_ptr + t * k, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
+    w = tl.load(w_ptr + t * k + kk, mask=kk < k, other=0.0).to(tl.float32)
+    cell = (row * TM + t) * K
+    tl.store(mb_ids + cell + kk, e, mask=kk < K)
+    tl.store(mb_miss + cell + kk, miss, mask=kk < K)
+    tl.store(mb_zc + cell + kk, zc, mask=kk < K)
+    tl.store(mb_w + cell + kk, w, mask=kk < K)
     if Z > 0:
-        tl.store(zc_ptr + kk, zc, mask=kk < k)           # device copy: the GPU's own misses
+        tl.store(zc_ptr + t * k + kk, zc, mask=kk < k)   # device copy: the GPU's own misses
+    xrow = (row * TM + t) * D
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         if EVEN:                                         # unmasked: 16-byte stores over PCIe, not 2-byte
-            tl.store(mb_x + row * D + d, tl.load(x_ptr + d))
+            tl.store(mb_x + xrow + d, tl.load(x_ptr + t * D + d))
         else:
-            tl.store(mb_x + row * D + d, tl.load(x_ptr + d, mask=d < D), mask=d < D)
+            tl.store(mb_x + xrow + d, tl.load(x_ptr + t * D + d, mask=d < D), mask=d < D)
+
+
+@triton.jit(do_not_specialize=["r", "T"])
+def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, mb_seq,
+                 mb_ntok, r, T, k, K, D, TM, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr,
+                 EVEN: tl.constexpr, Z: tl.constexpr, SHARE: tl.constexpr, MULTI: tl.constexpr):
+    row = r.to(tl.int64)
+    if MULTI:                                            # a verify step: T tokens, one kernel for every T
+        for t in range(0, T):
+            _post_token(t, x_ptr, ids_ptr, w_ptr, slot_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, row,
+                        k, K, D, TM, HAS_SLOTS, KB, BD, EVEN, Z, SHARE)
+    else:                                                # a decode step: the one token, no loop
+        _post_token(0, x_ptr, ids_ptr, w_ptr, slot_ptr, zc_ptr, mb_ids, mb_miss, mb_zc, mb_w, mb_x, row, k, K,
+                    D, TM, HAS_SLOTS, KB, BD, EVEN, Z, SHARE)
+    tl.store(mb_ntok + row, T)
     v = tl.load(cnt_ptr + row) + 1
     tl.debug_barrier()                                   # every thread has read the old count
     tl.store(cnt_ptr + row, v)
@@ -106,12 +125,28 @@ def _post_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, cnt_ptr, zc_ptr, mb_ids, mb_mi
     _store_sys(mb_seq + row, v)
 
 
-@triton.jit(do_not_specialize=["r", "timeout_ns"])
-def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, y2_ptr, out_ptr, r, k, D,
-                    timeout_ns, HAS_SLOTS: tl.constexpr, HAS_Y: tl.constexpr, HAS_Y2: tl.constexpr,
-                    KB: tl.constexpr, BD: tl.constexpr, Z: tl.constexpr, SHARE: tl.constexpr):
-    e, miss, zc = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
-    n_miss = tl.sum((miss >= 0).to(tl.int32), axis=0)
+@triton.jit
+def _row_misses(ids_ptr, slot_ptr, k, T, HAS_SLOTS: tl.constexpr, KB: tl.constexpr, Z: tl.constexpr,
+                SHARE: tl.constexpr, MULTI: tl.constexpr):
+    """CPU misses over the row's T tokens (post's rule), counted."""
+    if MULTI:
+        n = tl.full([], 0, tl.int32)
+        for t in range(0, T):
+            _, miss, _ = _misses(ids_ptr + t * k, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
+            n += tl.sum((miss >= 0).to(tl.int32), axis=0)
+    else:
+        _, miss, _ = _misses(ids_ptr, slot_ptr, k, HAS_SLOTS, KB, Z, SHARE)
+        n = tl.sum((miss >= 0).to(tl.int32), axis=0)
+    return n
+
+
+@triton.jit(do_not_specialize=["r", "T", "timeout_ns"])
+def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, y2_ptr, out_ptr, r, T, k, D,
+                    TM, timeout_ns, HAS_SLOTS: tl.constexpr, HAS_Y: tl.constexpr, HAS_Y2: tl.constexpr,
+                    KB: tl.constexpr, BD: tl.constexpr, Z: tl.constexpr, SHARE: tl.constexpr,
+                    MULTI: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)                    # this program's token
+    n_miss = _row_misses(ids_ptr, slot_ptr, k, T, HAS_SLOTS, KB, Z, SHARE, MULTI)
     row = r.to(tl.int64)
     v = tl.load(cnt_ptr + row)
     failed = tl.load(mb_err, volatile=True) != 0         # an earlier failure: do not wait for a dead worker
@@ -124,15 +159,16 @@ def _collect_kernel(ids_ptr, slot_ptr, cnt_ptr, mb_done, mb_out, mb_err, y_ptr, 
     if done < v:
         tl.store(mb_err, _ERR_TIMEOUT)
     use = (n_miss > 0) & (~failed) & (done >= v)
+    src, dst = (row * TM + t) * D, t * D
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         acc = tl.zeros([BD], dtype=tl.float32)
         if HAS_Y:
-            acc += tl.load(y_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+            acc += tl.load(y_ptr + dst + d, mask=d < D, other=0.0).to(tl.float32)
         if HAS_Y2:
-            acc += tl.load(y2_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-        acc += tl.load(mb_out + row * D + d, mask=(d < D) & use, other=0.0, volatile=True)
-        tl.store(out_ptr + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
+            acc += tl.load(y2_ptr + dst + d, mask=d < D, other=0.0).to(tl.float32)
+        acc += tl.load(mb_out + src + d, mask=(d < D) & use, other=0.0, volatile=True)
+        tl.store(out_ptr + dst + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _shapes(ids: torch.Tensor, K: int, D: int) -> tuple[int, int, int]:
@@ -141,27 +177,29 @@ def _shapes(ids: torch.Tensor, K: int, D: int) -> tuple[int, int, int]:
 
 
 def post(r, x, ids, weights, slot_row, counter, mb, gpu_misses: int = 0, share: int = GPU_SHARE):
-    D = x.shape[1]
+    T, D = x.shape
     k, KB, BD = _shapes(ids, mb.K, D)
     ids, x, weights = ids.contiguous(), x.contiguous(), weights.contiguous()
     slots = slot_row if slot_row is not None else ids
-    zc = torch.full((1, k), -1, dtype=torch.long, device=x.device) if gpu_misses else ids
-    _post_kernel[(1,)](x, ids, weights, slots, counter, zc, mb.ids, mb.miss, mb.zc, mb.w, mb.x, mb.seq, r, k,
-                       mb.K, D, HAS_SLOTS=slot_row is not None, KB=KB, BD=BD, EVEN=D % BD == 0, Z=gpu_misses,
-                       SHARE=share, num_warps=4)
+    zc = torch.full((T, k), -1, dtype=torch.long, device=x.device) if gpu_misses else ids
+    _post_kernel[(1,)](x, ids, weights, slots, counter, zc, mb.ids, mb.miss, mb.zc, mb.w, mb.x, mb.seq,
+                       mb.ntok, r, T, k, mb.K, D, mb.TM, HAS_SLOTS=slot_row is not None, KB=KB, BD=BD,
+                       EVEN=D % BD == 0, Z=gpu_misses, SHARE=share, MULTI=T > 1, num_warps=4)
     return zc if gpu_misses else None
 
 
 def collect(r, ids, slot_row, counter, mb, y, dtype, timeout_s, y2=None, gpu_misses: int = 0,
             share: int = GPU_SHARE) -> torch.Tensor:
-    D = mb.out.shape[1]
+    T, D = ids.shape[0], mb.D
     k, KB, BD = _shapes(ids, mb.K, D)
     ids = ids.contiguous()
-    out = torch.empty(1, D, dtype=dtype, device=ids.device)              # [1, D]
+    out = torch.empty(T, D, dtype=dtype, device=ids.device)              # [T, D]
     slots = slot_row if slot_row is not None else ids
     timeout_ns = int(timeout_s * 1e9)
-    _collect_kernel[(1,)](ids, slots, counter, mb.done, mb.out, mb.err, y if y is not None else out,
-                          y2 if y2 is not None else out, out, r, k, D, timeout_ns,
-                          HAS_SLOTS=slot_row is not None, HAS_Y=y is not None, HAS_Y2=y2 is not None, KB=KB,
-                          BD=BD, Z=gpu_misses, SHARE=share, num_warps=1)
+    y = y.contiguous() if y is not None else out
+    y2 = y2.contiguous() if y2 is not None else out
+    _collect_kernel[(T,)](ids, slots, counter, mb.done, mb.out, mb.err, y, y2, out, r, T, k, D, mb.TM,
+                          timeout_ns, HAS_SLOTS=slot_row is not None, HAS_Y=y is not out,
+                          HAS_Y2=y2 is not out, KB=KB, BD=BD, Z=gpu_misses, SHARE=share, MULTI=T > 1,
+                          num_warps=1)
     return out

@@ -241,3 +241,31 @@ def test_without_drafting_no_verify_step_runs():
     st = eng.stats()
     assert st["speculative"]["method"] == "none" and st["speculative"]["last"]["verify_steps"] == 0
     assert st["last"]["decode_tokens"] == st["last"]["decode_steps"] == 7
+
+
+@pytest.mark.parametrize("placement", ["cache:10slots:lru", "hot:4"])
+@pytest.mark.parametrize("defer", [False, True])
+def test_greedy_output_through_the_native_worker_is_plain_greedy(placement, defer):
+    """The cache's verify steps through the native CPU worker's mailbox (the path that is CUDA-graphed on a
+    GPU), with the bookkeeping deferred by one step as on CUDA or not: plain greedy output, every routed cell
+    accounted once, the planner stepping once per decode forward."""
+    params = SamplingParams(max_tokens=N)
+    ref, _ = plain("tiny-qwen3-moe", params)
+    eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cpu", max_context=96,
+                      placement=Placement.parse(placement, decode="worker"),
+                      speculative=SpecConfig("ngram", draft_max=4, auto_off=False))
+    eng.generator.new_drafter = lambda prompt: ScriptedDrafter(prompt, ref, eng.config.vocab_size)
+    eng.executor.defer = defer
+    try:
+        assert eng.executor.worker is not None
+        assert list(eng.generate(PROMPT, params)) == ref
+        spec, last = eng.stats()["speculative"]["last"], eng.stats()["last"]
+        assert spec["verify_steps"] >= 4 and 0 < spec["accepted"] < spec["drafted"]
+        cache = eng.stats()["cache"]["total"]
+        cells = eng.config.top_k * len(eng.config.moe_layers)
+        assert cache["hits"] + cache["misses"] == len(PROMPT) * cells + spec["expert_cells"] + (
+            last["decode_steps"] - spec["verify_steps"]) * cells
+        if eng.executor.planner is not None:
+            assert eng.executor.planner.decode_steps == last["decode_steps"]
+    finally:
+        eng.close()

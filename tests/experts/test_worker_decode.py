@@ -2,6 +2,7 @@
 gives the reference's greedy tokens and logits; hits, misses and swaps equal the synchronous path's; worker
 errors and timeouts raise one clear error; the mailbox protocol itself."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,15 +98,26 @@ def test_split_misses_gives_the_first_z_misses_to_the_gpu():
     slot_row = torch.full((8,), -1, dtype=torch.int32)
     slot_row[1] = 0                                       # expert 1 is resident: a hit
     cpu, gpu = split_misses(ids, slot_row, 3)            # 7 misses: the GPU takes 7 // 4 = 1
-    assert gpu.tolist() == [4] + [-1] * 8 and cpu.tolist() == [-1, -1, -1, 6, 2, 0, 3, 5, 7]
+    assert gpu[0].tolist() == [4] + [-1] * 8 and cpu[0].tolist() == [-1, -1, -1, 6, 2, 0, 3, 5, 7]
     cpu, gpu = split_misses(ids, None, 3)                # 8 misses: 2
-    assert gpu.tolist() == [4, 1] + [-1] * 7
+    assert gpu[0].tolist() == [4, 1] + [-1] * 7
     cpu, gpu = split_misses(ids[:, :3], None, 3)         # 2 misses: none
-    assert gpu.tolist() == [-1] * 3
+    assert gpu[0].tolist() == [-1] * 3
     cpu, gpu = split_misses(ids, None, 0)
-    assert cpu.tolist() == ids[0].tolist() and gpu.tolist() == [-1] * 9
+    assert cpu.tolist() == ids.tolist() and gpu[0].tolist() == [-1] * 9
     cpu, gpu = split_misses(ids[:, :2], None, 2, share=2)   # large experts: one of two misses
-    assert gpu.tolist() == [4, -1] and cpu.tolist() == [-1, 1]
+    assert gpu[0].tolist() == [4, -1] and cpu[0].tolist() == [-1, 1]
+
+
+def test_split_misses_applies_the_rule_per_token():
+    from hotexperts.kernels.handoff import split_misses
+
+    ids = torch.tensor([[4, 1, 6, 2], [3, 5, 7, 0], [1, -1, -1, -1]])
+    slot_row = torch.full((8,), -1, dtype=torch.int32)
+    slot_row[1] = 0
+    cpu, gpu = split_misses(ids, slot_row, 2, share=2)   # misses per token: 3, 4, 0 -> GPU takes 1, 2, 0
+    assert gpu.tolist() == [[4, -1, -1, -1], [3, 5, -1, -1], [-1, -1, -1, -1]]
+    assert cpu.tolist() == [[-1, -1, 6, 2], [-1, -1, 7, 0], [-1, -1, -1, -1]]
 
 
 def _counts(ex):
@@ -153,10 +165,51 @@ def test_mailbox_round_trip_equals_the_kernel():
     want = 1.0 + cpu_moe(x, torch.tensor([[3, -1]]), w, STORE.layer(layer))
     torch.testing.assert_close(got, want)
     step = h.take_step()
-    assert step.rows.tolist() == [1]
-    assert step.ids[0, :2].tolist() == [3, 5] and step.miss[0, :2].tolist() == [3, -1]
-    assert step.hits[0, :2].tolist() == [False, True]
+    assert step.rows.tolist() == [1] and step.ids.shape == (1, 1, CFG.top_k) and step.tokens == 1
+    assert step.ids[0, 0, :2].tolist() == [3, 5] and step.miss[0, 0, :2].tolist() == [3, -1]
+    assert step.hits[0, 0, :2].tolist() == [False, True]
     assert h.take_step().rows.size == 0              # nothing new
+    h.close()
+
+
+def test_mailbox_round_trip_of_t_tokens_is_one_fused_kernel_call():
+    """A row holds a verify step's T tokens: the worker's result is the kernel's over all T tokens' misses,
+    plus the GPU part; a later, shorter post on the same row reports only its own tokens."""
+    from hotexperts.kernels.cpu_moe import cpu_moe
+
+    h = _handoff()
+    assert h.max_tokens == mailbox.MAX_STEP_TOKENS
+    layer, T, D = STORE.layers[1], 5, CFG.hidden_size
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=g)
+    ids = torch.randint(0, E, (T, CFG.top_k), generator=g)
+    ids[2, 1] = -1                                   # a missing cell
+    w = torch.rand(T, CFG.top_k, generator=g)
+    slot_row = torch.full((E,), -1, dtype=torch.int32)
+    slot_row[ids[0, 0]] = 0                          # one expert is a "GPU hit": the worker skips it
+    h.post(layer, x, ids, w, slot_row)
+    y_gpu = torch.full((T, D), 0.5)
+    got = h.collect(layer, ids, slot_row, y_gpu, torch.float32)
+    cpu_ids = torch.where(slot_row[ids.clamp(min=0)] >= 0, -1, ids)
+    torch.testing.assert_close(got, 0.5 + cpu_moe(x, cpu_ids, w, STORE.layer(layer)))
+    step = h.take_step()
+    assert step.ids.shape == (1, T, CFG.top_k) and step.ntok.tolist() == [T] and step.tokens == T
+    assert (step.ids[0] == ids.numpy()).all() and (step.hits[0] == ((slot_row[ids.clamp(min=0)] >= 0)
+                                                                    & (ids >= 0)).numpy()).all()
+    h.post(layer, x[:2], ids[:2], w[:2], None)       # shorter: the stale cells of tokens 2..4 not reported
+    torch.testing.assert_close(h.collect(layer, ids[:2], None, None, torch.float32),
+                               cpu_moe(x[:2], ids[:2], w[:2], STORE.layer(layer)))
+    step = h.take_step()
+    assert step.ids.shape == (1, 2, CFG.top_k) and (step.ids[0] == ids[:2].numpy()).all()
+    h.close()
+
+
+def test_a_step_longer_than_the_mailbox_is_a_clear_error():
+    h = DecodeHandoff(STORE, list(STORE.layers), CFG.top_k, CFG.hidden_size, torch.float32, "cpu",
+                      max_tokens=3)
+    ids = torch.zeros(4, CFG.top_k, dtype=torch.long)
+    with pytest.raises(HotExpertsError, match="4 tokens does not fit the decode mailbox"):
+        h.post(STORE.layers[0], torch.randn(4, CFG.hidden_size), ids, torch.ones(4, CFG.top_k), None)
     h.close()
 
 
@@ -225,6 +278,113 @@ def test_missing_cells_are_neither_hits_nor_misses_in_either_mode(decode):
     after = ex.stats()["total"]
     assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
     assert torch.count_nonzero(y) == 0
+    ex.close()
+
+
+# ---- verify steps (T > 1 tokens announced by before_step) through the worker ----------------------------
+VERIFY_PLACEMENTS = ["cpu", "layers:1", "hot:3", f"hot:{E}", "cache:5slots:lru", "cache:6slots:auto",
+                     f"cache:{2 * E}slots"]
+
+
+def _speculate(ex, T, singles=2, forbid_sync=False):
+    """Prefill, one verify step of the reference's next T tokens, then `singles` T=1 steps -> logits rows
+    [T + singles, V], which should be the reference's rows 1.. (each predicts the next reference token)."""
+    from tests.experts.test_hybrid import MODEL, PROMPT, REF_TOKS
+
+    P = len(PROMPT)
+    kv = MODEL.new_kv_cache(P + T + singles + 1)
+    with torch.no_grad():
+        MODEL(torch.tensor(PROMPT), torch.arange(P), kv, ex)
+        ex.end_step()
+        if forbid_sync:
+            ex.sync = lambda *a: pytest.fail("a decode or verify step took the synchronous path")
+        rows = []
+        for tokens, pos in [(REF_TOKS[:T], P)] + [([REF_TOKS[T + i]], P + T + i) for i in range(singles)]:
+            ex.before_step()
+            rows.append(MODEL(torch.tensor(tokens), torch.arange(pos, pos + len(tokens)), kv, ex))
+            ex.end_step()
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("text", VERIFY_PLACEMENTS)
+@pytest.mark.parametrize("T", [2, 5])
+def test_verify_step_through_the_worker_equals_single_steps(text, T):
+    """A verify step's T tokens go through the mailbox (never the synchronous path) and give the logits of
+    T single steps (fp32 GEMM row blocking only) and the same greedy tokens."""
+    from tests.experts.test_hybrid import REF_ROWS
+
+    ex = executor(text)
+    got = _speculate(ex, T, forbid_sync=True)
+    want = torch.stack(REF_ROWS[1:T + 3])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    ex.close()
+
+
+@pytest.mark.parametrize("text", ["layers:1", "hot:3", "cache:5slots:lru", "cache:6slots:auto"])
+def test_worker_and_sync_verify_steps_count_and_plan_the_same(text):
+    """The worker feeds the planner a verify step's T x K cells (the union of its tokens' experts), as the
+    synchronous path does: equal hits, misses, swaps and residency."""
+    worker, sync = executor(text), executor(text, decode="sync")
+    a, b = _speculate(worker, 4), _speculate(sync, 4)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert _counts(worker) == _counts(sync)
+    if worker.planner is not None:
+        assert worker.slots.residency.resident == sync.slots.residency.resident
+        assert worker.planner.decode_steps == sync.planner.decode_steps
+    worker.close()
+
+
+@pytest.mark.parametrize("text", ["hot:3", "cache:5slots:lru", "cache:6slots:auto"])
+def test_deferred_verify_steps_give_the_same_logits_and_every_cell_once(text):
+    """With defer (the CUDA default) a verify step's routing is taken from the mailbox in the next
+    before_step and accounted while the next step runs, as a T = 1 step's is."""
+    from tests.experts.test_hybrid import REF_ROWS
+
+    ex = executor(text)
+    ex.defer = True
+    got = _speculate(ex, 4)
+    torch.testing.assert_close(got, torch.stack(REF_ROWS[1:7]), rtol=1e-4, atol=1e-4)
+    st = ex.stats()["total"]                                          # stats() flushes the last step
+    assert st["hits"] + st["misses"] == (10 + 4 + 2) * CFG.top_k * len(STORE.layers)
+    assert ex.planner.decode_steps == 3
+    ex.close()
+
+
+def test_the_planner_observes_the_verify_steps_union():
+    ex = executor("cache:5slots:lru")
+    routed, observed = {}, []
+    ex.on_route = lambda layer, ids, w: routed.setdefault(layer, []).append(ids.clone())
+    inner = ex.planner.observe_step
+
+    def spy(step, layers, experts, hits=None, prompt=False, tokens=1):
+        observed.append((list(layers), np.asarray(experts).reshape(len(layers), -1).copy(), prompt, tokens))
+        return inner(step, layers, experts, hits, prompt, tokens)
+
+    ex.planner.observe_step = spy
+    _speculate(ex, 4, singles=0)
+    layers, experts, prompt, tokens = observed[-1]                    # the verify step's
+    assert not prompt and tokens == 4 and layers == list(STORE.layers)
+    for i, l in enumerate(layers):
+        ids = routed[l][-1]                                           # [4, K]: the verify call's routing
+        assert ids.shape[0] == 4
+        assert set(experts[i][experts[i] >= 0].tolist()) == set(ids.flatten().tolist())
+        assert sorted(experts[i][experts[i] >= 0].tolist()) == sorted(ids.flatten().tolist())   # all cells
+    ex.close()
+
+
+def test_verify_steps_past_the_mailbox_take_the_synchronous_path():
+    from hotexperts.experts.worker_decode import WorkerDecode
+    from tests.experts.test_hybrid import REF_ROWS
+
+    ex = executor("cache:5slots:lru")
+    ex.worker.close()
+    ex.worker = WorkerDecode(ex.cache, DecodeHandoff(STORE, list(STORE.layers), CFG.top_k, CFG.hidden_size,
+                                                     torch.float32, "cpu", max_tokens=2))
+    got = _speculate(ex, 3)                                           # 3 > 2 tokens: SyncStep, same logits
+    torch.testing.assert_close(got, torch.stack(REF_ROWS[1:6]), rtol=1e-4, atol=1e-4)
+    st = ex.stats()["total"]
+    assert st["hits"] + st["misses"] == (10 + 3 + 2) * CFG.top_k * len(STORE.layers)
     ex.close()
 
 
@@ -316,3 +476,42 @@ def test_a_closed_executor_refuses_to_run():
     ex.close()
     with pytest.raises(HotExpertsError, match="closed"):
         ex(STORE.layers[0], torch.randn(1, CFG.hidden_size), torch.tensor([[1, 2]]), torch.ones(1, 2))
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_cuda_mailbox_round_trip_of_t_tokens(T):
+    """The Triton post / collect kernels with a step of T tokens: the kernel's result over the misses plus
+    the GPU part, inside a CUDA graph as in a replayed verify step."""
+    from hotexperts.experts.store import ExpertStore
+    from hotexperts.kernels.cpu_moe import cpu_moe
+
+    store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
+    h = DecodeHandoff(store, list(store.layers), CFG.top_k, CFG.hidden_size, torch.float32, "cuda")
+    try:
+        h.self_test(torch.float32)
+        layer, D = store.layers[1], CFG.hidden_size
+        g = torch.Generator().manual_seed(T)
+        x, w = torch.randn(T, D, generator=g), torch.rand(T, CFG.top_k, generator=g)
+        ids = torch.randint(0, E, (T, CFG.top_k), generator=g)
+        slot_row = torch.full((E,), -1, dtype=torch.int32)
+        slot_row[int(ids[0, 0])] = 0
+        dev = [t.cuda() for t in (x, ids, w, slot_row)]
+        y = torch.full((T, D), 0.5, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        h.post(layer, *dev[:3], dev[3])                          # warm-up: compiles the T-token kernels
+        h.collect(layer, dev[1], dev[3], y, torch.float32)
+        with torch.cuda.graph(graph):
+            h.post(layer, *dev[:3], dev[3])
+            out = h.collect(layer, dev[1], dev[3], y, torch.float32)
+        graph.replay()
+        torch.cuda.synchronize()
+        h.check()
+        cpu_ids = torch.where(slot_row[ids] >= 0, -1, ids)
+        torch.testing.assert_close(out.cpu(), 0.5 + cpu_moe(x, cpu_ids, w, store.layer(layer)),
+                                   rtol=1e-4, atol=1e-4)
+        step = h.take_step()
+        assert step.tokens == T and (step.ids[0] == ids.numpy()).all()
+    finally:
+        h.close()

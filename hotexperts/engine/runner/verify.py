@@ -14,9 +14,11 @@ whose row blocking depends on T (no stock BLAS is batch invariant: ~1e-6 relativ
 
 CUDA graphs: one graph per T bucket (each T in 2..MAX_VERIFY_T is its own bucket, captured lazily on first
 use, sharing one memory pool) when the executor's T > 1 calls have no host synchronisation
-(`executor.verify_graph_safe`: GpuExecutor with Triton; checked again by a warm-up under torch's sync debug
-mode "error"). A hybrid executor syncs with the host per layer in T > 1 calls (experts/sync_step.py), so its
-verify steps run eagerly (a piecewise per-T capture is not written yet). A host embedding
+(`executor.verify_graph_safe`: GpuExecutor with Triton; a hybrid executor whose native CPU worker runs, the
+T tokens' misses going through its mailbox as a decode step's do (experts/worker_decode.py); checked again by
+a warm-up under torch's sync debug mode "error"). A hybrid executor without the worker syncs with the host per
+layer in T > 1 calls (experts/sync_step.py), so its verify steps run eagerly. MAX_VERIFY_T is the tokens a
+mailbox row holds (kernels/handoff_codes.MAX_STEP_TOKENS). A host embedding
 (models/layers.HostEmbedding) is gathered on the host and copied into the bucket's static [T, D] input before
 the replay; inside the capture the model's embedding returns that buffer. Any capture failure warns once and
 the step runs eagerly from then on.
@@ -31,10 +33,11 @@ import torch
 from torch import nn
 
 from hotexperts.errors import HotExpertsError
+from hotexperts.kernels.handoff_codes import MAX_STEP_TOKENS
 from hotexperts.models.cache import LayerKindCache
 from hotexperts.models.transforms import staged_embedding
 
-MAX_VERIFY_T = 16
+MAX_VERIFY_T = MAX_STEP_TOKENS
 
 
 class ExpertUnion:

@@ -25,9 +25,9 @@ DRAFT = [11, 400, 23, 9, 70, 5, 61]
 PRESETS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-gpt-oss"]
 
 
-def engine(preset: str, placement: str = "gpu", device: str = "cpu") -> Engine:
+def engine(preset: str, placement: str = "gpu", device: str = "cpu", **kw) -> Engine:
     return Engine.load(f"preset:{preset}", dtype="float32", device=device,
-                       placement=Placement.parse(placement), max_context=64)
+                       placement=Placement.parse(placement, **kw), max_context=64)
 
 
 def single_steps(eng: Engine, tokens: list[int], pos: int) -> torch.Tensor:
@@ -64,6 +64,30 @@ def test_verify_through_hybrid_placements(placement):
         ref = single_steps(eng, DRAFT[:4], len(PROMPT))
         eng.prefill(PROMPT)
         torch.testing.assert_close(eng.verify(DRAFT[:4], len(PROMPT)), ref, atol=2e-5, rtol=2e-5)
+    finally:
+        eng.close()
+
+
+WORKER_PLACEMENTS = ["cpu", "hot:4", "cache:10slots:lru", "cache:24slots"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3.5-moe"])
+@pytest.mark.parametrize("placement", WORKER_PLACEMENTS)
+def test_verify_through_the_native_worker_equals_single_steps(preset, placement):
+    """Hybrid placements with the native CPU worker: the verify step's misses go through the mailbox (the
+    graph-safe path) and give T single steps' logits and greedy tokens."""
+    eng = engine(preset, placement, decode="worker")
+    try:
+        assert eng.executor.worker is not None
+        for T in (2, 7):
+            eng.prefill(PROMPT)
+            ref = single_steps(eng, DRAFT[:T], len(PROMPT))
+            eng.prefill(PROMPT)
+            got = eng.verify(DRAFT[:T], len(PROMPT))
+            torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+            assert (got.argmax(-1) == ref.argmax(-1)).all()
+        st = eng.stats()["cache"]
+        assert st["decode"] == "worker" and st["total"]["misses"] > 0
     finally:
         eng.close()
 
@@ -126,3 +150,65 @@ def test_graph_per_bucket_matches_eager(preset):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert step.graphed_sizes == {2, 4}
     assert eng.stats()["verify_graphs"] == [2, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3.5-moe"])
+@pytest.mark.parametrize("placement", ["cache:10slots:lru", "cpu", "hot:4"])
+def test_graphed_verify_through_the_worker_matches_eager(preset, placement):
+    """Hybrid placements on CUDA: the native worker runs, verify steps are sync-free, one graph per T bucket
+    whose replay gives the eager verify step's logits and T single steps' greedy tokens; every routed cell
+    is accounted once (the graphed steps' routing comes from the mailbox)."""
+    eng = Engine.load(f"preset:{preset}", dtype="float32", device="cuda", max_context=64,
+                      placement=Placement.parse(placement))
+    try:
+        ex = eng.executor
+        assert ex.worker is not None and ex.verify_graph_safe
+        graphed = make_verify_step(eng.model, eng.generator.kv, ex, "cuda")
+        eager = EagerVerifyStep(eng.model, eng.generator.kv, ex, "cuda")
+        assert isinstance(graphed, GraphVerifyStep)
+        for T in (2, 7, 2, 7):
+            eng.prefill(PROMPT)
+            ref = single_steps(eng, DRAFT[:T], len(PROMPT))
+            eng.prefill(PROMPT)
+            eng.generator.verify_step = eager
+            want = eng.verify(DRAFT[:T], len(PROMPT)).float().clone()
+            eng.prefill(PROMPT)
+            eng.generator.verify_step = graphed
+            got = eng.verify(DRAFT[:T], len(PROMPT)).float().clone()
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            assert (got.argmax(-1) == ref.argmax(-1)).all()
+        assert graphed.graphed_sizes == {2, 7} and not graphed.failed
+        cells = eng.config.top_k * len(eng.config.moe_layers)
+        st = eng.stats()["cache"]["total"]
+        verify_tokens, single_tokens = 2 * (2 + 7) * 2, 2 * (2 + 7)
+        assert st["hits"] + st["misses"] == (4 * 3 * len(PROMPT) + verify_tokens + single_tokens) * cells
+    finally:
+        eng.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_speculative_decoding_through_the_cache_is_plain_greedy():
+    """The cache placement with graphed verify steps (the worker's mailbox) drafts and verifies to plain
+    greedy output."""
+    from hotexperts.engine.sampling import SamplingParams
+    from hotexperts.engine.speculative import SpecConfig
+
+    params, prompt = SamplingParams(max_tokens=40), [5, 17, 300, 2, 77, 900, 41, 8, 5, 17, 300, 2, 77]
+    plain = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cuda", max_context=96,
+                        placement=Placement.parse("cache:10slots:lru"))
+    ref = list(plain.generate(prompt, params))
+    plain.close()
+    eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cuda", max_context=96,
+                      placement=Placement.parse("cache:10slots:lru"),
+                      speculative=SpecConfig("ngram", draft_max=6, auto_off=False))
+    try:
+        gen = eng.generator
+        gen.verify_step = make_verify_step(eng.model, gen.kv, eng.executor, "cuda")
+        assert list(eng.generate(prompt, params)) == ref
+        assert gen.verify_step.graphed_sizes and eng.stats()["speculative"]["last"]["accepted"] > 0
+    finally:
+        eng.close()
