@@ -18,8 +18,9 @@ transformers 5.24 (models/gpt_oss) and llama.cpp's converter (conversion GptOssM
                 `attn_sinks.weight`, the post-attention norm as `post_attention_norm`, keys
                 `attention.sliding_window`, `expert_feed_forward_length`, rope.scaling.{type yarn, factor,
                 original_context_length}; llama.cpp fixes alpha / limit and the alternating window pattern
-The published HF checkpoints keep experts in MXFP4 (`*_blocks`, `*_scales`): not read here (the 4-bit lookup
-format is not implemented yet); a dequantized (bf16) checkpoint or a GGUF loads.
+The published HF checkpoints keep experts in MXFP4 (`*_blocks`, `*_scales`): not read from HF directories yet
+(the LUT4 expert format holds MXFP4 for GGUF files, loading/gguf_quants.py, but the HF names are not
+mapped); a dequantized (bf16) checkpoint or a GGUF loads.
 """
 
 from __future__ import annotations
