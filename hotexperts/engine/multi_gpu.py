@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 from hotexperts.config import KernelOptions, physical_cores
 from hotexperts.engine.engine import DEFAULT_MAX_CONTEXT, Engine, load_source, resolve_dtype, vram_reserved
 from hotexperts.engine.sampling import SamplingParams
-from hotexperts.errors import ExpertComputeError, HotExpertsError
+from hotexperts.errors import ExpertComputeError, HotExpertsError, PlacementError
 from hotexperts.experts.build import quantized_store
 from hotexperts.experts.multi_placement import CostInputs, ShardSizes, parse_card_budgets, plan_cards
 from hotexperts.experts.profile import load_profile
@@ -117,6 +117,9 @@ def card_main(rank: int, run: CardRun, store_dir: str, out_dir: str) -> None:
     try:
         result = {"device": str(device), "modes": run_modes(run, rank, device)}
         torch.save(result, Path(out_dir) / f"card{rank}.pt")
+    except HotExpertsError as e:      # a user's error (e.g. a budget too small): the launcher reports it
+        (Path(out_dir) / f"error{rank}.txt").write_text(f"{type(e).__name__}\n{e}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -205,8 +208,23 @@ def run_on_cards(run: CardRun) -> list[dict]:
         store_dir, out_dir = Path(tmp, "store"), Path(tmp, "out")
         store_dir.mkdir()
         out_dir.mkdir()
-        launch(card_main, run.cards, (run, str(store_dir), str(out_dir)), run.timeout_s)
+        try:
+            launch(card_main, run.cards, (run, str(store_dir), str(out_dir)), run.timeout_s)
+        except ExpertComputeError:
+            user_error(out_dir, run.cards)
+            raise
         return [torch.load(out_dir / f"card{r}.pt", weights_only=False) for r in range(run.cards)]
+
+
+def user_error(out_dir: Path, cards: int) -> None:
+    """Raise the first card's own HotExpertsError (e.g. a PlacementError), if a card wrote one: when one card
+    stops on bad input the others fail on the closed connection, and the launcher may see theirs first."""
+    for r in range(cards):
+        f = out_dir / f"error{r}.txt"
+        if f.exists():
+            kind, _, msg = f.read_text().partition("\n")
+            cls = PlacementError if kind == "PlacementError" else HotExpertsError
+            raise cls(msg if msg.startswith(f"card {r}") else f"card {r}: {msg}") from None
 
 
 # ---- the GPU run command ---------------------------------------------------------------------------------

@@ -83,8 +83,16 @@ def test_generate_over_two_emulated_cards_prints_the_one_card_text(chat, capsys)
     extra = ["--temperature", "0", "--device", "cpu", *(["--chat"] if chat else [])]
     assert main([*TINY, *extra]) == 0
     one = capsys.readouterr().out
-    assert main([*TINY, *extra[2:], "--vram-budget", "137MiB,136.5MiB"]) == 0
+    assert main([*TINY, *extra[2:], "--vram-budget", "134MiB,133.5MiB"]) == 0    # 14/16 at 134 MiB each
     out, err = capsys.readouterr()
     assert out == one and len(one.strip()) > 0
     held, experts = map(int, re.search(r"(\d+)/(\d+) experts per layer on the cards", err).groups())
     assert "2 cards (cpu)" in err and 0 < held < experts           # the CPU card computes some experts
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_for_a_card_says_so(capsys):
+    """One card stops on its PlacementError, the other on the closed connection: the user sees the first."""
+    assert main([*TINY, "--device", "cpu", "--vram-budget", "100MiB,100MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "card 0's budget" in err and "smaller than" in err and "Connection closed" not in err
