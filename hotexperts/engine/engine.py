@@ -166,8 +166,10 @@ class Engine:
                                    use_cuda_graph=use_cuda_graph, piecewise_graph=piecewise_graph,
                                    compile_decode=compile_decode, speculative=speculative,
                                    kv=self.batch.slot_views[0] if self.batch is not None else None)
-        if prefill_chunk:                             # the chunk the VRAM plan was made for
+        if prefill_chunk:                             # the chunk the VRAM plan was made for (both paths)
             self.generator.prefill_chunk = prefill_chunk
+            if self.batch is not None:
+                self.batch.prefill_chunk = prefill_chunk
         self.eos_ids = self._eos_ids()
 
     @classmethod
