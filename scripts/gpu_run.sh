@@ -9,6 +9,8 @@
 #   bench        python -m hotexperts bench $BENCH_ARGS --json run/bench.json
 #   context      scripts/vram_context.py: what the process holds outside torch's allocator, per stage (init,
 #                cuBLAS, cuBLASLt, Triton, CUDA graph, an Engine over $CONTEXT_MODEL) and setting -> run/context.json
+#   decode-profile  scripts/profile_decode.py over $MODEL per placement in $PROFILE_PLACEMENTS (gpu): graphed
+#                and eager tok/s, kernels per token and the ones that take the time ($PROFILE_ARGS: more flags)
 #   kernels      micro-benchmarks named in $KERNELS (gpu_moe, quant_sweep, dequant, cpu_moe, cpu_pages, profile)
 #   model        the comparison GGUF at $MODEL unless it exists: hotexperts make-model --preset $PRESET
 #                --format gguf --quant $QUANT (~2 min, ~21 GB for qwen3-30b-a3b)
@@ -126,6 +128,16 @@ step_context() {
   guard 300 "$PY" scripts/vram_context.py --model "${CONTEXT_MODEL:-preset:tiny-qwen3-moe}" \
     --json "$RES/context.json" > "$RES/context.log" 2>&1
   cat "$RES/context.log"
+}
+
+step_decode_profile() {  # where an all-GPU decode token's time goes, per $PROFILE_PLACEMENTS on $MODEL
+  local p
+  for p in ${PROFILE_PLACEMENTS:-gpu}; do
+    echo "--- $p"
+    guard 150 env OUT="$RES/decode_profile_${p//[^a-z0-9]/_}" "$PY" scripts/profile_decode.py --model "$MODEL" \
+      --placement "$p" ${PROFILE_ARGS:-} > "$RES/decode_profile_${p//[^a-z0-9]/_}.log" 2>&1
+    head -n 30 "$RES/decode_profile_${p//[^a-z0-9]/_}.log"
+  done
 }
 
 step_kernels() {

@@ -39,10 +39,10 @@ import torch
 
 from hotexperts.config import ModelConfig
 from hotexperts.engine import runner
-from hotexperts.engine.runner.verify import recurrent_buffers
 from hotexperts.engine.sampling import Sampler, SamplingParams, make_generator
 from hotexperts.engine.speculative import AutoSwitch, NgramDrafter, SpecConfig, SpecStats
 from hotexperts.errors import ContextLengthError, HotExpertsError
+from hotexperts.models.cache import restore_recurrent, snapshot_recurrent
 
 
 def prefill(model, executor, kv, prompt_ids: list[int], device: torch.device, chunk: int) -> torch.Tensor:
@@ -234,7 +234,7 @@ class Generator:
 
     def _verify_draft(self, token: int, draft: list[int], pos: int) -> list[int]:
         """Verify [token, *draft] in one forward; the tokens of the rows up to the first rejection."""
-        saved = [b.clone() for b in recurrent_buffers(self.kv)]       # a linear layer's state, to roll back
+        saved = snapshot_recurrent(self.kv)                           # a linear layer's state, to roll back
         logits = self.verify([token, *draft], pos).float()            # [k+1, V]
         out = []
         for i, row in enumerate(logits):
@@ -254,8 +254,7 @@ class Generator:
         forward (positions pos..pos+len(kept)-1; its logits are not used), so the states hold exactly them.
         K/V entries of rejected tokens need nothing: the next step overwrites them before any query reads."""
         t0 = time.perf_counter()
-        for buf, copy in zip(recurrent_buffers(self.kv), saved, strict=True):
-            buf.copy_(copy)
+        restore_recurrent(self.kv, saved)
         with self.verify_step.union.paused():                         # not a verify step's union
             if len(kept) == 1:
                 self.decode_one(kept[0], pos)

@@ -7,6 +7,9 @@ DeltaNet layers (Qwen3.5-MoE, Qwen3-Next), behind KVCache's interface.
     cache.mask(input_pos), cache.positions, cache.max_seq      as KVCache (attention layers only read them)
     cache_bytes(cfg, max_seq, dtype) -> bytes of the cache new_cache(cfg, ...) allocates (the VRAM budget)
     new_cache(cfg, max_seq, dtype, device) -> KVCache for attention-only models, else LayerKindCache
+    recurrent_buffers(kv) -> the buffers a forward advances rather than overwrites ([conv, state] of a hybrid
+                      model's cache, [] for K/V only): what a CUDA-graph warm-up or a rejected draft must
+                      put back (snapshot_recurrent / restore_recurrent)
 
 N sequence slots for batched decoding (engine/batch.py), one flat key axis of N*S positions per layer:
     cache = SlotKVCache(cfg, num_slots=N, max_seq=S, dtype, device)
@@ -144,3 +147,23 @@ class SlotKVCache(nn.Module):
         if sliding_window:
             mask = mask & (self.col_pos[None, :] > q_pos - sliding_window)
         return mask
+
+
+def recurrent_buffers(kv) -> list[torch.Tensor]:
+    """The cache buffers a forward advances rather than overwrites: a linear-attention layer's conv and
+    recurrent state (LayerKindCache), [] for a K/V-only cache. K/V entries are rewritten by a repeat of the
+    same step; these are not, so a warm-up forward or a rejected draft leaves them one step ahead."""
+    return [kv.conv, kv.state] if isinstance(kv, LayerKindCache) and kv.linear else []
+
+
+def snapshot_recurrent(kv) -> list[torch.Tensor]:
+    """Copies of recurrent_buffers(kv) (stream-ordered on the current stream)."""
+    return [b.clone() for b in recurrent_buffers(kv)]
+
+
+def restore_recurrent(kv, saved: list[torch.Tensor]) -> None:
+    """Put a snapshot_recurrent(kv) back into the cache's buffers, in place (their addresses, which CUDA
+    graphs captured, stay)."""
+    for buf, copy in zip(recurrent_buffers(kv), saved, strict=True):
+        buf.copy_(copy)
+

@@ -12,7 +12,9 @@ Both return logits [V] in the model's dtype on the model's device; neither calls
 (the Generator does, after every step); both call the executor's optional `before_step()` right before
 launching a step (the hybrid executor then does the previous step's bookkeeping while this one runs).
 Capture is lazy (first call) and happens with the real token and
-position, so warm-up passes only rewrite the same K/V entries the real step writes. The first warm-up runs
+position, so warm-up passes only rewrite the same K/V entries the real step writes; the state they advance (a
+linear-attention layer's conv and recurrent state, models/cache.recurrent_buffers) is put back after each, so
+the replay computes the step from the state the step was called with. The first warm-up runs
 with torch's sync debug mode "error": an executor that claims graph_safe but synchronises with the host is
 caught there (warning, eager from then on) instead of invalidating a capture. With a compiled decode on
 (runner.compile_decode(model), runner/compiled.py), one more forward before that warm-up compiles it
@@ -28,6 +30,7 @@ import warnings
 import torch
 
 from hotexperts.engine.runner.compiled import compiled_stages, decode_forward
+from hotexperts.models.cache import restore_recurrent, snapshot_recurrent
 from hotexperts.models.transforms import staged_embedding
 
 
@@ -80,9 +83,10 @@ class GraphDecodeStep(EagerDecodeStep):
     def _forward_static(self) -> torch.Tensor:
         return decode_forward(self.model, self.static_tok, self.static_pos, self.kv, self.executor)
 
-    def _warmup(self) -> None:
+    def _warmup(self, saved: list[torch.Tensor]) -> None:
         """Warm-up forwards on a side stream; the first with torch's sync debug mode set to "error", so a
-        host synchronisation inside the step (which would break capture) raises here, harmlessly."""
+        host synchronisation inside the step (which would break capture) raises here, harmlessly; the
+        recurrent state is put back after each."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -93,19 +97,22 @@ class GraphDecodeStep(EagerDecodeStep):
                     self._forward_static()
                 finally:
                     torch.cuda.set_sync_debug_mode(previous)
+                restore_recurrent(self.kv, saved)
         torch.cuda.current_stream(self.device).wait_stream(side)
 
-    def _compile(self) -> None:
+    def _compile(self, saved: list[torch.Tensor]) -> None:
         """The compiled decode's first forward (if any), outside the sync-debug warm-up and the capture."""
         stages = compiled_stages(self.model)
         if stages is not None:
             stages.warm(self._forward_static)
+            restore_recurrent(self.kv, saved)
 
     def _capture(self) -> bool:
         try:
             with torch.no_grad():
-                self._compile()
-                self._warmup()
+                saved = snapshot_recurrent(self.kv)
+                self._compile(saved)
+                self._warmup(saved)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self.static_logits = self._forward_static()

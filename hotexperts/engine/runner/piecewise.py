@@ -26,6 +26,7 @@ import torch
 
 from hotexperts.engine.runner.compiled import decode_forward, decode_stages
 from hotexperts.engine.runner.cuda_graph import stage_token
+from hotexperts.models.cache import restore_recurrent, snapshot_recurrent
 
 
 class EagerCapture:
@@ -172,6 +173,7 @@ class PiecewiseDecodeStep:
             return self.logits[-1]
 
     def _try_build(self) -> bool:
+        saved = snapshot_recurrent(self.kv)          # the warm-ups advance a linear layer's state: put back
         try:
             self._build()
             return True
@@ -180,3 +182,5 @@ class PiecewiseDecodeStep:
                           RuntimeWarning, stacklevel=3)
             self.failed, self.stages = True, None
             return False
+        finally:
+            restore_recurrent(self.kv, saved)

@@ -34,7 +34,7 @@ from torch import nn
 
 from hotexperts.errors import HotExpertsError
 from hotexperts.kernels.handoff_codes import MAX_STEP_TOKENS
-from hotexperts.models.cache import LayerKindCache
+from hotexperts.models.cache import restore_recurrent, snapshot_recurrent
 from hotexperts.models.transforms import staged_embedding
 
 MAX_VERIFY_T = MAX_STEP_TOKENS
@@ -164,12 +164,6 @@ class _Bucket:
             return step.model(self.tok, self.pos, step.kv, step.counted)
 
 
-def recurrent_buffers(kv) -> list[torch.Tensor]:
-    """The cache buffers a forward advances rather than overwrites: a linear-attention layer's conv and
-    recurrent state (models/cache.LayerKindCache), [] for a K/V-only cache."""
-    return [kv.conv, kv.state] if isinstance(kv, LayerKindCache) and kv.linear else []
-
-
 class GraphVerifyStep(EagerVerifyStep):
     """A CUDA graph per T bucket, captured on first use with the real tokens and position: the warm-up
     forwards rewrite the same K/V entries the real step writes, and the recurrent state they advance is put
@@ -215,15 +209,14 @@ class GraphVerifyStep(EagerVerifyStep):
                     bucket.forward(self)
                 finally:
                     torch.cuda.set_sync_debug_mode(previous)
-                for buf, copy in zip(recurrent_buffers(self.kv), saved, strict=True):
-                    buf.copy_(copy)
+                restore_recurrent(self.kv, saved)
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     def _capture(self, bucket: _Bucket) -> bool:
         self.counted.counting = False                        # warm-up forwards are not verify steps
         try:
             with torch.no_grad():
-                self._warm(bucket, [b.clone() for b in recurrent_buffers(self.kv)])
+                self._warm(bucket, snapshot_recurrent(self.kv))
                 self.counted.counting = True
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):

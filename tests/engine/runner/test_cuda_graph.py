@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import build_tiny
 
+from hotexperts.engine.engine import Engine
 from hotexperts.engine.runner import compile_decode
 from hotexperts.engine.runner.cuda_graph import EagerDecodeStep, GraphDecodeStep
 from hotexperts.executor import ExpertExecutor
@@ -111,3 +112,28 @@ def test_compiled_step_in_one_cuda_graph(name):
     assert dict(stages.graphs) == {"prepare": 1, "layer": kinds, "head": 1}
     compile_decode(model, False)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3.5-moe", "tiny-qwen3-next"])
+def test_graphed_decode_steps_equal_eager_ones_from_the_first_step(preset):
+    """The engine's graphed T=1 step from its very first call (the capture) on: its warm-up forwards put a
+    linear layer's conv and recurrent state back, so the first replay starts from the prompt's state (they
+    advanced it twice before, and every token after the capture came out of a wrong state)."""
+    prompt, tokens, logits = [5, 17, 300, 2, 77, 900, 41, 8], [11, 400, 23, 9, 70, 5], {}
+    for graph in (False, True):
+        eng = Engine.load(f"preset:{preset}", dtype="float32", device="cuda", max_context=64,
+                          use_cuda_graph=graph)
+        try:
+            rounds = []
+            for _ in range(2):
+                eng.prefill(prompt)
+                rounds.append(torch.stack([eng.decode_one(t, len(prompt) + i).float().clone()
+                                           for i, t in enumerate(tokens)]))
+            assert eng.generator.decode_step.graphed == graph
+            logits[graph] = rounds
+        finally:
+            eng.close()
+    for eager, graphed in zip(logits[False], logits[True], strict=True):
+        torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)

@@ -14,10 +14,10 @@ from hotexperts.engine.runner.verify import (
     ExpertUnion,
     GraphVerifyStep,
     make_verify_step,
-    recurrent_buffers,
 )
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.placement import Placement
+from hotexperts.models.cache import recurrent_buffers
 
 pytestmark = pytest.mark.usefixtures("one_thread")          # tests/conftest.py
 PROMPT = [5, 17, 300, 2, 77, 900, 41, 8]
@@ -191,24 +191,27 @@ def test_graphed_verify_through_the_worker_matches_eager(preset, placement):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_speculative_decoding_through_the_cache_is_plain_greedy():
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3.5-moe"])
+def test_graphed_speculative_decoding_through_the_cache_is_plain_greedy(preset):
     """The cache placement with graphed verify steps (the worker's mailbox) drafts and verifies to plain
-    greedy output."""
+    greedy output; a scripted drafter (right, partly wrong and wrong drafts of the plain output) makes the
+    verify steps happen whatever the random model writes, and rejections roll a linear layer's state back."""
     from hotexperts.engine.sampling import SamplingParams
     from hotexperts.engine.speculative import SpecConfig
+    from tests.engine.test_speculative import ScriptedDrafter
 
     params, prompt = SamplingParams(max_tokens=40), [5, 17, 300, 2, 77, 900, 41, 8, 5, 17, 300, 2, 77]
-    plain = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cuda", max_context=96,
-                        placement=Placement.parse("cache:10slots:lru"))
+    kw = dict(dtype="float32", device="cuda", max_context=96, placement=Placement.parse("cache:10slots:lru"))
+    plain = Engine.load(f"preset:{preset}", **kw)
     ref = list(plain.generate(prompt, params))
     plain.close()
-    eng = Engine.load("preset:tiny-qwen3-moe", dtype="float32", device="cuda", max_context=96,
-                      placement=Placement.parse("cache:10slots:lru"),
-                      speculative=SpecConfig("ngram", draft_max=6, auto_off=False))
+    eng = Engine.load(f"preset:{preset}", **kw, speculative=SpecConfig("ngram", draft_max=6, auto_off=False))
     try:
         gen = eng.generator
-        gen.verify_step = make_verify_step(eng.model, gen.kv, eng.executor, "cuda")
+        gen.new_drafter = lambda p: ScriptedDrafter(p, ref, eng.config.vocab_size)
+        assert isinstance(gen.verify_step, GraphVerifyStep)
         assert list(eng.generate(prompt, params)) == ref
-        assert gen.verify_step.graphed_sizes and eng.stats()["speculative"]["last"]["accepted"] > 0
+        spec = eng.stats()["speculative"]["last"]
+        assert gen.verify_step.graphed_sizes and 0 < spec["accepted"] < spec["drafted"]
     finally:
         eng.close()
