@@ -19,8 +19,9 @@ union of its tokens' experts (prompt=False): with the worker it runs and is acco
 routing in the mailbox, deferred on CUDA); without it (or past the mailbox's tokens) SyncStep runs it and it
 is accounted at once.
 Next-layer prefetch (`enable_prediction`, off by default; experts/predict.py): synchronous decode steps
-(T = 1 without the worker) guess the next layer's experts and queue fills of guessed misses while the link
-is idle; outputs stay exact. The worker's graphed step has no host work between layers and ignores it.
+(T = 1 without the worker) guess the next layer's experts and request them from the planner (the one swap
+decider: CachePlanner.request_prefetch), whose loads the slot cache issues; stats()["prefetch"] counts them.
+The worker's graphed step has no host work between layers and ignores it.
 Prompt chunks (T > 1, not announced) are observed with prompt=True: the planner keeps batches over its
 prompt_bypass from the policy (no flush of the decode working set) and seeds free slots from them.
 """
@@ -94,10 +95,11 @@ class HybridExecutor(ExpertExecutor):
         return self.worker is not None
 
     def enable_prediction(self, predictor: NextLayerPredictor, **kw) -> None:
-        """Prefetch the next layer's guessed misses in synchronous decode steps (kw: NextLayerPrefetch's)."""
-        if self.slots is None:
-            raise HotExpertsError("next-layer prefetch needs expert slots (a cache placement)")
-        self.prefetch = NextLayerPrefetch(predictor, self.slots, self.cache.managed, **kw)
+        """Request the next layer's guessed experts in synchronous decode steps (kw: NextLayerPrefetch's)."""
+        if self.slots is None or self.planner is None:
+            raise HotExpertsError("next-layer prefetch needs managed expert slots (a cache or hot:K "
+                                  "placement)")
+        self.prefetch = NextLayerPrefetch(predictor, self.planner, self.slots, **kw)
 
     def close(self) -> None:
         """Stop the native worker thread (also done when collected or at exit); the executor cannot run
@@ -136,7 +138,7 @@ class HybridExecutor(ExpertExecutor):
             return self.stream(layer, x, ids, weights)
         if self.prefetch is not None and T == 1:             # before this layer's CPU work: fills overlap it
             self.prefetch.before_layer(layer)
-            self.prefetch.after_route(layer, x, ids)
+            self.prefetch.after_route(self.step, layer, x)
         return self.sync(layer, x, ids, weights, self.step, prompt)
 
     def _worker_takes(self, T: int) -> bool:
@@ -170,8 +172,6 @@ class HybridExecutor(ExpertExecutor):
             got = self._take_now() if decode else None
             self._close(self.step, self._prompt, got)
         self.step += 1
-        if self.prefetch is not None:
-            self.prefetch.end_step()
         self._prompt, self._announced, self._verify = False, False, False
         self.host_s += time.perf_counter() - t0 - self._wait_s
         self._flush_wait()
@@ -242,6 +242,7 @@ class HybridExecutor(ExpertExecutor):
         d["gpu_miss_count"] = 0 if self.worker is None else self.worker.gpu_miss_count
         d["gpu_share"] = None if self.worker is None else self.worker.share
         d["host_s"], d["sync_s"] = self.host_s, self.sync_s
+        d["prefetch"] = None if self.prefetch is None else self.prefetch.stats()
         return d
 
     def export_profile(self, path: str) -> str:

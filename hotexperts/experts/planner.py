@@ -11,6 +11,9 @@ so identical calls give identical hits, misses and swaps).
     planner.plan(step, prompt, residency) -> list[Swap]     # swaps to issue now (bounded); reads residency
     planner.cold_start(residency) / warm_start(profile, residency) -> loads  (issue, then commit)
     planner.export_profile(residency) -> Profile;  planner.stats[layer] (LayerStats);  planner.hit_rate()
+    planner.request_prefetch(step, layer, guesses, residency, max_fills=2, cold_steps=8) -> list[Swap]
+        # a prediction ("these experts of `layer` are likely routed next") -> the fills to issue now
+    planner.prefetch.stats (PrefetchStats: requests, predictions, busy, issued, useful, late, wasted, recall)
 
 The owner of the residency (experts/residency.py) applies what plan() returns: `residency.start(swaps)` at
 once (the slot cache: as it issues the copies), `residency.commit(...)` when the fills complete.
@@ -21,6 +24,20 @@ Bounds: per decode step at most max_swaps loads that evict a resident and max_fi
 profile): experts no routing has chosen yet. After a prompt, its most-routed experts fill the FREE slots and
 those of placeholders, evicting nothing routing ever chose: prompt routing seeds the cache but never
 flushes the decode working set. Prompt batches over `prompt_bypass` tokens are not shown to the policy.
+
+Prefetch (next-layer prediction, experts/predict.py) is a request to this one swap decider, never a second
+one. request_prefetch fills guessed experts of `layer` that hold no slot, at most `max_fills`, under its
+rules: nothing while any fill is in flight (residency.pending: the link is busy); a free slot only within
+the layer's capacity and the global budget (never beyond hot:K or the pool); else the slot of a cold
+resident of that layer: not routed in the `cold_steps` steps before this one, not guessed now, least
+recently routed first (placeholders count as never routed). It never moves a slot between layers, so no
+entry of another layer (the current layer's step reads its own) is touched; cold_steps >= 1 also keeps the
+previous step's entries (the slot cache's read guard makes even those safe to refill). The policy never
+sees prefetches: a guess that routing does not confirm is the first thing the policy evicts. The ledger
+counts, per (layer, expert): issued, useful (routed while resident, before any eviction), late (routed
+while its fill was in flight), wasted (evicted before any routing chose it), and the recall of the guesses
+against the layer's routing in the same step (all cells, and the cells whose expert held no slot when
+guessed).
 """
 
 from __future__ import annotations
@@ -34,6 +51,8 @@ from hotexperts.errors import HotExpertsError
 from hotexperts.experts.policies.base import CachePolicy, Capacity, Swap, _cells, _grid, _idarr
 from hotexperts.experts.profile import Profile
 from hotexperts.experts.residency import Residency
+
+NEVER = -(1 << 62)          # _last_routed of an expert no routing has chosen
 
 
 class _Occupied(dict):
@@ -80,6 +99,78 @@ class LayerStats:
     evictions: int = 0
 
 
+@dataclass
+class PrefetchStats:
+    """Counts of next-layer prefetch requests (request_prefetch; module doc), of (layer, expert) entries."""
+    requests: int = 0          # request_prefetch calls
+    predictions: int = 0       # distinct guessed experts over all requests
+    busy: int = 0              # requests that filled nothing: a fill was in flight (the link busy)
+    issued: int = 0            # prefetch loads planned
+    useful: int = 0            # prefetched, then routed while resident (a hit) before any eviction
+    late: int = 0              # prefetched, routed while its fill was still in flight (a miss all the same)
+    wasted: int = 0            # prefetched, evicted before any routing chose it
+    routed: int = 0            # recall: cells routed in a guessed layer and step ...
+    covered: int = 0           #   ... whose expert was guessed
+    missed: int = 0            # miss recall: of those cells, the ones whose expert held no slot when guessed
+    missed_covered: int = 0    #   ... and was guessed
+
+    def to_dict(self) -> dict:
+        d = dict(vars(self))
+        d["recall"] = self.covered / self.routed if self.routed else None
+        d["miss_recall"] = self.missed_covered / self.missed if self.missed else None
+        return d
+
+
+class PrefetchLedger:
+    """What became of each prefetch and each guess (torch-free). guessed -> loaded -> routed | evicted."""
+
+    def __init__(self, layers: Sequence[int]):
+        self.stats = PrefetchStats()
+        self.loaded: dict[int, set[int]] = {l: set() for l in layers}      # prefetched, not yet routed
+        self._guess: dict[int, tuple[int, set[int], set[int]]] = {}       # layer -> (step, guesses, occupied)
+
+    @property
+    def watching(self) -> bool:
+        """Some guess or prefetched entry waits for routing (else routed() has nothing to count)."""
+        return bool(self._guess) or any(self.loaded.values())
+
+    def guessed(self, step: int, layer: int, guesses: list[int], occupied: set[int]) -> None:
+        self.stats.requests += 1
+        self.stats.predictions += len(guesses)
+        self._guess[layer] = (step, set(guesses), set(occupied))
+
+    def load(self, layer: int, expert: int) -> None:
+        self.stats.issued += 1
+        self.loaded[layer].add(expert)
+
+    def evicted(self, layer: int, expert: int) -> None:
+        box = self.loaded.get(layer)
+        if box and expert in box:
+            box.discard(expert)
+            self.stats.wasted += 1
+
+    def routed(self, step: int, layer: int, experts: list[int], hits: list[bool] | None) -> None:
+        """Layer `layer`'s routed experts (-1 removed) at `step` with their hit flags (None: all hits)."""
+        st, guess = self.stats, self._guess.pop(layer, None)
+        if guess is not None and guess[0] == step:
+            g, occ = guess[1], guess[2]
+            st.routed += len(experts)
+            st.covered += sum(e in g for e in experts)
+            cold = [e for e in experts if e not in occ]
+            st.missed += len(cold)
+            st.missed_covered += sum(e in g for e in cold)
+        box = self.loaded.get(layer)
+        if not box:
+            return
+        for e, h in zip(experts, hits if hits is not None else [True] * len(experts), strict=True):
+            if e in box:
+                box.discard(e)
+                if h:
+                    st.useful += 1
+                else:
+                    st.late += 1
+
+
 class CachePlanner:
     """The one driver of a policy, for the live slot cache and the simulator alike (see module doc)."""
 
@@ -106,6 +197,8 @@ class CachePlanner:
         self.decode_steps = 0
         self._ph = np.zeros((len(self.layers), self.E), bool)      # cold_start's loads never routed since
         self._ph_any = False
+        self._last_routed = np.full((len(self.layers), self.E), NEVER, np.int64)   # step each was routed
+        self.prefetch = PrefetchLedger(self.layers)
 
     # ---- observations ----------------------------------------------------------------------------
     def observe(self, step: int, layer: int, experts, prompt: bool = False, *, tokens: int = 1,
@@ -117,8 +210,12 @@ class CachePlanner:
                 st.prompt_hits, st.prompt_misses = st.prompt_hits + h, st.prompt_misses + len(hits) - h
             else:
                 st.hits, st.misses = st.hits + h, st.misses + len(hits) - h
+        routed = _idarr(experts)
+        self._last_routed[self._index[layer], routed] = step
+        if self.prefetch.watching:
+            self.prefetch.routed(step, layer, routed.tolist(), None if hits is None else list(hits))
         if prompt:
-            np.add.at(self._prompt_counts[layer], _idarr(experts), 1.0)
+            np.add.at(self._prompt_counts[layer], routed, 1.0)
         if self._ph_any:
             self._ph[self._index[layer], _idarr(experts)] = False       # routed: no placeholder any more
         if not (prompt and tokens > self.prompt_bypass):
@@ -172,12 +269,69 @@ class CachePlanner:
                     st = stats[l]
                     st.hits += a
                     st.misses += v - a
+        self._last_routed.reshape(-1)[_cells(idx[0], x, self.E)] = step
+        if self.prefetch.watching:
+            self._prefetch_routed(step, key, x, hits)
         if prompt:
             np.add.at(self._prompt.reshape(-1), _cells(idx[0], x, self.E), 1.0)
         if self._ph_any:
             self._ph.reshape(-1)[_cells(idx[0], x, self.E)] = False      # routed: no placeholder any more
         if not (prompt and tokens > self.prompt_bypass):
             self.policy.access_step(step, idx[1], x, prompt)
+
+    def _prefetch_routed(self, step: int, layers: tuple, x: np.ndarray, hits) -> None:
+        """observe_step's rows for the prefetch ledger (only while it watches something)."""
+        h = None if hits is None else _grid(hits, len(layers)).astype(bool, copy=False)
+        for i, l in enumerate(layers):
+            valid = x[i] >= 0
+            self.prefetch.routed(step, l, x[i][valid].tolist(), None if h is None else h[i][valid].tolist())
+
+    # ---- next-layer prefetch -------------------------------------------------------------------------
+    def request_prefetch(self, step: int, layer: int, guesses, res: Residency, *, max_fills: int = 2,
+                         cold_steps: int = 8) -> list[Swap]:
+        """A prediction: experts `guesses` (ids, best first; -1 skipped) of `layer` are likely routed at
+        `step`. -> the prefetch loads to issue now, under the rules of the module doc (possibly none)."""
+        if max_fills < 0 or cold_steps < 0:
+            raise HotExpertsError(f"prefetch: max_fills and cold_steps must be >= 0, got {max_fills} "
+                                  f"and {cold_steps}")
+        if layer not in self._index:
+            return []
+        want = list(dict.fromkeys(e for e in _idarr(guesses).tolist() if e < self.E))
+        occ = res.occupied([layer])[layer]
+        self.prefetch.guessed(step, layer, want, occ)
+        if res.in_flight(self.layers):
+            self.prefetch.stats.busy += 1
+            return []
+        want = [e for e in want if e not in occ][:max_fills]
+        if not want:
+            return []
+        return self._prefetch_loads(layer, want, res, self._cold(step, layer, res, set(want), cold_steps))
+
+    def _prefetch_loads(self, layer: int, want: list[int], res: Residency, victims: list[int]) -> list[Swap]:
+        """Loads of `want` into free slots within capacity, else into the victims' slots, in order."""
+        work, out = _Scratch(res, self.layers), []
+        for e in want:
+            v = None
+            if not self._free(layer, work.occ, work.total):
+                if not victims:
+                    break
+                v = victims.pop(0)
+                self._evict(layer, v, work, out, paired=True)
+            work.occ[layer].add(e)
+            work.total += 1
+            self.stats[layer].loads += 1
+            self.prefetch.load(layer, e)
+            out.append((layer, e, v))
+        return out
+
+    def _cold(self, step: int, layer: int, res: Residency, keep: set[int], cold_steps: int) -> list[int]:
+        """Residents of `layer` not routed in the last `cold_steps` steps and not in `keep`, least recently
+        routed first (ties: lower id)."""
+        resident = np.fromiter(res.resident[layer], np.int64, len(res.resident[layer]))
+        last = self._last_routed[self._index[layer], resident]
+        cold = np.lexsort((resident, last))
+        cold = cold[last[cold] < step - cold_steps]
+        return [e for e in resident[cold].tolist() if e not in keep]
 
     # ---- per forward pass ----------------------------------------------------------------------
     def plan(self, step: int, prompt: bool, res: Residency) -> list[Swap]:
@@ -296,6 +450,7 @@ class CachePlanner:
         work.occ[layer].discard(expert)
         work.total -= 1
         self.stats[layer].evictions += 1
+        self.prefetch.evicted(layer, expert)
         if not paired:
             issued.append((layer, None, expert))
 

@@ -14,8 +14,8 @@ L's state (the residual stream changes little from one layer to the next).
 The predictor holds references to the model's modules (no copies; `models/` is not imported: a model is
 anything with `.model.layers[i]`, each with `.is_moe`, `.ffn_name`, `.post_attention_layernorm`, whose MoE
 block has `.gate`). A linear router ranks by its logits (top k + extra); any other router (sigmoid group)
-gives its own top-k choice and ignores `extra`. A guess only decides what to prefetch; outputs never
-depend on it (experts/hybrid.py `prefetch_next`).
+gives its own top-k choice and ignores `extra`. A guess only asks the planner for fills (NextLayerPrefetch
+below); outputs depend on which experts are hits only as any cache's do (the order of an exact float sum).
 """
 
 from __future__ import annotations
@@ -94,66 +94,41 @@ def recall(predicted: torch.Tensor, actual: torch.Tensor, counted: torch.Tensor 
 
 class NextLayerPrefetch:
     """The hybrid executor's use of a NextLayerPredictor (HybridExecutor.enable_prediction), decode (T = 1)
-    steps of the synchronous path only:
+    steps of the synchronous path only. It decides no swap: a guess is a request to the cache's planner,
+    the one swap decider (CachePlanner.request_prefetch: its rules), whose loads the slot cache issues.
 
-        before_layer(layer)        publish fills that completed (slots.poll: never blocks), so a prefetch
-                                   issued during the previous layer can serve this one
-        after_route(layer, x, ids) predict the next layer's experts from x (its input, predict_from_input);
-                                   when the link is idle (no fill in flight) queue fills of predicted misses
-                                   into free slots, else into cold slots of that layer: residents no token
-                                   chose there in the last `cold_steps` decode steps (never a live entry)
+        before_layer(layer)            publish fills that completed (slots.poll: never blocks), so a prefetch
+                                       issued during the previous layer can serve this one
+        after_route(step, layer, x)    guess the next layer's experts from x [T, D] (this layer's input,
+                                       predict_from_input) and hand them to planner.request_prefetch
+        stats() -> dict                the planner's PrefetchStats (requests, predictions, busy, issued,
+                                       useful, late, wasted, recall, miss_recall)
 
-    A wrong guess costs link time only: hits and misses are split per layer from the slot table as always,
-    so outputs are exact whatever was prefetched. Counters: `issued` fills, `predicted` guesses.
+    A wrong guess costs link time only: hits and misses are split per layer from the slot table as always.
     """
 
-    def __init__(self, predictor: NextLayerPredictor, slots, managed, cold_steps: int = 8,
+    def __init__(self, predictor: NextLayerPredictor, planner, slots, cold_steps: int = 8,
                  max_fills: int = 2):
-        self.predictor, self.slots = predictor, slots
-        self.managed = set(managed)
+        if max_fills < 0 or cold_steps < 0:
+            raise HotExpertsError(f"next-layer prefetch: max_fills and cold_steps must be >= 0, got "
+                                  f"{max_fills} and {cold_steps}")
+        self.predictor, self.planner, self.slots = predictor, planner, slots
         self.cold_steps, self.max_fills = int(cold_steps), int(max_fills)
-        self.step = 0
-        never = -(1 << 30)
-        self._last_use = {l: torch.full((slots.num_experts,), never, dtype=torch.long) for l in slots.layers}
-        self.issued = self.predicted = 0
+        self.managed = set(planner.layers)
 
     def before_layer(self, layer: int) -> None:
         if self.slots.fills:
             self.slots.poll()
 
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+    def after_route(self, step: int, layer: int, x: torch.Tensor) -> None:
         nxt = self.predictor.next_layer(layer)
-        if layer in self._last_use:
-            self._last_use[layer][ids.flatten().cpu().clamp(min=0)] = self.step
         if nxt is None or nxt not in self.managed:
             return
-        guess = self.predictor.predict_from_input(layer, x).cpu()
-        self.predicted += guess.numel()
-        if self.slots.in_flight():
-            return                                                  # the link is busy: no speculative copy
-        want = self.predictor.misses(layer, guess, self.slots.mirror(nxt))[: self.max_fills]
-        if want:
-            self.issued += len(self.slots.issue(self._swaps(nxt, want)))
+        guess = self.predictor.predict_from_input(layer, x).cpu()                # [T, k+m], best first
+        swaps = self.planner.request_prefetch(step, nxt, guess.T.flatten().numpy(), self.slots.residency,
+                                              max_fills=self.max_fills, cold_steps=self.cold_steps)
+        if swaps:
+            self.slots.issue(swaps)
 
-    def end_step(self) -> None:
-        self.step += 1
-
-    def _swaps(self, layer: int, want: list[int]) -> list[tuple[int, int, int | None]]:
-        free = len(self.slots.free)
-        cold = self._cold(layer, set(want))
-        swaps = []
-        for e in want:
-            if free > 0:
-                swaps.append((layer, e, None))
-                free -= 1
-            elif cold:
-                swaps.append((layer, e, cold.pop(0)))
-        return swaps
-
-    def _cold(self, layer: int, keep: set[int]) -> list[int]:
-        """Residents of `layer` unused for cold_steps decode steps and not guessed now, least recently used
-        first."""
-        res = torch.nonzero(self.slots.mirror(layer) >= 0).flatten()
-        old = res[self._last_use[layer][res] < self.step - self.cold_steps]
-        old = old[torch.argsort(self._last_use[layer][old], stable=True)].tolist()
-        return [e for e in old if e not in keep]
+    def stats(self) -> dict:
+        return self.planner.prefetch.stats.to_dict()

@@ -6,6 +6,7 @@
     res.occupied(layers=None) -> {l: resident | pending}  (copies; every layer, or those named)
     res.total(layers=None) -> slots occupied over every layer, or over those named
     res.lookup(l, experts) -> [bool]; res.lookup_step(layers, experts[n, M]) -> bool [n, M]  (no side effects)
+    res.in_flight(layers=None) -> bool  a fill is issued and not complete (the host-to-device link is busy)
     res.start(swaps)    issue: an evicted expert leaves `resident` at once (its slot is being overwritten), a
                         loaded one becomes `pending`
     res.commit(swaps)   the loads' fills completed: pending -> resident
@@ -44,6 +45,10 @@ class Residency:
             r, p = self.resident[l], self.pending[l]
             total += len(r) + len(p) - len(p & r) if p else len(r)
         return total
+
+    def in_flight(self, layers: Sequence[int] | None = None) -> bool:
+        """Some fill (of every layer, or of `layers`) is issued and not committed yet: the link is busy."""
+        return any(self.pending[l] for l in (self.layers if layers is None else layers))
 
     def lookup(self, layer: int, experts) -> list[bool]:
         res = self.resident[layer]
