@@ -302,10 +302,10 @@ class CachePlanner:
         if res.in_flight(self.layers):
             self.prefetch.stats.busy += 1
             return []
-        want = [e for e in want if e not in occ][:max_fills]
+        guessed, want = set(want), [e for e in want if e not in occ][:max_fills]
         if not want:
             return []
-        return self._prefetch_loads(layer, want, res, self._cold(step, layer, res, set(want), cold_steps))
+        return self._prefetch_loads(layer, want, res, self._cold(step, layer, res, guessed, cold_steps))
 
     def _prefetch_loads(self, layer: int, want: list[int], res: Residency, victims: list[int]) -> list[Swap]:
         """Loads of `want` into free slots within capacity, else into the victims' slots, in order."""

@@ -1,13 +1,16 @@
 """Next-layer prediction (experts/predict.py): the guess is layer L+1's router on L's residual, the same from
 the executor's input; recall counts what it covers; prefetching on the hybrid decode path keeps outputs
-exact (tokens identical to the DenseExecutor reference) and does issue fills."""
+exact (tokens identical to the DenseExecutor reference, and to prefetch off on the tiny presets; every read
+of the slots equals, bit for bit, the same kernel over the store's own experts) and does issue fills."""
 
+import functools
 import math
 
 import pytest
 import torch
 
 from hotexperts.config import ModelConfig
+from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import build_executor
 from hotexperts.experts.placement import Placement
@@ -146,3 +149,121 @@ def test_stats_have_no_prefetch_entry_without_prediction():
     ex = build_executor(Placement.parse("cache:3slots"), STORE, CFG, "cpu")
     run(ex)
     assert ex.stats()["prefetch"] is None
+
+
+# ---- the tiny presets: prefetch on decodes what prefetch off decodes, every slot read checked ----------
+PRESETS = ("tiny-qwen3-moe", "tiny-qwen3.5-moe")
+PRESET_PLACEMENTS = ("cache:6slots:lru", "cache:12slots:decay", "hot:3")
+
+
+@functools.cache
+def preset(name):
+    return build_in_memory(name, dtype="float32", device="cpu")
+
+
+def decode(lm, executor, n=10):
+    """Prefill + greedy decode of the preset through `executor` -> (tokens, [V] logits rows)."""
+    prompt = [3, 9, 4, 12, 7, 15, 5, 11, 6, 13, 8, 10]
+    kv = lm.model.new_kv_cache(len(prompt) + n + 1)
+    with torch.no_grad():
+        rows = [lm.model(torch.tensor(prompt), torch.arange(len(prompt)), kv, executor)[-1]]
+        executor.end_step()
+        toks = []
+        for i in range(n):
+            toks.append(int(rows[-1].argmax()))
+            rows.append(lm.model(torch.tensor([toks[-1]]), torch.tensor([len(prompt) + i]), kv, executor)[-1])
+            executor.end_step()
+    return toks, rows
+
+
+class SlotReadCheck:
+    """Wraps a hybrid executor's GPU kernel. At every read of the slots: the table read equals the host
+    mirror the misses are split by, the occupancy is within the planner's capacity (hot:K, the budget) and
+    the pool, and the result equals, bit for bit, the same kernel over the store's own experts with the
+    mirror's hits (a slot overwritten while read, or holding another expert, gives other bits)."""
+
+    def __init__(self, ex):
+        self.ex, self.kernel, self.reads = ex, ex.cache.gpu_moe, 0
+        ex.cache.gpu_moe = self
+
+    def __call__(self, x, ids, weights, w13, w2, slot_of=None, out=None, **kw):
+        y = self.kernel(x, ids, weights, w13, w2, slot_of, out=out, **kw)
+        s = self.ex.slots
+        layer = s.layers[(slot_of.data_ptr() - s.table.data_ptr()) // (s.table.stride(0) * 4)]
+        assert torch.equal(slot_of, s.mirror(layer))
+        hit = (s.mirror(layer)[ids.clamp(min=0)] >= 0) & (ids >= 0)
+        own = s.store.layer(layer)
+        assert torch.equal(y, self.kernel(x, ids.masked_fill(~hit, -1), weights, own.w13, own.w2, None, **kw))
+        self.check_capacity()
+        self.reads += 1
+        return y
+
+    def check_capacity(self):
+        p, res = self.ex.planner, self.ex.slots.residency
+        occ = res.occupied(p.layers)
+        assert all(len(occ[l]) <= p.capacity[l] for l in p.layers)
+        assert p.capacity.budget is None or res.total(p.layers) <= p.capacity.budget
+        assert res.total() <= self.ex.slots.num_slots
+
+
+class SlowEvent:
+    """A fill or read event that completes only after two queries (a copy or a step still running)."""
+
+    def __init__(self):
+        self.left = 0
+
+    def record(self, stream=None):
+        self.left = 2
+
+    def query(self):
+        self.left = max(0, self.left - 1)
+        return self.left == 0
+
+    def synchronize(self):
+        self.left = 0
+
+
+def decode_checked(name, text, predict: bool, events=None):
+    lm = preset(name)
+    ex = build_executor(Placement.parse(text), lm.store, lm.cfg, "cpu", event_factory=events)
+    check = SlotReadCheck(ex)
+    if predict:
+        ex.enable_prediction(NextLayerPredictor.from_model(lm.model, 2), cold_steps=0)
+    toks, rows = decode(lm, ex)
+    return toks, rows, ex.stats(), check.reads
+
+
+@pytest.mark.parametrize("text", PRESET_PLACEMENTS)
+@pytest.mark.parametrize("name", PRESETS)
+def test_prefetch_on_decodes_what_prefetch_off_decodes(name, text):
+    off_toks, off_rows, off, _ = decode_checked(name, text, False)
+    toks, rows, on, reads = decode_checked(name, text, True)
+    assert toks == off_toks
+    for a, b in zip(rows, off_rows, strict=True):
+        # other hits, so another order of the same fp32 sum: not bit for bit (see scripts/bench_prefetch.py)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    pf = on["prefetch"]
+    assert reads > 0 and pf["issued"] > 0 and pf["useful"] > 0            # prefetches did serve hits
+    assert on["total"]["hits"] + on["total"]["misses"] == off["total"]["hits"] + off["total"]["misses"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_fills_and_reads_that_complete_late_keep_decode_exact(name):
+    toks, rows, on, _ = decode_checked(name, "cache:12slots:lru", True, events=lambda kind: SlowEvent())
+    ref_toks, ref_rows, _, _ = decode_checked(name, "cache:12slots:lru", False)
+    assert toks == ref_toks
+    for a, b in zip(rows, ref_rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    pf = on["prefetch"]
+    assert pf["busy"] > 0 and pf["issued"] > 0          # requests met a busy link, others filled
+
+
+def test_the_slot_read_check_catches_a_slot_holding_another_expert():
+    lm = preset("tiny-qwen3-moe")
+    ex = build_executor(Placement.parse("hot:3"), lm.store, lm.cfg, "cpu")
+    SlotReadCheck(ex)
+    layer = ex.slots.layers[0]
+    e, slot = next((e, int(s)) for e, s in enumerate(ex.slots.mirror(layer).tolist()) if s >= 0)
+    ex.slots.w13[slot].copy_(lm.store.layer(layer).w13[(e + 1) % lm.cfg.num_experts])
+    with pytest.raises(AssertionError):
+        decode(lm, ex, n=1)
