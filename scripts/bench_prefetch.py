@@ -1,5 +1,6 @@
 """Decode with next-layer prefetch off and on (experts/predict.py), same engine settings: tok/s, hit rate,
-fills issued, and whether the tokens are identical.
+the planner's prefetch counts (predictions, fills issued, useful, late, wasted, requests refused on a busy
+link, recall of all next-layer cells and of its misses), and whether the tokens are identical.
 
     python scripts/bench_prefetch.py --model preset:tiny-qwen3-moe --placement cache:6slots:lru --tokens 64
     python scripts/bench_prefetch.py --model DIR|GGUF --placement cache:8GiB --tokens 256 --extra 2   # GPU
@@ -40,8 +41,8 @@ def run(args, decode: str, predict: bool) -> dict:
         st = engine.stats().get("cache") or {}
         tot = st.get("total", {})
         hits, misses = tot.get("hits", 0), tot.get("misses", 0)
-        issued = ex.prefetch.issued if getattr(ex, "prefetch", None) is not None else 0
-        return dict(tokens=toks, tok_s=len(toks) / dt, hit=hits / max(hits + misses, 1), issued=issued)
+        return dict(tokens=toks, tok_s=len(toks) / dt, hit=hits / max(hits + misses, 1),
+                    prefetch=st.get("prefetch"))
     finally:
         engine.close()
 
@@ -59,9 +60,22 @@ def main() -> None:
     rows = {"worker": run(args, "auto", False), "sync": run(args, "sync", False),
             "sync+prefetch": run(args, "sync", True)}
     for name, r in rows.items():
-        print(f"{name:14s} {r['tok_s']:8.2f} tok/s  hit {r['hit']:.3f}  prefetch fills {r['issued']}")
+        print(f"{name:14s} {r['tok_s']:8.2f} tok/s  hit {r['hit']:.3f}  {prefetch_line(r['prefetch'])}")
     for a, b in (("sync", "sync+prefetch"), ("worker", "sync")):
         print(f"tokens {a} vs {b}: {agreement(rows[a]['tokens'], rows[b]['tokens'])}")
+
+
+def prefetch_line(pf: dict | None) -> str:
+    """The planner's prefetch counts (executor stats()["prefetch"]) in one line; 'prefetch off' without."""
+    if pf is None:
+        return "prefetch off"
+    return (f"predictions {pf['predictions']}  fills {pf['issued']} (useful {pf['useful']}, "
+            f"late {pf['late']}, wasted {pf['wasted']})  busy {pf['busy']}/{pf['requests']} requests  "
+            f"recall {_share(pf['recall'])}  miss recall {_share(pf['miss_recall'])}")
+
+
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def agreement(a: list[int], b: list[int]) -> str:

@@ -128,11 +128,12 @@ class PrefetchLedger:
         self.stats = PrefetchStats()
         self.loaded: dict[int, set[int]] = {l: set() for l in layers}      # prefetched, not yet routed
         self._guess: dict[int, tuple[int, set[int], set[int]]] = {}       # layer -> (step, guesses, occupied)
+        self._waiting = 0                                                   # entries of `loaded`
 
     @property
     def watching(self) -> bool:
         """Some guess or prefetched entry waits for routing (else routed() has nothing to count)."""
-        return bool(self._guess) or any(self.loaded.values())
+        return bool(self._guess) or self._waiting > 0
 
     def guessed(self, step: int, layer: int, guesses: list[int], occupied: set[int]) -> None:
         self.stats.requests += 1
@@ -140,6 +141,8 @@ class PrefetchLedger:
         self._guess[layer] = (step, set(guesses), set(occupied))
 
     def load(self, layer: int, expert: int) -> None:
+        if expert not in self.loaded[layer]:
+            self._waiting += 1
         self.stats.issued += 1
         self.loaded[layer].add(expert)
 
@@ -147,6 +150,7 @@ class PrefetchLedger:
         box = self.loaded.get(layer)
         if box and expert in box:
             box.discard(expert)
+            self._waiting -= 1
             self.stats.wasted += 1
 
     def routed(self, step: int, layer: int, experts: list[int], hits: list[bool] | None) -> None:
@@ -165,6 +169,7 @@ class PrefetchLedger:
         for e, h in zip(experts, hits if hits is not None else [True] * len(experts), strict=True):
             if e in box:
                 box.discard(e)
+                self._waiting -= 1
                 if h:
                     st.useful += 1
                 else:
