@@ -80,8 +80,11 @@ def _share(x: float | None) -> str:
 
 def agreement(a: list[int], b: list[int]) -> str:
     """'identical' or where two greedy runs part. Runs whose hits and misses split differently add the same
-    experts in another order and on other kernels (GPU slots vs CPU): exact on CPU in fp32 (the tests), a
-    rounding difference in bf16 on a GPU, which a random model's near-ties can turn into another token."""
+    experts in another order and on other kernels (GPU slots vs CPU): the same tokens on CPU in fp32 (the
+    tests; logits within 1e-5, not bit for bit), a rounding difference in bf16, which a random model's
+    near-ties can turn into another token. Measured on CPU in bf16 with the tokens forced (tiny-qwen3.5-moe):
+    prefetch on vs off moves the logits by 0.03-0.09, as much as prefetch off at 6 vs 10 slots or all
+    experts on the CPU do; the free-running tokens parted at token 7 (prefetch) and 32 (all-CPU, qwen3)."""
     if a == b:
         return f"identical ({len(a)} tokens)"
     first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
