@@ -130,7 +130,9 @@ def _gated_delta_fla(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     r = v.shape[1] // q.shape[1]
     q, k = (t.repeat_interleave(r, dim=1) for t in (q, k))                         # [T, Hv, dk]
     fn = recurrent_fn if q.shape[0] <= RECURRENT_MAX_T else chunk_fn
-    o, final = fn(q[None], k[None], v[None], g.float()[None], beta.to(v.dtype)[None],    # as transformers
+    # by keyword: fla's two functions order their parameters differently (fused_recurrent's 5th is `gk`,
+    # a per-key decay, in fla 0.6: beta passed 5th there silently computed another recurrence)
+    o, final = fn(q[None], k[None], v[None], g=g.float()[None], beta=beta.to(v.dtype)[None],
                   initial_state=state[None], output_final_state=True, use_qk_l2norm_in_kernel=True)
     state.copy_(final[0])
     return o[0].to(v.dtype)
