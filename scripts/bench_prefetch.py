@@ -40,7 +40,7 @@ def run(args, decode: str, predict: bool) -> dict:
         st = engine.stats().get("cache") or {}
         tot = st.get("total", {})
         hits, misses = tot.get("hits", 0), tot.get("misses", 0)
-        issued = ex.prefetch.issued if getattr(ex, "prefetch", None) is not None else 0
+        issued = ex.prefetch.issued if ex.prefetch is not None else 0
         return dict(tokens=toks, tok_s=len(toks) / dt, hit=hits / max(hits + misses, 1), issued=issued)
     finally:
         engine.close()

@@ -3,7 +3,8 @@
 
     plan, store = plan_placement(placement, store, device, reserved_bytes=0)   # the plan, nothing allocated
     ex = build_executor(placement, store, cfg, device, *, reserved_bytes=0, dtype=None, options=...)
-    ex.plan                                     # the PlacementPlan it runs (printable: plan.describe())
+    ex.plan                                     # the PlacementPlan it runs (printable: plan.describe()),
+                                                # handed to every executor's constructor
 
 Which executor a plan gets: `plan.dense` (the gpu placement) -> GpuExecutor on CUDA (DenseExecutor, the
 oracle, elsewhere);
@@ -154,9 +155,7 @@ def _store_dtype(store, dev) -> torch.dtype:
 def _all_gpu(plan: PlacementPlan, store, dev, dtype, options: KernelOptions):
     """CUDA: GpuExecutor (one fused kernel per layer, graph-safe); elsewhere the DenseExecutor oracle."""
     if dev.type != "cuda":
-        ex = DenseExecutor({l: store.layer(l) for l in store.layers}, dev, dtype)
-        ex.plan = plan
-        return ex
+        return DenseExecutor({l: store.layer(l) for l in store.layers}, dev, dtype, plan=plan)
     try:
         return GpuExecutor(store, dev, options=options, plan=plan)
     except torch.cuda.OutOfMemoryError:
