@@ -48,7 +48,8 @@ from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import quantized_store
-from hotexperts.experts.placement import QUANT, Placement
+from hotexperts.experts.placement import Placement
+from hotexperts.formats import EXPERT_QUANT
 from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.trace.profiles import get_profile
 
@@ -207,12 +208,12 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
     directly: no bf16 copy of a 30B model's experts in RAM), not once per placement. The token embedding
     lives in host memory on CUDA; dense_quant as Engine.load's."""
     host = device.type == "cuda"
-    direct = bool(QUANT.get(quant)) and source.startswith(PRESET_PREFIX)
+    direct = bool(EXPERT_QUANT.get(quant)) and source.startswith(PRESET_PREFIX)
     check_before_load(source, dtype, device, Placement(mode="cpu"),       # RAM / VRAM before any allocation
-                      expert_format=QUANT[quant] if direct else None)
+                      expert_format=EXPERT_QUANT[quant] if direct else None)
     if direct:
         lm = build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
-                             expert_dtype=QUANT[quant], host_embedding=host)
+                             expert_dtype=EXPERT_QUANT[quant], host_embedding=host)
         if dense_quant == "q8":
             quantize_dense_weights(lm.model)
         return lm

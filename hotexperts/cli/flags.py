@@ -46,6 +46,7 @@ from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import GiB, parse_bytes, parse_cache
 from hotexperts.experts.build import auto_budget
 from hotexperts.experts.placement import DECODE, Placement
+from hotexperts.formats import EXPERT_QUANT_CHOICES, expert_quant_help
 from hotexperts.trace.synthetic import PRESETS as SYNTHETIC_PRESETS
 
 POLICY_CHOICES = ("lru", "window-lfu", "decay", "static", "auto")
@@ -53,7 +54,6 @@ POLICY_HELP = ("cache policy: lru (least recently used), window-lfu (most used o
                "decay (exponentially decayed use counts), static (the --moe-profile hot set, never changed), "
                "auto (decayed use counts mixed with recency; a swap only where the CPU time it saves repays "
                "the copy)")
-EXPERT_QUANTS = ("none", "int8", "int4", "int8g", "q4_k")
 SYNTHETIC_ROUTING = " | ".join(SYNTHETIC_PRESETS)       # trace --synthetic, bench --route-synthetic
 DTYPE_CANONICAL = {name: str(dt).removeprefix("torch.") for name, dt in DTYPES.items()}
 DTYPE_CHOICES = tuple(dict.fromkeys(DTYPE_CANONICAL.values()))   # bfloat16 float16 float32 (+ bf16 fp16 fp32)
@@ -375,9 +375,7 @@ def add_vram_budget_argument(g, sweep: bool = False) -> None:
 
 def add_expert_quant_argument(g) -> None:
     """--expert-quant NAME (generate, serve, trace, bench): the experts' format."""
-    g.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS,
-                   help="int8: per-row int8; int4: int4g32 (Q4_0-like); int8g: int8 per 32 (Q8_0-like); "
-                        "q4_k: GGUF Q4_K blocks (4.5 bits)")
+    g.add_argument("--expert-quant", default="none", choices=EXPERT_QUANT_CHOICES, help=expert_quant_help())
 
 
 def add_policy_argument(g, default_note: str, dest: str = "moe_policy",

@@ -33,11 +33,14 @@ from hotexperts.engine.gguf_export import write_gguf
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
+from hotexperts.formats import LUT4_BLOCKS, QUANTIZE_FORMATS
 from hotexperts.models import get_arch, transforms
 from hotexperts.models.architecture import TINY_VOCAB, tiny_hf_config
 from hotexperts.models.split import expert_act
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
+# the formats random experts are drawn in (formats.py's, but the 4-bit lookup ones); other names: a dtype
+RANDOM_QUANT = tuple(f for f in QUANTIZE_FORMATS if f != "none" and f not in LUT4_BLOCKS)
 SHARD_BYTES = 2 * 1024 ** 3
 OUT_SCALE = 0.1          # o_proj / down_proj std relative to 1/sqrt(fan_in): keeps the embedding dominant
 ROUTER_SCALE = 2.0       # router logits std ~2 on RMS-normalised inputs: diverse, not uniform
@@ -346,7 +349,7 @@ def _cat(ws: list):
 
 
 def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:
-    if expert_dtype in (None, "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"):
+    if expert_dtype is None or expert_dtype in RANDOM_QUANT:
         return random_layer(cfg, gen, dtype, quant=expert_dtype)
     return random_layer(cfg, gen, parse_dtype(expert_dtype))
 
@@ -356,8 +359,8 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
     """A preset with seeded random weights: dense model on `device`, experts in a host ExpertStore.
     host_embedding: the token embedding moved to host memory after it is drawn (untied models).
 
-    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or (quantized) "int8"/"int4"/"int4g32"/
-    "int8g32"/"int8g16"/"q4_k" (Q4_K blocks: rows of 256-weight blocks).
+    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or a quantized format of RANDOM_QUANT
+    ("int8", "int4" = "int4g32", "int8g32", "int8g16", "q4_k": formats.py).
     Random numbers are drawn on `device` (fast on a GPU), experts copied to host memory layer by layer.
     """
     p = get_preset(preset)

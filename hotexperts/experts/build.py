@@ -28,7 +28,7 @@ from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import Budget, GiB
 from hotexperts.experts.gpu_executor import GpuExecutor
 from hotexperts.experts.hybrid import HybridExecutor
-from hotexperts.experts.placement import QUANT, Placement, PlacementPlan
+from hotexperts.experts.placement import Placement, PlacementPlan
 from hotexperts.experts.planner import CachePlanner
 from hotexperts.experts.policies import ALIASES, POLICIES, make_policy, policy_from_profile
 from hotexperts.experts.profile import load_profile
@@ -36,6 +36,7 @@ from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.slots import SlotCache
 from hotexperts.experts.solve import ModelSizes, solve
 from hotexperts.experts.stats import CacheStats
+from hotexperts.formats import EXPERT_QUANT
 from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
 from hotexperts.weights import QuantizedWeight
 
@@ -121,7 +122,7 @@ def quantized_store(store, quant: str):
     quantized keep theirs (e.g. a GGUF whose w13 is int4g32 from Q4_K and whose w2 is bf16 because some
     layers' down matrices have a type without a quantized format, such as Q3_K: w2 becomes int8). Nothing
     dense and another format asked: PlacementError."""
-    fmt = QUANT[quant]
+    fmt = EXPERT_QUANT[quant]
     if fmt is None:
         return store
     le = store.layer(store.layers[0])
