@@ -31,11 +31,11 @@ from hotexperts.cli.flags import (
 )
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.profile import load_profile
-from hotexperts.trace import costmodel, profiles, simulate
+from hotexperts.trace import costmodel, profiles
 from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.heldout import sweep
 from hotexperts.trace.import_shared import import_trace
-from hotexperts.trace.simulate import SimResult, auto_cost_params, parse_bytes
+from hotexperts.trace.simulate import ALL_POLICIES, SimResult, auto_cost_params, parse_bytes
 
 DESCRIPTION = """\
 Replay a recorded routing trace through the cache policies at several cache sizes, without a GPU or a model:
@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="replay a routing trace through the cache policies",
                               description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("trace", metavar="TRACE", help=TRACE_HELP)
-    p.add_argument("--policies", default=",".join(simulate.ALL_POLICIES), metavar="P[,P...]",
+    p.add_argument("--policies", default=",".join(ALL_POLICIES), metavar="P[,P...]",
                    help="policies to compare (belady: the optimum, needs the future)")
     p.add_argument("--slots", default=None, metavar="K[,K...]", help="per-layer slot counts to sweep (hot:K)")
     add_cache_budget_arguments(p, sweep=True)

@@ -21,7 +21,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_cli_json_and_plots(tmp_path, capsys):
     path = random_trace(n=120).save(tmp_path / "t.npz")
     args = parse(str(path), "--policies", "lru,static,belady", "--slots", "2,4",
-                              "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "plots"))
+                 "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "plots"))
     assert run(args) == 0
     doc = json.loads((tmp_path / "out.json").read_text())
     assert len(doc["results"]) == 6 and {r["policy"] for r in doc["results"]} == {"lru", "static", "belady"}
