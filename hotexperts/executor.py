@@ -25,7 +25,13 @@ the bench) call it directly and never probe for attributes:
     graph_safe          True: a T=1 forward has no host synchronisation: capture it as one CUDA graph
     verify_graph_safe   True: a T-token decode (verify) forward has none either (engine/runner/verify.py)
     on_route            None, or a callable(layer, ids, weights) called first in every __call__ (tracing)
-    plan                the placement plan it executes (experts/placement.py), or None
+    plan                the placement plan it executes (experts/placement.py), or None; given to the
+                        constructor (experts/build.py), never set afterwards
+    slots               the SlotCache of GPU-resident experts (experts/slots.py), or None: none
+    planner             the CachePlanner choosing swaps (experts/planner.py), or None: no managed cache
+    prefetch            the next-layer prefetch (experts/predict.py, after enable_prediction), or None
+These attributes are read directly (`executor.plan`); no caller probes with getattr / hasattr
+(tests/test_executor.py scans the package, the scripts and the bench for it).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class ExpertExecutor:
     on_route: RouteCallback | None = None
     cache_stats = None
     plan = None
+    slots = None
+    planner = None
+    prefetch = None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

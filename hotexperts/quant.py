@@ -1,4 +1,6 @@
-"""Weight-only quantization of expert matrices into the QuantizedWeight formats (weights.py).
+"""Weight-only quantization of expert matrices into the QuantizedWeight formats (weights.py). The format
+names, block sizes and bytes per weight are formats.py's (the one vocabulary, torch-free); this module
+quantizes and dequantizes them.
 
 quantize_int8(w[..., N, K])     -> "int8":    q int8, scale fp32 [..., N] (symmetric, per output row)
 quantize_int4g32(w[..., N, K])  -> "int4g32": q uint8 [..., N, K/2] (low nibble = even column),
@@ -15,7 +17,8 @@ dequantize(qw, dtype)           -> the float tensor the formats stand for (fp32 
                                    LUT4 w = scale * table[index]
 lut4_parts(q bytes, fmt)        -> (scale fp32 [..., N, K/32], index uint8 [..., N, K/32, 32]) of LUT4 blocks
 k_scales(bytes [..., 12])       -> Q4_K/Q5_K 6-bit (sc, m) [..., 8] (llama.cpp get_scale_min_k4)
-quantize_layer(LayerExperts, fmt), fmt in {"none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"}
+quantize_layer(LayerExperts, fmt), fmt in formats.QUANTIZE_FORMATS ("none", "int4" = int4g32, each store
+                                   format)
 
 GGUF blocks of 32 map onto int4g32 exactly (w = a * q + b per block, q in 0..15):
     Q4_0: a = d, b = -8 d;   Q4_1: a = d, b = m;   Q4_K sub-block: a = d * sc, b = -dmin * m
@@ -29,19 +32,8 @@ import dataclasses
 
 import torch
 
-from hotexperts.weights import (
-    LUT4_BLOCKS,
-    LUT4_VALUES,
-    Q4K_BLOCK,
-    Q4K_BYTES,
-    LayerExperts,
-    QuantizedWeight,
-    Weight,
-    cat,
-)
-
-FORMATS = ("none", "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k", *LUT4_BLOCKS)
-INT8G = {"int8g32": 32, "int8g16": 16}
+from hotexperts.formats import INT8G, LUT4_BLOCKS, Q4K_BLOCK, Q4K_BYTES, QUANTIZE_FORMATS
+from hotexperts.weights import LUT4_VALUES, LayerExperts, QuantizedWeight, Weight, cat
 
 
 def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
@@ -174,8 +166,8 @@ def _quantize(w: Weight, fmt: str, chunk: int = 8) -> Weight:
 
 def quantize_layer(layer: LayerExperts, fmt: str) -> LayerExperts:
     """Quantize both stacked matrices of a layer ("none" returns it unchanged)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown expert quantization {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in QUANTIZE_FORMATS:
+        raise ValueError(f"unknown expert quantization {fmt!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
     return dataclasses.replace(layer, w13=_quantize(layer.w13, fmt), w2=_quantize(layer.w2, fmt))
 
 

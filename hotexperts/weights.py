@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-Q4K_BLOCK, Q4K_BYTES = 256, 144          # q4_k: weights and bytes per block
-LUT4_BLOCKS = {"mxfp4": (32, 17), "iq4_nl": (32, 18), "iq4_xs": (256, 136)}   # LUT4: weights, bytes per block
+from hotexperts.formats import LUT4_BLOCKS, Q4K_BLOCK, Q4K_BYTES
+
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)      # e2m1 values, doubled
 LUT4_VALUES = {"mxfp4": MXFP4_VALUES, "iq4_nl": KVALUES_IQ4NL, "iq4_xs": KVALUES_IQ4NL}

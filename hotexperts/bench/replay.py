@@ -11,7 +11,8 @@ Contract:
         ids' / weights' are the trace's rows for the next T token positions (K' = the trace's top-k); the
         cursor advances by T after each forward (end_step). Past the trace's end the cursor wraps around
         (`wraps` counts it, and the report says so). Missing cells (-1) contribute nothing.
-Every other ExpertExecutor hook goes to the inner executor, as do its `plan`, `slots` and `cache_stats`.
+Every other ExpertExecutor hook goes to the inner executor, as do its `plan`, `slots`, `planner`, `prefetch`
+and `cache_stats`.
 """
 
 from __future__ import annotations
@@ -131,3 +132,11 @@ class RoutingReplay(ExpertExecutor):
     @property
     def slots(self):
         return self.inner.slots
+
+    @property
+    def planner(self):
+        return self.inner.planner
+
+    @property
+    def prefetch(self):
+        return self.inner.prefetch

@@ -24,28 +24,32 @@ from hotexperts.bench.verify import parse_verify_ts
 from hotexperts.bench.verify import table as verify_table
 from hotexperts.bench.workload import parse_tests, routing_source
 from hotexperts.cli.flags import (
-    EXPERT_QUANTS,
-    POLICY_CHOICES,
-    POLICY_HELP,
+    SYNTHETIC_ROUTING,
     HelpFormatter,
     add_compile_argument,
+    add_dense_quant_argument,
     add_device_argument,
     add_dtype_argument,
+    add_expert_quant_argument,
     add_hardware_argument,
     add_json_argument,
     add_kernel_arguments,
     add_model_argument,
+    add_piecewise_graph_argument,
     add_plots_argument,
+    add_policy_argument,
     add_seed_argument,
+    add_vram_budget_argument,
     kernel_options_from_args,
     vram_budgets,
 )
-from hotexperts.engine.engine import DENSE_QUANT, PRESET_PREFIX, load_source, resolve_device, resolve_dtype
+from hotexperts.engine.engine import PRESET_PREFIX, load_source, resolve_device, resolve_dtype
 from hotexperts.engine.memcheck import check_before_load
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.build import quantized_store
-from hotexperts.experts.placement import QUANT, Placement
+from hotexperts.experts.placement import Placement
+from hotexperts.formats import EXPERT_QUANT
 from hotexperts.models.qlinear import quantize_dense_weights
 from hotexperts.trace.profiles import get_profile
 
@@ -73,10 +77,7 @@ def add_parser(subparsers) -> None:
     add_device_argument(p)
     p.add_argument("--placements", default=",".join(NAMED), metavar="NAME[,NAME...]",
                    help=f"placements to compare, from {', '.join(NAMED)}")
-    p.add_argument("--vram-budget", default=None, metavar="SIZE[,SIZE...]|auto",
-                   help="the process's whole GPU memory (CUDA context included) to compare at: GiB "
-                        "(16,24) or with a unit (5015MiB); auto: the GPU's free memory, on CPU the "
-                        "--hardware profile's card (default: unlimited; on CPU the profile's card)")
+    add_vram_budget_argument(p, sweep=True)
     p.add_argument("--tests", default="pp512,tg128", metavar="TEST[,TEST...]",
                    help="ppN (prompt of N tokens), tgN (N generated), tgN@dD (after a D-token context)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each test")
@@ -84,21 +85,16 @@ def add_parser(subparsers) -> None:
     src.add_argument("--route-trace", metavar="FILE",
                      help="replay routing from a trace (.npz, .route.csv, *_routing.jsonl or a folder)")
     src.add_argument("--route-synthetic", metavar="PRESET",
-                     help="replay calibrated synthetic routing: qwen3-30b-a3b | mixtral-8x7b | flat-512")
+                     help=f"replay calibrated synthetic routing: {SYNTHETIC_ROUTING}")
     p.add_argument("--route-tokens", type=int, default=None, metavar="N",
                    help="synthetic routing length (default: what one placement consumes: it never wraps)")
-    p.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS,
-                   help="experts' format: int8 per row, int4 (int4g32), int8g (int8 per 32), q4_k (GGUF "
-                        "Q4_K)")
-    p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
-                   help="dense projections: auto (a GGUF's own quantized form), q8 (int8 per 32), none")
-    p.add_argument("--moe-policy", "--policy", dest="policy", default=None, choices=POLICY_CHOICES,
-                   help="policy of the 'cache' placement (default: auto). " + POLICY_HELP)
+    add_expert_quant_argument(p)
+    add_dense_quant_argument(p)
+    add_policy_argument(p, "of the 'cache' placement; default: auto", dest="policy", aliases=("--policy",))
     add_json_argument(p, "the report")
     add_plots_argument(p, "speed per placement and budget")
     add_seed_argument(p, "the random weights and the synthetic routing")
-    p.add_argument("--piecewise-graph", action="store_true",
-                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    add_piecewise_graph_argument(p)
     p.add_argument("--verify-t", default=None, metavar="T[,T...]",
                    help="also time a T-token speculative verify step against 1-token steps per placement "
                         "(e.g. 1,2,4,8; T <= 16): cost ratios and speed per accepted tokens per step")
@@ -212,12 +208,12 @@ def load_quantized(source: str, dtype, device, seed: int, quant: str, dense_quan
     directly: no bf16 copy of a 30B model's experts in RAM), not once per placement. The token embedding
     lives in host memory on CUDA; dense_quant as Engine.load's."""
     host = device.type == "cuda"
-    direct = bool(QUANT.get(quant)) and source.startswith(PRESET_PREFIX)
+    direct = bool(EXPERT_QUANT.get(quant)) and source.startswith(PRESET_PREFIX)
     check_before_load(source, dtype, device, Placement(mode="cpu"),       # RAM / VRAM before any allocation
-                      expert_format=QUANT[quant] if direct else None)
+                      expert_format=EXPERT_QUANT[quant] if direct else None)
     if direct:
         lm = build_in_memory(source[len(PRESET_PREFIX):], dtype=dtype, device=device, seed=seed,
-                             expert_dtype=QUANT[quant], host_embedding=host)
+                             expert_dtype=EXPERT_QUANT[quant], host_embedding=host)
         if dense_quant == "q8":
             quantize_dense_weights(lm.model)
         return lm

@@ -15,6 +15,10 @@ with the same name, meaning, value syntax and help in each (docs/cli.md lists th
     add_chat_arguments                           trace: --chat (the template switch, as in generate),
                                                  --chat-file FILE.jsonl (legacy: --chat FILE, warned)
     add_placement_arguments(parser)              where experts live (llama.cpp meanings) and the cache knobs
+    add_vram_budget_argument, add_expert_quant_argument, add_dense_quant_argument, add_policy_argument,
+    add_pp_bypass_argument, add_piecewise_graph_argument
+                                                 one flag each, shared by generate/serve/trace and bench
+                                                 (bench: a --vram-budget list, --policy kept as an alias)
     add_kernel_arguments(parser)                 -t/--threads and the kernel backends
     placement_from_args(args) -> Placement       the flags as one request in the placement grammar
                                                  (experts/placement.py): --placement TEXT is the grammar
@@ -42,13 +46,15 @@ from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import GiB, parse_bytes, parse_cache
 from hotexperts.experts.build import auto_budget
 from hotexperts.experts.placement import DECODE, Placement
+from hotexperts.formats import EXPERT_QUANT_CHOICES, expert_quant_help
+from hotexperts.trace.synthetic import PRESETS as SYNTHETIC_PRESETS
 
 POLICY_CHOICES = ("lru", "window-lfu", "decay", "static", "auto")
 POLICY_HELP = ("cache policy: lru (least recently used), window-lfu (most used over --moe-window tokens), "
                "decay (exponentially decayed use counts), static (the --moe-profile hot set, never changed), "
                "auto (decayed use counts mixed with recency; a swap only where the CPU time it saves repays "
                "the copy)")
-EXPERT_QUANTS = ("none", "int8", "int4", "int8g", "q4_k")
+SYNTHETIC_ROUTING = " | ".join(SYNTHETIC_PRESETS)       # trace --synthetic, bench --route-synthetic
 DTYPE_CANONICAL = {name: str(dt).removeprefix("torch.") for name, dt in DTYPES.items()}
 DTYPE_CHOICES = tuple(dict.fromkeys(DTYPE_CANONICAL.values()))   # bfloat16 float16 float32 (+ bf16 fp16 fp32)
 
@@ -184,8 +190,7 @@ def add_cache_budget_arguments(p, sweep: bool, max_swaps_default: int | None = N
     p.add_argument("--moe-max-swaps", "--max-swaps", dest="max_swaps", type=int, default=max_swaps_default,
                    metavar="N", help="expert copies per decode step (default: unbounded)"
                    if max_swaps_default is None else "expert copies per decode step")
-    p.add_argument("--moe-pp-bypass", "--pp-bypass", dest="pp_bypass", type=int, default=64, metavar="T",
-                   help="prompt batches over T tokens bypass the cache policy")
+    add_pp_bypass_argument(p, dest="pp_bypass", aliases=("--pp-bypass",))
 
 
 def budget_for_simulator(value: str | None) -> str | None:
@@ -231,15 +236,11 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     add_device_argument(p)
     p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=int, default=None,
                    metavar="N", help="KV cache length in tokens (default: the model's, at most 4096)")
-    p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
-                   help="dense projections: auto keeps a GGUF's quantized ones (Q8_0 & co., exact) and float "
-                        "ones as they are; q8 quantizes float ones to int8 per 32 (Q8_0 layout, not exact); "
-                        "none dequantizes all to --dtype")
+    add_dense_quant_argument(p)
     p.add_argument("--embedding-on-gpu", action="store_true",
                    help="keep the token embedding in VRAM (default on CUDA: in host memory, rows per step)")
     p.add_argument("--no-cuda-graph", action="store_true", help="never capture the decode step")
-    p.add_argument("--piecewise-graph", action="store_true",
-                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+    add_piecewise_graph_argument(p)
     add_compile_argument(p)
     add_llama_compat_arguments(p)
 
@@ -284,6 +285,20 @@ def check_llama_compat(args: argparse.Namespace, num_layers: int | None = None) 
                              f"(they are small); to keep VRAM, move experts: --n-cpu-moe or --moe-cache")
 
 
+def add_dense_quant_argument(p) -> None:
+    """--dense-quant auto|q8|none (generate, serve, bench): how the dense projections are kept."""
+    p.add_argument("--dense-quant", choices=DENSE_QUANT, default="auto",
+                   help="dense projections: auto keeps a GGUF's quantized ones (Q8_0 & co., exact) and float "
+                        "ones as they are; q8 quantizes float ones to int8 per 32 (Q8_0 layout, not exact); "
+                        "none dequantizes all to --dtype")
+
+
+def add_piecewise_graph_argument(p) -> None:
+    """--piecewise-graph (generate, serve, bench)."""
+    p.add_argument("--piecewise-graph", action="store_true",
+                   help="experimental: CUDA graphs around the hybrid cache's per-layer host work")
+
+
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
     """--compile (generate, bench, serve): torch.compile the T=1 decode step's dense part."""
     p.add_argument("--compile", action="store_true",
@@ -322,23 +337,16 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-window", type=int, default=None, metavar="W", help="routing counted over W tokens")
     g.add_argument("--moe-rebalance-interval", type=int, default=None, metavar="R",
                    help="rebalance every R generated tokens")
-    g.add_argument("--moe-pp-bypass", type=int, default=64, metavar="T",
-                   help="prompt batches over T tokens bypass the cache")
+    add_pp_bypass_argument(g)
     g.add_argument("--moe-cache", default=None, metavar="BUDGET",
                    help="one slot budget for all layers' experts: GiB ('8GiB', '8'), slots ('2000slots') or "
                         "auto (what --vram-budget leaves)")
-    g.add_argument("--moe-policy", default=None, choices=POLICY_CHOICES,
-                   help=POLICY_HELP + " (default: auto for --moe-cache, window-lfu for --moe-hot-k)")
+    add_policy_argument(g, "default: auto for --moe-cache, window-lfu for --moe-hot-k")
     g.add_argument("--moe-profile", default=None, metavar="FILE",
                    help="routing profile: static placement alone, warm start with --moe-hot-k/--moe-cache")
     g.add_argument("--moe-max-swaps", type=int, default=4, metavar="N", help="expert copies per decode step")
-    g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
-                   help="the process's whole GPU memory, CUDA context included (context + dense + KV + "
-                        "workspace + staging + slots); auto: what the GPU has free (without a GPU: no "
-                        "limit, and a note says so). Not --moe-cache, which is the experts' share alone")
-    g.add_argument("--expert-quant", default="none", choices=EXPERT_QUANTS,
-                   help="int8: per-row int8; int4: int4g32 (Q4_0-like); int8g: int8 per 32 (Q8_0-like); "
-                        "q4_k: GGUF Q4_K blocks (4.5 bits)")
+    add_vram_budget_argument(g)
+    add_expert_quant_argument(g)
     g.add_argument("--moe-gpu-misses", default=None, metavar="N|auto",
                    help="decode: per layer, the GPU computes up to N missed experts itself (one per 4 "
                         "misses) by reading them from pinned RAM over PCIe, alongside the CPU (auto: 0, "
@@ -346,6 +354,41 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-decode", default="auto", choices=DECODE,
                    help="decode's CPU experts: a native worker fed through pinned memory, so the step is one "
                         "CUDA graph (worker; auto = on CUDA), or a host round trip per layer (sync)")
+
+
+VRAM_BUDGET_HELP = ("the process's whole GPU memory, CUDA context included (context + dense + KV + workspace "
+                    "+ staging + slots): GiB ('16') or with a unit ('5015MiB'); auto: what the GPU has free")
+
+
+def add_vram_budget_argument(g, sweep: bool = False) -> None:
+    """--vram-budget SIZE|auto (generate, serve, trace); sweep (bench): a comma list, one run per budget."""
+    if sweep:
+        g.add_argument("--vram-budget", default=None, metavar="SIZE[,SIZE...]|auto",
+                       help=VRAM_BUDGET_HELP + "; a comma list (16,24) compares at each; without a GPU, "
+                            "auto is the --hardware profile's card (default: unlimited; on CPU the profile's "
+                            "card)")
+        return
+    g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
+                   help=VRAM_BUDGET_HELP + " (without a GPU: no limit, and a note says so). Not --moe-cache, "
+                        "which is the experts' share alone")
+
+
+def add_expert_quant_argument(g) -> None:
+    """--expert-quant NAME (generate, serve, trace, bench): the experts' format."""
+    g.add_argument("--expert-quant", default="none", choices=EXPERT_QUANT_CHOICES, help=expert_quant_help())
+
+
+def add_policy_argument(g, default_note: str, dest: str = "moe_policy",
+                        aliases: tuple[str, ...] = ()) -> None:
+    """--moe-policy NAME: the cache policy (bench: dest `policy`, alias --policy, its 'cache' placement's)."""
+    g.add_argument("--moe-policy", *aliases, dest=dest, default=None, choices=POLICY_CHOICES,
+                   help=f"{POLICY_HELP} ({default_note})")
+
+
+def add_pp_bypass_argument(g, dest: str = "moe_pp_bypass", aliases: tuple[str, ...] = ()) -> None:
+    """--moe-pp-bypass T (generate's placement flags; simulate and auto keep --pp-bypass)."""
+    g.add_argument("--moe-pp-bypass", *aliases, dest=dest, type=int, default=64, metavar="T",
+                   help="prompt batches over T tokens bypass the cache policy")
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:

@@ -97,7 +97,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:  # noqa: F82
 
 def startup_line(settings, engine, host: str, port: int) -> str:
     """'serving MODEL on DEVICE, placement ..., at http://HOST:PORT/v1 (chat page http://HOST:PORT/)'."""
-    plan = getattr(engine.executor, "plan", None)
+    plan = engine.executor.plan
     where = plan.describe() if plan is not None else "placement: every expert with the dense weights"
     if getattr(engine.device, "type", str(engine.device)) == "cpu":
         where += " (no GPU: 'gpu' places mean this CPU)"

@@ -1,16 +1,25 @@
-"""`hotexperts simulate`: replay a routing trace through the cache policies (no GPU, no model). The flags
-only; the replay is trace/simulate.py's `run`. The cache's flags are generate's (--moe-cache, --moe-max-swaps,
---moe-pp-bypass) with the old spellings (--budget, --max-swaps, --pp-bypass) kept.
+"""`hotexperts simulate`: replay a routing trace through the cache policies (no GPU, no model): the flags,
+the run and its output. The replay is trace/simulate.py's, the held-out comparison trace/heldout.py's
+`sweep`. The cache's flags are generate's (--moe-cache, --moe-max-swaps, --moe-pp-bypass) with the old
+spellings (--budget, --max-swaps, --pp-bypass) kept.
 
     hotexperts simulate TRACE [--policies lru,decay,auto] [--slots 8,16 | --moe-cache 600slots,8GiB]
-                       [--hardware HW] [--json FILE] [--plots DIR]
+                       [--hardware HW] [--json FILE] [--plots DIR] [--markdown]
 TRACE: a .npz of `hotexperts trace`, or any raw file `bench --route-trace` reads (.route.csv,
-*_routing.jsonl, a folder of them, a shared-trace name).
+*_routing.jsonl, a folder of them, a shared-trace name). Prints a table of hit rates, ÷ Belady, swaps and
+bytes moved, and with a hardware profile the cost model's predicted decode tokens/s.
+
+    run(args) -> 0                                 the command
+    format_table(rows, trace) / markdown_grid(rows, num_experts) -> str   its table and grid
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
+from pathlib import Path
 
 from hotexperts.cli.flags import (
     HelpFormatter,
@@ -20,7 +29,13 @@ from hotexperts.cli.flags import (
     add_plots_argument,
     budget_for_simulator,
 )
-from hotexperts.trace import simulate
+from hotexperts.errors import HotExpertsError
+from hotexperts.experts.profile import load_profile
+from hotexperts.trace import costmodel, profiles
+from hotexperts.trace.format import RoutingTrace
+from hotexperts.trace.heldout import sweep
+from hotexperts.trace.import_shared import import_trace
+from hotexperts.trace.simulate import ALL_POLICIES, SimResult, auto_cost_params, parse_bytes
 
 DESCRIPTION = """\
 Replay a recorded routing trace through the cache policies at several cache sizes, without a GPU or a model:
@@ -40,7 +55,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="replay a routing trace through the cache policies",
                               description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("trace", metavar="TRACE", help=TRACE_HELP)
-    p.add_argument("--policies", default=",".join(simulate.ALL_POLICIES), metavar="P[,P...]",
+    p.add_argument("--policies", default=",".join(ALL_POLICIES), metavar="P[,P...]",
                    help="policies to compare (belady: the optimum, needs the future)")
     p.add_argument("--slots", default=None, metavar="K[,K...]", help="per-layer slot counts to sweep (hot:K)")
     add_cache_budget_arguments(p, sweep=True)
@@ -61,6 +76,102 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """trace/simulate.run with --moe-cache in the simulator's budget syntax."""
-    args.budget, args.plot = budget_for_simulator(args.moe_cache), args.plots
-    return simulate.run(args)
+    """`hotexperts simulate`: --moe-cache in the simulator's budget syntax, the trace any file import_trace
+    reads; every capacity compared held out (heldout.sweep)."""
+    trace = import_trace(args.trace)
+    shape = costmodel.shape_for_trace(trace, args.model_shape, args.expert_mb)
+    hw = profiles.get_profile(args.profile) if args.profile else None
+    nbytes = shape.expert_bytes_gpu if shape else 0
+    slots, budgets = capacities(args.slots, budget_for_simulator(args.moe_cache), trace, nbytes)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    rows = sweep(trace, policies, slots=slots, budgets=budgets, fit_fraction=args.fit_fraction,
+                 params=policy_params(args, trace, policies, hw), max_swaps_per_step=args.max_swaps,
+                 prompt_bypass=args.pp_bypass, expert_nbytes=nbytes, progress=print_progress)
+    if hw is not None and shape is not None:
+        for r in rows:
+            r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()
+    print(format_table(rows, trace))
+    if args.markdown:
+        print("\n" + markdown_grid(rows, trace.num_experts))
+    write_outputs(args, rows, trace)
+    return 0
+
+
+def capacities(slots: str | None, budget: str | None, trace: RoutingTrace,
+               expert_nbytes: int) -> tuple[list[int], list[int]]:
+    """(per-layer slot counts, global slot budgets) to sweep: --slots, or the simulator's budget list (a
+    bare number = slots, a size = bytes / expert_nbytes), else E/16, E/8, E/4, E/2 per layer."""
+    if slots and budget:
+        raise HotExpertsError("give --slots (per layer) or --budget (global), not both")
+    if budget:
+        return [], [_budget_slots(b, expert_nbytes) for b in budget.split(",")]
+    if slots:
+        return [int(s) for s in slots.split(",")], []
+    E = trace.num_experts
+    return sorted({max(1, E * f // 16) for f in (1, 2, 4, 8)}), []
+
+
+def _budget_slots(item: str, expert_nbytes: int) -> int:
+    if not re.search(r"[a-zA-Z]", item):
+        return int(item)
+    if not expert_nbytes:
+        raise HotExpertsError("a byte budget needs the expert size: pass --expert-mb or --model-shape")
+    return parse_bytes(item) // expert_nbytes
+
+
+def policy_params(args: argparse.Namespace, trace: RoutingTrace, policies: list[str], hw) -> dict:
+    """Per policy, the extra constructor kwargs: auto's pay-back costs (the h200 profile without
+    --hardware), static's --static-profile."""
+    static = load_profile(args.static_profile, trace.num_experts) if args.static_profile else None
+    cost = auto_cost_params(costmodel.payback_shape(trace, args.model_shape, args.expert_mb),
+                            hw or profiles.get_profile("h200"))
+    params = {p: cost for p in policies if p in ("auto", "adaptive")}
+    params.update({p: {"profile": static} for p in policies if p == "static" and static is not None})
+    return params
+
+
+def write_outputs(args: argparse.Namespace, rows: list[SimResult], trace: RoutingTrace) -> None:
+    """--json FILE (every result) and --plots DIR."""
+    if args.json:
+        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "meta": trace.meta,
+                                               "results": [r.to_dict() for r in rows]}, indent=1))
+    if args.plots:
+        from hotexperts.trace import plots  # matplotlib: imported only to plot
+        for path in plots.write_all(rows, trace.moe_layers, args.plots):
+            print(f"wrote {path}")
+
+
+def print_progress(done: int, total: int, what: str) -> None:
+    """sweep's progress as one stderr line per capacity."""
+    print(f"simulate: {done}/{total} capacities done ({what})", file=sys.stderr, flush=True)
+
+
+def markdown_grid(rows: list[SimResult], num_experts: int) -> str:
+    """Capacity rows x policy columns: decode hit rate % (÷ Belady)."""
+    pols = list(dict.fromkeys(r.policy for r in rows))
+    caps = list(dict.fromkeys((r.slots, r.budget) for r in rows))
+    lines = ["| capacity | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
+    for s, b in caps:
+        cap = f"{s}/layer ({100 * s / num_experts:.1f}%)" if s is not None else f"{b} total"
+        cells = {r.policy: r for r in rows if (r.slots, r.budget) == (s, b)}
+        txt = [f"{100 * c.hit_rate:.1f}" + (f" ({c.vs_belady:.3f})" if c.vs_belady else "")
+               for c in (cells[p] for p in pols)]
+        lines.append(f"| {cap} | " + " | ".join(txt) + " |")
+    return "\n".join(lines)
+
+
+def format_table(rows: list[SimResult], trace: RoutingTrace) -> str:
+    head = (f"{trace.meta.get('model')}: {trace.num_tokens} tokens ({int(trace.is_prompt.sum())} prompt), "
+            f"{trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}")
+    rule = ("held out: tuned on the first part of the decode tokens, scored on the rest; every policy "
+            "(Belady included) starts from the tuning part's hot set")
+    lines = [head, rule, f"{'policy':<11} {'capacity':>12} {'hit%':>6} {'/belady':>7} {'prompt%':>7} "
+             f"{'swaps/tok':>9} {'GB moved':>9} {'pred tok/s':>10}"]
+    for r in rows:
+        cap = f"{r.slots}/layer" if r.slots is not None else f"{r.budget} total"
+        vb = f"{r.vs_belady:.3f}" if r.vs_belady else "-"
+        pred = f"{r.predicted['decode_tps']:.1f}" if r.predicted else "-"
+        lines.append(f"{r.policy:<11} {cap:>12} {100 * r.hit_rate:6.1f} {vb:>7} "
+                     f"{100 * r.prompt_hit_rate:7.1f} {r.swaps_per_token:9.2f} "
+                     f"{r.bytes_moved / 1e9:9.2f} {pred:>10}")
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ import sys
 import time
 
 from hotexperts.cli.flags import (
+    SYNTHETIC_ROUTING,
     HelpFormatter,
     add_chat_arguments,
     add_device_argument,
@@ -38,12 +39,12 @@ from hotexperts.trace.record import encode_prompts, read_prompts, record
 from hotexperts.trace.stats import format_table, summarize
 from hotexperts.trace.synthetic import generate, preset
 
-TRACE_DESCRIPTION = """\
+TRACE_DESCRIPTION = f"""\
 Make a routing trace (.npz: which experts every token used in every MoE layer) for simulate, auto and
 bench --route-trace, in one of three ways:
   record      --model M --prompts FILE [--chat-file FILE.jsonl]   run the model greedily, record its routing
   import      --import SRC        a real trace: a shared-trace name, .route.csv, *_routing.jsonl or a folder
-  synthesize  --synthetic PRESET  calibrated synthetic routing (qwen3-30b-a3b | mixtral-8x7b | flat-512)
+  synthesize  --synthetic PRESET  calibrated synthetic routing ({SYNTHETIC_ROUTING})
 --stats prints the trace's locality statistics (decode tokens).
 
 examples:
@@ -62,7 +63,7 @@ def add_parser(subparsers) -> None:
                           "gpt-oss-120b (from ../shared/traces), or a .route.csv / *_routing.jsonl / "
                           "folder / .npz")
     src.add_argument("--synthetic", metavar="PRESET",
-                     help="generate: qwen3-30b-a3b | mixtral-8x7b | flat-512")
+                     help=f"generate: {SYNTHETIC_ROUTING}")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", metavar="FILE", help="one user message per non-empty line")
     add_chat_arguments(p, prompts)

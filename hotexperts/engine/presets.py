@@ -1,6 +1,7 @@
 """Named model presets: real Hugging Face config dicts, seeded random weights, and `make-model`.
 
-    PRESETS                       name -> Preset(config, tokenizer spec); tiny-* (a few MB, tests and demo)
+    PRESETS                       name -> Preset(config, tokenizer spec); tiny-* (a few MB, tests and demo:
+                                  one per registered architecture, its own `tiny` config, tiny_presets())
                                   and the real shapes of public models (exact config.json values)
     build_in_memory(preset, dtype="bfloat16", device=None, seed=0, expert_dtype=None) -> LoadedModel
     write_hf_dir(preset, out_dir, seed=0, dtype="bfloat16", device=None)   config.json,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +35,14 @@ from hotexperts.engine.gguf_export import write_gguf
 from hotexperts.engine.load import LoadedModel, default_device, empty_model, materialize, parse_dtype
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.store import ExpertStore
-from hotexperts.models import get_arch, transforms
+from hotexperts.formats import LUT4_BLOCKS, QUANTIZE_FORMATS
+from hotexperts.models import ARCHITECTURES, get_arch, transforms
 from hotexperts.models.architecture import TINY_VOCAB, tiny_hf_config
 from hotexperts.models.split import expert_act
 from hotexperts.weights import LayerExperts, QuantizedWeight
 
+# the formats random experts are drawn in (formats.py's, but the 4-bit lookup ones); other names: a dtype
+RANDOM_QUANT = tuple(f for f in QUANTIZE_FORMATS if f != "none" and f not in LUT4_BLOCKS)
 SHARD_BYTES = 2 * 1024 ** 3
 OUT_SCALE = 0.1          # o_proj / down_proj std relative to 1/sqrt(fan_in): keeps the embedding dominant
 ROUTER_SCALE = 2.0       # router logits std ~2 on RMS-normalised inputs: diverse, not uniform
@@ -194,22 +199,35 @@ GLM45_AIR = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", 
              "pad_token_id": 151329, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
              "use_cache": True, "attention_dropout": 0.0, "initializer_range": 0.02}
 
-PRESETS: dict[str, Preset] = {   # tiny-*: each architecture's own tiny config (models/<arch>.py)
-    "tiny-qwen3-moe": Preset(get_arch("qwen3_moe").tiny, QWEN_TINY_TOK,
-                             "Qwen3-MoE layout, 4 layers, 16 experts, top-4"),
-    "tiny-qwen2-moe": Preset(get_arch("qwen2_moe").tiny, QWEN_TINY_TOK,
-                             "Qwen2-MoE layout with a shared expert"),
-    "tiny-mixtral": Preset(get_arch("mixtral").tiny, MISTRAL_TOK, "Mixtral layout, 8 experts, top-2"),
-    "tiny-olmoe": Preset(get_arch("olmoe").tiny, OLMOE_TOK,
-                         "OLMoE layout (full q/k norm), 16 experts, top-4"),
-    "tiny-qwen3.5-moe": Preset(get_arch("qwen3_5_moe").tiny, QWEN_TINY_TOK,
-                               "Qwen3.5-MoE layout: 3 Gated DeltaNet + 1 gated-attention layer, 16 experts"),
-    "tiny-qwen3-next": Preset(get_arch("qwen3_next").tiny, QWEN_TINY_TOK,
-                              "Qwen3-Next layout (fused DeltaNet projections), 16 experts + shared"),
-    "tiny-gpt-oss": Preset(get_arch("gpt_oss").tiny, QWEN_TINY_TOK,
-                           "GPT-OSS layout: sinks, sliding window on alternate layers, YaRN, biased experts"),
-    "tiny-glm4-moe": Preset(get_arch("glm4_moe").tiny, QWEN_TINY_TOK,
-                            "GLM-4.5 layout: sigmoid group router, plain shared expert, 1 dense layer"),
+# What the registry does not know of an architecture's tiny preset: its tokenizer (default: the Qwen-style
+# BPE) and a line for `make-model --help` (default: "<model_type> layout").
+TINY_TOKENIZER = {"mixtral": MISTRAL_TOK, "olmoe": OLMOE_TOK}
+TINY_DESCRIPTION = {
+    "qwen3_moe": "Qwen3-MoE layout, 4 layers, 16 experts, top-4",
+    "qwen2_moe": "Qwen2-MoE layout with a shared expert",
+    "mixtral": "Mixtral layout, 8 experts, top-2",
+    "olmoe": "OLMoE layout (full q/k norm), 16 experts, top-4",
+    "qwen3_5_moe": "Qwen3.5-MoE layout: 3 Gated DeltaNet + 1 gated-attention layer, 16 experts",
+    "qwen3_next": "Qwen3-Next layout (fused DeltaNet projections), 16 experts + shared",
+    "gpt_oss": "GPT-OSS layout: sinks, sliding window on alternate layers, YaRN, biased experts",
+    "glm4_moe": "GLM-4.5 layout: sigmoid group router, plain shared expert, 1 dense layer",
+}
+
+
+def tiny_name(model_type: str) -> str:
+    """The tiny preset's name: the model_type as people write it ('qwen3_5_moe' -> 'tiny-qwen3.5-moe')."""
+    return "tiny-" + re.sub(r"(\d)_(\d)", r"\1.\2", model_type).replace("_", "-")
+
+
+def tiny_presets() -> dict[str, Preset]:
+    """One tiny-* preset per registered architecture (models/__init__.py), from its own `tiny` config."""
+    return {tiny_name(t): Preset(arch.tiny, TINY_TOKENIZER.get(t, QWEN_TINY_TOK),
+                                 TINY_DESCRIPTION.get(t, f"{t} layout"))
+            for t, arch in ARCHITECTURES.items()}
+
+
+PRESETS: dict[str, Preset] = {
+    **tiny_presets(),
     "gpt-oss-120b": Preset(GPT_OSS_120B, QWEN_TINY_TOK,
                            "GPT-OSS-120B shape: 36 layers x 128 experts, top-4, D 2880 (~229 GB bf16)"),
     "gpt-oss-20b": Preset(GPT_OSS_20B, QWEN_TINY_TOK,
@@ -346,7 +364,7 @@ def _cat(ws: list):
 
 
 def _expert_layer(cfg, gen, dtype, expert_dtype) -> LayerExperts:
-    if expert_dtype in (None, "int8", "int4", "int4g32", "int8g32", "int8g16", "q4_k"):
+    if expert_dtype is None or expert_dtype in RANDOM_QUANT:
         return random_layer(cfg, gen, dtype, quant=expert_dtype)
     return random_layer(cfg, gen, parse_dtype(expert_dtype))
 
@@ -356,8 +374,8 @@ def build_in_memory(preset: str, dtype="bfloat16", device=None, seed: int = 0,
     """A preset with seeded random weights: dense model on `device`, experts in a host ExpertStore.
     host_embedding: the token embedding moved to host memory after it is drawn (untied models).
 
-    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or (quantized) "int8"/"int4"/"int4g32"/
-    "int8g32"/"int8g16"/"q4_k" (Q4_K blocks: rows of 256-weight blocks).
+    expert_dtype: None (= dtype), "bfloat16"/"float16"/"float32", or a quantized format of RANDOM_QUANT
+    ("int8", "int4" = "int4g32", "int8g32", "int8g16", "q4_k": formats.py).
     Random numbers are drawn on `device` (fast on a GPU), experts copied to host memory layer by layer.
     """
     p = get_preset(preset)

@@ -3,7 +3,8 @@
 
     plan, store = plan_placement(placement, store, device, reserved_bytes=0)   # the plan, nothing allocated
     ex = build_executor(placement, store, cfg, device, *, reserved_bytes=0, dtype=None, options=...)
-    ex.plan                                     # the PlacementPlan it runs (printable: plan.describe())
+    ex.plan                                     # the PlacementPlan it runs (printable: plan.describe()),
+                                                # handed to every executor's constructor
 
 Which executor a plan gets: `plan.dense` (the gpu placement) -> GpuExecutor on CUDA (DenseExecutor, the
 oracle, elsewhere);
@@ -27,7 +28,7 @@ from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import Budget, GiB
 from hotexperts.experts.gpu_executor import GpuExecutor
 from hotexperts.experts.hybrid import HybridExecutor
-from hotexperts.experts.placement import QUANT, Placement, PlacementPlan
+from hotexperts.experts.placement import Placement, PlacementPlan
 from hotexperts.experts.planner import CachePlanner
 from hotexperts.experts.policies import ALIASES, POLICIES, make_policy, policy_from_profile
 from hotexperts.experts.profile import load_profile
@@ -35,6 +36,7 @@ from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.slots import SlotCache
 from hotexperts.experts.solve import ModelSizes, solve
 from hotexperts.experts.stats import CacheStats
+from hotexperts.formats import EXPERT_QUANT
 from hotexperts.kernels.gpu_moe import DEQUANT_CHUNK_BYTES, DEQUANT_CHUNK_MAX
 from hotexperts.weights import QuantizedWeight
 
@@ -120,7 +122,7 @@ def quantized_store(store, quant: str):
     quantized keep theirs (e.g. a GGUF whose w13 is int4g32 from Q4_K and whose w2 is bf16 because some
     layers' down matrices have a type without a quantized format, such as Q3_K: w2 becomes int8). Nothing
     dense and another format asked: PlacementError."""
-    fmt = QUANT[quant]
+    fmt = EXPERT_QUANT[quant]
     if fmt is None:
         return store
     le = store.layer(store.layers[0])
@@ -154,9 +156,7 @@ def _store_dtype(store, dev) -> torch.dtype:
 def _all_gpu(plan: PlacementPlan, store, dev, dtype, options: KernelOptions):
     """CUDA: GpuExecutor (one fused kernel per layer, graph-safe); elsewhere the DenseExecutor oracle."""
     if dev.type != "cuda":
-        ex = DenseExecutor({l: store.layer(l) for l in store.layers}, dev, dtype)
-        ex.plan = plan
-        return ex
+        return DenseExecutor({l: store.layer(l) for l in store.layers}, dev, dtype, plan=plan)
     try:
         return GpuExecutor(store, dev, options=options, plan=plan)
     except torch.cuda.OutOfMemoryError:

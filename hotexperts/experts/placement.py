@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 
 from hotexperts.errors import PlacementError
 from hotexperts.experts.budget import GiB, parse_cache
+from hotexperts.formats import EXPERT_QUANT, EXPERT_QUANT_CHOICES
 
 MODES = ("gpu", "cpu", "layers", "hot", "cache", "static", "explicit")
 DECODE = ("auto", "worker", "sync")
-QUANT = {"none": None, "int8": "int8", "int4": "int4g32", "int4g32": "int4g32", "int8g": "int8g32",
-         "q4_k": "q4_k"}
 ALIASES = {"cpu-moe": "cpu", "n-cpu-moe": "layers:auto", "hot": "hot:auto", "cache": "cache:auto"}
 WHERE = re.compile(r"^(gpu|cpu|shared|slots(\d+))$")
 LayerMap = tuple[tuple[int | None, int | None, str], ...]     # (first, last | None = all, where)
@@ -68,8 +67,8 @@ class Placement:
     def __post_init__(self):
         if self.mode not in MODES:
             raise PlacementError(f"unknown placement {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.expert_quant not in QUANT:
-            raise PlacementError(f"--expert-quant must be none, int8, int4, int8g or q4_k, "
+        if self.expert_quant not in EXPERT_QUANT:
+            raise PlacementError(f"--expert-quant must be one of {', '.join(EXPERT_QUANT_CHOICES)}, "
                                  f"got {self.expert_quant!r}")
         if self.decode not in DECODE:
             raise PlacementError(f"--moe-decode must be one of {', '.join(DECODE)}, got {self.decode!r}")

@@ -4,7 +4,8 @@ executor(layer, x [T,D], ids [T,K], weights [T,K]) -> y [T,D] = sum_k weights[t,
 computed like transformers: loop over the experts actually hit (ascending id), gather their tokens,
 y.index_add_ their weighted outputs. ids == -1 contributes 0. QuantizedWeight experts are dequantized once.
 The activation and the gate/up bias are the layer's (LayerExperts.act, .b13: h = act(split(w13 x + b13))).
-on_route(layer, ids, weights), if set, is called before computing. It synchronises with the host
+on_route(layer, ids, weights), if set, is called before computing; `plan` (the PlacementPlan it runs, when
+experts/build.py made it) is the constructor's. It synchronises with the host
 (ids.unique()), so it is never graph_safe; fine for an oracle.
 """
 
@@ -26,8 +27,8 @@ def _dense(w: Weight, device, dtype) -> torch.Tensor:
 
 class DenseExecutor(ExpertExecutor):
     def __init__(self, layers: dict[int, LayerExperts], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.device, self.dtype = torch.device(device), dtype
+                 dtype: torch.dtype = torch.float32, plan=None):
+        self.device, self.dtype, self.plan = torch.device(device), dtype, plan
         self.w13 = {i: _dense(le.w13, device, dtype) for i, le in layers.items()}    # [E, 2I, D]
         self.w2 = {i: _dense(le.w2, device, dtype) for i, le in layers.items()}      # [E, D, I]
         self.b13 = {i: None if le.b13 is None else le.b13.to(device=device, dtype=dtype)

@@ -14,7 +14,8 @@
     from_hf(cfg, hf_name, t)  one HF checkpoint tensor as our layout wants it, before it is copied (GPT-OSS:
                            its [E, D, 2I] gate_up with interleaved gate/up columns -> [E, 2I, D] gate rows
                            then up rows); default unchanged
-    rename(hf_name)     -> str | ExpertRef | None: HF tensor names -> ours (models/naming.py)
+    rename(hf_name)     -> str | ExpertRef | None: HF tensor names -> ours; by default
+                           naming.make_rename(moe_block, hf_expert_names), or the architecture's own
     moe_block           our module name of the MoE block, HF's on-disk spelling: "mlp" (Mixtral:
                         "block_sparse_moe")
     hf_expert_names     the per-expert HF matrix names (gate, up, down), e.g. Mixtral's (w1, w3, w2)
@@ -37,7 +38,7 @@ import torch
 
 from hotexperts.config import ModelConfig
 from hotexperts.models.gguf_config import GGUFConfig
-from hotexperts.models.naming import Renamer
+from hotexperts.models.naming import Renamer, make_rename
 
 TINY_VOCAB = 1024          # the tiny presets' vocabulary (engine/presets.py trains a BPE of this size)
 TensorHook = Callable[[ModelConfig, str, torch.Tensor], torch.Tensor]     # (cfg, our name, tensor) -> tensor
@@ -57,7 +58,7 @@ class Architecture:
     gguf_arch: str
     config_from_hf: Callable[[dict], ModelConfig]
     hf_from_gguf: Callable[[GGUFConfig], dict]
-    rename: Renamer
+    rename: Renamer | None = None
     moe_block: str = "mlp"
     hf_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     gguf_metadata: Callable[[ModelConfig], dict[str, int | float]] = no_metadata
@@ -67,6 +68,10 @@ class Architecture:
     gguf_names: dict = field(default_factory=dict, compare=False, hash=False)
     aliases: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.rename is None:                       # the names it declares are all rename() needs
+            object.__setattr__(self, "rename", make_rename(self.moe_block, self.hf_expert_names))
 
     def config_from_gguf(self, g: GGUFConfig) -> ModelConfig:
         return self.config_from_hf(self.hf_from_gguf(g))

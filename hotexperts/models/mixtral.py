@@ -71,6 +71,6 @@ TINY = tiny_hf_config(MODEL_TYPE, "MixtralForCausalLM", num_local_experts=8, num
                       router_aux_loss_coef=0.02, output_router_logits=False)
 
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="llama", config_from_hf=config_from_hf,
-                    hf_from_gguf=hf_from_gguf, rename=naming.make_rename(MOE_BLOCK, naming.MIXTRAL_WHICH),
-                    moe_block=MOE_BLOCK, hf_expert_names=("w1", "w3", "w2"), from_gguf=from_gguf,
+                    hf_from_gguf=hf_from_gguf, moe_block=MOE_BLOCK, hf_expert_names=("w1", "w3", "w2"),
+                    from_gguf=from_gguf,
                     to_gguf=to_gguf, gguf_metadata=gguf_metadata, tiny=TINY)

@@ -7,7 +7,8 @@
 
 Two expert layouts exist in checkpoints and in transformers' in-memory state dicts:
     per expert  `model.layers.{i}.mlp.experts.{e}.gate_proj.weight` [I, D] (up_proj [I, D], down_proj [D, I];
-                Mixtral: `block_sparse_moe.experts.{e}.w1/w3/w2.weight`)  -> ExpertRef(i, e, which)
+                or the family's own block and matrix names, which its Architecture declares: `moe_block`,
+                `hf_expert_names`; Mixtral `block_sparse_moe...w1/w3/w2`)  -> ExpertRef(i, e, which)
     stacked     `model.layers.{i}.mlp.experts.gate_up_proj` [E, 2I, D] (gate rows then up rows) and
                 `...experts.down_proj` [E, D, I] (transformers>=5 modules)  -> ExpertRef(i, None, which)
                 (separate stacked `experts.gate_proj` / `experts.up_proj` [E, I, D] map to "gate" / "up").
@@ -37,26 +38,31 @@ class ExpertRef:
 WeightRef = str | ExpertRef | None
 Renamer = Callable[[str], WeightRef]
 
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
-_STACKED = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\w+?)(?:\.weight)?$")
+HF_BLOCK = "mlp"                     # transformers>=5 modules' name of every architecture's MoE block
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")    # their per-expert matrices (gate, up, down)
 _STACKED_WHICH = {"gate_up_proj": "gate_up", "down_proj": "down", "gate_proj": "gate", "up_proj": "up"}
-_QWEN_WHICH = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-MIXTRAL_WHICH = {"w1": "gate", "w3": "up", "w2": "down", **_QWEN_WHICH}
 
 
-def make_rename(moe_block: str = "mlp", which_names: dict[str, str] | None = None) -> Renamer:
-    """Build an architecture's rename(); `moe_block` is our module name of the MoE block."""
-    which_names = which_names or _QWEN_WHICH
+def make_rename(moe_block: str = HF_BLOCK, expert_names: tuple[str, str, str] = EXPERT_NAMES) -> Renamer:
+    """Build an architecture's rename() from what its Architecture declares: `moe_block`, our module name of
+    the MoE block (the checkpoints' on-disk spelling), and `expert_names`, its per-expert HF matrices (gate,
+    up, down). transformers>=5 spellings (`mlp`, gate_proj/up_proj/down_proj) are read for every
+    architecture too."""
+    blocks = "|".join(re.escape(b) for b in dict.fromkeys((HF_BLOCK, moe_block)))
+    per_expert = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.experts\.(\d+)\.(\w+)\.weight$")
+    stacked = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.experts\.(\w+?)(?:\.weight)?$")
+    which_names = dict(zip(expert_names, ("gate", "up", "down"), strict=True))
+    which_names |= dict(zip(EXPERT_NAMES, ("gate", "up", "down"), strict=True))
 
     def rename(hf_name: str) -> WeightRef:
         if hf_name.endswith("inv_freq"):
             return None
-        if m := _PER_EXPERT.match(hf_name):
+        if m := per_expert.match(hf_name):
             which = which_names.get(m.group(3))
             if which is None:
                 raise ModelLoadError(f"unrecognised expert tensor name {hf_name!r}")
             return ExpertRef(int(m.group(1)), int(m.group(2)), which)
-        if (m := _STACKED.match(hf_name)) and m.group(2) in _STACKED_WHICH:
+        if (m := stacked.match(hf_name)) and m.group(2) in _STACKED_WHICH:
             return ExpertRef(int(m.group(1)), None, _STACKED_WHICH[m.group(2)])
         return _block_alias(hf_name, moe_block)
 
@@ -64,10 +70,9 @@ def make_rename(moe_block: str = "mlp", which_names: dict[str, str] | None = Non
 
 
 def _block_alias(name: str, moe_block: str) -> str:
-    """Router / MoE-block names: HF spells Mixtral's block `block_sparse_moe` on disk, `mlp` in v5 modules."""
-    for other in ("mlp", "block_sparse_moe"):
-        if other != moe_block and f".{other}.gate." in name:
-            return name.replace(f".{other}.gate.", f".{moe_block}.gate.")
+    """The router under transformers>=5's block name (`mlp`) -> under ours, where they differ."""
+    if moe_block != HF_BLOCK and f".{HF_BLOCK}.gate." in name:
+        return name.replace(f".{HF_BLOCK}.gate.", f".{moe_block}.gate.")
     return name
 
 

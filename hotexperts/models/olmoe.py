@@ -52,5 +52,4 @@ TINY = tiny_hf_config(MODEL_TYPE, "OlmoeForCausalLM", num_experts=16, num_expert
 TINY.pop("head_dim")                  # OLMoE configs have none: hidden_size // heads
 
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="olmoe", config_from_hf=config_from_hf,
-                    hf_from_gguf=hf_from_gguf, rename=naming.make_rename("mlp"),
-                    gguf_metadata=gguf_metadata, tiny=TINY)
+                    hf_from_gguf=hf_from_gguf, gguf_metadata=gguf_metadata, tiny=TINY)

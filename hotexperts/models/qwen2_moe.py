@@ -67,5 +67,4 @@ TINY = tiny_hf_config(MODEL_TYPE, "Qwen2MoeForCausalLM", num_experts=16, num_exp
                       router_aux_loss_coef=0.001, output_router_logits=False)
 
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="qwen2moe", config_from_hf=config_from_hf,
-                    hf_from_gguf=hf_from_gguf, rename=naming.make_rename("mlp"),
-                    gguf_metadata=gguf_metadata, to_gguf=to_gguf, tiny=TINY)
+                    hf_from_gguf=hf_from_gguf, gguf_metadata=gguf_metadata, to_gguf=to_gguf, tiny=TINY)

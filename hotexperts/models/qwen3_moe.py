@@ -74,5 +74,4 @@ TINY = tiny_hf_config(MODEL_TYPE, "Qwen3MoeForCausalLM", num_experts=16, num_exp
                       output_router_logits=False)
 
 ARCH = Architecture(model_type=MODEL_TYPE, gguf_arch="qwen3moe", config_from_hf=config_from_hf,
-                    hf_from_gguf=hf_from_gguf, rename=naming.make_rename("mlp"),
-                    gguf_metadata=qwen_gguf_metadata, tiny=TINY)
+                    hf_from_gguf=hf_from_gguf, gguf_metadata=qwen_gguf_metadata, tiny=TINY)

@@ -42,6 +42,7 @@ import torch
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.mailbox import DecodeHandoff
 from hotexperts.experts.store import ExpertStore, pin_weight
+from hotexperts.formats import EXPERT_QUANT
 from hotexperts.kernels.cpu_moe import cpu_moe
 from hotexperts.kernels.gpu_moe import gpu_moe
 from hotexperts.quant import quantize_layer
@@ -100,7 +101,7 @@ def _experts(fmt: str, num: int, d: int, inter: int):
     layer = LayerExperts(w13, w2)
     if fmt == "bf16":
         return layer
-    return quantize_layer(layer, {"int8": "int8", "int4": "int4g32"}[fmt])
+    return quantize_layer(layer, EXPERT_QUANT[fmt])
 
 
 def _nbytes(w) -> int:

@@ -4,6 +4,10 @@
     warm = warm_profile(fit, slots=K | budget=B)     the shared warm state built from the tuning part
     rows = compare(trace, policies, slots=K | budget=B, fit_fraction=0.5, **simulate_kw) -> [SimResult]
            (vs_belady filled in when belady is among the policies)
+    rows = sweep(trace, policies, slots=[8, 16] | budgets=[600], progress=None, ...) -> [SimResult]
+           compare at every capacity, in order (`hotexperts simulate`'s table)
+
+Built on trace/simulate.py (the replay); simulate.py never imports this module (import-linter checks it).
 
 The rule (docs/simulator.md, "Fair comparisons"): the decode tokens are split in time; the tuning part
 (`fit`) is never scored. Every policy, Belady included, replays the `test` part from the SAME warm state:
@@ -29,7 +33,7 @@ import numpy as np
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.profile import Profile, profile_from_counts
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.simulate import SimResult, fill_belady, simulate, trace_profile
+from hotexperts.trace.simulate import ALL_POLICIES, SimResult, fill_belady, simulate, trace_profile
 
 FIT_FRACTION = 0.5
 
@@ -69,3 +73,18 @@ def compare(trace: RoutingTrace, policies, *, slots: int | None = None, budget: 
                      **kw, **{"profile": warm, **(params or {}).get(p, {})}) for p in policies]
     fill_belady(rows)
     return rows
+
+
+def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(),
+          fit_fraction: float = FIT_FRACTION, params: dict | None = None, progress=None,
+          **kw) -> list[SimResult]:
+    """`compare` at every capacity: each of `slots` (per layer), then each of `budgets` (global slots).
+    params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs). progress(done, total,
+    what): called after each capacity (the CLI prints a line: long traces take minutes)."""
+    out = []
+    caps = [("slots", s) for s in slots] + [("budget", b) for b in budgets]
+    for i, (kind, cap) in enumerate(caps, 1):
+        out += compare(trace, policies, **{kind: cap}, fit_fraction=fit_fraction, params=params, **kw)
+        if progress is not None:
+            progress(i, len(caps), f"{cap} {'slots per layer' if kind == 'slots' else 'slots in all'}")
+    return out

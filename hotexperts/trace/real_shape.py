@@ -15,15 +15,17 @@ from dataclasses import replace
 from hotexperts.experts.budget import Budget
 from hotexperts.experts.placement import Placement
 from hotexperts.experts.solve import ModelSizes, solve
+from hotexperts.formats import BYTES_PER_WEIGHT, EXPERT_QUANT
 from hotexperts.trace.costmodel import SHAPES, ModelShape
 
 GIB = 2**30
 WORKSPACE_GIB = 0.5
 KV_GIB = 0.4                      # a 4096-token bf16 KV cache of the 30B-class shapes, rounded up
-FORMAT_BYTES = {"none": 2.0, "int8": 1.0 + 4 / 1024, "int4": 0.5 + 4 / 32, "int8g": 1.0 + 2 / 32,
-                "q4_k": 144 / 256}
-# the CPU rate the cost model has for each (int8g, q4_k: the nearest measured one)
-CPU_FORMAT = {"none": "bf16", "int8": "int8", "int4": "int4", "int8g": "int8", "q4_k": "int4"}
+FLOAT_BYTES = 2.0                 # --expert-quant none: the real models' bf16
+# bytes per expert weight of each --expert-quant name (formats.py's vocabulary)
+FORMAT_BYTES = {name: BYTES_PER_WEIGHT.get(fmt, FLOAT_BYTES) for name, fmt in EXPERT_QUANT.items()}
+# the CPU rate the cost model has for each store format (int8g32, q4_k: the nearest measured one)
+CPU_RATE = {None: "bf16", "int8": "int8", "int4g32": "int4", "int8g32": "int8", "q4_k": "int4"}
 
 
 def shape_for(preset: str, quant: str) -> ModelShape | None:
@@ -31,7 +33,8 @@ def shape_for(preset: str, quant: str) -> ModelShape | None:
     name = preset.removeprefix("preset:").removesuffix("-mini")
     if name not in SHAPES:
         return None
-    return replace(SHAPES[name], gpu_bytes_per_param=FORMAT_BYTES[quant], cpu_format=CPU_FORMAT[quant])
+    return replace(SHAPES[name], gpu_bytes_per_param=FORMAT_BYTES[quant],
+                   cpu_format=CPU_RATE[EXPERT_QUANT[quant]])
 
 
 def real_plan(shape: ModelShape, budget_gib: float) -> dict:

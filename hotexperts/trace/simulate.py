@@ -5,11 +5,12 @@
 
     simulate(trace, "lru", slots=16) -> SimResult          # per-layer capacity (`hot:K`)
     simulate(trace, "auto", budget=600)                    # one global slot budget (`cache:BUDGET`)
-    sweep(trace, policies, slots=[8, 16] | budgets=[...]) -> list[SimResult]   (held out, ÷ Belady filled in)
+    fill_belady(results)                                   # vs_belady of one comparison's results
 
-`simulate` is one replay of the whole trace as the live cache runs it (the fidelity test). Every comparison
-of policies (`sweep`, the CLI, `hotexperts auto`) uses trace/heldout.py's rule instead: tuned on the first
-half of the decode tokens, scored on the second, every policy (Belady included) from the same warm state.
+`simulate` is one replay of the whole trace as the live cache runs it (the fidelity test). Comparisons of
+policies (`heldout.sweep`, `hotexperts simulate`, `hotexperts auto`) build on it with trace/heldout.py's
+rule: tuned on the first half of the decode tokens, scored on the second, every policy (Belady included)
+from the same warm state. The flow is one way: heldout imports this module, never the reverse.
 
 Replay order, as in the live engine: one forward pass per iteration (`trace.iterations()`: a prompt batch
 or one decoded token); every MoE layer's lookup -> observe (hit flags counted; one lookup_step and one
@@ -20,30 +21,23 @@ planner by descending router weight where the trace has weights (stable: the rec
 none, as the engine's torch.topk lists them); policies break ties by that order (LRU: with fewer slots than
 top-k it admits the highest-weighted misses).
 
-CLI (flags: cli/simulate.py): `hotexperts simulate TRACE [--policies ...] [--slots 8,16,32 | --moe-cache
-600slots,8GiB] [--hardware HW] [--json OUT] [--plots DIR]`: a table of hit rates, ÷ Belady, swaps and bytes
-moved, and with a hardware profile the cost model's predicted decode tokens/s. TRACE: any file
-import_trace reads (.npz, .route.csv, *_routing.jsonl, a folder), as bench --route-trace.
+The CLI (`hotexperts simulate`: table, JSON, plots) is cli/simulate.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.planner import CachePlanner
 from hotexperts.experts.policies import Belady, CachePolicy, Swap, make_policy
-from hotexperts.experts.profile import Profile, load_profile
+from hotexperts.experts.profile import Profile
 from hotexperts.experts.residency import Residency
-from hotexperts.trace import costmodel, profiles
+from hotexperts.trace import costmodel
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.import_shared import import_trace
 
 ALL_POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
 
@@ -200,98 +194,11 @@ def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens,
                      [[s.hits, s.misses, s.prompt_hits, s.prompt_misses] for s in st])
 
 
-def sweep(trace: RoutingTrace, policies=ALL_POLICIES, *, slots=(), budgets=(), fit_fraction: float = 0.5,
-          params: dict | None = None, progress=None, **kw) -> list[SimResult]:
-    """Every policy at every capacity, held out (trace/heldout.py: tuned on the first `fit_fraction` of
-    the decode tokens, scored on the rest, one shared warm state); `vs_belady` filled in when belady is
-    among the policies. params: policy name -> extra constructor kwargs (e.g. auto's pay-back costs).
-    progress(done, total, what): called after each capacity (the CLI prints a line: long traces take
-    minutes)."""
-    from hotexperts.trace.heldout import compare
-
-    out = []
-    caps = [("slots", s) for s in slots] + [("budget", b) for b in budgets]
-    for i, cap in enumerate(caps, 1):
-        out += compare(trace, policies, **{cap[0]: cap[1]}, fit_fraction=fit_fraction, params=params, **kw)
-        if progress is not None:
-            progress(i, len(caps), f"{cap[1]} {'slots per layer' if cap[0] == 'slots' else 'slots in all'}")
-    return out
-
-
-def print_progress(done: int, total: int, what: str) -> None:
-    """sweep's progress as one stderr line per capacity."""
-    print(f"simulate: {done}/{total} capacities done ({what})", file=sys.stderr, flush=True)
-
-
 def auto_cost_params(shape, hw) -> dict:
     """Pay-back inputs of the `auto` policy (costmodel.payback_costs)."""
     return costmodel.payback_costs(shape, hw)
 
 
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise HotExpertsError(f"cannot read a size from {text!r} (examples: 600, 8GiB, 512MB)")
-    unit = (m.group(2) or "").upper()
-    mult = {"": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
-
-
-def _capacities(args, trace, expert_nbytes) -> tuple[list[int], list[int]]:
-    if args.slots and args.budget:
-        raise HotExpertsError("give --slots (per layer) or --budget (global), not both")
-    if args.budget:
-        budgets = []
-        for b in args.budget.split(","):
-            if re.search(r"[a-zA-Z]", b):
-                if not expert_nbytes:
-                    raise HotExpertsError("a byte budget needs the expert size: pass --expert-mb or "
-                                          "--model-shape")
-                budgets.append(parse_bytes(b) // expert_nbytes)
-            else:
-                budgets.append(int(b))
-        return [], budgets
-    if args.slots:
-        return [int(s) for s in args.slots.split(",")], []
-    E = trace.num_experts
-    return sorted({max(1, E * f // 16) for f in (1, 2, 4, 8)}), []
-
-
-def run(args) -> int:
-    """`hotexperts simulate` (flags: cli/simulate.py): the trace may be any file import_trace reads."""
-    trace = import_trace(args.trace)
-    shape = costmodel.shape_for_trace(trace, args.model_shape, args.expert_mb)
-    hw = profiles.get_profile(args.profile) if args.profile else None
-    nbytes = shape.expert_bytes_gpu if shape else 0
-    slots, budgets = _capacities(args, trace, nbytes)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    static = load_profile(args.static_profile, trace.num_experts) if args.static_profile else None
-    cost = auto_cost_params(costmodel.payback_shape(trace, args.model_shape, args.expert_mb),
-                            hw or profiles.get_profile("h200"))
-    params = {p: cost for p in policies if p in ("auto", "adaptive")}
-    params.update({p: {"profile": static} for p in policies if p == "static" and static is not None})
-    rows = sweep(trace, policies, slots=slots, budgets=budgets, fit_fraction=args.fit_fraction,
-                 params=params, max_swaps_per_step=args.max_swaps, prompt_bypass=args.pp_bypass,
-                 expert_nbytes=nbytes, progress=print_progress)
-    if hw is not None and shape is not None:
-        for r in rows:
-            r.predicted = costmodel.predict_cache(shape, hw, r).to_dict()
-    print(format_table(rows, trace))
-    if args.markdown:
-        print("\n" + markdown_grid(rows, trace.num_experts))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"trace": str(args.trace), "meta": trace.meta,
-                                               "results": [r.to_dict() for r in rows]}, indent=1))
-    if args.plot:
-        from hotexperts.trace import plots  # matplotlib: imported only to plot
-        for path in plots.write_all(rows, trace.moe_layers, args.plot):
-            print(f"wrote {path}")
-    return 0
 
 
 def fill_belady(row: list[SimResult]) -> None:
@@ -304,32 +211,13 @@ def fill_belady(row: list[SimResult]) -> None:
 _fill_belady = fill_belady
 
 
-def markdown_grid(rows: list[SimResult], num_experts: int) -> str:
-    """Capacity rows x policy columns: decode hit rate % (÷ Belady)."""
-    pols = list(dict.fromkeys(r.policy for r in rows))
-    caps = list(dict.fromkeys((r.slots, r.budget) for r in rows))
-    lines = ["| capacity | " + " | ".join(pols) + " |", "|---" * (len(pols) + 1) + "|"]
-    for s, b in caps:
-        cap = f"{s}/layer ({100 * s / num_experts:.1f}%)" if s is not None else f"{b} total"
-        cells = {r.policy: r for r in rows if (r.slots, r.budget) == (s, b)}
-        txt = [f"{100 * c.hit_rate:.1f}" + (f" ({c.vs_belady:.3f})" if c.vs_belady else "")
-               for c in (cells[p] for p in pols)]
-        lines.append(f"| {cap} | " + " | ".join(txt) + " |")
-    return "\n".join(lines)
-
-
-def format_table(rows: list[SimResult], trace: RoutingTrace) -> str:
-    head = (f"{trace.meta.get('model')}: {trace.num_tokens} tokens ({int(trace.is_prompt.sum())} prompt), "
-            f"{trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}")
-    rule = ("held out: tuned on the first part of the decode tokens, scored on the rest; every policy "
-            "(Belady included) starts from the tuning part's hot set")
-    lines = [head, rule, f"{'policy':<11} {'capacity':>12} {'hit%':>6} {'/belady':>7} {'prompt%':>7} "
-             f"{'swaps/tok':>9} {'GB moved':>9} {'pred tok/s':>10}"]
-    for r in rows:
-        cap = f"{r.slots}/layer" if r.slots is not None else f"{r.budget} total"
-        vb = f"{r.vs_belady:.3f}" if r.vs_belady else "-"
-        pred = f"{r.predicted['decode_tps']:.1f}" if r.predicted else "-"
-        lines.append(f"{r.policy:<11} {cap:>12} {100 * r.hit_rate:6.1f} {vb:>7} "
-                     f"{100 * r.prompt_hit_rate:7.1f} {r.swaps_per_token:9.2f} "
-                     f"{r.bytes_moved / 1e9:9.2f} {pred:>10}")
-    return "\n".join(lines)
+def parse_bytes(text: str) -> int:
+    """A byte size in the simulator's budget syntax (cli/simulate.py, trace/auto.py): '8GiB', '512MB',
+    '600' (bytes)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise HotExpertsError(f"cannot read a size from {text!r} (examples: 600, 8GiB, 512MB)")
+    unit = (m.group(2) or "").upper()
+    mult = {"": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)

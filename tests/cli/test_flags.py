@@ -96,3 +96,38 @@ def test_llama_cpp_short_flags_are_shared_by_generate_trace_and_serve():
     for command in ("generate", "serve"):
         assert {"-m", "-c", "-t", "-ngl", "-fa", "--no-mmap", "-ncmoe"} <= set(options(command))
     assert {"-m", "-n", "-t", "-ncmoe"} <= set(options("trace"))
+
+
+def _definition(action: argparse.Action) -> tuple:
+    return action.help, action.choices, action.default, action.metavar, action.type, action.nargs
+
+
+@pytest.mark.parametrize("flag", ["--expert-quant", "--dense-quant", "--piecewise-graph", "--moe-pp-bypass",
+                                  "--moe-policy"])
+def test_bench_uses_the_definitions_generate_and_serve_use(flag):
+    """One definition (cli/flags.py) per flag: help, choices, default and syntax cannot drift apart."""
+    commands = [c for c in ("generate", "serve", "trace", "bench", "simulate", "auto") if flag in options(c)]
+    defs = {c: _definition(options(c)[flag]) for c in commands}
+    if flag == "--moe-policy":                     # bench's help names the placement it applies to
+        defs = {c: d[1:] for c, d in defs.items()}
+    assert "generate" in defs and len(set(defs.values())) == 1, defs
+
+
+def test_bench_and_generate_vram_budgets_share_one_text_and_keep_their_syntax():
+    gen, bench = options("generate")["--vram-budget"], options("bench")["--vram-budget"]
+    assert gen.help.split(";")[0] == bench.help.split(";")[0] and "CUDA context included" in gen.help
+    assert (gen.metavar, bench.metavar) == ("GiB|auto", "SIZE[,SIZE...]|auto")
+    assert parse("bench", "--vram-budget", "16,24").vram_budget == "16,24"
+
+
+def test_bench_keeps_every_flag_name_and_default():
+    args = parse("bench")
+    assert (args.expert_quant, args.dense_quant, args.policy, args.vram_budget, args.piecewise_graph) == \
+        ("none", "auto", None, None, False)
+    assert parse("bench", "--moe-policy", "decay").policy == "decay"
+
+
+def test_synthetic_routing_help_lists_every_synthetic_preset():
+    from hotexperts.trace.synthetic import PRESETS
+    for command, flag in (("trace", "--synthetic"), ("bench", "--route-synthetic")):
+        assert all(name in options(command)[flag].help for name in PRESETS), (command, flag)

@@ -70,3 +70,13 @@ def test_make_model_writes_bf16_weights(tmp_path, capsys):
     with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
         name = next(iter(f.keys()))
         assert str(f.get_tensor(name).dtype) == "torch.bfloat16"
+
+
+def test_make_model_help_lists_every_gguf_type_the_writer_accepts():
+    from hotexperts.cli import build_parser
+    from hotexperts.engine.gguf_export import QUANTS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["make-model"]
+    text = next(a for a in sub._actions if "--quant" in a.option_strings).help
+    assert all(f" {q} " in f" {text} " or f" {q}" in text for q in (*QUANTS, "q4_k_m"))
+    assert {"iq4_nl", "iq4_xs", "mxfp4"} <= set(text.replace("(", " ").split())

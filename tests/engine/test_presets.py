@@ -9,13 +9,16 @@ import torch
 from hotexperts.cli.make_model import add_parser
 from hotexperts.engine.presets import (
     PRESETS,
+    TINY_DESCRIPTION,
+    TINY_TOKENIZER,
     build_in_memory,
     preset_config,
     routing_diversity,
     run,
+    tiny_name,
 )
 from hotexperts.errors import HotExpertsError
-from hotexperts.models import config_from_hf
+from hotexperts.models import ARCHITECTURES, config_from_hf
 
 REAL = {  # name: (layers, experts, top_k, hidden, moe_intermediate, heads, kv_heads, vocab)
     "qwen3-30b-a3b": (48, 128, 8, 2048, 768, 32, 4, 151936),
@@ -135,3 +138,12 @@ def test_cat_of_gguf_block_weights_keeps_no_scale():
     assert parts[0].scale is None
     out = _cat(parts)
     assert out.scale is None and out.q.shape[0] == 4
+
+
+def test_every_registered_architecture_has_its_tiny_preset_and_no_other_exists():
+    tiny = {name: p for name, p in PRESETS.items() if name.startswith("tiny-")}
+    assert list(tiny) == [tiny_name(t) for t in ARCHITECTURES]
+    assert all(tiny[tiny_name(t)].config is arch.tiny for t, arch in ARCHITECTURES.items())
+    assert set(TINY_DESCRIPTION) | set(TINY_TOKENIZER) <= set(ARCHITECTURES)       # no stale entries
+    assert (tiny_name("qwen3_5_moe"), tiny_name("glm4_moe"), tiny_name("mixtral")) == \
+        ("tiny-qwen3.5-moe", "tiny-glm4-moe", "tiny-mixtral")

@@ -85,7 +85,7 @@ def check_same(ex, ref_toks=REF_TOKS, ref_rows=REF_ROWS, **kw):
     assert toks == ref_toks
     for a, b in zip(rows, ref_rows, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    st = ex.stats() if callable(getattr(ex, "stats", None)) else None
+    st = ex.stats()
     if st is not None:
         tot = st["total"]
         assert tot["hits"] + tot["misses"] == seen["n"]              # every routed selection counted once

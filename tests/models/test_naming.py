@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from hotexperts.errors import ModelLoadError, UnsupportedArchitectureError
-from hotexperts.models import ARCHITECTURES, config_from_hf, get_arch, split_state_dict
+from hotexperts.models import ARCHITECTURES, config_from_hf, get_arch, naming, split_state_dict
+from hotexperts.models.architecture import Architecture
 from hotexperts.models.naming import ExpertRef
 from hotexperts.models.transformer import MoETransformer
 
@@ -103,6 +104,19 @@ def test_stacked_layouts_give_the_same_experts(hf_models, tmp_path, name, transp
 ])
 def test_rename_examples(arch_name, hf_name, want):
     assert get_arch(arch_name).rename(hf_name) == want
+
+
+def test_rename_comes_from_what_an_architecture_declares_and_naming_knows_no_family():
+    """A made-up family: its block and matrix names are all rename() needs (naming.py names no family)."""
+    arch = Architecture(model_type="toy", gguf_arch="toy", config_from_hf=None, hf_from_gguf=None,
+                        moe_block="sparse", hf_expert_names=("a", "b", "c"))
+    assert arch.rename("model.layers.1.sparse.experts.2.a.weight") == ExpertRef(1, 2, "gate")
+    assert arch.rename("model.layers.1.sparse.experts.2.c.weight") == ExpertRef(1, 2, "down")
+    assert arch.rename("model.layers.1.mlp.experts.2.up_proj.weight") == ExpertRef(1, 2, "up")   # v5 names
+    assert arch.rename("model.layers.1.mlp.gate.weight") == "model.layers.1.sparse.gate.weight"
+    with pytest.raises(ModelLoadError, match="unrecognised expert tensor"):
+        arch.rename("model.layers.1.sparse.experts.2.w1.weight")             # Mixtral's names are Mixtral's
+    assert not hasattr(naming, "MIXTRAL_WHICH")
 
 
 def test_unknown_model_type_lists_supported():

@@ -10,7 +10,7 @@ from hotexperts.experts.residency import Residency
 from hotexperts.trace import costmodel, profiles
 from hotexperts.trace.auto import GRID, choose
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.heldout import compare, split, warm_profile
+from hotexperts.trace.heldout import compare, split, sweep, warm_profile
 from hotexperts.trace.simulate import (
     ALL_POLICIES,
     SimulatedCache,
@@ -18,7 +18,6 @@ from hotexperts.trace.simulate import (
     by_weight,
     passes,
     simulate,
-    sweep,
 )
 from hotexperts.trace.synthetic import SyntheticParams, generate
 

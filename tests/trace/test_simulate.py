@@ -1,17 +1,16 @@
-"""The simulator on small hand-made traces: known hit counts, prompt accounting, sweeps, CLI, no torch."""
+"""The simulator on small hand-made traces: known hit counts, prompt accounting, sweeps, no torch (its CLI:
+tests/cli/test_simulate_cli.py)."""
 
-import argparse
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from hotexperts.cli.simulate import add_parser, run
 from hotexperts.errors import HotExpertsError
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.simulate import passes, simulate, sweep
+from hotexperts.trace.heldout import sweep
+from hotexperts.trace.simulate import passes, simulate
 
 CLASSIC = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
 
@@ -96,29 +95,12 @@ def test_deterministic():
     assert a == b
 
 
-def test_cli_json_and_plots(tmp_path, capsys):
-    path = random_trace(n=120).save(tmp_path / "t.npz")
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["simulate", str(path), "--policies", "lru,static,belady", "--slots", "2,4",
-                              "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "plots")])
-    assert run(args) == 0
-    doc = json.loads((tmp_path / "out.json").read_text())
-    assert len(doc["results"]) == 6 and {r["policy"] for r in doc["results"]} == {"lru", "static", "belady"}
-    assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 1000
-    assert (tmp_path / "plots" / "layer_heatmap.png").stat().st_size > 1000
-    assert "belady" in capsys.readouterr().out
-
-
-def test_cli_byte_budget_needs_expert_size(tmp_path):
-    path = random_trace(n=30).save(tmp_path / "t.npz")
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    with pytest.raises(HotExpertsError, match="expert size"):
-        run(parser.parse_args(["simulate", str(path), "--budget", "1GiB"]))
-    args = parser.parse_args(["simulate", str(path), "--budget", "1MB", "--expert-mb", "0.25",
-                              "--policies", "lru", "--profile", "rtx3060-ddr4"])
-    assert run(args) == 0
+def test_the_replay_never_imports_the_held_out_comparison():
+    """One-way flow (import-linter's trace contract checks it statically too): heldout builds on simulate."""
+    code = ("import sys, hotexperts.trace.simulate; "
+            "assert 'hotexperts.trace.heldout' not in sys.modules; "
+            "assert not hasattr(hotexperts.trace.simulate, 'sweep')")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_simulator_imports_no_torch():

@@ -12,8 +12,9 @@
     verify.py      make_verify_step: the T-token (2..16) decode step of speculative decoding, a CUDA graph
                    per T bucket for executors whose T > 1 calls are sync-free
 
-The runner reads the executor's optional hooks as it always did: `graph_safe` (getattr, default False),
-`on_route` (set: run eagerly, a replay runs no Python) and `before_step()` (right before a step launches).
+The runner reads the executor's hooks, declared with defaults on ExpertExecutor (hotexperts/executor.py):
+`graph_safe` (default False), `on_route` (set: run eagerly, a replay runs no Python) and `before_step()`
+(right before a step launches).
 """
 
 from __future__ import annotations
