@@ -7,10 +7,10 @@ a GGUF file. The flags only; the writing is engine/presets.py's `run`.
 from __future__ import annotations
 
 from hotexperts.cli.flags import HelpFormatter, add_device_argument, add_dtype_argument, add_seed_argument
-from hotexperts.engine.gguf_export import DENSE
+from hotexperts.engine.gguf_export import DENSE, QUANTS
 from hotexperts.engine.presets import PRESETS, run
 
-GGUF_EXPERT_TYPES = "q4_k q4_k_m q4_0 q4_1 q8_0 q6_k q5_k q5_0 q5_1 mxfp4 bf16 f16 f32"
+GGUF_EXPERT_TYPES = " ".join(["q4_k", "q4_k_m", *(q for q in QUANTS if q != "q4_k")])   # write_gguf takes
 
 
 def description() -> str:
