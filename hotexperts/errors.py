@@ -90,3 +90,22 @@ def read_json(path: str | Path, what: str, error: type[HotExpertsError] = HotExp
         return loads_json(text, "the document", error)
     except HotExpertsError as e:
         raise error(f"{path} is not a readable {what} (JSON): {e}") from None
+
+
+def read_json_object(path: str | Path, required: bool = True) -> dict:
+    """The JSON object in a model file `path` (config.json, tokenizer_config.json, ...); {} when optional and
+    absent. A missing required file, an unreadable one, bad JSON or a non-object raise ModelLoadError."""
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"{path.name} not found in {path.parent} "
+                                 "(is this a Hugging Face model directory?)")
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"cannot parse {path}: {e}") from e
+    data = loads_json(text, f"cannot parse {path}", ModelLoadError)
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data

@@ -28,7 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from hotexperts.errors import HotExpertsError, ModelLoadError, loads_json
+from hotexperts.errors import HotExpertsError, ModelLoadError, read_json_object
 
 ASSETS = resources.files("hotexperts") / "assets"
 
@@ -74,11 +74,11 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(tj))
         except Exception as e:
             raise ModelLoadError(f"cannot read {tj}: {e}") from e
-        cfg = _read_json(path / "tokenizer_config.json")
+        cfg = read_json_object(path / "tokenizer_config.json", required=False)
         if (path / "chat_template.jinja").is_file():      # transformers>=4.47 saves the template apart
             cfg["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if generation_config is None:
-            generation_config = _read_json(path / "generation_config.json")
+            generation_config = read_json_object(path / "generation_config.json", required=False)
         return cls(tok, cfg, generation_config)
 
     def save(self, out_dir: str | Path) -> None:
@@ -182,19 +182,6 @@ def _compile(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise HotExpertsError(f"chat template does not parse: {e}") from e
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"cannot parse {path}: {e}") from e
-    data = loads_json(text, f"cannot parse {path}", ModelLoadError)
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return data
 
 
 def chat_template(name: str) -> str:

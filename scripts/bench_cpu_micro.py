@@ -34,36 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hotexperts.config import KernelOptions  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
-from hotexperts.weights import LUT4_BLOCKS, LayerExperts, QuantizedWeight  # noqa: E402
+from hotexperts.weights import LayerExperts  # noqa: E402
+from scripts.random_experts import clone_layer, random_layer  # noqa: E402
 
 D, I, TOP_K = 2048, 768, 8
-
-
-def lut4_random(fmt: str, E: int, N: int, K: int, gen: torch.Generator) -> QuantizedWeight:
-    """Random LUT4 blocks (indices anywhere, scales of a realistic size: e8m0 120 / fp16 1e-3)."""
-    bw, bb = LUT4_BLOCKS[fmt]
-    b = torch.randint(0, 256, (E, N, K // bw, bb), dtype=torch.uint8, generator=gen)
-    if fmt == "mxfp4":
-        b[..., 0] = 120
-    else:
-        b[..., 0:2] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
-    return QuantizedWeight(fmt, b.flatten(-2), None)
-
-
-def layer(fmt: str, E: int, gen: torch.Generator, D: int = D, I: int = I) -> LayerExperts:
-    def mat(N: int, K: int):
-        if fmt in LUT4_BLOCKS:
-            return lut4_random(fmt, E, N, K, gen)
-        if fmt == "int4g32":
-            q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen)
-            s = (torch.rand(E, N, K // 32, generator=gen) * 0.02 + 0.005).half()
-            return QuantizedWeight(fmt, q, s, (torch.randn(E, N, K // 32, generator=gen) * 0.01).half())
-        if fmt == "int8":
-            q = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, generator=gen)
-            return QuantizedWeight(fmt, q, torch.rand(E, N, generator=gen) * 4e-4 + 1e-4)
-        return (torch.randn(E, N, K, generator=gen) * 0.03).to(torch.bfloat16)
-
-    return LayerExperts(mat(2 * I, D), mat(D, I))
 
 
 def timed(fn, n: int, reps: int = 7) -> float:
@@ -85,7 +59,7 @@ def options(a, threads: int) -> KernelOptions:
 
 def hot(fmt: str, a) -> dict:
     o = options(a, a.hot_threads)
-    L = layer(fmt, a.hot_experts, torch.Generator().manual_seed(0), a.hot_dim, a.hot_inter)
+    L = random_layer(fmt, a.hot_experts, a.hot_dim, a.hot_inter, torch.Generator().manual_seed(0))
     x, out = torch.randn(1, a.hot_dim).bfloat16(), torch.empty(1, a.hot_dim, dtype=torch.bfloat16)
     ids, w = torch.arange(a.hot_experts)[None], torch.rand(1, a.hot_experts)
     dt = timed(lambda: cm.cpu_moe(x, ids, w, L, out, options=o), a.hot_calls)
@@ -96,15 +70,9 @@ def hot(fmt: str, a) -> dict:
 
 
 def dram_layers(fmt: str, a) -> list[LayerExperts]:
-    base = layer(fmt, 128, torch.Generator().manual_seed(0))
+    base = random_layer(fmt, 128, D, I, torch.Generator().manual_seed(0))
     n = max(2, round(a.gib * 2**30 / (128 * base.expert_nbytes)))
-    def clone(w):
-        if not isinstance(w, QuantizedWeight):
-            return w.clone()
-        s, z = (None if t is None else t.clone() for t in (w.scale, w.zero))   # q4_k / LUT4: None
-        return QuantizedWeight(w.fmt, w.q.clone(), s, z)
-
-    return [base] + [LayerExperts(clone(base.w13), clone(base.w2)) for _ in range(n - 1)]
+    return [base] + [clone_layer(base) for _ in range(n - 1)]
 
 
 def stream(layers, fmt: str, a, T: int, ref: torch.Tensor | None = None) -> dict:

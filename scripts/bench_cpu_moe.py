@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hotexperts.config import KernelOptions  # noqa: E402
 from hotexperts.kernels import cpu_moe as cm  # noqa: E402
 from hotexperts.quant import dequantize  # noqa: E402
-from hotexperts.weights import LayerExperts, QuantizedWeight  # noqa: E402
+from hotexperts.weights import LayerExperts  # noqa: E402
+from scripts.random_experts import clone_layer, random_layer  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -55,36 +56,6 @@ def parse() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- weights
-
-def random_layer(fmt: str, E: int, D: int, I: int, gen: torch.Generator) -> LayerExperts:
-    def mat(N: int, K: int):
-        if fmt == "int4g32":
-            q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen)
-            s = (torch.rand(E, N, K // 32, generator=gen) * 0.02 + 0.005).half()
-            return QuantizedWeight(fmt, q, s, (torch.randn(E, N, K // 32, generator=gen) * 0.01).half())
-        if fmt == "int8":
-            q = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, generator=gen)
-            return QuantizedWeight(fmt, q, torch.rand(E, N, generator=gen) * 4e-4 + 1e-4)
-        if fmt in ("int8g32", "int8g16", "int8g16z"):           # z: with a zero (a Q4_K_M down matrix)
-            g = int(fmt[5:7])
-            q = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, generator=gen)
-            s = (torch.rand(E, N, K // g, generator=gen) * 4e-4 + 1e-4).half()
-            z = (torch.randn(E, N, K // g, generator=gen) * 0.01).half() if fmt.endswith("z") else None
-            return QuantizedWeight(fmt[:7], q, s, z)
-        return (torch.randn(E, N, K, generator=gen) * 0.03).to(torch.bfloat16)
-
-    return LayerExperts(mat(2 * I, D), mat(D, I))
-
-
-def clone_layer(layer: LayerExperts) -> LayerExperts:
-    def c(w):
-        if isinstance(w, QuantizedWeight):
-            zero = None if w.zero is None else w.zero.clone()
-            return QuantizedWeight(w.fmt, w.q.clone(), w.scale.clone(), zero)
-        return w.clone()
-
-    return LayerExperts(c(layer.w13), c(layer.w2))
-
 
 def build_model(fmt: str, a: argparse.Namespace) -> list[LayerExperts]:
     base = random_layer(fmt, a.experts, a.dim, a.inter, torch.Generator().manual_seed(0))

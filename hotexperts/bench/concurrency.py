@@ -25,21 +25,14 @@ import time
 
 import torch
 
+from hotexperts.bench.workload import parse_counts
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import HotExpertsError
 from hotexperts.models.cache import MAX_SLOTS
 
 
 def parse_parallel(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        ns = sorted({int(n) for n in str(text).split(",") if n.strip()} | {1})
-    except ValueError:
-        raise HotExpertsError(f"--parallel takes request counts like 1,2,4,8, got {text!r}") from None
-    if ns[0] < 1 or ns[-1] > MAX_SLOTS:
-        raise HotExpertsError(f"--parallel values must be in [1, {MAX_SLOTS}], got {text!r}")
-    return ns
+    return parse_counts(text, "--parallel", "request", MAX_SLOTS)
 
 
 def context_needed(ns: list[int], steps: int = 16, depth: int = 64, repeats: int = 3) -> int:

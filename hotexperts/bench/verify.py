@@ -26,20 +26,12 @@ import time
 import numpy as np
 import torch
 
+from hotexperts.bench.workload import parse_counts
 from hotexperts.engine.runner.verify import MAX_VERIFY_T
-from hotexperts.errors import HotExpertsError
 
 
 def parse_verify_ts(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        ts = sorted({int(t) for t in str(text).split(",") if t.strip()} | {1})
-    except ValueError:
-        raise HotExpertsError(f"--verify-t takes token counts like 1,2,4,8, got {text!r}") from None
-    if ts[0] < 1 or ts[-1] > MAX_VERIFY_T:
-        raise HotExpertsError(f"--verify-t values must be in [1, {MAX_VERIFY_T}], got {text!r}")
-    return ts
+    return parse_counts(text, "--verify-t", "token", MAX_VERIFY_T)
 
 
 def context_needed(ts: list[int], steps: int = 4, depth: int = 64, repeats: int = 3) -> int:

@@ -8,6 +8,8 @@
         "router"               the model's own router (random weights: NOT a speed source; see docs)
         "trace" FILE           a recorded trace (.npz, or a raw file of ../shared/traces), replayed
         "synthetic" PRESET     the calibrated generator (trace/synthetic.py), shaped to the model
+    parse_counts("4,2", "--parallel", "request", 16) -> [1, 2, 4]   a flag's comma list of counts in 1..upper,
+                           sorted, 1 (the baseline) always added; None or "" -> []
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def parse_tests(text: str) -> list[BenchTest]:
     if not tests:
         raise HotExpertsError("no benchmark tests given")
     return tests
+
+
+def parse_counts(text: str | None, flag: str, unit: str, upper: int) -> list[int]:
+    """The counts of a bench flag such as --parallel or --verify-t: sorted, 1 added, each in 1..upper;
+    unit names what is counted in the message for a non-number ("request": "request counts like 1,2,4,8")."""
+    if not text:
+        return []
+    try:
+        counts = sorted({int(n) for n in str(text).split(",") if n.strip()} | {1})
+    except ValueError:
+        raise HotExpertsError(f"{flag} takes {unit} counts like 1,2,4,8, got {text!r}") from None
+    if counts[0] < 1 or counts[-1] > upper:
+        raise HotExpertsError(f"{flag} values must be in [1, {upper}], got {text!r}")
+    return counts
 
 
 @dataclass

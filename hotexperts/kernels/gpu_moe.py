@@ -137,8 +137,12 @@ def _pool_ranks(x, ids, pools) -> tuple[torch.Tensor, list[torch.Tensor]]:
         elif isinstance(used, torch.Tensor):
             li = used.to(device=x.device, dtype=torch.long)
         else:
-            host = torch.tensor(sorted(used), dtype=torch.long)
-            li = (host.pin_memory() if x.is_cuda else host).to(x.device, non_blocking=True)
+            # A blocking copy from pageable memory, on purpose: a non_blocking copy from a temporary pinned
+            # tensor leaves the device reading host memory that is freed when this function returns (and under
+            # CUDA-graph capture the graph would keep reading it on every replay). The host list differs per
+            # call, so no persistent buffer could be captured either; a capture now fails loudly instead.
+            # The cost: one stream sync per pool and prompt chunk, as the used=None path's torch.unique.
+            li = torch.tensor(sorted(used), dtype=torch.long, device=x.device)
         table = torch.full((w13.shape[0],), -1, dtype=torch.long, device=x.device)
         table[li] = torch.arange(off, off + li.numel(), device=x.device)
         r = torch.where(slots >= 0, table[slots.clamp(min=0)], -1)

@@ -55,6 +55,19 @@ def _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP: tl.constexpr):
 
 
 @triton.jit
+def _down_step(ids_ptr, slot_of_ptr, wts_ptr, dmask, t, j, nc, K, HAS_MAP: tl.constexpr, BD: tl.constexpr):
+    """Step j of token t's flat down loop over (k, chunk), nc chunks per pair k: (pair p = t*K + k, its slot
+    clamped to >= 0, the chunk c = j % nc, the pair's routing weight (0 when unmapped), vmask [BD] = dmask
+    where the pair is mapped)."""
+    k = j // nc
+    p = t * K + k
+    s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
+    wt = tl.where(s >= 0, tl.load(wts_ptr + p).to(tl.float32), 0.0)
+    vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)          # vector form (interpreter-safe)
+    return p, tl.maximum(s, 0), j - k * nc, wt, vmask
+
+
+@triton.jit
 def _act(g, u, ACT: tl.constexpr, alpha, limit):
     """h from fp32 gate and up (weights.ACT_CODES): 0 silu(g) u; 1 GPT-OSS's clamped SwiGLU
     (u' + 1) g' sigmoid(alpha g'), g' = min(g, limit), u' = clamp(u, -limit, limit); 2 gelu_tanh(g) u with
@@ -188,14 +201,8 @@ def _down_q4k(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, t, rows, dmask, K, I,
     nc = tl.cdiv(nblk, NB)
     acc = tl.zeros([BD, NB, 4], dtype=tl.float32)
     for j in tl.range(0, K * nc, num_stages=STAGES):
-        k = j // nc
-        b0 = (j - k * nc) * NB
-        p = t * K + k
-        s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
-        s0 = tl.maximum(s, 0)
-        wt = tl.where(s >= 0, tl.load(wts_ptr + p).to(tl.float32), 0.0)
-        vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)              # [BD]
-        blk = b0 + tl.arange(0, NB)
+        p, s0, c, wt, vmask = _down_step(ids_ptr, slot_of_ptr, wts_ptr, dmask, t, j, nc, K, HAS_MAP, BD)
+        blk = c * NB + tl.arange(0, NB)
         bm = blk < nblk
         boff = (s0 * stride_ws + rows.to(tl.int64) * stride_wd)[:, None] + blk[None, :].to(tl.int64) * 144
         acc += wt * _q4k_part(q_ptr, boff, vmask[:, None] & bm[None, :], h_ptr + p * I, blk, bm, NB)
@@ -279,14 +286,8 @@ def _down_dense(h_ptr, ids_ptr, slot_of_ptr, wts_ptr, q_ptr, s_ptr, t, rows, dma
     nc = tl.cdiv(I, BI)
     acc = tl.zeros([BD, BI], dtype=tl.float32)
     for j in tl.range(0, K * nc, num_stages=STAGES):
-        k = j // nc
-        i0 = (j - k * nc) * BI
-        p = t * K + k
-        s = _pair_slot(ids_ptr, slot_of_ptr, p, HAS_MAP)
-        s0 = tl.maximum(s, 0)
-        wt = tl.where(s >= 0, tl.load(wts_ptr + p).to(tl.float32), 0.0)
-        vmask = dmask & (tl.zeros([BD], dtype=tl.int64) + s >= 0)     # [BD]
-        cols = i0 + tl.arange(0, BI)
+        p, s0, c, wt, vmask = _down_step(ids_ptr, slot_of_ptr, wts_ptr, dmask, t, j, nc, K, HAS_MAP, BD)
+        cols = c * BI + tl.arange(0, BI)
         if EVEN:
             hv = tl.load(h_ptr + p * I + cols)
             m = vmask[:, None]

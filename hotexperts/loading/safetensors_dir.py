@@ -22,28 +22,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hotexperts.errors import ModelLoadError, loads_json
+from hotexperts.errors import ModelLoadError, read_json_object
 from hotexperts.loading import validate
 from hotexperts.loading.schema import HF_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def read_json(path: Path, required: bool = True) -> dict:
-    """A JSON object from `path`; {} when optional and absent."""
-    if not path.is_file():
-        if required:
-            raise ModelLoadError(f"{path.name} not found in {path.parent} "
-                                 "(is this a Hugging Face model directory?)")
-        return {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"cannot parse {path}: {e}") from e
-    data = loads_json(text, f"cannot parse {path}", ModelLoadError)
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return data
 
 
 class SafetensorsDir:
@@ -53,9 +36,9 @@ class SafetensorsDir:
         self.path = Path(path)
         if not self.path.is_dir():
             raise ModelLoadError(f"model directory {self.path} does not exist")
-        self.config = read_json(self.path / "config.json")
+        self.config = read_json_object(self.path / "config.json")
         validate.check_hf_config(self.path / "config.json", self.config)
-        self.generation_config = read_json(self.path / "generation_config.json", required=False)
+        self.generation_config = read_json_object(self.path / "generation_config.json", required=False)
         validate.check_generation_config(self.path / "generation_config.json", self.generation_config)
         self._handles: dict[str, object] = {}         # shard file name -> safe_open handle
         self.weight_map = self._weight_map()          # tensor name -> shard file name
@@ -68,7 +51,7 @@ class SafetensorsDir:
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
         if index.is_file():
-            wm = read_json(index).get("weight_map")
+            wm = read_json_object(index).get("weight_map")
             if not isinstance(wm, dict) or not wm:
                 raise ModelLoadError(f"{index} has no weight_map")
             for name, f in wm.items():

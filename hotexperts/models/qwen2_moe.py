@@ -13,10 +13,10 @@ from hotexperts.models import naming
 from hotexperts.models.architecture import Architecture, tiny_hf_config
 from hotexperts.models.gguf_config import GGUFConfig
 from hotexperts.models.qwen3_moe import (
-    check_no_sliding,
+    check_qwen_config,
     qwen_gguf_fields,
     qwen_gguf_metadata,
-    qwen_moe_layers,
+    qwen_moe_fields,
 )
 
 MODEL_TYPE = "qwen2_moe"
@@ -24,16 +24,9 @@ REQUIRED = (*naming.BASE_REQUIRED, "moe_intermediate_size")
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    naming.require(d, *REQUIRED, model_type=MODEL_TYPE)
-    naming.check_activation(d)
-    check_no_sliding(d)
+    check_qwen_config(d, REQUIRED, MODEL_TYPE)
     return ModelConfig(
-        model_type=MODEL_TYPE, **naming.common_fields(d),
-        num_experts=naming.num_experts(d),
-        moe_intermediate_size=int(d["moe_intermediate_size"]),
-        moe_layers=qwen_moe_layers(d),
-        intermediate_size=int(d.get("intermediate_size") or 0),
-        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        model_type=MODEL_TYPE, **naming.common_fields(d), **qwen_moe_fields(d, norm_topk_default=False),
         shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
         attention_bias=bool(d.get("qkv_bias", True)),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),

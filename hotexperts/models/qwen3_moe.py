@@ -1,8 +1,9 @@
 """Qwen3-MoE (e.g. Qwen3-30B-A3B): per-head q/k RMSNorm, no shared expert, optional dense layers.
 
 HF model_type "qwen3_moe", GGUF architecture "qwen3moe"; MoE block `mlp`. ARCH is its Architecture
-(models/architecture.py); the Qwen helpers here (which layers are MoE, no sliding window, the GGUF fields
-both Qwen MoE families share) serve qwen2_moe too.
+(models/architecture.py); the Qwen helpers here (config_from_hf's checks and routed-expert fields, which
+layers are MoE, no sliding window, the GGUF fields the Qwen MoE families share) serve qwen2_moe and
+qwen3_next too.
 """
 
 from __future__ import annotations
@@ -31,18 +32,26 @@ def check_no_sliding(d: dict) -> None:
         raise ModelLoadError("use_sliding_window=true is not supported for Qwen MoE models")
 
 
-def config_from_hf(d: dict) -> ModelConfig:
-    naming.require(d, *REQUIRED, model_type=MODEL_TYPE)
+def check_qwen_config(d: dict, required: tuple[str, ...], model_type: str) -> None:
+    """What every Qwen MoE family checks first: its required keys, the activation, no sliding window."""
+    naming.require(d, *required, model_type=model_type)
     naming.check_activation(d)
     check_no_sliding(d)
+
+
+def qwen_moe_fields(d: dict, norm_topk_default: bool) -> dict:
+    """The routed-expert ModelConfig fields every Qwen MoE family reads the same way (experts, expert width,
+    which layers are MoE, the dense-MLP width); norm_topk_default: the family's norm_topk_prob when unset."""
+    return dict(num_experts=naming.num_experts(d), moe_intermediate_size=int(d["moe_intermediate_size"]),
+                moe_layers=qwen_moe_layers(d), intermediate_size=int(d.get("intermediate_size") or 0),
+                norm_topk_prob=bool(d.get("norm_topk_prob", norm_topk_default)))
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    check_qwen_config(d, REQUIRED, MODEL_TYPE)
     bias = bool(d.get("attention_bias", False))
     return ModelConfig(
-        model_type=MODEL_TYPE, **naming.common_fields(d),
-        num_experts=naming.num_experts(d),
-        moe_intermediate_size=int(d["moe_intermediate_size"]),
-        moe_layers=qwen_moe_layers(d),
-        intermediate_size=int(d.get("intermediate_size") or 0),
-        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        model_type=MODEL_TYPE, **naming.common_fields(d), **qwen_moe_fields(d, norm_topk_default=False),
         qk_norm="head", attention_bias=bias,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=naming.rope_theta(d, 10000.0),

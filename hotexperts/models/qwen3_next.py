@@ -25,7 +25,7 @@ from hotexperts.errors import ModelLoadError
 from hotexperts.models import naming
 from hotexperts.models.architecture import Architecture, tiny_hf_config
 from hotexperts.models.gguf_config import GGUFConfig
-from hotexperts.models.qwen3_moe import check_no_sliding, qwen_gguf_fields, qwen_moe_layers
+from hotexperts.models.qwen3_moe import check_qwen_config, qwen_gguf_fields, qwen_moe_fields
 
 MODEL_TYPE = "qwen3_next"
 LAYER_KINDS = ("linear_attention", "full_attention")
@@ -72,15 +72,11 @@ def hybrid_fields(d: dict) -> dict:
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    naming.require(d, *REQUIRED, model_type=MODEL_TYPE)
-    naming.check_activation(d)
-    check_no_sliding(d)
+    check_qwen_config(d, REQUIRED, MODEL_TYPE)
     bias = bool(d.get("attention_bias", False))
     return ModelConfig(
         model_type=MODEL_TYPE, **naming.common_fields(d), **hybrid_fields(d),
-        num_experts=naming.num_experts(d), moe_intermediate_size=int(d["moe_intermediate_size"]),
-        moe_layers=qwen_moe_layers(d), intermediate_size=int(d.get("intermediate_size") or 0),
-        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        **qwen_moe_fields(d, norm_topk_default=True),
         shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
         attention_bias=bias, rope_theta=naming.rope_theta(d, 10000.0),
         extra={"o_proj_bias": bias, "linear_proj": d.get("_linear_proj", "fused")})

@@ -12,6 +12,7 @@ next step: finish_reason "cancelled" or "length", as the one-request worker. A n
 two steps, so running requests pause for it (no chunked prefill interleaving yet).
 Events and terminal-event guarantees are EngineWorker's (server/queue.py): every submitted job gets exactly
 one "end" or "error"; a failed batched step (an expert computation error) ends every running job with a 500.
+A job that ends normally carries its own decode speed (decode_speed: job.decode_tok_per_s) for the metrics.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ class Active:
     seq: object                            # engine/batch.Sequence
     text: PushText
     sent: int = 0                          # tokens whose logprobs were emitted
+
+
+def decode_speed(job: Job, tokens: int, now: float) -> float | None:
+    """The job's decode tok/s as its client saw it: the tokens after its first (that one came from its
+    prefill) over the time since the first, pauses for other requests' prefills included. The engine's
+    one-request stats ("last") never see a batched request, so the server's metrics read this instead.
+    None: nothing was decoded."""
+    if job.first_token_s is None or tokens < 2:
+        return None
+    seconds = now - job.arrived - job.first_token_s
+    return (tokens - 1) / seconds if seconds > 0 else None
 
 
 class BatchWorker(EngineWorker):
@@ -191,6 +203,7 @@ class BatchWorker(EngineWorker):
                 job.emit(Event("delta", text=rest, logprobs=logprobs))
             error = Event("end", finish_reason=reason, prompt_tokens=len(job.prompt_ids),
                           completion_tokens=a.text.tokens)
+            job.decode_tok_per_s = decode_speed(job, a.text.tokens, time.monotonic())
         self.durations.append(time.monotonic() - (job.started or job.arrived))
         self._finish(job, error)
 

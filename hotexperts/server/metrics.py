@@ -7,7 +7,8 @@
 
 Series (all prefixed hotexperts_): http_requests_total{route,status}, prompt_tokens_total,
 generation_tokens_total, time_to_first_token_seconds (histogram), request_duration_seconds (histogram),
-generation_tokens_per_second (latest request's decode speed), queue_depth, requests_running,
+generation_tokens_per_second (latest request's decode speed: the engine's last stats, or a batched
+request's own, job.decode_tok_per_s), queue_depth, requests_running,
 cache_{hits,misses,swaps,bytes_moved}_total and cache_layer_*_total{layer}, cache_hit_rate, cache_slots,
 vram_{allocated,reserved}_bytes (0 on CPU). Cache values come from the engine's stats snapshot that the
 worker thread takes after each request (the executor is never touched from another thread).
@@ -63,6 +64,9 @@ class Metrics:
         if job.first_token_s is not None:
             self.ttft.observe(job.first_token_s)
         self.duration.observe(now - job.arrived)
+        if job.decode_tok_per_s is not None:             # a batched request (server/batch_worker.py)
+            self.tps.set(job.decode_tok_per_s)
+            return
         last = (stats or {}).get("last") or {}
         if last.get("decode_steps"):
             self.tps.set(last.get("gen_tok_per_s", 0.0))

@@ -64,6 +64,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_s: float | None = None             # time to first token, from arrival
     started: float | None = None                   # time.monotonic() its generation began (BatchWorker)
+    decode_tok_per_s: float | None = None          # its own decode speed (BatchWorker), else None
     done: bool = False
 
     def emit(self, ev: Event) -> None:

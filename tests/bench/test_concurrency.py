@@ -2,33 +2,19 @@
 (aggregate = N x per-request, all N rows in every step), per placement through the harness (replayed
 routing, a hybrid cache), the table, and the CLI flag."""
 
-import numpy as np
 import pytest
 import torch
 
 from hotexperts.bench import concurrency as bc
 from hotexperts.bench.harness import run_bench
-from hotexperts.bench.workload import RoutingSource, parse_tests
+from hotexperts.bench.workload import parse_tests
 from hotexperts.cli import main
 from hotexperts.engine.engine import Engine
 from hotexperts.engine.presets import build_in_memory
 from hotexperts.errors import HotExpertsError
-from hotexperts.trace.format import RoutingTrace
+from tests.bench.routing import random_trace_source
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_parse_parallel():
-    assert bc.parse_parallel("4,2") == [1, 2, 4] and bc.parse_parallel(None) == []
-    for bad in ("0,2", "17", "two"):
-        with pytest.raises(HotExpertsError, match="--parallel"):
-            bc.parse_parallel(bad)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_concurrency_rows_keep_every_request_in_every_step():
@@ -51,13 +37,7 @@ def test_concurrency_rows_keep_every_request_in_every_step():
 
 def test_bench_runs_the_concurrency_test_per_placement():
     lm = build_in_memory("tiny-qwen3-moe", dtype="float32", device="cpu")
-    cfg, n = lm.cfg, 600
-    ids = np.random.default_rng(0).integers(0, cfg.num_experts, (n, len(cfg.moe_layers), cfg.top_k))
-    meta = {"model": "t", "num_experts": cfg.num_experts, "top_k": cfg.top_k,
-            "moe_layers": list(cfg.moe_layers), "source": "test"}
-    trace = RoutingTrace(ids.astype(np.int16), np.ones(ids.shape, np.float16), np.zeros(n, bool),
-                         np.zeros(n, np.int32), meta)
-    source = RoutingSource("trace", "t", trace)
+    _, source = random_trace_source(lm.cfg, 600)
     report = run_bench(lm, ["gpu", "cache:6"], [None], parse_tests("tg2"), 1, source, torch.device("cpu"),
                        parallel_ns=[1, 2])
     assert report["parallel_slots"] == 2

@@ -9,21 +9,13 @@ import torch
 
 from hotexperts.bench import verify as bv
 from hotexperts.bench.harness import run_bench
-from hotexperts.bench.workload import RoutingSource, parse_tests
+from hotexperts.bench.workload import parse_tests
 from hotexperts.cli import main
 from hotexperts.engine.engine import Engine
 from hotexperts.engine.presets import build_in_memory
-from hotexperts.errors import HotExpertsError
-from hotexperts.trace.format import RoutingTrace
+from tests.bench.routing import random_trace_source
 
 TINY = ["generate", "--model", "preset:tiny-qwen3-moe", "--dtype", "float32", "--device", "cpu"]
-
-
-def test_parse_verify_ts():
-    assert bv.parse_verify_ts("4,2") == [1, 2, 4] and bv.parse_verify_ts(None) == []
-    for bad in ("0,2", "17", "two"):
-        with pytest.raises(HotExpertsError, match="--verify-t"):
-            bv.parse_verify_ts(bad)
 
 
 def test_trace_union_counts_distinct_experts_per_window():
@@ -51,13 +43,7 @@ def test_verify_cost_rows_and_speedup_function():
 
 def test_bench_runs_verify_per_placement_with_replayed_routing():
     lm = build_in_memory("tiny-qwen3-moe", dtype="float32", device="cpu")
-    cfg, n = lm.cfg, 400
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.num_experts, (n, len(cfg.moe_layers), cfg.top_k)).astype(np.int16)
-    meta = {"model": "t", "num_experts": cfg.num_experts, "top_k": cfg.top_k,
-            "moe_layers": list(cfg.moe_layers), "source": "test"}
-    trace = RoutingTrace(ids, np.ones(ids.shape, np.float16), np.zeros(n, bool), np.zeros(n, np.int32), meta)
-    source = RoutingSource("trace", "test", trace)
+    ids, source = random_trace_source(lm.cfg, 400)
     report = run_bench(lm, ["gpu", "cache:6"], [None], parse_tests("tg2"), 1, source, torch.device("cpu"),
                        verify_ts=[1, 4])
     for res in report["results"]:

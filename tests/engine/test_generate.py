@@ -8,8 +8,8 @@ from hotexperts.engine.generate import Generator
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.errors import ContextLengthError, HotExpertsError
 from hotexperts.experts.reference import DenseExecutor
-from hotexperts.models.transformer import MoETransformer
 from hotexperts.weights import LayerExperts
+from tests.tiny_model import random_experts, random_model
 
 CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, num_experts=4, top_k=2, moe_intermediate_size=16,
@@ -24,19 +24,7 @@ class CountingExecutor(DenseExecutor):
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    model = MoETransformer(CFG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        for layer in model.model.layers:
-            layer.input_layernorm.weight.fill_(1.0)
-            layer.post_attention_layernorm.weight.fill_(1.0)
-    g = torch.Generator().manual_seed(seed)
-    E, I, D = CFG.num_experts, CFG.moe_intermediate_size, CFG.hidden_size
-    layers = {i: LayerExperts(torch.randn(E, 2 * I, D, generator=g) * 0.3,
-                              torch.randn(E, D, I, generator=g) * 0.3) for i in CFG.moe_layers}
-    return model, CountingExecutor(layers)
+    return random_model(CFG, seed), CountingExecutor(random_experts(CFG, seed))
 
 
 def make_gen(max_context=64, chunk=512, seed=0):

@@ -1,10 +1,16 @@
 """The placement-parity check the per-family tests share: a placement's engine, with prompts in chunks of 4
 tokens and a second request on the same cache, gives the DenseExecutor reference's greedy tokens and close
-prompt logits (fp32, CPU)."""
+prompt logits (fp32, CPU).
 
+    loaded, reference = preset_fixtures(PRESETS)   # in a test module: the module-scoped fixtures `loaded`
+                                                   # (each preset built in memory) and `reference` (its run)
+"""
+
+import pytest
 import torch
 
 from hotexperts.engine.engine import Engine
+from hotexperts.engine.presets import build_in_memory
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.experts.placement import Placement
 from hotexperts.experts.reference import DenseExecutor
@@ -22,6 +28,21 @@ def generate(engine, chunk=None):
         logits = engine.prefill(prompt)
         out.append((logits, list(engine.generate(prompt, SamplingParams(max_tokens=N)))))
     return out
+
+
+def preset_fixtures(presets: tuple[str, ...]):
+    """The fixtures a per-family module binds as `loaded, reference`: each preset (fp32, CPU) and the
+    DenseExecutor reference's run of it, once per module and preset."""
+
+    @pytest.fixture(scope="module", params=presets)
+    def loaded(request):
+        return build_in_memory(request.param, dtype="float32", device="cpu")
+
+    @pytest.fixture(scope="module")
+    def reference(loaded):
+        return reference_run(loaded)
+
+    return loaded, reference
 
 
 def reference_run(loaded):

@@ -1,6 +1,8 @@
 """HybridExecutor == DenseExecutor (greedy tokens identical, logits close, fp32) for every placement;
 cache statistics consistent with the routing; prompt streaming path; profile round trip."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,8 @@ from hotexperts.experts.placement import Placement
 from hotexperts.experts.profile import profile_from_counts, save_profile
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.experts.store import ExpertStore
-from hotexperts.models.transformer import MoETransformer
 from hotexperts.weights import LayerExperts
+from tests.tiny_model import random_experts, random_model
 
 E, K = 8, 2
 CFG = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
@@ -24,19 +26,7 @@ N_GEN = 8
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    model = MoETransformer(CFG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        for layer in model.model.layers:
-            layer.input_layernorm.weight.fill_(1.0)
-            layer.post_attention_layernorm.weight.fill_(1.0)
-    g = torch.Generator().manual_seed(seed)
-    D, I = CFG.hidden_size, CFG.moe_intermediate_size
-    store = ExpertStore({i: LayerExperts(torch.randn(E, 2 * I, D, generator=g) * 0.3,
-                                         torch.randn(E, D, I, generator=g) * 0.3) for i in CFG.moe_layers})
-    return model, store
+    return random_model(CFG, seed), ExpertStore(random_experts(CFG, seed))
 
 
 MODEL, STORE = tiny()
@@ -310,24 +300,31 @@ def test_replaying_the_recorded_trace_reproduces_live_hits(text):
     assert sim.swaps == sum(ctl.stats[l].loads for l in CFG.moe_layers)
 
 
+@contextmanager
+def on_cuda():
+    """MODEL on the GPU for the block (moved back after it): yields (a fresh store of STORE's experts, the
+    DenseExecutor reference run on CUDA)."""
+    global MODEL
+    model_cpu = MODEL
+    MODEL = MODEL.cuda()
+    try:
+        store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
+        yield store, run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
+    finally:
+        MODEL = model_cpu.cpu()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("text, prompt_mode", [("gpu", "auto"), ("cpu", "auto"), ("cpu", "stream"),
                                                ("layers:1", "auto"), ("hot:3", "stream"),
                                                ("cache:5slots:lru", "auto"), ("cache:6slots:auto", "hybrid")])
 def test_cuda_placement_matches_reference(text, prompt_mode):
-    global MODEL
-    model_cpu = MODEL
-    MODEL = MODEL.cuda()
-    try:
-        store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
-        ref = run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
+    with on_cuda() as (store, ref):
         ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode=prompt_mode, decode="sync"), store,
                             CFG, "cuda")
         assert ex.graph_safe == (text == "gpu")
         check_same(ex, ref[0], ref[1])
-    finally:
-        MODEL = model_cpu.cpu()
 
 
 @pytest.mark.gpu
@@ -336,17 +333,10 @@ def test_cuda_placement_matches_reference(text, prompt_mode):
 @pytest.mark.parametrize("text", ["hot:3", "cache:5slots:lru", "cpu"])
 def test_cuda_streamed_prompt_copies_match_reference(text, copy):
     """Staged experts copied run by run or gathered by the GPU in one launch per part: the same tokens."""
-    global MODEL
-    model_cpu = MODEL
-    MODEL = MODEL.cuda()
-    try:
-        store = ExpertStore({l: STORE.layer(l) for l in STORE.layers})
-        ref = run(DenseExecutor({l: store.layer(l) for l in store.layers}, "cuda"))
+    with on_cuda() as (store, ref):
         ex = build_executor(Placement.parse(text, pp_bypass=4, prompt_mode="stream", decode="sync"), store,
                             CFG, "cuda", options=KernelOptions(stage_copy=copy))
         check_same(ex, ref[0], ref[1])
-    finally:
-        MODEL = model_cpu.cpu()
 
 
 def test_missing_cells_are_neither_hits_nor_misses():

@@ -5,22 +5,14 @@ chunks (state carried) and a second request on the same cache (state reset)."""
 import pytest
 import torch
 
-from hotexperts.engine.presets import build_in_memory
-from tests.experts.placement_parity import assert_placement_matches, reference_run
+from tests.experts.placement_parity import assert_placement_matches, preset_fixtures
 
 PRESETS = ("tiny-qwen3.5-moe", "tiny-qwen3-next")
 PLACEMENTS = ["gpu", "cpu", "layers:2", "hot:0", "hot:5", "cache:0slots", "cache:20slots:lru",
               "cache:24slots:auto", "0=cpu,1-3=slots4@lru", "0-1=gpu,2-3=cpu"]
 
 
-@pytest.fixture(scope="module", params=PRESETS)
-def loaded(request):
-    return build_in_memory(request.param, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(loaded):
-    return reference_run(loaded)
+loaded, reference = preset_fixtures(PRESETS)
 
 
 @pytest.mark.parametrize("text", PLACEMENTS)

@@ -5,22 +5,14 @@ same cache."""
 
 import pytest
 
-from hotexperts.engine.presets import build_in_memory
-from tests.experts.placement_parity import assert_placement_matches, reference_run
+from tests.experts.placement_parity import assert_placement_matches, preset_fixtures
 
 PRESETS = ("tiny-gpt-oss", "tiny-glm4-moe")
 PLACEMENTS = ["gpu", "cpu", "layers:2", "hot:5", "cache:20slots:lru", "cache:24slots:auto",
               "0-1=cpu,2-3=slots4@lru", "0-1=gpu,2-3=cpu", "0=gpu,1-3=slots4", "0=gpu,1=cpu,2-3=shared"]
 
 
-@pytest.fixture(scope="module", params=PRESETS)
-def loaded(request):
-    return build_in_memory(request.param, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(loaded):
-    return reference_run(loaded)
+loaded, reference = preset_fixtures(PRESETS)
 
 
 @pytest.mark.filterwarnings("ignore:cpu_moe")

@@ -37,19 +37,10 @@ def _top4():
 
     from hotexperts.experts.reference import DenseExecutor
     from hotexperts.experts.store import ExpertStore
-    from hotexperts.models.transformer import MoETransformer
-    from hotexperts.weights import LayerExperts
+    from tests.tiny_model import random_experts, random_model
 
     cfg = replace(CFG, top_k=4)
-    torch.manual_seed(1)
-    model = MoETransformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    g = torch.Generator().manual_seed(1)
-    D, I = cfg.hidden_size, cfg.moe_intermediate_size
-    store = ExpertStore({i: LayerExperts(torch.randn(E, 2 * I, D, generator=g) * 0.3,
-                                         torch.randn(E, D, I, generator=g) * 0.3) for i in cfg.moe_layers})
+    model, store = random_model(cfg, 1, norms="normal"), ExpertStore(random_experts(cfg, 1))
     return cfg, model, store, DenseExecutor({l: store.layer(l) for l in store.layers})
 
 

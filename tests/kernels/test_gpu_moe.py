@@ -120,6 +120,28 @@ def test_fallback_quantized_int8_and_int4():
     assert rel_err(gpu_moe(x, ids, w, q13, q2, slot_of), ref) < 1e-5
 
 
+def test_pool_ranks_copies_a_host_slot_list_without_a_temporary_pinned_source(monkeypatch):
+    """A host `used` list reaches the device by a blocking copy: a non_blocking copy from a temporary pinned
+    tensor reads memory freed when _pool_ranks returns (and, captured in a CUDA graph, on every replay)."""
+    from types import SimpleNamespace
+
+    from hotexperts.kernels import gpu_moe as gm
+
+    async_copies, real_to = [], torch.Tensor.to
+
+    def spy_to(self, *args, **kw):
+        async_copies.append(bool(kw.get("non_blocking")))
+        return real_to(self, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **kw: self)    # no CUDA here: as is
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cpu"))                    # the CUDA branch
+    ids, slot_of = torch.tensor([[0, 2], [3, -1]]), torch.tensor([1, -1, 0, 2], dtype=torch.int32)
+    ranks, lists = gm._pool_ranks(x, ids, [(torch.empty(3, 4, 2), None, slot_of, {2, 0, 1})])
+    assert not any(async_copies)
+    assert lists[0].tolist() == [0, 1, 2] and ranks.tolist() == [[1, 0], [2, -1]]
+
+
 # ------------------------------------------------------------------------- Triton (interpreter on CPU)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
 

@@ -8,6 +8,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.server.batch_worker import BatchWorker, PushText
 from hotexperts.server.queue import Job
@@ -150,6 +152,29 @@ def test_stop_ends_every_job():
         stopper.join(10)
         assert all(e.kind == "end" and e.finish_reason == "cancelled" for e in ends) and not w.alive
     asyncio.run(main())
+
+
+def test_the_tokens_per_second_metric_is_the_batched_request_own():
+    """The engine's one-request stats ("last") are stale under batching (here: a made-up 12345 tok/s): the
+    gauge reads the finished request's own decode speed, its tokens after the first over the time since."""
+    from hotexperts.server.metrics import Metrics
+
+    async def main():
+        eng = FakeEngine(slots=2)
+        eng.stats = lambda: {"last": {"decode_steps": 3, "gen_tok_per_s": 12345.0}}
+        m = Metrics(lambda: (0, False), lambda: None)
+        w = BatchWorker(eng, max_queue=8, on_finish=lambda job, ev: m.finished(job, ev, eng.stats(),
+                                                                                time.monotonic()))
+        job = Job([1], SamplingParams(max_tokens=6), asyncio.get_running_loop())
+        w.submit(job)
+        w.start()
+        await collect(job)
+        w.stop()
+        return job, m.tps._value.get()
+
+    job, gauge = asyncio.run(main())
+    assert job.decode_tok_per_s is not None and 0 < job.decode_tok_per_s < 1 / 0.002   # 5 steps of >= 2 ms
+    assert gauge == pytest.approx(job.decode_tok_per_s)
 
 
 def test_push_text_holds_back_stop_string_prefixes():

@@ -185,6 +185,34 @@ HX_INLINE void dot2_spread(__m512i lo, __m512i hi, const __m512i* xl, const __m5
   }
 }
 
+// A chunk's activation scales and zero term for NT tokens (int4g32 and LUT4 rows; lanes = the chunk's 16
+// groups from group c, those outside gm 0): cs[t] = sv * sx_t, acc[t] += zc * xsum_t.
+template <int NT>
+HX_INLINE void chunk_scales(__m512 sv, __m512 zc, const QTile& x, int64_t c, __mmask16 gm, __m512* cs,
+                            __m512* acc) {
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; t++) {
+    cs[t] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, x.s[t] + c));
+    acc[t] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(gm, x.sum[t] + c), acc[t]);
+  }
+}
+
+// The NT tokens' activation bytes of the block of nb groups from group g0 (q4_group_pos layout: their 16 nb
+// first bytes, then 16 nb second ones; bm masks 16 nb bytes): FULL (nb = 4) two unmasked 64-byte loads each.
+template <int NT, bool FULL>
+HX_INLINE void act_block(const QTile& x, int64_t g0, int nb, __mmask64 bm, __m512i* xl, __m512i* xh) {
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; t++) {
+    if (FULL) {
+      xl[t] = _mm512_loadu_si512(x.q[t] + g0 * 32);
+      xh[t] = _mm512_loadu_si512(x.q[t] + g0 * 32 + 64);
+    } else {
+      xl[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32);
+      xh[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32 + 16 * nb);
+    }
+  }
+}
+
 // One chunk of up to 16 groups from group c on (FULL: exactly 16, no masks; else ng < 16, masked loads).
 template <int R, int NT, bool FULL>
 HX_INLINE void q4_chunk(const Rows<R>& w, const Rows<R>* pf, int scode, int zcode, int64_t c, int ng, const QTile& x,
@@ -204,11 +232,7 @@ HX_INLINE void q4_chunk(const Rows<R>& w, const Rows<R>* pf, int scode, int zcod
     const __m512 sv = load16(w.s[r] + c * ssz, scode, gm);
     const __m512 zv = load16(w.z[r] + c * zsz, zcode, gm);
     const __m512 zc = _mm512_fmadd_ps(sv, _mm512_set1_ps(-8.f), zv);
-  #pragma GCC unroll 16
-    for (int t = 0; t < NT; t++) {
-      cs[r * NT + t] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, x.s[t] + c));
-      acc[r * NT + t] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(gm, x.sum[t] + c), acc[r * NT + t]);
-    }
+    chunk_scales<NT>(sv, zc, x, c, gm, cs + r * NT, acc + r * NT);
   }
   const int nblk = FULL ? 4 : (ng + 3) / 4;
 #pragma GCC unroll 4
@@ -218,16 +242,7 @@ HX_INLINE void q4_chunk(const Rows<R>& w, const Rows<R>* pf, int scode, int zcod
     const __mmask64 bm = nb == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nb)) - 1;
     const __m512i sp = _mm512_load_si512(kSpread[j]);
     __m512i xl[NT], xh[NT];
-  #pragma GCC unroll 16
-    for (int t = 0; t < NT; t++) {
-      if (FULL) {
-        xl[t] = _mm512_loadu_si512(x.q[t] + g0 * 32);
-        xh[t] = _mm512_loadu_si512(x.q[t] + g0 * 32 + 64);
-      } else {
-        xl[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32);
-        xh[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32 + 16 * nb);
-      }
-    }
+    act_block<NT, FULL>(x, g0, nb, bm, xl, xh);
   #pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
       if (pf) prefetch(pf->q[r] + g0 * 16);
@@ -538,11 +553,7 @@ HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t 
   for (int r = 0; r < R; r++) {
     const __m512 sv = lut_scales16(w.q[r], kind, c, gm);
     const __m512 zc = _mm512_mul_ps(sv, _mm512_set1_ps(-128.f));
-#pragma GCC unroll 16
-    for (int t = 0; t < NT; t++) {
-      cs[r * NT + t] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, x.s[t] + c));
-      acc[r * NT + t] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(gm, x.sum[t] + c), acc[r * NT + t]);
-    }
+    chunk_scales<NT>(sv, zc, x, c, gm, cs + r * NT, acc + r * NT);
   }
   const int nblk = FULL ? 4 : (ng + 3) / 4;
 #pragma GCC unroll 4
@@ -552,11 +563,7 @@ HX_INLINE void lut_chunk(const Rows<R>& w, const Rows<R>* pf, int kind, int64_t 
     const __mmask64 bm = nb == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nb)) - 1;
     const __m512i sp = _mm512_load_si512(kSpread[j]);
     __m512i xl[NT], xh[NT];
-#pragma GCC unroll 16
-    for (int t = 0; t < NT; t++) {
-      xl[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32);
-      xh[t] = _mm512_maskz_loadu_epi8(bm, x.q[t] + g0 * 32 + 16 * nb);
-    }
+    act_block<NT, FULL>(x, g0, nb, bm, xl, xh);
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
       if (pf) prefetch(lut4::indices(pf->q[r], kind, g0));
