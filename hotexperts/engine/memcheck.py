@@ -156,15 +156,16 @@ def step_activation_bytes(cfg, dtype: torch.dtype, T: int, S: int) -> int:
     of quantized experts aside): the residual stream and norms (12 fp32 [T, D]), q/k/v and their roped
     copy, the attention scores of SDPA's math fallback ([H, T, S] fp32 + two copies in the dtype, and K, V
     repeated to H heads for GQA; the fused backends need none), the largest dense projection dequantized
-    for a prompt (kernels/qlinear), the MoE pass's per-pair buffers, router logits, a DeltaNet layer's
-    chunked temporaries, last-token logits."""
+    for a prompt (kernels/qlinear; a dense MLP's only where some layer has one), the MoE pass's per-pair
+    buffers, router logits, a DeltaNet layer's chunked temporaries, last-token logits."""
     a = dtype.itemsize
     D, K, I, E = cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size, cfg.num_experts
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     hidden = T * D * 4 * 12
     scores = H * T * S * (4 + 2 * a) + (2 * H * S * hd * a if H != Hkv else 0)     # + GQA's repeated K, V
     attention = T * (H + 2 * Hkv) * hd * a * 3 + scores
-    widest = max((H + 2 * Hkv) * hd, 2 * cfg.intermediate_size, 2 * cfg.shared_expert_intermediate_size)
+    dense_mlp = cfg.intermediate_size if len(cfg.moe_layers) < cfg.num_layers else 0   # no dense MLP layer
+    widest = max((H + 2 * Hkv) * hd, 2 * dense_mlp, 2 * cfg.shared_expert_intermediate_size)
     dense = widest * D * a
     moe = T * K * I * a * 3 + T * K * D * 4 + T * E * 4
     act = hidden + attention + dense + moe + cfg.vocab_size * 8
