@@ -79,6 +79,24 @@ def test_at_stock_cpu_moe_vram_the_context_must_come_down_to_575_mib():
     assert 14 * MiB < missing[0] < 15 * MiB and 55 * MiB < missing[1] < 56 * MiB
 
 
+STOCK_ALL_GPU = 17792 * MiB            # stock's all-GPU process peak (run 23)
+
+
+@pytest.mark.parametrize("text", ["layers:auto", "cache:auto"])
+def test_at_stock_all_gpu_vram_a_128_token_chunk_makes_every_expert_resident_below_568_mib_of_context(text):
+    """What the chunk rule buys at the real shape, and what is still missing: every expert resident at
+    stock's all-GPU peak needs a context of at most 567.7 MiB; with :0:0 run 23's would be 590-631."""
+    room = 567 * MiB
+    plan = shape_plan(SHAPE, text, budget=STOCK_ALL_GPU, context=room, max_context=BENCH_CTX,
+                      cublas_workspace=False)
+    assert plan.prefill_chunk == 128 and plan.num_slots(128) == 48 * 128 and not plan.staging
+    assert plan.notes[0].startswith("prompt chunk 128, not 512: its smaller workspace makes every expert")
+    over = shape_plan(SHAPE, text, budget=STOCK_ALL_GPU, context=room + MiB, max_context=BENCH_CTX,
+                      cublas_workspace=False)
+    assert over.prefill_chunk == 512 and over.num_slots(128) < 48 * 128 and over.notes == ()
+    assert min(MEASURED_CONTEXT) - CUBLAS_SAVED - room > 22 * MiB                     # still missing
+
+
 def test_a_smaller_context_plans_and_a_bigger_one_is_a_clear_error():
     plan = shape_plan(SHAPE, "cpu", budget=int(2.2 * GiB), context=int(0.55 * GiB), max_context=CTX,
                       cublas_workspace=False)
