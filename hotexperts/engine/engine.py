@@ -227,9 +227,10 @@ def prepare_cublas_workspace(plan_every_expert_at, chunk: int) -> str:
         except PlacementError:
             continue
     os.environ[CUBLAS_ENV] = os.environ[CUBLAS_OURS] = CUBLAS_OFF
+    saved = (CUBLAS_OUTSIDE_BYTES + CUBLAS_STREAM_BYTES) // MiB
     return (f"cuBLAS workspace off ({CUBLAS_ENV}={CUBLAS_OFF}: with the default one the budget does not "
-            f"hold every expert; saves {(CUBLAS_OUTSIDE_BYTES + CUBLAS_STREAM_BYTES) // MiB} MiB of context "
-            f"and {CUBLAS_STREAM_BYTES // MiB} MiB per graph stream)")
+            f"hold every expert; saves up to {saved} MiB of context and {CUBLAS_STREAM_BYTES // MiB} MiB "
+            f"per graph stream)")
 
 
 def cublas_stream_bytes() -> int:
