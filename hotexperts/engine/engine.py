@@ -302,6 +302,7 @@ class Engine:
         compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py);
         dense_quant, host_embedding: load_source's; speculative: drafting (engine/speculative.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        check_parallel(parallel)
         if executor is None:                          # RAM / VRAM need vs available, before any allocation
             check_before_load(str(source), dt, dev, placement, max_context=max_context,
                               default_context=DEFAULT_MAX_CONTEXT, parallel=parallel,

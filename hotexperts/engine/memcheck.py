@@ -183,8 +183,8 @@ def feature_bytes(cfg, dtype: torch.dtype, max_context: int, *, parallel: int = 
     that apply (no key for a feature that is off). cublas_stream: one stream's cuBLAS workspace (0 with
     CUBLAS_WORKSPACE_CONFIG=:0:0)."""
     if parallel < 1 or verify_tokens < 0:
-        raise HotExpertsError(f"sequence slots must be >= 1 and verify tokens >= 0, got {parallel} and "
-                              f"{verify_tokens}")
+        raise HotExpertsError(f"sequence slots (-np/--parallel) must be >= 1 and verify tokens >= 0, got "
+                              f"{parallel} and {verify_tokens}")
     verify = verify_tokens >= 2
     parts = {}
     if graphs:

@@ -71,7 +71,7 @@ def test_n_sequence_slots_and_verify_steps_count_in_the_vram():
     assert many.vram - many.gpu_experts == many.dense + 8 * one.kv + many.steps
     with pytest.raises(HotExpertsError, match=r"KV cache .* \+ batched/verify steps .*fewer -np slots"):
         mc.check_memory(many, ram=None, vram=many.dense)
-    with pytest.raises(HotExpertsError, match="sequence slots must be >= 1"):
+    with pytest.raises(HotExpertsError, match=r"sequence slots \(-np/--parallel\) must be >= 1"):
         mc.feature_bytes(one_cfg(big), torch.bfloat16, 1024, parallel=0)
 
 
