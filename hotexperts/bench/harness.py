@@ -38,7 +38,7 @@ from hotexperts.bench.verify import context_needed as verify_context
 from hotexperts.bench.verify import verify_cost
 from hotexperts.bench.workload import BenchTest, RoutingSource
 from hotexperts.config import DEFAULT_KERNELS, KernelOptions
-from hotexperts.engine.engine import Engine, vram_reserved
+from hotexperts.engine.engine import Engine, cublas_for_budget, vram_reserved
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.budget import GiB
 from hotexperts.experts.placement import Placement
@@ -57,6 +57,7 @@ class PlacementResult:
     staging: str | None = None                     # the plan's prompt staging (pools x experts, or why none)
     dequant_chunk: int | None = None               # experts a quantized prompt batch dequantizes at a time
     prefill_chunk: int | None = None               # the prompt chunk the engine runs (and planned for)
+    plan_notes: list | None = None                 # the engine's choices around the plan (chunk, cuBLAS)
     window: list | None = None                     # [start, end] unix s: per-placement nvidia-smi peaks
     tests: dict = field(default_factory=dict)      # test -> {"median","min","max","runs"} tok/s
     peak_vram_gib: float | None = None
@@ -101,9 +102,10 @@ class Bench:
 
     def __init__(self, lm, device: torch.device, max_context: int, source: RoutingSource, seed: int = 0,
                  piecewise: bool = False, compile_decode: bool = False,
-                 options: KernelOptions = DEFAULT_KERNELS, parallel: int = 1):
+                 options: KernelOptions = DEFAULT_KERNELS, parallel: int = 1, verify_tokens: int = 0):
         self.lm, self.device, self.max_context, self.source = lm, device, max_context, source
         self.parallel = parallel                          # sequence slots of every placement's engine
+        self.verify_tokens = verify_tokens                # the longest verify step the plans make room for
         self.piecewise, self.compile_decode, self.options = piecewise, compile_decode, options
         dtype = next(lm.model.parameters()).dtype
         self.context = vram_reserved(lm, max_context, dtype, device).get("context", 0)   # CUDA context
@@ -116,7 +118,7 @@ class Bench:
         engine = Engine.from_loaded(self.lm, self.device, placement, max_context=self.max_context,
                                     piecewise_graph=self.piecewise, compile_decode=self.compile_decode,
                                     kernel_options=self.options, parallel=self.parallel,
-                                    wrap_executor=self._replay)
+                                    verify_tokens=self.verify_tokens, wrap_executor=self._replay)
         if isinstance(engine.executor, RoutingReplay):
             engine.executor.seek(0)  # every placement replays the same routing, forward through the tests
         return engine
@@ -279,6 +281,7 @@ def _plan_stats(res: PlacementResult, plan) -> None:
         res.plan = plan.text()
         res.vram_plan_gib = {k: None if v is None else v / GiB for k, v in plan.vram.items()} or None
         res.staging, res.dequant_chunk = plan.staging.describe(), plan.dequant_chunk
+        res.plan_notes = list(plan.notes) or None
 
 
 def _measured_vram(res: PlacementResult, bench: Bench) -> None:
@@ -342,10 +345,15 @@ def run_bench(lm, placements: list[str], budgets: list[float | None], tests: lis
                       verify_context(verify_ts, repeats=repeats) if verify_ts else 0,
                       concurrency_context(parallel_ns, repeats=repeats) if parallel_ns else 0) + 8
     dtype = next(lm.model.parameters()).dtype
-    parallel = max(parallel_ns, default=1)
+    parallel, verify = max(parallel_ns, default=1), max(verify_ts, default=0)
+    tightest = min((b for b in budgets if b is not None), default=None)
+    if tightest is not None:          # before the first matmul: CUBLAS_WORKSPACE_CONFIG is read once
+        tight = Placement(vram_budget=int(tightest * GiB), expert_quant=quant)
+        cublas_for_budget(lm, tight, max_context, dtype, device, parallel=parallel, verify_tokens=verify,
+                          graphs=device.type == "cuda", expert_quant=quant)
     reserved = sum(vram_reserved(lm, max_context, dtype, device, parallel=parallel).values())
     bench = Bench(lm, device, max_context, source, piecewise=piecewise, compile_decode=compile_decode,
-                  options=options, parallel=parallel)
+                  options=options, parallel=parallel, verify_tokens=verify)
     results = []
     fmt, distinct = expert_format(lm.store, quant), _distinct(source, lm.cfg)      # once, not per checkpoint
 

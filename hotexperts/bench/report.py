@@ -91,6 +91,7 @@ def _vram_text(r: dict) -> str:
         text += f"; prompt chunk {r['prefill_chunk']}"
     if r.get("dequant_chunk"):
         text += f"; dequantize chunk {r['dequant_chunk']} experts"
+    text += "".join(f"; {note}" for note in r.get("plan_notes") or ())
     if vram:
         total = vram.get("total")
         parts = " + ".join(f"{k} {v:.2f}" for k, v in vram.items() if k != "total")

@@ -18,16 +18,22 @@
 
 device None = "cuda" when available, else "cpu". placement None = `Placement()` (every expert on the GPU);
 the executor comes from `experts.build.build_executor` with the VRAM already taken by the CUDA context,
-dense weights, the KV cache and `workspace_bytes` as `reserved_bytes`, at the prompt chunk
-`plan_prefill_chunk` picks (a tight budget halves it so that prompt staging fits).
+dense weights, the KV cache (every sequence slot), `workspace_bytes` and the step memory of the features on
+(memcheck.feature_bytes: CUDA graph pools, verify steps, batched steps) as `reserved_bytes`, at the prompt
+chunk `plan_prefill_chunk` picks: a smaller chunk where it makes every expert resident, else where it
+lets prompt staging fit. Under a budget that holds every expert only without cuBLAS's workspace (or not at
+all), `prepare_cublas_workspace` sets CUBLAS_WORKSPACE_CONFIG=:0:0 before the engine's first matmul (a value
+the user set is kept: setting it yourself, to any value, is the knob). The plan's notes say what was chosen.
 max_context None = min(the model's max_position_embeddings, DEFAULT_MAX_CONTEXT). Stop ids = config EOS
 ids + tokenizer EOS ids + generation_config EOS ids + params.stop_token_ids.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import torch
 
@@ -37,16 +43,25 @@ from hotexperts.engine.batch import BatchDecoder
 from hotexperts.engine.generate import Generator
 from hotexperts.engine.load import load_model, parse_dtype
 from hotexperts.engine.load_gguf import load_gguf
-from hotexperts.engine.memcheck import check_before_load
+from hotexperts.engine.memcheck import (
+    ALLOCATOR_SLACK,
+    CUBLAS_STREAM_BYTES,
+    check_before_load,
+    feature_bytes,
+    step_activation_bytes,
+)
 from hotexperts.engine.presets import build_in_memory
+from hotexperts.engine.runner.verify import MAX_VERIFY_T
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.engine.speculative import SpecConfig
 from hotexperts.errors import HotExpertsError, PlacementError
+from hotexperts.experts.budget import MiB
 from hotexperts.experts.build import build_executor, plan_placement
 from hotexperts.experts.placement import Placement
-from hotexperts.kernels.deltanet import chunk_workspace_bytes
+from hotexperts.experts.solve import every_expert_resident
 from hotexperts.models.cache import MAX_SLOTS, cache_bytes
 from hotexperts.models.qlinear import quantize_dense_weights
+from hotexperts.weights import QuantizedWeight
 
 PRESET_PREFIX = "preset:"
 DEFAULT_MAX_CONTEXT = 4096
@@ -91,48 +106,144 @@ MIN_PREFILL_CHUNK = 128        # the smallest prompt chunk a tight budget shrink
 
 
 def plan_prefill_chunk(loaded, placement, max_context: int, dtype: torch.dtype, device: torch.device,
-                       parallel: int = 1):
-    """-> (prompt chunk, reserved parts at it, the store in the placement's format): the generator's chunk
-    (at most max_context), or under a VRAM budget the one `pick_prefill_chunk` picks (parallel: the KV
-    cache's sequence slots)."""
+                       parallel: int = 1, verify_tokens: int = 0, graphs: bool = False):
+    """-> (prompt chunk, reserved parts at it, the store in the placement's format, notes): the generator's
+    chunk (at most max_context), or under a VRAM budget the one `pick_prefill_chunk` picks, after
+    `prepare_cublas_workspace`. parallel: the KV cache's sequence slots; verify_tokens: the longest verify
+    step (0: none); graphs: decode steps captured as CUDA graphs (their pools counted). notes: the plan's
+    (PlacementPlan.notes)."""
     chunk = min(Generator.prefill_chunk, max_context)
-    parts = vram_reserved(loaded, max_context, dtype, device, chunk, parallel)
     p = placement if placement is not None else Placement()
+    features = {"parallel": parallel, "verify_tokens": verify_tokens, "graphs": graphs,
+                "expert_quant": p.expert_quant}
     if p.vram_budget is None:
-        return chunk, parts, loaded.store
-    held = {"store": loaded.store}
+        return chunk, vram_reserved(loaded, max_context, dtype, device, chunk, **features), loaded.store, ()
+    note, store = cublas_for_budget(loaded, p, max_context, dtype, device, **features)
+    held = {"store": store}
+    context = {"context": cuda_context_bytes(device, dtype)} if device.type == "cuda" else {}  # cuBLAS set
 
     def plan_at(c: int):
-        reserved = {**parts, "workspace": workspace_bytes(loaded.cfg, dtype, c, max_context)}
+        reserved = {**context, **reserved_parts(loaded, max_context, dtype, device, c, **features)}
         plan, held["store"] = plan_placement(p, held["store"], device, sum(reserved.values()), reserved,
                                              dtype)
         return plan, reserved
 
-    chunk, (_, parts) = pick_prefill_chunk(chunk, plan_at)
-    return chunk, parts, held["store"]
+    chunk, (plan, parts) = pick_prefill_chunk(chunk, plan_at, loaded.cfg.num_experts)
+    return chunk, parts, held["store"], tuple(n for n in (*plan.notes, note) if n)
 
 
-def pick_prefill_chunk(chunk: int, plan_at):
-    """The prompt chunk for a budget: `chunk`, or under a budget too tight for prompt staging the first of
-    its halves down to MIN_PREFILL_CHUNK whose smaller workspace leaves the pools room (prompt batches then
-    run on the GPU, not the hybrid path); failing that the first chunk that plans at all. plan_at(chunk) ->
-    (PlacementPlan, anything) or PlacementError. -> (chunk, plan_at's result); the first error when none
-    plans."""
+def cublas_for_budget(loaded, placement: Placement, max_context: int, dtype: torch.dtype,
+                      device: torch.device, **features) -> tuple[str, object]:
+    """prepare_cublas_workspace for `placement`'s VRAM budget on CUDA, the every-expert plan made with the
+    context measured so far + cuBLAS's default cost (cuBLAS untouched) and the reserved parts of
+    `features` (reserved_parts' keywords). -> (the plan's note, "" for none; the store in the placement's
+    format). The bench calls it for its tightest budget before it measures anything."""
+    if device.type != "cuda" or placement.vram_budget is None:
+        return "", loaded.store
+    everything = Placement(vram_budget=placement.vram_budget, expert_quant=placement.expert_quant,
+                           prompt_mode=placement.prompt_mode)
+    held = {"store": loaded.store}
+
+    def plan_every_expert_at(c: int):
+        reserved = {"context": cuda_context_bytes(device, dtype, warm_cublas=False),
+                    **reserved_parts(loaded, max_context, dtype, device, c, **features)}
+        plan, held["store"] = plan_placement(everything, held["store"], device, sum(reserved.values()),
+                                             reserved, dtype)
+        return plan, reserved
+
+    return prepare_cublas_workspace(plan_every_expert_at, min(Generator.prefill_chunk, max_context)), \
+        held["store"]
+
+
+def pick_prefill_chunk(chunk: int, plan_at, num_experts: int):
+    """The prompt chunk for a budget, among `chunk` and its halves down to MIN_PREFILL_CHUNK: where `chunk`
+    leaves experts off the GPU, the largest whose smaller workspace makes EVERY expert resident (no CPU
+    layer, no staging: prompts at 128-256 tokens all on the GPU beat a hybrid prefill at 512; the plan's
+    notes say so); else the first whose prompt staging fits (prompt batches on the GPU, not the hybrid
+    path); failing that the first that plans at all. plan_at(chunk) -> (PlacementPlan, anything) or
+    PlacementError. -> (chunk, plan_at's result); the first error when none plans."""
     planned, error = [], None
-    while True:
+    for c in _halvings(chunk):
         try:
-            got = plan_at(chunk)
-            planned.append((chunk, got))
-            if not got[0].staging.tight:
-                return chunk, got
+            planned.append((c, plan_at(c)))
         except PlacementError as e:
             error = error or e
-        if chunk // 2 < MIN_PREFILL_CHUNK:
-            break
-        chunk //= 2
     if not planned:
         raise error
-    return planned[0]
+    resident = [(c, got) for c, got in planned if every_expert_resident(got[0], num_experts)]
+    if resident:
+        c, got = resident[0]
+        if c == chunk:
+            return c, got
+        at_chunk = planned[0][1][0] if planned[0][0] == chunk else None
+        plan = replace(got[0], notes=(*got[0].notes, _resident_note(c, chunk, at_chunk, num_experts)))
+        return c, (plan, *got[1:])
+    staged = [(c, got) for c, got in planned if not got[0].staging.tight]
+    return (staged or planned)[0]
+
+
+def _halvings(chunk: int) -> list[int]:
+    """chunk, chunk // 2, ... while at least MIN_PREFILL_CHUNK (chunk itself always)."""
+    out = [chunk]
+    while out[-1] // 2 >= MIN_PREFILL_CHUNK:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _resident_note(chunk: int, default: int, plan_at_default, num_experts: int) -> str:
+    if plan_at_default is None:
+        why = "does not plan at all"
+    else:
+        off = num_experts * len(plan_at_default.where) - plan_at_default.num_slots(num_experts)
+        cpu = len(plan_at_default.layers("cpu"))
+        why = f"leaves {off} experts off the GPU" + (f" ({cpu} MoE layers on the CPU)" if cpu else "")
+    return (f"prompt chunk {chunk}, not {default}: its smaller workspace makes every expert resident, "
+            f"{default} {why}")
+
+
+CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"       # read by torch when a stream's cuBLAS workspace is first made
+CUBLAS_OFF = ":0:0"
+CUBLAS_OURS = "HOTEXPERTS_CUBLAS_WORKSPACE"  # set beside it when the engine set it (not the user)
+CUBLAS_OUTSIDE_BYTES = 64 * MiB              # cuBLAS's own memory outside torch at the default (run 23)
+
+
+def prepare_cublas_workspace(plan_every_expert_at, chunk: int) -> str:
+    """Before the engine's first matmul: set CUBLAS_WORKSPACE_CONFIG=:0:0 where the budget is tight, i.e.
+    the `gpu` placement (every expert) plans at none of the prompt chunks pick_prefill_chunk tries, with
+    cuBLAS's default workspace counted (plan_every_expert_at(chunk) -> (plan, parts) or PlacementError).
+    Run 23 (docs/benchmarks.md) measured :0:0 saving 64 MiB outside torch and 32 MiB in it per stream
+    (a whole Engine: 192 MiB); the context measured after it counts the saving. Read once per process: a
+    value already there (the user's, or this engine's for an earlier budget) is kept. -> the plan's note
+    ("" when the default stays)."""
+    current = os.environ.get(CUBLAS_ENV)
+    if current is not None:
+        who = "hotexperts, for a tight budget earlier in this process" \
+            if os.environ.get(CUBLAS_OURS) == current else "the user"
+        return f"cuBLAS workspace {CUBLAS_ENV}={current} (set by {who})"
+    for c in _halvings(chunk):
+        try:
+            plan_every_expert_at(c)
+            return ""
+        except PlacementError:
+            continue
+    os.environ[CUBLAS_ENV] = os.environ[CUBLAS_OURS] = CUBLAS_OFF
+    saved = (CUBLAS_OUTSIDE_BYTES + CUBLAS_STREAM_BYTES) // MiB
+    return (f"cuBLAS workspace off ({CUBLAS_ENV}={CUBLAS_OFF}: with the default one the budget does not "
+            f"hold every expert; saves up to {saved} MiB of context and {CUBLAS_STREAM_BYTES // MiB} MiB "
+            f"per graph stream)")
+
+
+def cublas_stream_bytes() -> int:
+    """One stream's cuBLAS workspace in torch's allocator as CUBLAS_WORKSPACE_CONFIG says (":KiB:COUNT"
+    pairs; unset: torch's default, CUBLAS_STREAM_BYTES)."""
+    value = os.environ.get(CUBLAS_ENV)
+    if value is None:
+        return CUBLAS_STREAM_BYTES
+    try:
+        fields = [int(f) for f in value.split(":")[1:]]
+    except ValueError:
+        return CUBLAS_STREAM_BYTES                  # torch ignores what it cannot read: its default
+    return sum(size * count for size, count in zip(fields[::2], fields[1::2], strict=False)) * 1024
 
 
 def default_executor(placement, store, cfg, device: torch.device, dtype: torch.dtype, reserved: dict,
@@ -142,6 +253,13 @@ def default_executor(placement, store, cfg, device: torch.device, dtype: torch.d
     return build_executor(placement if placement is not None else Placement(), store, cfg, device,
                           reserved_bytes=sum(reserved.values()), reserved_parts=reserved, dtype=dtype,
                           options=kernel_options if kernel_options is not None else DEFAULT_KERNELS)
+
+
+def verify_tokens_of(speculative: SpecConfig | None) -> int:
+    """The longest verify step drafting runs (draft_max + 1, at most MAX_VERIFY_T); 0 without drafting."""
+    if speculative is None or speculative.method == "none":
+        return 0
+    return min(speculative.draft_max + 1, MAX_VERIFY_T)
 
 
 def _ids(value) -> set[int]:
@@ -184,9 +302,11 @@ class Engine:
         compile_decode: torch.compile the T=1 decode step's dense part (engine/runner/compiled.py);
         dense_quant, host_embedding: load_source's; speculative: drafting (engine/speculative.py)."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        check_parallel(parallel)
         if executor is None:                          # RAM / VRAM need vs available, before any allocation
             check_before_load(str(source), dt, dev, placement, max_context=max_context,
-                              default_context=DEFAULT_MAX_CONTEXT)
+                              default_context=DEFAULT_MAX_CONTEXT, parallel=parallel,
+                              verify_tokens=verify_tokens_of(speculative))
         loaded = load_source(str(source), dt, dev, seed, host_embedding, dense_quant)
         return cls.from_loaded(loaded, dev, placement, max_context=max_context, use_cuda_graph=use_cuda_graph,
                                executor=executor, piecewise_graph=piecewise_graph,
@@ -197,10 +317,13 @@ class Engine:
     def from_loaded(cls, loaded, device: torch.device, placement=None, *, max_context: int | None = None,
                     use_cuda_graph: bool = True, executor=None, piecewise_graph: bool = False,
                     compile_decode: bool = False, kernel_options: KernelOptions | None = None,
-                    wrap_executor=None, speculative: SpecConfig | None = None, parallel: int = 1) -> Engine:
+                    wrap_executor=None, speculative: SpecConfig | None = None, parallel: int = 1,
+                    verify_tokens: int | None = None) -> Engine:
         """An engine over an already loaded model (the bench builds one per placement over one model).
         wrap_executor: executor -> executor applied to the built one (the bench's routing replay).
-        parallel: sequence slots of the batch decoder (1: none, the one-request path only)."""
+        parallel: sequence slots of the batch decoder (1: none, the one-request path only).
+        verify_tokens: the longest verify step the VRAM plan makes room for (None: speculative's, or none;
+        the bench's --verify-t passes its largest T)."""
         check_parallel(parallel)
         cfg, dt = loaded.cfg, next(loaded.model.parameters()).dtype
         ctx = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
@@ -208,8 +331,12 @@ class Engine:
             raise HotExpertsError(f"max_context must be in [1, {cfg.max_position_embeddings}], got {ctx}")
         chunk = None
         if executor is None:
-            chunk, parts, store = plan_prefill_chunk(loaded, placement, ctx, dt, device, parallel)
+            verify = verify_tokens_of(speculative) if verify_tokens is None else verify_tokens
+            chunk, parts, store, notes = plan_prefill_chunk(loaded, placement, ctx, dt, device, parallel,
+                                                            verify, use_cuda_graph and device.type == "cuda")
             executor = default_executor(placement, store, cfg, device, dt, parts, kernel_options)
+            if notes and executor.plan is not None:     # the plan re-solved by the build: same numbers
+                executor.plan = replace(executor.plan, notes=notes)
             if wrap_executor is not None:
                 executor = wrap_executor(executor)
         return cls(loaded, executor, device, ctx, use_cuda_graph=use_cuda_graph,
@@ -301,35 +428,56 @@ def check_parallel(parallel: int) -> None:
                               f"together in one step), got {parallel!r}")
 
 
-# The caching allocator's slack beyond live tensors: it rounds blocks of 1 MiB and more up to 2 MiB and keeps
-# small tensors in 2 MiB segments, and a freed block serves a later request only if that one fits in it.
-# Not cut below 128 MiB: run 20 (docs/benchmarks.md) measured our process 0.2-0.3 GiB over the budget with
-# it; the bench prints the measured slack (torch's reserved peak - allocated peak) and the context after the
-# tests per placement, which say which of the two to change.
-ALLOCATOR_SLACK = 128 * 2**20
-
-
 def vram_reserved(loaded, max_context: int, dtype: torch.dtype, device: torch.device,
-                  chunk: int | None = None, parallel: int = 1) -> dict:
+                  chunk: int | None = None, parallel: int = 1, verify_tokens: int = 0,
+                  graphs: bool = False, expert_quant: str = "none") -> dict:
     """The GPU memory the process holds before any expert slot: {context, dense, kv, workspace} bytes
-    (the dequantize chunk of quantized experts is the plan's, experts/solve.py). chunk: the prompt chunk
-    the run uses (None: the generator's, at most max_context); parallel: the batch decoder's sequence slots
-    (the KV cache holds that many). context (CUDA only) = cuda_context_bytes."""
-    chunk = min(chunk or Generator.prefill_chunk, max_context)
-    parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype, parallel),
-             "workspace": workspace_bytes(loaded.cfg, dtype, chunk, max_context)}
+    (the dequantize chunk of quantized experts is the plan's, experts/solve.py), + the step memory of the
+    features on (memcheck.feature_bytes: "graphs", "verify", "batch"). chunk: the prompt chunk the run uses
+    (None: the generator's, at most max_context); parallel: the batch decoder's sequence slots (the KV cache
+    holds that many); verify_tokens: the longest verify step (0: none); graphs: CUDA-graph decode steps;
+    expert_quant: the placement's (quantized experts on CUDA add a dequantize chunk to a verify step's).
+    context (CUDA only) = cuda_context_bytes."""
+    parts = reserved_parts(loaded, max_context, dtype, device, chunk, parallel, verify_tokens, graphs,
+                           expert_quant)
     if device.type == "cuda":
         return {"context": cuda_context_bytes(device, dtype), **parts}
     return parts
 
 
-def cuda_context_bytes(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+def reserved_parts(loaded, max_context: int, dtype: torch.dtype, device: torch.device,
+                   chunk: int | None = None, parallel: int = 1, verify_tokens: int = 0,
+                   graphs: bool = False, expert_quant: str = "none") -> dict:
+    """vram_reserved without the context (nothing measured, cuBLAS untouched)."""
+    chunk = min(chunk or Generator.prefill_chunk, max_context)
+    parts = {"dense": dense_bytes(loaded.model), "kv": kv_bytes(loaded.cfg, max_context, dtype, parallel),
+             "workspace": workspace_bytes(loaded.cfg, dtype, chunk, max_context)}
+    quantized = device.type == "cuda" and _quantized(loaded.store, expert_quant)
+    return parts | feature_bytes(loaded.cfg, dtype, max_context, parallel=parallel,
+                                 verify_tokens=verify_tokens, graphs=graphs and device.type == "cuda",
+                                 quantized_cuda=quantized, prompt_chunk=chunk,
+                                 cublas_stream=cublas_stream_bytes())
+
+
+def _quantized(store, expert_quant: str) -> bool:
+    """The experts the GPU computes are quantized: already in the store, or by --expert-quant."""
+    return expert_quant not in (None, "none") or isinstance(store.layer(store.layers[0]).w13, QuantizedWeight)
+
+
+def cuda_context_bytes(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                       warm_cublas: bool = True) -> int:
     """What the process holds on the device beyond our tensors, measured: the device's used memory that
     torch's allocator does not hold (CUDA context, loaded kernel modules; on a card shared with other
     programs their memory too, so the engine stays within what is left), plus the cuBLAS / cuBLASLt
     workspaces torch keeps allocated once a matmul ran (one small matmul and addmm are run first, so the
-    handles exist). Kernels loaded later (Triton, the first CUDA graph) are not in it: the bench prints the
+    handles exist). warm_cublas False: no matmul (cuBLAS untouched, so CUBLAS_WORKSPACE_CONFIG can still be
+    set) and cuBLAS's measured default cost added where that variable is unset (an estimate).
+    Kernels loaded later (Triton, the first CUDA graph) are not in it: the bench prints the
     context measured again after each placement (bench/harness.py)."""
+    if not warm_cublas:
+        free, total = torch.cuda.mem_get_info(device)
+        default = CUBLAS_OUTSIDE_BYTES + CUBLAS_STREAM_BYTES if os.environ.get(CUBLAS_ENV) is None else 0
+        return max(0, total - free - torch.cuda.memory_reserved(device)) + default
     before = torch.cuda.memory_allocated(device)
     a = torch.ones(64, 64, device=device, dtype=dtype)
     torch.addmm(a, a, a)
@@ -342,24 +490,6 @@ def cuda_context_bytes(device: torch.device, dtype: torch.dtype = torch.bfloat16
 
 def workspace_bytes(cfg, dtype: torch.dtype, chunk: int, max_context: int) -> int:
     """A bound on the transient GPU memory of one prompt chunk of `chunk` tokens over a `max_context` cache
-    (the dequantize chunk of quantized experts aside: the plan's): the residual stream and norms (12 fp32
-    [T, D]), q/k/v and their roped copy, the attention scores of SDPA's math fallback ([H, T, S] fp32 +
-    two copies in the dtype, and K, V repeated to H heads for GQA; the fused backends need none), the
-    largest dense projection dequantized for
-    a prompt (kernels/qlinear), the MoE pass's per-pair buffers, router logits, a DeltaNet layer's chunked
-    temporaries, last-token logits, and the allocator's slack."""
-    a, T, S = dtype.itemsize, chunk, max_context
-    D, K, I, E = cfg.hidden_size, cfg.top_k, cfg.moe_intermediate_size, cfg.num_experts
-    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    hidden = T * D * 4 * 12
-    scores = H * T * S * (4 + 2 * a) + (2 * H * S * hd * a if H != Hkv else 0)     # + GQA's repeated K, V
-    attention = T * (H + 2 * Hkv) * hd * a * 3 + scores
-    widest = max((H + 2 * Hkv) * hd, 2 * cfg.intermediate_size, 2 * cfg.shared_expert_intermediate_size)
-    dense = widest * D * a
-    moe = T * K * I * a * 3 + T * K * D * 4 + T * E * 4
-    act = hidden + attention + dense + moe + cfg.vocab_size * 8
-    if cfg.linear_layers:                          # a Gated DeltaNet layer's chunked form (and its q|k|v|z)
-        s = cfg.linear
-        act += chunk_workspace_bytes(T, s.num_value_heads, s.key_head_dim, s.value_head_dim)
-        act += T * (s.conv_dim + s.num_value_heads * s.value_head_dim) * a * 3
-    return act + ALLOCATOR_SLACK
+    (memcheck.step_activation_bytes; the dequantize chunk of quantized experts aside: the plan's) and the
+    regular pool's allocator slack (memcheck.ALLOCATOR_SLACK)."""
+    return step_activation_bytes(cfg, dtype, chunk, max_context) + ALLOCATOR_SLACK

@@ -2,16 +2,23 @@
 GPU (experts/solve.py, the same solver), computed on any machine, e.g. for the real Qwen3-30B-A3B behind
 the mini presets.
 
-    plan = shape_plan("qwen3-30b-a3b", "cpu", budget=2.2 * GiB, context=0.5 * GiB, max_context=640)
-    plan.vram      -> {"total", "context", "dense", "kv", "workspace", "staging", "slots"} bytes
+    plan = shape_plan("qwen3-30b-a3b", "cpu", budget=2.2 * GiB, context=0.5 * GiB, max_context=640,
+                      parallel=1, verify_tokens=0, graphs=True, cublas_workspace=True)
+    plan.vram      -> {"total", "context", "dense", "kv", "workspace", ["graphs", "verify", "batch",]
+                       "staging", "slots"} bytes
     plan.prefill_chunk   the prompt chunk it was made for (engine.pick_prefill_chunk, as the engine picks)
+    plan.notes     why that chunk, where it is not the default
     dense_gpu_bytes(cfg, dtype, dense_format="int8g32", host_embedding=True) -> bytes
 
 dense = the model built on the meta device (no memory), the parameters and buffers it keeps on the GPU:
 quantizable projections (models/qlinear.quantizable_linears: never a router) in `dense_format` (int8g32 =
 GGUF Q8_0's layout, 34 bytes per 32 weights; "none" = the dtype), the rest in the dtype, the token
 embedding in host memory when untied (load_source's default on CUDA). kv = models/cache.cache_bytes;
-workspace = engine.workspace_bytes at the prompt chunk the generator uses; the expert sizes are
+workspace = engine.workspace_bytes at the prompt chunk the generator uses; graphs / verify / batch =
+engine/memcheck.feature_bytes for the features on (graphs: CUDA-graph decode, as the engine on CUDA;
+parallel: sequence slots, their KV too; verify_tokens: the longest verify step), each stream's cuBLAS
+workspace counted unless cublas_workspace is False (CUBLAS_WORKSPACE_CONFIG=:0:0, which the engine sets
+under a tight budget: then pass a context measured with it too); the expert sizes are
 experts/build.expert_sizes on CUDA in `expert_format` (engine/memcheck.FORMAT_BYTES); context = the CUDA
 context measured on the GPU machine (given: it cannot be known without one).
 """
@@ -25,7 +32,7 @@ import torch
 
 from hotexperts.engine.engine import kv_bytes, pick_prefill_chunk, workspace_bytes
 from hotexperts.engine.generate import Generator
-from hotexperts.engine.memcheck import FORMAT_BYTES
+from hotexperts.engine.memcheck import CUBLAS_STREAM_BYTES, FORMAT_BYTES, feature_bytes
 from hotexperts.engine.presets import preset_config
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.budget import Budget
@@ -41,7 +48,8 @@ DENSE_FORMAT_BYTES = {"none": None, "int8g32": 34 / 32, "int8g16": 18 / 16}
 
 def shape_plan(preset: str, placement: str | Placement, *, budget: int | None, context: int,
                max_context: int, expert_format: str = "q4_k", dense_format: str = "int8g32",
-               dtype: torch.dtype = torch.bfloat16) -> PlacementPlan:
+               dtype: torch.dtype = torch.bfloat16, parallel: int = 1, verify_tokens: int = 0,
+               graphs: bool = True, cublas_workspace: bool = True) -> PlacementPlan:
     """The plan (module doc) of preset `preset`'s config at `budget` bytes (None = unlimited)."""
     if expert_format not in FORMAT_BYTES:
         raise HotExpertsError(f"expert format must be one of {', '.join(FORMAT_BYTES)}, "
@@ -49,7 +57,8 @@ def shape_plan(preset: str, placement: str | Placement, *, budget: int | None, c
     hf = preset_config(preset.removeprefix("preset:"))
     cfg = get_arch(hf["model_type"]).config_from_hf(hf)
     fixed = {"context": context, "dense": dense_gpu_bytes(cfg, dtype, dense_format),
-             "kv": kv_bytes(cfg, max_context, dtype)}
+             "kv": kv_bytes(cfg, max_context, dtype, parallel)}
+    stream = CUBLAS_STREAM_BYTES if cublas_workspace else 0
     slot = math.ceil(cfg.expert_params * FORMAT_BYTES[expert_format])
     sizes = expert_sizes(tuple(cfg.moe_layers), cfg.num_experts, slot, cfg.expert_params, cuda=True,
                          quantized=True, dtype_bytes=dtype.itemsize)
@@ -57,9 +66,11 @@ def shape_plan(preset: str, placement: str | Placement, *, budget: int | None, c
 
     def plan_at(chunk: int):
         parts = {**fixed, "workspace": workspace_bytes(cfg, dtype, chunk, max_context)}
+        parts |= feature_bytes(cfg, dtype, max_context, parallel=parallel, verify_tokens=verify_tokens,
+                               graphs=graphs, quantized_cuda=True, prompt_chunk=chunk, cublas_stream=stream)
         return solve(p, sizes, Budget(budget, sum(parts.values()), slot, parts)), parts
 
-    chunk, (plan, _) = pick_prefill_chunk(min(Generator.prefill_chunk, max_context), plan_at)
+    chunk, (plan, _) = pick_prefill_chunk(min(Generator.prefill_chunk, max_context), plan_at, cfg.num_experts)
     return replace(plan, prefill_chunk=chunk)
 
 

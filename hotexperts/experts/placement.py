@@ -227,6 +227,7 @@ class PlacementPlan:
     `shared_slots`, managed). staging: the prompt staging pools kept (Staging; falsy = none).
     dequant_chunk: experts a quantized prompt batch dequantizes at a time (0 = the kernel's default).
     prefill_chunk: the prompt chunk the workspace was sized for, where the caller records it.
+    notes: what the caller chose around the plan and why (the prompt chunk, the cuBLAS workspace), printed.
     vram: the breakdown in bytes (experts/solve.py: context, dense, kv, workspace (the dequantize chunk
     included), staging, slots; total None when unlimited)."""
 
@@ -238,6 +239,7 @@ class PlacementPlan:
     vram: dict = field(default_factory=dict)
     dequant_chunk: int = 0
     prefill_chunk: int = 0        # the prompt chunk its workspace was sized for (0 = not recorded)
+    notes: tuple[str, ...] = ()   # the caller's choices around the plan (engine.plan_prefill_chunk)
 
     def layers(self, kind: str) -> list[int]:
         """MoE layers whose value is `kind` ("gpu", "cpu", "shared", or "slots" for the int ones)."""
@@ -299,4 +301,4 @@ class PlacementPlan:
             parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.vram.items() if k != "total")
             total = self.vram.get("total")
             line += f"; VRAM GiB: total {'unlimited' if total is None else f'{total / GiB:.2f}'} = {parts}"
-        return line
+        return "; ".join((line, *self.notes))

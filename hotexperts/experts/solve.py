@@ -6,6 +6,7 @@ Torch-free.
     sizes = ModelSizes(moe_layers, num_experts, slot_bytes, staging_bytes, expert_bytes, dequant_bytes,
                        dequant_chunk)
     plan = solve(placement, sizes, Budget(total | None, reserved, slot_bytes, parts))
+    every_expert_resident(plan, num_experts)   # no CPU layer, no miss: no prompt staging needed
 
 free = the budget minus the CUDA context, dense weights, KV cache and the activation workspace (None =
 unlimited). It pays, in this order:
@@ -134,7 +135,12 @@ def _dequant_chunk(sizes: ModelSizes, free: int | None) -> int:
 
 
 def _all_resident(plan: PlacementPlan, sizes: ModelSizes) -> bool:
-    return plan.dense or plan.num_slots(sizes.num_experts) >= sizes.num_experts * len(sizes.moe_layers)
+    return every_expert_resident(plan, sizes.num_experts)
+
+
+def every_expert_resident(plan: PlacementPlan, num_experts: int) -> bool:
+    """Every routed expert of every MoE layer in a GPU slot: no CPU layer, no miss, no staging needed."""
+    return plan.dense or plan.num_slots(num_experts) >= num_experts * len(plan.where)
 
 
 def _fits(room: int | None, sb: int) -> Fits:

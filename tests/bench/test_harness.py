@@ -100,6 +100,25 @@ def test_side_by_side_run_reports_every_placement(tiny, tmp_path):
     assert any(p.name == "bench_layer_hits.png" for p in pngs) and all(p.stat().st_size > 0 for p in pngs)
 
 
+def test_the_plans_say_why_a_smaller_prompt_chunk_was_chosen(tiny):
+    """A budget that holds every expert at a 128-token prompt chunk but not at 512 (the bench's context for
+    pp512 is 520): the plan runs 128 and its line under the table says why."""
+    from hotexperts.engine.engine import reserved_parts
+    from hotexperts.experts.budget import GiB, MiB
+
+    cpu = torch.device("cpu")
+    at = {c: sum(reserved_parts(tiny, 520, torch.float32, cpu, c).values()) for c in (128, 256)}
+    assert at[256] - at[128] > 2 * MiB
+    budget = (at[128] + tiny.store.nbytes + MiB) / GiB
+    src = routing_source("router", None, tiny.cfg)
+    report = run_bench(tiny, ["n-cpu-moe"], [budget], parse_tests("pp512"), 1, src, torch.device("cpu"))
+    (r,) = report["results"]
+    assert r["error"] is None and r["prefill_chunk"] == 128 and r["n_cpu_layers"] == 0
+    assert r["plan_notes"] == ["prompt chunk 128, not 512: its smaller workspace makes every expert "
+                               "resident, 512 does not plan at all"]      # tiny: its workspace > experts
+    assert "; prompt chunk 128; prompt chunk 128, not 512: its smaller workspace" in rep.table(report)
+
+
 def test_budget_too_small_is_reported_not_raised(tiny):
     src = routing_source("router", None, tiny.cfg)
     report = run_bench(tiny, ["hot"], [1e-6], parse_tests("tg2"), 1, src, torch.device("cpu"))

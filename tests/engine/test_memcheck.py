@@ -58,6 +58,40 @@ def test_too_little_vram_suggests_how_many_layers_to_move():
         mc.check_memory(need, ram=None, vram=need.dense // 2)
 
 
+def test_n_sequence_slots_and_verify_steps_count_in_the_vram():
+    big = "preset:qwen3-30b-a3b"
+    one = mc.memory_need(big, torch.bfloat16, CUDA, Placement(), max_context=1024)
+    many = mc.memory_need(big, torch.bfloat16, CUDA, Placement(), max_context=1024, parallel=8,
+                          verify_tokens=9, expert_format="q4_k")
+    assert one.steps == 0 and many.kv == 8 * one.kv
+    steps = mc.feature_bytes(one_cfg(big), torch.bfloat16, 1024, parallel=8, verify_tokens=9,
+                             quantized_cuda=True)
+    assert set(steps) == {"verify", "batch"} and many.steps == sum(steps.values())
+    assert steps["verify"] > mc.DEQUANT_CHUNK_BYTES and steps["batch"] >= mc.ALLOCATOR_SLACK
+    assert many.vram - many.gpu_experts == many.dense + 8 * one.kv + many.steps
+    with pytest.raises(HotExpertsError, match=r"KV cache .* \+ batched/verify steps .*fewer -np slots"):
+        mc.check_memory(many, ram=None, vram=many.dense)
+    with pytest.raises(HotExpertsError, match=r"sequence slots \(-np/--parallel\) must be >= 1"):
+        mc.feature_bytes(one_cfg(big), torch.bfloat16, 1024, parallel=0)
+
+
+def test_feature_bytes_counts_each_graph_pool_and_its_streams():
+    cfg = one_cfg("preset:tiny-qwen3-moe")
+    assert mc.feature_bytes(cfg, torch.float32, 64) == {}
+    decode = mc.feature_bytes(cfg, torch.float32, 64, graphs=True)["graphs"]
+    assert decode == mc.ALLOCATOR_SLACK + 2 * mc.CUBLAS_STREAM_BYTES           # T=1: a warm-up + capture
+    verify = mc.feature_bytes(cfg, torch.float32, 64, graphs=True, verify_tokens=4)["graphs"]
+    assert verify == 2 * mc.ALLOCATOR_SLACK + 5 * mc.CUBLAS_STREAM_BYTES        # + T = 2, 3, 4 buckets
+    no_workspace = mc.feature_bytes(cfg, torch.float32, 64, graphs=True, cublas_stream=0)["graphs"]
+    assert no_workspace == mc.ALLOCATOR_SLACK
+    most = mc.feature_bytes(cfg, torch.float32, 64, graphs=True, verify_tokens=1000)["graphs"]
+    assert most == 2 * mc.ALLOCATOR_SLACK + mc.CAPTURE_STREAMS_MAX * mc.CUBLAS_STREAM_BYTES
+
+
+def one_cfg(source: str):
+    return mc._config(source)
+
+
 def test_gguf_need_is_read_from_its_tensor_table(tmp_path):
     from hotexperts.engine.gguf_export import write_gguf
 
