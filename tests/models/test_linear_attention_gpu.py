@@ -6,6 +6,7 @@ import torch
 
 from hotexperts.engine.engine import Engine
 from hotexperts.engine.sampling import SamplingParams
+from hotexperts.experts.placement import Placement
 from hotexperts.kernels import deltanet as dn
 from hotexperts.models.deltanet import GatedDeltaNet
 
@@ -43,3 +44,28 @@ def test_graphed_decode_matches_eager_and_the_cpu_oracle(preset, backend, monkey
     assert list(graphed.generate(PROMPT, params)) == ref
     assert graphed.stats()["cuda_graph"]                      # the step with in-place states is one graph
     assert list(graphed.generate(PROMPT[:20], params)) == list(cpu.generate(PROMPT[:20], params))   # reset
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+@pytest.mark.parametrize("prompt_len", [8, 132])
+def test_eager_cuda_logits_match_the_cpu_engine(preset, placement, prompt_len, monkeypatch):
+    """Where a CUDA engine first parts from the CPU one (run 25: the eager CUDA engine's first token already
+    differed after 132 tokens): prefill logits, then three T=1 steps, eager, torch DeltaNet backend, experts
+    on the GPU executor or the CPU ones; 8 tokens take the recurrent DeltaNet form, 132 the chunked one."""
+    monkeypatch.setattr(GatedDeltaNet, "backend", "torch")
+    prompt, steps = PROMPT[:prompt_len], [11, 400, 23]
+    cpu = Engine.load(f"preset:{preset}", dtype="float32", device="cpu", max_context=256)
+    cuda = Engine.load(f"preset:{preset}", dtype="float32", device="cuda", max_context=256,
+                       use_cuda_graph=False, placement=Placement.parse(placement))
+    try:
+        got = [cuda.prefill(prompt).float().cpu()]
+        want = [cpu.prefill(prompt).float()]
+        for i, t in enumerate(steps):
+            got.append(cuda.decode_one(t, prompt_len + i).float().cpu())
+            want.append(cpu.decode_one(t, prompt_len + i).float())
+        diffs = [f"{(a - b).abs().max():.2g}" for a, b in zip(got, want, strict=True)]
+        assert all(torch.allclose(a, b, atol=1e-3, rtol=1e-3) for a, b in zip(got, want, strict=True)), \
+            f"max |cuda - cpu| at prefill, step 1, 2, 3: {diffs}"
+    finally:
+        cuda.close()
