@@ -1,10 +1,15 @@
 """CUDA-only (marked `gpu`, skipped on CPU): the hybrid models' GPU paths against the torch oracle, the
-flash-linear-attention backend (when installed) and the whole decode step captured as one CUDA graph."""
+flash-linear-attention backend (when installed) and the whole decode step captured as one CUDA graph.
+
+CUDA and CPU engines are compared over ONE directory written with weights drawn on the CPU: a preset built in
+memory draws its random weights on the device it is built for (engine/presets.build_in_memory), so
+`preset:NAME` on CUDA and on the CPU are two different models (run 25 compared those: a false mismatch)."""
 
 import pytest
 import torch
 
 from hotexperts.engine.engine import Engine
+from hotexperts.engine.presets import write_hf_dir
 from hotexperts.engine.sampling import SamplingParams
 from hotexperts.experts.placement import Placement
 from hotexperts.kernels import deltanet as dn
@@ -13,6 +18,12 @@ from hotexperts.models.deltanet import GatedDeltaNet
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 PRESETS = ("tiny-qwen3.5-moe", "tiny-qwen3-next")
 PROMPT = [5, 17, 300, 2, 77, 900, 41, 8, 123, 64, 3, 1000] * 11               # 132 tokens: 3 chunks
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def model_dir(request, tmp_path_factory):
+    """The preset written once with weights drawn on the CPU: the same model on every device."""
+    return str(write_hf_dir(request.param, tmp_path_factory.mktemp("m") / "m", dtype="float32", device="cpu"))
 
 
 @pytest.mark.skipif(dn._fla() is None, reason="flash-linear-attention is not installed")
@@ -30,34 +41,31 @@ def test_fla_backend_matches_the_torch_oracle(T):
     torch.testing.assert_close(s_fla, s_ref, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_graphed_decode_matches_eager_and_the_cpu_oracle(preset, backend, monkeypatch):
+def test_graphed_decode_matches_eager_and_the_cpu_oracle(model_dir, backend, monkeypatch):
     monkeypatch.setattr(GatedDeltaNet, "backend", backend)
     params = SamplingParams(max_tokens=16)
-    cpu = Engine.load(f"preset:{preset}", dtype="float32", device="cpu", max_context=256)
+    cpu = Engine.load(model_dir, dtype="float32", device="cpu", max_context=256)
     ref = list(cpu.generate(PROMPT, params))
-    eager = Engine.load(f"preset:{preset}", dtype="float32", device="cuda", max_context=256,
-                        use_cuda_graph=False)
-    graphed = Engine.load(f"preset:{preset}", dtype="float32", device="cuda", max_context=256)
+    eager = Engine.load(model_dir, dtype="float32", device="cuda", max_context=256, use_cuda_graph=False)
+    graphed = Engine.load(model_dir, dtype="float32", device="cuda", max_context=256)
     assert list(eager.generate(PROMPT, params)) == ref
     assert list(graphed.generate(PROMPT, params)) == ref
     assert graphed.stats()["cuda_graph"]                      # the step with in-place states is one graph
     assert list(graphed.generate(PROMPT[:20], params)) == list(cpu.generate(PROMPT[:20], params))   # reset
 
 
-@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("placement", ["gpu", "cpu"])
 @pytest.mark.parametrize("prompt_len", [8, 132])
-def test_eager_cuda_logits_match_the_cpu_engine(preset, placement, prompt_len, monkeypatch):
-    """Where a CUDA engine first parts from the CPU one (run 25: the eager CUDA engine's first token already
-    differed after 132 tokens): prefill logits, then three T=1 steps, eager, torch DeltaNet backend, experts
-    on the GPU executor or the CPU ones; 8 tokens take the recurrent DeltaNet form, 132 the chunked one."""
+def test_eager_cuda_logits_match_the_cpu_engine(model_dir, placement, prompt_len, monkeypatch):
+    """Where a CUDA engine would first part from the CPU one over the same weights: prefill logits, then three
+    T=1 steps, eager, torch DeltaNet backend, experts on the GPU executor or the CPU ones; 8 tokens take the
+    recurrent DeltaNet form, 132 the chunked one."""
     monkeypatch.setattr(GatedDeltaNet, "backend", "torch")
     prompt, steps = PROMPT[:prompt_len], [11, 400, 23]
-    cpu = Engine.load(f"preset:{preset}", dtype="float32", device="cpu", max_context=256)
-    cuda = Engine.load(f"preset:{preset}", dtype="float32", device="cuda", max_context=256,
-                       use_cuda_graph=False, placement=Placement.parse(placement))
+    cpu = Engine.load(model_dir, dtype="float32", device="cpu", max_context=256)
+    cuda = Engine.load(model_dir, dtype="float32", device="cuda", max_context=256, use_cuda_graph=False,
+                       placement=Placement.parse(placement))
     try:
         got = [cuda.prefill(prompt).float().cpu()]
         want = [cpu.prefill(prompt).float()]
