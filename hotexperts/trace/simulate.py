@@ -94,6 +94,7 @@ class SimulatedCache:
         swaps = cache.end_step(step, prompt)     planned and issued: evictions leave `resident`, loads pend
         cache.commit(swaps)                      the loads' fills completed
         cache.cold_start() / warm_start(profile) -> loads (issued; commit them)
+        loads = cache.issue_prefetch(step, layer, guesses, Prefetch)   the planner's request_prefetch, issued
     """
 
     def __init__(self, policy: CachePolicy, layers, num_experts: int, capacity=None,
@@ -115,7 +116,7 @@ class SimulatedCache:
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         return self._issued(self.planner.plan(step, prompt, self.residency))
 
-    def request_prefetch(self, step: int, layer: int, guesses, spec: Prefetch) -> list[Swap]:
+    def issue_prefetch(self, step: int, layer: int, guesses, spec: Prefetch) -> list[Swap]:
         """The planner's prefetch loads for `layer`'s guesses, issued (commit them when they land)."""
         return self._issued(self.planner.request_prefetch(step, layer, guesses, self.residency,
                                                           max_fills=spec.max_fills,
@@ -247,7 +248,7 @@ def _prefetching_pass(ctl: SimulatedCache, step: int, layers: list[int], ids: np
         ctl.observe_step(step, [layer], row, ctl.lookup_step([layer], row), False, tokens=rows.size)
         if j + 1 == len(layers):
             break
-        loads = ctl.request_prefetch(step, layers[j + 1], guesses[j + 1], spec)
+        loads = ctl.issue_prefetch(step, layers[j + 1], guesses[j + 1], spec)
         if spec.lands == "layer":
             ctl.commit(loads)
         else:
