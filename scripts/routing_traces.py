@@ -26,7 +26,13 @@ from hotexperts.models.split import expert_act
 from hotexperts.models.transformer import MoETransformer
 from hotexperts.trace import stats
 from hotexperts.trace.corpora import DOMAINS, corpus
-from hotexperts.trace.learned import domain_requests, prediction_recall, record, switch_requests
+from hotexperts.trace.learned import (
+    domain_requests,
+    prediction_recall,
+    record,
+    save_recorded,
+    switch_requests,
+)
 from hotexperts.trace.train import Trained, TrainSpec, model_config, train
 from hotexperts.weights import LayerExperts
 
@@ -70,7 +76,7 @@ def one_model(name: str, text: dict, args, out: Path) -> dict:
     reqs["switch"] = switch_requests(text, args.prompt, args.decode // 2)
     for dom, rq in reqs.items():
         rec = record(trained.model, trained.store, rq, predictor)
-        rec.trace.save(out / f"{name}-{dom}.npz")
+        save_recorded(rec, out / f"{name}-{dom}.npz")                # with its predictions
         res["traces"][dom] = trace_summary(rec, trained.cfg.top_k)
         print(name, dom, json.dumps(res["traces"][dom]["recall"]), flush=True)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)

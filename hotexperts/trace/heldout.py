@@ -1,9 +1,12 @@
 """Held-out comparisons: the one warm-start rule every printed comparison of policies uses (numpy only).
 
     fit, test = split(trace, fit_fraction=0.5)       time split at a decode token (test starts a pass)
+    cut = split_row(trace, fit_fraction=0.5)         the first row of `test` (rows >= cut)
     warm = warm_profile(fit, slots=K | budget=B)     the shared warm state built from the tuning part
     rows = compare(trace, policies, slots=K | budget=B, fit_fraction=0.5, **simulate_kw) -> [SimResult]
            (vs_belady filled in when belady is among the policies)
+    rows = compare(trace, policies, slots=K, prefetch=Prefetch(predicted [N, Lm, P]))
+           the same with next-layer prefetch: predicted covers the whole trace, the test part's rows replay
     rows = sweep(trace, policies, slots=[8, 16] | budgets=[600], progress=None, ...) -> [SimResult]
            compare at every capacity, in order (`hotexperts simulate`'s table)
 
@@ -33,20 +36,31 @@ import numpy as np
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.profile import Profile, profile_from_counts
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.simulate import ALL_POLICIES, SimResult, fill_belady, simulate, trace_profile
+from hotexperts.trace.simulate import (
+    ALL_POLICIES,
+    Prefetch,
+    SimResult,
+    fill_belady,
+    simulate,
+    trace_profile,
+)
 
 FIT_FRACTION = 0.5
 
 
-def split(trace: RoutingTrace, fit_fraction: float = FIT_FRACTION) -> tuple[RoutingTrace, RoutingTrace]:
-    """Time split at a decode token: (fit, test); test starts at a pass boundary."""
+def split_row(trace: RoutingTrace, fit_fraction: float = FIT_FRACTION) -> int:
+    """The first row of the held-out part: at a decode token, on a pass boundary."""
     decode = np.flatnonzero(~trace.is_prompt)
     if decode.size < 4:
         raise HotExpertsError("a held-out comparison needs a trace with at least a few generated tokens")
     cut = int(decode[min(int(decode.size * fit_fraction), decode.size - 1)])
     it = trace.iterations()
-    rows = np.arange(trace.num_tokens)
-    cut = int(rows[it == it[cut]][0])                     # the first row of the pass holding the cut
+    return int(np.flatnonzero(it == it[cut])[0])          # the first row of the pass holding the cut
+
+
+def split(trace: RoutingTrace, fit_fraction: float = FIT_FRACTION) -> tuple[RoutingTrace, RoutingTrace]:
+    """Time split at a decode token: (fit, test); test starts at a pass boundary (split_row)."""
+    cut, rows = split_row(trace, fit_fraction), np.arange(trace.num_tokens)
     return trace.take(rows < cut), trace.take(rows >= cut)
 
 
@@ -65,11 +79,15 @@ def warm_profile(fit: RoutingTrace, *, slots: int | None = None, budget: int | N
 
 
 def compare(trace: RoutingTrace, policies, *, slots: int | None = None, budget: int | None = None,
-            fit_fraction: float = FIT_FRACTION, params: dict | None = None, **kw) -> list[SimResult]:
-    """Every policy on the test part from the shared warm state (module doc); params: name -> kwargs."""
+            fit_fraction: float = FIT_FRACTION, params: dict | None = None, prefetch: Prefetch | None = None,
+            **kw) -> list[SimResult]:
+    """Every policy on the test part from the shared warm state (module doc); params: name -> kwargs;
+    prefetch: its predictions over the whole trace (the test part's rows are replayed)."""
     fit, test = split(trace, fit_fraction)
     warm = warm_profile(fit, slots=slots, budget=budget)
-    rows = [simulate(test, p, slots=slots, budget=budget, warm_start=warm,
+    if prefetch is not None:
+        prefetch = prefetch.rows(slice(fit.num_tokens, None))
+    rows = [simulate(test, p, slots=slots, budget=budget, warm_start=warm, prefetch=prefetch,
                      **kw, **{"profile": warm, **(params or {}).get(p, {})}) for p in policies]
     fill_belady(rows)
     return rows

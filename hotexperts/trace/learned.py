@@ -4,6 +4,8 @@ predictions beside them.
     requests = domain_requests(corpus, domain, n=2, prompt=256, decode=768)   held-out text only
     requests = switch_requests(corpus, prompt=256, per_domain=512)            one request, domains in turn
     rec = record(model, store, requests, predictor=None)                      -> Recorded(trace, predicted)
+    save_recorded(rec, path)       the trace's .npz with one more array, `predicted` (RoutingTrace.load
+                                   ignores it; trace/simulate.load_predicted reads it back)
         trace      RoutingTrace (trace/format.py): prompt = one prefill forward, then one forward per
                    decode token
         predicted  [N, Lm, P] int16 or None: column j holds layer moe_layers[j]'s experts as predicted
@@ -21,7 +23,9 @@ model's own samples. `meta["notes"]` says so.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +35,7 @@ from hotexperts.experts.predict import NextLayerPredictor
 from hotexperts.experts.reference import DenseExecutor
 from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.record import RouteRecorder
+from hotexperts.trace.simulate import PREDICTED, check_predicted
 from hotexperts.trace.stats import lru_hits
 
 TEACHER_NOTE = "decode teacher-forced on held-out real text (trace/learned.py)"
@@ -124,10 +129,20 @@ def _pred_rows(preds: dict, col: dict, t: int, guesses: int) -> np.ndarray:
     return out
 
 
+def save_recorded(rec: Recorded, path: str | Path) -> Path:
+    """The trace's .npz, with rec.predicted as one more array when there is one (module doc)."""
+    path = rec.trace.save(path)
+    if rec.predicted is not None:
+        check_predicted(rec.trace, rec.predicted)
+        with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as z, \
+                z.open(PREDICTED + ".npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(rec.predicted, np.int16), allow_pickle=False)
+    return path
+
+
 def prediction_recall(trace: RoutingTrace, predicted: np.ndarray, fraction: float = 0.25) -> dict:
     """Recalls over decode tokens and MoE layers 1.. (module doc)."""
-    if predicted.shape[:2] != trace.ids.shape[:2]:
-        raise HotExpertsError(f"predicted {predicted.shape} does not match the trace {trace.ids.shape}")
+    check_predicted(trace, predicted)
     dec = ~trace.is_prompt
     actual, guess = trace.ids[dec][:, 1:], predicted[dec][:, 1:]                        # [n, Lm-1, K|P]
     miss = ~lru_hits(trace, fraction)[dec][:, 1:] & (actual >= 0)

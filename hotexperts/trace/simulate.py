@@ -5,7 +5,9 @@
 
     simulate(trace, "lru", slots=16) -> SimResult          # per-layer capacity (`hot:K`)
     simulate(trace, "auto", budget=600)                    # one global slot budget (`cache:BUDGET`)
+    simulate(trace, "lru", slots=16, prefetch=Prefetch(predicted))   # with next-layer prefetch
     fill_belady(results)                                   # vs_belady of one comparison's results
+    load_predicted(path, trace) -> predicted [N, Lm, P] int16 | None   # stored beside a trace (learned.py)
 
 `simulate` is one replay of the whole trace as the live cache runs it (the fidelity test). Comparisons of
 policies (`heldout.sweep`, `hotexperts simulate`, `hotexperts auto`) build on it with trace/heldout.py's
@@ -21,13 +23,28 @@ planner by descending router weight where the trace has weights (stable: the rec
 none, as the engine's torch.topk lists them); policies break ties by that order (LRU: with fewer slots than
 top-k it admits the highest-weighted misses).
 
+Next-layer prefetch (`prefetch=Prefetch(predicted [N, Lm, P] int16, max_fills=2, cold_steps=8,
+lands="layer")`; predicted column j: layer moe_layers[j]'s experts guessed from the previous MoE layer,
+best first, -1 = none; column 0 unused): in decode passes only (the engine's NextLayerPrefetch runs on
+synchronous decode steps), the layers are replayed one at a time and, between layer L's observe and layer
+L+1's lookup, the pass's guesses for L+1 go to the same planner's `request_prefetch` (its rules: nothing
+while a fill is in flight, free slots within hot:K / the budget, else cold residents of that layer); its
+loads start in the simulated residency. `lands` models the link: "layer" = the fills complete before
+layer L+1's lookup (an idle link fast enough for max_fills experts per layer: the upper bound); "token" =
+they stay in flight until the end of the pass (a slow link: L+1 misses them, counted `late`, and the
+in-flight rule blocks the pass's later requests; they are resident from the next token on). Prefetch loads
+are counted apart from on-demand swaps (`prefetch_fills`; `bytes_moved` counts both); `prefetch` holds
+the planner's PrefetchStats (issued, useful, late, wasted, recall, ...).
+
 The CLI (`hotexperts simulate`: table, JSON, plots) is cli/simulate.py.
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -37,9 +54,35 @@ from hotexperts.experts.policies import Belady, CachePolicy, Swap, make_policy
 from hotexperts.experts.profile import Profile
 from hotexperts.experts.residency import Residency
 from hotexperts.trace import costmodel
-from hotexperts.trace.format import RoutingTrace
+from hotexperts.trace.format import RoutingTrace, TraceFormatError
 
 ALL_POLICIES = ("lru", "window-lfu", "decay", "static", "belady", "auto")
+PREDICTED = "predicted"          # the extra array of a trace .npz: next-layer predictions [N, Lm, P]
+LANDS = ("layer", "token")
+
+
+@dataclass
+class Prefetch:
+    """Next-layer prefetch in a replay (module doc): predictions aligned with the trace's rows."""
+    predicted: np.ndarray               # [N, Lm, P] int16, -1 = no guess
+    max_fills: int = 2                  # request_prefetch's max_fills (per request)
+    cold_steps: int = 8                 # request_prefetch's cold_steps
+    lands: str = "layer"                # "layer" | "token": when the fills complete
+
+    def __post_init__(self):
+        if self.lands not in LANDS:
+            raise HotExpertsError(f"prefetch lands must be one of {', '.join(LANDS)}, got {self.lands!r}")
+        if self.max_fills < 0 or self.cold_steps < 0:
+            raise HotExpertsError(f"prefetch: max_fills and cold_steps must be >= 0, got {self.max_fills} "
+                                  f"and {self.cold_steps}")
+
+    def rows(self, keep) -> Prefetch:
+        """The same settings over predicted[keep] (the rows of a part of the trace)."""
+        return Prefetch(self.predicted[keep], self.max_fills, self.cold_steps, self.lands)
+
+    def settings(self) -> dict:
+        return dict(guesses=int(self.predicted.shape[2]), max_fills=self.max_fills,
+                    cold_steps=self.cold_steps, lands=self.lands)
 
 
 class SimulatedCache:
@@ -51,6 +94,7 @@ class SimulatedCache:
         swaps = cache.end_step(step, prompt)     planned and issued: evictions leave `resident`, loads pend
         cache.commit(swaps)                      the loads' fills completed
         cache.cold_start() / warm_start(profile) -> loads (issued; commit them)
+        loads = cache.issue_prefetch(step, layer, guesses, Prefetch)   the planner's request_prefetch, issued
     """
 
     def __init__(self, policy: CachePolicy, layers, num_experts: int, capacity=None,
@@ -71,6 +115,12 @@ class SimulatedCache:
 
     def end_step(self, step: int, prompt: bool = False) -> list[Swap]:
         return self._issued(self.planner.plan(step, prompt, self.residency))
+
+    def issue_prefetch(self, step: int, layer: int, guesses, spec: Prefetch) -> list[Swap]:
+        """The planner's prefetch loads for `layer`'s guesses, issued (commit them when they land)."""
+        return self._issued(self.planner.request_prefetch(step, layer, guesses, self.residency,
+                                                          max_fills=spec.max_fills,
+                                                          cold_steps=spec.cold_steps))
 
     def cold_start(self) -> list[Swap]:
         return self._issued(self.planner.cold_start(self.residency))
@@ -93,19 +143,26 @@ class SimResult:
     decode_selections: int
     prompt_selections: int
     decode_tokens: int
-    swaps: int                          # expert copies issued
-    bytes_moved: int
+    swaps: int                          # on-demand expert copies issued (the policy's)
+    bytes_moved: int                    # all copies: on-demand swaps and prefetch fills
     params: dict = field(default_factory=dict)
     layer_counts: list[list[int]] = field(default_factory=list)   # [Lm] [hits, misses, prompt h., m.]
     vs_belady: float | None = None      # hit_rate ÷ Belady's at the same capacity
     predicted: dict | None = None       # cost model: decode/prompt tokens/s (when a profile is given)
+    prefetch_fills: int = 0             # prefetch copies issued (request_prefetch's loads)
+    prefetch: dict | None = None        # with prefetch: its settings + the planner's PrefetchStats
 
     @property
     def swaps_per_token(self) -> float:
         return self.swaps / max(self.decode_tokens, 1)
 
+    @property
+    def prefetch_fills_per_token(self) -> float:
+        return self.prefetch_fills / max(self.decode_tokens, 1)
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"swaps_per_token": self.swaps_per_token}
+        return asdict(self) | {"swaps_per_token": self.swaps_per_token,
+                               "prefetch_fills_per_token": self.prefetch_fills_per_token}
 
 
 def passes(trace: RoutingTrace) -> list[tuple[int, bool, np.ndarray]]:
@@ -150,11 +207,14 @@ def trace_profile(trace: RoutingTrace, decode_only: bool = True) -> Profile:
 def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | None = None,
              budget: int | None = None, max_swaps_per_step: int | None = None, prompt_bypass: int = 64,
              expert_nbytes: int = 0, profile: Profile | None = None, warm_start: Profile | None = None,
-             cold_start: bool = True, **params) -> SimResult:
+             cold_start: bool = True, prefetch: Prefetch | None = None, **params) -> SimResult:
     """Replay `trace` (module doc). The cache starts as the live one does: warm_start's hot set, else
-    placeholders in every slot (CachePlanner.cold_start); cold_start=False starts it empty."""
+    placeholders in every slot (CachePlanner.cold_start); cold_start=False starts it empty. prefetch:
+    next-layer prefetch from its predictions (rows aligned with the trace's)."""
     if (slots is None) == (budget is None):
         raise HotExpertsError("simulate needs exactly one of slots (per layer) or budget (global slots)")
+    if prefetch is not None:
+        check_predicted(trace, prefetch.predicted)
     pol = policy if isinstance(policy, CachePolicy) else build_policy(
         policy, trace, profile=profile, prompt_bypass=prompt_bypass, **params)
     layers, ranked = trace.moe_layers, by_weight(trace)
@@ -167,10 +227,33 @@ def simulate(trace: RoutingTrace, policy: str | CachePolicy, *, slots: int | Non
     decode_tokens = 0
     for step, prompt, rows in passes(trace):
         ids = ranked[rows].transpose(1, 0, 2).reshape(len(layers), -1)     # [Lm, T*K]
-        ctl.observe_step(step, layers, ids, ctl.lookup_step(layers, ids), prompt, tokens=rows.size)
+        if prefetch is None or prompt:
+            ctl.observe_step(step, layers, ids, ctl.lookup_step(layers, ids), prompt, tokens=rows.size)
+        else:
+            ctl.commit(_prefetching_pass(ctl, step, layers, ids, prefetch, rows))
         ctl.commit(ctl.end_step(step, prompt))
         decode_tokens += 0 if prompt else rows.size
-    return _result(ctl, pol, slots, budget, decode_tokens, expert_nbytes)
+    return _result(ctl, pol, slots, budget, decode_tokens, expert_nbytes, prefetch)
+
+
+def _prefetching_pass(ctl: SimulatedCache, step: int, layers: list[int], ids: np.ndarray, spec: Prefetch,
+                      rows: np.ndarray) -> list[Swap]:
+    """One decode pass layer by layer: lookup -> observe layer L, then request_prefetch of L+1's guesses
+    (predicted[rows, L+1] [T, P] -> guesses by rank, as NextLayerPrefetch passes them). -> the prefetch
+    loads still in flight at the end of the pass (lands="token"; "layer" commits them at once)."""
+    in_flight: list[Swap] = []
+    guesses = spec.predicted[rows].transpose(1, 2, 0).reshape(len(layers), -1)        # [Lm, P*T]
+    for j, layer in enumerate(layers):
+        row = ids[j:j + 1]
+        ctl.observe_step(step, [layer], row, ctl.lookup_step([layer], row), False, tokens=rows.size)
+        if j + 1 == len(layers):
+            break
+        loads = ctl.issue_prefetch(step, layers[j + 1], guesses[j + 1], spec)
+        if spec.lands == "layer":
+            ctl.commit(loads)
+        else:
+            in_flight += loads
+    return in_flight
 
 
 def by_weight(trace: RoutingTrace) -> np.ndarray:
@@ -184,20 +267,48 @@ def by_weight(trace: RoutingTrace) -> np.ndarray:
     return np.take_along_axis(trace.ids, order, axis=-1)
 
 
-def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens, expert_nbytes) -> SimResult:
+def _result(ctl: SimulatedCache, pol: CachePolicy, slots, budget, decode_tokens, expert_nbytes,
+            prefetch: Prefetch | None = None) -> SimResult:
     st = [ctl.stats[l] for l in ctl.layers]
     layer_hit = [s.hits / (s.hits + s.misses) if s.hits + s.misses else 0.0 for s in st]
-    swaps = sum(s.loads for s in st)
+    loads = sum(s.loads for s in st)                     # the planner counts prefetch loads here too
+    fills = ctl.prefetch.stats.issued
+    info = None if prefetch is None else prefetch.settings() | ctl.prefetch.stats.to_dict()
     return SimResult(pol.name, slots, budget, ctl.hit_rate(), ctl.hit_rate(prompt=True), layer_hit,
                      sum(s.hits + s.misses for s in st), sum(s.prompt_hits + s.prompt_misses for s in st),
-                     decode_tokens, swaps, swaps * int(expert_nbytes), pol.params(),
-                     [[s.hits, s.misses, s.prompt_hits, s.prompt_misses] for s in st])
+                     decode_tokens, loads - fills, loads * int(expert_nbytes), pol.params(),
+                     [[s.hits, s.misses, s.prompt_hits, s.prompt_misses] for s in st],
+                     prefetch_fills=fills, prefetch=info)
 
 
 def auto_cost_params(shape, hw) -> dict:
     """Pay-back inputs of the `auto` policy (costmodel.payback_costs)."""
     return costmodel.payback_costs(shape, hw)
 
+
+
+
+def load_predicted(path: str | Path, trace: RoutingTrace) -> np.ndarray | None:
+    """The `predicted` array stored beside `trace` (loaded from the same file), or None when absent."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if PREDICTED not in z.files:
+                return None
+            predicted = z[PREDICTED]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise TraceFormatError(f"{path}: cannot read its next-layer predictions: {e}") from None
+    check_predicted(trace, predicted)
+    return predicted.astype(np.int16, copy=False)
+
+
+def check_predicted(trace: RoutingTrace, predicted: np.ndarray) -> None:
+    """predicted must be [N, Lm, P] of expert ids in [-1, E) for the trace's N tokens and Lm layers."""
+    p = np.asarray(predicted)
+    if p.ndim != 3 or p.shape[:2] != trace.ids.shape[:2]:
+        raise HotExpertsError(f"predicted {p.shape} does not match the trace {trace.ids.shape}: need "
+                              f"[N, Lm, P] with N={trace.num_tokens}, Lm={trace.num_layers}")
+    if p.size and (p.min() < -1 or p.max() >= trace.num_experts):
+        raise HotExpertsError(f"predicted expert ids outside [-1, {trace.num_experts - 1}]")
 
 
 

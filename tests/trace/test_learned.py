@@ -1,14 +1,24 @@
 """trace/learned.py: recording a trained model gives a valid trace with prompt and decode tokens and one
 prediction per cell; prediction recall is computed from the actual routing (perfect guesses recall 1,
-disjoint guesses 0, the trained model's guesses beat chance)."""
+disjoint guesses 0, the trained model's guesses beat chance); the predictions are saved beside the trace and
+drive the simulator's prefetch."""
 
 import numpy as np
 import pytest
 
 from hotexperts.errors import HotExpertsError
 from hotexperts.experts.predict import NextLayerPredictor
+from hotexperts.trace.format import RoutingTrace
 from hotexperts.trace.heldout import split
-from hotexperts.trace.learned import Request, domain_requests, prediction_recall, record, switch_requests
+from hotexperts.trace.learned import (
+    Request,
+    domain_requests,
+    prediction_recall,
+    record,
+    save_recorded,
+    switch_requests,
+)
+from hotexperts.trace.simulate import Prefetch, load_predicted, simulate
 from hotexperts.trace.train import TrainSpec, train
 
 SPEC = TrainSpec(num_experts=16, top_k=2, hidden=32, layers=3, heads=2, kv_heads=1, expert_hidden=16,
@@ -65,3 +75,15 @@ def test_requests_come_from_heldout_text_only():
     assert isinstance(req, Request) and (req.prompt + req.decode) in TEXT["code"][1]
     with pytest.raises(HotExpertsError, match="held-out bytes"):
         domain_requests(TEXT, "code", n=100, prompt=256, decode=768)
+
+
+def test_predictions_saved_beside_the_trace_drive_the_simulated_prefetch(recorded, tmp_path):
+    path = save_recorded(recorded, tmp_path / "rec.npz")
+    trace = RoutingTrace.load(path)                               # the plain loader ignores `predicted`
+    assert (trace.ids == recorded.trace.ids).all()
+    predicted = load_predicted(path, trace)
+    assert predicted.dtype == np.int16 and (predicted == recorded.predicted).all()
+    r = simulate(trace, "decay", slots=4, prefetch=Prefetch(predicted, cold_steps=1))
+    assert r.prefetch["issued"] > 0 and r.prefetch["recall"] > 2 / 16     # better than chance (k / E)
+    with pytest.raises(HotExpertsError, match="does not match"):
+        load_predicted(path, trace.take(np.arange(trace.num_tokens - 1)))

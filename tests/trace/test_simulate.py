@@ -1,4 +1,5 @@
-"""The simulator on small hand-made traces: known hit counts, prompt accounting, sweeps, no torch (its CLI:
+"""The simulator on small hand-made traces: known hit counts, prompt accounting, sweeps, no torch, next-layer
+prefetch through the planner (oracle guesses help, empty guesses change nothing, the caps hold; its CLI:
 tests/cli/test_simulate_cli.py)."""
 
 import subprocess
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 
 from hotexperts.errors import HotExpertsError
+from hotexperts.experts.residency import Residency
 from hotexperts.trace.format import RoutingTrace
-from hotexperts.trace.heldout import sweep
-from hotexperts.trace.simulate import passes, simulate
+from hotexperts.trace.heldout import compare, sweep
+from hotexperts.trace.simulate import Prefetch, load_predicted, passes, simulate
 
 CLASSIC = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
 
@@ -136,3 +138,80 @@ def test_replay_reproduces_live_cpu_cache(spec, policy):
     sim = [(h + ph, m + pm) for h, m, ph, pm in r.layer_counts]
     assert sim == [(live[k]["hits"], live[k]["misses"]) for k in sorted(live, key=int)]
     assert sum(h for h, _ in sim) > 0 and r.swaps == sum(s.loads for s in ctl.stats.values())
+
+
+def oracle_guesses(trace: RoutingTrace) -> np.ndarray:
+    """The real next-layer ids as predictions (column 0: no previous layer)."""
+    guesses = trace.ids.copy()
+    guesses[:, 0] = -1
+    return guesses
+
+
+SAME = ("hit_rate", "layer_counts", "swaps", "bytes_moved", "prompt_hit_rate")
+
+
+@pytest.mark.parametrize("policy", ["lru", "decay", "window-lfu"])
+def test_oracle_prefetch_raises_the_hit_rate(policy):
+    t = random_trace(n=300)
+    base = simulate(t, policy, slots=4)
+    pf = simulate(t, policy, slots=4, prefetch=Prefetch(oracle_guesses(t), cold_steps=1))
+    assert pf.hit_rate > base.hit_rate + 0.01, (base.hit_rate, pf.hit_rate)
+    p = pf.prefetch
+    assert pf.prefetch_fills == p["issued"] > 0 and p["useful"] > 0 and p["recall"] == 1.0
+    assert p["useful"] + p["late"] + p["wasted"] <= p["issued"]
+    assert pf.prefetch_fills_per_token == pytest.approx(pf.prefetch_fills / pf.decode_tokens)
+
+
+def test_prefetch_landing_after_the_token_serves_no_same_token_lookup():
+    t = random_trace(n=300)
+    pf = simulate(t, "decay", slots=4, prefetch=Prefetch(oracle_guesses(t), cold_steps=1, lands="token"))
+    p = pf.prefetch
+    assert p["issued"] > 0 and p["useful"] == 0 and p["late"] == p["issued"] and p["busy"] > 0
+
+
+@pytest.mark.parametrize("lands", ["layer", "token"])
+def test_empty_guesses_change_nothing(lands):
+    t = random_trace(n=200, seed=2)
+    base = simulate(t, "decay", slots=4, expert_nbytes=10)
+    none = simulate(t, "decay", slots=4, expert_nbytes=10,
+                    prefetch=Prefetch(np.full((t.num_tokens, t.num_layers, 3), -1, np.int16), lands=lands))
+    assert all(getattr(none, k) == getattr(base, k) for k in SAME)
+    assert none.prefetch_fills == 0 and none.prefetch["issued"] == 0 and base.prefetch is None
+
+
+@pytest.mark.parametrize("cap", [{"slots": 3}, {"budget": 7}])
+def test_prefetch_keeps_the_planner_caps(monkeypatch, cap):
+    """Every issue (on-demand or prefetch) leaves each layer within hot:K and all within the budget; no
+    request fills more than max_fills."""
+    t = random_trace(n=200, seed=4)
+    start = Residency.start
+
+    def checked(self, swaps):
+        start(self, swaps)
+        occ = self.occupied()
+        assert all(len(s) <= cap.get("slots", t.num_experts) for s in occ.values()), occ
+        assert sum(len(s) for s in occ.values()) <= cap.get("budget", 10**9), occ
+
+    monkeypatch.setattr(Residency, "start", checked)
+    wide = oracle_guesses(t)[..., [0, 1, 0, 1]]                           # 4 guesses per layer, 2 distinct
+    r = simulate(t, "lru", **cap, prefetch=Prefetch(wide, max_fills=1, cold_steps=0))
+    assert 0 < r.prefetch_fills <= r.prefetch["requests"] - r.prefetch["busy"]
+
+
+def test_prefetch_bytes_count_apart_from_swaps():
+    t = random_trace(n=200)
+    r = simulate(t, "decay", slots=4, expert_nbytes=100, prefetch=Prefetch(oracle_guesses(t), cold_steps=1))
+    assert r.bytes_moved == 100 * (r.swaps + r.prefetch_fills) and r.prefetch_fills > 0
+
+
+def test_held_out_prefetch_replays_the_test_rows_and_bad_predictions_are_refused(tmp_path):
+    t = random_trace(n=200)
+    rows = compare(t, ("lru", "decay"), slots=4, prefetch=Prefetch(oracle_guesses(t), cold_steps=1))
+    plain = compare(t, ("lru", "decay"), slots=4)
+    assert [r.decode_tokens for r in rows] == [r.decode_tokens for r in plain]
+    assert all(r.prefetch["recall"] == 1.0 for r in rows)                # the test rows' own guesses
+    with pytest.raises(HotExpertsError, match="does not match"):
+        simulate(t, "lru", slots=4, prefetch=Prefetch(oracle_guesses(t)[:-1]))
+    with pytest.raises(HotExpertsError, match="lands"):
+        Prefetch(oracle_guesses(t), lands="never")
+    assert load_predicted(t.save(tmp_path / "plain.npz"), t) is None
