@@ -131,12 +131,13 @@ step_context() {
 }
 
 step_decode_profile() {  # where an all-GPU decode token's time goes, per $PROFILE_PLACEMENTS on $MODEL
-  local p
+  local p out
   for p in ${PROFILE_PLACEMENTS:-gpu}; do
     echo "--- $p"
-    guard 150 env OUT="$RES/decode_profile_${p//[^a-z0-9]/_}" "$PY" scripts/profile_decode.py --model "$MODEL" \
-      --placement "$p" ${PROFILE_ARGS:-} > "$RES/decode_profile_${p//[^a-z0-9]/_}.log" 2>&1
-    head -n 30 "$RES/decode_profile_${p//[^a-z0-9]/_}.log"
+    out=$RES/decode_profile_${p//[^a-z0-9]/_}
+    guard 150 env OUT="$out" "$PY" scripts/profile_decode.py --model "$MODEL" --placement "$p" ${PROFILE_ARGS:-} \
+      > "$out.log" 2>&1
+    head -n 30 "$out.log"
   done
 }
 
